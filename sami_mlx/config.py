@@ -1,0 +1,184 @@
+"""The training configuration: one dataclass, a YAML file with the same keys, flags on top."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .constitution import parse_variants
+from .errors import SamiError
+from .fileio import read_structured
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a SAMI run needs; `config.yaml` in a run directory is this, resolved."""
+
+    model: str = _f("", "Hub id or local directory of an mlx-lm model.")
+    constitution: str = _f("", "Constitution file (JSON or YAML) with principles in positive and negative wording.")
+    queries: str = _f("dialogue", "Queries: a .jsonl file with a 'query' field, a text file, or a built-in set (dialogue, summarization).")
+    template: str = _f("dialogue", "Prompt template file (or built-in: dialogue, summarization, chat) with {constitution} and {query}; sets both prompts.")
+    generation_template: str | None = _f(None, "Template for sampling responses (overrides --template).")
+    training_template: str | None = _f(None, "Template for scoring responses (overrides --template).")
+    chat_template: bool = _f(False, "Wrap prompts as a user turn in the tokenizer's chat template (instruct models).")
+    variants: str = _f("paper", "Variants per query: 'paper' (all-positive + one with a negative), 'grid' (all 2^k), or an integer N.")
+    shuffle_principles: bool = _f(True, "Shuffle the order of principles in training prompts.")
+    iterations: int = _f(3, "SAMI iterations (sample, then train).")
+    schedule: str = _f("paper", "'paper': re-initialise adapters each iteration, steps grow (s, 2s, 3s), alternating query splits; 'continue': keep training the same adapters.")
+    steps: int = _f(4, "Optimizer steps in the first iteration (the paper schedule grows from it).")
+    queries_per_step: int = _f(8, "Query groups per optimizer step.")
+    grad_accumulation: int = _f(1, "Split each step's groups into this many micro-batches (less memory).")
+    learning_rate: float = _f(5e-5, "Learning rate.")
+    optimizer: str = _f("adamw", "adamw or rmsprop.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
+    lora_rank: int = _f(8, "LoRA rank.")
+    lora_scale: float = _f(20.0, "LoRA scale (mlx-lm's convention; not alpha).")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_layers: int = _f(16, "Number of transformer blocks (from the last) that get adapters; -1 for all.")
+    lora_keys: list[str] | None = _f(None, "Module keys to adapt, e.g. self_attn.q_proj (default: every linear layer in the block).")
+    dora: bool = _f(False, "Use DoRA instead of LoRA.")
+    grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
+    kl_beta: float = _f(0.0, "Weight of KL(policy || base) on the sampled responses; the base is the model with adapters off.")
+    temperature: float = _f(0.0, "Sampling temperature (0 = greedy, the paper's default).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    max_tokens: int = _f(128, "Maximum new tokens per response.")
+    stop: list[str] = _f(["Human:", "###"], "Stop strings: a response is cut before the first one.")
+    banned: list[str] = _f([], "Drop a query group if any response contains one of these substrings.")
+    count_eos: bool = _f(False, "Count the EOS token in a response's mean log-prob when it ended with one.")
+    gen_batch_size: int = _f(32, "Sequences decoded together during sampling.")
+    heldout: str | None = _f(None, "Plain-text file for the held-out perplexity check (default: the queries, which the loss never trains on).")
+    max_ppl_ratio: float | None = _f(None, "Stop the run when held-out perplexity exceeds this multiple of the base model's.")
+    trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
+    seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
+    out: str = _f("", "Run directory (default: runs/<date-time>).")
+
+    def resolved(self) -> TrainConfig:
+        """Fill defaults that depend on other fields and check every number; raises SamiError."""
+        cfg = dataclasses.replace(self)
+        if not cfg.model:
+            raise SamiError("--model is required: a hub id or a local model directory")
+        if not cfg.constitution:
+            raise SamiError("--constitution is required: a JSON or YAML constitution file")
+        cfg.generation_template = cfg.generation_template or cfg.template
+        cfg.training_template = cfg.training_template or cfg.template
+        cfg.variants = str(parse_variants(cfg.variants))
+        if not cfg.out:
+            cfg.out = time.strftime("runs/%Y%m%d-%H%M%S")
+        for name in ("iterations", "steps", "queries_per_step", "grad_accumulation", "lora_rank", "max_tokens", "gen_batch_size"):
+            if getattr(cfg, name) < 1:
+                raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+        if cfg.grad_accumulation > cfg.queries_per_step:
+            raise SamiError("--grad-accumulation: cannot exceed --queries-per-step (each micro-batch needs a query)")
+        if not 0 < cfg.learning_rate < 1:
+            raise SamiError(f"--learning-rate {cfg.learning_rate}: must be between 0 and 1")
+        for name, lo, hi in (("temperature", 0, 10), ("top_p", 0, 1), ("lora_dropout", 0, 0.99), ("kl_beta", 0, 1e6)):
+            v = getattr(cfg, name)
+            if not lo <= v <= hi:
+                raise SamiError(f"--{name.replace('_', '-')} {v}: must be between {lo} and {hi}")
+        if cfg.top_p == 0:
+            raise SamiError("--top-p 0: must be above 0")
+        if cfg.schedule not in ("paper", "continue"):
+            raise SamiError(f"--schedule {cfg.schedule!r}: use 'paper' or 'continue'")
+        if cfg.optimizer not in ("adamw", "rmsprop"):
+            raise SamiError(f"--optimizer {cfg.optimizer!r}: use 'adamw' or 'rmsprop'")
+        if cfg.max_ppl_ratio is not None and cfg.max_ppl_ratio <= 1:
+            raise SamiError(f"--max-ppl-ratio {cfg.max_ppl_ratio}: must be above 1")
+        return cfg
+
+    def steps_in_iteration(self, iteration: int) -> int:
+        """Optimizer steps in iteration `iteration` (0-based): s, 2s, 3s... for the paper schedule."""
+        return self.steps * (iteration + 1) if self.schedule == "paper" else self.steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def config_from_file(path: str) -> dict:
+    """Read a YAML config whose keys are TrainConfig fields (dashes or underscores)."""
+    data = read_structured(path, "config file")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SamiError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise SamiError(f"{path}: unknown setting '{key}'; see `sami-mlx train --help` for the names")
+        out[name] = _coerce(name, value, f"{path}: setting '{key}'")
+    return out
+
+
+def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """A field's base type name ('str', 'int', 'float', 'bool', 'list[str]') and whether None is allowed."""
+    parts = [p.strip() for p in str(f.type).split("|")]
+    return parts[0], "None" in parts
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    base, optional = _kind(FIELDS[name])
+    if value is None:
+        if optional:
+            return None
+        raise SamiError(f"{where} cannot be empty")
+    if base == "list[str]":
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise SamiError(f"{where} must be a list of strings")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise SamiError(f"{where} must be true or false, got {value!r}")
+    if base == "str":
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        raise SamiError(f"{where} must be a string, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamiError(f"{where} must be a number, got {value!r}")
+    if base == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise SamiError(f"{where} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaults suppressed so that only given flags override."""
+    parser.add_argument("-c", "--config", help="YAML config file; flags override its settings.")
+    parser.add_argument("--dry-run", action="store_true", help="Print the resolved configuration and exit.")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _kind(f)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f.metadata["help"] + (f" (default: {default})" if default not in ("", None, []) else "")
+        if base == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif base == "list[str]":
+            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(base, str)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Dataclass defaults, then the YAML file, then the flags that were given."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(config_from_file(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    return TrainConfig(**values).resolved()

@@ -1,0 +1,180 @@
+"""Constitutions: principles in positive and negative wording, variants, and rendering."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import SamiError
+from .fileio import atomic_write_text, read_structured
+
+MAX_GRID_PRINCIPLES = 6  # 2**6 = 64 variants, 4096 scored pairs per query
+
+
+@dataclass(frozen=True)
+class Principle:
+    """One principle: its name, its wording, and its antithesis."""
+
+    name: str
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A choice of wording per principle: True keeps the positive, False takes the negative."""
+
+    signs: tuple[bool, ...]
+
+    @property
+    def label(self) -> str:
+        """A compact label such as '+-+' (one sign per principle, in file order)."""
+        return "".join("+" if s else "-" for s in self.signs)
+
+    @property
+    def is_positive(self) -> bool:
+        return all(self.signs)
+
+
+@dataclass(frozen=True)
+class Constitution:
+    """A named list of principles."""
+
+    name: str
+    principles: tuple[Principle, ...]
+
+    def render(self, variant: Variant, order: Sequence[int] | None = None) -> str:
+        """The variant's wordings as numbered lines, in `order` (file order by default)."""
+        order = range(len(self.principles)) if order is None else order
+        lines = []
+        for n, k in enumerate(order, start=1):
+            p = self.principles[k]
+            lines.append(f"{n}. {p.positive if variant.signs[k] else p.negative}")
+        return "\n".join(lines)
+
+    @property
+    def positive_variant(self) -> Variant:
+        return Variant((True,) * len(self.principles))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "principles": [
+                {"name": p.name, "positive": p.positive, "negative": p.negative}
+                for p in self.principles
+            ],
+        }
+
+
+def constitution_from_dict(data: object, source: str = "constitution") -> Constitution:
+    """Validate a parsed constitution, raising a SamiError that names the field and the fix."""
+    if not isinstance(data, dict):
+        raise SamiError(
+            f"{source}: expected a mapping with 'name' and 'principles', got {type(data).__name__}"
+        )
+    name = data.get("name", "constitution")
+    if not isinstance(name, str) or not name.strip():
+        raise SamiError(f"{source}: field 'name' must be a non-empty string")
+    principles = data.get("principles")
+    if principles is None:
+        raise SamiError(f"{source}: missing field 'principles'; add a list of principles")
+    if not isinstance(principles, list) or not principles:
+        raise SamiError(f"{source}: field 'principles' must be a non-empty list")
+    seen: set[str] = set()
+    out = []
+    for i, p in enumerate(principles):
+        where = f"{source}: principles[{i}]"
+        if not isinstance(p, dict):
+            raise SamiError(f"{where} must be a mapping with name, positive and negative")
+        for key in ("name", "positive", "negative"):
+            if key not in p:
+                raise SamiError(f"{where}: missing field '{key}'")
+            if not isinstance(p[key], str):
+                raise SamiError(f"{where}.{key} must be a string, got {type(p[key]).__name__}")
+            if not p[key].strip():
+                raise SamiError(f"{where}.{key} is empty; write its wording")
+        pname = p["name"].strip()
+        if pname in seen:
+            raise SamiError(f"{where}.name '{pname}' is a duplicate; give each principle its own name")
+        seen.add(pname)
+        out.append(Principle(pname, " ".join(p["positive"].split()), " ".join(p["negative"].split())))
+    return Constitution(name.strip(), tuple(out))
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    """Load a constitution from a JSON or YAML file."""
+    return constitution_from_dict(read_structured(path, "constitution file"), str(path))
+
+
+def save_constitution(constitution: Constitution, path: str | Path) -> None:
+    """Save atomically as JSON (.json) or YAML (anything else)."""
+    data = constitution.to_dict()
+    if Path(path).suffix.lower() == ".json":
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    atomic_write_text(path, text)
+
+
+def parse_variants(value: str | int) -> str | int:
+    """Validate a --variants value: 'paper', 'grid' or an integer >= 2."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        n = int(value)
+        if n < 2:
+            raise SamiError(f"--variants {n}: need at least 2 variants to compare")
+        return n
+    if value in ("paper", "grid"):
+        return value
+    raise SamiError(f"--variants {value!r}: use 'paper', 'grid' or an integer >= 2")
+
+
+def num_variants(strategy: str | int, num_principles: int) -> int:
+    """How many variants per query a strategy gives; raises if the constitution cannot supply them."""
+    total = 2**num_principles
+    if strategy == "paper":
+        return 2
+    if strategy == "grid":
+        if num_principles > MAX_GRID_PRINCIPLES:
+            raise SamiError(
+                f"--variants grid with {num_principles} principles makes {total} variants per query; "
+                f"use an integer number of variants instead"
+            )
+        return total
+    if strategy > total:
+        raise SamiError(
+            f"--variants {strategy}: a constitution with {num_principles} principle(s) has only "
+            f"{total} distinct variants; use at most {total}"
+        )
+    return strategy
+
+
+def sample_variants(strategy: str | int, num_principles: int, rng: random.Random) -> list[Variant]:
+    """Pick the variants for one query by strategy: 'paper', 'grid' or an integer N."""
+    n = num_variants(strategy, num_principles)
+    k = num_principles
+    if strategy == "grid":
+        return [Variant(tuple(s)) for s in itertools.product((True, False), repeat=k)]
+    if strategy == "paper":
+        # The all-positive variant against one random variant with at least one negative.
+        code = rng.randrange(0, 2**k - 1)  # never all-positive (2**k - 1)
+        return [Variant((True,) * k), _variant_from_code(code, k)]
+    codes = rng.sample(range(2**k), n)
+    return [_variant_from_code(c, k) for c in codes]
+
+
+def _variant_from_code(code: int, k: int) -> Variant:
+    return Variant(tuple(bool(code >> (k - 1 - b) & 1) for b in range(k)))
+
+
+def principle_order(num_principles: int, rng: random.Random, shuffle: bool) -> list[int]:
+    """The order principles appear in a training prompt: shuffled unless turned off."""
+    order = list(range(num_principles))
+    if shuffle:
+        rng.shuffle(order)
+    return order

@@ -1,0 +1,166 @@
+"""Rollouts: sample one response per (query, variant) with mlx-lm's BatchGenerator, keeping token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+
+@dataclass
+class Generation:
+    """One sampled response: its token ids (stop string and EOS cut off) and why it ended."""
+
+    tokens: list[int]
+    text: str
+    finish: str  # "eos", "stop" (a stop string) or "length"
+
+
+@dataclass
+class Group:
+    """One query with N variants and the response sampled under each variant's prompt."""
+
+    query_index: int
+    query: str
+    variants: list  # list[Variant]
+    generations: list[Generation]
+
+
+@dataclass
+class DropCounts:
+    """Degenerate groups removed before training, by reason."""
+
+    empty: int = 0
+    identical: int = 0
+    banned: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.empty + self.identical + self.banned
+
+
+@dataclass
+class SampleStats:
+    """What the sampled responses look like: the degeneration watch reads these."""
+
+    mean_length: float = 0.0
+    no_eos_rate: float = 0.0
+    distinct_2: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    by_finish: dict = field(default_factory=dict)
+
+
+def generate_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 32,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
+    """Sample a response for every prompt in one BatchGenerator, cutting at EOS and stop strings."""
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    gen = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        sampler=sampler,
+        completion_batch_size=batch_size,
+        prefill_batch_size=min(batch_size, 8),
+    )
+    # A stop string can only be completed by the last few tokens: each token is at least one byte.
+    window = max((len(s.encode()) for s in stop_strings), default=0) + 1
+    uids = gen.insert([list(p) for p in prompts])
+    tokens: dict[int, list[int]] = {u: [] for u in uids}
+    finish: dict[int, str] = {}
+    try:
+        while responses := gen.next_generated():
+            cut = []
+            for r in responses:
+                if r.finish_reason == "stop":  # only EOS tokens are stop sequences here
+                    finish[r.uid] = "eos"
+                    continue
+                tokens[r.uid].append(r.token)
+                if stop_strings and any(s in tokenizer.decode(tokens[r.uid][-window:]) for s in stop_strings):
+                    finish[r.uid] = "stop"
+                    if r.finish_reason is None:
+                        cut.append(r.uid)
+                elif r.finish_reason == "length":
+                    finish[r.uid] = "length"
+            if cut:
+                gen.remove(cut)
+            if on_progress and (cut or any(r.finish_reason for r in responses)):
+                on_progress(len(finish), len(uids))
+    finally:
+        gen.close()
+    out = []
+    for u in uids:
+        toks = tokens[u]
+        if finish[u] == "stop":
+            toks = cut_at_stop(tokenizer, toks, stop_strings)
+        out.append(Generation(toks, tokenizer.decode(toks), finish[u]))
+    return out
+
+
+def cut_at_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> list[int]:
+    """The longest token prefix that ends before the first stop string, without trailing blanks."""
+    text = tokenizer.decode(tokens)
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    if not hits:
+        return tokens
+    end = min(hits)
+    k = len(tokens)
+    while k > 0 and len(tokenizer.decode(tokens[:k])) > end:
+        k -= 1
+    while k > 0 and not tokenizer.decode(tokens[k - 1 : k]).strip():
+        k -= 1
+    return tokens[:k]
+
+
+def filter_groups(groups: list[Group], banned: Sequence[str] = ()) -> tuple[list[Group], DropCounts]:
+    """Drop groups a contrastive loss cannot learn from: an empty response, two identical ones, a banned substring."""
+    kept, drops = [], DropCounts()
+    for g in groups:
+        texts = [gen.text.strip() for gen in g.generations]
+        if any(not gen.tokens or not t for gen, t in zip(g.generations, texts)):
+            drops.empty += 1
+        elif len({tuple(gen.tokens) for gen in g.generations}) < len(g.generations):
+            drops.identical += 1
+        elif banned and any(b in t for t in texts for b in banned):
+            drops.banned += 1
+        else:
+            kept.append(g)
+    return kept, drops
+
+
+def sample_stats(groups: list[Group], seconds: float) -> SampleStats:
+    """Mean length, the share of responses that never reached EOS, and distinct bigrams."""
+    gens = [g for group in groups for g in group.generations]
+    if not gens:
+        return SampleStats(seconds=seconds)
+    lengths = [len(g.tokens) for g in gens]
+    bigrams = [tuple(g.tokens[i : i + 2]) for g in gens for i in range(len(g.tokens) - 1)]
+    by_finish: dict[str, int] = {}
+    for g in gens:
+        by_finish[g.finish] = by_finish.get(g.finish, 0) + 1
+    return SampleStats(
+        mean_length=sum(lengths) / len(gens),
+        no_eos_rate=sum(g.finish == "length" for g in gens) / len(gens),
+        distinct_2=len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        tokens=sum(lengths),
+        seconds=seconds,
+        by_finish=by_finish,
+    )
+
+
+def seed_sampling(seed: int) -> None:
+    """Make temperature sampling repeatable."""
+    mx.random.seed(seed)

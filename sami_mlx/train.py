@@ -1,0 +1,58 @@
+"""`python -m sami_mlx.train` / `sami-mlx train`: run SAMI from flags and a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from .config import add_arguments, build_config
+from .errors import RunAborted, SamiError
+
+
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="sami-mlx train", description="Align a model to a constitution with SAMI (LoRA on MLX)."
+    )
+    add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, then train with a progress bar; returns the exit code."""
+    cfg = build_config(args)
+    if args.dry_run:
+        from .trainer import prepare_inputs
+
+        inputs = prepare_inputs(cfg)
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(f"# {len(inputs.queries)} queries, {len(inputs.constitution.principles)} principles, "
+              f"{inputs.num_variants} variants per query")
+        return 0
+    from .progress import ProgressBar
+    from .trainer import train
+
+    result = train(cfg, callbacks=[ProgressBar()])
+    return 0 if not result.stopped_early else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return guarded(run, args)
+
+
+def guarded(fn, *args) -> int:
+    """Turn a user's mistake into one line on stderr and exit code 2, with no traceback."""
+    try:
+        return fn(*args)
+    except (SamiError, RunAborted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

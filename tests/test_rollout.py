@@ -1,0 +1,93 @@
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.generate import generate_step
+
+from sami_mlx.constitution import Variant
+from sami_mlx.rollout import Generation, Group, cut_at_stop, filter_groups, generate_batch, sample_stats
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return mlx_lm.load(str(tiny_model))
+
+
+def reference_greedy(model, tokenizer, prompt, max_tokens):
+    out = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        if token in tokenizer.eos_token_ids:
+            break
+        out.append(int(token))
+    return out
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(loaded):
+    model, tok = loaded
+    prompts = [tok.encode(t) for t in ["Human: hello", "The assistant gives a direct answer to", "x", "1. Be kind."]]
+    gens = generate_batch(model, tok, prompts, max_tokens=12)
+    for p, g in zip(prompts, gens):
+        assert g.tokens == reference_greedy(model, tok, p, 12)
+        assert g.text == tok.decode(g.tokens)
+
+
+def test_temperature_sampling_is_seeded(loaded):
+    model, tok = loaded
+    prompts = [tok.encode("Human: hello")] * 4
+    mx.random.seed(1)
+    a = [g.tokens for g in generate_batch(model, tok, prompts, 10, temperature=1.0)]
+    mx.random.seed(1)
+    b = [g.tokens for g in generate_batch(model, tok, prompts, 10, temperature=1.0)]
+    assert a == b
+    assert len({tuple(t) for t in a}) > 1  # samples of one prompt differ at temperature 1
+
+
+def test_stop_string_cuts_response_and_ends_it_early(loaded):
+    model, tok = loaded
+    prompt = tok.encode("Human: hello")
+    free = generate_batch(model, tok, [prompt], max_tokens=24, temperature=0.0)[0]
+    assert len(free.tokens) >= 6
+    # Use a piece of the model's own greedy output as the stop string.
+    stop = tok.decode(free.tokens[3:5])
+    assume_text = tok.decode(free.tokens)
+    assert stop and stop in assume_text
+    cut = generate_batch(model, tok, [prompt], max_tokens=24, stop_strings=[stop])[0]
+    assert cut.finish == "stop"
+    assert stop not in cut.text
+    assert assume_text.startswith(cut.text.rstrip()) or cut.text == ""
+    assert len(cut.tokens) <= 5
+
+
+def test_cut_at_stop_keeps_token_ids(loaded):
+    _, tok = loaded
+    tokens = tok.encode("Paris is the capital.\n\nHuman: and Spain?", add_special_tokens=False)
+    cut = cut_at_stop(tok, tokens, ["Human:", "###"])
+    assert tok.decode(cut) == "Paris is the capital."
+    assert cut == tokens[: len(cut)]  # a prefix of the sampled ids, never re-encoded
+    assert cut_at_stop(tok, tokens, ["nothing like this"]) == tokens
+
+
+def group(*responses):
+    return Group(0, "q", [Variant((True,)), Variant((False,))], [Generation(t, txt, "eos") for t, txt in responses])
+
+
+def test_filter_groups_drops_and_counts_degenerate_groups():
+    groups = [
+        group(([1, 2], "a b"), ([3], "c")),  # fine
+        group(([], ""), ([3], "c")),  # empty
+        group(([5], " "), ([3], "c")),  # whitespace only counts as empty
+        group(([1, 2], "a b"), ([1, 2], "a b")),  # identical
+        group(([1, 2], "visit http://x"), ([3], "c")),  # banned substring
+    ]
+    kept, drops = filter_groups(groups, banned=["http://"])
+    assert kept == [groups[0]]
+    assert (drops.empty, drops.identical, drops.banned, drops.total) == (2, 1, 1, 4)
+    kept, drops = filter_groups(groups)
+    assert len(kept) == 2 and drops.banned == 0
+
+
+def test_sample_stats_report_length_truncation_and_repetition():
+    groups = [Group(0, "q", [], [Generation([1, 2, 1, 2], "", "length"), Generation([7, 8], "", "eos")])]
+    s = sample_stats(groups, seconds=2.0)
+    assert s.mean_length == 3.0
+    assert s.no_eos_rate == 0.5
+    assert s.distinct_2 == pytest.approx(3 / 4)  # bigrams (1,2),(2,1),(1,2),(7,8): 3 distinct of 4

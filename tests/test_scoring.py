@@ -1,0 +1,110 @@
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+from sami_mlx.adapters import adapters_disabled, attach_adapters
+from sami_mlx.scoring import build_pairs, diagonal_rows, kl_to_base, score_matrix
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return mlx_lm.load(str(tiny_model))
+
+
+def per_sequence_score(model, prompt, response):
+    """log p(response | prompt) averaged over response tokens, one unpadded sequence at a time."""
+    seq = mx.array([prompt + response])
+    logits = model(seq[:, :-1]).astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    targets = seq[0, 1:]
+    positions = range(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return float(np.mean([logp[0, t, targets[t]].item() for t in positions]))
+
+
+def make_groups(tokenizer, rng):
+    prompts, responses = [], []
+    for q in ["Human: hello there", "Human: what is the capital of France? it is a long question"]:
+        prompts.append([tokenizer.encode(f"{k}. Be {w}.\n{q}\nAssistant:") for k, w in enumerate(["kind", "rude", "brief"])])
+        responses.append([list(rng.integers(5, 300, size=int(rng.integers(1, 9)))) for _ in range(3)])
+    return prompts, [[[int(t) for t in r] for r in g] for g in responses]
+
+
+def test_score_matrix_equals_per_sequence_computation(loaded):
+    model, tok = loaded
+    prompts, responses = make_groups(tok, np.random.default_rng(0))
+    S = score_matrix(model, build_pairs(prompts, responses))
+    assert S.shape == (2, 3, 3)
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                ref = per_sequence_score(model, prompts[b][i], responses[b][j])
+                assert S[b, i, j].item() == pytest.approx(ref, abs=1e-4)
+
+
+def test_mask_covers_response_tokens_only(loaded):
+    _, tok = loaded
+    prompts = [[[1, 10, 11, 12], [1, 20]]]
+    responses = [[[30, 31, 32], [40]]]
+    batch = build_pairs(prompts, responses)
+    counts = batch.mask.sum(axis=1).tolist()
+    assert counts == [3, 1, 3, 1]  # (i, j) row-major: the count is the response's length
+    # Row (0, 0): prompt of 4 then 3 response tokens; targets at positions 3..5 are the response.
+    row = batch.mask[0].tolist()
+    assert row[:3] == [0, 0, 0] and row[3:6] == [1, 1, 1] and not any(row[6:])
+    assert batch.targets[0, 3:6].tolist() == [30, 31, 32]
+
+
+def test_prompt_tokens_do_not_count(loaded):
+    model, tok = loaded
+    response = [[tok.encode("Paris", add_special_tokens=False)] * 2]
+    a = score_matrix(model, build_pairs([[tok.encode("Human: capital?"), tok.encode("x y z")]], response))
+    b = score_matrix(model, build_pairs([[tok.encode("Human: capital?"), tok.encode("x y z q r s t u v")]], response))
+    # Row 0 shares its prompt in both batches, so it must not move when another prompt grows.
+    assert np.allclose(np.array(a[0, 0]), np.array(b[0, 0]), atol=1e-5)
+    assert not np.allclose(np.array(a[0, 1]), np.array(b[0, 1]), atol=1e-3)
+
+
+def test_diagonal_rows_pick_matching_pairs(loaded):
+    prompts = [[[1, 2], [1, 3]], [[1, 4], [1, 5]]]
+    responses = [[[7], [8]], [[9], [10]]]
+    batch = build_pairs(prompts, responses)
+    rows = diagonal_rows(batch).tolist()
+    assert rows == [0, 3, 4, 7]
+    assert [batch.targets[r, 1].item() for r in rows] == [7, 8, 9, 10]
+
+
+def test_adapters_off_gives_base_model_and_kl(tiny_model):
+    model, tok = mlx_lm.load(str(tiny_model))
+    x = mx.array([tok.encode("Human: hello there, how are you?")])
+    base = model(x)
+    mx.random.seed(0)
+    attach_adapters(model, rank=4, scale=20.0, num_layers=-1)
+    # Give the adapters weight so the adapted model really differs from the base.
+    model.update(mlx_tree_map_b(model))
+    adapted = model(x)
+    with adapters_disabled(model):
+        off = model(x)
+    back = model(x)
+    assert np.allclose(np.array(off), np.array(base), atol=1e-5)
+    assert not np.allclose(np.array(adapted), np.array(base), atol=1e-3)
+    assert np.allclose(np.array(back), np.array(adapted), atol=1e-6)
+    mask = mx.ones(x.shape)
+    assert kl_to_base(adapted, adapted, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_base(adapted, base, mask).item() > 1e-4
+
+
+def mlx_tree_map_b(model):
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    return tree_unflatten([
+        (k, mx.random.normal(v.shape) * 0.05) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")
+    ])
+
+
+def test_count_eos_adds_one_scored_token(loaded):
+    model, tok = loaded
+    prompts = [[tok.encode("Human: hi"), tok.encode("Human: yo")]]
+    plain = build_pairs(prompts, [[[50, 51], [60]]])
+    with_eos = build_pairs(prompts, [[[50, 51, tok.eos_token_id], [60, tok.eos_token_id]]])
+    assert (with_eos.mask.sum(axis=1) - plain.mask.sum(axis=1)).tolist() == [1, 1, 1, 1]

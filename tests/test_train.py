@@ -1,0 +1,187 @@
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+from sami_mlx.config import TrainConfig
+from sami_mlx.constitution import Variant
+from sami_mlx.fileio import read_jsonl
+from sami_mlx.model import load_model
+from sami_mlx.rollout import Generation, Group
+from sami_mlx.train import main
+from sami_mlx.trainer import SamiLoop, prepare_inputs, train
+
+PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant:"
+
+
+def run_flags(model, constitution, queries, out, *extra):
+    return [
+        "--model", str(model), "--constitution", str(constitution), "--queries", str(queries),
+        "--iterations", "2", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "8",
+        "--temperature", "1.0", "--learning-rate", "1e-3", "--seed", "3", "--out", str(out), *extra,
+    ]
+
+
+def logits_of(model, tokenizer, text=PROMPT):
+    return np.array(model(mx.array([tokenizer.encode(text)])))
+
+
+def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, queries_file, tmp_path):
+    cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                      learning_rate=1e-3, lora_rank=8, lora_layers=-1, out=str(tmp_path)).resolved()
+    model, tokenizer, _ = load_model(cfg.model)
+    loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
+    rng = np.random.default_rng(0)
+    groups = [
+        Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
+              [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)])
+        for q in range(3)
+    ]
+    model.train()
+    losses = [loop.train_step(groups, random.Random(k))["loss"] for k in range(25)]
+    assert losses[0] > 0.3  # the random base model barely tells the variants apart
+    assert losses[-1] < 0.02
+    last = loop.train_step(groups, random.Random(99))
+    assert last["row_accuracy"] == 1.0 and last["column_accuracy"] == 1.0
+    assert last["mi_bound"] == pytest.approx(math.log(2), abs=0.02)
+
+
+def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constitution_file, queries_file, tmp_path):
+    cli_run = tmp_path / "cli"
+    assert main(run_flags(tiny_model, constitution_file, queries_file, cli_run)) == 0
+
+    for name in ["config.yaml", "metrics.jsonl", "state.json", "adapters.safetensors", "adapter_config.json"]:
+        assert (cli_run / name).is_file(), name
+    for it in ("iter-01", "iter-02"):
+        for name in ["samples.jsonl", "adapters.safetensors", "adapter_config.json"]:
+            assert (cli_run / it / name).is_file(), f"{it}/{name}"
+    state = json.loads((cli_run / "state.json").read_text())
+    assert state["completed_iterations"] == 2 and state["finished"]
+
+    # The same config through the Python API gives the same adapters, and its in-memory model
+    # is what mlx_lm.load rebuilds from the CLI's run directory.
+    cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                      iterations=2, steps=1, queries_per_step=2, max_tokens=8, temperature=1.0,
+                      learning_rate=1e-3, seed=3, out=str(tmp_path / "api"))
+    result = train(cfg)
+    a = mx.load(str(cli_run / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "api" / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+    reloaded, tokenizer = mlx_lm.load(str(tiny_model), adapter_path=str(cli_run))
+    base, _ = mlx_lm.load(str(tiny_model))
+    got, want = logits_of(reloaded, tokenizer), logits_of(result.model, result.tokenizer)
+    assert np.abs(got - want).max() < 1e-5
+    assert np.abs(got - logits_of(base, tokenizer)).max() > 1e-4  # training changed the model
+    a_final = mx.load(str(cli_run / "iter-02" / "adapters.safetensors"))
+    assert all(mx.array_equal(a[k], a_final[k]).item() for k in a)
+
+
+def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_path):
+    out = tmp_path / "run"
+    seen = []
+    cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                      iterations=3, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
+                      variants="grid", out=str(out))
+    train(cfg, callbacks=[seen.append])
+    rows = read_jsonl(out / "metrics.jsonl")
+    names = [r["event"] for r in rows]
+    assert names[0] == "RunStarted" and names[-1] == "RunCompleted"
+    steps = [r for r in rows if r["event"] == "StepCompleted"]
+    # Paper schedule: steps grow s, 2s, 3s.
+    assert [sum(r["iteration"] == it for r in steps) for it in (1, 2, 3)] == [1, 2, 3]
+    assert [r["global_step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    first = steps[0]
+    assert len(first["scores"]) == 4 and len(first["scores"][0]) == 4  # grid over 2 principles
+    assert first["mi_bound"] == pytest.approx(math.log(4) - first["loss"], abs=1e-6)
+    ready = [r for r in rows if r["event"] == "SamplesReady"]
+    assert all(r["groups"] + r["dropped_empty"] + r["dropped_identical"] + r["dropped_banned"] > 0 for r in ready)
+    # The callback saw the same stream, plus sampling progress that the log leaves out.
+    assert [type(e).__name__ for e in seen if type(e).__name__ != "SamplingProgress"] == names
+
+    # Alternating disjoint query splits: iterations 1 and 2 never share a query; 3 reuses 1's split.
+    def queries_of(it):
+        return {r["query_index"] for r in read_jsonl(out / f"iter-0{it}" / "samples.jsonl")}
+    assert queries_of(1).isdisjoint(queries_of(2))
+    assert not queries_of(3) & queries_of(2)
+
+
+def test_continue_schedule_keeps_steps_constant(tiny_model, constitution_file, queries_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--schedule", "continue",
+                          "--iterations", "3", "--steps", "2")) == 0
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
+    assert [r["steps"] for r in steps] == [2] * 6
+
+
+def test_kl_to_base_is_logged_and_grows_from_zero(tiny_model, constitution_file, queries_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--kl-beta", "0.5",
+                          "--iterations", "1", "--steps", "3", "--learning-rate", "5e-3")) == 0
+    kls = [r["kl"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
+    assert kls[-1] > 1e-6
+
+
+def test_fuse_works_on_a_run(tiny_model, constitution_file, queries_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1")) == 0
+    fused = tmp_path / "fused"
+    subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(tiny_model), "--adapter-path",
+                    str(out), "--save-path", str(fused)], check=True, capture_output=True)
+    adapted, tokenizer = mlx_lm.load(str(tiny_model), adapter_path=str(out))
+    fused_model, _ = mlx_lm.load(str(fused))
+    assert np.abs(logits_of(adapted, tokenizer) - logits_of(fused_model, tokenizer)).max() < 1e-4
+
+
+def test_qlora_on_a_quantized_model(tiny_model, constitution_file, queries_file, tmp_path):
+    from mlx_lm import convert
+
+    qdir = tmp_path / "tiny-4bit"
+    convert(str(tiny_model), mlx_path=str(qdir), quantize=True, q_group_size=32, q_bits=4)
+    assert json.loads((qdir / "config.json").read_text())["quantization"]["bits"] == 4
+    out = tmp_path / "run"
+    assert main(run_flags(qdir, constitution_file, queries_file, out, "--iterations", "1",
+                          "--learning-rate", "5e-3", "--steps", "2")) == 0
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    adapted, tokenizer = mlx_lm.load(str(qdir), adapter_path=str(out))
+    base, _ = mlx_lm.load(str(qdir))
+    assert np.abs(logits_of(adapted, tokenizer) - logits_of(base, tokenizer)).max() > 1e-4
+
+
+@pytest.mark.parametrize("flags", [["--dora"], ["--grad-checkpoint", "--optimizer", "rmsprop", "--grad-accumulation", "2"],
+                                   ["--chat-template", "--count-eos", "--variants", "3"]])
+def test_training_options_run_and_reload(tiny_model, constitution_file, queries_file, tmp_path, flags):
+    out = tmp_path / "run"
+    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1", *flags)) == 0
+    adapted, tokenizer = mlx_lm.load(str(tiny_model), adapter_path=str(out))
+    assert np.isfinite(logits_of(adapted, tokenizer)).all()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == ("dora" if "--dora" in flags else "lora")
+
+
+def test_same_seed_same_adapters_different_seed_different(tiny_model, constitution_file, queries_file, tmp_path):
+    runs = {}
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        assert main(run_flags(tiny_model, constitution_file, queries_file, tmp_path / name, "--iterations", "1",
+                              "--seed", seed)) == 0
+        runs[name] = mx.load(str(tmp_path / name / "adapters.safetensors"))
+    assert all(mx.array_equal(runs["a"][k], runs["b"][k]).item() for k in runs["a"])
+    assert not all(mx.array_equal(runs["a"][k], runs["c"][k]).item() for k in runs["a"])
+
+
+def test_run_dir_with_a_run_is_refused(tiny_model, constitution_file, queries_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1")) == 0
+    before = {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
+    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
