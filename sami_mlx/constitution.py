@@ -124,7 +124,7 @@ def save_constitution(constitution: Constitution, path: str | Path) -> None:
 
 def parse_variants(value: str | int) -> str | int:
     """Validate a --variants value: 'paper', 'grid' or an integer >= 2."""
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()):
         n = int(value)
         if n < 2:
             raise SamiError(f"--variants {n}: need at least 2 variants to compare")
@@ -132,6 +132,11 @@ def parse_variants(value: str | int) -> str | int:
     if value in ("paper", "grid"):
         return value
     raise SamiError(f"--variants {value!r}: use 'paper', 'grid' or an integer >= 2")
+
+
+def variant_strategy(value: str) -> str | int:
+    """The strategy a resolved `variants` setting names: 'paper', 'grid' or an int."""
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def num_variants(strategy: str | int, num_principles: int) -> int:

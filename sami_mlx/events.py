@@ -103,3 +103,16 @@ ALL_EVENTS = {
     for cls in (RunStarted, IterationStarted, SamplingProgress, SamplesReady, StepCompleted,
                 IterationCompleted, RunWarning, RunCompleted)
 }
+
+
+@dataclass
+class StageProgress(Event):
+    """Progress of work around a run (building the toy model, evaluating) for progress bars."""
+
+    stage: str
+    done: int
+    total: int
+    detail: str = ""
+
+
+ALL_EVENTS[StageProgress.__name__] = StageProgress

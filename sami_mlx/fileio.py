@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
             "use a smaller file"
         )
     try:
-        return p.read_bytes().decode("utf-8")
+        return p.read_bytes().decode("utf-8-sig")  # a BOM from Windows editors is not content
     except UnicodeDecodeError as e:
         raise SamiError(f"{p}: not valid UTF-8 (byte {e.start}); save the {what} as UTF-8") from None
 
@@ -41,7 +42,7 @@ def read_structured(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         if p.suffix.lower() == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except json.JSONDecodeError as e:
         raise SamiError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except yaml.YAMLError as e:
@@ -49,6 +50,24 @@ def read_structured(path: str | os.PathLike, what: str = "file") -> Any:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "could not parse"
         raise SamiError(f"{p}: invalid YAML{where}: {problem}") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; like mlx-lm, read such exponents as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from .progress import ProgressBar
     from .trainer import train
 
-    result = train(cfg, callbacks=[ProgressBar()])
-    return 0 if not result.stopped_early else 0
+    train(cfg, callbacks=[ProgressBar()])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,23 @@ import yaml
 from mlx.utils import tree_flatten, tree_map
 
 from . import events as ev
-from .adapters import adapter_weights, adapters_disabled, attach_adapters, save_adapters, set_adapter_weights
+from .adapters import (
+    adapter_weights,
+    adapters_disabled,
+    attach_adapters,
+    save_adapters,
+    set_adapter_weights,
+)
 from .config import TrainConfig
-from .constitution import Constitution, load_constitution, num_variants, principle_order, sample_variants
+from .constitution import (
+    Constitution,
+    Principle,
+    load_constitution,
+    num_variants,
+    principle_order,
+    sample_variants,
+    variant_strategy,
+)
 from .errors import RunAborted, SamiError
 from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_text
 from .model import load_model
@@ -27,7 +41,14 @@ from .objective import accuracies, mi_lower_bound, sami_loss
 from .prompts import Template, encode_prompt, load_template
 from .queries import load_queries
 from .rollout import Group, filter_groups, generate_batch, sample_stats
-from .scoring import PairBatch, build_pairs, diagonal_rows, kl_to_base, scores_from_logprobs, token_logprobs
+from .scoring import (
+    PairBatch,
+    build_pairs,
+    diagonal_rows,
+    kl_to_base,
+    scores_from_logprobs,
+    token_logprobs,
+)
 
 Callback = Callable[[ev.Event], None]
 HELDOUT_TEXTS = 32
@@ -58,14 +79,9 @@ class TrainResult:
 def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     """Load and validate the constitution, queries, templates and held-out text."""
     constitution = load_constitution(cfg.constitution)
-    strategy = int(cfg.variants) if cfg.variants.isdigit() else cfg.variants
-    n = num_variants(strategy, len(constitution.principles))
+    n = num_variants(variant_strategy(cfg.variants), len(constitution.principles))
     queries = load_queries(cfg.queries)
-    heldout = (
-        [line for line in read_text(cfg.heldout, "held-out text file").split("\n\n") if line.strip()]
-        if cfg.heldout
-        else queries
-    )
+    heldout = load_heldout(cfg.heldout) if cfg.heldout else queries
     if not heldout:
         raise SamiError(f"{cfg.heldout}: no text found; give plain text paragraphs for the perplexity check")
     return RunInputs(
@@ -76,6 +92,42 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
         heldout[:HELDOUT_TEXTS],
         n,
     )
+
+
+def load_heldout(path: str) -> list[str]:
+    """Held-out plain text: a .jsonl file with a 'text' field per line, or paragraphs of a text file."""
+    text = read_text(path, "held-out text file")
+    if not path.endswith(".jsonl"):
+        return [p for p in text.split("\n\n") if p.strip()]
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+        if line.strip() and not (isinstance(row, dict) and isinstance(row.get("text"), str)):
+            raise SamiError(f"{path}: line {n} needs a 'text' string field")
+        if row:
+            rows.append(row["text"])
+    return rows
+
+
+def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int | None) -> None:
+    """Refuse queries whose longest prompt plus --max-tokens cannot fit the model's context."""
+    if not context:
+        return
+    c = inputs.constitution
+    longest = Constitution(c.name, tuple(
+        Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles))
+    text = longest.render(longest.positive_variant)
+    for template in {inputs.generation_template, inputs.training_template}:
+        for n, query in enumerate(inputs.queries, start=1):
+            size = len(encode_prompt(tokenizer, template.fill(text, query), cfg.chat_template))
+            if size + cfg.max_tokens > context:
+                raise SamiError(
+                    f"{cfg.queries}: query {n} makes a {size}-token prompt, which with --max-tokens "
+                    f"{cfg.max_tokens} exceeds the model's {context}-token context; shorten it or lower --max-tokens"
+                )
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -94,6 +146,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     cfg = cfg.resolved()
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
+    check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
     out = prepare_run_dir(cfg)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -111,7 +164,7 @@ class SamiLoop:
 
     def __init__(self, cfg: TrainConfig, inputs: RunInputs, model, tokenizer, out: Path, emit: Callback):
         self.cfg, self.inputs, self.model, self.tokenizer, self.out, self.emit = cfg, inputs, model, tokenizer, out, emit
-        self.strategy = int(cfg.variants) if cfg.variants.isdigit() else cfg.variants
+        self.strategy = variant_strategy(cfg.variants)
         mx.random.seed(cfg.seed)
         self.adapter_config = attach_adapters(
             model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_layers, cfg.lora_keys, cfg.dora
@@ -297,13 +350,13 @@ class SamiLoop:
         grads, loss, kl, scores, tokens = None, 0.0, 0.0, [], 0
         for part in parts:
             batch = self.pair_batch(part, rng)
-            (l, S, k), g = self.loss_and_grad(self.model, batch)
+            (part_loss, S, part_kl), g = self.loss_and_grad(self.model, batch)
             w = len(part) / len(groups)
-            g = tree_map(lambda x: x * w, g)
+            g = tree_map(lambda x, w=w: x * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, l, S, k)
-            loss += l.item() * w
-            kl += k.item() * w
+            mx.eval(grads, part_loss, S, part_kl)
+            loss += part_loss.item() * w
+            kl += part_kl.item() * w
             scores.append(S)
             tokens += batch.num_tokens
         grad_norm = 0.0

@@ -4,7 +4,14 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from sami_mlx.constitution import Variant
-from sami_mlx.rollout import Generation, Group, cut_at_stop, filter_groups, generate_batch, sample_stats
+from sami_mlx.rollout import (
+    Generation,
+    Group,
+    cut_at_stop,
+    filter_groups,
+    generate_batch,
+    sample_stats,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,161 @@
+"""`sami-mlx demo`: SAMI on the synthetic principles world, offline, with a before/after table."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+import yaml
+
+from . import events as ev
+from . import toyworld as world
+from .config import TrainConfig
+from .constitution import Constitution, Variant, save_constitution
+from .fileio import atomic_write_json, atomic_write_text
+from .pretrain import ensure_toy_model
+from .rollout import generate_batch
+from .trainer import heldout_perplexity, train
+
+Callback = Callable[[ev.Event], None]
+
+
+def load_preset(name: str = "toy-world") -> dict:
+    """A model preset shipped in models/ (installed as sami_mlx.presets)."""
+    return yaml.safe_load(resources.files("sami_mlx.presets").joinpath(f"{name}.yaml").read_text("utf-8"))
+
+
+@dataclass
+class Evaluation:
+    """Responses sampled for every (query, variant) and how well each follows its variant."""
+
+    constitution: Constitution
+    variants: list[Variant]
+    texts: list[str]
+    scores: list[dict[str, float]]
+
+    def adherence(self) -> dict[str, float]:
+        names = [p.name for p in self.constitution.principles]
+        per = {n: sum(s[n] for s in self.scores) / len(self.scores) for n in names}
+        return {**per, "overall": sum(per.values()) / len(per)}
+
+
+def evaluate(model, tokenizer, constitution: Constitution, queries: list[str], max_tokens: int, seed: int) -> Evaluation:
+    """Sample at temperature 1 under every variant of `constitution` and check each reply."""
+    variants = [Variant(s) for s in itertools.product((True, False), repeat=len(constitution.principles))]
+    pairs = [(q, v) for q in queries for v in variants]
+    prompts = [tokenizer.encode(world.TEMPLATE.fill(constitution.render(v), q)) for q, v in pairs]
+    mx.random.seed(seed)
+    gens = generate_batch(model, tokenizer, prompts, max_tokens, temperature=1.0, stop_strings=["Human:"])
+    texts = [g.text for g in gens]
+    return Evaluation(constitution, [v for _, v in pairs], texts,
+                      [world.adherence(t, constitution, v) for t, (_, v) in zip(texts, pairs)])
+
+
+def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float, tuple[float, float]]:
+    """Share of paired prompts where the aligned reply follows more principles (ties 0.5), with a 95% CI."""
+    outcomes = []
+    for a, b in zip(aligned.scores, base.scores):
+        sa, sb = sum(a.values()), sum(b.values())
+        outcomes.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
+    n = len(outcomes)
+    mean = sum(outcomes) / n
+    var = sum((o - mean) ** 2 for o in outcomes) / max(n - 1, 1)
+    half = 1.96 * math.sqrt(var / n)
+    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+
+
+def prepare_world(out: Path, settings: dict, seed: int) -> dict[str, str]:
+    """Write the demo's constitution, queries, template and held-out text as the user's files would be."""
+    inputs = out / "inputs"
+    paths = {k: str(inputs / f) for k, f in [("constitution", "constitution.yaml"), ("queries", "queries.jsonl"),
+                                             ("template", "template.txt"), ("heldout", "heldout.jsonl")]}
+    save_constitution(world.sub_constitution(settings["train_principles"]), paths["constitution"])
+    atomic_write_text(paths["queries"], "".join(json.dumps({"query": q}) + "\n"
+                                                for q in world.queries(settings["train_queries"], seed)))
+    atomic_write_text(paths["template"], world.TEMPLATE.text + "\n")
+    docs = world.corpus(settings["heldout_documents"], seed + 7919)
+    atomic_write_text(paths["heldout"], "".join(json.dumps({"text": p + r}) + "\n" for p, r in docs))
+    return paths
+
+
+def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambda e: None, seed: int = 0) -> dict:
+    """Build or load the toy base, run SAMI with the engine, evaluate before/after; returns demo.json's content."""
+    import mlx_lm
+
+    start = time.perf_counter()
+    preset = preset or load_preset("toy-world")
+    settings = preset["demo"]
+    out = Path(out)
+    model_dir = ensure_toy_model(
+        preset["recipe"], lambda n, total, loss: emit(ev.StageProgress("building toy model", n, total, f"loss {loss:.3f}")))
+    paths = prepare_world(out, settings, seed)
+    cfg = TrainConfig(model=str(model_dir), out=str(out), seed=seed, **paths, **settings["sami"])
+    result = train(cfg, callbacks=[emit])
+
+    emit(ev.StageProgress("evaluating", 0, 2))
+    base, tokenizer = mlx_lm.load(str(model_dir))
+    trained = world.sub_constitution(settings["train_principles"])
+    eval_queries = world.queries(settings["eval_queries"], seed + 104729)
+    max_tokens = settings["sami"].get("max_tokens", 40)
+    before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed)
+    after = evaluate(result.model, tokenizer, trained, eval_queries, max_tokens, seed)
+    emit(ev.StageProgress("evaluating", 1, 2))
+    # The held-out principle never appeared in training prompts; it is shown only at evaluation.
+    full = world.sub_constitution([*settings["train_principles"], settings["heldout_principle"]])
+    h_queries = world.queries(settings["heldout_eval_queries"], seed + 1299709)
+    h_before = evaluate(base, tokenizer, full, h_queries, max_tokens, seed + 1)
+    h_after = evaluate(result.model, tokenizer, full, h_queries, max_tokens, seed + 1)
+    emit(ev.StageProgress("evaluating", 2, 2))
+
+    texts = [json.loads(line)["text"] for line in Path(paths["heldout"]).read_text().splitlines()]
+    ppl_base = heldout_perplexity(base, tokenizer, texts)
+    ppl_sami = heldout_perplexity(result.model, tokenizer, texts)
+    wr, ci = win_rate(after, before)
+    h = settings["heldout_principle"]
+    report = {
+        "base_adherence": before.adherence(),
+        "sami_adherence": after.adherence(),
+        "win_rate": wr,
+        "win_rate_ci": list(ci),
+        "mi_bound": [it["mi_bound"] for it in result.iterations],
+        "ppl_base": ppl_base,
+        "ppl_sami": ppl_sami,
+        "ppl_ratio": ppl_sami / ppl_base,
+        "heldout": {"principle": h, "base_adherence": h_before.adherence()[h], "sami_adherence": h_after.adherence()[h]},
+        "n_eval": len(after.scores),
+        "examples": [{"variant": v.label, "base": b, "sami": a}
+                     for v, b, a in list(zip(after.variants, before.texts, after.texts))[:4]],
+        "model": str(model_dir),
+        "run": str(out),
+        "seconds": time.perf_counter() - start,
+    }
+    atomic_write_json(out / "demo.json", report)
+    return report
+
+
+def format_report(r: dict) -> str:
+    """The before/after table the demo prints."""
+    names = [k for k in r["base_adherence"] if k != "overall"]
+    lines = ["", "SAMI on the toy principles world (adherence: share of replies doing what the stated wording says,",
+             f"sampled at temperature 1 over every variant; n = {r['n_eval']})", "",
+             f"  {'principle':<22}{'base':>8}{'SAMI':>8}"]
+    for n in [*names, "overall"]:
+        lines.append(f"  {n:<22}{r['base_adherence'][n]:>8.2f}{r['sami_adherence'][n]:>8.2f}")
+    h = r["heldout"]
+    lines.append(f"  {h['principle'] + ' (held out)':<22}{h['base_adherence']:>8.2f}{h['sami_adherence']:>8.2f}")
+    lo, hi = r["win_rate_ci"]
+    lines += [
+        "",
+        f"  win rate vs base (checker-judged, ties 0.5): {r['win_rate']:.0%}  (95% CI {lo:.0%}–{hi:.0%})",
+        "  MI lower bound per iteration (nats): " + ", ".join(f"{m:+.3f}" for m in r["mi_bound"]),
+        f"  held-out perplexity: base {r['ppl_base']:.2f}, SAMI {r['ppl_sami']:.2f} ({r['ppl_ratio']:.2f}x)",
+        f"  took {r['seconds']:.0f}s; numbers in {r['run']}/demo.json",
+    ]
+    return "\n".join(lines)

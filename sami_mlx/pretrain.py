@@ -1,0 +1,135 @@
+"""Pretraining the toy world's tiny base model with MLX: tokenizer, weights, mlx-lm's directory format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.trainer import default_loss
+
+from . import toyworld
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def cache_dir() -> Path:
+    """Where built models live: $SAMI_MLX_CACHE, else ~/.cache/sami-mlx."""
+    root = os.environ.get("SAMI_MLX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sami-mlx")
+    return Path(root)
+
+
+def recipe_key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def toy_model_dir(recipe: dict) -> Path:
+    return cache_dir() / "models" / f"toy-world-{recipe_key(recipe)}"
+
+
+def ensure_toy_model(recipe: dict, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """The cached toy model for `recipe`, built first if missing (atomically: a kill leaves no half model)."""
+    out = toy_model_dir(recipe)
+    if (out / "model.safetensors").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_toy_model(recipe, tmp, on_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
+    """A byte-level BPE over the corpus, written as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "model_max_length": 256,
+    }, indent=2))
+    return tok
+
+
+def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """Generate the corpus, train tokenizer and model, and write an mlx_lm.load-able directory."""
+    from mlx_lm.models import llama
+
+    out.mkdir(parents=True, exist_ok=True)
+    seed = recipe["seed"]
+    pairs = toyworld.corpus(recipe["documents"], seed)
+    tok = train_tokenizer([p + r for p, r in pairs], recipe["vocab_size"], out)
+    eos = tok.token_to_id("</s>")
+    # The loss covers replies only: the constitution and query are given, not predicted, so the
+    # model spends its capacity on how replies depend on them (the latent link SAMI amplifies).
+    prompts = [tok.encode(p).ids for p, _ in pairs]
+    data = [tok.encode(p + r).ids + [eos] for p, r in pairs]
+    config = {
+        "model_type": "llama", "hidden_size": recipe["hidden_size"], "num_hidden_layers": recipe["layers"],
+        "intermediate_size": recipe["intermediate_size"], "num_attention_heads": recipe["heads"],
+        "num_key_value_heads": recipe["heads"], "rms_norm_eps": 1e-5, "vocab_size": tok.get_vocab_size(),
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 256,
+        "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": eos,
+    }
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    steps, bs = recipe["steps"], recipe["batch_size"]
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(0.0, recipe["learning_rate"], recipe["warmup"]),
+         optim.cosine_decay(recipe["learning_rate"], steps - recipe["warmup"], recipe["learning_rate"] * 0.05)],
+        [recipe["warmup"]])
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    loss_and_grad = nn.value_and_grad(model, default_loss)
+
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (loss, _), grads = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grads)
+        return loss
+
+    rng = random.Random(f"batches-{seed}")
+    order: list[int] = []
+    for n in range(steps):
+        if len(order) < bs:
+            order = list(range(len(data)))
+            rng.shuffle(order)
+        idx, order = order[:bs], order[bs:]
+        seqs = [data[i] for i in idx]
+        L = max(len(s) for s in seqs)
+        batch = mx.array([s + [0] * (L - len(s)) for s in seqs])
+        lengths = mx.array([[len(prompts[i]), len(data[i])] for i in idx])
+        loss = step(batch, lengths)
+        mx.eval(loss, state)
+        if on_progress and (n % 20 == 0 or n == steps - 1):
+            on_progress(n + 1, steps, loss.item())
+    if not math.isfinite(loss.item()):
+        raise RuntimeError("toy model pretraining diverged; lower the recipe's learning_rate")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    return out

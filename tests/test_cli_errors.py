@@ -1,0 +1,208 @@
+"""The command line as a user meets it: one-line errors, exit code 2, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONSTITUTION, QUERIES
+
+ENTRY_POINTS = {
+    "sami_mlx.train": [sys.executable, "-m", "sami_mlx.train"],
+    "sami-mlx train": [sys.executable, "-m", "sami_mlx", "train"],
+}
+FLAGS = [
+    "--model", "--constitution", "--queries", "--template", "--variants", "--iterations",
+    "--schedule", "--steps", "--queries-per-step", "--learning-rate", "--lora-rank",
+    "--temperature", "--max-tokens", "--seed", "--out",
+]
+
+
+def run_cli(entry: str, args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ENTRY_POINTS[entry] + args, cwd=cwd, env=dict(os.environ), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@dataclass
+class Case:
+    """A bad input: files to write, flags that differ from a valid run, and what the error names."""
+
+    id: str
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)
+    names: tuple[str, ...] = ()  # substrings the error line must hold; {tmp} is the case's folder
+    config: str | None = None  # text of a -c YAML config
+
+
+TWO_PRINCIPLES = CONSTITUTION
+CASES = [
+    Case("constitution-missing", flags={"--constitution": "{tmp}/nope.yaml"}, names=("{tmp}/nope.yaml", "not found")),
+    Case(
+        "constitution-bad-json",
+        files={"c.json": '{"name": "x", "principles": [\n'},
+        flags={"--constitution": "{tmp}/c.json"},
+        names=("{tmp}/c.json", "invalid JSON"),
+    ),
+    Case(
+        "constitution-bad-yaml",
+        files={"c.yaml": "name: x\nprinciples:\n  - {name: a, positive: [\n"},
+        flags={"--constitution": "{tmp}/c.yaml"},
+        names=("{tmp}/c.yaml", "invalid YAML"),
+    ),
+    Case(
+        "constitution-not-mapping",
+        files={"c.yaml": "- be kind\n- be brief\n"},
+        flags={"--constitution": "{tmp}/c.yaml"},
+        names=("{tmp}/c.yaml", "mapping"),
+    ),
+    Case(
+        "constitution-no-principles",
+        files={"c.yaml": "name: x\n"},
+        flags={"--constitution": "{tmp}/c.yaml"},
+        names=("{tmp}/c.yaml", "principles"),
+    ),
+    Case(
+        "constitution-empty-wording",
+        files={"c.yaml": "principles:\n  - {name: a, positive: Be kind., negative: ''}\n"},
+        flags={"--constitution": "{tmp}/c.yaml"},
+        names=("{tmp}/c.yaml", "principles[0].negative"),
+    ),
+    Case(
+        "constitution-duplicate-names",
+        files={"c.yaml": TWO_PRINCIPLES.replace("name: kind", "name: brief")},
+        flags={"--constitution": "{tmp}/c.yaml"},
+        names=("{tmp}/c.yaml", "principles[1].name", "brief"),
+    ),
+    Case(
+        "constitution-not-utf8",
+        files={"c.yaml": "name: caf\xe9\nprinciples: []\n".encode("latin-1")},
+        flags={"--constitution": "{tmp}/c.yaml"},
+        names=("{tmp}/c.yaml", "UTF-8"),
+    ),
+    Case("queries-missing", flags={"--queries": "{tmp}/nope.jsonl"}, names=("{tmp}/nope.jsonl", "not found")),
+    Case("queries-empty", files={"q.txt": "\n\n"}, flags={"--queries": "{tmp}/q.txt"}, names=("{tmp}/q.txt", "no queries")),
+    Case(
+        "queries-bad-jsonl-line",
+        files={"q.jsonl": '{"query": "a"}\n{"query": "b"\n'},
+        flags={"--queries": "{tmp}/q.jsonl"},
+        names=("{tmp}/q.jsonl", "line 2"),
+    ),
+    Case(
+        "template-without-query",
+        files={"t.txt": "Principles:\n{constitution}\n\nAnswer:"},
+        flags={"--template": "{tmp}/t.txt"},
+        names=("{tmp}/t.txt", "{query}"),
+    ),
+    Case("variants-more-than-exist", flags={"--variants": "9"}, names=("--variants 9", "at most 4")),
+    Case("variants-one", flags={"--variants": "1"}, names=("--variants 1",)),
+    Case("steps-zero", flags={"--steps": "0"}, names=("--steps 0",)),
+    Case("learning-rate-negative", flags={"--learning-rate": "-1"}, names=("--learning-rate",)),
+    Case("model-dir-missing", flags={"--model": "{tmp}/no-model"}, names=("--model", "{tmp}/no-model")),
+    Case("model-dir-without-config", files={"empty-model/README": "x"}, flags={"--model": "{tmp}/empty-model"},
+         names=("--model", "{tmp}/empty-model", "config.json")),
+    Case("config-unknown-key", config="steps: 2\nlearning_rat: 0.001\n", names=("{tmp}/config.yaml", "learning_rat")),
+]
+
+
+def materialise(case: Case, tmp: Path, model: Path) -> list[str]:
+    """Write the case's files next to a valid constitution and queries; return the argv."""
+    (tmp / "constitution.yaml").write_text(CONSTITUTION)
+    (tmp / "queries.txt").write_text("\n".join(QUERIES) + "\n")
+    for name, content in case.files.items():
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    flags = {
+        "--model": str(model),
+        "--constitution": str(tmp / "constitution.yaml"),
+        "--queries": str(tmp / "queries.txt"),
+        "--steps": "1",
+        "--iterations": "1",
+        "--max-tokens": "4",
+        "--out": str(tmp / "run"),
+    }
+    flags.update({k: v.replace("{tmp}", str(tmp)) for k, v in case.flags.items()})
+    argv = [x for kv in flags.items() for x in kv]
+    if case.config is not None:
+        (tmp / "config.yaml").write_text(case.config)
+        argv = ["-c", str(tmp / "config.yaml"), *argv]
+    return argv
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, names: list[str]) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    for name in names:
+        assert name in lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_model):
+    # Alternate the two entry points across the table so both meet every kind of mistake.
+    entry = list(ENTRY_POINTS)[CASES.index(case) % 2]
+    argv = materialise(case, tmp_path, tiny_model)
+    proc = run_cli(entry, argv, tmp_path)
+    assert_one_line_error(proc, [n.replace("{tmp}", str(tmp_path)) for n in case.names])
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_leaves_run_directory_untouched(tmp_path, tiny_model):
+    run_dir = tmp_path / "existing-run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_bytes(b"keep me\x00\xff")
+    (run_dir / "config.yaml").write_text("steps: 3\n")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    case = Case("bad", files={"c.yaml": "name: x\n"}, flags={"--constitution": "{tmp}/c.yaml"})
+    argv = materialise(case, tmp_path, tiny_model) + ["--out", str(run_dir)]
+    proc = run_cli("sami_mlx.train", argv, tmp_path)
+    assert_one_line_error(proc, [str(tmp_path / "c.yaml")])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_dry_run_prints_resolved_config(entry, tmp_path, tiny_model):
+    argv = materialise(Case("ok"), tmp_path, tiny_model)
+    (tmp_path / "config.yaml").write_text("learning_rate: 0.01\nlora-rank: 4\nseed: 3\n")
+    argv = ["-c", str(tmp_path / "config.yaml"), *argv, "--learning-rate", "0.002", "--seed", "11", "--dry-run"]
+    proc = run_cli(entry, argv, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "learning_rate: 0.002" in proc.stdout
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["learning_rate"] == 0.002  # the flag beat the file
+    assert cfg["seed"] == 11
+    assert cfg["lora_rank"] == 4  # the file beat the default
+    assert cfg["model"] == str(tiny_model)
+    assert cfg["generation_template"] == cfg["training_template"] == "dialogue"
+    assert "8 queries, 2 principles, 2 variants per query" in proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_help_lists_the_flags(entry, tmp_path):
+    proc = run_cli(entry, ["--help"], tmp_path)
+    assert proc.returncode == 0
+    for flag in FLAGS:
+        assert flag in proc.stdout, flag
+
+
+def test_in_process_main_returns_2_with_one_line(tmp_path, tiny_model, capsys):
+    from sami_mlx import cli, train
+
+    argv = materialise(CASES[0], tmp_path, tiny_model)
+    assert train.main(argv) == 2
+    assert cli.main(["train", *argv]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert all(line.startswith("error: ") and "nope.yaml" in line for line in err)

@@ -1,0 +1,315 @@
+"""Constitutions: loading, validation, rendering, variant strategies and saving."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sami_mlx.constitution import (
+    MAX_GRID_PRINCIPLES,
+    Constitution,
+    Principle,
+    Variant,
+    constitution_from_dict,
+    load_constitution,
+    num_variants,
+    sample_variants,
+    save_constitution,
+)
+from sami_mlx.errors import SamiError
+
+THREE = {
+    "name": "three",
+    "principles": [
+        {"name": "brief", "positive": "Be brief.", "negative": "Be long-winded."},
+        {"name": "kind", "positive": "Be kind.", "negative": "Be rude."},
+        {"name": "true", "positive": "Tell the truth.", "negative": "Make things up."},
+    ],
+}
+
+PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def three(tmp_path) -> Constitution:
+    return load_constitution(write(tmp_path / "three.json", json.dumps(THREE)))
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def test_load_json(tmp_path):
+    c = load_constitution(write(tmp_path / "c.json", json.dumps(THREE)))
+    assert c.name == "three"
+    assert [p.name for p in c.principles] == ["brief", "kind", "true"]
+    assert c.principles[0] == Principle("brief", "Be brief.", "Be long-winded.")
+    assert c.principles[2].negative == "Make things up."
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_load_yaml(tmp_path, suffix):
+    text = """\
+name: helpful
+principles:
+  - name: helpful
+    positive: Address the question that was asked.
+    negative: Ignore the question.
+  - name: honest
+    positive: >-
+      Say when you
+      do not know.
+    negative: "Pretend: always sure."
+"""
+    c = load_constitution(write(tmp_path / f"c{suffix}", text))
+    assert c.name == "helpful"
+    assert c.principles == (
+        Principle("helpful", "Address the question that was asked.", "Ignore the question."),
+        Principle("honest", "Say when you do not know.", "Pretend: always sure."),
+    )
+
+
+def test_loader_collapses_whitespace_in_wording(tmp_path):
+    data = {"name": "ws", "principles": [{"name": " p ", "positive": "  Be\n  calm\tand  clear. ", "negative": "Shout."}]}
+    c = load_constitution(write(tmp_path / "c.json", json.dumps(data)))
+    assert c.principles[0].name == "p"
+    assert c.principles[0].positive == "Be calm and clear."
+
+
+def test_name_defaults_when_absent(tmp_path):
+    c = load_constitution(write(tmp_path / "c.yaml", "principles:\n  - {name: a, positive: A, negative: B}\n"))
+    assert c.name == "constitution"
+    assert len(c.principles) == 1
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def test_render_file_order(three):
+    assert three.render(three.positive_variant) == "1. Be brief.\n2. Be kind.\n3. Tell the truth."
+    assert three.render(Variant((True, False, False))) == "1. Be brief.\n2. Be rude.\n3. Make things up."
+
+
+def test_render_in_given_order(three):
+    # Numbers follow the position in the prompt; the wording follows the principle's own sign.
+    text = three.render(Variant((False, True, True)), order=[2, 0, 1])
+    assert text == "1. Tell the truth.\n2. Be long-winded.\n3. Be kind."
+
+
+def test_variant_label_and_positive(three):
+    assert three.positive_variant == Variant((True, True, True))
+    assert three.positive_variant.is_positive
+    assert Variant((True, False, True)).label == "+-+"
+    assert not Variant((True, False, True)).is_positive
+
+
+# --- variant strategies -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_paper_strategy(k):
+    for seed in range(20):
+        variants = sample_variants("paper", k, random.Random(seed))
+        assert len(variants) == 2
+        assert variants[0].signs == (True,) * k
+        assert len(variants[1].signs) == k
+        assert not all(variants[1].signs)
+
+
+def test_paper_strategy_reaches_every_non_positive_variant():
+    seen = {sample_variants("paper", 2, random.Random(s))[1].signs for s in range(200)}
+    assert seen == {(True, False), (False, True), (False, False)}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, MAX_GRID_PRINCIPLES])
+def test_grid_strategy(k):
+    variants = sample_variants("grid", k, random.Random(0))
+    assert len(variants) == 2**k
+    assert len({v.signs for v in variants}) == 2**k
+    assert all(len(v.signs) == k for v in variants)
+    assert num_variants("grid", k) == 2**k
+
+
+def test_grid_too_many_principles():
+    with pytest.raises(SamiError, match="--variants grid"):
+        sample_variants("grid", MAX_GRID_PRINCIPLES + 1, random.Random(0))
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 2), (2, 3), (2, 4), (3, 5), (4, 16)])
+def test_integer_strategy(k, n):
+    variants = sample_variants(n, k, random.Random(1))
+    assert len(variants) == n
+    assert len({v.signs for v in variants}) == n
+    assert all(len(v.signs) == k for v in variants)
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 3), (2, 5), (3, 9)])
+def test_integer_strategy_more_than_exist(k, n):
+    with pytest.raises(SamiError, match=rf"--variants {n}\b.*at most {2**k}"):
+        sample_variants(n, k, random.Random(0))
+
+
+def test_sampling_is_seeded():
+    a = [v.signs for v in sample_variants(5, 4, random.Random(7))]
+    b = [v.signs for v in sample_variants(5, 4, random.Random(7))]
+    assert a == b
+
+
+# --- saving -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_save_load_round_trip(tmp_path, three, suffix):
+    path = tmp_path / f"saved{suffix}"
+    save_constitution(three, path)
+    assert load_constitution(path) == three
+    # The file is in the format its name says.
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    assert data == THREE
+
+
+def test_save_overwrites_and_leaves_no_temp_files(tmp_path, three):
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "c.yaml"
+    path.write_text("old")
+    save_constitution(three, path)
+    assert load_constitution(path) == three
+    assert sorted(p.name for p in out.iterdir()) == ["c.yaml"]
+
+
+# --- validation ---------------------------------------------------------------------------
+
+BAD = [
+    ("not_mapping.yaml", "- a\n- b\n", "mapping"),
+    ("missing.yaml", "name: x\n", "principles"),
+    ("empty_list.json", '{"name": "x", "principles": []}', "principles"),
+    ("principles_str.json", '{"name": "x", "principles": "be nice"}', "principles"),
+    ("principle_str.yaml", "principles:\n  - be nice\n", "principles[0]"),
+    ("no_negative.yaml", "principles:\n  - {name: a, positive: A}\n", "negative"),
+    ("empty_positive.yaml", "principles:\n  - {name: a, positive: '  ', negative: B}\n", "principles[0].positive"),
+    ("empty_negative.json", '{"principles": [{"name": "a", "positive": "A", "negative": ""}]}', "principles[0].negative"),
+    (
+        "duplicate.yaml",
+        "principles:\n  - {name: a, positive: A, negative: B}\n  - {name: a , positive: C, negative: D}\n",
+        "principles[1].name",
+    ),
+    ("int_wording.yaml", "principles:\n  - {name: a, positive: 42, negative: B}\n", "principles[0].positive"),
+    ("bool_wording.yaml", "principles:\n  - {name: a, positive: A, negative: no}\n", "principles[0].negative"),
+    ("list_name.json", '{"principles": [{"name": ["a"], "positive": "A", "negative": "B"}]}', "principles[0].name"),
+    ("int_name.yaml", "name: 5\nprinciples:\n  - {name: a, positive: A, negative: B}\n", "'name'"),
+    ("bad.json", '{"name": "x", "principles": [', "invalid JSON"),
+    ("bad.yaml", "name: x\nprinciples: [\n", "invalid YAML"),
+]
+
+
+@pytest.mark.parametrize(("filename", "text", "field"), BAD, ids=[b[0] for b in BAD])
+def test_validation_errors_name_file_and_field(tmp_path, filename, text, field):
+    path = write(tmp_path / filename, text)
+    with pytest.raises(SamiError) as info:
+        load_constitution(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert field in message
+    assert "\n" not in message
+
+
+def test_wrong_type_message_says_what_it_got(tmp_path):
+    path = write(tmp_path / "c.yaml", "principles:\n  - {name: a, positive: 42, negative: B}\n")
+    with pytest.raises(SamiError, match="must be a string, got int"):
+        load_constitution(path)
+
+
+def test_missing_file_and_bad_bytes(tmp_path):
+    with pytest.raises(SamiError, match="not found"):
+        load_constitution(tmp_path / "nope.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SamiError, match=re.escape(str(bad)) + ".*UTF-8"):
+        load_constitution(bad)
+
+
+def test_from_dict_uses_source_name():
+    with pytest.raises(SamiError, match=r"^my source: missing field 'principles'"):
+        constitution_from_dict({"name": "x"}, "my source")
+
+
+# --- properties ---------------------------------------------------------------------------
+
+# Printable text: letters, digits, punctuation, symbols and plain spaces (no control or
+# other separator characters). The loader strips names and collapses whitespace in wordings,
+# so generated text is normalised the same way before use.
+chars = st.characters(
+    blacklist_categories=("Cc", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"), whitelist_characters=" "
+)
+
+
+def clean_text(max_size: int) -> st.SearchStrategy[str]:
+    return st.text(chars, min_size=1, max_size=max_size).map(lambda s: " ".join(s.split())).filter(bool)
+
+
+clean = clean_text(30)
+wording = clean_text(160)  # past the YAML writer's line width, so folded lines are exercised
+
+
+@st.composite
+def constitutions(draw) -> Constitution:
+    k = draw(st.integers(1, 5))
+    names = draw(st.lists(clean, min_size=k, max_size=k, unique=True))
+    principles = tuple(Principle(n, draw(wording), draw(wording)) for n in names)
+    return Constitution(draw(clean), principles)
+
+
+@PROPERTY
+@given(c=constitutions(), suffix=st.sampled_from([".json", ".yaml"]))
+def test_property_save_load_round_trip(c, suffix):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"c{suffix}"
+        save_constitution(c, path)
+        assert load_constitution(path) == c
+
+
+@PROPERTY
+@given(k=st.integers(1, 8), data=st.data())
+def test_property_integer_variants_distinct(k, data):
+    n = data.draw(st.integers(2, min(2**k, 64)), label="n")
+    seed = data.draw(st.integers(0, 2**32), label="seed")
+    variants = sample_variants(n, k, random.Random(seed))
+    assert len(variants) == n
+    assert len({v.signs for v in variants}) == n
+    assert all(len(v.signs) == k for v in variants)
+
+
+@PROPERTY
+@given(k=st.integers(1, 8), seed=st.integers(0, 2**32))
+def test_property_paper_variants(k, seed):
+    first, second = sample_variants("paper", k, random.Random(seed))
+    assert first.signs == (True,) * k
+    assert len(second.signs) == k and not all(second.signs)
+
+
+@PROPERTY
+@given(c=constitutions(), data=st.data())
+def test_property_render_lines(c, data):
+    k = len(c.principles)
+    signs = tuple(data.draw(st.lists(st.booleans(), min_size=k, max_size=k), label="signs"))
+    order = data.draw(st.permutations(range(k)), label="order")
+    lines = c.render(Variant(signs), order).split("\n")
+    assert len(lines) == k
+    for n, (line, i) in enumerate(zip(lines, order, strict=True), start=1):
+        p = c.principles[i]
+        assert line == f"{n}. {p.positive if signs[i] else p.negative}"
+    assert c.render(Variant(signs)) == c.render(Variant(signs), list(range(k)))
