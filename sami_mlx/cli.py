@@ -1,25 +1,34 @@
-"""`sami-mlx`: the command line (train, and more subcommands as they land)."""
+"""`sami-mlx`: the command line. Each subcommand lives in its own module with
+`add_arguments(parser)` and `run(args) -> int`; they are imported only when chosen."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import __version__
-from . import train as train_cmd
+from .train import guarded
+
+# name -> (module, help). Modules are imported lazily so `sami-mlx --help` stays fast.
+COMMANDS = {
+    "train": ("sami_mlx.train", "Align a model to a constitution with SAMI."),
+    "demo": ("sami_mlx.demo_cli", "Prove the mechanism offline: SAMI on a synthetic principles world."),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sami-mlx", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sami-mlx", description="SAMI alignment on MLX.")
     parser.add_argument("--version", action="version", version=f"sami-mlx {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train_parser = sub.add_parser("train", help="Align a model to a constitution with SAMI.")
-    train_cmd.make_parser(train_parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        return train_cmd.guarded(train_cmd.run, args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return guarded(importlib.import_module(COMMANDS[args.command][0]).run, args)
 
 
 if __name__ == "__main__":

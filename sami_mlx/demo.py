@@ -21,7 +21,7 @@ from .constitution import Constitution, Variant, save_constitution
 from .fileio import atomic_write_json, atomic_write_text
 from .pretrain import ensure_toy_model
 from .rollout import generate_batch
-from .trainer import heldout_perplexity, train
+from .trainer import heldout_perplexity, load_heldout, train
 
 Callback = Callable[[ev.Event], None]
 
@@ -81,7 +81,7 @@ def prepare_world(out: Path, settings: dict, seed: int) -> dict[str, str]:
                                                 for q in world.queries(settings["train_queries"], seed)))
     atomic_write_text(paths["template"], world.TEMPLATE.text + "\n")
     docs = world.corpus(settings["heldout_documents"], seed + 7919)
-    atomic_write_text(paths["heldout"], "".join(json.dumps({"text": p + r}) + "\n" for p, r in docs))
+    atomic_write_text(paths["heldout"], "".join(json.dumps({"prompt": p, "completion": r}) + "\n" for p, r in docs))
     return paths
 
 
@@ -114,7 +114,7 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
     h_after = evaluate(result.model, tokenizer, full, h_queries, max_tokens, seed + 1)
     emit(ev.StageProgress("evaluating", 2, 2))
 
-    texts = [json.loads(line)["text"] for line in Path(paths["heldout"]).read_text().splitlines()]
+    texts = load_heldout(paths["heldout"])
     ppl_base = heldout_perplexity(base, tokenizer, texts)
     ppl_sami = heldout_perplexity(result.model, tokenizer, texts)
     wr, ci = win_rate(after, before)

@@ -23,6 +23,7 @@ class RunStarted(Event):
     num_variants: int
     trainable_parameters: int
     base_ppl: float
+    resumed_at_step: int = 0  # 0 for a fresh run
 
 
 @dataclass

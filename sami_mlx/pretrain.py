@@ -74,19 +74,38 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     return tok
 
 
+def _batches(docs: list[tuple[int, list[int]]], size: int, count: int, rng: random.Random):
+    """`count` padded batches drawn by shuffled epochs, with (reply start, last target) per row."""
+    order: list[int] = []
+    for _ in range(count):
+        if len(order) < size:
+            order = list(range(len(docs)))
+            rng.shuffle(order)
+        idx, order = order[:size], order[size:]
+        rows = [docs[i] for i in idx]
+        L = max(len(ids) for _, ids in rows)
+        yield (mx.array([ids + [0] * (L - len(ids)) for _, ids in rows]),
+               mx.array([[start, len(ids) - 1] for start, ids in rows]))
+
+
 def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
     """Generate the corpus, train tokenizer and model, and write an mlx_lm.load-able directory."""
     from mlx_lm.models import llama
 
     out.mkdir(parents=True, exist_ok=True)
     seed = recipe["seed"]
-    pairs = toyworld.corpus(recipe["documents"], seed)
-    tok = train_tokenizer([p + r for p, r in pairs], recipe["vocab_size"], out)
+    # A curriculum: the corpus opens with replies that follow their constitution strongly, so
+    # the tiny model finds the link within its budget; the rest, which the base model ends up
+    # reflecting, follows it only weakly.
+    phases = [(recipe["curriculum"]["steps"], toyworld.WorldSpec(**recipe["curriculum"]["world"])),
+              (recipe["steps"] - recipe["curriculum"]["steps"], toyworld.WorldSpec(**recipe.get("world", {})))]
+    per_step = recipe["documents"] / recipe["steps"]
+    pairs = [toyworld.corpus(max(1, round(n * per_step)), f"{seed}-{k}", spec) for k, (n, spec) in enumerate(phases)]
+    tok = train_tokenizer([p + r for part in pairs for p, r in part], recipe["vocab_size"], out)
     eos = tok.token_to_id("</s>")
     # The loss covers replies only: the constitution and query are given, not predicted, so the
     # model spends its capacity on how replies depend on them (the latent link SAMI amplifies).
-    prompts = [tok.encode(p).ids for p, _ in pairs]
-    data = [tok.encode(p + r).ids + [eos] for p, r in pairs]
+    data = [[(len(tok.encode(p).ids), tok.encode(p + r).ids + [eos]) for p, r in part] for part in pairs]
     config = {
         "model_type": "llama", "hidden_size": recipe["hidden_size"], "num_hidden_layers": recipe["layers"],
         "intermediate_size": recipe["intermediate_size"], "num_attention_heads": recipe["heads"],
@@ -113,20 +132,14 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
         return loss
 
     rng = random.Random(f"batches-{seed}")
-    order: list[int] = []
-    for n in range(steps):
-        if len(order) < bs:
-            order = list(range(len(data)))
-            rng.shuffle(order)
-        idx, order = order[:bs], order[bs:]
-        seqs = [data[i] for i in idx]
-        L = max(len(s) for s in seqs)
-        batch = mx.array([s + [0] * (L - len(s)) for s in seqs])
-        lengths = mx.array([[len(prompts[i]), len(data[i])] for i in idx])
-        loss = step(batch, lengths)
-        mx.eval(loss, state)
-        if on_progress and (n % 20 == 0 or n == steps - 1):
-            on_progress(n + 1, steps, loss.item())
+    n = 0
+    for (phase_steps, _), docs in zip(phases, data):
+        for batch, lengths in _batches(docs, bs, phase_steps, rng):
+            loss = step(batch, lengths)
+            mx.eval(loss, state)
+            n += 1
+            if on_progress and (n % 20 == 0 or n == steps):
+                on_progress(n, steps, loss.item())
     if not math.isfinite(loss.item()):
         raise RuntimeError("toy model pretraining diverged; lower the recipe's learning_rate")
     (out / "config.json").write_text(json.dumps(config, indent=2))

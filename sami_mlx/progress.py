@@ -15,13 +15,16 @@ class ProgressBar:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.bar: tqdm | None = None
+        self.stage_bar: tqdm | None = None
         self.iterations = 0
 
     def __call__(self, event: ev.Event) -> None:
-        if isinstance(event, ev.RunStarted):
+        if isinstance(event, ev.StageProgress):
+            self.stage(event)
+        elif isinstance(event, ev.RunStarted):
             self.iterations = event.iterations
             self.bar = tqdm(total=event.total_steps, unit="step", file=self.stream, dynamic_ncols=True,
-                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}] {postfix}")
+                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}")
             self.write(f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
                        f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters, "
                        f"base held-out ppl {event.base_ppl:.2f}")
@@ -53,6 +56,18 @@ class ProgressBar:
             self.bar.close()
             self.write(f"done in {event.seconds:.0f}s: adapters in {event.run_dir} "
                        f"(mlx_lm.generate --model MODEL --adapter-path {event.run_dir})")
+
+    def stage(self, event: ev.StageProgress) -> None:
+        """Work around a run (building a model, evaluating) gets a bar of its own."""
+        if self.stage_bar is None or self.stage_bar.desc != event.stage:
+            if self.stage_bar is not None:
+                self.stage_bar.close()
+            self.stage_bar = tqdm(total=event.total, desc=event.stage, file=self.stream, dynamic_ncols=True)
+        self.stage_bar.n = event.done
+        self.stage_bar.set_postfix_str(event.detail, refresh=True)
+        if event.done >= event.total:
+            self.stage_bar.close()
+            self.stage_bar = None
 
     def write(self, text: str) -> None:
         if self.bar is not None:

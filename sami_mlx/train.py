@@ -7,12 +7,18 @@ import sys
 
 import yaml
 
-from .config import add_arguments, build_config
+from . import config
 from .errors import RunAborted, SamiError
 
 
-def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training flags (one per TrainConfig field) plus --resume."""
+    config.add_arguments(parser)
+    parser.add_argument("--resume", metavar="RUN", help="Continue a stopped or killed run from its last step.")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
         prog="sami-mlx train", description="Align a model to a constitution with SAMI (LoRA on MLX)."
     )
     add_arguments(parser)
@@ -20,8 +26,18 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the config, then train with a progress bar; returns the exit code."""
-    cfg = build_config(args)
+    """Resolve the config, then train (or resume) with a progress bar; returns the exit code."""
+    from .progress import ProgressBar
+
+    if args.resume:
+        from .trainer import resume
+
+        given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
+        if args.config:
+            given = {**config.config_from_file(args.config), **given}
+        resume(args.resume, callbacks=[ProgressBar()], overrides=given)
+        return 0
+    cfg = config.build_config(args)
     if args.dry_run:
         from .trainer import prepare_inputs
 
@@ -30,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {len(inputs.queries)} queries, {len(inputs.constitution.principles)} principles, "
               f"{inputs.num_variants} variants per query")
         return 0
-    from .progress import ProgressBar
     from .trainer import train
 
     train(cfg, callbacks=[ProgressBar()])
@@ -50,7 +65,7 @@ def guarded(fn, *args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; resume with --resume RUN", file=sys.stderr)
         return 130
 
 

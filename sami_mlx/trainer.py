@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -24,10 +25,11 @@ from .adapters import (
     save_adapters,
     set_adapter_weights,
 )
-from .config import TrainConfig
+from .config import TrainConfig, config_from_file
 from .constitution import (
     Constitution,
     Principle,
+    Variant,
     load_constitution,
     num_variants,
     principle_order,
@@ -35,12 +37,13 @@ from .constitution import (
     variant_strategy,
 )
 from .errors import RunAborted, SamiError
-from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_text
+from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, read_text
 from .model import load_model
 from .objective import accuracies, mi_lower_bound, sami_loss
 from .prompts import Template, encode_prompt, load_template
 from .queries import load_queries
-from .rollout import Group, filter_groups, generate_batch, sample_stats
+from .rollout import Generation, Group, filter_groups, generate_batch, sample_stats
+from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
 from .scoring import (
     PairBatch,
     build_pairs,
@@ -51,7 +54,13 @@ from .scoring import (
 )
 
 Callback = Callable[[ev.Event], None]
+StopCheck = Callable[[], bool]
 HELDOUT_TEXTS = 32
+MAX_BAD_STEPS = 3
+
+
+def _derived_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
 @dataclass
@@ -62,7 +71,7 @@ class RunInputs:
     queries: list[str]
     generation_template: Template
     training_template: Template
-    heldout: list[str]
+    heldout: list[tuple[str, str]]
     num_variants: int
 
 
@@ -81,7 +90,7 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     constitution = load_constitution(cfg.constitution)
     n = num_variants(variant_strategy(cfg.variants), len(constitution.principles))
     queries = load_queries(cfg.queries)
-    heldout = load_heldout(cfg.heldout) if cfg.heldout else queries
+    heldout = load_heldout(cfg.heldout) if cfg.heldout else [("", q) for q in queries]
     if not heldout:
         raise SamiError(f"{cfg.heldout}: no text found; give plain text paragraphs for the perplexity check")
     return RunInputs(
@@ -94,21 +103,25 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     )
 
 
-def load_heldout(path: str) -> list[str]:
-    """Held-out plain text: a .jsonl file with a 'text' field per line, or paragraphs of a text file."""
+def load_heldout(path: str) -> list[tuple[str, str]]:
+    """Held-out (prompt, text) pairs: .jsonl rows with 'text' (or 'prompt' + 'completion'), else paragraphs."""
     text = read_text(path, "held-out text file")
     if not path.endswith(".jsonl"):
-        return [p for p in text.split("\n\n") if p.strip()]
+        return [("", p) for p in text.split("\n\n") if p.strip()]
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line) if line.strip() else None
+            row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if line.strip() and not (isinstance(row, dict) and isinstance(row.get("text"), str)):
-            raise SamiError(f"{path}: line {n} needs a 'text' string field")
-        if row:
-            rows.append(row["text"])
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            rows.append(("", row["text"]))
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            rows.append((row["prompt"], row["completion"]))
+        else:
+            raise SamiError(f"{path}: line {n} needs a 'text' string field (or 'prompt' and 'completion')")
     return rows
 
 
@@ -141,29 +154,62 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Run SAMI as configured; every event goes to metrics.jsonl and then to each callback."""
+def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: StopCheck | None = None) -> TrainResult:
+    """Run SAMI as configured; every event goes to metrics.jsonl and then to each callback.
+
+    `should_stop` is polled after every optimizer step; when it returns True the run stops there,
+    checkpointed and resumable.
+    """
     cfg = cfg.resolved()
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
     check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
     out = prepare_run_dir(cfg)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with RunLock(out):
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop)
+        return loop.run(RunState())
 
+
+def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop: StopCheck | None = None,
+           overrides: dict | None = None) -> TrainResult:
+    """Continue a stopped or killed run from its last completed step, as if it had never stopped."""
+    out = Path(run_dir).expanduser()
+    for name in ("config.yaml", "state.json"):
+        if not (out / name).is_file():
+            raise SamiError(f"--resume {out}: no {name} there; is this a run directory?")
+    cfg = TrainConfig(**config_from_file(str(out / "config.yaml"))).resolved()
+    for key, value in (overrides or {}).items():
+        if key != "out" and getattr(cfg, key) != value:
+            raise SamiError(f"--resume {out}: --{key.replace('_', '-')} {value} differs from the run's "
+                            f"{getattr(cfg, key)} (config.yaml); drop the flag to resume")
+    state = RunState.load(out / "state.json")
+    if state.finished:
+        raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
+    inputs = prepare_inputs(cfg)
+    model, tokenizer, _ = load_model(cfg.model, cfg.trust_remote_code)
+    with RunLock(out):
+        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop)
+        return loop.run(state)
+
+
+def _emitter(out: Path, callbacks: Sequence[Callback]) -> Callback:
     def emit(event: ev.Event) -> None:
         if not isinstance(event, ev.SamplingProgress):
             append_jsonl(out / "metrics.jsonl", event.to_dict())
         for cb in callbacks:
             cb(event)
 
-    return SamiLoop(cfg, inputs, model, tokenizer, out, emit).run()
+    return emit
 
 
 class SamiLoop:
     """State of one run: the model with its adapters, the optimizer, the schedule position."""
 
-    def __init__(self, cfg: TrainConfig, inputs: RunInputs, model, tokenizer, out: Path, emit: Callback):
+    def __init__(self, cfg: TrainConfig, inputs: RunInputs, model, tokenizer, out: Path, emit: Callback,
+                 should_stop: StopCheck | None = None):
         self.cfg, self.inputs, self.model, self.tokenizer, self.out, self.emit = cfg, inputs, model, tokenizer, out, emit
+        self.should_stop = should_stop or (lambda: False)
         self.strategy = variant_strategy(cfg.variants)
         mx.random.seed(cfg.seed)
         self.adapter_config = attach_adapters(
@@ -176,22 +222,29 @@ class SamiLoop:
             grad_checkpoint(model.layers[0])
         self.loss_and_grad = nn.value_and_grad(model, self._loss)
         self.optimizer = self._make_optimizer()
-        self.global_step = 0
+        self.bad_steps = 0
 
     # ---- schedule -------------------------------------------------------------------------
 
-    def run(self) -> TrainResult:
+    def run(self, state: RunState) -> TrainResult:
         cfg, start = self.cfg, time.perf_counter()
         model = self.model
         model.eval()
-        base_ppl = heldout_perplexity(model, self.tokenizer, self.inputs.heldout)
         total_steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        if state.checkpoint:
+            load_checkpoint(self.out, state, model, self.optimizer)
+        if state.base_ppl is None:
+            state.base_ppl = heldout_perplexity(model, self.tokenizer, self.inputs.heldout)
         self.emit(ev.RunStarted(str(self.out), cfg.to_dict(), cfg.iterations, total_steps,
-                                self.inputs.num_variants, trainable, base_ppl))
-        result = TrainResult(self.out, model, self.tokenizer)
-        for it in range(cfg.iterations):
-            summary = self.iteration(it, base_ppl)
+                                self.inputs.num_variants, trainable, state.base_ppl,
+                                resumed_at_step=state.global_step))
+        result = TrainResult(self.out, model, self.tokenizer, iterations=list(state.iterations))
+        while state.iteration < cfg.iterations:
+            if not self.iteration(state):
+                result.stopped_early, result.reason = True, "cancelled"
+                break
+            summary = state.iterations[-1]
             result.iterations.append(summary)
             if cfg.max_ppl_ratio and summary["ppl_ratio"] > cfg.max_ppl_ratio:
                 result.stopped_early = True
@@ -201,48 +254,67 @@ class SamiLoop:
                 )
                 self.emit(ev.RunWarning(result.reason))
                 break
+        else:
+            state.finished = True
+            atomic_write_json(self.out / "state.json", state.to_dict())
         self.emit(ev.RunCompleted(str(self.out), time.perf_counter() - start, result.stopped_early, result.reason))
         return result
 
-    def iteration(self, it: int, base_ppl: float) -> dict:
-        cfg = self.cfg
+    def iteration(self, state: RunState) -> bool:
+        """Run (or finish) iteration `state.iteration`; False if stopped by should_stop."""
+        cfg, it = self.cfg, state.iteration
         steps = cfg.steps_in_iteration(it)
-        query_ids = self.queries_for_iteration(it, steps * cfg.queries_per_step)
-        self.emit(ev.IterationStarted(it + 1, steps, len(query_ids)))
+        if state.phase == "sampling":
+            query_ids = self.queries_for_iteration(it, steps * cfg.queries_per_step)
+            self.emit(ev.IterationStarted(it + 1, steps, len(query_ids)))
+            # Data comes from the previous iteration's model (adapters as they stand now).
+            self.model.eval()
+            groups = self.sample(it, query_ids)
+            if cfg.schedule == "paper":  # the paper re-initialises from the base model every iteration
+                set_adapter_weights(self.model, self.initial_adapters)
+                self.optimizer = self._make_optimizer()
+            state.phase, state.step = "training", 0
+            save_checkpoint(self.out, state, self.model, self.optimizer)
+        else:
+            groups = self.load_samples(it)
+        random.Random(f"train-{cfg.seed}-{it}").shuffle(groups)
 
-        # Data comes from the previous iteration's model (adapters as they stand now).
-        self.model.eval()
-        groups = self.sample(it, query_ids)
-        rng = random.Random(f"train-{cfg.seed}-{it}")
-        rng.shuffle(groups)
-
-        if cfg.schedule == "paper":  # the paper re-initialises from the base model every iteration
-            set_adapter_weights(self.model, self.initial_adapters)
-            self.optimizer = self._make_optimizer()
         self.model.train()
         q = cfg.queries_per_step
-        totals = {"loss": 0.0, "mi_bound": 0.0, "row_accuracy": 0.0, "column_accuracy": 0.0}
-        for step in range(steps):
+        while state.step < steps:
+            step = state.step
             batch = [groups[(step * q + n) % len(groups)] for n in range(q)]
-            metrics = self.train_step(batch, random.Random(f"step-{cfg.seed}-{it}-{step}"))
-            self.global_step += 1
-            for k in totals:
-                totals[k] += metrics[k] / steps
-            self.emit(ev.StepCompleted(iteration=it + 1, step=step + 1, steps=steps,
-                                       global_step=self.global_step, **metrics))
+            metrics = self.train_step(batch, random.Random(f"step-{cfg.seed}-{it}-{step}"),
+                                      seed=_derived_seed(cfg.seed, it, step))
+            state.step += 1
+            state.global_step += 1
+            if metrics is None:
+                state.skipped_steps += 1
+            save_checkpoint(self.out, state, self.model, self.optimizer)
+            if metrics is not None:
+                self.emit(ev.StepCompleted(iteration=it + 1, step=step + 1, steps=steps,
+                                           global_step=state.global_step, **metrics))
+            if self.should_stop() and state.step < steps:
+                return False
         self.model.eval()
-        ppl = heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
+        summary = self.iteration_summary(it)
         it_dir = self.out / f"iter-{it + 1:02d}"
         save_adapters(self.model, it_dir, self.adapter_config)
         save_adapters(self.model, self.out, self.adapter_config)
-        atomic_write_json(self.out / "state.json", {
-            "completed_iterations": it + 1, "iterations": cfg.iterations,
-            "global_step": self.global_step, "adapters": str(it_dir.name),
-            "finished": it + 1 == cfg.iterations,
-        })
-        summary = {**totals, "heldout_ppl": ppl, "ppl_ratio": ppl / base_ppl}
+        summary["heldout_ppl"] = ppl = heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
+        summary["ppl_ratio"] = ppl / state.base_ppl
+        state.iterations.append(summary)
+        state.iteration, state.phase, state.step = it + 1, "sampling", 0
+        save_checkpoint(self.out, state, self.model, self.optimizer)
         self.emit(ev.IterationCompleted(iteration=it + 1, adapter_dir=str(it_dir), **summary))
-        return summary
+        return not self.should_stop() or state.iteration == cfg.iterations
+
+    def iteration_summary(self, it: int) -> dict:
+        """Mean loss, MI bound and accuracies over the iteration's logged steps."""
+        rows = [r for r in read_jsonl(self.out / "metrics.jsonl")
+                if r.get("event") == "StepCompleted" and r.get("iteration") == it + 1]
+        keys = ("loss", "mi_bound", "row_accuracy", "column_accuracy")
+        return {k: sum(r[k] for r in rows) / len(rows) if rows else float("nan") for k in keys}
 
     def queries_for_iteration(self, it: int, count: int) -> list[int]:
         """The paper alternates two disjoint query splits; `continue` walks through all queries."""
@@ -341,9 +413,10 @@ class SamiLoop:
             loss = loss + self.cfg.kl_beta * kl
         return loss, S, kl
 
-    def train_step(self, groups: list[Group], rng: random.Random) -> dict:
-        """One optimizer step over `groups`, in grad_accumulation micro-batches."""
+    def train_step(self, groups: list[Group], rng: random.Random, seed: int = 0) -> dict | None:
+        """One optimizer step over `groups` in grad_accumulation micro-batches; None if it was skipped."""
         cfg = self.cfg
+        mx.random.seed(seed)  # dropout draws, so that a resumed run repeats them
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         parts = [groups[i :: cfg.grad_accumulation] for i in range(cfg.grad_accumulation)]
@@ -363,14 +436,15 @@ class SamiLoop:
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             grad_norm = norm.item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return self._skip_step(loss)
+        self.bad_steps = 0
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         S = mx.concatenate(scores, axis=0)
         row_acc, col_acc = accuracies(S)
         seconds = time.perf_counter() - t0
         sami = loss - cfg.kl_beta * kl
-        if not math.isfinite(loss):
-            raise RunAborted("the loss is not finite; lower --learning-rate")
         return {
             "loss": sami, "mi_bound": mi_lower_bound(sami, S.shape[1]), "row_accuracy": row_acc,
             "column_accuracy": col_acc, "kl": kl, "learning_rate": cfg.learning_rate,
@@ -378,22 +452,53 @@ class SamiLoop:
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "scores": S[0].tolist(),
         }
 
+    def _skip_step(self, loss: float) -> None:
+        """A NaN/inf loss or gradient: skip the update; several in a row end the run."""
+        self.bad_steps += 1
+        if self.bad_steps == 1:
+            self.emit(ev.RunWarning(f"loss {loss} is not finite: step skipped (counted as skipped_steps)"))
+        if self.bad_steps >= MAX_BAD_STEPS:
+            raise RunAborted(
+                f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; the last good checkpoint is kept "
+                f"in {self.out}; lower --learning-rate and resume, or start again"
+            )
+        return None
+
+    def load_samples(self, it: int) -> list[Group]:
+        """The kept groups of an iteration whose sampling finished before a stop."""
+        path = self.out / f"iter-{it + 1:02d}" / "samples.jsonl"
+        groups = []
+        for row in read_jsonl(path):
+            if row.get("kept"):
+                variants = [Variant(tuple(c == "+" for c in label)) for label in row["variants"]]
+                gens = [Generation(t, text, f) for t, text, f in zip(row["tokens"], row["responses"], row["finish"])]
+                groups.append(Group(row["query_index"], row["query"], variants, gens))
+        if not groups:
+            raise SamiError(f"{path}: no sampled groups to resume from; the run directory is incomplete")
+        return groups
+
     def _make_optimizer(self) -> optim.Optimizer:
         if self.cfg.optimizer == "rmsprop":
             return optim.RMSprop(learning_rate=self.cfg.learning_rate)
         return optim.AdamW(learning_rate=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
 
 
-def heldout_perplexity(model: nn.Module, tokenizer, texts: list[str], max_len: int = 256, batch: int = 8) -> float:
-    """Perplexity of plain text the loss never trains on: the degeneration check."""
+def heldout_perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,
+                       batch: int = 8) -> float:
+    """Perplexity of held-out text (after its prompt, if any) that the loss never trains on."""
     nll, count = 0.0, 0
-    seqs = [ids[:max_len] for ids in (tokenizer.encode(t) for t in texts) if len(ids) >= 2]
-    for i in range(0, len(seqs), batch):
-        chunk = seqs[i : i + batch]
-        L = max(len(s) for s in chunk)
-        arr = mx.array([s + [0] * (L - len(s)) for s in chunk])
-        lengths = mx.array([len(s) for s in chunk])
-        mask = mx.arange(1, L)[None, :] < lengths[:, None]
+    rows = []
+    for prompt, text in texts:
+        ids = tokenizer.encode(prompt + text)[:max_len]
+        start = len(tokenizer.encode(prompt)) if prompt else 1
+        if len(ids) > start:
+            rows.append((ids, start))
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        L = max(len(ids) for ids, _ in chunk)
+        arr = mx.array([ids + [0] * (L - len(ids)) for ids, _ in chunk])
+        pos = mx.arange(1, L)[None, :]
+        mask = (pos >= mx.array([s for _, s in chunk])[:, None]) & (pos < mx.array([len(ids) for ids, _ in chunk])[:, None])
         ce = nn.losses.cross_entropy(model(arr[:, :-1]).astype(mx.float32), arr[:, 1:]) * mask
         nll += ce.sum().item()
         count += int(mask.sum().item())

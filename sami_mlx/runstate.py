@@ -1,0 +1,144 @@
+"""What a run directory remembers between processes: the schedule position, checkpoints, a lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .adapters import adapter_weights, set_adapter_weights
+from .errors import SamiError
+from .fileio import atomic_write_json
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RunState:
+    """The schedule position; `checkpoint` names the folder holding adapters and optimizer state."""
+
+    iteration: int = 0  # 0-based: the iteration in progress, or next to start
+    phase: str = "sampling"  # "sampling" (its data not drawn yet) or "training"
+    step: int = 0  # optimizer steps done in this iteration
+    global_step: int = 0
+    base_ppl: float | None = None
+    checkpoint: str | None = None
+    saves: int = 0
+    skipped_steps: int = 0
+    iterations: list = field(default_factory=list)  # summaries of completed iterations
+    finished: bool = False
+    version: int = STATE_VERSION
+
+    @property
+    def completed_iterations(self) -> int:
+        return len(self.iterations)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "completed_iterations": self.completed_iterations}
+
+    @classmethod
+    def load(cls, path: Path) -> RunState:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data.pop("completed_iterations", None)
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise SamiError(f"{path}: unreadable run state ({type(e).__name__}); the run cannot be resumed") from None
+
+
+def save_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
+    """Write adapters + optimizer state to a new folder, point state.json at it, drop older folders.
+
+    A kill at any moment leaves state.json naming a complete checkpoint.
+    """
+    state.saves += 1
+    name = f"checkpoints/{state.saves:06d}"
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tensors(folder / "adapters.safetensors", adapter_weights(model))
+    _save_tensors(folder / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+    state.checkpoint = name
+    atomic_write_json(out / "state.json", state.to_dict())
+    for old in (out / "checkpoints").iterdir():
+        if old.name != folder.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
+    """Restore adapters and optimizer state saved by save_checkpoint."""
+    folder = out / state.checkpoint
+    try:
+        adapters = mx.load(str(folder / "adapters.safetensors"))
+        opt_state = mx.load(str(folder / "optimizer.safetensors"))
+    except Exception as e:
+        raise SamiError(f"{folder}: checkpoint unreadable ({str(e)[:80]}); the run cannot be resumed") from None
+    expected = adapter_weights(model)
+    if adapters.keys() != expected.keys() or any(adapters[k].shape != expected[k].shape for k in adapters):
+        raise SamiError(f"{folder}: adapters do not match this model and LoRA settings; resume with the run's own config")
+    set_adapter_weights(model, adapters)
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    optimizer.init(model.trainable_parameters())
+
+
+def _save_tensors(path: Path, tensors: dict) -> None:
+    # mx.save_safetensors appends the suffix itself, so the temporary name already ends with it.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), tensors)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLock:
+    """One writer per run directory: RUN/.lock holds the writer's PID; a dead writer's lock is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _read_pid(self.path)
+                if holder is not None and _alive(holder):
+                    raise SamiError(
+                        f"{self.path.parent}: another process (PID {holder}) is writing this run; "
+                        "wait for it or stop it first") from None
+                self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise SamiError(f"{self.path}: could not take the run lock; remove the file if no run is active")
+
+    def __exit__(self, *exc) -> None:
+        if _read_pid(self.path) == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
