@@ -54,6 +54,7 @@ class TrainConfig:
     max_tokens: int = _f(128, "Maximum new tokens per response.")
     stop: list[str] = _f(["Human:", "###"], "Stop strings: a response is cut before the first one.")
     banned: list[str] = _f([], "Drop a query group if any response contains one of these substrings.")
+    scoring: str = _f("shared", "'shared': run each prompt once and score its N responses against a repeated KV cache; 'naive': all N² sequences in one batch (used with --grad-checkpoint).")
     count_eos: bool = _f(False, "Count the EOS token in a response's mean log-prob when it ended with one.")
     gen_batch_size: int = _f(32, "Sequences decoded together during sampling.")
     heldout: str | None = _f(None, "Plain-text file for the held-out perplexity check (default: the queries, which the loss never trains on).")
@@ -89,6 +90,8 @@ class TrainConfig:
             raise SamiError("--top-p 0: must be above 0")
         if cfg.schedule not in ("paper", "continue"):
             raise SamiError(f"--schedule {cfg.schedule!r}: use 'paper' or 'continue'")
+        if cfg.scoring not in ("shared", "naive"):
+            raise SamiError(f"--scoring {cfg.scoring!r}: use 'shared' or 'naive'")
         if cfg.optimizer not in ("adamw", "rmsprop"):
             raise SamiError(f"--optimizer {cfg.optimizer!r}: use 'adamw' or 'rmsprop'")
         if cfg.max_ppl_ratio is not None and cfg.max_ppl_ratio <= 1:

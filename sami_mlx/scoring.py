@@ -1,4 +1,10 @@
-"""The score matrix S[b, i, j] = mean log p(y_j | training_prompt(c_i, x_b)) over response tokens."""
+"""The score matrix S[b, i, j] = mean log p(y_j | training_prompt(c_i, x_b)) over response tokens.
+
+Two ways to compute it, with the same values and gradients:
+- `score_shared` (the default) runs each prompt once into a KV cache, repeats the cache to the
+  group's N responses and scores them all against it: N prompt passes instead of N².
+- `score_naive` runs all N² (prompt, response) sequences as one padded batch; it is the oracle.
+"""
 
 from __future__ import annotations
 
@@ -7,51 +13,69 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+Ids = list[int]
+
+
+@dataclass
+class ScoringBatch:
+    """B groups: prompts[b][i] is constitution i's training prompt, responses[b][j] response j's ids."""
+
+    prompts: Sequence[Sequence[Ids]]
+    responses: Sequence[Sequence[Ids]]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.prompts), len(self.prompts[0])
+
+    def pairs(self) -> PairBatch:
+        """All N x N (prompt_i, response_j) sequences, row-major."""
+        return build_pairs(self.prompts, self.responses)
+
+    def diagonal(self) -> PairBatch:
+        """Each response after the prompt it was sampled for: (c_j, y_j)."""
+        B, N = self.shape
+        return _pad([(self.prompts[b][j], self.responses[b][j]) for b in range(B) for j in range(N)], (B * N, 1))
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens a naive N x N pass would process (the unit of tokens/s)."""
+        return sum(len(p) + len(r) for ps, rs in zip(self.prompts, self.responses) for p in ps for r in rs)
 
 
 @dataclass
 class PairBatch:
-    """All N x N (prompt_i, response_j) sequences of B groups, right-padded, with a response mask."""
+    """Right-padded sequences with a mask over the response tokens among the targets."""
 
-    inputs: mx.array  # [B*N*N, L-1]
-    targets: mx.array  # [B*N*N, L-1]
-    mask: mx.array  # [B*N*N, L-1], 1 where the target is a response token
+    inputs: mx.array  # [M, L-1]
+    targets: mx.array  # [M, L-1]
+    mask: mx.array  # [M, L-1], 1 where the target is a response token
     shape: tuple[int, int]  # (B, N)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.inputs.shape[0] * self.inputs.shape[1])
 
-
-def build_pairs(prompts: Sequence[Sequence[list[int]]], responses: Sequence[Sequence[list[int]]]) -> PairBatch:
+def build_pairs(prompts: Sequence[Sequence[Ids]], responses: Sequence[Sequence[Ids]]) -> PairBatch:
     """Pair every prompt of a group with every response of the same group (row i, column j)."""
     B, N = len(prompts), len(prompts[0])
-    seqs, starts = [], []
-    for b in range(B):
-        for i in range(N):
-            for j in range(N):
-                seqs.append(list(prompts[b][i]) + list(responses[b][j]))
-                starts.append(len(prompts[b][i]))
-    L = max(len(s) for s in seqs)
-    padded = mx.array([s + [0] * (L - len(s)) for s in seqs], dtype=mx.int32)
-    lengths = mx.array([len(s) for s in seqs])
-    start = mx.array(starts)
+    seqs = [(prompts[b][i], responses[b][j]) for b in range(B) for i in range(N) for j in range(N)]
+    return _pad(seqs, (B, N))
+
+
+def _pad(seqs: list[tuple[Ids, Ids]], shape: tuple[int, int]) -> PairBatch:
+    L = max(len(p) + len(r) for p, r in seqs)
+    padded = mx.array([list(p) + list(r) + [0] * (L - len(p) - len(r)) for p, r in seqs], dtype=mx.int32)
+    start = mx.array([len(p) for p, _ in seqs])
+    end = mx.array([len(p) + len(r) for p, r in seqs])
     # Target position t predicts token t+1: response tokens are those with index >= start.
     pos = mx.arange(1, L)[None, :]
-    mask = (pos >= start[:, None]) & (pos < lengths[:, None])
-    return PairBatch(padded[:, :-1], padded[:, 1:], mask.astype(mx.float32), (B, N))
+    mask = (pos >= start[:, None]) & (pos < end[:, None])
+    return PairBatch(padded[:, :-1], padded[:, 1:], mask.astype(mx.float32), shape)
 
 
 def token_logprobs(model: nn.Module, inputs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
     """Log-prob of each target token, and the logits that produced them."""
     logits = model(inputs).astype(mx.float32)
     return -nn.losses.cross_entropy(logits, targets), logits
-
-
-def score_matrix(model: nn.Module, batch: PairBatch) -> mx.array:
-    """S as a [B, N, N] array: mean response-token log-prob of each (constitution, response) pair."""
-    logp, _ = token_logprobs(model, batch.inputs, batch.targets)
-    return scores_from_logprobs(logp, batch)
 
 
 def scores_from_logprobs(logp: mx.array, batch: PairBatch) -> mx.array:
@@ -61,10 +85,46 @@ def scores_from_logprobs(logp: mx.array, batch: PairBatch) -> mx.array:
     return per_seq.reshape(B, N, N)
 
 
-def diagonal_rows(batch: PairBatch) -> mx.array:
-    """Indices of the (c_j, y_j) sequences: each response under the constitution it was sampled for."""
+def score_naive(model: nn.Module, batch: ScoringBatch) -> mx.array:
+    """S as [B, N, N] from one padded forward pass over all N² sequences."""
+    pairs = batch.pairs()
+    logp, _ = token_logprobs(model, pairs.inputs, pairs.targets)
+    return scores_from_logprobs(logp, pairs)
+
+
+def score_shared(model: nn.Module, batch: ScoringBatch) -> mx.array:
+    """S as [B, N, N], running each prompt once and its N responses against a repeated KV cache."""
     B, N = batch.shape
-    return mx.array([b * N * N + j * N + j for b in range(B) for j in range(N)])
+    rows = []
+    for b in range(B):
+        responses = batch.responses[b]
+        L = max(len(r) for r in responses)
+        resp = mx.array([list(r) + [0] * (L - len(r)) for r in responses], dtype=mx.int32)  # [N, L]
+        mask = (mx.arange(L)[None, :] < mx.array([len(r) for r in responses])[:, None]).astype(mx.float32)
+        for i in range(N):
+            cache = make_prompt_cache(model)
+            last = model(mx.array([list(batch.prompts[b][i])]), cache=cache)[:, -1:, :]  # predicts token 0
+            for c in cache:  # a batch-1 cache does not broadcast: repeat it to the N responses
+                c.keys = mx.repeat(c.keys[..., : c.offset, :], N, axis=0)
+                c.values = mx.repeat(c.values[..., : c.offset, :], N, axis=0)
+            logits = mx.broadcast_to(last, (N, 1, last.shape[-1]))
+            if L > 1:
+                logits = mx.concatenate([logits, model(resp[:, :-1], cache=cache)], axis=1)
+            logp = -nn.losses.cross_entropy(logits.astype(mx.float32), resp)
+            rows.append((logp * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1))
+    return mx.stack(rows).reshape(B, N, N)
+
+
+def shared_scoring_supported(model: nn.Module) -> bool:
+    """Prefix sharing needs plain KV caches (not rotating, quantized or recurrent state)."""
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def score_matrix(model: nn.Module, batch: ScoringBatch, shared: bool = True) -> mx.array:
+    """S as [B, N, N]: prefix-shared where the model's cache allows it, else the naive batch."""
+    if shared and shared_scoring_supported(model):
+        return score_shared(model, batch)
+    return score_naive(model, batch)
 
 
 def kl_to_base(logits: mx.array, base_logits: mx.array, mask: mx.array) -> mx.array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -44,14 +45,7 @@ from .prompts import Template, encode_prompt, load_template
 from .queries import load_queries
 from .rollout import Generation, Group, filter_groups, generate_batch, sample_stats
 from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
-from .scoring import (
-    PairBatch,
-    build_pairs,
-    diagonal_rows,
-    kl_to_base,
-    scores_from_logprobs,
-    token_logprobs,
-)
+from .scoring import ScoringBatch, kl_to_base, score_matrix, token_logprobs
 
 Callback = Callable[[ev.Event], None]
 StopCheck = Callable[[], bool]
@@ -216,10 +210,6 @@ class SamiLoop:
             model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_layers, cfg.lora_keys, cfg.dora
         )
         self.initial_adapters = adapter_weights(model)
-        if cfg.grad_checkpoint:
-            from mlx_lm.tuner.trainer import grad_checkpoint
-
-            grad_checkpoint(model.layers[0])
         self.loss_and_grad = nn.value_and_grad(model, self._loss)
         self.optimizer = self._make_optimizer()
         self.bad_steps = 0
@@ -227,6 +217,10 @@ class SamiLoop:
     # ---- schedule -------------------------------------------------------------------------
 
     def run(self, state: RunState) -> TrainResult:
+        with gradient_checkpointing(self.model, self.cfg.grad_checkpoint):
+            return self._run(state)
+
+    def _run(self, state: RunState) -> TrainResult:
         cfg, start = self.cfg, time.perf_counter()
         model = self.model
         model.eval()
@@ -382,7 +376,7 @@ class SamiLoop:
 
     # ---- training -------------------------------------------------------------------------
 
-    def pair_batch(self, groups: list[Group], rng: random.Random) -> PairBatch:
+    def scoring_batch(self, groups: list[Group], rng: random.Random) -> ScoringBatch:
         """Training prompts for every variant of each group and the sampled response ids."""
         cfg, c = self.cfg, self.inputs.constitution
         eos = self.tokenizer.eos_token_id
@@ -398,18 +392,19 @@ class SamiLoop:
             responses.append([
                 gen.tokens + ([eos] if cfg.count_eos and gen.finish == "eos" else []) for gen in g.generations
             ])
-        return build_pairs(prompts, responses)
+        return ScoringBatch(prompts, responses)
 
-    def _loss(self, model, batch: PairBatch):
-        logp, logits = token_logprobs(model, batch.inputs, batch.targets)
-        S = scores_from_logprobs(logp, batch)
+    def _loss(self, model, batch: ScoringBatch):
+        # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
+        S = score_matrix(model, batch, shared=self.cfg.scoring == "shared" and not self.cfg.grad_checkpoint)
         loss = sami_loss(S)
         kl = mx.array(0.0)
         if self.cfg.kl_beta > 0:
-            rows = diagonal_rows(batch)
+            diag = batch.diagonal()
+            _, logits = token_logprobs(model, diag.inputs, diag.targets)
             with adapters_disabled(model):
-                base_logits = mx.stop_gradient(model(batch.inputs[rows]).astype(mx.float32))
-            kl = kl_to_base(logits[rows], base_logits, batch.mask[rows])
+                base_logits = mx.stop_gradient(model(diag.inputs).astype(mx.float32))
+            kl = kl_to_base(logits, base_logits, diag.mask)
             loss = loss + self.cfg.kl_beta * kl
         return loss, S, kl
 
@@ -422,7 +417,7 @@ class SamiLoop:
         parts = [groups[i :: cfg.grad_accumulation] for i in range(cfg.grad_accumulation)]
         grads, loss, kl, scores, tokens = None, 0.0, 0.0, [], 0
         for part in parts:
-            batch = self.pair_batch(part, rng)
+            batch = self.scoring_batch(part, rng)
             (part_loss, S, part_kl), g = self.loss_and_grad(self.model, batch)
             w = len(part) / len(groups)
             g = tree_map(lambda x, w=w: x * w, g)
@@ -481,6 +476,23 @@ class SamiLoop:
         if self.cfg.optimizer == "rmsprop":
             return optim.RMSprop(learning_rate=self.cfg.learning_rate)
         return optim.AdamW(learning_rate=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool):
+    """mlx-lm's grad_checkpoint patches the block class for the whole process: undo it afterwards."""
+    if not enabled:
+        yield
+        return
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    cls = type(model.layers[0])
+    original = cls.__call__
+    grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        cls.__call__ = original
 
 
 def heldout_perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,

@@ -1,10 +1,13 @@
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
 
 from sami_mlx.adapters import adapters_disabled, attach_adapters
-from sami_mlx.scoring import build_pairs, diagonal_rows, kl_to_base, score_matrix
+from mlx.utils import tree_flatten
+
+from sami_mlx.scoring import ScoringBatch, build_pairs, kl_to_base, score_naive, score_shared
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +33,41 @@ def make_groups(tokenizer, rng):
     return prompts, [[[int(t) for t in r] for r in g] for g in responses]
 
 
-def test_score_matrix_equals_per_sequence_computation(loaded):
+@pytest.mark.parametrize("score", [score_naive, score_shared])
+def test_score_matrix_equals_per_sequence_computation(loaded, score):
     model, tok = loaded
     prompts, responses = make_groups(tok, np.random.default_rng(0))
-    S = score_matrix(model, build_pairs(prompts, responses))
+    S = score(model, ScoringBatch(prompts, responses))
     assert S.shape == (2, 3, 3)
     for b in range(2):
         for i in range(3):
             for j in range(3):
                 ref = per_sequence_score(model, prompts[b][i], responses[b][j])
                 assert S[b, i, j].item() == pytest.approx(ref, abs=1e-4)
+
+
+def test_prefix_shared_scores_and_gradients_match_naive(tiny_model):
+    from sami_mlx.adapters import attach_adapters
+    from sami_mlx.objective import sami_loss
+
+    model, tok = mlx_lm.load(str(tiny_model))
+    mx.random.seed(0)
+    attach_adapters(model, rank=4, scale=20.0, num_layers=-1)
+    model.update(mlx_tree_map_b(model))
+    prompts, responses = make_groups(tok, np.random.default_rng(1))
+    batch = ScoringBatch(prompts, responses)
+    results = []
+    for score in (score_naive, score_shared):
+        loss_and_grad = nn.value_and_grad(model, lambda m: sami_loss(score(m, batch)))
+        loss, grads = loss_and_grad(model)
+        results.append((score(model, batch), loss, dict(tree_flatten(grads))))
+    (s_naive, l_naive, g_naive), (s_shared, l_shared, g_shared) = results
+    assert np.abs(np.array(s_naive) - np.array(s_shared)).max() < 1e-4
+    assert l_naive.item() == pytest.approx(l_shared.item(), abs=1e-5)
+    assert g_naive.keys() == g_shared.keys() and len(g_naive) > 0
+    for k in g_naive:
+        assert np.abs(np.array(g_naive[k]) - np.array(g_shared[k])).max() < 1e-4, k
+    assert max(np.abs(np.array(g)).max() for g in g_naive.values()) > 1e-3  # gradients are not trivially zero
 
 
 def test_mask_covers_response_tokens_only(loaded):
@@ -58,20 +86,20 @@ def test_mask_covers_response_tokens_only(loaded):
 def test_prompt_tokens_do_not_count(loaded):
     model, tok = loaded
     response = [[tok.encode("Paris", add_special_tokens=False)] * 2]
-    a = score_matrix(model, build_pairs([[tok.encode("Human: capital?"), tok.encode("x y z")]], response))
-    b = score_matrix(model, build_pairs([[tok.encode("Human: capital?"), tok.encode("x y z q r s t u v")]], response))
+    a = score_naive(model, ScoringBatch([[tok.encode("Human: capital?"), tok.encode("x y z")]], response))
+    b = score_naive(model, ScoringBatch([[tok.encode("Human: capital?"), tok.encode("x y z q r s t u v")]], response))
     # Row 0 shares its prompt in both batches, so it must not move when another prompt grows.
     assert np.allclose(np.array(a[0, 0]), np.array(b[0, 0]), atol=1e-5)
     assert not np.allclose(np.array(a[0, 1]), np.array(b[0, 1]), atol=1e-3)
 
 
-def test_diagonal_rows_pick_matching_pairs(loaded):
+def test_diagonal_pairs_each_response_with_its_own_prompt(loaded):
     prompts = [[[1, 2], [1, 3]], [[1, 4], [1, 5]]]
     responses = [[[7], [8]], [[9], [10]]]
-    batch = build_pairs(prompts, responses)
-    rows = diagonal_rows(batch).tolist()
-    assert rows == [0, 3, 4, 7]
-    assert [batch.targets[r, 1].item() for r in rows] == [7, 8, 9, 10]
+    diag = ScoringBatch(prompts, responses).diagonal()
+    assert diag.inputs[:, :2].tolist() == [[1, 2], [1, 3], [1, 4], [1, 5]]
+    assert diag.targets[:, 1].tolist() == [7, 8, 9, 10]
+    assert diag.mask.sum(axis=1).tolist() == [1, 1, 1, 1]
 
 
 def test_adapters_off_gives_base_model_and_kl(tiny_model):
