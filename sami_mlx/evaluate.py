@@ -1,0 +1,462 @@
+"""Judging a run: win rates of its checkpoints against the base model, and the intrinsic MI metric.
+
+For every held-out query, the base model and each chosen checkpoint answer under the
+constitution's all-positive variant; a judge compares the two answers (A/B order randomised
+with a seed) and says which better follows the principles. The intrinsic metric is the
+training objective's MI lower bound, log N - sami_loss(S), on the same held-out queries: each
+model answers under N variants and scores its own answers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import events as ev
+from .checkpoints import Checkpoint, find_checkpoint, list_checkpoints, load_checkpoint_model
+from .config import TrainConfig, config_from_file
+from .constitution import (
+    Constitution,
+    Variant,
+    load_constitution,
+    num_variants,
+    principle_order,
+    sample_variants,
+    variant_strategy,
+)
+from .errors import SamiError
+from .fileio import atomic_write_json, atomic_write_text
+from .judge import JudgeReply, JudgeTemplate, parse_verdict
+from .objective import accuracies, mi_lower_bound, sami_loss
+from .prompts import Template, encode_prompt, load_template
+from .queries import load_queries
+from .rollout import Generation, generate_batch
+from .scoring import ScoringBatch, score_matrix
+
+Emit = Callable[[ev.Event], None]
+Judge = Callable[..., list[JudgeReply]]
+Z95 = 1.959963984540054
+SCORING_BATCH = 8
+MAX_JUDGE_TEXT = 4000
+
+
+@dataclass
+class EvalSettings:
+    """How responses are generated and judged."""
+
+    queries: list[str]
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 32
+    intrinsic: bool = True
+    per_principle: bool = False
+    queries_source: str = ""
+
+
+@dataclass
+class RunSetup:
+    """What a run trained with, read from its config.yaml."""
+
+    run_dir: Path
+    config: TrainConfig
+    constitution: Constitution
+    generation_template: Template
+    training_template: Template
+
+
+@dataclass
+class ModelOutputs:
+    """One model's answers on the held-out queries: positive-variant responses and the MI metric."""
+
+    checkpoint: str
+    responses: list[Generation]
+    intrinsic: dict | None = None
+
+
+@dataclass
+class Outcome:
+    """One judged comparison: where the checkpoint's response stood, the verdict, and its score."""
+
+    query_index: int
+    checkpoint_position: str  # "A" or "B"
+    verdict: str | None  # "A", "B" or None when unparsable
+    score: float | None  # 1 checkpoint won, 0 base won, 0.5 unparsable, None for a judge error
+    judge_output: str = ""
+    error: str | None = None
+
+
+@dataclass
+class JudgeTask:
+    checkpoint: str
+    principle: str | None  # None: the whole constitution
+    query_index: int
+    checkpoint_position: str
+    prompt: str
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def load_run_setup(run_dir: str | Path, constitution: str | None = None) -> RunSetup:
+    """The run's resolved config, constitution (or the one given) and templates; raises SamiError."""
+    run = Path(run_dir).expanduser()
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise SamiError(f"--run {run}: no config.yaml there; pass a run directory made by `sami-mlx train`")
+    cfg = TrainConfig(**config_from_file(str(path)))
+    source = constitution or cfg.constitution
+    if not constitution and not Path(source).expanduser().exists():
+        raise SamiError(f"{path}: the run's constitution {source} is not found; pass --constitution FILE")
+    try:
+        generation = load_template(cfg.generation_template or cfg.template)
+        training = load_template(cfg.training_template or cfg.template)
+    except SamiError as e:
+        raise SamiError(f"{path}: the run's template cannot be read ({e})") from None
+    return RunSetup(run, cfg, load_constitution(source), generation, training)
+
+
+def choose_checkpoints(run_dir: str | Path, iterations: Sequence[str] | None) -> list[Checkpoint]:
+    """The checkpoints to judge: the latest by default, 'all', or iteration numbers / names."""
+    available = list_checkpoints(run_dir)[1:]
+    if not available:
+        raise SamiError(f"--run {run_dir}: no finished iteration (iter-NN/adapters.safetensors) to evaluate")
+    if not iterations:
+        return [available[-1]]
+    if any(str(i).lower() == "all" for i in iterations):
+        return available
+    chosen: list[Checkpoint] = []
+    for it in iterations:
+        ckpt = find_checkpoint(run_dir, str(it))
+        if ckpt.adapter_path is None:
+            raise SamiError("--iterations base: the base model is what checkpoints are compared with; "
+                            "choose iteration numbers")
+        if ckpt not in chosen:
+            chosen.append(ckpt)
+    return chosen
+
+
+def training_overlap(setup: RunSetup, queries: Sequence[str]) -> int:
+    """How many held-out queries the run also trained on (0 when its queries cannot be read)."""
+    try:
+        trained = set(load_queries(setup.config.queries))
+    except SamiError:
+        return 0
+    return sum(q in trained for q in queries)
+
+
+# ---- generation and the intrinsic metric -------------------------------------------------------
+
+
+def variant_plan(setup: RunSetup, n_queries: int, seed: int, intrinsic: bool) -> list[list[Variant]]:
+    """Per query, the variants the intrinsic metric samples (the run's --variants strategy); empty if off."""
+    if not intrinsic:
+        return [[] for _ in range(n_queries)]
+    k = len(setup.constitution.principles)
+    strategy = variant_strategy(setup.config.variants)
+    num_variants(strategy, k)  # raises if the constitution cannot supply them
+    rng = random.Random(f"eval-variants-{seed}")
+    return [sample_variants(strategy, k, rng) for _ in range(n_queries)]
+
+
+def generate_outputs(model, tokenizer, setup: RunSetup, settings: EvalSettings, plan: list[list[Variant]],
+                     name: str, emit: Emit) -> ModelOutputs:
+    """Responses under the positive variant for every query, plus the variants the MI metric needs."""
+    cfg, c = setup.config, setup.constitution
+    positive = c.positive_variant
+    specs = []  # (query index, variant), positive first for every query, no duplicates
+    for q, variants in enumerate(plan):
+        specs.append((q, positive))
+        specs.extend((q, v) for v in variants if v != positive)
+    prompts = [encode_prompt(tokenizer, setup.generation_template.fill(c.render(v), settings.queries[q]),
+                             cfg.chat_template) for q, v in specs]
+    progress = _Stage(emit, f"generate {name}", len(prompts))
+    mx.random.seed(settings.seed)  # the same draws for every model when sampling
+    gens = generate_batch(model, tokenizer, prompts, settings.max_tokens, settings.temperature, settings.top_p,
+                          cfg.stop, settings.batch_size, on_progress=progress)
+    progress.finish()
+    by_spec = {(q, v): g for (q, v), g in zip(specs, gens)}
+    responses = [by_spec[(q, positive)] for q in range(len(plan))]
+    intrinsic = None
+    if any(plan):
+        groups = [(settings.queries[q], vs, [by_spec[(q, v)] for v in vs]) for q, vs in enumerate(plan)]
+        intrinsic = intrinsic_metric(model, tokenizer, setup, groups, settings.seed, name, emit)
+    return ModelOutputs(name, responses, intrinsic)
+
+
+def intrinsic_metric(model, tokenizer, setup: RunSetup, groups: list[tuple[str, list[Variant], list[Generation]]],
+                     seed: int, name: str = "", emit: Emit | None = None) -> dict:
+    """log N - sami_loss(S) over held-out groups, S scored as in training (same template and order shuffle).
+
+    Groups with an empty response have nothing to score and are counted as skipped.
+    """
+    cfg, c = setup.config, setup.constitution
+    rng = random.Random(f"eval-order-{seed}")
+    eos = tokenizer.eos_token_id
+    prompts, responses, skipped, identical = [], [], 0, 0
+    for query, variants, gens in groups:
+        if any(not g.tokens for g in gens):
+            skipped += 1
+            continue
+        identical += len({tuple(g.tokens) for g in gens}) < len(gens)
+        order = principle_order(len(c.principles), rng, cfg.shuffle_principles)
+        prompts.append([encode_prompt(tokenizer, setup.training_template.fill(c.render(v, order), query),
+                                      cfg.chat_template) for v in variants])
+        responses.append([g.tokens + ([eos] if cfg.count_eos and g.finish == "eos" else []) for g in gens])
+    n = len(groups[0][1]) if groups else 0
+    result = {"mi_bound": None, "loss": None, "row_accuracy": None, "column_accuracy": None,
+              "groups": len(prompts), "skipped_empty": skipped, "identical": identical, "num_variants": n}
+    if not prompts:
+        return result
+    progress = _Stage(emit or (lambda e: None), f"score {name}".strip(), len(prompts))
+    scores = []
+    for i in range(0, len(prompts), SCORING_BATCH):
+        S = score_matrix(model, ScoringBatch(prompts[i : i + SCORING_BATCH], responses[i : i + SCORING_BATCH]),
+                         shared=cfg.scoring == "shared")
+        mx.eval(S)
+        scores.append(S)
+        progress(min(i + SCORING_BATCH, len(prompts)), len(prompts))
+    S = mx.concatenate(scores, axis=0)
+    loss = sami_loss(S).item()
+    row, col = accuracies(S)
+    result.update(mi_bound=mi_lower_bound(loss, n), loss=loss, row_accuracy=row, column_accuracy=col)
+    return result
+
+
+class _Stage:
+    """Progress of one stage as StageProgress events: opened at 0, closed exactly once at the total."""
+
+    def __init__(self, emit: Emit, name: str, total: int):
+        self.emit, self.name, self.total, self.done = emit, name, total, 0
+        emit(ev.StageProgress(name, 0, total))
+
+    def __call__(self, done: int, total: int) -> None:
+        if done > self.done:
+            self.done = done
+            self.emit(ev.StageProgress(self.name, done, self.total))
+
+    def finish(self) -> None:
+        self(self.total, self.total)
+
+
+# ---- judging -----------------------------------------------------------------------------------
+
+
+def judge_tasks(setup: RunSetup, settings: EvalSettings, base: ModelOutputs, checkpoint: ModelOutputs,
+                template: JudgeTemplate) -> list[JudgeTask]:
+    """One prompt per query (and per principle when asked), the checkpoint's side drawn with the seed."""
+    c = setup.constitution
+    scopes: list[tuple[str | None, str]] = [(None, c.render(c.positive_variant))]
+    if settings.per_principle:
+        scopes += [(p.name, f"1. {p.positive}") for p in c.principles]
+    tasks = []
+    for principle, principles_text in scopes:
+        rng = random.Random(f"judge-order-{settings.seed}-{checkpoint.checkpoint}-{principle or ''}")
+        for q, query in enumerate(settings.queries):
+            position = "A" if rng.random() < 0.5 else "B"
+            ours, theirs = checkpoint.responses[q].text.strip(), base.responses[q].text.strip()
+            a, b = (ours, theirs) if position == "A" else (theirs, ours)
+            tasks.append(JudgeTask(checkpoint.checkpoint, principle, q, position,
+                                   template.fill(principles_text, query, a, b)))
+    return tasks
+
+
+def outcome(task: JudgeTask, reply: JudgeReply) -> Outcome:
+    """Score a reply: 1 if it picked the checkpoint, 0 if the base, 0.5 if unparsable; None on error."""
+    text = reply.text[:MAX_JUDGE_TEXT]
+    if reply.error:
+        return Outcome(task.query_index, task.checkpoint_position, None, None, text, reply.error)
+    verdict = parse_verdict(reply.text)
+    score = 0.5 if verdict is None else float(verdict == task.checkpoint_position)
+    return Outcome(task.query_index, task.checkpoint_position, verdict, score, text)
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def wilson_interval(p: float | None, n: int, z: float = Z95) -> list[float] | None:
+    """The Wilson score interval for a win rate p over n comparisons (ties count half)."""
+    if p is None or n == 0:
+        return None
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def length_controlled_win_rate(scores: Sequence[float], checkpoint_lengths: Sequence[int],
+                               base_lengths: Sequence[int]) -> tuple[float | None, dict]:
+    """The paper's balanced strata: the mean of the win rate where the checkpoint's response is longer
+    than the base's and the win rate where it is shorter, so neither length direction dominates.
+
+    Equal-length pairs carry no length effect and sit in their own stratum; when every pair is equal
+    the plain win rate is the answer. When only one direction occurs the value is None: length
+    cannot be controlled for.
+    """
+    strata: dict[str, list[float]] = {"longer": [], "shorter": [], "equal": []}
+    for s, mine, theirs in zip(scores, checkpoint_lengths, base_lengths):
+        strata["longer" if mine > theirs else "shorter" if mine < theirs else "equal"].append(s)
+    summary = {k: {"n": len(v), "win_rate": mean(v)} for k, v in strata.items()}
+    if strata["longer"] and strata["shorter"]:
+        return 0.5 * (mean(strata["longer"]) + mean(strata["shorter"])), summary
+    if not strata["longer"] and not strata["shorter"]:
+        return mean(strata["equal"]), summary
+    return None, summary
+
+
+def summarize(outcomes: Sequence[Outcome], checkpoint_lengths: Sequence[int], base_lengths: Sequence[int]) -> dict:
+    """Win rate with its 95% interval, the length-controlled win rate, and the counts behind them."""
+    scored = [o for o in outcomes if o.score is not None]
+    scores = [o.score for o in scored]
+    rate = mean(scores)
+    lc, strata = length_controlled_win_rate(
+        scores, [checkpoint_lengths[o.query_index] for o in scored], [base_lengths[o.query_index] for o in scored])
+    parsed = [o for o in scored if o.verdict is not None]
+    return {
+        "win_rate": rate,
+        "win_rate_ci": wilson_interval(rate, len(scores)),
+        "length_controlled_win_rate": lc,
+        "length_strata": strata,
+        "n": len(scores),
+        "wins": sum(o.score == 1.0 and o.verdict is not None for o in scored),
+        "losses": sum(o.score == 0.0 for o in scored),
+        "unparsable": sum(o.verdict is None for o in scored),
+        "judge_errors": len(outcomes) - len(scored),
+        "position_a_rate": mean([float(o.verdict == "A") for o in parsed]),
+    }
+
+
+# ---- the whole evaluation ------------------------------------------------------------------------
+
+
+def evaluate(run_dir: str | Path, checkpoints: Sequence[Checkpoint], judge: Judge, settings: EvalSettings,
+             template: JudgeTemplate, out_dir: str | Path | None = None, constitution: str | None = None,
+             emit: Emit | None = None, model: str | None = None) -> list[dict]:
+    """Generate, judge and write RUN/eval/<checkpoint>.json plus summary.json and summary.md.
+
+    `model` replaces the run's base model path (a run moved to another machine or folder)."""
+    emit = emit or (lambda e: None)
+    setup = load_run_setup(run_dir, constitution)
+    if not settings.queries:
+        raise SamiError("--queries: no held-out queries to evaluate on")
+    overlap = training_overlap(setup, settings.queries)
+    if overlap:
+        emit(ev.RunWarning(f"{overlap} of the {len(settings.queries)} evaluation queries are also in the "
+                           f"run's training queries ({setup.config.queries}); win rates on them are not held-out"))
+    plan = variant_plan(setup, len(settings.queries), settings.seed, settings.intrinsic)
+    trust = setup.config.trust_remote_code
+    outputs: dict[str, ModelOutputs] = {}
+    for ckpt in [Checkpoint("base", None), *checkpoints]:
+        policy, tokenizer = load_checkpoint_model(model or setup.config.model, ckpt, trust)
+        policy.eval()
+        outputs[ckpt.name] = generate_outputs(policy, tokenizer, setup, settings, plan, ckpt.name, emit)
+        del policy, tokenizer
+        mx.clear_cache()  # the judge may be a second model in the same memory
+
+    template_tasks = {c.name: judge_tasks(setup, settings, outputs["base"], outputs[c.name], template)
+                      for c in checkpoints}
+    tasks = [t for ts in template_tasks.values() for t in ts]
+    progress = _Stage(emit, "judge", len(tasks))
+    replies = judge([t.prompt for t in tasks], on_progress=progress)
+    progress.finish()
+    if tasks and all(r.error for r in replies):
+        raise SamiError(f"the judge answered none of the {len(tasks)} comparisons (last error: {replies[-1].error})")
+    judged = iter(zip(tasks, replies))
+    out = Path(out_dir).expanduser() if out_dir else setup.run_dir / "eval"
+    results = []
+    for ckpt in checkpoints:
+        outcomes = [outcome(t, r) for t, r in (next(judged) for _ in template_tasks[ckpt.name])]
+        result = checkpoint_result(setup, settings, template, judge, outputs["base"], outputs[ckpt.name],
+                                   outcomes, overlap)
+        atomic_write_json(out / f"{ckpt.name}.json", result)
+        results.append(result)
+    headline = [{k: r[k] for k in HEADLINE_KEYS} for r in results]
+    atomic_write_json(out / "summary.json", headline)
+    atomic_write_text(out / "summary.md", markdown_table(results))
+    return results
+
+
+HEADLINE_KEYS = ("checkpoint", "win_rate", "win_rate_ci", "length_controlled_win_rate", "n", "unparsable",
+                 "judge_errors", "intrinsic", "per_principle")
+
+
+def checkpoint_result(setup: RunSetup, settings: EvalSettings, template: JudgeTemplate, judge: Judge,
+                      base: ModelOutputs, mine: ModelOutputs, outcomes: list[Outcome], overlap: int) -> dict:
+    """Everything one checkpoint's eval file holds: headline numbers, settings and every comparison."""
+    base_len = [len(g.tokens) for g in base.responses]
+    mine_len = [len(g.tokens) for g in mine.responses]
+    overall = outcomes[: len(settings.queries)]
+    result = {"checkpoint": mine.checkpoint, "run": str(setup.run_dir.resolve()), **summarize(overall, mine_len, base_len)}
+    if settings.per_principle:
+        result["per_principle"] = {}
+        for k, p in enumerate(setup.constitution.principles, start=1):
+            part = outcomes[k * len(settings.queries) : (k + 1) * len(settings.queries)]
+            result["per_principle"][p.name] = summarize(part, mine_len, base_len)
+    else:
+        result["per_principle"] = None
+    result["intrinsic"] = {"base": base.intrinsic, "checkpoint": mine.intrinsic} if mine.intrinsic else None
+    result["mean_length"] = {"base": mean(base_len), "checkpoint": mean(mine_len)}
+    describe = getattr(judge, "describe", None)
+    result["judge"] = describe() if describe else {"kind": type(judge).__name__}
+    result["settings"] = {
+        "queries": settings.queries_source, "num_queries": len(settings.queries),
+        "training_overlap": overlap, "max_tokens": settings.max_tokens, "temperature": settings.temperature,
+        "top_p": settings.top_p, "seed": settings.seed, "judge_template": template.source,
+        "constitution": setup.constitution.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    result["items"] = [
+        {"query": settings.queries[o.query_index], "base": base.responses[o.query_index].text,
+         "checkpoint": mine.responses[o.query_index].text, "base_tokens": base_len[o.query_index],
+         "checkpoint_tokens": mine_len[o.query_index], "checkpoint_position": o.checkpoint_position,
+         "verdict": o.verdict, "score": o.score, "judge_output": o.judge_output, "error": o.error}
+        for o in overall
+    ]
+    return result
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _mi(intrinsic: dict | None) -> str:
+    if not intrinsic:
+        return "—"
+    b, c = intrinsic["base"]["mi_bound"], intrinsic["checkpoint"]["mi_bound"]
+    if b is None or c is None:
+        return "—"
+    return f"{round(b, 3) + 0.0:+.3f} → {round(c, 3) + 0.0:+.3f}"  # + 0.0 turns -0.000 into +0.000
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """The headline numbers as a Markdown table (and one per principle when judged per principle)."""
+    lines = [
+        "| checkpoint | n | win rate | 95% CI | length-controlled | unparsable | judge errors | MI bound base → checkpoint (nats) |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        ci = "—" if r["win_rate_ci"] is None else f"{_pct(r['win_rate_ci'][0])}–{_pct(r['win_rate_ci'][1])}"
+        lines.append(f"| {r['checkpoint']} | {r['n']} | {_pct(r['win_rate'])} | {ci} | "
+                     f"{_pct(r['length_controlled_win_rate'])} | {r['unparsable']} | {r['judge_errors']} | "
+                     f"{_mi(r['intrinsic'])} |")
+    for r in results:
+        if r.get("per_principle"):
+            lines += ["", f"Per principle, {r['checkpoint']}:", "",
+                      "| principle | n | win rate | 95% CI | length-controlled | unparsable |",
+                      "|---|---:|---:|---|---:|---:|"]
+            for name, p in r["per_principle"].items():
+                ci = "—" if p["win_rate_ci"] is None else f"{_pct(p['win_rate_ci'][0])}–{_pct(p['win_rate_ci'][1])}"
+                lines.append(f"| {name} | {p['n']} | {_pct(p['win_rate'])} | {ci} | "
+                             f"{_pct(p['length_controlled_win_rate'])} | {p['unparsable']} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,159 @@
+"""`sami-mlx chat`: prompts with and without the chat template, streaming, commands, a real terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sami_mlx.chat import ChatSession, StopFilter
+from sami_mlx.checkpoints import find_checkpoint
+from sami_mlx.cli import main
+from sami_mlx.config import TrainConfig
+from sami_mlx.constitution import load_constitution
+from sami_mlx.trainer import train
+
+CONSTITUTION = """\
+name: test
+principles:
+  - {name: brief, positive: Be brief., negative: Be long.}
+  - {name: kind, positive: Be kind., negative: Be rude.}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chatrun")
+    (root / "c.yaml").write_text(CONSTITUTION)
+    (root / "q.txt").write_text("How do I bake bread?\nHello there!\nTell me a story.\nWhat is 2+2?\n")
+    train(TrainConfig(model=str(tiny_model), constitution=str(root / "c.yaml"), queries=str(root / "q.txt"),
+                      iterations=2, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
+                      learning_rate=1e-2, out=str(root / "run")))
+    return root
+
+
+def session_for(tiny_model, tiny_run, **kw) -> ChatSession:
+    s = ChatSession(str(tiny_model), constitution=load_constitution(tiny_run / "c.yaml"), max_tokens=8, **kw)
+    s.load(find_checkpoint(None, "base"))
+    return s
+
+
+def test_stop_filter_cuts_before_a_stop_string_across_segments():
+    f = StopFilter(["Human:"])
+    shown = [f.feed(s) for s in ["Hel", "lo th", "ere.\n\nHu", "man: next", "more"]]
+    assert "".join(shown) == "Hello there.\n\n" and f.stopped and f.text == "Hello there.\n\n"
+    g = StopFilter(["Human:"])
+    assert "".join(g.feed(s) for s in ["no ", "stop ", "here"]) + g.flush() == "no stop here"
+
+
+def test_chat_template_prompt_with_the_constitution_toggled(tiny_model, tiny_run):
+    s = session_for(tiny_model, tiny_run)
+    assert s.uses_chat_template  # the tiny tokenizer has one and no run says otherwise
+    decode = s.tokenizer.decode
+    first = decode(s.prompt_ids("How do I bake bread?"))
+    assert first.count("<|user|>") == 1 and first.endswith("<|assistant|>")
+    assert "1. Be brief.\n2. Be kind." in first and "How do I bake bread?" in first
+    says = []
+    s.toggle_constitution("", says.append)
+    assert says == ["[constitution off: test]"]
+    assert "Be brief." not in decode(s.prompt_ids("How do I bake bread?"))
+    s.toggle_constitution("on", says.append)
+    s.history.append(("How do I bake bread?", "Knead it."))
+    second = decode(s.prompt_ids("And then?"))
+    assert second.count("<|user|>") == 2 and "<|assistant|>Knead it.</s>" in second
+    assert second.index("Be brief.") < second.index("Knead it.") < second.index("And then?")
+
+
+def test_plain_dialogue_without_the_chat_template(tiny_model, tiny_run):
+    s = session_for(tiny_model, tiny_run, chat_template=False)
+    s.history.append(("Hi!", "Hello."))
+    text = s.tokenizer.decode(s.prompt_ids("Tell me a story."))
+    assert "Assistant constitution:\n1. Be brief.\n2. Be kind.\n\nHuman: Hi!\n\nAssistant: Hello." in text
+    assert text.endswith("Human: Tell me a story.\n\nAssistant:")
+    s.use_constitution = False
+    assert s.tokenizer.decode(s.prompt_ids("Tell me a story.")).endswith(
+        "Human: Hi!\n\nAssistant: Hello.\n\nHuman: Tell me a story.\n\nAssistant:")
+
+
+def test_old_turns_are_dropped_to_fit_the_context(tiny_model, tiny_run):
+    s = session_for(tiny_model, tiny_run)
+    s.history = [(f"question {i} " * 5, f"answer {i} " * 5) for i in range(12)]
+    full = len(s._encode(s.history, "last"))
+    s.context = full // 2
+    ids = s.prompt_ids("last")
+    assert len(ids) + s.max_tokens <= s.context
+    text = s.tokenizer.decode(ids)
+    assert "question 0" not in text and "question 11" in text and "Be brief." in text
+
+
+def test_replies_stream_and_are_remembered(tiny_model, tiny_run):
+    s = session_for(tiny_model, tiny_run)
+    chunks = []
+    reply = s.reply("How do I bake bread?", chunks.append)
+    assert len([c for c in chunks if c]) >= 2  # token by token, not one block at the end
+    assert "".join(chunks).strip() == reply and s.history == [("How do I bake bread?", reply)]
+
+
+def test_commands_switch_checkpoint_reset_and_quit(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/checkpoint\n/checkpoint 1\nhi again\n/checkpoint 9\n/constitution off\n"
+                                          "/reset\n/nope\n/quit\nnever answered\n"))
+    code = main(["chat", "--run", str(tiny_run / "run"), "--max-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    lines = err.splitlines()
+    assert "iter-02 · constitution on · plain dialogue]" in lines[0]  # the run trained without the chat template
+    assert "checkpoints: base, iter-01, *iter-02" in err
+    assert "[loading iter-01...]" in err and "iter-01 · constitution on" in err
+    assert "--iteration 9: no such checkpoint" in err
+    assert "[constitution off: test]" in err and "[conversation reset]" in err and "unknown command /nope" in err
+    assert out.count("\n") == 2  # two replies; the line after /quit was never read
+
+
+def test_chat_user_errors(tiny_model, capsys):
+    assert main(["chat"]) == 2 and "--model is required" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tiny_model), "--iteration", "2"]) == 2
+    assert "--iteration needs --run" in capsys.readouterr().err
+
+
+def test_chat_in_a_pseudo_terminal(tiny_run):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "sami_mlx", "chat", "--run", str(tiny_run / "run"),
+                             "--max-tokens", "4"], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env=dict(os.environ, TERM="dumb"))
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 60) -> bytes:
+        nonlocal seen
+        start, deadline = len(seen), time.monotonic() + timeout
+        while marker not in seen[start:]:
+            ready, _, _ = select.select([master], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise AssertionError(f"no {marker!r} in time; terminal showed {seen[-500:]!r}")
+            try:
+                seen += os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+        return seen[start:]
+
+    try:
+        read_until(b">>> ")
+        os.write(master, b"hello there\n")
+        read_until(b">>> ")
+        os.write(master, b"/checkpoint base\n")
+        assert b"base \xc2\xb7 constitution on" in read_until(b">>> ")
+        os.write(master, b"/constitution\n")
+        assert b"[constitution off: test]" in read_until(b">>> ")
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
