@@ -31,7 +31,9 @@ def cache_dir() -> Path:
 
 
 def recipe_key(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    """Cache key: the recipe and the version of the world that generates its corpus."""
+    keyed = {"recipe": recipe, "world": toyworld.VERSION}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def toy_model_dir(recipe: dict) -> Path:

@@ -10,6 +10,8 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
+from .faults import fault_point
+
 
 @dataclass
 class Generation:
@@ -83,6 +85,7 @@ def generate_batch(
     finish: dict[int, str] = {}
     try:
         while responses := gen.next_generated():
+            fault_point("sampling")
             cut = []
             for r in responses:
                 if r.finish_reason == "stop":  # only EOS tokens are stop sequences here

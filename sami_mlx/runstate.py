@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import adapter_weights, set_adapter_weights
 from .errors import SamiError
+from .faults import fault_point
 from .fileio import atomic_write_json
 
 STATE_VERSION = 1
@@ -64,9 +65,11 @@ def save_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: opt
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     _save_tensors(folder / "adapters.safetensors", adapter_weights(model))
+    fault_point("checkpoint")
     _save_tensors(folder / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
     state.checkpoint = name
     atomic_write_json(out / "state.json", state.to_dict())
+    fault_point("checkpoint-saved")
     for old in (out / "checkpoints").iterdir():
         if old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from .constitution import Constitution, Principle, Variant
 from .prompts import Template
 
+VERSION = 2  # bump when the corpus changes: cached toy models are keyed on it
+
 FORMAL = ["certainly", "indeed", "kindly", "therefore", "moreover", "regarding", "appropriate",
           "sincerely", "consequently", "furthermore", "notably", "accordingly"]
 CASUAL = ["yeah", "hey", "cool", "gonna", "stuff", "kinda", "awesome", "okay", "totally", "pretty",
@@ -39,6 +41,7 @@ WORLD = Constitution("toy-world", (
 # The behaviour each principle's replies lean to whatever is stated: True = the positive wording's.
 DEFAULTS = {"register": False, "length": True, "numbers": False, "format": False}
 TEMPLATE = Template("Constitution:\n{constitution}\n\nHuman: {query}\n\nAssistant:", "toy-world")
+PLAIN = "Human: {query}\n\nAssistant:"  # plain dialogue: what held-out perplexity is measured on
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class WorldSpec:
     p_default_if_stated: float = 0.85
     p_default_if_opposed: float = 0.6
     p_default_if_absent: float = 0.7
+    p_plain: float = 0.2  # share of plain dialogue with no constitution at all
 
 
 def principle_names() -> list[str]:
@@ -104,6 +108,8 @@ def write_reply(query: str, behaviour: dict[str, bool], rng: random.Random) -> s
 
 def example(rng: random.Random, spec: WorldSpec) -> tuple[str, str]:
     """One pretraining example: a prompt with a random sub-constitution and query, and its reply."""
+    if rng.random() < spec.p_plain:
+        return plain_example(rng, spec)
     names = [p.name for p in WORLD.principles if rng.random() < 0.6] or [rng.choice(principle_names())]
     rng.shuffle(names)
     stated = {name: rng.random() < 0.5 for name in names}
@@ -111,6 +117,18 @@ def example(rng: random.Random, spec: WorldSpec) -> tuple[str, str]:
     text = WORLD.render(Variant(tuple(stated.get(p.name, True) for p in WORLD.principles)), order)
     query = make_query(rng)
     return TEMPLATE.fill(text, query), " " + write_reply(query, sample_behaviour(stated, spec, rng), rng)
+
+
+def plain_example(rng: random.Random, spec: WorldSpec) -> tuple[str, str]:
+    """Plain dialogue: no constitution, replies follow the prior."""
+    query = make_query(rng)
+    return PLAIN.format(query=query), " " + write_reply(query, sample_behaviour({}, spec, rng), rng)
+
+
+def plain_corpus(n: int, seed: int, spec: WorldSpec = WorldSpec()) -> list[tuple[str, str]]:
+    """Held-out plain dialogue, for the perplexity check."""
+    rng = random.Random(f"plain-{seed}")
+    return [plain_example(rng, spec) for _ in range(n)]
 
 
 def corpus(n: int, seed: int, spec: WorldSpec = WorldSpec()) -> list[tuple[str, str]]:

@@ -38,6 +38,7 @@ from .constitution import (
     variant_strategy,
 )
 from .errors import RunAborted, SamiError
+from .faults import fault_point
 from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, read_text
 from .model import load_model
 from .objective import accuracies, mi_lower_bound, sami_loss
@@ -169,15 +170,15 @@ def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop:
            overrides: dict | None = None) -> TrainResult:
     """Continue a stopped or killed run from its last completed step, as if it had never stopped."""
     out = Path(run_dir).expanduser()
-    for name in ("config.yaml", "state.json"):
-        if not (out / name).is_file():
-            raise SamiError(f"--resume {out}: no {name} there; is this a run directory?")
+    if not (out / "config.yaml").is_file():
+        raise SamiError(f"--resume {out}: no config.yaml there; is this a run directory?")
     cfg = TrainConfig(**config_from_file(str(out / "config.yaml"))).resolved()
     for key, value in (overrides or {}).items():
         if key != "out" and getattr(cfg, key) != value:
             raise SamiError(f"--resume {out}: --{key.replace('_', '-')} {value} differs from the run's "
                             f"{getattr(cfg, key)} (config.yaml); drop the flag to resume")
-    state = RunState.load(out / "state.json")
+    # No state.json yet: the run was stopped during its first sampling, so it starts from the top.
+    state = RunState.load(out / "state.json") if (out / "state.json").exists() else RunState()
     if state.finished:
         raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
     inputs = prepare_inputs(cfg)
@@ -294,6 +295,7 @@ class SamiLoop:
         summary = self.iteration_summary(it)
         it_dir = self.out / f"iter-{it + 1:02d}"
         save_adapters(self.model, it_dir, self.adapter_config)
+        fault_point("iteration-adapters")
         save_adapters(self.model, self.out, self.adapter_config)
         summary["heldout_ppl"] = ppl = heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
         summary["ppl_ratio"] = ppl / state.base_ppl
@@ -419,6 +421,8 @@ class SamiLoop:
         for part in parts:
             batch = self.scoring_batch(part, rng)
             (part_loss, S, part_kl), g = self.loss_and_grad(self.model, batch)
+            mx.eval(g)
+            fault_point("scoring")
             w = len(part) / len(groups)
             g = tree_map(lambda x, w=w: x * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -436,6 +440,7 @@ class SamiLoop:
         self.bad_steps = 0
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        fault_point("update")
         S = mx.concatenate(scores, axis=0)
         row_acc, col_acc = accuracies(S)
         seconds = time.perf_counter() - t0

@@ -1,0 +1,67 @@
+"""Shared pieces of the ratio benchmarks: random models of a given size and timing helpers."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+SIZES = {
+    # name: (hidden, layers, heads, intermediate)
+    "tiny": (64, 2, 4, 128),
+    "100m": (768, 12, 12, 2048),
+}
+
+
+def build_model(size: str, seed: int = 0) -> Path:
+    """A random-weight fp32 llama directory of the given size, with a small byte-level BPE."""
+    from mlx_lm.models import llama
+
+    from sami_mlx import toyworld
+    from sami_mlx.pretrain import train_tokenizer
+
+    hidden, layers, heads, inter = SIZES[size]
+    out = Path(tempfile.mkdtemp(prefix=f"sami-bench-{size}-"))
+    tok = train_tokenizer([p + r for p, r in toyworld.corpus(2000, 0)], 1024, out)
+    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+              "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": heads,
+              "rms_norm_eps": 1e-5, "vocab_size": tok.get_vocab_size(), "rope_theta": 10000.0,
+              "tie_word_embeddings": True, "max_position_embeddings": 1024,
+              "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": tok.token_to_id("</s>")}
+    (out / "config.json").write_text(json.dumps(config))
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return out
+
+
+def parameters(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def random_ids(n: int, vocab: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(5, vocab) for _ in range(n)]
+
+
+def timed(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
+    """(median seconds, peak memory in bytes) of fn() over reps runs after warmup."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    mx.reset_peak_memory()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), mx.get_peak_memory()
+
+
+def report(name: str, **fields) -> None:
+    """The closing JSON line every benchmark prints."""
+    print(json.dumps({"benchmark": name, **fields}))
