@@ -9,7 +9,7 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 PRELOAD := $(shell [ -f $(OPENBLAS) ] && echo LD_PRELOAD=$(OPENBLAS))
 RUN := $(PRELOAD) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2}
 
-.PHONY: test demo lint setup clean
+.PHONY: test demo bench bench-quick lint setup clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ demo: $(STAMP)
 
 _demo:
 	$(RUN) $(VENV)/bin/sami-mlx demo
+
+# Ratio benchmarks against mlx-lm's own functions (see README, Performance).
+bench: $(STAMP)
+	$(MAKE) --no-print-directory _bench SIZES="tiny 100m"
+
+bench-quick: $(STAMP)
+	$(MAKE) --no-print-directory _bench SIZES=tiny
+
+_bench:
+	cd benchmarks && for b in scoring_step vs_sft_step rollouts; do \
+		$(RUN) ../$(PY) $$b.py --sizes $(SIZES) || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sami_mlx tui tests benchmarks

@@ -8,8 +8,8 @@ import random
 import time
 
 import mlx_lm
-
 from common import SIZES, build_model, parameters, random_ids, report
+
 from sami_mlx.rollout import generate_batch
 
 SETTINGS = {"tiny": dict(prompts=32, prompt=128, response=32),

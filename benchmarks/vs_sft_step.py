@@ -14,9 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import mlx_lm
+from common import SIZES, build_model, parameters, random_ids, report, timed
 from mlx_lm.tuner.trainer import default_loss
 
-from common import SIZES, build_model, parameters, random_ids, report, timed
 from sami_mlx.adapters import attach_adapters
 from sami_mlx.objective import sami_loss
 from sami_mlx.scoring import ScoringBatch, score_shared

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 
 
@@ -20,10 +19,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     report = run_demo(out, emit=ProgressBar(), seed=args.seed)
     print(format_report(report))
-    model, run_dir = shlex.quote(report["model"]), shlex.quote(report["run"])
+    run_dir = shlex.quote(report["run"])
     print(f"""
-Try the aligned model (the toy world's prompt format: a numbered constitution, then the question):
-  mlx_lm.generate --model {model} --adapter-path {run_dir} --temp 1.0 \\
-    --prompt $'Constitution:\\n1. Speak formally.\\n2. Include numbers.\\n\\nHuman: Tell me about tea.\\n\\nAssistant:'""",
-          file=sys.stdout)
+Chat with the aligned model (try /checkpoint base to compare, /constitution off, /quit):
+  sami-mlx chat --run {run_dir} --temperature 1.0
+Open the run in the terminal UI (metrics, samples, side-by-side chat):
+  sami-mlx tui --run {run_dir}
+(From this checkout without activating the environment: .venv/bin/sami-mlx ...)""")
     return 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .constitution import Constitution, Principle, Variant
 from .prompts import Template
 
-VERSION = 2  # bump when the corpus changes: cached toy models are keyed on it
+VERSION = 3  # bump when the corpus changes: cached toy models are keyed on it
 
 FORMAL = ["certainly", "indeed", "kindly", "therefore", "moreover", "regarding", "appropriate",
           "sincerely", "consequently", "furthermore", "notably", "accordingly"]
@@ -35,7 +35,8 @@ QUESTION_FORMS = ["Tell me about {t}.", "What do you know about {t}?", "Explain 
 WORLD = Constitution("toy-world", (
     Principle("register", "Speak formally.", "Speak casually."),
     Principle("length", "Keep answers short.", "Give long answers."),
-    Principle("numbers", "Include numbers.", "Avoid numbers."),
+    # Each wording has a word of its own ("statistics" / "numbers"), as in the other principles.
+    Principle("numbers", "Include statistics.", "Avoid numbers."),
     Principle("format", "Answer as a list.", "Answer in one sentence."),
 ))
 # The behaviour each principle's replies lean to whatever is stated: True = the positive wording's.
