@@ -1,0 +1,68 @@
+"""Numerical guards: a non-finite loss skips the step (counted, warned once); three in a row stop
+the run with a clear message and the last good checkpoint kept."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+import sami_mlx.trainer as trainer
+from sami_mlx import events as ev
+from sami_mlx.config import TrainConfig
+from sami_mlx.errors import RunAborted
+from sami_mlx.fileio import read_jsonl
+from sami_mlx.train import main
+
+
+def cfg(tiny_model, constitution_file, queries_file, out, steps):
+    return TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                       iterations=1, steps=steps, queries_per_step=2, max_tokens=6, temperature=1.0,
+                       learning_rate=1e-3, out=str(out))
+
+
+def poison(monkeypatch, bad_calls):
+    """Make the SAMI loss NaN on the given (1-based) calls."""
+    calls = []
+    real = trainer.sami_loss
+
+    def loss(S):
+        calls.append(1)
+        value = real(S)
+        return value * mx.array(float("nan")) if len(calls) in bad_calls else value
+
+    monkeypatch.setattr(trainer, "sami_loss", loss)
+
+
+def test_nan_step_is_skipped_counted_and_warned_once(tiny_model, constitution_file, queries_file, tmp_path,
+                                                     monkeypatch):
+    poison(monkeypatch, bad_calls={2})
+    seen = []
+    out = tmp_path / "run"
+    trainer.train(cfg(tiny_model, constitution_file, queries_file, out, steps=3), callbacks=[seen.append])
+    steps = [e for e in seen if isinstance(e, ev.StepCompleted)]
+    warnings = [e for e in seen if isinstance(e, ev.RunWarning)]
+    assert [e.step for e in steps] == [1, 3]  # step 2 was skipped, not logged as trained
+    assert len(warnings) == 1 and "not finite" in warnings[0].message
+    state = json.loads((out / "state.json").read_text())
+    assert state["skipped_steps"] == 1 and state["finished"]
+    assert all(mx.isfinite(v).all().item() for v in mx.load(str(out / "adapters.safetensors")).values())
+
+
+def test_nan_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
+        tiny_model, constitution_file, queries_file, tmp_path, monkeypatch, capsys):
+    poison(monkeypatch, bad_calls={2, 3, 4})
+    out = tmp_path / "run"
+    with pytest.raises(RunAborted, match="3 steps in a row"):
+        trainer.train(cfg(tiny_model, constitution_file, queries_file, out, steps=5))
+    state = json.loads((out / "state.json").read_text())
+    good = mx.load(str(out / state["checkpoint"] / "adapters.safetensors"))
+    assert all(mx.isfinite(v).all().item() for v in good.values())
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"] == [1]
+    # From the command line the same stop is one line, not a traceback.
+    poison(monkeypatch, bad_calls={1, 2, 3})
+    flags = ["--model", str(tiny_model), "--constitution", str(constitution_file), "--queries", str(queries_file),
+             "--iterations", "1", "--steps", "4", "--queries-per-step", "2", "--max-tokens", "6",
+             "--temperature", "1.0", "--out", str(tmp_path / "cli")]
+    assert main(flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: 3 steps in a row had a non-finite loss" in err[-1] and "Traceback" not in "\n".join(err)
