@@ -1,0 +1,504 @@
+"""The terminal UI driven as a user would, with Pilot: keys and clicks on each screen.
+
+Includes a real SAMI run of the tiny model from the Run screen and a chat with its checkpoint.
+"""
+
+import ast
+import asyncio
+import functools
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+from textual import events
+from textual.widgets import DataTable, Input, OptionList
+
+from sami_mlx import trainer
+from sami_mlx.events import StepCompleted
+from sami_mlx.fileio import read_jsonl
+from tui.app import SamiApp
+from tui.chat_screen import ChatScreen
+from tui.constitution_screen import ConstitutionScreen
+from tui.modals import ChoiceModal, ErrorModal, RunPicker
+from tui.run_screen import RunScreen
+from tui.runlog import load_run, printable
+from tui.widgets import PrincipleCard
+
+SIZE = (160, 50)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pilot_test(fn):
+    """Run an async Pilot test in its own event loop (no asyncio plugin needed)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        asyncio.run(fn(*args, **kwargs))
+
+    return run
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run each app from a fresh folder, so that paths on screen are short and relative."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+async def paste(pilot, text: str) -> None:
+    """Paste into the focused field, as a terminal delivers a paste (quicker than typing in tests)."""
+    pilot.app.focused.post_message(events.Paste(text))
+    await pilot.pause()
+
+
+async def type_into(pilot, selector: str, text: str) -> None:
+    """Click a field, clear it and type `text` (paste it, when long), as a user would."""
+    await pilot.click(selector)
+    await pilot.press("end", "ctrl+u")
+    if len(text) > 4:
+        await paste(pilot, text)
+    else:
+        await pilot.press(*text)
+
+
+def shown(widget) -> str:
+    """The text a Static widget shows (Rich tables and groups included)."""
+    console = Console(width=200, file=io.StringIO(), record=True)
+    console.print(widget.content)
+    return console.export_text()
+
+
+def card_values(app) -> list[dict]:
+    return [c.values() for c in app.screen.query(PrincipleCard)]
+
+
+# ---- Constitution screen ---------------------------------------------------------------------
+
+
+@pilot_test
+async def test_edit_validate_reorder_delete_and_save(workdir, constitution_file):
+    app = SamiApp(constitution=str(constitution_file))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        assert isinstance(screen, ConstitutionScreen)
+        assert [p["name"] for p in card_values(app)] == ["brief", "kind"]
+
+        # Add a principle after the first: empty fields are flagged on the card, not a crash.
+        await pilot.click(".principle-name")
+        await pilot.press("ctrl+n")
+        cards = list(screen.query(PrincipleCard))
+        assert len(cards) == 3 and cards[1].has_class("invalid")
+        problems = shown(cards[1].query_one(".principle-problems"))
+        assert "name is empty" in problems and "positive wording is empty" in problems
+        status = shown(screen.query_one("#constitution-status"))
+        assert "principles[1].name is empty" in status
+
+        # A duplicate name is flagged on both cards.
+        await pilot.press(*"kind")
+        assert all(c.has_class("invalid") for c in screen.query(PrincipleCard)[1:])
+        assert "also principle 3" in shown(cards[1].query_one(".principle-problems"))
+        await pilot.press("ctrl+a", "ctrl+k", *"honest", "tab")
+        await paste(pilot, "Be honest.")
+        await pilot.press("tab")
+        await paste(pilot, "Mislead.")
+        assert not any(c.has_class("invalid") for c in screen.query(PrincipleCard))
+
+        # Reorder: the focused principle moves down, then the first one is deleted.
+        await pilot.press("alt+down")
+        assert [p["name"] for p in card_values(app)] == ["brief", "kind", "honest"]
+        await pilot.click(".principle-name")
+        await pilot.press("ctrl+d")
+        assert [p["name"] for p in card_values(app)] == ["kind", "honest"]
+        assert screen.dirty and "modified" in screen.sub_title
+
+        await pilot.press("ctrl+s")
+        assert not screen.dirty
+    saved = yaml.safe_load(constitution_file.read_text())
+    assert saved == {"name": "test", "principles": [
+        {"name": "kind", "positive": "Be kind.", "negative": "Be rude."},
+        {"name": "honest", "positive": "Be honest.", "negative": "Mislead."}]}
+    assert not list(workdir.glob(".constitution.yaml.*"))  # the atomic write left no temp file
+
+
+@pilot_test
+async def test_a_file_with_mistakes_opens_flagged_and_is_saved_only_once_fixed(workdir):
+    broken = workdir / "broken.yaml"
+    broken.write_text("name: b\nprinciples:\n  - {name: kind, positive: Be kind., negative: ''}\n"
+                      "  - {name: kind, positive: Be brief., negative: Ramble.}\n")
+    before = broken.read_text()
+    app = SamiApp(constitution="broken.yaml")
+    async with app.run_test(size=SIZE) as pilot:
+        cards = list(app.screen.query(PrincipleCard))
+        assert len(cards) == 2 and all(c.has_class("invalid") for c in cards)
+        assert "negative wording is empty" in shown(cards[0].query_one(".principle-problems"))
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, ErrorModal)
+        assert "principles[0].negative is empty" in app.screen.message
+        await pilot.press("enter")
+        assert isinstance(app.screen, ConstitutionScreen) and broken.read_text() == before
+
+        await pilot.press("tab", "tab", *"Rude.")  # from the first name to its negative wording
+        await pilot.click("#" + cards[1].id + " .principle-name")
+        await pilot.press("end", "ctrl+u", *"brief", "ctrl+s")
+        assert not any(c.has_class("invalid") for c in cards) and not app.screen.dirty
+    assert yaml.safe_load(broken.read_text())["principles"][0]["negative"] == "Rude."
+
+
+@pilot_test
+async def test_unsaved_changes_guard_on_quit(workdir, constitution_file):
+    before = constitution_file.read_text()
+    app = SamiApp(constitution=str(constitution_file))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.click(".principle-name")
+        await pilot.press("end", *"-x")
+        await pilot.press("ctrl+q")
+        assert isinstance(app.screen, ChoiceModal)  # asked, not quit
+        await pilot.press("escape")  # cancel: still editing, nothing written
+        assert isinstance(app.screen, ConstitutionScreen) and app.is_running
+        assert constitution_file.read_text() == before
+
+        await pilot.press("ctrl+q")
+        await pilot.click("#choice-save")
+    assert not app.is_running
+    assert yaml.safe_load(constitution_file.read_text())["principles"][0]["name"] == "brief-x"
+
+    app = SamiApp(constitution=str(constitution_file))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.click(".principle-name")
+        await pilot.press("end", "y")
+        await pilot.press("ctrl+q", "right", "enter")  # Discard
+    assert not app.is_running
+    assert yaml.safe_load(constitution_file.read_text())["principles"][0]["name"] == "brief-x"
+
+
+@pilot_test
+async def test_new_file_save_as_and_open_with_preview(workdir, constitution_file):
+    app = SamiApp()  # no file: a blank principle to fill in
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await pilot.press(*"brief", "tab")
+        await paste(pilot, "Be brief.")
+        await pilot.press("tab")
+        await paste(pilot, "Ramble.")
+        await pilot.click("#preview-variants")
+        await pilot.press("end", "ctrl+u", *"grid")
+        preview = shown(screen.query_one("#preview"))
+        assert "2 variants per query" in preview and "1. Ramble." in preview
+        await pilot.press("end", "ctrl+u", "5")
+        assert "has only 2 distinct variants" in shown(screen.query_one("#preview"))
+
+        await pilot.press("ctrl+s", "end", "ctrl+u")  # no file yet: asks where
+        await paste(pilot, "mine.json")
+        await pilot.press("enter")
+        assert screen.path == Path("mine.json") and not screen.dirty
+
+        await pilot.press("ctrl+o", "end", "ctrl+u")
+        await paste(pilot, constitution_file.name)
+        await pilot.press("enter")
+        assert [p["name"] for p in card_values(app)] == ["brief", "kind"]
+    data = json.loads((workdir / "mine.json").read_text())
+    assert data["principles"] == [{"name": "brief", "positive": "Be brief.", "negative": "Ramble."}]
+
+
+@pilot_test
+async def test_draft_principles_with_the_writer(workdir, tiny_model, constitution_file, monkeypatch):
+    from sami_mlx import writer
+    from sami_mlx.constitution import Constitution, Principle
+
+    asked = {}
+
+    def fake_draft(model, tokenizer, task, k, name="constitution", on_attempt=None, **kw):
+        asked.update(task=task, k=k, name=name)
+        on_attempt(1, "Principle 1: ...", None)
+        return Constitution(name, (Principle("honest", "Be honest.", "Deceive."),))
+
+    # The writer's model loads for real; what a random tiny model writes could never be read.
+    monkeypatch.setattr(writer, "draft_constitution", fake_draft)
+    app = SamiApp(model=str(tiny_model), constitution=constitution_file.name)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await pilot.press("ctrl+g")
+        await pilot.press(*"garden", "tab", "end", "backspace", "1", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, ChoiceModal)  # two principles are there already: replace or add?
+        await pilot.click("#choice-append")
+        await pilot.pause()
+        assert [p["name"] for p in card_values(app)] == ["brief", "kind", "honest"]
+        assert screen.dirty
+    assert asked == {"task": "garden", "k": 1, "name": "test"}
+
+
+# ---- Run screen: a real run, cancel and resume, browse ---------------------------------------
+
+
+async def fill_tiny_settings(pilot, queries: str, steps: int = 1) -> None:
+    await type_into(pilot, "#set-queries", queries)
+    await type_into(pilot, "#set-iterations", "1")
+    await type_into(pilot, "#set-steps", str(steps))
+    await type_into(pilot, "#set-queries_per_step", "2")
+    await type_into(pilot, "#set-temperature", "1.0")
+    await type_into(pilot, "#set-max_tokens", "6")
+    await type_into(pilot, "#set-out", "runs/tiny")  # instead of a new runs/<date-time>
+
+
+@pilot_test
+async def test_real_run_to_completion_then_chat_with_its_checkpoint(workdir, tiny_model, constitution_file,
+                                                                   queries_file):
+    events = []
+
+    def hook(message):
+        if isinstance(message, RunScreen.RunEvent):
+            events.append(message.event["event"])
+
+    app = SamiApp(model=str(tiny_model), constitution=constitution_file.name)
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await pilot.press("f2")
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        assert run.query_one("#set-constitution", Input).value == "constitution.yaml"
+        await fill_tiny_settings(pilot, queries_file.name)
+        await pilot.press("ctrl+r")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+        assert run.view.status == "finished", run.view.reason
+        assert "finished" in shown(run.query_one("#run-title"))
+        assert "loss 0." in shown(run.query_one("#run-stats"))
+        assert run.query_one("#iterations-table", DataTable).row_count == 1
+        assert "c2" in shown(run.query_one("#heatmap"))
+        assert "Q: " in shown(run.query_one("#samples"))
+        assert app.run_dir == "runs/tiny"
+
+        # Chat: the new run's latest checkpoint is offered and answers, streamed.
+        await pilot.press("f3")
+        chat = app.screen
+        assert isinstance(chat, ChatScreen)
+        assert [c.name for c in chat.checkpoints] == ["base", "iter-01"]
+        assert chat.checkpoint().name == "iter-01"
+        await type_into(pilot, "#chat-max-tokens", "8")
+        await pilot.click("#message")
+        await pilot.press(*"Hello", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        bubbles = list(chat.query("#transcript-main ChatBubble"))
+        assert [b.role for b in bubbles] == ["user", "assistant"]
+        assert bubbles[0].text == "Hello" and bubbles[1].text
+        assert chat.history["main"][-1] == {"role": "assistant", "content": bubbles[1].text}
+
+        # Side by side: one message, the base model and the checkpoint answer in two columns.
+        await pilot.press("ctrl+b")
+        await pilot.press(*"Hi", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert [b.role for b in chat.query("#transcript-base ChatBubble")] == ["user", "assistant"]
+        assert len(chat.query("#transcript-main ChatBubble")) == 4
+        assert not chat.generating
+
+    assert events[0] == "RunStarted" and events[-1] == "RunCompleted"
+    assert events.count("StepCompleted") == 1 and "SamplesReady" in events
+    out = workdir / "runs" / "tiny"
+    assert (out / "iter-01" / "adapters.safetensors").is_file()
+    assert json.loads((out / "state.json").read_text())["finished"] is True
+
+
+class GatedTrainer:
+    """The real engine, held after its first optimizer step until the test lets it go on."""
+
+    def __init__(self):
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def train(self, cfg, callbacks=(), should_stop=None):
+        def gate(event):
+            if isinstance(event, StepCompleted) and event.global_step == 1:
+                self.reached.set()
+                self.release.wait(30)
+
+        return trainer.train(cfg, [*callbacks, gate], should_stop)
+
+    resume = staticmethod(trainer.resume)
+
+
+@pilot_test
+async def test_stop_mid_run_leaves_a_resumable_run_and_resume_finishes_it(workdir, tiny_model,
+                                                                          constitution_file, queries_file):
+    gated = GatedTrainer()
+    app = SamiApp(model=str(tiny_model), constitution=constitution_file.name, trainer=gated)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        run = app.screen
+        await fill_tiny_settings(pilot, queries_file.name, steps=3)
+        await pilot.press("ctrl+r")
+        for _ in range(600):
+            if gated.reached.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert gated.reached.is_set()
+        assert run.running and run.check_action("start", ()) is False  # no second run meanwhile
+        await pilot.press("ctrl+t")
+        gated.release.set()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+        out = workdir / "runs" / "tiny"
+        state = json.loads((out / "state.json").read_text())
+        assert run.view.status == "stopped" and not state["finished"]
+        assert state["global_step"] == 1 and state["phase"] == "training"
+        assert run.check_action("resume", ()) is True
+
+        await pilot.press("ctrl+y")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert run.view.status == "finished"
+        assert sorted(run.view.steps) == [1, 2, 3]
+    assert json.loads((out / "state.json").read_text())["finished"] is True
+    steps = [r["global_step"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
+    assert steps == [1, 2, 3]
+
+
+@pilot_test
+async def test_bad_settings_and_a_failing_run_show_errors_not_crashes(workdir, constitution_file):
+    app = SamiApp(model="no/such/model/dir", constitution=constitution_file.name)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        await type_into(pilot, "#set-learning_rate", "2")
+        assert "learning-rate 2.0: must be between 0 and 1" in shown(app.screen.query_one("#settings-status"))
+        await pilot.press("ctrl+r")
+        assert isinstance(app.screen, ErrorModal) and "learning-rate" in app.screen.message
+        await pilot.press("enter")
+
+        await type_into(pilot, "#set-learning_rate", "0.001")
+        await pilot.press("ctrl+r")  # the model does not exist: the worker reports it
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, ErrorModal)
+        assert "--model no/such/model/dir" in app.screen.message
+        await pilot.press("enter")
+        assert app.screen.view.status == "failed" and not app.screen.running
+
+
+def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Path:
+    """A run directory as `sami-mlx train` leaves it (metrics and samples; fixed numbers)."""
+    run = root / name
+    (run / "iter-01").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "models/tiny", "constitution": "constitution.yaml"}))
+    rows = [
+        {"event": "RunStarted", "run_dir": str(run),
+         "config": {"model": "models/tiny", "constitution": "constitution.yaml", "iterations": 2},
+         "iterations": 2, "total_steps": 3, "num_variants": 2, "trainable_parameters": 16384, "base_ppl": 52.5},
+        {"event": "IterationStarted", "iteration": 1, "steps": 1, "queries": 2},
+        {"event": "SamplesReady", "iteration": 1, "groups": 2, "dropped_empty": 0, "dropped_identical": 0,
+         "dropped_banned": 0, "mean_length": 5.5, "no_eos_rate": 0.5, "distinct_2": 0.9, "tokens_per_sec": 800.0,
+         "examples": []},
+    ]
+    scores = [[-2.0, -3.5], [-3.0, -1.5]]
+    for step, (loss, mi) in enumerate([(0.69, 0.003), (0.52, 0.17), (0.31, 0.38)], start=1):
+        it = 1 if step == 1 else 2
+        if step == 2:
+            rows.append({"event": "IterationCompleted", "iteration": 1, "loss": 0.69, "mi_bound": 0.003,
+                         "row_accuracy": 0.5, "column_accuracy": 0.5, "heldout_ppl": 53.0, "ppl_ratio": 1.01,
+                         "adapter_dir": str(run / "iter-01")})
+            rows.append({"event": "IterationStarted", "iteration": 2, "steps": 2, "queries": 4})
+        rows.append({"event": "StepCompleted", "iteration": it, "step": 1 if step < 3 else 2,
+                     "steps": 1 if it == 1 else 2, "global_step": step, "loss": loss, "mi_bound": mi,
+                     "row_accuracy": 0.5 + step / 6, "column_accuracy": 0.5 + step / 6, "kl": 0.0,
+                     "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1000.0 * step,
+                     "peak_memory_gb": 0.25, "scores": scores})
+    if finished:
+        rows.append({"event": "IterationCompleted", "iteration": 2, "loss": 0.41, "mi_bound": 0.28,
+                     "row_accuracy": 1.0, "column_accuracy": 1.0, "heldout_ppl": 56.0, "ppl_ratio": 1.07,
+                     "adapter_dir": str(run / "iter-02")})
+        rows.append({"event": "RunCompleted", "run_dir": str(run), "seconds": 12.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = [
+        {"query": "How do I bake bread?", "variants": ["++", "-+"],
+         "responses": ["Mix flour, water and yeast.", "Bread is a long story. It all began"], "kept": True},
+        {"query": "Name a colour.", "variants": ["++", "+-"], "responses": ["Blue.", "Blue."], "kept": False},
+    ]
+    (run / "iter-01" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    for it in (["iter-01", "iter-02"] if finished else ["iter-01"]):
+        (run / it).mkdir(exist_ok=True)
+        (run / it / "adapters.safetensors").write_bytes(b"")
+        (run / it / "adapter_config.json").write_text("{}")
+    return run
+
+
+@pilot_test
+async def test_browse_past_runs_from_metrics_and_samples(workdir):
+    write_past_run(workdir / "runs", "a-finished")
+    write_past_run(workdir / "runs", "b-killed", finished=False)
+    app = SamiApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2", "ctrl+o")
+        picker = app.screen
+        assert isinstance(picker, RunPicker)
+        options = picker.query_one(OptionList)
+        labels = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert labels[0].startswith("b-killed  incomplete") and labels[1].startswith("a-finished  finished")
+        await pilot.press("down", "enter")  # the finished one
+
+        run = app.screen
+        assert isinstance(run, RunScreen) and run.view.status == "finished"
+        assert "runs/a-finished  finished" in shown(run.query_one("#run-title"))
+        assert run.query_one("#iterations-table", DataTable).row_count == 2
+        assert "loss  0.3100" in shown(run.query_one("#loss-plot .plot-title"))
+        assert run.query_one("#set-model", Input).value == "models/tiny"  # the form shows its settings
+        samples = shown(run.query_one("#samples"))
+        assert "Mix flour, water and yeast." in samples and "(dropped: degenerate group)" in samples
+        assert run.check_action("resume", ()) is False  # a finished run has nothing to resume
+
+        await pilot.press("f3")  # the opened run's checkpoints are offered for chat
+        assert [c.name for c in app.screen.checkpoints] == ["base", "iter-01", "iter-02"]
+
+
+# ---- pieces with no screen -------------------------------------------------------------------
+
+
+def test_run_view_replays_metrics(workdir):
+    view = load_run(write_past_run(workdir, "r", finished=False))
+    assert view.status == "incomplete" and view.iterations == 2 and view.total_steps == 3
+    assert view.series("loss") == [0.69, 0.52, 0.31] and view.completed_iterations == 1
+    assert view.last_step["scores"] == [[-2.0, -3.5], [-3.0, -1.5]]
+
+
+def test_chat_prompts_follow_the_run_and_carry_the_constitution(tiny_model):
+    import mlx_lm
+
+    from tui.chatting import build_prompt
+
+    _, tokenizer = mlx_lm.load(str(tiny_model))
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Bye"}]
+    plain = tokenizer.decode(build_prompt(tokenizer, turns, "1. Be brief.", "dialogue", chat_template=False))
+    assert "Assistant constitution:\n1. Be brief.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye" in plain
+    assert plain.endswith("Assistant:")
+    without = tokenizer.decode(build_prompt(tokenizer, turns[:1], None, "dialogue", chat_template=False))
+    assert "Be brief" not in without and without.endswith("Human: Hi\n\nAssistant:")
+    chat = tokenizer.decode(build_prompt(tokenizer, turns[:1], "1. Be brief.", None, chat_template=None))
+    assert chat.startswith("<|user|>") and "1. Be brief." in chat and chat.endswith("<|assistant|>")
+
+
+def test_model_output_is_made_printable():
+    assert printable("ok\x04\x1b[2Jdone\n") == "ok\ufffd\ufffd[2Jdone\n"
+
+
+def test_the_engine_never_imports_textual():
+    """sami_mlx is the core: the TUI imports it, never the reverse (a static scan of its source)."""
+    offenders = []
+    for path in sorted((ROOT / "sami_mlx").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+                names = [str(node.args[0].value)]
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names
+                          if n.split(".")[0] in ("textual", "tui")]
+    assert not offenders, f"sami_mlx must not import textual or tui: {offenders}"

@@ -1,0 +1,119 @@
+"""The sami-mlx terminal UI: three screens (Constitution, Run, Chat) over the engine's public API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from types import ModuleType
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from sami_mlx.constitution import Constitution, load_constitution
+from sami_mlx.errors import RunAborted, SamiError
+
+from .chat_screen import ChatScreen
+from .chatting import ChatModels
+from .constitution_screen import ConstitutionScreen
+from .modals import ChoiceModal, ErrorModal
+from .run_screen import RunScreen
+from .runlog import short_path
+
+
+class SamiApp(App):
+    """Edit a constitution, run SAMI and watch it, chat with the checkpoints."""
+
+    CSS_PATH = "sami.tcss"
+    TITLE = "sami-mlx"
+    SCREENS = {"constitution": ConstitutionScreen, "run": RunScreen, "chat": ChatScreen}
+    MODES = {"constitution": "constitution", "run": "run", "chat": "chat"}
+    BINDINGS = [
+        Binding("f1", "switch_mode('constitution')", "Constitution", tooltip="Edit the constitution"),
+        Binding("f2", "switch_mode('run')", "Run", tooltip="Start, watch, stop or browse runs"),
+        Binding("f3", "switch_mode('chat')", "Chat", tooltip="Chat with the base model or a checkpoint"),
+        Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (asks about unsaved changes or a run)"),
+    ]
+
+    def __init__(self, model: str = "", constitution: str | None = None, run: str | None = None,
+                 runs_dir: str = "runs", trainer: ModuleType | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.constitution_path = constitution
+        self.run_dir = run
+        self.runs_dir = runs_dir
+        if trainer is None:
+            from sami_mlx import trainer
+        self.trainer = trainer  # anything with the engine's train() and resume()
+        self.chat_models = ChatModels()
+        self.start_mode = "run" if run else "constitution"
+
+    def on_mount(self) -> None:
+        self.switch_mode(self.start_mode)
+
+    # ---- one place for errors -------------------------------------------------------------
+
+    def report_error(self, error: BaseException, title: str = "Error") -> None:
+        """Show an error in a modal; a user's mistake as its one line, a bug with its type."""
+        if isinstance(error, (SamiError, RunAborted)):
+            message = str(error)
+        else:
+            self.log.error(error)
+            message = f"{type(error).__name__}: {error}"
+        self.push_screen(ErrorModal(title, message))
+
+    # ---- shared state ---------------------------------------------------------------------
+
+    def current_constitution(self) -> Constitution:
+        """The constitution in the editor (validated), or the file given at start."""
+        editor = self.get_screen("constitution")
+        if editor.is_mounted:
+            return editor.constitution()
+        if self.constitution_path:
+            return load_constitution(self.constitution_path)
+        raise SamiError("no constitution yet; write one on the Constitution screen (F1)")
+
+    # ---- command palette: the bindings, declared once -------------------------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for owner in (screen, self):
+            for binding in owner.BINDINGS:
+                if not isinstance(binding, Binding) or not binding.description:
+                    continue
+                if owner.check_action(binding.action.split("(")[0], ()) is False:
+                    continue
+                help_text = f"{binding.tooltip or binding.description} ({binding.key.split(',')[0]})"
+                yield SystemCommand(binding.description, help_text, partial(owner.run_action, binding.action))
+
+    # ---- quitting -------------------------------------------------------------------------
+
+    async def action_quit(self) -> None:
+        """Quit, but not past unsaved changes or a running run without asking."""
+        editor = self.get_screen("constitution")
+        if editor.is_mounted and editor.dirty:
+            def answered(choice: str) -> None:
+                if choice == "discard" or (choice == "save" and editor.action_save()):
+                    self.quit_after_run()
+
+            where = short_path(editor.path) if editor.path else "the new constitution"
+            self.push_screen(ChoiceModal("Unsaved changes", f"Save the changes to {where} before quitting?",
+                                         [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]),
+                             answered)
+            return
+        self.quit_after_run()
+
+    def quit_after_run(self) -> None:
+        runner = self.get_screen("run")
+        if not (runner.is_mounted and runner.running):
+            self.exit()
+            return
+
+        def answered(choice: str) -> None:
+            if choice == "stop":
+                runner.quit_when_stopped = True
+                runner.action_stop()
+
+        self.push_screen(ChoiceModal("A run is in progress", "Stop it after the current optimizer step (it "
+                                     "stays resumable) and quit when it has stopped?",
+                                     [("stop", "Stop and quit"), ("cancel", "Keep running")]), answered)

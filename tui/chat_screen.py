@@ -1,0 +1,320 @@
+"""Screen 3: chat with the base model or any iteration of a run, alone or side by side with base."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
+from textual.worker import get_current_worker
+
+from sami_mlx.checkpoints import Checkpoint, list_checkpoints, run_model
+from sami_mlx.errors import SamiError
+
+from .chatting import (
+    build_prompt,
+    checkpoint_label,
+    model_name,
+    run_prompt_settings,
+    stream_reply,
+    uses_chat_template,
+)
+from .runlog import short_path
+from .threads import in_fresh_thread
+from .widgets import ChatBubble, NavTabs
+
+FRAME = 1 / 15  # streamed text is redrawn at most 15 times a second
+
+
+class ChatScreen(Screen):
+    """A transcript per model (one, or base and checkpoint side by side) and a message box."""
+
+    AUTO_FOCUS = "#message"
+
+    BINDINGS = [
+        Binding("ctrl+t", "toggle('use-constitution')", "Constitution on/off",
+                tooltip="Put the constitution in the prompt, or leave it out"),
+        Binding("ctrl+b", "toggle('side-by-side')", "Side by side", tooltip="Base model next to the checkpoint"),
+        Binding("ctrl+l", "clear", "Clear"),
+        Binding("ctrl+o", "open_run", "Open run"),
+        Binding("escape", "stop_reply", "Stop reply"),
+    ]
+
+    class Status(Message, bubble=False):
+        """What the chat worker is doing (loading a model, generating)."""
+
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    class ReplyDelta(Message, bubble=False):
+        """The reply of one side so far; `done` marks the last one."""
+
+        def __init__(self, side: str, text: str, done: bool = False) -> None:
+            super().__init__()
+            self.side, self.text, self.done = side, text, done
+
+    class ChatFailed(Message, bubble=False):
+        """The chat worker could not load the model or generate."""
+
+        def __init__(self, error: BaseException) -> None:
+            super().__init__()
+            self.error = error
+
+    def __init__(self) -> None:
+        super().__init__(id="chat-screen")
+        self.model = ""
+        self.checkpoints: list[Checkpoint] = []
+        self.history: dict[str, list[dict]] = {"base": [], "main": []}
+        self.pending: dict[str, ChatBubble] = {}
+        self.generating = False
+        self._source: tuple | None = None
+        self.prompt_settings: dict = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield NavTabs("chat")
+        with Horizontal(id="chat-controls"):
+            yield Static("", id="chat-source")
+            yield Select([], prompt="checkpoint", id="checkpoint", allow_blank=True, compact=True)
+            yield Checkbox("constitution in prompt", id="use-constitution")
+            yield Checkbox("side by side with base", id="side-by-side")
+            yield Label("temp", classes="field-label")
+            yield Input("0", type="number", id="chat-temperature", compact=True)
+            yield Label("max tokens", classes="field-label")
+            yield Input("128", type="integer", id="chat-max-tokens", compact=True)
+        with Horizontal(id="transcripts"):
+            with Vertical(id="column-base", classes="column"):
+                yield Static("base model", classes="column-title")
+                yield VerticalScroll(id="transcript-base", classes="transcript")
+            with Vertical(id="column-main", classes="column"):
+                yield Static("", classes="column-title", id="main-title")
+                yield VerticalScroll(id="transcript-main", classes="transcript")
+        yield Static("", id="chat-status")
+        yield Input(placeholder="Message (enter sends)", id="message")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#column-base").display = False
+        self.refresh_source()
+
+    def on_screen_resume(self) -> None:
+        self.refresh_source()
+
+    # ---- which model and checkpoints ------------------------------------------------------
+
+    def refresh_source(self) -> None:
+        """The model and checkpoints to offer: the current run's (new iterations too), else --model's base."""
+        app = self.app
+        model, checkpoints, settings = app.model or "", list_checkpoints(None), run_prompt_settings(None)
+        if app.run_dir:
+            try:
+                model, checkpoints = run_model(app.run_dir), list_checkpoints(app.run_dir)
+                settings = run_prompt_settings(app.run_dir)
+            except SamiError as e:
+                if (app.run_dir, app.model) != self._source:
+                    app.report_error(e, "Cannot chat with this run")
+        source, changed = (app.run_dir, app.model), checkpoints != self.checkpoints
+        self.model, self.prompt_settings = model, settings
+        if changed or source != self._source:
+            select = self.query_one("#checkpoint", Select)
+            keep = select.value if source == self._source else None
+            self.checkpoints = checkpoints
+            select.set_options([(checkpoint_label(c), c.name) for c in checkpoints])
+            names = [c.name for c in checkpoints]
+            if names:
+                select.value = keep if keep in names else names[-1]
+        self._source = source
+        parts = [f"model {model_name(model)}" if model else "no model: start with --model or open a run"]
+        if app.run_dir:
+            parts.append(f"run {short_path(app.run_dir)}")
+        self.query_one("#chat-source", Static).update(Text("  ·  ".join(parts), style="bold"))
+        self.update_titles()
+
+    def checkpoint(self) -> Checkpoint | None:
+        value = self.query_one("#checkpoint", Select).value
+        return next((c for c in self.checkpoints if c.name == value), None)
+
+    @on(Select.Changed, "#checkpoint")
+    def checkpoint_changed(self) -> None:
+        self.update_titles()
+
+    def update_titles(self) -> None:
+        c = self.checkpoint()
+        self.query_one("#main-title", Static).update(checkpoint_label(c) if c else "no checkpoint")
+        self.sub_title = f"{model_name(self.model)} · {c.name}" if c and self.model else ""
+
+    # ---- actions --------------------------------------------------------------------------
+
+    def action_toggle(self, checkbox: str) -> None:
+        box = self.query_one(f"#{checkbox}", Checkbox)
+        box.value = not box.value
+
+    @on(Checkbox.Changed, "#side-by-side")
+    def side_by_side_changed(self, event: Checkbox.Changed) -> None:
+        self.query_one("#column-base").display = event.value
+        if not event.value:  # the base column starts afresh next time
+            self.history["base"] = []
+            self.query_one("#transcript-base").remove_children()
+
+    def action_clear(self) -> None:
+        if self.generating:
+            self.notify("wait for the reply (or press escape) before clearing", severity="warning")
+            return
+        self.history = {"base": [], "main": []}
+        for box in self.query(".transcript"):
+            box.remove_children()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop_reply":
+            return self.generating
+        return True
+
+    def action_stop_reply(self) -> None:
+        if self.generating:
+            self.workers.cancel_group(self, "chat")
+
+    def action_open_run(self) -> None:
+        from .modals import RunPicker
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                if not (path / "config.yaml").is_file():
+                    self.app.report_error(SamiError(f"{short_path(path)}: no config.yaml there; "
+                                                    "pick a run directory"), "Cannot chat with this run")
+                    return
+                self.app.run_dir = str(path)
+                self.refresh_source()
+
+        self.app.push_screen(RunPicker(self.app.runs_dir), chosen)
+
+    @on(Input.Submitted, "#chat-temperature, #chat-max-tokens")
+    def setting_entered(self) -> None:
+        self.query_one("#message", Input).focus()
+
+    @on(Input.Submitted, "#message")
+    def send(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self.generating:
+            self.notify("still replying; press escape to stop it", severity="warning")
+            return
+        try:
+            request = self.request()
+        except SamiError as e:
+            self.app.report_error(e, "Cannot send")
+            return
+        event.input.value = ""
+        sides = ["base", "main"] if self.query_one("#side-by-side", Checkbox).value else ["main"]
+        for side in sides:
+            self.history[side].append({"role": "user", "content": text})
+            box = self.query_one(f"#transcript-{side}", VerticalScroll)
+            reply = ChatBubble("assistant")
+            box.mount_all([ChatBubble("user", text), reply])
+            box.scroll_end(animate=False)
+            self.pending[side] = reply
+            reply.show("", done=False)
+        self.generating = True
+        self.refresh_bindings()
+        self.reply(sides, {s: list(self.history[s]) for s in sides}, **request)
+
+    def request(self) -> dict:
+        """Everything the worker needs, read from the controls; raises SamiError for a bad one."""
+        checkpoint = self.checkpoint()
+        if not self.model or checkpoint is None:
+            raise SamiError("no model to chat with: start `sami-mlx tui --model MODEL`, or open a run (ctrl+o)")
+        if self.query_one("#side-by-side", Checkbox).value and checkpoint.adapter_path is None:
+            raise SamiError("side by side compares the base model with an iteration; pick one in the checkpoint list")
+        constitution = None
+        if self.query_one("#use-constitution", Checkbox).value:
+            try:
+                c = self.app.current_constitution()
+            except SamiError as e:
+                raise SamiError(f"the constitution has an error ({e}); fix it on F1 or untick it") from None
+            constitution = c.render(c.positive_variant)
+        try:
+            temperature = float(self.query_one("#chat-temperature", Input).value or 0)
+            max_tokens = int(self.query_one("#chat-max-tokens", Input).value or 0)
+        except ValueError:
+            raise SamiError("temp must be a number and max tokens a whole number") from None
+        if not 0 <= temperature <= 10 or max_tokens < 1:
+            raise SamiError("temp must be between 0 and 10 and max tokens at least 1")
+        return {"checkpoint": checkpoint, "constitution": constitution, "prompt": dict(self.prompt_settings),
+                "temperature": temperature, "max_tokens": max_tokens}
+
+    # ---- the worker -----------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="chat")
+    def reply(self, sides: list[str], history: dict[str, list[dict]], checkpoint: Checkpoint,
+              constitution: str | None, prompt: dict, temperature: float, max_tokens: int) -> None:
+        """Load the checkpoint (once) and stream each side's reply, throttled to 15 Hz."""
+        worker = get_current_worker()
+        try:
+            in_fresh_thread(self._generate, worker, sides, history, checkpoint, constitution, prompt,
+                            temperature, max_tokens)
+        except Exception as e:  # a bad adapter, a missing model: shown in the app, not a crash
+            self.post_message(self.ChatFailed(e))
+        finally:
+            self.post_message(self.Status(""))
+
+    def _generate(self, worker, sides: list[str], history: dict[str, list[dict]], checkpoint: Checkpoint,
+                  constitution: str | None, prompt: dict, temperature: float, max_tokens: int) -> None:
+        models = self.app.chat_models
+        with models.lock:
+            self.post_message(self.Status(f"loading {checkpoint.name}…"))
+            model, tokenizer = models.load(self.model, checkpoint)
+            for side in sides:
+                who = checkpoint_label(checkpoint) if side == "main" else "base model"
+                self.post_message(self.Status(f"{who} is replying… (escape stops)"))
+                with models.base_of(checkpoint) if side == "base" else nullcontext():
+                    ids = build_prompt(tokenizer, history[side], constitution, prompt["template"],
+                                       prompt["chat_template"])
+                    stops = () if uses_chat_template(tokenizer, prompt["chat_template"]) else prompt["stop"]
+                    text, shown = "", 0.0
+                    for text in stream_reply(model, tokenizer, ids, max_tokens, temperature,
+                                             should_stop=lambda: worker.is_cancelled, stop_strings=stops):
+                        if time.monotonic() - shown >= FRAME:
+                            shown = time.monotonic()
+                            self.post_message(self.ReplyDelta(side, text))
+                self.post_message(self.ReplyDelta(side, text, done=True))
+                if worker.is_cancelled:
+                    break
+
+    @on(Status)
+    def status(self, message: Status) -> None:
+        self.query_one("#chat-status", Static).update(Text(message.text, style="dim italic"))
+        if not message.text:
+            self.finish()
+
+    @on(ReplyDelta)
+    def reply_delta(self, message: ReplyDelta) -> None:
+        widget = self.pending.get(message.side)
+        if widget is None:
+            return
+        widget.show(message.text, done=message.done)
+        widget.parent.scroll_end(animate=False)
+        if message.done:
+            self.history[message.side].append({"role": "assistant", "content": message.text})
+            del self.pending[message.side]
+
+    @on(ChatFailed)
+    def failed(self, message: ChatFailed) -> None:
+        self.app.report_error(message.error, "The model could not reply")
+
+    def finish(self) -> None:
+        """The worker is done: close replies that never started (stopped or failed)."""
+        for side, widget in list(self.pending.items()):
+            widget.show(widget.text or "(no reply)")
+            self.history[side].pop()  # drop the unanswered user turn
+        self.pending.clear()
+        self.generating = False
+        self.refresh_bindings()

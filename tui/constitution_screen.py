@@ -1,0 +1,420 @@
+"""Screen 1: edit a constitution in place, validated as you type, with a preview of its variants."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, Static
+
+from sami_mlx.constitution import (
+    Constitution,
+    constitution_from_dict,
+    load_constitution,
+    num_variants,
+    parse_variants,
+    sample_variants,
+    save_constitution,
+    variant_strategy,
+)
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_structured
+
+from .modals import ChoiceModal, PathModal
+from .runlog import short_path
+from .threads import in_fresh_thread
+from .widgets import NavTabs, PrincipleCard
+
+PREVIEW_LIMIT = 8
+
+
+def principle_problems(principles: list[dict]) -> list[list[str]]:
+    """What to fix in each principle, shown under it (the engine's check runs on save)."""
+    names = [p["name"].strip() for p in principles]
+    out = []
+    for n, p in enumerate(principles, start=1):
+        problems = [f"{label} is empty" for key, label in
+                    (("name", "name"), ("positive", "positive wording"), ("negative", "negative wording"))
+                    if not p[key].strip()]
+        twins = [str(m) for m, other in enumerate(names, start=1) if m != n and names[n - 1] and other == names[n - 1]]
+        if twins:
+            problems.append(f"name '{names[n - 1]}' is also principle {', '.join(twins)}; "
+                            "give each its own name")
+        out.append(problems)
+    return out
+
+
+class ConstitutionScreen(Screen):
+    """The principles as cards (name, + wording, − wording); save writes the file atomically."""
+
+    AUTO_FOCUS = ".principle-name"
+
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save", tooltip="Save the constitution (atomically)"),
+        Binding("f4", "save_as", "Save as"),
+        Binding("ctrl+o", "open", "Open", tooltip="Open a constitution file"),
+        Binding("ctrl+n", "add", "Add", tooltip="Add a principle after the focused one"),
+        Binding("ctrl+d", "delete", "Delete", tooltip="Delete the focused principle", priority=True),
+        Binding("alt+up", "move(-1)", "Up", tooltip="Move the focused principle up"),
+        Binding("alt+down", "move(1)", "Down", tooltip="Move the focused principle down"),
+        Binding("ctrl+r", "reroll", "Preview", tooltip="Draw another set of variants for the preview"),
+        Binding("ctrl+g", "draft", "Draft", tooltip="Draft principles with a model (the principle writer)"),
+    ]
+
+    class DraftStatus(Message, bubble=False):
+        """What the principle writer is doing."""
+
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    class Drafted(Message, bubble=False):
+        """The writer's principles (`constitution`), or the `error` that stopped it."""
+
+        def __init__(self, constitution: Constitution | None, error: BaseException | None = None) -> None:
+            super().__init__()
+            self.constitution, self.error = constitution, error
+
+    def __init__(self) -> None:
+        super().__init__(id="constitution-screen")
+        self.path: Path | None = None
+        self.saved: dict | None = None  # the document as last loaded or saved
+        self.preview_seed = 0
+        self._loading = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield NavTabs("constitution")
+        with Horizontal(id="constitution-body"):
+            with Vertical(id="principles-pane"):
+                with Horizontal(id="constitution-name-row"):
+                    yield Label("Constitution", classes="field-label")
+                    yield Input(placeholder="constitution name", id="constitution-name", compact=True)
+                yield VerticalScroll(id="principles")
+                yield Static("", id="constitution-status")
+            with Vertical(id="preview-pane"):
+                with Horizontal(id="variants-row"):
+                    yield Label("Variants", classes="field-label")
+                    yield Input("paper", placeholder="paper, grid or a number", id="preview-variants", compact=True)
+                yield VerticalScroll(Static("", id="preview"), id="preview-scroll")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        path = self.app.constitution_path
+        if path and Path(path).exists():
+            try:
+                await self.load(Path(path))
+                return
+            except SamiError as e:
+                self.app.report_error(e, "Could not open the constitution")
+        await self.show_document({"name": "my-constitution",
+                                  "principles": [{"name": "", "positive": "", "negative": ""}]},
+                                 Path(path) if path else None)
+
+    # ---- the document ---------------------------------------------------------------------
+
+    def document(self) -> dict:
+        """The constitution as the editor holds it now (unvalidated)."""
+        return {"name": self.query_one("#constitution-name", Input).value,
+                "principles": [card.values() for card in self.query(PrincipleCard)]}
+
+    @property
+    def dirty(self) -> bool:
+        return self.is_mounted and self.document() != self.saved
+
+    def constitution(self) -> Constitution:
+        """The document validated by the engine; raises SamiError naming what to fix."""
+        return constitution_from_dict(self.document(), short_path(self.path) if self.path else "constitution")
+
+    async def load(self, path: Path) -> None:
+        """Open a file; one with mistakes the editor can show (an empty wording, a duplicate) opens too."""
+        try:
+            doc = load_constitution(path).to_dict()
+        except SamiError as e:
+            doc = editable(read_structured(path, "constitution file"))
+            if doc is None:
+                raise
+            self.notify(str(e), title="Opened with errors to fix", severity="warning", timeout=8)
+        await self.show_document(doc, path)
+
+    async def show_document(self, doc: dict, path: Path | None, saved: bool = True) -> None:
+        """Replace the editor's content; what is shown counts as saved unless `saved` is False."""
+        self._loading = True
+        self.path = path
+        self.app.constitution_path = str(path) if path else None
+        self.query_one("#constitution-name", Input).value = doc.get("name", "")
+        box = self.query_one("#principles", VerticalScroll)
+        await box.remove_children()
+        await box.mount_all([PrincipleCard(p["name"], p["positive"], p["negative"]) for p in doc["principles"]])
+        self._loading = False
+        if saved:
+            self.saved = self.document()
+        self.validate()
+        cards = box.query(PrincipleCard)
+        if cards:
+            cards.first().focus_field("name")
+
+    # ---- validation and preview -----------------------------------------------------------
+
+    @on(Input.Changed)
+    def edited(self, event: Input.Changed) -> None:
+        if event.input.id == "preview-variants":
+            self.update_preview()
+        elif not self._loading:
+            self.validate()
+
+    def validate(self) -> None:
+        cards = list(self.query(PrincipleCard))
+        for n, (card, problems) in enumerate(zip(cards, principle_problems([c.values() for c in cards])), 1):
+            card.show_state(n, problems)
+        status = self.query_one("#constitution-status", Static)
+        where = short_path(self.path) if self.path else "unsaved file"
+        mark = " · modified" if self.dirty else ""
+        try:
+            c = self.constitution()
+        except SamiError as e:
+            text = Text.assemble(("✗ ", "bold red"), str(e), (f"   [{where}{mark}]", "dim"))
+        else:
+            text = Text.assemble(("✓ ", "bold green"), f"{len(c.principles)} principles, valid",
+                                 (f"   [{where}{mark}]", "dim"))
+        if text != status.content:
+            status.update(text)
+            status.set_class(text.plain.startswith("✗"), "invalid")
+        self.sub_title = f"{where}{mark}"
+        self.update_preview()
+
+    def update_preview(self) -> None:
+        preview = self.query_one("#preview", Static)
+        text = self.preview_text()
+        if text != preview.content:
+            preview.update(text)
+
+    def preview_text(self) -> Text:
+        """The variants one query would get under the chosen strategy, rendered."""
+        try:
+            c = self.constitution()
+        except SamiError:
+            return Text("fix the errors on the left to preview the variants", style="dim")
+        try:
+            strategy = variant_strategy(str(parse_variants(self.query_one("#preview-variants", Input).value.strip())))
+            n = num_variants(strategy, len(c.principles))
+        except SamiError as e:
+            return Text(str(e), style="red")
+        variants = sample_variants(strategy, len(c.principles), random.Random(self.preview_seed))
+        text = Text(f"{n} variants per query; one query's draw (ctrl+r draws again):\n\n", style="dim")
+        for v in variants[:PREVIEW_LIMIT]:
+            for sign in v.label:
+                text.append(sign if sign == "+" else "−", style="bold green" if sign == "+" else "bold red")
+            text.append("  all positive\n" if v.is_positive else "\n", style="dim")
+            text.append(c.render(v) + "\n\n")
+        if len(variants) > PREVIEW_LIMIT:
+            text.append(f"… and {len(variants) - PREVIEW_LIMIT} more", style="dim")
+        return text
+
+    # ---- actions --------------------------------------------------------------------------
+
+    def focused_card(self) -> PrincipleCard | None:
+        node = self.focused
+        while node is not None and not isinstance(node, PrincipleCard):
+            node = node.parent
+        return node
+
+    async def action_add(self) -> None:
+        box = self.query_one("#principles", VerticalScroll)
+        card, current = PrincipleCard(), self.focused_card()
+        await box.mount(card, after=current) if current else await box.mount(card)
+        card.focus_field("name")
+        card.scroll_visible()
+        self.validate()
+
+    async def action_delete(self) -> None:
+        card = self.focused_card()
+        if card is None:
+            self.notify("focus a principle to delete it", severity="warning")
+            return
+        cards = list(self.query(PrincipleCard))
+        i = cards.index(card)
+        await card.remove()
+        rest = cards[:i] + cards[i + 1:]
+        if rest:
+            rest[min(i, len(rest) - 1)].focus_field("name")
+        self.validate()
+
+    def action_move(self, offset: int) -> None:
+        card = self.focused_card()
+        if card is None:
+            return
+        cards = list(self.query(PrincipleCard))
+        i = cards.index(card)
+        j = i + offset
+        if not 0 <= j < len(cards):
+            return
+        box = self.query_one("#principles", VerticalScroll)
+        if offset < 0:
+            box.move_child(card, before=cards[j])
+        else:
+            box.move_child(card, after=cards[j])
+        card.scroll_visible()
+        self.validate()
+
+    def action_reroll(self) -> None:
+        self.preview_seed += 1
+        self.update_preview()
+
+    def action_save(self) -> bool:
+        """Save to the current file (asking for one the first time); True when saved."""
+        if self.path is None:
+            self.action_save_as()
+            return False
+        return self.save_to(self.path)
+
+    def save_to(self, path: Path) -> bool:
+        try:
+            save_constitution(self.constitution(), path)
+        except SamiError as e:
+            self.app.report_error(e, "Not saved")
+            return False
+        except OSError as e:
+            self.app.report_error(SamiError(f"{short_path(path)}: cannot write ({e.strerror})"), "Not saved")
+            return False
+        self.path = path
+        self.app.constitution_path = str(path)
+        self.saved = self.document()
+        self.validate()
+        self.notify(f"saved {short_path(path)}")
+        return True
+
+    def action_save_as(self) -> None:
+        def chosen(value: str | None) -> None:
+            if value:
+                self.save_to(Path(value).expanduser())
+
+        default = str(short_path(self.path)) if self.path else "constitution.yaml"
+        self.app.push_screen(PathModal("Save constitution as (.yaml or .json)", default), chosen)
+
+    def action_open(self) -> None:
+        async def chosen(value: str | None) -> None:
+            if not value:
+                return
+            try:
+                await self.load(Path(value).expanduser())
+            except SamiError as e:
+                self.app.report_error(e, "Could not open the constitution")
+
+        def ask_path(answer: str = "discard") -> None:
+            if answer == "save" and not self.action_save():
+                return
+            if answer in ("save", "discard"):
+                self.app.push_screen(PathModal("Open constitution (.yaml or .json)",
+                                               str(short_path(self.path)) if self.path else ""), chosen)
+
+        if self.dirty:
+            self.app.push_screen(ChoiceModal("Unsaved changes", f"Save the changes to "
+                                             f"{short_path(self.path) if self.path else 'this constitution'} first?",
+                                             [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]),
+                                 ask_path)
+        else:
+            ask_path()
+
+    # ---- the principle writer -------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "draft":
+            return writer_available()
+        return True
+
+    def action_draft(self) -> None:
+        from .modals import DraftModal
+
+        def chosen(request: dict | None) -> None:
+            if not request:
+                return
+            if not request["writer"]:
+                self.app.report_error(SamiError("give the writer model: an instruct model's hub id or directory"),
+                                      "Cannot draft")
+                return
+            self.notify(f"drafting {request['principles']} principles with {request['writer']}…")
+            self.draft(request["writer"], request["task"], request["principles"],
+                       self.query_one("#constitution-name", Input).value.strip() or "constitution")
+
+        self.app.push_screen(DraftModal(self.app.model), chosen)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="draft")
+    def draft(self, writer: str, task: str, k: int, name: str) -> None:
+        """Load the writer and let it draft (it retries malformed answers itself)."""
+        from sami_mlx.model import load_model
+        from sami_mlx.writer import draft_constitution
+
+        def attempt(n: int, answer: str, error: str | None) -> None:
+            self.post_message(self.DraftStatus(f"answer {n}: {'read' if error is None else error}"))
+
+        def write() -> Constitution:
+            self.post_message(self.DraftStatus(f"loading {writer}…"))
+            model, tokenizer, _ = load_model(writer)
+            self.post_message(self.DraftStatus("the writer is drafting…"))
+            return draft_constitution(model, tokenizer, task, k, name=name, on_attempt=attempt)
+
+        try:
+            constitution = in_fresh_thread(write)
+        except Exception as e:  # a bad model or an unreadable answer: shown, never a crash
+            self.post_message(self.Drafted(None, e))
+        else:
+            self.post_message(self.Drafted(constitution))
+
+    @on(DraftStatus)
+    def draft_status(self, message: DraftStatus) -> None:
+        self.notify(message.text, title="Principle writer", timeout=4)
+
+    @on(Drafted)
+    def drafted(self, message: Drafted) -> None:
+        if message.error is not None:
+            self.app.report_error(message.error, "The writer could not draft principles")
+            return
+        drafted = [{"name": p.name, "positive": p.positive, "negative": p.negative}
+                   for p in message.constitution.principles]
+        current = [p for p in self.document()["principles"] if any(v.strip() for v in p.values())]
+
+        async def apply(choice: str = "replace") -> None:
+            if choice not in ("replace", "append"):
+                return
+            doc = self.document()
+            doc["principles"] = drafted if choice == "replace" else current + drafted
+            await self.show_document(doc, self.path, saved=False)
+            self.notify(f"{len(drafted)} drafted principles added; review them and save (ctrl+s)")
+
+        if current:
+            self.app.push_screen(ChoiceModal("Drafted principles", f"The writer drafted {len(drafted)} "
+                                             f"principles. Replace the {len(current)} you have, or add them?",
+                                             [("replace", "Replace"), ("append", "Add"), ("cancel", "Cancel")]),
+                                 apply)
+        else:
+            self.call_later(apply)
+
+
+def editable(data: object) -> dict | None:
+    """A parsed constitution file as the editor's document, or None when it is not one at all."""
+    if not isinstance(data, dict) or not isinstance(data.get("principles"), list):
+        return None
+    if not all(isinstance(p, dict) for p in data["principles"]):
+        return None
+    return {"name": _text(data.get("name", "constitution")),
+            "principles": [{k: _text(p.get(k)) for k in ("name", "positive", "negative")}
+                           for p in data["principles"]] or [{"name": "", "positive": "", "negative": ""}]}
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def writer_available() -> bool:
+    """The principle writer (sami_mlx.writer) ships with this install."""
+    import importlib.util
+
+    return importlib.util.find_spec("sami_mlx.writer") is not None

@@ -1,0 +1,188 @@
+"""What the Run screen shows, folded from events: the same code reads a live run and metrics.jsonl."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_jsonl
+from sami_mlx.runstate import RunState
+
+
+@dataclass
+class RunView:
+    """Progress and metrics of one run, built by `apply`ing its events (as dicts) in order."""
+
+    run_dir: str = ""
+    config: dict = field(default_factory=dict)
+    iterations: int = 0
+    total_steps: int = 0
+    num_variants: int = 0
+    base_ppl: float | None = None
+    iteration: int = 0  # the iteration in progress, 1-based (0 before the first)
+    iteration_steps: int = 0
+    step: int = 0  # optimizer steps done in the current iteration
+    global_step: int = 0
+    sampling: tuple[int, int] | None = None  # (done, total) while sampling
+    steps: dict[int, dict] = field(default_factory=dict)  # global step -> StepCompleted
+    per_iteration: dict[int, dict] = field(default_factory=dict)  # SamplesReady + IterationCompleted
+    examples: dict[int, list[dict]] = field(default_factory=dict)  # iteration -> sample groups
+    warnings: list[str] = field(default_factory=list)
+    status: str = "idle"  # idle, running, finished, stopped, failed, incomplete
+    reason: str = ""
+
+    def apply(self, event: dict) -> None:
+        """Fold one event (an `Event.to_dict()` or a metrics.jsonl row) into the view."""
+        handler = getattr(self, "_on_" + str(event.get("event", "")), None)
+        if handler is not None:
+            handler(event)
+
+    def _on_RunStarted(self, e: dict) -> None:
+        self.run_dir, self.config = e["run_dir"], e.get("config", {})
+        self.iterations, self.total_steps = e["iterations"], e["total_steps"]
+        self.num_variants, self.base_ppl = e["num_variants"], e.get("base_ppl")
+        self.global_step = e.get("resumed_at_step", 0)
+        self.status, self.reason = "running", ""
+
+    def _on_IterationStarted(self, e: dict) -> None:
+        self.iteration, self.iteration_steps, self.step = e["iteration"], e["steps"], 0
+        self.sampling = (0, e["queries"] * max(self.num_variants, 1))
+
+    def _on_SamplingProgress(self, e: dict) -> None:
+        self.iteration = e["iteration"]
+        self.sampling = (e["done"], e["total"])
+
+    def _on_SamplesReady(self, e: dict) -> None:
+        self.sampling = None
+        row = self.per_iteration.setdefault(e["iteration"], {})
+        for key in ("groups", "mean_length", "no_eos_rate", "distinct_2", "dropped_empty",
+                    "dropped_identical", "dropped_banned"):
+            row[key] = e.get(key)
+        row["sampling_tokens_per_sec"] = e.get("tokens_per_sec")
+        self.examples[e["iteration"]] = list(e.get("examples", []))
+
+    def _on_StepCompleted(self, e: dict) -> None:
+        self.sampling = None
+        self.iteration, self.iteration_steps = e["iteration"], e["steps"]
+        self.step, self.global_step = e["step"], e["global_step"]
+        self.steps[e["global_step"]] = e
+
+    def _on_IterationCompleted(self, e: dict) -> None:
+        self.per_iteration.setdefault(e["iteration"], {}).update(
+            {k: e.get(k) for k in ("loss", "mi_bound", "row_accuracy", "column_accuracy",
+                                   "heldout_ppl", "ppl_ratio")})
+        self.step = self.iteration_steps
+
+    def _on_RunWarning(self, e: dict) -> None:
+        self.warnings.append(e["message"])
+
+    def _on_RunCompleted(self, e: dict) -> None:
+        self.sampling = None
+        self.status = "stopped" if e.get("stopped_early") else "finished"
+        self.reason = e.get("reason", "")
+
+    # ---- what the screen reads ------------------------------------------------------------
+
+    @property
+    def last_step(self) -> dict | None:
+        return self.steps[max(self.steps)] if self.steps else None
+
+    def series(self, key: str) -> list[float]:
+        """One metric per logged step, in step order (non-finite values left out)."""
+        values = [self.steps[s].get(key) for s in sorted(self.steps)]
+        return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+    @property
+    def completed_iterations(self) -> int:
+        return sum(1 for row in self.per_iteration.values() if "loss" in row)
+
+
+def load_run(run_dir: str | Path) -> RunView:
+    """A past (or running) run, replayed from its metrics.jsonl; state.json tells an unfinished one."""
+    run = Path(run_dir).expanduser()
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise SamiError(f"{run}: no metrics.jsonl there; pick a run directory made by `sami-mlx train`")
+    view = RunView(run_dir=str(run))
+    for row in read_jsonl(metrics):
+        view.apply(row)
+    if view.status == "running":  # no RunCompleted: killed, or still running in another process
+        view.status, view.reason = "incomplete", "no RunCompleted event; resume it to finish"
+    state = run / "state.json"
+    if view.status == "stopped" and state.is_file() and not RunState.load(state).finished:
+        view.reason = (view.reason + "; " if view.reason else "") + "resumable"
+    return view
+
+
+def is_resumable(run_dir: str | Path) -> bool:
+    """A run whose state.json says it has iterations left."""
+    state = Path(run_dir).expanduser() / "state.json"
+    if not (state.is_file() and (state.parent / "config.yaml").is_file()):
+        return False
+    try:
+        return not RunState.load(state).finished
+    except SamiError:
+        return False
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of the run picker."""
+
+    path: Path
+    status: str
+    detail: str
+
+
+def list_runs(runs_dir: str | Path) -> list[RunSummary]:
+    """Run directories under `runs_dir` (newest name first) with their status."""
+    root = Path(runs_dir).expanduser()
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted((p for p in root.iterdir() if (p / "metrics.jsonl").is_file()), reverse=True):
+        try:
+            view = load_run(d)
+        except SamiError:
+            continue
+        loss = view.last_step.get("loss") if view.last_step else None
+        detail = f"{view.completed_iterations}/{view.iterations} iterations"
+        if loss is not None:
+            detail += f", loss {loss:.4f}"
+        out.append(RunSummary(d, view.status, detail))
+    return out
+
+
+def read_samples(run_dir: str | Path, iteration: int) -> list[dict]:
+    """The rollouts of one iteration (iter-NN/samples.jsonl): query, variants, responses, kept."""
+    return read_jsonl(Path(run_dir).expanduser() / f"iter-{iteration:02d}" / "samples.jsonl")
+
+
+def sample_iterations(run_dir: str | Path) -> list[int]:
+    """Iterations (1-based) whose samples.jsonl exists."""
+    run = Path(run_dir).expanduser()
+    found = []
+    for d in run.glob("iter-*"):
+        if (d / "samples.jsonl").is_file() and d.name[5:].isdigit():
+            found.append(int(d.name[5:]))
+    return sorted(found)
+
+
+def printable(text: str) -> str:
+    """Model output made safe for a terminal: control and unassigned characters shown as '�'."""
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn") else "\ufffd"
+        for c in text
+    )
+
+
+def short_path(path: str | Path) -> str:
+    """A path relative to the working directory when it lies inside it (stable in screenshots)."""
+    p = Path(path).expanduser()
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)

@@ -1,0 +1,190 @@
+"""Widgets the screens share: a principle card, metric plots, the score heat map, sample groups."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Input, Label, Sparkline, Static, Tab, Tabs
+
+from .runlog import printable
+
+_card_ids = itertools.count(1)
+
+
+class PrincipleCard(Vertical):
+    """One principle edited in place: its name, positive wording and negative wording."""
+
+    def __init__(self, name: str = "", positive: str = "", negative: str = "") -> None:
+        super().__init__(id=f"principle-{next(_card_ids)}", classes="principle")
+        self._initial = (name, positive, negative)
+        self._shown: tuple = (None, None)  # (number, problems) on screen: redraw only on change
+
+    def compose(self) -> ComposeResult:
+        name, positive, negative = self._initial
+        with Horizontal(classes="principle-head"):
+            yield Label("", classes="principle-number")
+            yield Input(name, placeholder="name", classes="principle-name", compact=True)
+        with Horizontal(classes="wording"):
+            yield Label("+", classes="sign positive")
+            yield Input(positive, placeholder="positive wording", classes="principle-positive", compact=True)
+        with Horizontal(classes="wording"):
+            yield Label("−", classes="sign negative")
+            yield Input(negative, placeholder="negative wording (the antithesis)",
+                        classes="principle-negative", compact=True)
+        yield Static("", classes="principle-problems")
+
+    def values(self) -> dict[str, str]:
+        """The principle as a constitution file has it."""
+        if not self.is_mounted or not self.children:
+            name, positive, negative = self._initial
+        else:
+            name, positive, negative = (self.query_one(f".principle-{k}", Input).value
+                                        for k in ("name", "positive", "negative"))
+        return {"name": name, "positive": positive, "negative": negative}
+
+    def show_state(self, n: int, problems: Sequence[str]) -> None:
+        """Its number, and inline validation: the card turns red and lists what to fix."""
+        number, shown = self._shown
+        if n != number:
+            self.query_one(".principle-number", Label).update(f"{n}.")
+        if list(problems) != shown:
+            self.set_class(bool(problems), "invalid")
+            box = self.query_one(".principle-problems", Static)
+            box.update(Text("; ".join(problems)))
+            box.display = bool(problems)
+        self._shown = (n, list(problems))
+
+    def focus_field(self, field: str = "name") -> None:
+        self.query_one(f".principle-{field}", Input).focus()
+
+
+class MetricPlot(Vertical):
+    """A metric per step as a sparkline, with its last, min and max, and per iteration below."""
+
+    def __init__(self, title: str, id: str | None = None) -> None:
+        super().__init__(id=id, classes="plot")
+        self.title = title
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.title, classes="plot-title")
+        yield Sparkline([], classes="per-step")
+        yield Static("", classes="plot-iterations")
+
+    def show(self, per_step: Sequence[float], per_iteration: Sequence[float]) -> None:
+        self.query_one(Sparkline).data = list(per_step)
+        title = Text(self.title, style="bold", no_wrap=True, overflow="ellipsis")
+        if per_step:
+            title.append(f"  {per_step[-1]:.4f}")
+            title.append(f"   min {min(per_step):.3f}  max {max(per_step):.3f}  ·  {len(per_step)} step{'' if len(per_step) == 1 else 's'}",
+                         style="dim")
+        else:
+            title.append("  no steps yet", style="dim")
+        self.query_one(".plot-title", Static).update(title)
+        its = "  ".join(f"it{n} {v:.4f}" for n, v in enumerate(per_iteration, start=1))
+        self.query_one(".plot-iterations", Static).update(
+            Text(f"per iteration: {its}" if its else "", no_wrap=True, overflow="ellipsis"))
+
+
+class ScoreHeatmap(Static):
+    """The latest N×N score matrix S[i, j] = mean log π(y_j | c_i, x), coloured per matrix."""
+
+    MAX_SIDE = 8
+
+    def show(self, scores: Sequence[Sequence[float]] | None) -> None:
+        if not scores:
+            self.update(Text("score matrix: waiting for the first step", style="dim"))
+            return
+        n = len(scores)
+        k = min(n, self.MAX_SIDE)
+        flat = [v for row in scores[:k] for v in row[:k] if math.isfinite(v)]
+        lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
+        table = Table(box=None, padding=(0, 1), show_edge=False)
+        table.add_column("")
+        for j in range(k):
+            table.add_column(f"y{j + 1}", justify="right")
+        for i in range(k):
+            cells = [Text(f"c{i + 1}", style="bold")]
+            for j in range(k):
+                cells.append(_heat_cell(scores[i][j], lo, hi, diagonal=i == j))
+            table.add_row(*cells)
+        title = Text("score matrix: mean log π(y_j | c_i, x)", style="bold", no_wrap=True, overflow="ellipsis")
+        if n > k:
+            title.append(f"  (first {k} of {n})", style="dim")
+        self.update(Group(title, table))
+
+
+def _heat_cell(value: float, lo: float, hi: float, diagonal: bool) -> Text:
+    t = 0.5 if hi <= lo or not math.isfinite(value) else (value - lo) / (hi - lo)
+    # Low scores dark blue, high scores bright orange; the diagonal (own response) underlined.
+    r, g, b = int(30 + 200 * t), int(40 + 100 * t), int(120 - 100 * t)
+    style = f"{'bold underline ' if diagonal else ''}#ffffff on rgb({r},{g},{b})"
+    return Text(f"{value:7.3f}", style=style)
+
+
+def samples_text(groups: Sequence[dict], principles: Sequence[str] = (), limit: int = 30) -> Text:
+    """Sample groups: each query with its responses, labelled by variant (+/− per principle)."""
+    out = Text()
+    if principles:
+        out.append("variant signs follow the principles: " + ", ".join(principles) + "\n\n", style="dim")
+    if not groups:
+        out.append("no samples yet", style="dim")
+    for g in list(groups)[:limit]:
+        dropped = g.get("kept") is False
+        out.append("Q: ", style="bold")
+        out.append(printable(str(g.get("query", ""))), style="bold")
+        if dropped:
+            out.append("  (dropped: degenerate group)", style="dim italic")
+        out.append("\n")
+        for label, response in zip(g.get("variants", []), g.get("responses", [])):
+            out.append("  ")
+            for sign in label:
+                out.append(sign if sign == "+" else "−", style="green" if sign == "+" else "red")
+            out.append("  " + printable(str(response)).replace("\n", "⏎ ") + "\n",
+                       style="dim" if dropped else "")
+        out.append("\n")
+    if len(groups) > limit:
+        out.append(f"… and {len(groups) - limit} more groups", style="dim")
+    return out
+
+
+class ChatBubble(Static):
+    """One chat message in the transcript."""
+
+    def __init__(self, role: str, text: str = "") -> None:
+        super().__init__(classes=f"message {role}")
+        self.role, self.text = role, text
+
+    def on_mount(self) -> None:
+        self.show(self.text)
+
+    def show(self, text: str, done: bool = True) -> None:
+        self.text = text
+        body = Text(printable(text) or ("…" if not done else ""))
+        if not done:
+            body.append(" ▌", style="dim")
+        self.update(body)
+
+
+class NavTabs(Tabs, can_focus=False):
+    """The three screens as tabs (click, or F1-F3); the active one names the screen shown."""
+
+    SCREENS = (("constitution", "F1 Constitution"), ("run", "F2 Run"), ("chat", "F3 Chat"))
+
+    def __init__(self, active: str) -> None:
+        super().__init__(*[Tab(label, id=f"tab-{mode}") for mode, label in self.SCREENS],
+                         active=f"tab-{active}", classes="nav")
+        self.mode = active
+
+    def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
+        event.stop()
+        mode = str(event.tab.id).removeprefix("tab-")
+        if mode != self.mode:
+            self.active = f"tab-{self.mode}"  # this screen stays this tab; the app switches screens
+            self.app.switch_mode(mode)
