@@ -486,6 +486,13 @@ def test_model_output_is_made_printable():
     assert printable("ok\x04\x1b[2Jdone\n") == "ok\ufffd\ufffd[2Jdone\n"
 
 
+def test_cli_refuses_a_run_folder_without_metrics(tmp_path, capsys):
+    from sami_mlx.cli import main
+
+    assert main(["tui", "--run", str(tmp_path)]) == 2
+    assert "no metrics.jsonl there" in capsys.readouterr().err
+
+
 def test_the_engine_never_imports_textual():
     """sami_mlx is the core: the TUI imports it, never the reverse (a static scan of its source)."""
     offenders = []
