@@ -18,6 +18,7 @@ from textual import events
 from textual.widgets import DataTable, Input, OptionList
 
 from sami_mlx import trainer
+from sami_mlx.config import config_from_file
 from sami_mlx.events import StepCompleted
 from sami_mlx.fileio import read_jsonl
 from tui.app import SamiApp
@@ -236,10 +237,10 @@ async def test_draft_principles_with_the_writer(workdir, tiny_model, constitutio
 # ---- Run screen: a real run, cancel and resume, browse ---------------------------------------
 
 
-async def fill_tiny_settings(pilot, queries: str, steps: int = 1) -> None:
+async def fill_tiny_settings(pilot, queries: str) -> None:
     await type_into(pilot, "#set-queries", queries)
     await type_into(pilot, "#set-iterations", "1")
-    await type_into(pilot, "#set-steps", str(steps))
+    await type_into(pilot, "#set-steps", "1")
     await type_into(pilot, "#set-queries_per_step", "2")
     await type_into(pilot, "#set-temperature", "1.0")
     await type_into(pilot, "#set-max_tokens", "6")
@@ -327,11 +328,16 @@ class GatedTrainer:
 async def test_stop_mid_run_leaves_a_resumable_run_and_resume_finishes_it(workdir, tiny_model,
                                                                           constitution_file, queries_file):
     gated = GatedTrainer()
-    app = SamiApp(model=str(tiny_model), constitution=constitution_file.name, trainer=gated)
+    # Settings from a YAML file, as `sami-mlx tui -c tiny.yaml` reads them (the form shows them).
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump({
+        "model": str(tiny_model), "constitution": constitution_file.name, "queries": queries_file.name,
+        "iterations": 1, "steps": 3, "queries_per_step": 2, "temperature": 1.0, "max_tokens": 6,
+        "seed": 7, "out": "runs/tiny"}))
+    app = SamiApp(config=config_from_file("tiny.yaml"), trainer=gated)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f2")
         run = app.screen
-        await fill_tiny_settings(pilot, queries_file.name, steps=3)
+        assert run.query_one("#set-steps", Input).value == "3"
         await pilot.press("ctrl+r")
         for _ in range(600):
             if gated.reached.is_set():
@@ -349,6 +355,7 @@ async def test_stop_mid_run_leaves_a_resumable_run_and_resume_finishes_it(workdi
         assert run.view.status == "stopped" and not state["finished"]
         assert state["global_step"] == 1 and state["phase"] == "training"
         assert run.check_action("resume", ()) is True
+        assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 7  # not on the form, still used
 
         await pilot.press("ctrl+y")
         await app.workers.wait_for_complete()

@@ -36,10 +36,11 @@ class SamiApp(App):
     ]
 
     def __init__(self, model: str = "", constitution: str | None = None, run: str | None = None,
-                 runs_dir: str = "runs", trainer: ModuleType | None = None) -> None:
+                 runs_dir: str = "runs", config: dict | None = None, trainer: ModuleType | None = None) -> None:
         super().__init__()
-        self.model = model
-        self.constitution_path = constitution
+        self.model = model or (config or {}).get("model", "")
+        self.config = config or {}  # run settings (TrainConfig fields), as `sami-mlx train -c` reads them
+        self.constitution_path = constitution or self.config.get("constitution")
         self.run_dir = run
         self.runs_dir = runs_dir
         if trainer is None:

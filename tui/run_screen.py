@@ -19,7 +19,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig
+from sami_mlx.config import FIELDS, TrainConfig
 from sami_mlx.constitution import load_constitution
 from sami_mlx.errors import SamiError
 
@@ -94,6 +94,7 @@ class RunScreen(Screen):
     def __init__(self) -> None:
         super().__init__(id="run-screen")
         self.view = RunView()
+        self.base_config: dict = {}  # settings the form does not show, from a config file or past run
         self.running = False
         self.quit_when_stopped = False
         self.stop_requested = threading.Event()
@@ -144,9 +145,11 @@ class RunScreen(Screen):
         table = self.query_one("#iterations-table", DataTable)
         table.add_columns("it", "loss", "MI", "row", "col", "ppl×", "groups", "len", "no EOS", "dist-2")
         app = self.app
+        if app.config:
+            self.use_config(app.config, keep_out=True)
         if app.model:
             self.query_one("#set-model", Input).value = app.model
-        self.sync_constitution()
+        self.sync_constitution(force=True)
         run = app.run_dir
         if run:
             self.open_run(Path(run))
@@ -156,18 +159,19 @@ class RunScreen(Screen):
     def on_screen_resume(self) -> None:
         self.sync_constitution()
 
-    def sync_constitution(self) -> None:
+    def sync_constitution(self, force: bool = False) -> None:
         """Follow the file open in the constitution editor until the user types another here."""
         box = self.query_one("#set-constitution", Input)
         path = self.app.constitution_path
-        if path and (not box.value or box.value == self._synced):
+        if path and (force or not box.value or box.value == self._synced):
             box.value = self._synced = str(short_path(path))
 
     # ---- settings -------------------------------------------------------------------------
 
     def settings(self) -> TrainConfig:
         """The form as a resolved TrainConfig; raises SamiError naming the field to fix."""
-        values = {}
+        values = dict(self.base_config)
+        values.pop("out", None)
         for s in SETTINGS:
             raw = self.query_one(f"#set-{s.field}", Input).value.strip()
             if s.kind is str:
@@ -183,10 +187,11 @@ class RunScreen(Screen):
             values["out"] = str(self.new_run_dir())
         return TrainConfig(**values).resolved()
 
-    def show_settings(self, config: dict) -> None:
-        """Fill the form from a run's configuration (all but its directory), to start a similar one."""
+    def use_config(self, config: dict, keep_out: bool = False) -> None:
+        """Settings from a config file or a past run: the form shows the main ones, the rest ride along."""
+        self.base_config = {k: v for k, v in config.items() if k in FIELDS and (keep_out or k != "out")}
         for s in SETTINGS:
-            if s.field != "out" and config.get(s.field) is not None:
+            if (keep_out or s.field != "out") and config.get(s.field) is not None:
                 self.query_one(f"#set-{s.field}", Input).value = setting_text(config[s.field])
 
     def new_run_dir(self) -> Path:
@@ -274,7 +279,7 @@ class RunScreen(Screen):
         self.view.run_dir = str(path)
         self._samples_iteration = None
         self.app.run_dir = str(path)
-        self.show_settings(self.view.config)
+        self.use_config(self.view.config)
         self.refresh_bindings()
         self.render_view()
 
