@@ -110,8 +110,12 @@ FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def config_from_file(path: str) -> dict:
-    """Read a YAML config whose keys are TrainConfig fields (dashes or underscores)."""
-    data = read_structured(path, "config file")
+    """Read a YAML config whose keys are TrainConfig fields (dashes or underscores), or a recipe
+    shipped with the package by name (sami_mlx/data/recipes; see sami_mlx.presets.find_recipe)."""
+    from .presets import find_recipe
+
+    recipe = find_recipe(path)
+    data = recipe if recipe is not None else read_structured(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -8,11 +8,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
-import yaml
 
 from . import events as ev
 from . import toyworld as world
@@ -27,8 +25,10 @@ Callback = Callable[[ev.Event], None]
 
 
 def load_preset(name: str = "toy-world") -> dict:
-    """A model preset shipped in models/ (installed as sami_mlx.presets)."""
-    return yaml.safe_load(resources.files("sami_mlx.presets").joinpath(f"{name}.yaml").read_text("utf-8"))
+    """A model preset shipped in models/, as written (see sami_mlx.presets)."""
+    from .presets import load_preset as load
+
+    return load(name)
 
 
 @dataclass

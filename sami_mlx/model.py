@@ -14,8 +14,14 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_model_path(name: str) -> Path:
-    """A local model directory for `name`, downloading a hub repo through huggingface-hub if needed."""
+    """A local model directory for `name` (a directory, a hub id, or a preset name from models/),
+    downloading a hub repo through huggingface-hub if needed."""
     p = Path(name).expanduser()
+    if not p.exists():
+        from .presets import model_for_preset
+
+        name = model_for_preset(name) or name
+        p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir():
             raise SamiError(f"--model {name}: is a file; pass the model directory")

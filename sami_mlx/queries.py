@@ -21,9 +21,14 @@ def builtin_queries(name: str) -> list[str]:
 
 
 def load_queries(source: str) -> list[str]:
-    """Load queries from a built-in set name, a .jsonl file, or a text file (one query a line)."""
+    """Load queries from a built-in set name, a hub dataset (e.g. 'tldr:train[0:2000]'; see
+    sami_mlx.datasets), a .jsonl file, or a text file (one query a line)."""
     if source in BUILTIN_QUERY_SETS and not Path(source).exists():
         return builtin_queries(source)
+    from .datasets import is_dataset_spec, load_dataset_queries
+
+    if is_dataset_spec(source) and not Path(source).exists():
+        return load_dataset_queries(source)
     text = read_text(source, "queries file")
     if Path(source).suffix.lower() in (".jsonl", ".json"):
         queries = _parse_jsonl(text, source)

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print(f"# {len(inputs.queries)} queries, {len(inputs.constitution.principles)} principles, "
               f"{inputs.num_variants} variants per query")
+        from .presets import dry_run_report  # the plan and its memory estimate
+
+        print(dry_run_report(cfg, inputs))
         return 0
     from .trainer import train
 
