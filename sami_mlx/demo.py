@@ -80,7 +80,7 @@ def prepare_world(out: Path, settings: dict, seed: int) -> dict[str, str]:
     atomic_write_text(paths["queries"], "".join(json.dumps({"query": q}) + "\n"
                                                 for q in world.queries(settings["train_queries"], seed)))
     atomic_write_text(paths["template"], world.TEMPLATE.text + "\n")
-    docs = world.corpus(settings["heldout_documents"], seed + 7919)
+    docs = world.plain_corpus(settings["heldout_documents"], seed + 7919)
     atomic_write_text(paths["heldout"], "".join(json.dumps({"prompt": p, "completion": r}) + "\n" for p, r in docs))
     return paths
 

@@ -1,0 +1,83 @@
+"""The toy principles world and `sami-mlx demo`: the checker, the corpus, and SAMI raising adherence."""
+
+import json
+import random
+
+import pytest
+
+from sami_mlx import toyworld as world
+from sami_mlx.constitution import Variant
+
+
+def test_checker_reads_each_behaviour():
+    c = world.sub_constitution(["register", "length", "numbers", "format"])
+    formal_short = " certainly boats indeed."
+    assert world.adherence(formal_short, c, Variant((True, True, False, False))) == {
+        "register": 1.0, "length": 1.0, "numbers": 1.0, "format": 1.0}
+    casual_long_list = " - hey boats 12 kinda\n- cool stuff the thing about it\n- you can find okay"
+    assert world.adherence(casual_long_list, c, Variant((False, False, True, True))) == {
+        "register": 1.0, "length": 1.0, "numbers": 1.0, "format": 1.0}
+    assert world.adherence(casual_long_list, c, Variant((True, True, False, False))) == {
+        "register": 0.0, "length": 0.0, "numbers": 0.0, "format": 0.0}
+    # Neither formal nor casual: follows neither wording of the register principle.
+    assert world.adherence(" the boats.", c, Variant((True, True, False, False)))["register"] == 0.0
+    assert world.adherence(" the boats.", c, Variant((False, True, False, False)))["register"] == 0.0
+
+
+def test_replies_show_the_behaviours_they_were_written_with():
+    rng = random.Random(0)
+    for _ in range(300):
+        behaviour = {n: rng.random() < 0.5 for n in world.principle_names()}
+        reply = world.write_reply(world.make_query(rng), behaviour, rng)
+        assert world.behaviour_of(reply) == behaviour, reply
+
+
+def test_corpus_links_wording_to_behaviour_only_weakly_with_a_prior_bias():
+    spec = world.WorldSpec(p_default_if_stated=0.9, p_default_if_opposed=0.55)
+    pairs = world.corpus(6000, seed=1, spec=spec)
+    for p in world.WORLD.principles:
+        default = world.DEFAULTS[p.name]
+        for sign, wording in ((True, p.positive), (False, p.negative)):
+            shown = [world.behaviour_of(r)[p.name] for prompt, r in pairs if wording in prompt]
+            p_default = sum(b == default for b in shown) / len(shown)
+            # The default behaviour wins whatever is stated (greedy decoding reveals nothing) ...
+            assert p_default > 0.5
+            # ... but stating it makes it likelier: the weak latent link.
+            expected = 0.9 if sign == default else 0.55
+            assert p_default == pytest.approx(expected, abs=0.04)
+
+
+def small_preset():
+    return {
+        "recipe": {"seed": 0, "documents": 9000, "vocab_size": 700, "hidden_size": 64, "layers": 3, "heads": 4,
+                   "intermediate_size": 128, "batch_size": 32, "steps": 400, "learning_rate": 3e-3, "warmup": 30,
+                   "world": {"p_default_if_stated": 0.9, "p_default_if_opposed": 0.55, "p_default_if_absent": 0.7},
+                   "curriculum": {"steps": 250, "world": {"p_default_if_stated": 0.95, "p_default_if_opposed": 0.1,
+                                                          "p_default_if_absent": 0.7}}},
+        "demo": {"train_principles": ["register", "format"], "heldout_principle": "length",
+                 "train_queries": 120, "heldout_documents": 32, "eval_queries": 16, "heldout_eval_queries": 4,
+                 "sami": {"variants": "grid", "iterations": 3, "steps": 8, "queries_per_step": 4,
+                          "learning_rate": 3e-4, "kl_beta": 1.0, "count_eos": True, "schedule": "continue",
+                          "lora_rank": 16, "lora_layers": -1, "temperature": 1.0, "max_tokens": 24,
+                          "stop": ["Human:"]}},
+    }
+
+
+def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
+    from sami_mlx.demo import run_demo
+
+    monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
+    report = run_demo(tmp_path / "run", small_preset())
+    print({k: report[k] for k in ("base_adherence", "sami_adherence", "win_rate", "ppl_ratio", "seconds")})
+    saved = json.loads((tmp_path / "run" / "demo.json").read_text())
+    for key in ("base_adherence", "sami_adherence", "win_rate", "win_rate_ci", "ppl_ratio", "heldout", "seconds"):
+        assert key in saved
+    base, sami = report["base_adherence"]["overall"], report["sami_adherence"]["overall"]
+    assert sami >= base + 0.12, (base, sami)
+    assert report["win_rate"] > 0.6
+    lo, hi = report["win_rate_ci"]
+    assert lo <= report["win_rate"] <= hi
+    assert report["ppl_ratio"] < 3.0
+    # The run went through the engine: the usual run directory, loadable by mlx-lm.
+    assert (tmp_path / "run" / "iter-03" / "adapters.safetensors").exists()
+    assert list((tmp_path / "cache" / "models").glob("toy-world-*/model.safetensors"))
