@@ -50,16 +50,21 @@ def random_ids(n: int, vocab: int, rng: random.Random) -> list[int]:
 
 
 def timed(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
-    """(median seconds, peak memory in bytes) of fn() over reps runs after warmup."""
+    """(median seconds, step memory in bytes) of fn() over reps runs after warmup.
+
+    Step memory is the peak above what was resident before the step (the weights, adapters and
+    optimizer state, the same for every method compared): what the step itself needs."""
     for _ in range(warmup):
         fn()
     times = []
+    mx.clear_cache()
+    resident = mx.get_active_memory()
     mx.reset_peak_memory()
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), mx.get_peak_memory()
+    return statistics.median(times), mx.get_peak_memory() - resident
 
 
 def report(name: str, **fields) -> None:

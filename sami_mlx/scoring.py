@@ -2,7 +2,7 @@
 
 Two ways to compute it, with the same values and gradients:
 - `score_shared` (the default) runs each prompt once into a KV cache, repeats the cache to the
-  group's N responses and scores them all against it: N prompt passes instead of N².
+  group's N responses and scores them all against it: N prompt passes instead of N², batched.
 - `score_naive` runs all N² (prompt, response) sequences as one padded batch; it is the oracle.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 Ids = list[int]
 
@@ -93,31 +93,35 @@ def score_naive(model: nn.Module, batch: ScoringBatch) -> mx.array:
 
 
 def score_shared(model: nn.Module, batch: ScoringBatch) -> mx.array:
-    """S as [B, N, N], running each prompt once and its N responses against a repeated KV cache."""
+    """S as [B, N, N]: all B·N prompts run once (left-padded, batched) into a KV cache, which is
+    repeated N times so that each prompt scores its group's N responses in one batched pass."""
     B, N = batch.shape
-    rows = []
-    for b in range(B):
-        responses = batch.responses[b]
-        L = max(len(r) for r in responses)
-        resp = mx.array([list(r) + [0] * (L - len(r)) for r in responses], dtype=mx.int32)  # [N, L]
-        mask = (mx.arange(L)[None, :] < mx.array([len(r) for r in responses])[:, None]).astype(mx.float32)
-        for i in range(N):
-            cache = make_prompt_cache(model)
-            last = model(mx.array([list(batch.prompts[b][i])]), cache=cache)[:, -1:, :]  # predicts token 0
-            for c in cache:  # a batch-1 cache does not broadcast: repeat it to the N responses
-                c.keys = mx.repeat(c.keys[..., : c.offset, :], N, axis=0)
-                c.values = mx.repeat(c.values[..., : c.offset, :], N, axis=0)
-            logits = mx.broadcast_to(last, (N, 1, last.shape[-1]))
-            if L > 1:
-                logits = mx.concatenate([logits, model(resp[:, :-1], cache=cache)], axis=1)
-            logp = -nn.losses.cross_entropy(logits.astype(mx.float32), resp)
-            rows.append((logp * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1))
-    return mx.stack(rows).reshape(B, N, N)
+    prompts = [list(p) for group in batch.prompts for p in group]  # row b*N + i
+    Lp = max(len(p) for p in prompts)
+    pad = [Lp - len(p) for p in prompts]
+    cache = [BatchKVCache(pad) for _ in model.layers]
+    tokens = mx.array([[0] * k + p for k, p in zip(pad, prompts)], dtype=mx.int32)
+    # Left padding: every prompt ends at the last position, whose logits predict response token 0.
+    last = model(tokens, cache=cache)[:, -1:, :]
+    for c in cache:  # row (b, i) -> rows (b, i, j) for the N responses j
+        c.keys = mx.repeat(c.keys[..., : c._idx, :], N, axis=0)
+        c.values = mx.repeat(c.values[..., : c._idx, :], N, axis=0)
+        c.offset = mx.repeat(c.offset, N)
+        c.left_padding = mx.repeat(c.left_padding, N)
+    responses = [list(batch.responses[b][j]) for b in range(B) for _ in range(N) for j in range(N)]
+    L = max(len(r) for r in responses)
+    resp = mx.array([r + [0] * (L - len(r)) for r in responses], dtype=mx.int32)  # [B*N*N, L]
+    mask = (mx.arange(L)[None, :] < mx.array([len(r) for r in responses])[:, None]).astype(mx.float32)
+    logits = mx.repeat(last, N, axis=0)
+    if L > 1:  # right padding at the end of a response is harmless under the causal mask
+        logits = mx.concatenate([logits, model(resp[:, :-1], cache=cache)], axis=1)
+    logp = -nn.losses.cross_entropy(logits.astype(mx.float32), resp)
+    return ((logp * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1)).reshape(B, N, N)
 
 
 def shared_scoring_supported(model: nn.Module) -> bool:
     """Prefix sharing needs plain KV caches (not rotating, quantized or recurrent state)."""
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
+    return not hasattr(model, "make_cache") and all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
 def score_matrix(model: nn.Module, batch: ScoringBatch, shared: bool = True) -> mx.array:
