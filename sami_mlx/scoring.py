@@ -100,6 +100,8 @@ def score_shared(model: nn.Module, batch: ScoringBatch) -> mx.array:
     Lp = max(len(p) for p in prompts)
     pad = [Lp - len(p) for p in prompts]
     cache = [BatchKVCache(pad) for _ in model.layers]
+    for c in cache:  # allocate exactly what is needed, not generation's 256-token blocks
+        c.step = Lp
     tokens = mx.array([[0] * k + p for k, p in zip(pad, prompts)], dtype=mx.int32)
     # Left padding: every prompt ends at the last position, whose logits predict response token 0.
     last = model(tokens, cache=cache)[:, -1:, :]
@@ -112,6 +114,8 @@ def score_shared(model: nn.Module, batch: ScoringBatch) -> mx.array:
     L = max(len(r) for r in responses)
     resp = mx.array([r + [0] * (L - len(r)) for r in responses], dtype=mx.int32)  # [B*N*N, L]
     mask = (mx.arange(L)[None, :] < mx.array([len(r) for r in responses])[:, None]).astype(mx.float32)
+    for c in cache:
+        c.step = max(L - 1, 1)
     logits = mx.repeat(last, N, axis=0)
     if L > 1:  # right padding at the end of a response is harmless under the causal mask
         logits = mx.concatenate([logits, model(resp[:, :-1], cache=cache)], axis=1)
