@@ -10,10 +10,15 @@ from . import events as ev
 
 
 class ProgressBar:
-    """Consumes events; shows iteration, step, loss, MI bound, tokens/s and peak memory."""
+    """Consumes events; shows iteration, step, loss, MI bound, tokens/s and peak memory.
 
-    def __init__(self, stream=None):
+    `ranks` > 1: a data-parallel run, whose tokens/s add up every rank's and whose memory is the
+    largest rank's.
+    """
+
+    def __init__(self, stream=None, ranks: int = 1):
         self.stream = stream or sys.stderr
+        self.ranks = ranks
         self.bar: tqdm | None = None
         self.stage_bar: tqdm | None = None
         self.iterations = 0
@@ -27,7 +32,8 @@ class ProgressBar:
                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}")
             self.write(f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
                        f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters, "
-                       f"base held-out ppl {event.base_ppl:.2f}")
+                       f"base held-out ppl {event.base_ppl:.2f}"
+                       + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else ""))
         elif self.bar is None:
             return
         elif isinstance(event, ev.IterationStarted):

@@ -37,6 +37,7 @@ from .constitution import (
     sample_variants,
     variant_strategy,
 )
+from .distributed import Ranks
 from .errors import RunAborted, SamiError
 from .faults import fault_point
 from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, read_text
@@ -149,29 +150,43 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: StopCheck | None = None) -> TrainResult:
+def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: StopCheck | None = None,
+          ranks: Ranks | None = None) -> TrainResult:
     """Run SAMI as configured; every event goes to metrics.jsonl and then to each callback.
 
     `should_stop` is polled after every optimizer step; when it returns True the run stops there,
-    checkpointed and resumable.
+    checkpointed and resumable. Started by mlx.launch, each process is one rank of a data-parallel
+    run (`ranks`, by default the launcher's group): only rank 0 writes the run directory and calls
+    the callbacks.
     """
     cfg = cfg.resolved()
+    ranks = ranks or Ranks.world()
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
     check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
+    if not ranks.primary:
+        out = Path(cfg.out).expanduser()
+        return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(RunState())
     out = prepare_run_dir(cfg)
     with RunLock(out):
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop)
+        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
         return loop.run(RunState())
 
 
 def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop: StopCheck | None = None,
-           overrides: dict | None = None) -> TrainResult:
-    """Continue a stopped or killed run from its last completed step, as if it had never stopped."""
+           overrides: dict | None = None, ranks: Ranks | None = None) -> TrainResult:
+    """Continue a stopped or killed run from its last completed step, as if it had never stopped.
+
+    Every rank reads the run directory (rank 0 alone writes it), so with several machines it must
+    be at the same path on each; the number of ranks may differ from the run's first launch.
+    """
+    ranks = ranks or Ranks.world()
     out = Path(run_dir).expanduser()
     if not (out / "config.yaml").is_file():
-        raise SamiError(f"--resume {out}: no config.yaml there; is this a run directory?")
+        where = f" on rank {ranks.rank}: every rank reads the run directory, so put it at the same path " \
+                "on every host (a shared folder or a copy)" if ranks.size > 1 else "; is this a run directory?"
+        raise SamiError(f"--resume {out}: no config.yaml there{where}")
     cfg = TrainConfig(**config_from_file(str(out / "config.yaml"))).resolved()
     for key, value in (overrides or {}).items():
         if key != "out" and getattr(cfg, key) != value:
@@ -183,8 +198,10 @@ def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop:
         raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
     inputs = prepare_inputs(cfg)
     model, tokenizer, _ = load_model(cfg.model, cfg.trust_remote_code)
+    if not ranks.primary:
+        return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(state)
     with RunLock(out):
-        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop)
+        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
         return loop.run(state)
 
 
@@ -198,13 +215,22 @@ def _emitter(out: Path, callbacks: Sequence[Callback]) -> Callback:
     return emit
 
 
+def _silent(event: ev.Event) -> None:
+    """Ranks other than 0 report nothing: rank 0 speaks for the run."""
+
+
 class SamiLoop:
-    """State of one run: the model with its adapters, the optimizer, the schedule position."""
+    """State of one run: the model with its adapters, the optimizer, the schedule position.
+
+    With several ranks every rank holds the same adapters and optimizer state and walks the same
+    schedule; they split each iteration's sampling and each step's groups, and sum gradients.
+    """
 
     def __init__(self, cfg: TrainConfig, inputs: RunInputs, model, tokenizer, out: Path, emit: Callback,
-                 should_stop: StopCheck | None = None):
+                 should_stop: StopCheck | None = None, ranks: Ranks | None = None):
         self.cfg, self.inputs, self.model, self.tokenizer, self.out, self.emit = cfg, inputs, model, tokenizer, out, emit
         self.should_stop = should_stop or (lambda: False)
+        self.ranks = ranks or Ranks()
         self.strategy = variant_strategy(cfg.variants)
         mx.random.seed(cfg.seed)
         self.adapter_config = attach_adapters(
@@ -229,8 +255,10 @@ class SamiLoop:
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         if state.checkpoint:
             load_checkpoint(self.out, state, model, self.optimizer)
+        # Every rank has read the run directory before rank 0 writes to it again.
+        self.ranks.barrier("starting the run")
         if state.base_ppl is None:
-            state.base_ppl = heldout_perplexity(model, self.tokenizer, self.inputs.heldout)
+            state.base_ppl = self.heldout_ppl()
         self.emit(ev.RunStarted(str(self.out), cfg.to_dict(), cfg.iterations, total_steps,
                                 self.inputs.num_variants, trainable, state.base_ppl,
                                 resumed_at_step=state.global_step))
@@ -251,7 +279,8 @@ class SamiLoop:
                 break
         else:
             state.finished = True
-            atomic_write_json(self.out / "state.json", state.to_dict())
+            if self.ranks.primary:
+                atomic_write_json(self.out / "state.json", state.to_dict())
         self.emit(ev.RunCompleted(str(self.out), time.perf_counter() - start, result.stopped_early, result.reason))
         return result
 
@@ -262,6 +291,7 @@ class SamiLoop:
         if state.phase == "sampling":
             query_ids = self.queries_for_iteration(it, steps * cfg.queries_per_step)
             self.emit(ev.IterationStarted(it + 1, steps, len(query_ids)))
+            self.ranks.at = f"iteration {it + 1}, sampling"
             # Data comes from the previous iteration's model (adapters as they stand now).
             self.model.eval()
             groups = self.sample(it, query_ids)
@@ -269,7 +299,7 @@ class SamiLoop:
                 set_adapter_weights(self.model, self.initial_adapters)
                 self.optimizer = self._make_optimizer()
             state.phase, state.step = "training", 0
-            save_checkpoint(self.out, state, self.model, self.optimizer)
+            self.checkpoint(state)
         else:
             groups = self.load_samples(it)
         random.Random(f"train-{cfg.seed}-{it}").shuffle(groups)
@@ -278,6 +308,7 @@ class SamiLoop:
         q = cfg.queries_per_step
         while state.step < steps:
             step = state.step
+            self.ranks.at = f"iteration {it + 1}, step {step + 1}"
             batch = [groups[(step * q + n) % len(groups)] for n in range(q)]
             metrics = self.train_step(batch, random.Random(f"step-{cfg.seed}-{it}-{step}"),
                                       seed=_derived_seed(cfg.seed, it, step))
@@ -285,30 +316,52 @@ class SamiLoop:
             state.global_step += 1
             if metrics is None:
                 state.skipped_steps += 1
-            save_checkpoint(self.out, state, self.model, self.optimizer)
+            self.checkpoint(state)
             if metrics is not None:
                 self.emit(ev.StepCompleted(iteration=it + 1, step=step + 1, steps=steps,
                                            global_step=state.global_step, **metrics))
-            if self.should_stop() and state.step < steps:
+            if self.stop_requested() and state.step < steps:
                 return False
         self.model.eval()
+        self.ranks.at = f"iteration {it + 1}, end"
+        primary = self.ranks.primary
         summary = self.iteration_summary(it)
         it_dir = self.out / f"iter-{it + 1:02d}"
-        save_adapters(self.model, it_dir, self.adapter_config)
+        if primary:
+            save_adapters(self.model, it_dir, self.adapter_config)
         fault_point("iteration-adapters")
-        save_adapters(self.model, self.out, self.adapter_config)
-        summary["heldout_ppl"] = ppl = heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
+        if primary:
+            save_adapters(self.model, self.out, self.adapter_config)
+        summary["heldout_ppl"] = ppl = self.heldout_ppl()
         summary["ppl_ratio"] = ppl / state.base_ppl
         state.iterations.append(summary)
         state.iteration, state.phase, state.step = it + 1, "sampling", 0
-        save_checkpoint(self.out, state, self.model, self.optimizer)
+        self.checkpoint(state)
         self.emit(ev.IterationCompleted(iteration=it + 1, adapter_dir=str(it_dir), **summary))
-        return not self.should_stop() or state.iteration == cfg.iterations
+        return not self.stop_requested() or state.iteration == cfg.iterations
+
+    def checkpoint(self, state: RunState) -> None:
+        """Rank 0 saves adapters, optimizer state and the schedule position; the others hold the same."""
+        if self.ranks.primary:
+            save_checkpoint(self.out, state, self.model, self.optimizer)
+
+    def stop_requested(self) -> bool:
+        """Poll should_stop; with several ranks, a stop seen by any rank stops them all at the same step."""
+        return self.ranks.any(self.should_stop(), "agreeing whether to stop")
+
+    def heldout_ppl(self) -> float:
+        """Held-out perplexity of the model as it stands; ranks split the texts and add up the losses."""
+        ranks = self.ranks
+        if ranks.size == 1:
+            return heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
+        nll, count = heldout_nll(self.model, self.tokenizer, self.inputs.heldout[ranks.rank :: ranks.size])
+        nll, count = ranks.sum([nll, count], "measuring held-out perplexity")
+        return math.exp(nll / max(count, 1))
 
     def iteration_summary(self, it: int) -> dict:
-        """Mean loss, MI bound and accuracies over the iteration's logged steps."""
-        rows = [r for r in read_jsonl(self.out / "metrics.jsonl")
-                if r.get("event") == "StepCompleted" and r.get("iteration") == it + 1]
+        """Mean loss, MI bound and accuracies over the iteration's logged steps (rank 0 keeps the log)."""
+        log = read_jsonl(self.out / "metrics.jsonl") if self.ranks.primary else []
+        rows = [r for r in log if r.get("event") == "StepCompleted" and r.get("iteration") == it + 1]
         keys = ("loss", "mi_bound", "row_accuracy", "column_accuracy")
         return {k: sum(r[k] for r in rows) / len(rows) if rows else float("nan") for k in keys}
 
@@ -325,28 +378,32 @@ class SamiLoop:
     # ---- sampling -------------------------------------------------------------------------
 
     def sample(self, it: int, query_ids: list[int]) -> list[Group]:
+        """A response per (query slot, variant); each rank samples its share of the slots and all
+        ranks end with every group, so filtering and the step batches are the same everywhere."""
         cfg, inputs = self.cfg, self.inputs
         rng = random.Random(f"variants-{cfg.seed}-{it}")
         k = len(inputs.constitution.principles)
-        specs, prompts = [], []
-        for qi in query_ids:
-            variants = sample_variants(self.strategy, k, rng)
-            specs.append((qi, variants))
+        specs = [(qi, sample_variants(self.strategy, k, rng)) for qi in query_ids]
+        prompts = []
+        for slot in self.ranks.shard(len(specs)):
+            qi, variants = specs[slot]
             for v in variants:
                 text = inputs.generation_template.fill(inputs.constitution.render(v), inputs.queries[qi])
                 prompts.append(encode_prompt(self.tokenizer, text, cfg.chat_template))
-        mx.random.seed(cfg.seed * 1009 + it)
+        mx.random.seed(self.ranks.seed(cfg.seed * 1009 + it))
         t0 = time.perf_counter()
         gens = generate_batch(
             self.model, self.tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p,
             cfg.stop, cfg.gen_batch_size,
             on_progress=lambda done, total: self.emit(ev.SamplingProgress(it + 1, done, total)),
         )
+        gens = self.gather_generations(gens, len(specs))
         seconds = time.perf_counter() - t0
         n = inputs.num_variants
         groups = [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
         kept, drops = filter_groups(groups, cfg.banned)
-        self.write_samples(it, groups, kept)
+        if self.ranks.primary:
+            self.write_samples(it, groups, kept)
         stats = sample_stats(groups, seconds)
         self.emit(ev.SamplesReady(
             iteration=it + 1, groups=len(kept), dropped_empty=drops.empty,
@@ -363,6 +420,21 @@ class SamiLoop:
             )
         return kept
 
+    def gather_generations(self, gens: list[Generation], slots: int) -> list[Generation]:
+        """Every rank's generations (its shard of `slots`, N each) in slot order, on every rank."""
+        ranks = self.ranks
+        if ranks.size == 1:
+            return gens
+        finish_codes = ("eos", "stop", "length")
+        rows = [[finish_codes.index(g.finish), *g.tokens] for g in gens]
+        per_rank = ranks.gather_lists(rows, "sharing the sampled responses")
+        n, out = self.inputs.num_variants, []
+        for slot in range(slots):
+            rank, local = slot % ranks.size, slot // ranks.size
+            for code, *tokens in per_rank[rank][local * n : (local + 1) * n]:
+                out.append(Generation(tokens, self.tokenizer.decode(tokens), finish_codes[code]))
+        return out
+
     def write_samples(self, it: int, groups: list[Group], kept: list[Group]) -> None:
         kept_ids = {id(g) for g in kept}
         lines = []
@@ -378,14 +450,18 @@ class SamiLoop:
 
     # ---- training -------------------------------------------------------------------------
 
-    def scoring_batch(self, groups: list[Group], rng: random.Random) -> ScoringBatch:
-        """Training prompts for every variant of each group and the sampled response ids."""
+    def scoring_batch(self, groups: list[Group], rng: random.Random | None = None,
+                      orders: list[list[int]] | None = None) -> ScoringBatch:
+        """Training prompts for every variant of each group and the sampled response ids.
+
+        Each group's principle order is drawn from `rng`, or given in `orders`.
+        """
         cfg, c = self.cfg, self.inputs.constitution
         eos = self.tokenizer.eos_token_id
         prompts, responses = [], []
-        for g in groups:
+        for n, g in enumerate(groups):
             # One shuffled order per group, so the rows of S differ only in the wordings.
-            order = principle_order(len(c.principles), rng, cfg.shuffle_principles)
+            order = orders[n] if orders is not None else principle_order(len(c.principles), rng, cfg.shuffle_principles)
             prompts.append([
                 encode_prompt(self.tokenizer, self.inputs.training_template.fill(c.render(v, order), g.query),
                               cfg.chat_template)
@@ -411,15 +487,25 @@ class SamiLoop:
         return loss, S, kl
 
     def train_step(self, groups: list[Group], rng: random.Random, seed: int = 0) -> dict | None:
-        """One optimizer step over `groups` in grad_accumulation micro-batches; None if it was skipped."""
-        cfg = self.cfg
-        mx.random.seed(seed)  # dropout draws, so that a resumed run repeats them
+        """One optimizer step over `groups` in grad_accumulation micro-batches; None if it was skipped.
+
+        With several ranks each scores its share of the groups and the weighted gradients are summed,
+        so every rank applies the update one process would have computed from all the groups.
+        """
+        cfg, ranks = self.cfg, self.ranks
+        mx.random.seed(ranks.seed(seed))  # dropout draws, so that a resumed run repeats them
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        parts = [groups[i :: cfg.grad_accumulation] for i in range(cfg.grad_accumulation)]
+        ga, k = cfg.grad_accumulation, len(self.inputs.constitution.principles)
+        parts = [list(range(len(groups)))[i::ga] for i in range(ga)]
+        # Principle orders are drawn for every group, in one process's order, before taking a share.
+        orders = {n: principle_order(k, rng, cfg.shuffle_principles) for part in parts for n in part}
+        mine = set(ranks.shard(len(groups)))
         grads, loss, kl, scores, tokens = None, 0.0, 0.0, [], 0
-        for part in parts:
-            batch = self.scoring_batch(part, rng)
+        for part in ([n for n in part if n in mine] for part in parts):
+            if not part:
+                continue
+            batch = self.scoring_batch([groups[n] for n in part], orders=[orders[n] for n in part])
             (part_loss, S, part_kl), g = self.loss_and_grad(self.model, batch)
             mx.eval(g)
             fault_point("scoring")
@@ -431,6 +517,9 @@ class SamiLoop:
             kl += part_kl.item() * w
             scores.append(S)
             tokens += batch.num_tokens
+        reduced = None
+        if ranks.size > 1:
+            grads, loss, kl, tokens, reduced = self.sum_over_ranks(grads, loss, kl, scores, tokens, len(groups))
         grad_norm = 0.0
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -441,16 +530,41 @@ class SamiLoop:
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         fault_point("update")
-        S = mx.concatenate(scores, axis=0)
-        row_acc, col_acc = accuracies(S)
+        if reduced is None:
+            S = mx.concatenate(scores, axis=0)
+            row_acc, col_acc = accuracies(S)
+            peak = mx.get_peak_memory() / 1e9
+        else:
+            row_acc, col_acc, peak = reduced
         seconds = time.perf_counter() - t0
         sami = loss - cfg.kl_beta * kl
         return {
-            "loss": sami, "mi_bound": mi_lower_bound(sami, S.shape[1]), "row_accuracy": row_acc,
+            "loss": sami, "mi_bound": mi_lower_bound(sami, self.inputs.num_variants), "row_accuracy": row_acc,
             "column_accuracy": col_acc, "kl": kl, "learning_rate": cfg.learning_rate,
             "grad_norm": grad_norm, "tokens_per_sec": tokens / max(seconds, 1e-9),
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "scores": S[0].tolist(),
+            "peak_memory_gb": peak, "scores": scores[0][0].tolist() if scores else [],
         }
+
+    def sum_over_ranks(self, grads, loss: float, kl: float, scores: list[mx.array], tokens: int, total: int):
+        """Add up the ranks' weighted gradients, losses and counts; a rank with no groups adds zeros.
+
+        Returns the global gradient, loss, KL and tokens, and (row accuracy, column accuracy, peak GB).
+        The first group's score matrix stays on rank 0, the only rank that reports it.
+        """
+        ranks = self.ranks
+        if grads is None:
+            grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        grads = ranks.sum_gradients(grads, "summing gradients")
+        rows = cols = 0
+        if scores:
+            S = mx.concatenate(scores, axis=0)
+            idx = mx.arange(S.shape[1])
+            rows = (mx.argmax(S, axis=2) == idx).sum().item()
+            cols = (mx.argmax(S, axis=1) == idx).sum().item()
+        per_rank = ranks.gather([loss, kl, tokens, rows, cols, mx.get_peak_memory() / 1e9], "summing step metrics")
+        loss, kl, tokens, rows, cols = (sum(r[i] for r in per_rank) for i in range(5))
+        pairs = total * self.inputs.num_variants
+        return grads, loss, kl, int(tokens), (rows / pairs, cols / pairs, max(r[5] for r in per_rank))
 
     def _skip_step(self, loss: float) -> None:
         """A NaN/inf loss or gradient: skip the update; several in a row end the run."""
@@ -503,6 +617,13 @@ def gradient_checkpointing(model: nn.Module, enabled: bool):
 def heldout_perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,
                        batch: int = 8) -> float:
     """Perplexity of held-out text (after its prompt, if any) that the loss never trains on."""
+    nll, count = heldout_nll(model, tokenizer, texts, max_len, batch)
+    return math.exp(nll / max(count, 1))
+
+
+def heldout_nll(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,
+                batch: int = 8) -> tuple[float, int]:
+    """Summed negative log-likelihood of the held-out texts' tokens, and how many tokens."""
     nll, count = 0.0, 0
     rows = []
     for prompt, text in texts:
@@ -519,7 +640,7 @@ def heldout_perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]]
         ce = nn.losses.cross_entropy(model(arr[:, :-1]).astype(mx.float32), arr[:, 1:]) * mask
         nll += ce.sum().item()
         count += int(mask.sum().item())
-    return math.exp(nll / max(count, 1))
+    return nll, count
 
 
 def _example(g: Group) -> dict:

@@ -1,0 +1,242 @@
+"""Data-parallel SAMI: two local ranks (mlx.launch, ring backend) train what one process trains,
+a rank with nothing to score still takes part, and a dead or frozen rank ends the other one."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import QUERIES
+
+from sami_mlx.fileio import read_jsonl
+
+# The random tiny model repeats one token under greedy decoding; with the wording at the very end
+# of the prompt that token differs between variants often enough (not always: some groups are
+# dropped as identical, which the schedule has to handle the same way on both sides).
+CONSTITUTION = """\
+name: test
+principles:
+  - {name: brief, positive: Be brief, negative: Be long}
+  - {name: kind, positive: Be kind, negative: Be rude}
+"""
+TEMPLATE = "{query}\n{constitution}\n"
+TOLERANCE = 1e-5
+LAUNCH = Path(sys.executable).with_name("mlx.launch")
+
+
+def inputs(root: Path, queries_file: Path) -> list[str]:
+    (root / "c.yaml").write_text(CONSTITUTION)
+    (root / "t.txt").write_text(TEMPLATE)
+    return ["--constitution", str(root / "c.yaml"), "--template", str(root / "t.txt"), "--queries", str(queries_file)]
+
+
+def flags(model, files, out, *extra):
+    # temperature 0: greedy decoding gives each prompt the same tokens in any batch, so the
+    # ranks' shards sample exactly what one process samples.
+    return ["--model", str(model), *files, "--iterations", "2", "--steps", "2", "--queries-per-step", "3",
+            "--max-tokens", "8", "--temperature", "0", "--learning-rate", "1e-4", "--seed", "3",
+            "--out", str(out), *extra]
+
+
+def free_port(n=2) -> int:
+    """A port p with p..p+n-1 free on localhost (the ring backend takes one per rank)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for i in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + i))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+def rank_env(**extra) -> dict:
+    # Two ranks share this machine's cores: one BLAS thread each, or their spinning threads collide.
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", **extra}
+
+
+def one_process(argv, log: Path, timeout=120) -> None:
+    """`python -m sami_mlx.train ARGV` with the ranks' environment (same BLAS threads, same rounding)."""
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-m", "sami_mlx.train", *argv], stdin=subprocess.DEVNULL, stdout=out,
+                       stderr=subprocess.STDOUT, env=rank_env(), timeout=timeout, check=True)
+
+
+def launch(argv, log: Path, timeout=120) -> str:
+    """`mlx.launch -n 2 --backend ring -- python -m sami_mlx.train ARGV`; returns its output.
+
+    (mlx.launch exits 0 even when a rank fails: callers check the run directory.)
+    """
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+           sys.executable, "-m", "sami_mlx.train", *argv]
+    with open(log, "w") as out:
+        # A session of its own, so that a timeout ends the launcher's ranks too.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=rank_env(), start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def ranks_running(argv, root: Path, env=({}, {})):
+    """What mlx.launch does locally, one process per rank, so each gets its own environment and exit code."""
+    port = free_port(len(env))
+    hostfile = root / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(len(env))]))
+    procs = []
+    try:
+        for rank, extra in enumerate(env):
+            full = rank_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank), **extra)
+            with open(root / f"rank{rank}.log", "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "sami_mlx.train", *argv], env=full,
+                                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def output(root: Path, rank: int) -> str:
+    return (root / f"rank{rank}.log").read_text(errors="replace")
+
+
+def adapters(run: Path) -> dict:
+    return mx.load(str(run / "adapters.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(mx.abs(a[k] - b[k]).max().item() for k in a)
+
+
+def run_files(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """The same run in one process and on two ranks."""
+    root = tmp_path_factory.mktemp("dist")
+    (root / "q.txt").write_text("\n".join(QUERIES) + "\n")
+    files = inputs(root, root / "q.txt")
+    one_process(flags(tiny_model, files, root / "single"), root / "single.log")
+    log = launch(flags(tiny_model, files, root / "dist"), root / "launch.log")
+    return root, files, log
+
+
+def test_two_ranks_train_the_adapters_one_process_trains(reference):
+    root, _, log = reference
+    single, dist = root / "single", root / "dist"
+    assert json.loads((dist / "state.json").read_text())["finished"], log[-3000:]
+    assert "data-parallel over 2 ranks" in log
+    # The ranks sampled disjoint shards; together they are exactly what one process sampled.
+    for it in ("iter-01", "iter-02"):
+        assert (dist / it / "samples.jsonl").read_bytes() == (single / it / "samples.jsonl").read_bytes()
+    kept = [r["kept"] for it in ("iter-01", "iter-02") for r in read_jsonl(single / it / "samples.jsonl")]
+    assert any(kept) and not all(kept)  # some groups were filtered out
+    # Same steps, same losses (3 groups a step: 2 on rank 0, 1 on rank 1, weighted by count).
+    steps = {run: [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "StepCompleted"]
+             for run in (single, dist)}
+    assert [r["global_step"] for r in steps[dist]] == [r["global_step"] for r in steps[single]] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(steps[single], steps[dist]):
+        for key in ("loss", "row_accuracy", "column_accuracy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+        assert sum(b["scores"], []) == pytest.approx(sum(a["scores"], []), abs=1e-5)  # rank 0's first group
+    a, b = adapters(single), adapters(dist)
+    assert max_diff(a, b) < TOLERANCE
+    assert max(mx.abs(v).max().item() for k, v in a.items() if "lora_b" in k) > 20 * TOLERANCE  # it trained
+    # Only rank 0 wrote, and it wrote what one process writes.
+    assert run_files(dist) == run_files(single)
+
+
+def test_a_rank_whose_groups_were_all_filtered_still_takes_part(tiny_model, reference, tmp_path):
+    """One query a step on two ranks: rank 1 samples the iteration's second slot, which is dropped
+    here, and scores nothing in any step; it adds zeros to every sum and the run ends as one process's."""
+    _, files, _ = reference
+    few = ["--iterations", "1", "--queries-per-step", "1"]
+    one_process(flags(tiny_model, files, tmp_path / "probe", *few), tmp_path / "probe.log")
+    rows = read_jsonl(tmp_path / "probe" / "iter-01" / "samples.jsonl")
+    assert [r["kept"] for r in rows] == [True, True]
+    banned = rows[1]["responses"][0].strip()  # slot 1's first response: ban it to drop that group
+    assert banned and not any(banned in t for t in rows[0]["responses"])
+
+    one_process(flags(tiny_model, files, tmp_path / "single", *few, "--banned", banned), tmp_path / "single.log")
+    log = launch(flags(tiny_model, files, tmp_path / "dist", *few, "--banned", banned), tmp_path / "launch.log")
+    dist = tmp_path / "dist"
+    assert json.loads((dist / "state.json").read_text())["finished"], log[-3000:]
+    assert [r["kept"] for r in read_jsonl(dist / "iter-01" / "samples.jsonl")] == [True, False]
+    assert max_diff(adapters(tmp_path / "single"), adapters(dist)) < TOLERANCE
+
+
+def test_a_killed_rank_ends_the_other_with_a_message_and_the_run_resumes(tiny_model, reference, tmp_path):
+    root, files, _ = reference
+    run = tmp_path / "run"
+    started = time.perf_counter()
+    with ranks_running(flags(tiny_model, files, run), tmp_path, env=({}, {"SAMI_MLX_KILL_AT": "update:3"})) as procs:
+        codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [1, -signal.SIGKILL], output(tmp_path, 0)[-3000:]
+    assert time.perf_counter() - started < 90
+    err = output(tmp_path, 0)
+    assert "error: rank 0: lost contact with the other ranks" in err and "iteration 2, step" in err, err[-3000:]
+    assert "--resume RUN" in err
+    state = json.loads((run / "state.json").read_text())
+    assert not state["finished"] and state["global_step"] in (2, 3)
+
+    log = launch(["--resume", str(run)], tmp_path / "resume.log")
+    assert json.loads((run / "state.json").read_text())["finished"], log[-3000:]
+    got, want = adapters(run), adapters(root / "dist")
+    assert all(mx.array_equal(got[k], want[k]).item() for k in got), "resumed run differs from the uninterrupted one"
+    steps = [r["global_step"] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "StepCompleted"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_frozen_rank_is_ended_by_the_watchdog(tiny_model, reference, tmp_path):
+    """SIGSTOP keeps the peer's connection open, so only the timeout can notice it."""
+    _, files, _ = reference
+    run = tmp_path / "run"
+    argv = flags(tiny_model, files, run, "--iterations", "1", "--steps", "200", "--queries-per-step", "1",
+                 "--rank-timeout", "2")
+    with ranks_running(argv, tmp_path) as procs:
+        deadline = time.monotonic() + 120
+        while not any(r["event"] == "StepCompleted" for r in read_jsonl(run / "metrics.jsonl")):
+            assert time.monotonic() < deadline and procs[0].poll() is None, output(tmp_path, 0)[-3000:]
+            time.sleep(0.02)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert procs[0].wait(timeout=60) == 1
+        assert time.monotonic() - stopped < 30  # 2 s plus twice a step's own work
+    err = output(tmp_path, 0)
+    assert "error: rank 0: waited" in err and "for the other ranks while" in err, err[-3000:]
+    assert not json.loads((run / "state.json").read_text())["finished"]
+
+
+def test_all_groups_degenerate_stops_every_rank_alike(tiny_model, constitution_file, queries_file, tmp_path):
+    """The fixture constitution ends every prompt alike, so greedy responses never differ."""
+    argv = ["--model", str(tiny_model), "--constitution", str(constitution_file), "--queries", str(queries_file),
+            "--iterations", "1", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "6",
+            "--temperature", "0", "--out", str(tmp_path / "run")]
+    with ranks_running(argv, tmp_path) as procs:
+        codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [1, 1]
+    for rank in (0, 1):
+        assert "all 2 sampled groups were degenerate" in output(tmp_path, rank)
+    assert "error: rank 1: iteration 1: all" in output(tmp_path, 1)
+    assert not (tmp_path / "run" / "state.json").exists()
