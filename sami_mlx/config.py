@@ -59,6 +59,7 @@ class TrainConfig:
     gen_batch_size: int = _f(32, "Sequences decoded together during sampling.")
     heldout: str | None = _f(None, "Plain-text file for the held-out perplexity check (default: the queries, which the loss never trains on).")
     max_ppl_ratio: float | None = _f(None, "Stop the run when held-out perplexity exceeds this multiple of the base model's.")
+    force: bool = _f(False, "Start even when the memory estimate says the run cannot fit this machine.")
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
     out: str = _f("", "Run directory (default: runs/<date-time>).")

@@ -24,6 +24,7 @@ class RunStarted(Event):
     trainable_parameters: int
     base_ppl: float
     resumed_at_step: int = 0  # 0 for a fresh run
+    memory_estimate_gb: float | None = None  # estimated peak, checked against the machine before starting
 
 
 @dataclass

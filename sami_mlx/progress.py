@@ -33,6 +33,8 @@ class ProgressBar:
             self.write(f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
                        f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters, "
                        f"base held-out ppl {event.base_ppl:.2f}"
+                       + (f", estimated peak memory {event.memory_estimate_gb:.1f} GB"
+                          if event.memory_estimate_gb is not None else "")
                        + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else ""))
         elif self.bar is None:
             return
@@ -74,6 +76,13 @@ class ProgressBar:
         if event.done >= event.total:
             self.stage_bar.close()
             self.stage_bar = None
+
+    def close(self) -> None:
+        """End any open bar (also after an error), so that what follows starts on its own line."""
+        for bar in (self.stage_bar, self.bar):
+            if bar is not None:
+                bar.close()
+        self.stage_bar = self.bar = None
 
     def write(self, text: str) -> None:
         if self.bar is not None:

@@ -69,13 +69,16 @@ def _train(args: argparse.Namespace, ranks) -> int:
     from .trainer import resume, train
 
     bar = ProgressBar(ranks=ranks.size)
-    if args.resume:
-        given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
-        if args.config:
-            given = {**config.config_from_file(args.config), **given}
-        resume(args.resume, callbacks=[bar], overrides=given, ranks=ranks)
-        return 0
-    train(config.build_config(args), callbacks=[bar], ranks=ranks)
+    try:  # an error message must not land on the progress bar's line
+        if args.resume:
+            given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
+            if args.config:
+                given = {**config.config_from_file(args.config), **given}
+            resume(args.resume, callbacks=[bar], overrides=given, ranks=ranks)
+        else:
+            train(config.build_config(args), callbacks=[bar], ranks=ranks)
+    finally:
+        bar.close()
     return 0
 
 

@@ -121,22 +121,45 @@ def load_heldout(path: str) -> list[tuple[str, str]]:
     return rows
 
 
-def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int | None) -> None:
-    """Refuse queries whose longest prompt plus --max-tokens cannot fit the model's context."""
-    if not context:
-        return
+def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int | None) -> int:
+    """Refuse queries whose longest prompt plus --max-tokens cannot fit the model's context;
+    returns the longest prompt's length in tokens."""
     c = inputs.constitution
     longest = Constitution(c.name, tuple(
         Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles))
     text = longest.render(longest.positive_variant)
+    biggest = 0
     for template in {inputs.generation_template, inputs.training_template}:
         for n, query in enumerate(inputs.queries, start=1):
             size = len(encode_prompt(tokenizer, template.fill(text, query), cfg.chat_template))
-            if size + cfg.max_tokens > context:
+            biggest = max(biggest, size)
+            if context and size + cfg.max_tokens > context:
                 raise SamiError(
                     f"{cfg.queries}: query {n} makes a {size}-token prompt, which with --max-tokens "
                     f"{cfg.max_tokens} exceeds the model's {context}-token context; shorten it or lower --max-tokens"
                 )
+    return biggest
+
+
+def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int) -> float | None:
+    """Estimated peak memory in GB; refuses a run that cannot fit this machine unless --force."""
+    from .presets import ModelShape, RunShape, estimate_memory, fit, machine_memory
+
+    try:
+        shape = ModelShape.from_config(model_config)
+    except Exception:  # an architecture the estimate does not know: no estimate, no refusal
+        return None
+    if shape is None:
+        return None
+    est = estimate_memory(shape, RunShape.from_config(cfg, inputs.num_variants, prompt_tokens))
+    machine = machine_memory()
+    if fit(est.peak, machine) == "no" and not cfg.force:
+        raise SamiError(
+            f"--model {cfg.model}: this run needs about {est.peak / 2**30:.1f} GB ({est.summary()}) but this machine "
+            f"has {machine.total / 2**30:.1f} GB; lower --queries-per-step or --max-tokens, add --grad-accumulation, "
+            "or pass --force to try anyway"
+        )
+    return est.peak / 2**30
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -163,7 +186,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: Sto
     ranks = ranks or Ranks.world()
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
-    check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
+    longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
+    memory_gb = check_memory(cfg, inputs, model_config, longest)
     if not ranks.primary:
         out = Path(cfg.out).expanduser()
         return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(RunState())
@@ -171,6 +195,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: Sto
     with RunLock(out):
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
+        loop.memory_estimate_gb = memory_gb
         return loop.run(RunState())
 
 
@@ -226,6 +251,8 @@ class SamiLoop:
     schedule; they split each iteration's sampling and each step's groups, and sum gradients.
     """
 
+    memory_estimate_gb: float | None = None  # from check_memory, shown when the run starts
+
     def __init__(self, cfg: TrainConfig, inputs: RunInputs, model, tokenizer, out: Path, emit: Callback,
                  should_stop: StopCheck | None = None, ranks: Ranks | None = None):
         self.cfg, self.inputs, self.model, self.tokenizer, self.out, self.emit = cfg, inputs, model, tokenizer, out, emit
@@ -261,7 +288,7 @@ class SamiLoop:
             state.base_ppl = self.heldout_ppl()
         self.emit(ev.RunStarted(str(self.out), cfg.to_dict(), cfg.iterations, total_steps,
                                 self.inputs.num_variants, trainable, state.base_ppl,
-                                resumed_at_step=state.global_step))
+                                resumed_at_step=state.global_step, memory_estimate_gb=self.memory_estimate_gb))
         result = TrainResult(self.out, model, self.tokenizer, iterations=list(state.iterations))
         while state.iteration < cfg.iterations:
             if not self.iteration(state):

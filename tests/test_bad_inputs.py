@@ -144,3 +144,18 @@ def test_out_is_a_file(tiny_model, constitution_file, queries_file, tmp_path, ca
     assert main(base_flags(tiny_model, constitution_file, queries_file, target)) == 2
     assert_one_line_error(capsys, str(target), "is a file")
     assert target.read_text() == "keep me"
+
+
+def test_run_that_cannot_fit_the_machine_is_refused_unless_forced(tiny_model, constitution_file, queries_file,
+                                                                  tmp_path, capsys, monkeypatch):
+    from sami_mlx import presets
+
+    tiny_machine = presets.MachineMemory(total=2**20, usable=2**20)  # a 1 MB machine
+    monkeypatch.setattr(presets, "machine_memory", lambda total_gb=None: tiny_machine)
+    flags = base_flags(tiny_model, constitution_file, queries_file, tmp_path / "run")
+    assert main(flags) == 2
+    assert_one_line_error(capsys, "needs about", "--force")
+    assert not (tmp_path / "run").exists()
+    assert main([*flags, "--force"]) == 0
+    started = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert started["event"] == "RunStarted" and started["memory_estimate_gb"] > 0

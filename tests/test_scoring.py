@@ -3,10 +3,9 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-
-from sami_mlx.adapters import adapters_disabled, attach_adapters
 from mlx.utils import tree_flatten
 
+from sami_mlx.adapters import adapters_disabled, attach_adapters
 from sami_mlx.scoring import ScoringBatch, build_pairs, kl_to_base, score_naive, score_shared
 
 
@@ -58,7 +57,7 @@ def test_prefix_shared_scores_and_gradients_match_naive(tiny_model):
     batch = ScoringBatch(prompts, responses)
     results = []
     for score in (score_naive, score_shared):
-        loss_and_grad = nn.value_and_grad(model, lambda m: sami_loss(score(m, batch)))
+        loss_and_grad = nn.value_and_grad(model, lambda m, score=score: sami_loss(score(m, batch)))
         loss, grads = loss_and_grad(model)
         results.append((score(model, batch), loss, dict(tree_flatten(grads))))
     (s_naive, l_naive, g_naive), (s_shared, l_shared, g_shared) = results
