@@ -70,3 +70,27 @@ def timed(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
 def report(name: str, **fields) -> None:
     """The closing JSON line every benchmark prints."""
     print(json.dumps({"benchmark": name, **fields}))
+
+
+# Training-step benchmarks: N=4 variants, prompt:response 4:1, sized to run in minutes on a CPU.
+STEP_SETTINGS = {"tiny": dict(groups=4, prompt=128, response=32, reps=5),
+                 "100m": dict(groups=1, prompt=64, response=16, reps=2)}
+
+
+def step_setup(size: str, n: int = 4):
+    """(model with LoRA adapters, ScoringBatch of random groups, settings) for a training-step benchmark."""
+    import mlx_lm
+
+    from sami_mlx.adapters import attach_adapters
+    from sami_mlx.scoring import ScoringBatch
+
+    s = STEP_SETTINGS[size]
+    model, tok = mlx_lm.load(str(build_model(size)))
+    mx.random.seed(0)
+    attach_adapters(model, rank=8, scale=20.0, num_layers=-1)
+    rng = random.Random(0)
+    batch = ScoringBatch(
+        [[random_ids(s["prompt"], tok.vocab_size, rng) for _ in range(n)] for _ in range(s["groups"])],
+        [[random_ids(s["response"], tok.vocab_size, rng) for _ in range(n)] for _ in range(s["groups"])],
+    )
+    return model, batch, s

@@ -7,34 +7,20 @@ largest difference between the two score matrices. N=4, prompt:response length 4
 from __future__ import annotations
 
 import argparse
-import random
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import mlx_lm
-from common import SIZES, build_model, parameters, random_ids, report, timed
+from common import SIZES, parameters, report, step_setup, timed
 from mlx.utils import tree_flatten, tree_unflatten
 
-from sami_mlx.adapters import adapter_weights, attach_adapters, set_adapter_weights
+from sami_mlx.adapters import adapter_weights, set_adapter_weights
 from sami_mlx.objective import sami_loss
-from sami_mlx.scoring import ScoringBatch, score_naive, score_shared
-
-SETTINGS = {"tiny": dict(groups=4, prompt=128, response=32, reps=5),
-            "100m": dict(groups=1, prompt=64, response=16, reps=2)}
+from sami_mlx.scoring import score_naive, score_shared
 
 
 def run(size: str, n: int = 4) -> dict:
-    s = SETTINGS[size]
-    model, tok = mlx_lm.load(str(build_model(size)))
-    mx.random.seed(0)
-    attach_adapters(model, rank=8, scale=20.0, num_layers=-1)
-    rng = random.Random(0)
-    vocab = tok.vocab_size
-    batch = ScoringBatch(
-        [[random_ids(s["prompt"], vocab, rng) for _ in range(n)] for _ in range(s["groups"])],
-        [[random_ids(s["response"], vocab, rng) for _ in range(n)] for _ in range(s["groups"])],
-    )
+    model, batch, s = step_setup(size, n)
     # Non-zero adapters, so the comparison covers the adapted model, not just the base.
     model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.01)
                                  for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]))

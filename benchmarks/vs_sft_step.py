@@ -8,32 +8,20 @@ pairs with prefix sharing and takes the SAMI loss. Same model, adapters and opti
 from __future__ import annotations
 
 import argparse
-import random
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import mlx_lm
-from common import SIZES, build_model, parameters, random_ids, report, timed
+from common import SIZES, parameters, report, step_setup, timed
 from mlx_lm.tuner.trainer import default_loss
 
-from sami_mlx.adapters import attach_adapters
 from sami_mlx.objective import sami_loss
-from sami_mlx.scoring import ScoringBatch, score_shared
-
-SETTINGS = {"tiny": dict(groups=4, prompt=128, response=32, reps=5),
-            "100m": dict(groups=1, prompt=64, response=16, reps=2)}
+from sami_mlx.scoring import score_shared
 
 
 def run(size: str, n: int = 4) -> dict:
-    s = SETTINGS[size]
-    model, tok = mlx_lm.load(str(build_model(size)))
-    mx.random.seed(0)
-    attach_adapters(model, rank=8, scale=20.0, num_layers=-1)
-    rng = random.Random(0)
-    prompts = [[random_ids(s["prompt"], tok.vocab_size, rng) for _ in range(n)] for _ in range(s["groups"])]
-    responses = [[random_ids(s["response"], tok.vocab_size, rng) for _ in range(n)] for _ in range(s["groups"])]
-    batch = ScoringBatch(prompts, responses)
+    model, batch, s = step_setup(size, n)
+    prompts, responses = batch.prompts, batch.responses
     seqs = [p + r for g in range(s["groups"]) for p in prompts[g] for r in responses[g]]
     sft_batch = mx.array(seqs)
     lengths = mx.array([[s["prompt"], s["prompt"] + s["response"] - 1]] * len(seqs))
