@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
@@ -162,8 +161,3 @@ def sample_stats(groups: list[Group], seconds: float) -> SampleStats:
         seconds=seconds,
         by_finish=by_finish,
     )
-
-
-def seed_sampling(seed: int) -> None:
-    """Make temperature sampling repeatable."""
-    mx.random.seed(seed)
