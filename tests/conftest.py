@@ -48,3 +48,16 @@ def queries_file(tmp_path) -> Path:
     p = tmp_path / "queries.txt"
     p.write_text("\n".join(QUERIES) + "\n")
     return p
+
+
+def make_tiny_run(root: Path, model: Path, iterations: int = 2) -> Path:
+    """A finished SAMI run of the tiny model in root/run (constitution root/c.yaml, queries root/q.txt)."""
+    from sami_mlx.config import TrainConfig
+    from sami_mlx.trainer import train
+
+    (root / "c.yaml").write_text(CONSTITUTION)
+    (root / "q.txt").write_text("\n".join(QUERIES[:4]) + "\n")
+    train(TrainConfig(model=str(model), constitution=str(root / "c.yaml"), queries=str(root / "q.txt"),
+                      iterations=iterations, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
+                      learning_rate=1e-2, out=str(root / "run")))
+    return root

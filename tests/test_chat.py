@@ -12,30 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_run
 
 from sami_mlx.chat import ChatSession, StopFilter
 from sami_mlx.checkpoints import find_checkpoint
 from sami_mlx.cli import main
-from sami_mlx.config import TrainConfig
 from sami_mlx.constitution import load_constitution
-from sami_mlx.trainer import train
-
-CONSTITUTION = """\
-name: test
-principles:
-  - {name: brief, positive: Be brief., negative: Be long.}
-  - {name: kind, positive: Be kind., negative: Be rude.}
-"""
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("chatrun")
-    (root / "c.yaml").write_text(CONSTITUTION)
-    (root / "q.txt").write_text("How do I bake bread?\nHello there!\nTell me a story.\nWhat is 2+2?\n")
-    train(TrainConfig(model=str(tiny_model), constitution=str(root / "c.yaml"), queries=str(root / "q.txt"),
-                      iterations=2, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
-                      learning_rate=1e-2, out=str(root / "run")))
+    root = make_tiny_run(tmp_path_factory.mktemp("chatrun"), tiny_model, iterations=2)
     return root
 
 

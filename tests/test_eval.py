@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import make_tiny_run
 
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.cli import main
@@ -39,15 +40,6 @@ from sami_mlx.objective import sami_loss
 from sami_mlx.prompts import encode_prompt, load_template
 from sami_mlx.rollout import Generation
 from sami_mlx.scoring import ScoringBatch, score_naive
-from sami_mlx.trainer import train
-
-CONSTITUTION = """\
-name: test
-principles:
-  - {name: brief, positive: Be brief., negative: Be long.}
-  - {name: kind, positive: Be kind., negative: Be rude.}
-"""
-
 
 # ---- statistics on hand-made data -------------------------------------------------------------
 
@@ -177,12 +169,7 @@ def test_positions_are_randomised_with_the_seed():
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("evalrun")
-    (root / "c.yaml").write_text(CONSTITUTION)
-    (root / "q.txt").write_text("How do I bake bread?\nHello there!\nTell me a story.\nWhat is 2+2?\n")
-    train(TrainConfig(model=str(tiny_model), constitution=str(root / "c.yaml"), queries=str(root / "q.txt"),
-                      iterations=2, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
-                      learning_rate=1e-2, out=str(root / "run")))
+    root = make_tiny_run(tmp_path_factory.mktemp("evalrun"), tiny_model, iterations=2)
     (root / "held.txt").write_text("Name a colour.\nHow are you?\nGive me a tip for sleeping well.\nHello there!\n")
     return root
 

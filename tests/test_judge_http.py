@@ -10,12 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_run
 
 from sami_mlx.cli import main
-from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.judge import HTTPJudge, chat_completions_url, make_judge, parse_verdict
-from sami_mlx.trainer import train
 
 KEY = "sk-test-7d1e0c9a-never-write-me"
 Reply = tuple[int, dict, bytes]
@@ -235,22 +234,9 @@ def test_urls_and_judge_choice():
 
 # ---- end to end: `sami-mlx eval` with an HTTP judge -------------------------------------------
 
-CONSTITUTION = """\
-name: test
-principles:
-  - {name: brief, positive: Be brief., negative: Be long.}
-  - {name: kind, positive: Be kind., negative: Be rude.}
-"""
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("httprun")
-    (root / "c.yaml").write_text(CONSTITUTION)
-    (root / "q.txt").write_text("How do I bake bread?\nHello there!\nTell me a story.\nWhat is 2+2?\n")
-    train(TrainConfig(model=str(tiny_model), constitution=str(root / "c.yaml"), queries=str(root / "q.txt"),
-                      iterations=1, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
-                      learning_rate=1e-2, out=str(root / "run")))
+    root = make_tiny_run(tmp_path_factory.mktemp("httprun"), tiny_model, iterations=1)
     (root / "held.txt").write_text("\n".join(f"Held-out question number {i}?" for i in range(10)) + "\n")
     return root
 
