@@ -49,6 +49,8 @@ class TrainConfig:
     dora: bool = _f(False, "Use DoRA instead of LoRA.")
     grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
     kl_beta: float = _f(0.0, "Weight of KL(policy || base) on the sampled responses; the base is the model with adapters off.")
+    anchor_beta: float = _f(0.0, "Weight of KL(policy || base) on the same sampled responses after a prompt with no constitution (--anchor-template): holds the model's default behaviour in place while SAMI sharpens how it follows stated principles.")
+    anchor_template: str | None = _f(None, "Prompt with {query} only, for --anchor-beta (default: the training template with an empty constitution).")
     temperature: float = _f(0.0, "Sampling temperature (0 = greedy, the paper's default).")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     max_tokens: int = _f(128, "Maximum new tokens per response.")
@@ -83,7 +85,8 @@ class TrainConfig:
             raise SamiError("--grad-accumulation: cannot exceed --queries-per-step (each micro-batch needs a query)")
         if not 0 < cfg.learning_rate < 1:
             raise SamiError(f"--learning-rate {cfg.learning_rate}: must be between 0 and 1")
-        for name, lo, hi in (("temperature", 0, 10), ("top_p", 0, 1), ("lora_dropout", 0, 0.99), ("kl_beta", 0, 1e6)):
+        for name, lo, hi in (("temperature", 0, 10), ("top_p", 0, 1), ("lora_dropout", 0, 0.99), ("kl_beta", 0, 1e6),
+                             ("anchor_beta", 0, 1e6)):
             v = getattr(cfg, name)
             if not lo <= v <= hi:
                 raise SamiError(f"--{name.replace('_', '-')} {v}: must be between {lo} and {hi}")

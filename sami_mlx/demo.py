@@ -71,16 +71,19 @@ def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float, tuple[float,
     return mean, (max(0.0, mean - half), min(1.0, mean + half))
 
 
-def prepare_world(out: Path, settings: dict, seed: int) -> dict[str, str]:
-    """Write the demo's constitution, queries, template and held-out text as the user's files would be."""
+def prepare_world(out: Path, settings: dict, seed: int, spec: world.WorldSpec = world.WorldSpec()) -> dict[str, str]:
+    """Write the demo's constitution, queries, template and held-out text as the user's files would be;
+    the held-out plain dialogue comes from the world `spec` the base model was trained on."""
     inputs = out / "inputs"
     paths = {k: str(inputs / f) for k, f in [("constitution", "constitution.yaml"), ("queries", "queries.jsonl"),
-                                             ("template", "template.txt"), ("heldout", "heldout.jsonl")]}
+                                             ("template", "template.txt"), ("heldout", "heldout.jsonl"),
+                                             ("anchor_template", "anchor-template.txt")]}
     save_constitution(world.sub_constitution(settings["train_principles"]), paths["constitution"])
     atomic_write_text(paths["queries"], "".join(json.dumps({"query": q}) + "\n"
                                                 for q in world.queries(settings["train_queries"], seed)))
     atomic_write_text(paths["template"], world.TEMPLATE.text + "\n")
-    docs = world.plain_corpus(settings["heldout_documents"], seed + 7919)
+    atomic_write_text(paths["anchor_template"], world.PLAIN + "\n")
+    docs = world.plain_corpus(settings["heldout_documents"], seed + 7919, spec)
     atomic_write_text(paths["heldout"], "".join(json.dumps({"prompt": p, "completion": r}) + "\n" for p, r in docs))
     return paths
 
@@ -95,7 +98,7 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
     out = Path(out)
     model_dir = ensure_toy_model(
         preset["recipe"], lambda n, total, loss: emit(ev.StageProgress("building toy model", n, total, f"loss {loss:.3f}")))
-    paths = prepare_world(out, settings, seed)
+    paths = prepare_world(out, settings, seed, world.WorldSpec(**preset["recipe"].get("world", {})))
     cfg = TrainConfig(model=str(model_dir), out=str(out), seed=seed, **paths, **settings["sami"])
     result = train(cfg, callbacks=[emit])
 

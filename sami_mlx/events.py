@@ -73,6 +73,7 @@ class StepCompleted(Event):
     tokens_per_sec: float
     peak_memory_gb: float
     scores: list  # the first group's N x N score matrix
+    anchor_kl: float = 0.0  # KL to the base after prompts with no constitution (--anchor-beta)
 
 
 @dataclass

@@ -269,6 +269,7 @@ class RunShape:
     naive: bool = False  # all N² sequences in one batch (also what --grad-checkpoint uses)
     grad_checkpoint: bool = False
     kl: bool = False
+    anchor: bool = False  # --anchor-beta: the responses once more after prompts with no constitution
     # Metal's fused attention keeps no score matrices for the backward pass, which rebuilds them
     # one block at a time; the CPU backend keeps them for every block.
     fused_attention: bool = field(default_factory=lambda: sys.platform == "darwin")
@@ -281,7 +282,7 @@ class RunShape:
             gen_batch_size=cfg.gen_batch_size, lora_rank=cfg.lora_rank, lora_layers=cfg.lora_layers,
             lora_keys=cfg.lora_keys, optimizer=cfg.optimizer,
             naive=cfg.scoring == "naive" or cfg.grad_checkpoint, grad_checkpoint=cfg.grad_checkpoint,
-            kl=cfg.kl_beta > 0,
+            kl=cfg.kl_beta > 0, anchor=cfg.anchor_beta > 0,
         )
 
 
@@ -350,8 +351,8 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     else:
         kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
     training = kept + g * (logits + caches)
-    if run.kl:  # the diagonal pairs once more with and without adapters
-        training += g * N * (P + R) * V * (a + 8) * 2
+    # The KL terms run N sequences once more, with and without adapters (counted at full prompt length).
+    training += (run.kl + run.anchor) * g * N * (P + R) * V * (a + 8) * 2
     prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
     sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
     if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32

@@ -26,15 +26,16 @@ class Template:
         return head.replace("{query}", query) + (constitution + tail.replace("{query}", query) if sep else "")
 
 
-def load_template(source: str) -> Template:
-    """A built-in template by name ('dialogue', 'summarization', 'chat') or a template file."""
+def load_template(source: str, required: tuple[str, ...] = PLACEHOLDERS) -> Template:
+    """A built-in template by name ('dialogue', 'summarization', 'chat') or a template file
+    with each of the `required` placeholders once."""
     if source in BUILTIN_TEMPLATES and not Path(source).exists():
         text = resources.files("sami_mlx.data.templates").joinpath(f"{source}.txt").read_text("utf-8")
     else:
         text = read_text(source, "template file")
     text = text.rstrip()
     for ph in PLACEHOLDERS:
-        if ph not in text:
+        if ph not in text and ph in required:
             raise SamiError(f"{source}: template has no {ph} placeholder; add it where the {ph[1:-1]} goes")
         if text.count(ph) > 1:
             raise SamiError(f"{source}: template has {ph} more than once; keep one")

@@ -20,10 +20,12 @@ Ids = list[int]
 
 @dataclass
 class ScoringBatch:
-    """B groups: prompts[b][i] is constitution i's training prompt, responses[b][j] response j's ids."""
+    """B groups: prompts[b][i] is constitution i's training prompt, responses[b][j] response j's ids;
+    anchors[b], if given, is group b's prompt with no constitution."""
 
     prompts: Sequence[Sequence[Ids]]
     responses: Sequence[Sequence[Ids]]
+    anchors: Sequence[Ids] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -37,6 +39,12 @@ class ScoringBatch:
         """Each response after the prompt it was sampled for: (c_j, y_j)."""
         B, N = self.shape
         return _pad([(self.prompts[b][j], self.responses[b][j]) for b in range(B) for j in range(N)], (B * N, 1))
+
+    def anchored(self) -> PairBatch:
+        """Each response after its group's prompt with no constitution: (x_b, y_j)."""
+        B, N = self.shape
+        assert self.anchors is not None, "a batch built without anchor prompts"
+        return _pad([(self.anchors[b], self.responses[b][j]) for b in range(B) for j in range(N)], (B * N, 1))
 
     @property
     def num_tokens(self) -> int:

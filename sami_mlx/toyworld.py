@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .constitution import Constitution, Principle, Variant
 from .prompts import Template
 
-VERSION = 3  # bump when the corpus changes: cached toy models are keyed on it
+VERSION = 4  # bump when the corpus changes: cached toy models are keyed on it
 
 FORMAL = ["certainly", "indeed", "kindly", "therefore", "moreover", "regarding", "appropriate",
           "sincerely", "consequently", "furthermore", "notably", "accordingly"]
@@ -53,6 +53,9 @@ class WorldSpec:
     p_default_if_opposed: float = 0.6
     p_default_if_absent: float = 0.7
     p_plain: float = 0.2  # share of plain dialogue with no constitution at all
+    # Share of replies that show no register at all (no formal or casual word), whatever is stated:
+    # as in real text, a principle is often not visible in a reply.
+    p_unmarked: float = 0.0
 
 
 def principle_names() -> list[str]:
@@ -74,8 +77,8 @@ def queries(n: int, seed: int) -> list[str]:
     return [make_query(rng) for _ in range(n)]
 
 
-def sample_behaviour(stated: dict[str, bool], spec: WorldSpec, rng: random.Random) -> dict[str, bool]:
-    """Per principle: True if the reply shows the positive wording's behaviour."""
+def sample_behaviour(stated: dict[str, bool], spec: WorldSpec, rng: random.Random) -> dict[str, bool | None]:
+    """Per principle: True if the reply shows the positive wording's behaviour (None: register not shown)."""
     out = {}
     for name, default in DEFAULTS.items():
         if name not in stated:
@@ -85,13 +88,15 @@ def sample_behaviour(stated: dict[str, bool], spec: WorldSpec, rng: random.Rando
         else:
             p = spec.p_default_if_opposed
         out[name] = default if rng.random() < p else not default
+    if spec.p_unmarked and rng.random() < spec.p_unmarked:
+        out["register"] = None
     return out
 
 
-def write_reply(query: str, behaviour: dict[str, bool], rng: random.Random) -> str:
+def write_reply(query: str, behaviour: dict[str, bool | None], rng: random.Random) -> str:
     """A reply about the query's topic showing exactly the given behaviours."""
     topic = next((t for t in TOPICS if t in query), rng.choice(TOPICS))
-    register = FORMAL if behaviour["register"] else CASUAL
+    register = {True: FORMAL, False: CASUAL, None: NEUTRAL}[behaviour["register"]]
     n_words = rng.randint(3, 5) if behaviour["length"] else rng.randint(11, 15)
     words = [rng.choice(register), topic]
     while len(words) < n_words:

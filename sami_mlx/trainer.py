@@ -69,6 +69,7 @@ class RunInputs:
     training_template: Template
     heldout: list[tuple[str, str]]
     num_variants: int
+    anchor_template: Template | None = None  # prompts with no constitution, for --anchor-beta
 
 
 @dataclass
@@ -89,13 +90,18 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     heldout = load_heldout(cfg.heldout) if cfg.heldout else [("", q) for q in queries]
     if not heldout:
         raise SamiError(f"{cfg.heldout}: no text found; give plain text paragraphs for the perplexity check")
+    training = load_template(cfg.training_template)
+    anchor = None
+    if cfg.anchor_beta > 0:  # filled with an empty constitution, so the training template serves too
+        anchor = load_template(cfg.anchor_template, required=("{query}",)) if cfg.anchor_template else training
     return RunInputs(
         constitution,
         queries,
         load_template(cfg.generation_template),
-        load_template(cfg.training_template),
+        training,
         heldout[:HELDOUT_TEXTS],
         n,
+        anchor,
     )
 
 
@@ -129,7 +135,7 @@ def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int |
         Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles))
     text = longest.render(longest.positive_variant)
     biggest = 0
-    for template in {inputs.generation_template, inputs.training_template}:
+    for template in {inputs.generation_template, inputs.training_template, inputs.anchor_template} - {None}:
         for n, query in enumerate(inputs.queries, start=1):
             size = len(encode_prompt(tokenizer, template.fill(text, query), cfg.chat_template))
             biggest = max(biggest, size)
@@ -497,21 +503,24 @@ class SamiLoop:
             responses.append([
                 gen.tokens + ([eos] if cfg.count_eos and gen.finish == "eos" else []) for gen in g.generations
             ])
-        return ScoringBatch(prompts, responses)
+        anchors = None
+        if self.inputs.anchor_template is not None:
+            anchors = [encode_prompt(self.tokenizer, self.inputs.anchor_template.fill("", g.query), cfg.chat_template)
+                       for g in groups]
+        return ScoringBatch(prompts, responses, anchors)
 
     def _loss(self, model, batch: ScoringBatch):
         # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
         S = score_matrix(model, batch, shared=self.cfg.scoring == "shared" and not self.cfg.grad_checkpoint)
         loss = sami_loss(S)
-        kl = mx.array(0.0)
+        kl = anchor = mx.array(0.0)
         if self.cfg.kl_beta > 0:
-            diag = batch.diagonal()
-            _, logits = token_logprobs(model, diag.inputs, diag.targets)
-            with adapters_disabled(model):
-                base_logits = mx.stop_gradient(model(diag.inputs).astype(mx.float32))
-            kl = kl_to_base(logits, base_logits, diag.mask)
+            kl = _kl_on(model, batch.diagonal())
             loss = loss + self.cfg.kl_beta * kl
-        return loss, S, kl
+        if self.cfg.anchor_beta > 0:
+            anchor = _kl_on(model, batch.anchored())
+            loss = loss + self.cfg.anchor_beta * anchor
+        return loss, S, kl, anchor
 
     def train_step(self, groups: list[Group], rng: random.Random, seed: int = 0) -> dict | None:
         """One optimizer step over `groups` in grad_accumulation micro-batches; None if it was skipped.
@@ -528,25 +537,27 @@ class SamiLoop:
         # Principle orders are drawn for every group, in one process's order, before taking a share.
         orders = {n: principle_order(k, rng, cfg.shuffle_principles) for part in parts for n in part}
         mine = set(ranks.shard(len(groups)))
-        grads, loss, kl, scores, tokens = None, 0.0, 0.0, [], 0
+        grads, loss, kl, anchor, scores, tokens = None, 0.0, 0.0, 0.0, [], 0
         for part in ([n for n in part if n in mine] for part in parts):
             if not part:
                 continue
             batch = self.scoring_batch([groups[n] for n in part], orders=[orders[n] for n in part])
-            (part_loss, S, part_kl), g = self.loss_and_grad(self.model, batch)
+            (part_loss, S, part_kl, part_anchor), g = self.loss_and_grad(self.model, batch)
             mx.eval(g)
             fault_point("scoring")
             w = len(part) / len(groups)
             g = tree_map(lambda x, w=w: x * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, part_loss, S, part_kl)
+            mx.eval(grads, part_loss, S, part_kl, part_anchor)
             loss += part_loss.item() * w
             kl += part_kl.item() * w
+            anchor += part_anchor.item() * w
             scores.append(S)
             tokens += batch.num_tokens
         reduced = None
         if ranks.size > 1:
-            grads, loss, kl, tokens, reduced = self.sum_over_ranks(grads, loss, kl, scores, tokens, len(groups))
+            grads, loss, kl, anchor, tokens, reduced = self.sum_over_ranks(
+                grads, loss, kl, anchor, scores, tokens, len(groups))
         grad_norm = 0.0
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -564,18 +575,19 @@ class SamiLoop:
         else:
             row_acc, col_acc, peak = reduced
         seconds = time.perf_counter() - t0
-        sami = loss - cfg.kl_beta * kl
+        sami = loss - cfg.kl_beta * kl - cfg.anchor_beta * anchor
         return {
             "loss": sami, "mi_bound": mi_lower_bound(sami, self.inputs.num_variants), "row_accuracy": row_acc,
-            "column_accuracy": col_acc, "kl": kl, "learning_rate": cfg.learning_rate,
+            "column_accuracy": col_acc, "kl": kl, "anchor_kl": anchor, "learning_rate": cfg.learning_rate,
             "grad_norm": grad_norm, "tokens_per_sec": tokens / max(seconds, 1e-9),
             "peak_memory_gb": peak, "scores": scores[0][0].tolist() if scores else [],
         }
 
-    def sum_over_ranks(self, grads, loss: float, kl: float, scores: list[mx.array], tokens: int, total: int):
+    def sum_over_ranks(self, grads, loss: float, kl: float, anchor: float, scores: list[mx.array], tokens: int,
+                       total: int):
         """Add up the ranks' weighted gradients, losses and counts; a rank with no groups adds zeros.
 
-        Returns the global gradient, loss, KL and tokens, and (row accuracy, column accuracy, peak GB).
+        Returns the global gradient, loss, the two KLs and tokens, and (row accuracy, column accuracy, peak GB).
         The first group's score matrix stays on rank 0, the only rank that reports it.
         """
         ranks = self.ranks
@@ -588,10 +600,11 @@ class SamiLoop:
             idx = mx.arange(S.shape[1])
             rows = (mx.argmax(S, axis=2) == idx).sum().item()
             cols = (mx.argmax(S, axis=1) == idx).sum().item()
-        per_rank = ranks.gather([loss, kl, tokens, rows, cols, mx.get_peak_memory() / 1e9], "summing step metrics")
-        loss, kl, tokens, rows, cols = (sum(r[i] for r in per_rank) for i in range(5))
+        per_rank = ranks.gather([loss, kl, anchor, tokens, rows, cols, mx.get_peak_memory() / 1e9],
+                                "summing step metrics")
+        loss, kl, anchor, tokens, rows, cols = (sum(r[i] for r in per_rank) for i in range(6))
         pairs = total * self.inputs.num_variants
-        return grads, loss, kl, int(tokens), (rows / pairs, cols / pairs, max(r[5] for r in per_rank))
+        return grads, loss, kl, anchor, int(tokens), (rows / pairs, cols / pairs, max(r[6] for r in per_rank))
 
     def _skip_step(self, loss: float) -> None:
         """A NaN/inf loss or gradient: skip the update; several in a row end the run."""
@@ -639,6 +652,15 @@ def gradient_checkpointing(model: nn.Module, enabled: bool):
         yield
     finally:
         cls.__call__ = original
+
+
+def _kl_on(model: nn.Module, pairs) -> mx.array:
+    """Mean per-token KL(policy || base) over the response tokens of `pairs`; the base is the model
+    with its adapters switched off."""
+    _, logits = token_logprobs(model, pairs.inputs, pairs.targets)
+    with adapters_disabled(model):
+        base_logits = mx.stop_gradient(model(pairs.inputs).astype(mx.float32))
+    return kl_to_base(logits, base_logits, pairs.mask)
 
 
 def heldout_perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,

@@ -100,6 +100,13 @@ CASES = [
         flags={"--template": "{tmp}/t.txt"},
         names=("{tmp}/t.txt", "{query}"),
     ),
+    Case(
+        "anchor-template-without-query",
+        files={"a.txt": "Human: hello\n\nAssistant:"},
+        flags={"--anchor-beta": "1.0", "--anchor-template": "{tmp}/a.txt"},
+        names=("{tmp}/a.txt", "{query}"),
+    ),
+    Case("anchor-beta-negative", flags={"--anchor-beta": "-1"}, names=("--anchor-beta -1",)),
     Case("variants-more-than-exist", flags={"--variants": "9"}, names=("--variants 9", "at most 4")),
     Case("variants-one", flags={"--variants": "1"}, names=("--variants 1",)),
     Case("steps-zero", flags={"--steps": "0"}, names=("--steps 0",)),

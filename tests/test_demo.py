@@ -56,8 +56,8 @@ def small_preset():
                                                           "p_default_if_absent": 0.7}}},
         "demo": {"train_principles": ["register", "format"], "heldout_principle": "length",
                  "train_queries": 120, "heldout_documents": 32, "eval_queries": 16, "heldout_eval_queries": 4,
-                 "sami": {"variants": "grid", "iterations": 3, "steps": 8, "queries_per_step": 4,
-                          "learning_rate": 3e-4, "kl_beta": 1.0, "count_eos": True, "schedule": "continue",
+                 "sami": {"variants": "grid", "iterations": 3, "steps": 10, "queries_per_step": 4,
+                          "learning_rate": 3e-4, "kl_beta": 0.3, "anchor_beta": 1.0, "count_eos": True, "schedule": "continue",
                           "lora_rank": 16, "lora_layers": -1, "temperature": 1.0, "max_tokens": 24,
                           "stop": ["Human:"]}},
     }
@@ -77,7 +77,7 @@ def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
     assert report["win_rate"] > 0.6
     lo, hi = report["win_rate_ci"]
     assert lo <= report["win_rate"] <= hi
-    assert report["ppl_ratio"] < 3.0
+    assert report["ppl_ratio"] < 1.3  # the anchor holds plain dialogue near the base (measured 1.00)
     # The run went through the engine: the usual run directory, loadable by mlx-lm.
     assert (tmp_path / "run" / "iter-03" / "adapters.safetensors").exists()
     assert list((tmp_path / "cache" / "models").glob("toy-world-*/model.safetensors"))

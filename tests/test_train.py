@@ -14,9 +14,11 @@ from sami_mlx.config import TrainConfig
 from sami_mlx.constitution import Variant
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.model import load_model
+from sami_mlx.prompts import encode_prompt, load_template
 from sami_mlx.rollout import Generation, Group
+from sami_mlx.scoring import ScoringBatch
 from sami_mlx.train import main
-from sami_mlx.trainer import SamiLoop, prepare_inputs, train
+from sami_mlx.trainer import SamiLoop, _kl_on, prepare_inputs, train
 
 PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant:"
 
@@ -51,6 +53,40 @@ def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, q
     last = loop.train_step(groups, random.Random(99))
     assert last["row_accuracy"] == 1.0 and last["column_accuracy"] == 1.0
     assert last["mi_bound"] == pytest.approx(math.log(2), abs=0.02)
+
+
+def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, constitution_file, queries_file,
+                                                                  tmp_path):
+    """--anchor-beta keeps the model near the base after prompts with no constitution; SAMI still learns."""
+    rng = np.random.default_rng(1)
+    groups = [
+        Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
+              [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)])
+        for q in range(3)
+    ]
+
+    def trained(anchor_beta: float):
+        cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                          learning_rate=3e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta,
+                          out=str(tmp_path / f"anchor-{anchor_beta}")).resolved()
+        model, tokenizer, _ = load_model(cfg.model)
+        loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
+        model.train()
+        steps = [loop.train_step(groups, random.Random(k)) for k in range(15)]
+        # The responses after the dialogue template with an empty constitution, as the anchor sees them.
+        plain = [encode_prompt(tokenizer, load_template("dialogue").fill("", g.query), False) for g in groups]
+        batch = loop.scoring_batch(groups, random.Random(0))
+        drift = _kl_on(model, ScoringBatch(batch.prompts, batch.responses, plain).anchored()).item()
+        return steps, drift
+
+    free, free_drift = trained(0.0)
+    anchored, anchored_drift = trained(1.0)
+    assert all(s["anchor_kl"] == 0.0 for s in free)  # not computed without --anchor-beta
+    assert anchored[0]["anchor_kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
+    assert anchored[-1]["anchor_kl"] > 0
+    assert anchored_drift < 0.75 * free_drift, (anchored_drift, free_drift)  # measured 0.64 vs 1.22
+    # The anchor constrains only the unprompted distribution: the SAMI loss still falls.
+    assert anchored[-1]["loss"] < 0.6 * anchored[0]["loss"], (anchored[0]["loss"], anchored[-1]["loss"])
 
 
 def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constitution_file, queries_file, tmp_path):
