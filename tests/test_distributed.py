@@ -137,8 +137,10 @@ def reference(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     (root / "q.txt").write_text("\n".join(QUERIES) + "\n")
     files = inputs(root, root / "q.txt")
-    one_process(flags(tiny_model, files, root / "single"), root / "single.log")
-    log = launch(flags(tiny_model, files, root / "dist"), root / "launch.log")
+    # Both KL terms on: their values are summed over the ranks like the loss.
+    regularised = ["--kl-beta", "0.1", "--anchor-beta", "0.5"]
+    one_process(flags(tiny_model, files, root / "single", *regularised), root / "single.log")
+    log = launch(flags(tiny_model, files, root / "dist", *regularised), root / "launch.log")
     return root, files, log
 
 
@@ -157,9 +159,10 @@ def test_two_ranks_train_the_adapters_one_process_trains(reference):
              for run in (single, dist)}
     assert [r["global_step"] for r in steps[dist]] == [r["global_step"] for r in steps[single]] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(steps[single], steps[dist]):
-        for key in ("loss", "row_accuracy", "column_accuracy", "grad_norm"):
+        for key in ("loss", "row_accuracy", "column_accuracy", "grad_norm", "kl", "anchor_kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
         assert sum(b["scores"], []) == pytest.approx(sum(a["scores"], []), abs=1e-5)  # rank 0's first group
+    assert steps[single][-1]["kl"] > 0 and steps[single][-1]["anchor_kl"] > 0
     a, b = adapters(single), adapters(dist)
     assert max_diff(a, b) < TOLERANCE
     assert max(mx.abs(v).max().item() for k, v in a.items() if "lora_b" in k) > 20 * TOLERANCE  # it trained

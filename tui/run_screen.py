@@ -418,6 +418,8 @@ class RunScreen(Screen):
             out.append("   peak memory ", style="dim").append(f"{s['peak_memory_gb']:.2f} GB")
             if s.get("kl"):
                 out.append("   KL ", style="dim").append(f"{s['kl']:.4f}")
+            if s.get("anchor_kl"):
+                out.append("   KL without constitution ", style="dim").append(f"{s['anchor_kl']:.4f}")
         last_samples = v.per_iteration.get(v.iteration, {})
         if last_samples.get("sampling_tokens_per_sec"):
             out.append("   sampling ", style="dim").append(f"{last_samples['sampling_tokens_per_sec']:,.0f} tok/s")
