@@ -47,6 +47,22 @@ def test_corpus_links_wording_to_behaviour_only_weakly_with_a_prior_bias():
             assert p_default == pytest.approx(expected, abs=0.04)
 
 
+def test_unmarked_replies_show_no_register_and_leave_the_link_as_it_was():
+    spec = world.WorldSpec(p_default_if_stated=0.9, p_default_if_opposed=0.52, p_unmarked=0.35)
+    pairs = world.corpus(6000, seed=2, spec=spec)
+    shown = [(prompt, world.behaviour_of(r)["register"]) for prompt, r in pairs]
+    assert sum(b is None for _, b in shown) / len(shown) == pytest.approx(0.35, abs=0.03)
+    # Unmarked replies follow neither wording: the checker scores them 0 for register either way.
+    unmarked = next(r for _, r in pairs if world.behaviour_of(r)["register"] is None)
+    c = world.sub_constitution(["register"])
+    assert world.adherence(unmarked, c, Variant((True,))) == world.adherence(unmarked, c, Variant((False,))) == {
+        "register": 0.0}
+    # Among marked replies the stated wording tilts the odds exactly as before (casual is the default).
+    for wording, p_casual in (("Speak casually.", 0.9), ("Speak formally.", 0.52)):
+        marked = [b for prompt, b in shown if wording in prompt and b is not None]
+        assert sum(b is False for b in marked) / len(marked) == pytest.approx(p_casual, abs=0.04)
+
+
 def small_preset():
     return {
         "recipe": {"seed": 0, "documents": 9000, "vocab_size": 700, "hidden_size": 64, "layers": 3, "heads": 4,
