@@ -28,6 +28,8 @@ principles:
 """
 TEMPLATE = "{query}\n{constitution}\n"
 TOLERANCE = 1e-5
+# The reference runs have both KL terms on: their values are summed over the ranks like the loss.
+REGULARISED = ["--kl-beta", "0.1", "--anchor-beta", "0.5"]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 
 
@@ -137,10 +139,8 @@ def reference(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     (root / "q.txt").write_text("\n".join(QUERIES) + "\n")
     files = inputs(root, root / "q.txt")
-    # Both KL terms on: their values are summed over the ranks like the loss.
-    regularised = ["--kl-beta", "0.1", "--anchor-beta", "0.5"]
-    one_process(flags(tiny_model, files, root / "single", *regularised), root / "single.log")
-    log = launch(flags(tiny_model, files, root / "dist", *regularised), root / "launch.log")
+    one_process(flags(tiny_model, files, root / "single", *REGULARISED), root / "single.log")
+    log = launch(flags(tiny_model, files, root / "dist", *REGULARISED), root / "launch.log")
     return root, files, log
 
 
@@ -193,7 +193,8 @@ def test_a_killed_rank_ends_the_other_with_a_message_and_the_run_resumes(tiny_mo
     root, files, _ = reference
     run = tmp_path / "run"
     started = time.perf_counter()
-    with ranks_running(flags(tiny_model, files, run), tmp_path, env=({}, {"SAMI_MLX_KILL_AT": "update:3"})) as procs:
+    argv = flags(tiny_model, files, run, *REGULARISED)  # resumed, it must end as the reference run did
+    with ranks_running(argv, tmp_path, env=({}, {"SAMI_MLX_KILL_AT": "update:3"})) as procs:
         codes = [p.wait(timeout=120) for p in procs]
     assert codes == [1, -signal.SIGKILL], output(tmp_path, 0)[-3000:]
     assert time.perf_counter() - started < 90
