@@ -98,6 +98,8 @@ class TrainConfig:
             raise SamiError(f"--scoring {cfg.scoring!r}: use 'shared' or 'naive'")
         if cfg.optimizer not in ("adamw", "rmsprop"):
             raise SamiError(f"--optimizer {cfg.optimizer!r}: use 'adamw' or 'rmsprop'")
+        if cfg.anchor_template and not cfg.anchor_beta:
+            raise SamiError("--anchor-template: has no effect without --anchor-beta; add --anchor-beta (e.g. 0.5)")
         if cfg.max_ppl_ratio is not None and cfg.max_ppl_ratio <= 1:
             raise SamiError(f"--max-ppl-ratio {cfg.max_ppl_ratio}: must be above 1")
         return cfg

@@ -143,9 +143,10 @@ def score_matrix(model: nn.Module, batch: ScoringBatch, shared: bool = True) -> 
     return score_naive(model, batch)
 
 
-def kl_to_base(logits: mx.array, base_logits: mx.array, mask: mx.array) -> mx.array:
-    """Mean per-token KL(pi || pi_base) over masked positions."""
+def kl_to_base(logits: mx.array, base_logits: mx.array, mask: mx.array, tokens: float | None = None) -> mx.array:
+    """Per-token KL(pi || pi_base) summed over masked positions and divided by `tokens` (default:
+    their count, the mean); a part of a bigger batch passes the whole batch's count."""
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     base = base_logits - mx.logsumexp(base_logits, axis=-1, keepdims=True)
     kl = (mx.exp(logp) * (logp - base)).sum(axis=-1)
-    return (kl * mask).sum() / mx.maximum(mask.sum(), 1)
+    return (kl * mask).sum() / (mx.maximum(mask.sum(), 1) if tokens is None else max(tokens, 1))

@@ -490,7 +490,6 @@ class SamiLoop:
         Each group's principle order is drawn from `rng`, or given in `orders`.
         """
         cfg, c = self.cfg, self.inputs.constitution
-        eos = self.tokenizer.eos_token_id
         prompts, responses = [], []
         for n, g in enumerate(groups):
             # One shuffled order per group, so the rows of S differ only in the wordings.
@@ -500,25 +499,28 @@ class SamiLoop:
                               cfg.chat_template)
                 for v in g.variants
             ])
-            responses.append([
-                gen.tokens + ([eos] if cfg.count_eos and gen.finish == "eos" else []) for gen in g.generations
-            ])
+            responses.append(self.response_ids(g))
         anchors = None
         if self.inputs.anchor_template is not None:
             anchors = [encode_prompt(self.tokenizer, self.inputs.anchor_template.fill("", g.query), cfg.chat_template)
                        for g in groups]
         return ScoringBatch(prompts, responses, anchors)
 
-    def _loss(self, model, batch: ScoringBatch):
+    def response_ids(self, g: Group) -> list[list[int]]:
+        """The token ids each response is scored on (with its EOS under --count-eos)."""
+        eos = self.tokenizer.eos_token_id
+        return [gen.tokens + ([eos] if self.cfg.count_eos and gen.finish == "eos" else []) for gen in g.generations]
+
+    def _loss(self, model, batch: ScoringBatch, kl_tokens: float):
         # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
         S = score_matrix(model, batch, shared=self.cfg.scoring == "shared" and not self.cfg.grad_checkpoint)
         loss = sami_loss(S)
         kl = anchor = mx.array(0.0)
         if self.cfg.kl_beta > 0:
-            kl = _kl_on(model, batch.diagonal())
+            kl = _kl_on(model, batch.diagonal(), kl_tokens)
             loss = loss + self.cfg.kl_beta * kl
         if self.cfg.anchor_beta > 0:
-            anchor = _kl_on(model, batch.anchored())
+            anchor = _kl_on(model, batch.anchored(), kl_tokens)
             loss = loss + self.cfg.anchor_beta * anchor
         return loss, S, kl, anchor
 
@@ -537,15 +539,18 @@ class SamiLoop:
         # Principle orders are drawn for every group, in one process's order, before taking a share.
         orders = {n: principle_order(k, rng, cfg.shuffle_principles) for part in parts for n in part}
         mine = set(ranks.shard(len(groups)))
+        # The KL terms average over all the step's response tokens: each part divides its sum by that
+        # count over its weight, so the weighted parts (and ranks) add up to one process's mean.
+        step_tokens = sum(len(r) for g in groups for r in self.response_ids(g))
         grads, loss, kl, anchor, scores, tokens = None, 0.0, 0.0, 0.0, [], 0
         for part in ([n for n in part if n in mine] for part in parts):
             if not part:
                 continue
             batch = self.scoring_batch([groups[n] for n in part], orders=[orders[n] for n in part])
-            (part_loss, S, part_kl, part_anchor), g = self.loss_and_grad(self.model, batch)
+            w = len(part) / len(groups)
+            (part_loss, S, part_kl, part_anchor), g = self.loss_and_grad(self.model, batch, step_tokens * w)
             mx.eval(g)
             fault_point("scoring")
-            w = len(part) / len(groups)
             g = tree_map(lambda x, w=w: x * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(grads, part_loss, S, part_kl, part_anchor)
@@ -654,13 +659,13 @@ def gradient_checkpointing(model: nn.Module, enabled: bool):
         cls.__call__ = original
 
 
-def _kl_on(model: nn.Module, pairs) -> mx.array:
-    """Mean per-token KL(policy || base) over the response tokens of `pairs`; the base is the model
-    with its adapters switched off."""
+def _kl_on(model: nn.Module, pairs, tokens: float | None = None) -> mx.array:
+    """Per-token KL(policy || base) over the response tokens of `pairs`, summed and divided by
+    `tokens` (default: their count); the base is the model with its adapters switched off."""
     _, logits = token_logprobs(model, pairs.inputs, pairs.targets)
     with adapters_disabled(model):
         base_logits = mx.stop_gradient(model(pairs.inputs).astype(mx.float32))
-    return kl_to_base(logits, base_logits, pairs.mask)
+    return kl_to_base(logits, base_logits, pairs.mask, tokens)
 
 
 def heldout_perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,

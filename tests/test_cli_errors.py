@@ -106,6 +106,8 @@ CASES = [
         flags={"--anchor-beta": "1.0", "--anchor-template": "{tmp}/a.txt"},
         names=("{tmp}/a.txt", "{query}"),
     ),
+    Case("anchor-template-without-beta", files={"a.txt": "Human: {query}\n\nAssistant:"},
+         flags={"--anchor-template": "{tmp}/a.txt"}, names=("--anchor-template", "--anchor-beta")),
     Case("anchor-beta-negative", flags={"--anchor-beta": "-1"}, names=("--anchor-beta -1",)),
     Case("variants-more-than-exist", flags={"--variants": "9"}, names=("--variants 9", "at most 4")),
     Case("variants-one", flags={"--variants": "1"}, names=("--variants 1",)),

@@ -89,6 +89,32 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
     assert anchored[-1]["loss"] < 0.6 * anchored[0]["loss"], (anchored[0]["loss"], anchored[-1]["loss"])
 
 
+def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_model, constitution_file, queries_file, tmp_path):
+    """--grad-accumulation (and ranks, which split groups the same way) must not change the step, even
+    when groups hold responses of different lengths: the KL terms average over the whole step's tokens."""
+    rng = np.random.default_rng(2)
+    groups = [
+        Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
+              [Generation([int(t) for t in rng.integers(5, 300, n)], "", "length") for _ in range(2)])
+        for q, n in enumerate((2, 9, 4))
+    ]
+
+    def steps(ga: int):
+        cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                          learning_rate=3e-3, lora_rank=8, lora_layers=-1, kl_beta=0.5, anchor_beta=0.5,
+                          grad_accumulation=ga, out=str(tmp_path / f"ga-{ga}")).resolved()
+        model, tokenizer, _ = load_model(cfg.model)
+        loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
+        model.train()
+        return [loop.train_step(groups, random.Random(k)) for k in range(3)]
+
+    one, three = steps(1), steps(3)
+    assert one[-1]["kl"] > 1e-4 and one[-1]["anchor_kl"] > 1e-4  # the adapters moved: both terms count
+    for a, b in zip(one, three):
+        for key in ("loss", "kl", "anchor_kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
 def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constitution_file, queries_file, tmp_path):
     cli_run = tmp_path / "cli"
     assert main(run_flags(tiny_model, constitution_file, queries_file, cli_run)) == 0
