@@ -52,12 +52,18 @@ def set_adapter_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 
 def save_adapters(model: nn.Module, directory: str | Path, adapter_config: dict, extra: dict | None = None) -> None:
-    """Write adapters.safetensors and adapter_config.json atomically, as mlx_lm.load expects."""
+    """Write the model's adapters.safetensors and adapter_config.json atomically, as mlx_lm.load expects."""
+    save_adapter_weights(adapter_weights(model), directory, adapter_config, extra)
+
+
+def save_adapter_weights(weights: dict[str, mx.array], directory: str | Path, adapter_config: dict,
+                         extra: dict | None = None) -> None:
+    """Write given adapter tensors and adapter_config.json atomically, as mlx_lm.load expects."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # mx.save_safetensors adds the suffix itself, so the temporary name must already end with it.
     tmp = directory / f".adapters.{os.getpid()}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), adapter_weights(model))
+    mx.save_safetensors(str(tmp), weights)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, directory / "adapters.safetensors")

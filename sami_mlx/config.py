@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -34,22 +35,22 @@ class TrainConfig:
     shuffle_principles: bool = _f(True, "Shuffle the order of principles in training prompts.")
     iterations: int = _f(3, "SAMI iterations (sample, then train).")
     schedule: str = _f("paper", "'paper': re-initialise adapters each iteration, steps grow (s, 2s, 3s), alternating query splits; 'continue': keep training the same adapters.")
-    steps: int = _f(4, "Optimizer steps in the first iteration (the paper schedule grows from it).")
+    steps: int = _f(8, "Optimizer steps in the first iteration (the paper schedule grows from it).")
     queries_per_step: int = _f(8, "Query groups per optimizer step.")
     grad_accumulation: int = _f(1, "Split each step's groups into this many micro-batches (less memory).")
-    learning_rate: float = _f(5e-5, "Learning rate.")
+    learning_rate: float = _f(3e-4, "Learning rate (the KL and anchor terms keep LoRA at this rate near the base model).")
     optimizer: str = _f("adamw", "adamw or rmsprop.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
-    lora_rank: int = _f(8, "LoRA rank.")
+    lora_rank: int = _f(16, "LoRA rank.")
     lora_scale: float = _f(20.0, "LoRA scale (mlx-lm's convention; not alpha).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_layers: int = _f(16, "Number of transformer blocks (from the last) that get adapters; -1 for all.")
     lora_keys: list[str] | None = _f(None, "Module keys to adapt, e.g. self_attn.q_proj (default: every linear layer in the block).")
     dora: bool = _f(False, "Use DoRA instead of LoRA.")
     grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
-    kl_beta: float = _f(0.0, "Weight of KL(policy || base) on the sampled responses; the base is the model with adapters off.")
-    anchor_beta: float = _f(0.0, "Weight of KL(policy || base) on the same sampled responses after a prompt with no constitution (--anchor-template): holds the model's default behaviour in place while SAMI sharpens how it follows stated principles.")
+    kl_beta: float = _f(0.3, "Weight of KL(policy || base) on the sampled responses; the base is the model with adapters off.")
+    anchor_beta: float = _f(0.5, "Weight of KL(policy || base) on the same sampled responses after a prompt with no constitution (--anchor-template): holds the model's default behaviour in place while SAMI sharpens how it follows stated principles.")
     anchor_template: str | None = _f(None, "Prompt with {query} only, for --anchor-beta (default: the training template with an empty constitution).")
     temperature: float = _f(0.0, "Sampling temperature (0 = greedy, the paper's default).")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
@@ -57,10 +58,13 @@ class TrainConfig:
     stop: list[str] = _f(["Human:", "###"], "Stop strings: a response is cut before the first one.")
     banned: list[str] = _f([], "Drop a query group if any response contains one of these substrings.")
     scoring: str = _f("shared", "'shared': run each prompt once and score its N responses against a repeated KV cache; 'naive': all N² sequences in one batch (used with --grad-checkpoint).")
-    count_eos: bool = _f(False, "Count the EOS token in a response's mean log-prob when it ended with one.")
+    count_eos: bool = _f(True, "Count the EOS token in a response's mean log-prob when it ended with one (where a response stops is behaviour too).")
     gen_batch_size: int = _f(32, "Sequences decoded together during sampling.")
-    heldout: str | None = _f(None, "Plain-text file for the held-out perplexity check (default: the queries, which the loss never trains on).")
-    max_ppl_ratio: float | None = _f(None, "Stop the run when held-out perplexity exceeds this multiple of the base model's.")
+    heldout: str | None = _f(None, "Extra held-out text (paragraphs, or .jsonl with 'text' or 'prompt'+'completion') whose perplexity is logged and guarded like the drift.")
+    monitor_queries: int = _f(16, "Queries held out of training for the degeneration monitor: the base model answers them with and without the constitution, and every check measures how far the model drifted from those answers (0 turns the monitor off).")
+    monitor_every: int = _f(4, "Also check the drift every this many optimizer steps inside an iteration (0: only at iteration ends).")
+    max_ppl_ratio: float | None = _f(1.5, "Stop the run, and keep the last healthy adapters, when the model's perplexity on the base model's held-out answers (or on --heldout text) exceeds this multiple of the base model's; 'off' turns the guard off.")
+    keep: str = _f("best", "Which adapters RUN/adapters.safetensors holds at the end: 'best' (the healthy iteration with the highest held-out MI bound) or 'last' (the last healthy one).")
     force: bool = _f(False, "Start even when the memory estimate says the run cannot fit this machine.")
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
@@ -101,7 +105,12 @@ class TrainConfig:
         if cfg.anchor_template and not cfg.anchor_beta:
             raise SamiError("--anchor-template: has no effect without --anchor-beta; add --anchor-beta (e.g. 0.5)")
         if cfg.max_ppl_ratio is not None and cfg.max_ppl_ratio <= 1:
-            raise SamiError(f"--max-ppl-ratio {cfg.max_ppl_ratio}: must be above 1")
+            raise SamiError(f"--max-ppl-ratio {cfg.max_ppl_ratio}: must be above 1 (or 'off')")
+        if cfg.keep not in ("best", "last"):
+            raise SamiError(f"--keep {cfg.keep!r}: use 'best' or 'last'")
+        for name in ("monitor_queries", "monitor_every"):
+            if getattr(cfg, name) < 0:
+                raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
         return cfg
 
     def steps_in_iteration(self, iteration: int) -> int:
@@ -113,6 +122,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+OFF = ("off", "none", "null")
 
 
 def config_from_file(path: str) -> dict:
@@ -143,6 +153,8 @@ def _kind(f: dataclasses.Field) -> tuple[str, bool]:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     base, optional = _kind(FIELDS[name])
+    if optional and base in ("int", "float") and (value is False or str(value).lower() in OFF):
+        return None  # `max_ppl_ratio: off` (YAML reads a bare off as false)
     if value is None:
         if optional:
             return None
@@ -176,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="Print the resolved configuration and exit.")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        base, _ = _kind(f)
+        base, optional = _kind(f)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         help_text = f.metadata["help"] + (f" (default: {default})" if default not in ("", None, []) else "")
         if base == "bool":
@@ -185,7 +197,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(base, str)
+            if optional and base in ("int", "float"):
+                kind = _or_off(kind)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def _or_off(kind: type) -> Callable[[str], Any]:
+    """A number, or 'off' for None (a guard turned off)."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in OFF else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:

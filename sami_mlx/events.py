@@ -22,9 +22,11 @@ class RunStarted(Event):
     total_steps: int
     num_variants: int
     trainable_parameters: int
-    base_ppl: float
+    base_ppl: float | None  # perplexity of the --heldout text under the base model (None without one)
     resumed_at_step: int = 0  # 0 for a fresh run
     memory_estimate_gb: float | None = None  # estimated peak, checked against the machine before starting
+    monitor_queries: int = 0  # held-out queries the degeneration monitor watches (0: monitor off)
+    base_heldout_mi: float | None = None  # MI bound of the base model's answers to them
 
 
 @dataclass
@@ -55,6 +57,9 @@ class SamplesReady(Event):
     distinct_2: float
     tokens_per_sec: float
     examples: list = field(default_factory=list)  # a few groups: query, variant labels, responses
+    queries_sampled: int = 0  # query groups sampled, dropped ones included (more are drawn to replace drops)
+    repeated: int = 0  # step slots filled by repeating a group: the split ran out of queries
+    repetition: float = 0.0  # share of trigrams repeating an earlier one in the same response
 
 
 @dataclass
@@ -77,15 +82,43 @@ class StepCompleted(Event):
 
 
 @dataclass
+class MonitorChecked(Event):
+    """The degeneration monitor's reading: drift is the perplexity of the base model's own held-out
+    answers under the current model, as a multiple of the base's (with and without the constitution).
+    Inside an iteration only the drift is measured; at its end also the model's own answers."""
+
+    iteration: int
+    step: int  # optimizer steps done in the iteration when checked
+    drift_prompted: float | None
+    drift_plain: float | None
+    healthy: bool
+    limit: float | None  # --max-ppl-ratio (None: the guard is off)
+    heldout_mi: float | None = None  # MI bound on the held-out queries
+    mean_length: float | None = None  # of the model's held-out answers, in tokens
+    limit_rate: float | None = None  # share of them that hit --max-tokens
+    distinct_2: float | None = None
+    repetition: float | None = None  # share of trigrams repeating an earlier one in the same answer
+    ppl_ratio: float | None = None  # --heldout text, if given
+
+
+@dataclass
 class IterationCompleted(Event):
     iteration: int
     loss: float
     mi_bound: float
     row_accuracy: float
     column_accuracy: float
-    heldout_ppl: float
-    ppl_ratio: float
     adapter_dir: str
+    healthy: bool = True
+    drift_prompted: float | None = None
+    drift_plain: float | None = None
+    heldout_mi: float | None = None
+    mean_length: float | None = None
+    limit_rate: float | None = None
+    distinct_2: float | None = None
+    repetition: float | None = None
+    heldout_ppl: float | None = None  # --heldout text, if given
+    ppl_ratio: float | None = None
 
 
 @dataclass
@@ -99,12 +132,14 @@ class RunCompleted(Event):
     seconds: float
     stopped_early: bool = False
     reason: str = ""
+    adapters: str = ""  # which checkpoint RUN/adapters.safetensors holds: "iter-02", "iter-03 step 8", "base"
+    kept: str = ""  # why: "best held-out MI bound +0.41", "last healthy"
 
 
 ALL_EVENTS = {
     cls.__name__: cls
     for cls in (RunStarted, IterationStarted, SamplingProgress, SamplesReady, StepCompleted,
-                IterationCompleted, RunWarning, RunCompleted)
+                MonitorChecked, IterationCompleted, RunWarning, RunCompleted)
 }
 
 

@@ -22,6 +22,7 @@ class ProgressBar:
         self.bar: tqdm | None = None
         self.stage_bar: tqdm | None = None
         self.iterations = 0
+        self.drift = ""  # the monitor's last reading, shown after the step's numbers
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.StageProgress):
@@ -31,8 +32,10 @@ class ProgressBar:
             self.bar = tqdm(total=event.total_steps, unit="step", file=self.stream, dynamic_ncols=True,
                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}")
             self.write(f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
-                       f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters, "
-                       f"base held-out ppl {event.base_ppl:.2f}"
+                       f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters"
+                       + (f", monitor on {event.monitor_queries} held-out queries (base MI bound "
+                          f"{_signed(event.base_heldout_mi)})" if event.monitor_queries else ", monitor off")
+                       + (f", base held-out ppl {event.base_ppl:.2f}" if event.base_ppl is not None else "")
                        + (f", estimated peak memory {event.memory_estimate_gb:.1f} GB"
                           if event.memory_estimate_gb is not None else "")
                        + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else ""))
@@ -52,17 +55,31 @@ class ProgressBar:
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} step {event.step}/{event.steps}")
             self.bar.set_postfix_str(
                 f"loss {event.loss:.3f} MI {event.mi_bound:+.3f} acc {event.row_accuracy:.2f} "
-                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GB", refresh=False)
+                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GB{self.drift}", refresh=False)
             self.bar.update(1)
+        elif isinstance(event, ev.MonitorChecked):
+            self.drift = f" drift {_drift(event)}" if event.drift_prompted is not None else ""
+            if not event.healthy:
+                self.write(f"iter {event.iteration} step {event.step}: drift {_drift(event)} is past the "
+                           f"limit {event.limit:g}x")
         elif isinstance(event, ev.IterationCompleted):
+            monitor = ""
+            if event.drift_prompted is not None:
+                monitor = (f"; drift {_drift(event)}, held-out MI {_signed(event.heldout_mi)}, "
+                           f"answers {event.mean_length:.1f} tokens ({event.limit_rate:.0%} at the limit), "
+                           f"distinct-2 {event.distinct_2:.2f}, repetition {event.repetition:.2f}")
+            if event.ppl_ratio is not None:
+                monitor += f"; --heldout ppl {event.heldout_ppl:.2f} ({event.ppl_ratio:.2f}x base)"
             self.write(f"iter {event.iteration}: loss {event.loss:.3f}, MI bound {event.mi_bound:+.3f} nats, "
-                       f"row/col accuracy {event.row_accuracy:.2f}/{event.column_accuracy:.2f}, "
-                       f"held-out ppl {event.heldout_ppl:.2f} ({event.ppl_ratio:.2f}x base) -> {event.adapter_dir}")
+                       f"row/col accuracy {event.row_accuracy:.2f}/{event.column_accuracy:.2f}{monitor}"
+                       + ("" if event.healthy else " [unhealthy]") + f" -> {event.adapter_dir}")
         elif isinstance(event, ev.RunWarning):
             self.write(f"warning: {event.message}")
         elif isinstance(event, ev.RunCompleted):
             self.bar.close()
-            self.write(f"done in {event.seconds:.0f}s: adapters in {event.run_dir} "
+            kept = f": {event.adapters}" + (f" ({event.kept})" if event.kept else "") if event.adapters else ""
+            self.write(f"{'stopped' if event.stopped_early else 'done'} in {event.seconds:.0f}s; "
+                       f"{event.run_dir}/adapters.safetensors{kept} "
                        f"(mlx_lm.generate --model MODEL --adapter-path {event.run_dir})")
 
     def stage(self, event: ev.StageProgress) -> None:
@@ -89,3 +106,12 @@ class ProgressBar:
             self.bar.write(text, file=self.stream)
         else:
             print(text, file=self.stream)
+
+
+def _drift(event: ev.MonitorChecked | ev.IterationCompleted) -> str:
+    """Both drifts: with the constitution / without one, as perplexity ratios to the base model."""
+    return f"{event.drift_prompted:.2f}x/{event.drift_plain:.2f}x"
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"

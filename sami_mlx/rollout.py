@@ -54,6 +54,7 @@ class SampleStats:
     tokens: int = 0
     seconds: float = 0.0
     by_finish: dict = field(default_factory=dict)
+    repetition: float = 0.0  # mean share of a response's trigrams that repeat an earlier one
 
 
 def generate_batch(
@@ -160,4 +161,11 @@ def sample_stats(groups: list[Group], seconds: float) -> SampleStats:
         tokens=sum(lengths),
         seconds=seconds,
         by_finish=by_finish,
+        repetition=sum(repetition(g.tokens) for g in gens) / len(gens),
     )
+
+
+def repetition(tokens: Sequence[int], n: int = 3) -> float:
+    """Share of a sequence's n-grams that already occurred earlier in it (0 for no repeats)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0

@@ -36,6 +36,10 @@ class RunState:
     skipped_steps: int = 0
     iterations: list = field(default_factory=list)  # summaries of completed iterations
     finished: bool = False
+    split_offsets: list = field(default_factory=lambda: [0, 0])  # queries used so far, per query split
+    healthy: dict | None = None  # the last check the monitor passed: {"iteration", "step"}
+    kept: dict | None = None  # what RUN/adapters.safetensors holds, and why
+    stopped: str = ""  # why the monitor stopped the run ("" if it did not)
     version: int = STATE_VERSION
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from .adapters import (
     adapter_weights,
     adapters_disabled,
     attach_adapters,
+    save_adapter_weights,
     save_adapters,
     set_adapter_weights,
 )
@@ -40,12 +42,21 @@ from .constitution import (
 from .distributed import Ranks
 from .errors import RunAborted, SamiError
 from .faults import fault_point
-from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, read_text
+from .fileio import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    read_text,
+)
 from .model import load_model
+from .monitor import KINDS as MONITOR_KINDS
+from .monitor import Answer, Probe, answer_of, answer_stats, drift, mean_nll
 from .objective import accuracies, mi_lower_bound, sami_loss
 from .prompts import Template, encode_prompt, load_template
 from .queries import load_queries
-from .rollout import Generation, Group, filter_groups, generate_batch, sample_stats
+from .rollout import DropCounts, Generation, Group, filter_groups, generate_batch, sample_stats
 from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
 from .scoring import ScoringBatch, kl_to_base, score_matrix, token_logprobs
 
@@ -53,6 +64,8 @@ Callback = Callable[[ev.Event], None]
 StopCheck = Callable[[], bool]
 HELDOUT_TEXTS = 32
 MAX_BAD_STEPS = 3
+HEALTHY = "healthy"  # RUN/healthy/: the adapters of the last step the monitor passed inside an iteration
+MONITOR_EXTRA = ("heldout_mi", "mean_length", "limit_rate", "distinct_2", "repetition", "ppl_ratio")
 
 
 def _derived_seed(*parts: int) -> int:
@@ -70,6 +83,8 @@ class RunInputs:
     heldout: list[tuple[str, str]]
     num_variants: int
     anchor_template: Template | None = None  # prompts with no constitution, for --anchor-beta
+    monitor_ids: list[int] = field(default_factory=list)  # queries held out for the degeneration monitor
+    train_ids: list[int] = field(default_factory=list)  # the rest, in the order the splits take them
 
 
 @dataclass
@@ -80,6 +95,7 @@ class TrainResult:
     iterations: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     reason: str = ""
+    kept: dict | None = None  # which adapters RUN/adapters.safetensors (and `model`) hold, and why
 
 
 def prepare_inputs(cfg: TrainConfig) -> RunInputs:
@@ -87,9 +103,12 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     constitution = load_constitution(cfg.constitution)
     n = num_variants(variant_strategy(cfg.variants), len(constitution.principles))
     queries = load_queries(cfg.queries)
-    heldout = load_heldout(cfg.heldout) if cfg.heldout else [("", q) for q in queries]
-    if not heldout:
+    heldout = load_heldout(cfg.heldout) if cfg.heldout else []
+    if cfg.heldout and not heldout:
         raise SamiError(f"{cfg.heldout}: no text found; give plain text paragraphs for the perplexity check")
+    order = list(range(len(queries)))
+    random.Random(f"splits-{cfg.seed}").shuffle(order)
+    held = min(cfg.monitor_queries, len(queries) // 4)  # three in four queries at least stay for training
     training = load_template(cfg.training_template)
     anchor = None
     if cfg.anchor_beta > 0:  # filled with an empty constitution, so the training template serves too
@@ -102,6 +121,8 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
         heldout[:HELDOUT_TEXTS],
         n,
         anchor,
+        order[:held],
+        order[held:],
     )
 
 
@@ -225,6 +246,9 @@ def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop:
                             f"{getattr(cfg, key)} (config.yaml); drop the flag to resume")
     # No state.json yet: the run was stopped during its first sampling, so it starts from the top.
     state = RunState.load(out / "state.json") if (out / "state.json").exists() else RunState()
+    if state.finished and state.stopped:
+        raise SamiError(f"--resume {out}: the degeneration monitor ended this run ({state.stopped.split(';')[0]}); "
+                        "start a new run with a lower --learning-rate")
     if state.finished:
         raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
     inputs = prepare_inputs(cfg)
@@ -238,7 +262,7 @@ def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop:
 
 def _emitter(out: Path, callbacks: Sequence[Callback]) -> Callback:
     def emit(event: ev.Event) -> None:
-        if not isinstance(event, ev.SamplingProgress):
+        if not isinstance(event, (ev.SamplingProgress, ev.StageProgress)):  # progress only, not metrics
             append_jsonl(out / "metrics.jsonl", event.to_dict())
         for cb in callbacks:
             cb(event)
@@ -273,6 +297,8 @@ class SamiLoop:
         self.loss_and_grad = nn.value_and_grad(model, self._loss)
         self.optimizer = self._make_optimizer()
         self.bad_steps = 0
+        self.probe: Probe | None = None  # the monitor's held-out answers (None: monitor off)
+        self.problem = ""  # what the last monitor check found wrong
 
     # ---- schedule -------------------------------------------------------------------------
 
@@ -290,44 +316,45 @@ class SamiLoop:
             load_checkpoint(self.out, state, model, self.optimizer)
         # Every rank has read the run directory before rank 0 writes to it again.
         self.ranks.barrier("starting the run")
-        if state.base_ppl is None:
+        self.probe = self.start_monitor()
+        if self.inputs.heldout and state.base_ppl is None:
             state.base_ppl = self.heldout_ppl()
+        probe = self.probe
         self.emit(ev.RunStarted(str(self.out), cfg.to_dict(), cfg.iterations, total_steps,
                                 self.inputs.num_variants, trainable, state.base_ppl,
-                                resumed_at_step=state.global_step, memory_estimate_gb=self.memory_estimate_gb))
-        result = TrainResult(self.out, model, self.tokenizer, iterations=list(state.iterations))
+                                resumed_at_step=state.global_step, memory_estimate_gb=self.memory_estimate_gb,
+                                monitor_queries=len(probe.query_ids) if probe else 0,
+                                base_heldout_mi=probe.base_mi if probe else None))
+        result = TrainResult(self.out, model, self.tokenizer)
         while state.iteration < cfg.iterations:
-            if not self.iteration(state):
-                result.stopped_early, result.reason = True, "cancelled"
-                break
-            summary = state.iterations[-1]
-            result.iterations.append(summary)
-            if cfg.max_ppl_ratio and summary["ppl_ratio"] > cfg.max_ppl_ratio:
+            outcome = self.iteration(state)
+            if outcome != "done":
                 result.stopped_early = True
-                result.reason = (
-                    f"held-out perplexity reached {summary['ppl_ratio']:.2f}x the base model's "
-                    f"(limit {cfg.max_ppl_ratio}); lower --learning-rate or add --kl-beta"
-                )
-                self.emit(ev.RunWarning(result.reason))
+                result.reason = "cancelled" if outcome == "cancelled" else state.stopped
                 break
         else:
             state.finished = True
+            self.keep_adapters(state)
             if self.ranks.primary:
                 atomic_write_json(self.out / "state.json", state.to_dict())
-        self.emit(ev.RunCompleted(str(self.out), time.perf_counter() - start, result.stopped_early, result.reason))
+        if state.finished:
+            self.load_kept(state)
+        result.iterations, result.kept = list(state.iterations), state.kept
+        self.emit(ev.RunCompleted(str(self.out), time.perf_counter() - start, result.stopped_early, result.reason,
+                                  adapters=(state.kept or {}).get("name", ""), kept=_kept_reason(state.kept)))
         return result
 
-    def iteration(self, state: RunState) -> bool:
-        """Run (or finish) iteration `state.iteration`; False if stopped by should_stop."""
+    def iteration(self, state: RunState) -> str:
+        """Run (or finish) iteration `state.iteration`: 'done', 'cancelled' (should_stop), or
+        'degenerated' (the monitor tripped: the run ended with the last healthy adapters kept)."""
         cfg, it = self.cfg, state.iteration
         steps = cfg.steps_in_iteration(it)
         if state.phase == "sampling":
-            query_ids = self.queries_for_iteration(it, steps * cfg.queries_per_step)
-            self.emit(ev.IterationStarted(it + 1, steps, len(query_ids)))
+            self.emit(ev.IterationStarted(it + 1, steps, steps * cfg.queries_per_step))
             self.ranks.at = f"iteration {it + 1}, sampling"
             # Data comes from the previous iteration's model (adapters as they stand now).
             self.model.eval()
-            groups = self.sample(it, query_ids)
+            groups = self.sample(it, steps * cfg.queries_per_step, state)
             if cfg.schedule == "paper":  # the paper re-initialises from the base model every iteration
                 set_adapter_weights(self.model, self.initial_adapters)
                 self.optimizer = self._make_optimizer()
@@ -342,6 +369,7 @@ class SamiLoop:
         while state.step < steps:
             step = state.step
             self.ranks.at = f"iteration {it + 1}, step {step + 1}"
+            # Groups repeat only when the query split ran out (sample() warned).
             batch = [groups[(step * q + n) % len(groups)] for n in range(q)]
             metrics = self.train_step(batch, random.Random(f"step-{cfg.seed}-{it}-{step}"),
                                       seed=_derived_seed(cfg.seed, it, step))
@@ -349,29 +377,41 @@ class SamiLoop:
             state.global_step += 1
             if metrics is None:
                 state.skipped_steps += 1
+            completed = None if metrics is None else ev.StepCompleted(
+                iteration=it + 1, step=step + 1, steps=steps, global_step=state.global_step, **metrics)
+            if self.probe and cfg.monitor_every and state.step % cfg.monitor_every == 0 and state.step < steps:
+                # Checked before the step is checkpointed, so that a resumed run repeats the check.
+                if not self.mid_iteration_check(state):
+                    if completed is not None:
+                        self.emit(completed)
+                    self.roll_back(state, it + 1, state.step)
+                    return "degenerated"
             self.checkpoint(state)
-            if metrics is not None:
-                self.emit(ev.StepCompleted(iteration=it + 1, step=step + 1, steps=steps,
-                                           global_step=state.global_step, **metrics))
+            if completed is not None:
+                self.emit(completed)
             if self.stop_requested() and state.step < steps:
-                return False
+                return "cancelled"
         self.model.eval()
         self.ranks.at = f"iteration {it + 1}, end"
-        primary = self.ranks.primary
-        summary = self.iteration_summary(it)
-        it_dir = self.out / f"iter-{it + 1:02d}"
-        if primary:
+        summary = {"iteration": it + 1, "step": steps, "adapters": f"iter-{it + 1:02d}",
+                   **self.iteration_summary(it)}
+        it_dir = self.out / summary["adapters"]
+        if self.ranks.primary:
             save_adapters(self.model, it_dir, self.adapter_config)
         fault_point("iteration-adapters")
-        if primary:
-            save_adapters(self.model, self.out, self.adapter_config)
-        summary["heldout_ppl"] = ppl = self.heldout_ppl()
-        summary["ppl_ratio"] = ppl / state.base_ppl
+        summary.update(self.full_check(state, it + 1, steps))
         state.iterations.append(summary)
         state.iteration, state.phase, state.step = it + 1, "sampling", 0
+        event = ev.IterationCompleted(adapter_dir=str(it_dir), **_fields_of(ev.IterationCompleted, summary))
+        if not summary["healthy"]:
+            self.emit(event)
+            self.roll_back(state, it + 1, steps)
+            return "degenerated"
+        state.healthy = {"iteration": it + 1, "step": steps}
+        self.keep_adapters(state)  # the best so far, so that a kill leaves it in place
         self.checkpoint(state)
-        self.emit(ev.IterationCompleted(iteration=it + 1, adapter_dir=str(it_dir), **summary))
-        return not self.stop_requested() or state.iteration == cfg.iterations
+        self.emit(event)
+        return "done" if not self.stop_requested() or state.iteration == cfg.iterations else "cancelled"
 
     def checkpoint(self, state: RunState) -> None:
         """Rank 0 saves adapters, optimizer state and the schedule position; the others hold the same."""
@@ -383,7 +423,7 @@ class SamiLoop:
         return self.ranks.any(self.should_stop(), "agreeing whether to stop")
 
     def heldout_ppl(self) -> float:
-        """Held-out perplexity of the model as it stands; ranks split the texts and add up the losses."""
+        """Perplexity of the --heldout text as the model stands; ranks split the texts and add up the losses."""
         ranks = self.ranks
         if ranks.size == 1:
             return heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
@@ -398,52 +438,222 @@ class SamiLoop:
         keys = ("loss", "mi_bound", "row_accuracy", "column_accuracy")
         return {k: sum(r[k] for r in rows) / len(rows) if rows else float("nan") for k in keys}
 
-    def queries_for_iteration(self, it: int, count: int) -> list[int]:
-        """The paper alternates two disjoint query splits; `continue` walks through all queries."""
-        order = list(range(len(self.inputs.queries)))
-        random.Random(f"splits-{self.cfg.seed}").shuffle(order)
-        if self.cfg.schedule == "paper" and len(order) >= 2:
-            split, offset = order[it % 2 :: 2], (it // 2) * count
-        else:
-            split, offset = order, it * count
-        return [split[(offset + n) % len(split)] for n in range(count)]
+    # ---- the degeneration monitor ---------------------------------------------------------
+
+    def start_monitor(self) -> Probe | None:
+        """The base model's answers to the held-out queries: read back from RUN/monitor.json on
+        resume, else sampled now with the adapters off and a seed every rank shares."""
+        cfg, inputs = self.cfg, self.inputs
+        if not inputs.monitor_ids:
+            if cfg.monitor_queries:
+                self.emit(ev.RunWarning(f"{cfg.queries}: too few queries to hold {cfg.monitor_queries} out for "
+                                        "the degeneration monitor (it needs 4 or more); the monitor is off"))
+            return None
+        path = self.out / "monitor.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                return Probe.load(path)  # else torn by a kill: sampled again below, identically
+        self.emit(ev.StageProgress("monitor: base answers", 0, 1))
+        rng = random.Random(f"monitor-variants-{cfg.seed}")
+        k = len(inputs.constitution.principles)
+        variants = [sample_variants(self.strategy, k, rng) for _ in inputs.monitor_ids]
+        prompted = [self.generation_prompt(v, inputs.queries[qi])
+                    for qi, vs in zip(inputs.monitor_ids, variants) for v in vs]
+        plain = [self.plain_prompt(inputs.queries[qi]) for qi in inputs.monitor_ids]
+        eos = self.tokenizer.eos_token_id
+        with adapters_disabled(self.model):
+            gens = self.monitor_generate(prompted + plain, _derived_seed(cfg.seed, 7))
+            probe = Probe(list(inputs.monitor_ids), [[v.label for v in vs] for vs in variants],
+                          [Answer(p, answer_of(g, eos)) for p, g in zip(prompted, gens)],
+                          [Answer(p, answer_of(g, eos)) for p, g in zip(plain, gens[len(prompted):])], {})
+            probe.base_nll = {kind: mean_nll(self.model, getattr(probe, kind)) for kind in MONITOR_KINDS}
+            probe.base_mi = self.heldout_mi(probe, gens[: len(prompted)])
+        if self.ranks.primary:
+            probe.save(path)
+        self.emit(ev.StageProgress("monitor: base answers", 1, 1))
+        return probe
+
+    def generation_prompt(self, variant: Variant, query: str) -> list[int]:
+        text = self.inputs.generation_template.fill(self.inputs.constitution.render(variant), query)
+        return encode_prompt(self.tokenizer, text, self.cfg.chat_template)
+
+    def plain_prompt(self, query: str) -> list[int]:
+        """The prompt with no constitution: the anchor's template, else the training template left empty."""
+        template = self.inputs.anchor_template or self.inputs.training_template
+        return encode_prompt(self.tokenizer, template.fill("", query), self.cfg.chat_template)
+
+    def monitor_generate(self, prompts: list[list[int]], seed: int) -> list[Generation]:
+        """The monitor's sampling: the run's settings, and a seed that is the same on every rank."""
+        cfg = self.cfg
+        mx.random.seed(seed)
+        return generate_batch(self.model, self.tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p,
+                              cfg.stop, cfg.gen_batch_size)
+
+    def heldout_mi(self, probe: Probe, gens: list[Generation]) -> float | None:
+        """log N - SAMI loss of the model's own answers to the held-out queries (groups with an empty
+        answer left out): what training raises, measured on queries it never saw."""
+        n, c = self.inputs.num_variants, self.inputs.constitution
+        groups = [Group(qi, self.inputs.queries[qi], [_variant(v) for v in labels], gens[i * n : (i + 1) * n])
+                  for i, (qi, labels) in enumerate(zip(probe.query_ids, probe.variants))]
+        groups = [g for g in groups if all(gen.tokens for gen in g.generations)]
+        if not groups:
+            return None
+        order = list(range(len(c.principles)))  # file order, as at evaluation
+        batch = self.scoring_batch(groups, orders=[order] * len(groups))
+        S = score_matrix(self.model, ScoringBatch(batch.prompts, batch.responses), shared=self.cfg.scoring == "shared")
+        return mi_lower_bound(sami_loss(S).item(), n)
+
+    def verdict(self, drifts: dict[str, float], ppl_ratio: float | None) -> str:
+        """'' when healthy, else what went past --max-ppl-ratio, in words; every rank agrees."""
+        limit, problem = self.cfg.max_ppl_ratio, ""
+        if limit is not None:
+            for kind, value in drifts.items():
+                if not (math.isfinite(value) and value <= limit):
+                    where = "with the constitution" if kind == "prompted" else "without a constitution"
+                    problem = problem or (f"the base model's held-out answers ({where}) became {value:.2f}x less "
+                                          f"likely (perplexity ratio; limit {limit:g}x)")
+            if ppl_ratio is not None and not (math.isfinite(ppl_ratio) and ppl_ratio <= limit):
+                problem = problem or f"--heldout text perplexity reached {ppl_ratio:.2f}x the base's (limit {limit:g}x)"
+        tripped = self.ranks.any(bool(problem), "agreeing on the drift check")
+        return (problem or "another rank's drift check failed") if tripped else ""
+
+    def mid_iteration_check(self, state: RunState) -> bool:
+        """Drift only (forward passes, no sampling); a healthy step becomes the one to roll back to."""
+        self.model.eval()
+        drifts = drift(self.model, self.probe)
+        self.problem = self.verdict(drifts, None)
+        it, step = state.iteration + 1, state.step
+        self.emit(ev.MonitorChecked(iteration=it, step=step, drift_prompted=drifts["prompted"],
+                                    drift_plain=drifts["plain"], healthy=not self.problem,
+                                    limit=self.cfg.max_ppl_ratio))
+        self.model.train()
+        if self.problem:
+            return False
+        if self.ranks.primary:
+            save_adapters(self.model, self.out / HEALTHY, self.adapter_config)
+        state.healthy = {"iteration": it, "step": step}
+        return True
+
+    def full_check(self, state: RunState, iteration: int, step: int) -> dict:
+        """The monitor at an iteration's end: drift, the model's own held-out answers (length, token
+        limit, distinct-2, repetition) and their MI bound, and the --heldout text's perplexity."""
+        out: dict = {}
+        if self.inputs.heldout:
+            out["heldout_ppl"] = ppl = self.heldout_ppl()
+            out["ppl_ratio"] = ppl / state.base_ppl
+        drifts = {}
+        if self.probe:
+            probe = self.probe
+            prompts = [a.prompt for a in probe.prompted] + [a.prompt for a in probe.plain]
+            gens = self.monitor_generate(prompts, _derived_seed(self.cfg.seed, 11, iteration, step))
+            drifts = drift(self.model, probe)
+            out.update(drift_prompted=drifts["prompted"], drift_plain=drifts["plain"],
+                       heldout_mi=self.heldout_mi(probe, gens[: len(probe.prompted)]), **answer_stats(gens))
+        self.problem = self.verdict(drifts, out.get("ppl_ratio"))
+        out["healthy"] = not self.problem
+        self.emit(ev.MonitorChecked(iteration=iteration, step=step, drift_prompted=out.get("drift_prompted"),
+                                    drift_plain=out.get("drift_plain"), healthy=out["healthy"],
+                                    limit=self.cfg.max_ppl_ratio, **_fields_of(ev.MonitorChecked, out, MONITOR_EXTRA)))
+        return out
+
+    def keep_adapters(self, state: RunState) -> None:
+        """Put in RUN/adapters.safetensors the healthy iteration --keep chooses (the best held-out MI
+        bound, or the last); the initial (identity) adapters, i.e. the base model, if none was healthy."""
+        healthy = [s for s in state.iterations if s.get("healthy", True)]
+        chosen = None
+        if healthy and (self.cfg.keep == "last" or all(s.get("heldout_mi") is None for s in healthy)):
+            chosen = healthy[-1]
+        elif healthy:
+            chosen = max(healthy, key=lambda s: (-math.inf if s.get("heldout_mi") is None else s["heldout_mi"],
+                                                 s["iteration"], s["step"]))
+        state.kept = {"name": "base", "rule": self.cfg.keep} if chosen is None else {
+            "name": _checkpoint_name(chosen), "rule": self.cfg.keep,
+            **{k: chosen.get(k) for k in ("iteration", "step", "adapters", "heldout_mi")}}
+        if not self.ranks.primary:
+            return
+        if chosen is None:
+            save_adapter_weights(self.initial_adapters, self.out, self.adapter_config)
+            return
+        for name in ("adapters.safetensors", "adapter_config.json"):
+            atomic_write_bytes(self.out / name, (self.out / chosen["adapters"] / name).read_bytes())
+
+    def load_kept(self, state: RunState) -> None:
+        """The model a finished run returns holds the kept adapters, as RUN/adapters.safetensors does."""
+        source = (state.kept or {}).get("adapters")
+        if source is None:
+            set_adapter_weights(self.model, self.initial_adapters)
+        else:  # every rank reads the run directory on resume too
+            set_adapter_weights(self.model, dict(mx.load(str(self.out / source / "adapters.safetensors"))))
+
+    def roll_back(self, state: RunState, iteration: int, step: int) -> None:
+        """The monitor tripped at `step` of `iteration`: end the run with the best healthy adapters,
+        a healthy step of this iteration among them (measured in full first, as an iteration's end)."""
+        self.model.eval()
+        h = state.healthy
+        if h and h["iteration"] == iteration and h["step"] < step:
+            set_adapter_weights(self.model, dict(mx.load(str(self.out / HEALTHY / "adapters.safetensors"))))
+            problem = self.problem
+            partial = {"iteration": iteration, "step": h["step"], "adapters": HEALTHY,
+                       **self.full_check(state, iteration, h["step"])}
+            state.iterations.append(partial)
+            self.problem = problem
+        self.keep_adapters(state)
+        state.stopped = (f"stopped at iteration {iteration}, step {step}: {self.problem}; RUN/adapters.safetensors "
+                         f"holds {state.kept['name']}{_kept_reason(state.kept, ' (', ')')}. Lower --learning-rate "
+                         "or raise --kl-beta / --anchor-beta")
+        state.finished = True
+        self.emit(ev.RunWarning(state.stopped))
+        if self.ranks.primary:
+            atomic_write_json(self.out / "state.json", state.to_dict())
+        self.load_kept(state)
 
     # ---- sampling -------------------------------------------------------------------------
 
-    def sample(self, it: int, query_ids: list[int]) -> list[Group]:
-        """A response per (query slot, variant); each rank samples its share of the slots and all
-        ranks end with every group, so filtering and the step batches are the same everywhere."""
-        cfg, inputs = self.cfg, self.inputs
+    def query_split(self, it: int) -> tuple[int, list[int]]:
+        """(split number, its query ids in order): the paper alternates two disjoint halves of the
+        training queries; `continue` walks through all of them. Monitor queries are never in a split."""
+        order = list(self.inputs.train_ids)
+        if self.cfg.schedule == "paper" and len(order) >= 2:
+            return it % 2, order[it % 2 :: 2]
+        return 0, order
+
+    def sample(self, it: int, count: int, state: RunState) -> list[Group]:
+        """`count` usable groups for iteration `it`: queries are taken in turn from the iteration's
+        split, and degenerate groups (dropped) are replaced by sampling more queries, as the reference
+        does, until the split runs out; only then do groups repeat (and the run says so)."""
+        cfg = self.cfg
+        split_no, split = self.query_split(it)
+        offset = state.split_offsets[split_no] % len(split)
         rng = random.Random(f"variants-{cfg.seed}-{it}")
-        k = len(inputs.constitution.principles)
-        specs = [(qi, sample_variants(self.strategy, k, rng)) for qi in query_ids]
-        prompts = []
-        for slot in self.ranks.shard(len(specs)):
-            qi, variants = specs[slot]
-            for v in variants:
-                text = inputs.generation_template.fill(inputs.constitution.render(v), inputs.queries[qi])
-                prompts.append(encode_prompt(self.tokenizer, text, cfg.chat_template))
         mx.random.seed(self.ranks.seed(cfg.seed * 1009 + it))
+        groups: list[Group] = []
+        kept: list[Group] = []
+        drops = DropCounts()
         t0 = time.perf_counter()
-        gens = generate_batch(
-            self.model, self.tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p,
-            cfg.stop, cfg.gen_batch_size,
-            on_progress=lambda done, total: self.emit(ev.SamplingProgress(it + 1, done, total)),
-        )
-        gens = self.gather_generations(gens, len(specs))
+        while len(kept) < count and len(groups) < len(split):
+            need = count - len(kept)
+            # The first wave asks for exactly what is needed; later ones for enough at the rate seen.
+            rate = len(kept) / len(groups) if groups else 1.0
+            wave = min(len(split) - len(groups), math.ceil(need / max(rate, 0.1)))
+            ids = [split[(offset + len(groups) + n) % len(split)] for n in range(wave)]
+            new = self.sample_groups(it, ids, rng, len(groups), count)
+            new_kept, new_drops = filter_groups(new, cfg.banned)
+            groups += new
+            kept += new_kept
+            drops = _add_counts(drops, new_drops)
         seconds = time.perf_counter() - t0
-        n = inputs.num_variants
-        groups = [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
-        kept, drops = filter_groups(groups, cfg.banned)
+        state.split_offsets[split_no] = (offset + len(groups)) % len(split)
         if self.ranks.primary:
             self.write_samples(it, groups, kept)
         stats = sample_stats(groups, seconds)
+        repeated = max(count - len(kept), 0)
         self.emit(ev.SamplesReady(
             iteration=it + 1, groups=len(kept), dropped_empty=drops.empty,
             dropped_identical=drops.identical, dropped_banned=drops.banned,
             mean_length=stats.mean_length, no_eos_rate=stats.no_eos_rate, distinct_2=stats.distinct_2,
             tokens_per_sec=stats.tokens / max(seconds, 1e-9),
-            examples=[_example(g) for g in kept[:3]],
+            examples=[_example(g) for g in kept[:3]], queries_sampled=len(groups), repeated=repeated,
+            repetition=stats.repetition,
         ))
         if not kept:
             raise RunAborted(
@@ -451,7 +661,31 @@ class SamiLoop:
                 f"({drops.empty} empty, {drops.identical} identical, {drops.banned} banned); "
                 "try --temperature 0.7, other --stop strings or another template"
             )
+        if repeated:
+            self.emit(ev.RunWarning(
+                f"iteration {it + 1}: the query split has {len(split)} queries and {len(kept)} usable groups for "
+                f"{count} step slots, so {repeated} slots repeat a group; give more queries or fewer --steps"))
         return kept
+
+    def sample_groups(self, it: int, query_ids: list[int], rng: random.Random, done: int,
+                      target: int) -> list[Group]:
+        """A response per (query, variant); each rank samples its share of the queries and all ranks
+        end with every group, so filtering and the step batches are the same everywhere."""
+        cfg, inputs = self.cfg, self.inputs
+        k = len(inputs.constitution.principles)
+        specs = [(qi, sample_variants(self.strategy, k, rng)) for qi in query_ids]
+        prompts = [self.generation_prompt(v, inputs.queries[specs[slot][0]])
+                   for slot in self.ranks.shard(len(specs)) for v in specs[slot][1]]
+        n = inputs.num_variants
+        gens = generate_batch(
+            self.model, self.tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p,
+            cfg.stop, cfg.gen_batch_size,
+            # Progress over the iteration's slots; waves that replace dropped groups push the total up.
+            on_progress=lambda d, t: self.emit(ev.SamplingProgress(
+                it + 1, (done * n + d * self.ranks.size), max(target * n, (done * n + t * self.ranks.size)))),
+        )
+        gens = self.gather_generations(gens, len(specs))
+        return [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
 
     def gather_generations(self, gens: list[Generation], slots: int) -> list[Generation]:
         """Every rank's generations (its shard of `slots`, N each) in slot order, on every rank."""
@@ -700,3 +934,35 @@ def heldout_nll(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_l
 def _example(g: Group) -> dict:
     return {"query": g.query, "variants": [v.label for v in g.variants],
             "responses": [gen.text for gen in g.generations]}
+
+
+def _variant(label: str) -> Variant:
+    return Variant(tuple(c == "+" for c in label))
+
+
+def _fields_of(cls: type, values: dict, keys: Sequence[str] | None = None) -> dict:
+    """The entries of `values` that are fields of the event class `cls` (and among `keys`, if given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names and (keys is None or k in keys)}
+
+
+def _add_counts(a: DropCounts, b: DropCounts) -> DropCounts:
+    return type(a)(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(a)})
+
+
+def _checkpoint_name(summary: dict) -> str:
+    name = f"iter-{summary['iteration']:02d}"
+    return f"{name} step {summary['step']}" if summary.get("partial") else name
+
+
+def _kept_reason(kept: dict | None, before: str = "", after: str = "") -> str:
+    """Why RUN/adapters.safetensors holds what it holds, in words ('' before any iteration ended)."""
+    if not kept:
+        return ""
+    if kept["name"] == "base":
+        text = "no iteration was healthy: the base model"
+    elif kept["rule"] == "best" and kept.get("heldout_mi") is not None:
+        text = f"best held-out MI bound, {kept['heldout_mi']:+.3f} nats"
+    else:
+        text = "the last healthy iteration"
+    return before + text + after

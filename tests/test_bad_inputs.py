@@ -17,7 +17,7 @@ from sami_mlx.train import main
 def base_flags(model, constitution, queries, out):
     return ["--model", str(model), "--constitution", str(constitution), "--queries", str(queries),
             "--iterations", "1", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "6",
-            "--temperature", "1.0", "--out", str(out)]
+            "--temperature", "1.0", "--max-ppl-ratio", "off", "--out", str(out)]
 
 
 def snapshot(folder: Path) -> dict:
@@ -43,7 +43,8 @@ def stopped_run(tiny_model, constitution_file, queries_file, tmp_path):
     out = tmp_path / "run"
     steps = []
     train(TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                      iterations=1, steps=2, queries_per_step=2, max_tokens=6, temperature=1.0, out=str(out)),
+                      iterations=1, steps=2, queries_per_step=2, max_tokens=6, temperature=1.0, max_ppl_ratio=None,
+                      out=str(out)),
           callbacks=[lambda e: steps.append(e) if isinstance(e, ev.StepCompleted) else None],
           should_stop=lambda: len(steps) >= 1)
     return out

@@ -44,7 +44,7 @@ def flags(model, files, out, *extra):
     # ranks' shards sample exactly what one process samples.
     return ["--model", str(model), *files, "--iterations", "2", "--steps", "2", "--queries-per-step", "3",
             "--max-tokens", "8", "--temperature", "0", "--learning-rate", "1e-4", "--seed", "3",
-            "--out", str(out), *extra]
+            "--max-ppl-ratio", "1000", "--monitor-every", "1", "--out", str(out), *extra]
 
 
 def free_port(n=2) -> int:
@@ -236,7 +236,7 @@ def test_all_groups_degenerate_stops_every_rank_alike(tiny_model, constitution_f
     """The fixture constitution ends every prompt alike, so greedy responses never differ."""
     argv = ["--model", str(tiny_model), "--constitution", str(constitution_file), "--queries", str(queries_file),
             "--iterations", "1", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "6",
-            "--temperature", "0", "--out", str(tmp_path / "run")]
+            "--temperature", "0", "--max-ppl-ratio", "off", "--out", str(tmp_path / "run")]
     with ranks_running(argv, tmp_path) as procs:
         codes = [p.wait(timeout=120) for p in procs]
     assert codes == [1, 1]

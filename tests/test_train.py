@@ -27,7 +27,8 @@ def run_flags(model, constitution, queries, out, *extra):
     return [
         "--model", str(model), "--constitution", str(constitution), "--queries", str(queries),
         "--iterations", "2", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "8",
-        "--temperature", "1.0", "--learning-rate", "1e-3", "--seed", "3", "--out", str(out), *extra,
+        "--temperature", "1.0", "--learning-rate", "1e-3", "--seed", "3", "--max-ppl-ratio", "off",
+        "--out", str(out), *extra,
     ]
 
 
@@ -67,12 +68,12 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
 
     def trained(anchor_beta: float):
         cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                          learning_rate=3e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta,
+                          learning_rate=3e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta, kl_beta=0.0,
                           out=str(tmp_path / f"anchor-{anchor_beta}")).resolved()
         model, tokenizer, _ = load_model(cfg.model)
         loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
         model.train()
-        steps = [loop.train_step(groups, random.Random(k)) for k in range(15)]
+        steps = [loop.train_step(groups, random.Random(k)) for k in range(20)]
         # The responses after the dialogue template with an empty constitution, as the anchor sees them.
         plain = [encode_prompt(tokenizer, load_template("dialogue").fill("", g.query), False) for g in groups]
         batch = loop.scoring_batch(groups, random.Random(0))
@@ -84,9 +85,12 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
     assert all(s["anchor_kl"] == 0.0 for s in free)  # not computed without --anchor-beta
     assert anchored[0]["anchor_kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
     assert anchored[-1]["anchor_kl"] > 0
-    assert anchored_drift < 0.75 * free_drift, (anchored_drift, free_drift)  # measured 0.64 vs 1.22
-    # The anchor constrains only the unprompted distribution: the SAMI loss still falls.
-    assert anchored[-1]["loss"] < 0.6 * anchored[0]["loss"], (anchored[0]["loss"], anchored[-1]["loss"])
+    assert anchored_drift < 0.75 * free_drift, (anchored_drift, free_drift)  # measured 0.53-0.62 vs 1.19-1.27
+    # The anchor constrains only the unprompted distribution: the SAMI loss still falls. Single steps
+    # are noisy (and their path differs between BLAS libraries), so compare the first and last four.
+    first, last = (sum(s["loss"] for s in part) / 4 for part in (anchored[:4], anchored[-4:]))
+    print("loss", first, last)
+    assert last < 0.7 * first, (first, last)
 
 
 def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_model, constitution_file, queries_file, tmp_path):
@@ -131,7 +135,7 @@ def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constituti
     # is what mlx_lm.load rebuilds from the CLI's run directory.
     cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
                       iterations=2, steps=1, queries_per_step=2, max_tokens=8, temperature=1.0,
-                      learning_rate=1e-3, seed=3, out=str(tmp_path / "api"))
+                      learning_rate=1e-3, seed=3, max_ppl_ratio=None, out=str(tmp_path / "api"))
     result = train(cfg)
     a = mx.load(str(cli_run / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "api" / "adapters.safetensors"))
@@ -142,8 +146,12 @@ def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constituti
     got, want = logits_of(reloaded, tokenizer), logits_of(result.model, result.tokenizer)
     assert np.abs(got - want).max() < 1e-5
     assert np.abs(got - logits_of(base, tokenizer)).max() > 1e-4  # training changed the model
-    a_final = mx.load(str(cli_run / "iter-02" / "adapters.safetensors"))
-    assert all(mx.array_equal(a[k], a_final[k]).item() for k in a)
+    # RUN/adapters.safetensors is the iteration the run kept (by default the best held-out MI bound).
+    kept = state["kept"]
+    best = max(state["iterations"], key=lambda s: s["heldout_mi"])
+    assert kept["rule"] == "best" and kept["iteration"] == best["iteration"]
+    a_kept = mx.load(str(cli_run / kept["adapters"] / "adapters.safetensors"))
+    assert all(mx.array_equal(a[k], a_kept[k]).item() for k in a)
 
 
 def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_path):
@@ -151,7 +159,7 @@ def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_
     seen = []
     cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
                       iterations=3, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
-                      variants="grid", out=str(out))
+                      variants="grid", max_ppl_ratio=None, out=str(out))
     train(cfg, callbacks=[seen.append])
     rows = read_jsonl(out / "metrics.jsonl")
     names = [r["event"] for r in rows]
@@ -166,7 +174,7 @@ def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_
     ready = [r for r in rows if r["event"] == "SamplesReady"]
     assert all(r["groups"] + r["dropped_empty"] + r["dropped_identical"] + r["dropped_banned"] > 0 for r in ready)
     # The callback saw the same stream, plus sampling progress that the log leaves out.
-    assert [type(e).__name__ for e in seen if type(e).__name__ != "SamplingProgress"] == names
+    assert [type(e).__name__ for e in seen if type(e).__name__ not in ("SamplingProgress", "StageProgress")] == names
 
     # Alternating disjoint query splits: iterations 1 and 2 never share a query; 3 reuses 1's split.
     def queries_of(it):

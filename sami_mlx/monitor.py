@@ -1,0 +1,102 @@
+"""The degeneration monitor: how far the model drifted from what the base model writes.
+
+SAMI's objective rewards any tell that separates the variants, gibberish included, and its loss
+keeps falling while the model collapses. The monitor needs no data: at the start of a run the
+base model answers a few held-out queries (never trained on) under each variant's prompt and
+under the plain prompt with no constitution. Every check then measures the current model's
+per-token NLL of those answers; exp(NLL now - NLL base) is the perplexity ratio ("drift"). A
+healthy run moves it a little; a collapsing one (marker words, loops, replies that never end)
+makes the base model's own answers hundreds of times less likely. Text the base never writes
+(the raw queries, say) is no guide: a collapsing model can make it *more* likely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .fileio import atomic_write_json
+from .rollout import Generation, repetition
+from .scoring import build_pairs, token_logprobs
+
+KINDS = ("prompted", "plain")
+
+
+@dataclass
+class Answer:
+    """One base-model answer: the prompt's token ids and the answer's (with its EOS, if it had one)."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
+@dataclass
+class Probe:
+    """The held-out queries, the variants shown with them, and what the base model answered."""
+
+    query_ids: list[int]
+    variants: list[list[str]]  # per query, the labels of the N variants (e.g. "+-")
+    prompted: list[Answer]  # K*N: query q, variant j at q*N + j
+    plain: list[Answer]  # K: each query under the prompt with no constitution
+    base_nll: dict[str, float]  # per-token NLL of the answers under the base model, per kind
+    base_mi: float | None = None  # held-out MI bound of the base model's answers
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Probe:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["prompted"] = [Answer(**a) for a in data["prompted"]]
+        data["plain"] = [Answer(**a) for a in data["plain"]]
+        return cls(**data)
+
+
+def answer_of(gen: Generation, eos: int) -> list[int]:
+    """The ids the monitor scores: the response, and its EOS when it ended with one (where the base
+    stops is behaviour too: a collapse often shows first as replies that never end)."""
+    return gen.tokens + ([eos] if gen.finish == "eos" else [])
+
+
+def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16) -> float:
+    """Per-token negative log-likelihood of the answers after their prompts (prompt tokens excluded)."""
+    total, count = 0.0, 0
+    rows = [a for a in answers if a.answer]
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        pairs = build_pairs([[a.prompt] for a in chunk], [[a.answer] for a in chunk])
+        logp, _ = token_logprobs(model, pairs.inputs, pairs.targets)
+        nll = -(logp * pairs.mask).sum()
+        mx.eval(nll)
+        total += nll.item()
+        count += int(pairs.mask.sum().item())
+    return total / max(count, 1)
+
+
+def drift(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """Perplexity of the base model's held-out answers under `model`, as a multiple of the base's."""
+    out = {}
+    for kind in KINDS:
+        answers = getattr(probe, kind)
+        out[kind] = math.exp(mean_nll(model, answers) - probe.base_nll[kind]) if answers else 1.0
+    return out
+
+
+def answer_stats(gens: Sequence[Generation]) -> dict[str, float]:
+    """What the model's own answers look like: mean length in tokens, the share that hit the token
+    limit, distinct bigrams, and repetition (the share of a reply's trigrams that repeat an earlier one)."""
+    if not gens:
+        return {"mean_length": 0.0, "limit_rate": 0.0, "distinct_2": 0.0, "repetition": 0.0}
+    bigrams = [tuple(g.tokens[i : i + 2]) for g in gens for i in range(len(g.tokens) - 1)]
+    return {
+        "mean_length": sum(len(g.tokens) for g in gens) / len(gens),
+        "limit_rate": sum(g.finish == "length" for g in gens) / len(gens),
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        "repetition": sum(repetition(g.tokens) for g in gens) / len(gens),
+    }
