@@ -82,7 +82,7 @@ def prepare_world(out: Path, settings: dict, seed: int, spec: world.WorldSpec = 
     atomic_write_text(paths["queries"], "".join(json.dumps({"query": q}) + "\n"
                                                 for q in world.queries(settings["train_queries"], seed)))
     atomic_write_text(paths["template"], world.TEMPLATE.text + "\n")
-    if settings["sami"].get("anchor_beta"):
+    if settings["sami"].get("anchor_beta", TrainConfig.anchor_beta):
         atomic_write_text(paths["anchor_template"], world.PLAIN + "\n")
     else:  # no anchor: no anchor template (the engine refuses one that would do nothing)
         del paths["anchor_template"]

@@ -593,7 +593,7 @@ class SamiLoop:
         if h and h["iteration"] == iteration and h["step"] < step:
             set_adapter_weights(self.model, dict(mx.load(str(self.out / HEALTHY / "adapters.safetensors"))))
             problem = self.problem
-            partial = {"iteration": iteration, "step": h["step"], "adapters": HEALTHY,
+            partial = {"iteration": iteration, "step": h["step"], "adapters": HEALTHY, "partial": True,
                        **self.full_check(state, iteration, h["step"])}
             state.iterations.append(partial)
             self.problem = problem
@@ -642,6 +642,7 @@ class SamiLoop:
             kept += new_kept
             drops = _add_counts(drops, new_drops)
         seconds = time.perf_counter() - t0
+        kept = kept[:count]  # the last wave may overshoot: the surplus stays in samples.jsonl, unused
         state.split_offsets[split_no] = (offset + len(groups)) % len(split)
         if self.ranks.primary:
             self.write_samples(it, groups, kept)

@@ -406,9 +406,12 @@ def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Pat
     for step, (loss, mi) in enumerate([(0.69, 0.003), (0.52, 0.17), (0.31, 0.38)], start=1):
         it = 1 if step == 1 else 2
         if step == 2:
+            rows.append({"event": "MonitorChecked", "iteration": 1, "step": 1, "drift_prompted": 1.04,
+                         "drift_plain": 1.01, "healthy": True, "limit": 1.5, "heldout_mi": 0.021,
+                         "mean_length": 5.5, "limit_rate": 0.25, "distinct_2": 0.9, "repetition": 0.0})
             rows.append({"event": "IterationCompleted", "iteration": 1, "loss": 0.69, "mi_bound": 0.003,
-                         "row_accuracy": 0.5, "column_accuracy": 0.5, "heldout_ppl": 53.0, "ppl_ratio": 1.01,
-                         "adapter_dir": str(run / "iter-01")})
+                         "row_accuracy": 0.5, "column_accuracy": 0.5, "drift_prompted": 1.04, "drift_plain": 1.01,
+                         "heldout_mi": 0.021, "healthy": True, "adapter_dir": str(run / "iter-01")})
             rows.append({"event": "IterationStarted", "iteration": 2, "steps": 2, "queries": 4})
         rows.append({"event": "StepCompleted", "iteration": it, "step": 1 if step < 3 else 2,
                      "steps": 1 if it == 1 else 2, "global_step": step, "loss": loss, "mi_bound": mi,
@@ -416,10 +419,14 @@ def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Pat
                      "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1000.0 * step,
                      "peak_memory_gb": 0.25, "scores": scores})
     if finished:
+        rows.append({"event": "MonitorChecked", "iteration": 2, "step": 2, "drift_prompted": 1.87,
+                     "drift_plain": 1.12, "healthy": False, "limit": 1.5, "heldout_mi": 0.31,
+                     "mean_length": 31.0, "limit_rate": 0.75, "distinct_2": 0.4, "repetition": 0.35})
         rows.append({"event": "IterationCompleted", "iteration": 2, "loss": 0.41, "mi_bound": 0.28,
-                     "row_accuracy": 1.0, "column_accuracy": 1.0, "heldout_ppl": 56.0, "ppl_ratio": 1.07,
-                     "adapter_dir": str(run / "iter-02")})
-        rows.append({"event": "RunCompleted", "run_dir": str(run), "seconds": 12.0})
+                     "row_accuracy": 1.0, "column_accuracy": 1.0, "drift_prompted": 1.87, "drift_plain": 1.12,
+                     "heldout_mi": 0.31, "healthy": False, "adapter_dir": str(run / "iter-02")})
+        rows.append({"event": "RunCompleted", "run_dir": str(run), "seconds": 12.0, "stopped_early": False,
+                     "adapters": "iter-01", "kept": "no later iteration was healthy"})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples = [
         {"query": "How do I bake bread?", "variants": ["++", "-+"],
@@ -453,6 +460,13 @@ async def test_browse_past_runs_from_metrics_and_samples(workdir):
         assert "runs/a-finished  finished" in shown(run.query_one("#run-title"))
         assert run.query_one("#iterations-table", DataTable).row_count == 2
         assert "loss  0.3100" in shown(run.query_one("#loss-plot .plot-title"))
+        # The degeneration monitor: its last reading against the limit, per-iteration drift, what was kept.
+        stats = shown(run.query_one("#run-stats"))
+        assert "drift 1.87× / 1.12×" in stats and "limit 1.5×" in stats and "held-out MI +0.310" in stats
+        assert "kept iter-01" in stats
+        table = run.query_one("#iterations-table", DataTable)
+        assert [str(c) for c in table.get_row_at(0)][5:7] == ["1.04/1.01", "+0.021"]
+        assert str(table.get_row_at(1)[5]) == "1.87/1.12 ✗"
         assert run.query_one("#set-model", Input).value == "models/tiny"  # the form shows its settings
         samples = shown(run.query_one("#samples"))
         assert "Mix flour, water and yeast." in samples and "(dropped: degenerate group)" in samples

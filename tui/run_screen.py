@@ -143,7 +143,7 @@ class RunScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#iterations-table", DataTable)
-        table.add_columns("it", "loss", "MI", "row", "col", "ppl×", "groups", "len", "no EOS", "dist-2")
+        table.add_columns("it", "loss", "MI", "row", "col", "drift×", "MI held", "groups", "len", "no EOS", "dist-2")
         app = self.app
         if app.config:
             self.use_config(app.config, keep_out=True)
@@ -425,8 +425,34 @@ class RunScreen(Screen):
             out.append("   sampling ", style="dim").append(f"{last_samples['sampling_tokens_per_sec']:,.0f} tok/s")
         if v.base_ppl:
             out.append("   base ppl ", style="dim").append(f"{v.base_ppl:.2f}")
+        out.append_text(self.monitor_text())
         for w in v.warnings[-2:]:
             out.append(f"\n⚠ {w}", style="yellow")
+        return out
+
+    def monitor_text(self) -> Text:
+        """The degeneration monitor's last reading: drift with and without the constitution against
+        the limit, the held-out MI bound, and which adapters the run kept."""
+        v, m, out = self.view, self.view.monitor, Text()
+        if m is None and not v.kept:
+            if v.monitor_queries:
+                out.append(f"\nmonitor: {v.monitor_queries} held-out queries, no reading yet", style="dim")
+            return out
+        out.append("\nmonitor ", style="dim")
+        if m is not None and m.get("drift_prompted") is not None:
+            style = "green" if m["healthy"] else "bold red"
+            out.append(f"drift {m['drift_prompted']:.2f}× / {m['drift_plain']:.2f}×", style=style)
+            out.append(" with / without constitution", style="dim")
+            limit = m.get("limit")
+            out.append(f" (limit {limit:g}×)" if limit else " (guard off)", style="dim")
+            out.append(f" at iter {m['iteration']} step {m['step']}", style="dim")
+            if m.get("heldout_mi") is not None:
+                out.append("   held-out MI ", style="dim").append(f"{m['heldout_mi']:+.3f}")
+            if m.get("mean_length") is not None:
+                out.append("   answers ", style="dim").append(f"{m['mean_length']:.1f} tok")
+                out.append(f", {m['limit_rate']:.0%} at limit, rep {m['repetition']:.2f}", style="dim")
+        if v.kept:
+            out.append("   kept ", style="dim").append(v.kept, style="bold")
         return out
 
     def render_table(self) -> None:
@@ -439,8 +465,11 @@ class RunScreen(Screen):
 
         for it in sorted(self.view.per_iteration):
             r = self.view.per_iteration[it]
+            drift = "–"
+            if isinstance(r.get("drift_prompted"), (int, float)):
+                drift = f"{r['drift_prompted']:.2f}/{r['drift_plain']:.2f}" + ("" if r.get("healthy", True) else " ✗")
             table.add_row(str(it), f(r, "loss", ".4f"), f(r, "mi_bound", ".4f"), f(r, "row_accuracy", ".0%"),
-                          f(r, "column_accuracy", ".0%"), f(r, "ppl_ratio", ".2f"), f(r, "groups", "d"),
+                          f(r, "column_accuracy", ".0%"), drift, f(r, "heldout_mi", "+.3f"), f(r, "groups", "d"),
                           f(r, "mean_length", ".1f"), f(r, "no_eos_rate", ".0%"), f(r, "distinct_2", ".2f"))
 
     def render_samples(self) -> None:

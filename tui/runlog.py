@@ -33,6 +33,9 @@ class RunView:
     warnings: list[str] = field(default_factory=list)
     status: str = "idle"  # idle, running, finished, stopped, failed, incomplete
     reason: str = ""
+    monitor: dict | None = None  # the degeneration monitor's last reading (MonitorChecked)
+    monitor_queries: int = 0
+    kept: str = ""  # which adapters RUN/adapters.safetensors holds at the end, and why
 
     def apply(self, event: dict) -> None:
         """Fold one event (an `Event.to_dict()` or a metrics.jsonl row) into the view."""
@@ -45,7 +48,11 @@ class RunView:
         self.iterations, self.total_steps = e["iterations"], e["total_steps"]
         self.num_variants, self.base_ppl = e["num_variants"], e.get("base_ppl")
         self.global_step = e.get("resumed_at_step", 0)
+        self.monitor_queries = e.get("monitor_queries", 0)
         self.status, self.reason = "running", ""
+
+    def _on_MonitorChecked(self, e: dict) -> None:
+        self.monitor = e
 
     def _on_IterationStarted(self, e: dict) -> None:
         self.iteration, self.iteration_steps, self.step = e["iteration"], e["steps"], 0
@@ -72,8 +79,8 @@ class RunView:
 
     def _on_IterationCompleted(self, e: dict) -> None:
         self.per_iteration.setdefault(e["iteration"], {}).update(
-            {k: e.get(k) for k in ("loss", "mi_bound", "row_accuracy", "column_accuracy",
-                                   "heldout_ppl", "ppl_ratio")})
+            {k: e.get(k) for k in ("loss", "mi_bound", "row_accuracy", "column_accuracy", "heldout_ppl",
+                                   "ppl_ratio", "drift_prompted", "drift_plain", "heldout_mi", "healthy")})
         self.step = self.iteration_steps
 
     def _on_RunWarning(self, e: dict) -> None:
@@ -83,6 +90,8 @@ class RunView:
         self.sampling = None
         self.status = "stopped" if e.get("stopped_early") else "finished"
         self.reason = e.get("reason", "")
+        if e.get("adapters"):
+            self.kept = e["adapters"] + (f" ({e['kept']})" if e.get("kept") else "")
 
     # ---- what the screen reads ------------------------------------------------------------
 
