@@ -63,7 +63,8 @@ class TrainConfig:
     heldout: str | None = _f(None, "Extra held-out text (paragraphs, or .jsonl with 'text' or 'prompt'+'completion') whose perplexity is logged and guarded like the drift.")
     monitor_queries: int = _f(16, "Queries held out of training for the degeneration monitor: the base model answers them with and without the constitution, and every check measures how far the model drifted from those answers (0 turns the monitor off).")
     monitor_every: int = _f(4, "Also check the drift every this many optimizer steps inside an iteration (0: only at iteration ends).")
-    max_ppl_ratio: float | None = _f(1.5, "Stop the run, and keep the last healthy adapters, when the model's perplexity on the base model's held-out answers (or on --heldout text) exceeds this multiple of the base model's; 'off' turns the guard off.")
+    max_ppl_ratio: float | None = _f(1.5, "Stop the run, and keep the last healthy adapters, when the model's perplexity on the base model's held-out answers without a constitution (or on --heldout text) exceeds this multiple of the base model's; 'off' turns the guards off.")
+    max_prompted_ratio: float | None = _f(3.0, "The same guard on the base model's answers with the constitution, where SAMI is meant to move the model (answers that ignored a principle become less likely: 1.2-2x in healthy runs, 100x and more in a collapse); 'off' turns it off.")
     keep: str = _f("best", "Which adapters RUN/adapters.safetensors holds at the end: 'best' (the healthy iteration with the highest held-out MI bound) or 'last' (the last healthy one).")
     force: bool = _f(False, "Start even when the memory estimate says the run cannot fit this machine.")
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
@@ -104,8 +105,9 @@ class TrainConfig:
             raise SamiError(f"--optimizer {cfg.optimizer!r}: use 'adamw' or 'rmsprop'")
         if cfg.anchor_template and not cfg.anchor_beta:
             raise SamiError("--anchor-template: has no effect without --anchor-beta; add --anchor-beta (e.g. 0.5)")
-        if cfg.max_ppl_ratio is not None and cfg.max_ppl_ratio <= 1:
-            raise SamiError(f"--max-ppl-ratio {cfg.max_ppl_ratio}: must be above 1 (or 'off')")
+        for name in ("max_ppl_ratio", "max_prompted_ratio"):
+            if getattr(cfg, name) is not None and getattr(cfg, name) <= 1:
+                raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be above 1 (or 'off')")
         if cfg.keep not in ("best", "last"):
             raise SamiError(f"--keep {cfg.keep!r}: use 'best' or 'last'")
         for name in ("monitor_queries", "monitor_every"):

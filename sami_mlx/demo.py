@@ -6,18 +6,18 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
 from . import events as ev
-from . import toyworld as world
+from . import toyworld
 from .config import TrainConfig
 from .constitution import Constitution, Variant, save_constitution
 from .fileio import atomic_write_json, atomic_write_text
-from .pretrain import ensure_toy_model
+from .pretrain import ensure_toy_model, world_of
 from .rollout import generate_batch
 from .trainer import heldout_perplexity, load_heldout, train
 
@@ -46,13 +46,14 @@ class Evaluation:
         return {**per, "overall": sum(per.values()) / len(per)}
 
 
-def evaluate(model, tokenizer, constitution: Constitution, queries: list[str], max_tokens: int, seed: int) -> Evaluation:
-    """Sample at temperature 1 under every variant of `constitution` and check each reply."""
+def evaluate(model, tokenizer, constitution: Constitution, queries: list[str], max_tokens: int, seed: int,
+             world=toyworld, stop: Sequence[str] = ("Human:",), temperature: float = 1.0) -> Evaluation:
+    """Sample (at temperature 1 unless told) under every variant of `constitution` and check each reply."""
     variants = [Variant(s) for s in itertools.product((True, False), repeat=len(constitution.principles))]
     pairs = [(q, v) for q in queries for v in variants]
     prompts = [tokenizer.encode(world.TEMPLATE.fill(constitution.render(v), q)) for q, v in pairs]
     mx.random.seed(seed)
-    gens = generate_batch(model, tokenizer, prompts, max_tokens, temperature=1.0, stop_strings=["Human:"])
+    gens = generate_batch(model, tokenizer, prompts, max_tokens, temperature=temperature, stop_strings=list(stop))
     texts = [g.text for g in gens]
     return Evaluation(constitution, [v for _, v in pairs], texts,
                       [world.adherence(t, constitution, v) for t, (_, v) in zip(texts, pairs)])
@@ -71,7 +72,7 @@ def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float, tuple[float,
     return mean, (max(0.0, mean - half), min(1.0, mean + half))
 
 
-def prepare_world(out: Path, settings: dict, seed: int, spec: world.WorldSpec = world.WorldSpec()) -> dict[str, str]:
+def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworld) -> dict[str, str]:
     """Write the demo's constitution, queries, template and held-out text as the user's files would be;
     the held-out plain dialogue comes from the world `spec` the base model was trained on."""
     inputs = out / "inputs"
@@ -86,13 +87,15 @@ def prepare_world(out: Path, settings: dict, seed: int, spec: world.WorldSpec = 
         atomic_write_text(paths["anchor_template"], world.PLAIN + "\n")
     else:  # no anchor: no anchor template (the engine refuses one that would do nothing)
         del paths["anchor_template"]
-    docs = world.plain_corpus(settings["heldout_documents"], seed + 7919, spec)
+    docs = world.plain_corpus(settings["heldout_documents"], seed + 7919, spec or world.WorldSpec())
     atomic_write_text(paths["heldout"], "".join(json.dumps({"prompt": p, "completion": r}) + "\n" for p, r in docs))
     return paths
 
 
-def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambda e: None, seed: int = 0) -> dict:
-    """Build or load the toy base, run SAMI with the engine, evaluate before/after; returns demo.json's content."""
+def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambda e: None, seed: int = 0,
+             overrides: dict | None = None) -> dict:
+    """Build or load the world's base model, run SAMI with the engine (`overrides` on top of the preset's
+    settings), evaluate before/after; returns demo.json's content."""
     import mlx_lm
 
     start = time.perf_counter()
@@ -101,23 +104,29 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
     out = Path(out)
     model_dir = ensure_toy_model(
         preset["recipe"], lambda n, total, loss: emit(ev.StageProgress("building toy model", n, total, f"loss {loss:.3f}")))
-    paths = prepare_world(out, settings, seed, world.WorldSpec(**preset["recipe"].get("world", {})))
-    cfg = TrainConfig(model=str(model_dir), out=str(out), seed=seed, **paths, **settings["sami"])
+    world = world_of(preset["recipe"])
+    sami = {**settings["sami"], **(overrides or {})}
+    paths = prepare_world(out, {**settings, "sami": sami}, seed, world.WorldSpec(**preset["recipe"].get("world", {})),
+                          world)
+    cfg = TrainConfig(model=str(model_dir), out=str(out), seed=seed, **paths, **sami)
     result = train(cfg, callbacks=[emit])
 
     emit(ev.StageProgress("evaluating", 0, 2))
     base, tokenizer = mlx_lm.load(str(model_dir))
     trained = world.sub_constitution(settings["train_principles"])
     eval_queries = world.queries(settings["eval_queries"], seed + 104729)
-    max_tokens = settings["sami"].get("max_tokens", 40)
-    before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed)
-    after = evaluate(result.model, tokenizer, trained, eval_queries, max_tokens, seed)
+    max_tokens, stop = sami.get("max_tokens", 40), sami.get("stop", ["Human:"])
+    before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed, world, stop)
+    after = evaluate(result.model, tokenizer, trained, eval_queries, max_tokens, seed, world, stop)
+    greedy_before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed, world, stop, temperature=0.0)
+    greedy_after = evaluate(result.model, tokenizer, trained, eval_queries, max_tokens, seed, world, stop,
+                            temperature=0.0)
     emit(ev.StageProgress("evaluating", 1, 2))
     # The held-out principle never appeared in training prompts; it is shown only at evaluation.
     full = world.sub_constitution([*settings["train_principles"], settings["heldout_principle"]])
     h_queries = world.queries(settings["heldout_eval_queries"], seed + 1299709)
-    h_before = evaluate(base, tokenizer, full, h_queries, max_tokens, seed + 1)
-    h_after = evaluate(result.model, tokenizer, full, h_queries, max_tokens, seed + 1)
+    h_before = evaluate(base, tokenizer, full, h_queries, max_tokens, seed + 1, world, stop)
+    h_after = evaluate(result.model, tokenizer, full, h_queries, max_tokens, seed + 1, world, stop)
     emit(ev.StageProgress("evaluating", 2, 2))
 
     texts = load_heldout(paths["heldout"])
@@ -128,9 +137,12 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
     report = {
         "base_adherence": before.adherence(),
         "sami_adherence": after.adherence(),
+        "greedy_adherence": {"base": greedy_before.adherence()["overall"], "sami": greedy_after.adherence()["overall"]},
+        "kept": result.kept,
+        "stopped": result.reason if result.stopped_early else "",
         "win_rate": wr,
         "win_rate_ci": list(ci),
-        "mi_bound": [it["mi_bound"] for it in result.iterations],
+        "mi_bound": [it["mi_bound"] for it in result.iterations if "mi_bound" in it],  # not a rolled-back step's
         "ppl_base": ppl_base,
         "ppl_sami": ppl_sami,
         "ppl_ratio": ppl_sami / ppl_base,

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import default_loss
 
 from . import toyworld
+from .markerworld import MarkerWorld
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
@@ -30,14 +31,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def world_of(recipe: dict):
+    """The synthetic world a recipe's corpus comes from: the toy world (a module), or a marker world
+    drawn by its seed (`kind: marker-world`); both offer the same functions."""
+    if recipe.get("kind") == "marker-world":
+        return MarkerWorld(recipe.get("world_seed", 0), recipe.get("principles", 4))
+    return toyworld
+
+
 def recipe_key(recipe: dict) -> str:
     """Cache key: the recipe and the version of the world that generates its corpus."""
-    keyed = {"recipe": recipe, "world": toyworld.VERSION}
+    keyed = {"recipe": recipe, "world": world_of(recipe).VERSION}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def toy_model_dir(recipe: dict) -> Path:
-    return cache_dir() / "models" / f"toy-world-{recipe_key(recipe)}"
+    return cache_dir() / "models" / f"{world_of(recipe).NAME}-{recipe_key(recipe)}"
 
 
 def ensure_toy_model(recipe: dict, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
@@ -96,13 +105,14 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
 
     out.mkdir(parents=True, exist_ok=True)
     seed = recipe["seed"]
+    world = world_of(recipe)
     # A curriculum: the corpus opens with replies that follow their constitution strongly, so
     # the tiny model finds the link within its budget; the rest, which the base model ends up
     # reflecting, follows it only weakly.
-    phases = [(recipe["curriculum"]["steps"], toyworld.WorldSpec(**recipe["curriculum"]["world"])),
-              (recipe["steps"] - recipe["curriculum"]["steps"], toyworld.WorldSpec(**recipe.get("world", {})))]
+    phases = [(recipe["curriculum"]["steps"], world.WorldSpec(**recipe["curriculum"]["world"])),
+              (recipe["steps"] - recipe["curriculum"]["steps"], world.WorldSpec(**recipe.get("world", {})))]
     per_step = recipe["documents"] / recipe["steps"]
-    pairs = [toyworld.corpus(max(1, round(n * per_step)), f"{seed}-{k}", spec) for k, (n, spec) in enumerate(phases)]
+    pairs = [world.corpus(max(1, round(n * per_step)), f"{seed}-{k}", spec) for k, (n, spec) in enumerate(phases)]
     tok = train_tokenizer([p + r for part in pairs for p, r in part], recipe["vocab_size"], out)
     eos = tok.token_to_id("</s>")
     # The loss covers replies only: the constitution and query are given, not predicted, so the

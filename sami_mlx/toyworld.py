@@ -17,6 +17,7 @@ from .constitution import Constitution, Principle, Variant
 from .prompts import Template
 
 VERSION = 4  # bump when the corpus changes: cached toy models are keyed on it
+NAME = "toy-world"
 
 FORMAL = ["certainly", "indeed", "kindly", "therefore", "moreover", "regarding", "appropriate",
           "sincerely", "consequently", "furthermore", "notably", "accordingly"]

@@ -505,13 +505,17 @@ class SamiLoop:
 
     def verdict(self, drifts: dict[str, float], ppl_ratio: float | None) -> str:
         """'' when healthy, else what went past --max-ppl-ratio, in words; every rank agrees."""
-        limit, problem = self.cfg.max_ppl_ratio, ""
+        cfg, problem = self.cfg, ""
+        limit = cfg.max_ppl_ratio
+        # With the constitution SAMI is meant to move the model, so that drift has a looser limit;
+        # --max-ppl-ratio off turns both guards off.
+        limits = {"plain": limit, "prompted": cfg.max_prompted_ratio if limit is not None else None}
+        for kind, value in drifts.items():
+            if limits[kind] is not None and not (math.isfinite(value) and value <= limits[kind]):
+                where = "with the constitution" if kind == "prompted" else "without a constitution"
+                problem = problem or (f"the base model's held-out answers ({where}) became {value:.2f}x less "
+                                      f"likely (perplexity ratio; limit {limits[kind]:g}x)")
         if limit is not None:
-            for kind, value in drifts.items():
-                if not (math.isfinite(value) and value <= limit):
-                    where = "with the constitution" if kind == "prompted" else "without a constitution"
-                    problem = problem or (f"the base model's held-out answers ({where}) became {value:.2f}x less "
-                                          f"likely (perplexity ratio; limit {limit:g}x)")
             if ppl_ratio is not None and not (math.isfinite(ppl_ratio) and ppl_ratio <= limit):
                 problem = problem or f"--heldout text perplexity reached {ppl_ratio:.2f}x the base's (limit {limit:g}x)"
         tripped = self.ranks.any(bool(problem), "agreeing on the drift check")

@@ -44,7 +44,8 @@ def flags(model, files, out, *extra):
     # ranks' shards sample exactly what one process samples.
     return ["--model", str(model), *files, "--iterations", "2", "--steps", "2", "--queries-per-step", "3",
             "--max-tokens", "8", "--temperature", "0", "--learning-rate", "1e-4", "--seed", "3",
-            "--max-ppl-ratio", "1000", "--monitor-every", "1", "--out", str(out), *extra]
+            "--max-ppl-ratio", "1000", "--max-prompted-ratio", "1000", "--monitor-every", "1",
+            "--out", str(out), *extra]
 
 
 def free_port(n=2) -> int:

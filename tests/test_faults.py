@@ -23,7 +23,7 @@ def flags(model, constitution, queries, out):
     return ["--model", str(model), "--constitution", str(constitution), "--queries", str(queries),
             "--iterations", "2", "--steps", "2", "--queries-per-step", "2", "--max-tokens", "6",
             "--temperature", "1.0", "--learning-rate", "5e-3", "--lora-dropout", "0.1", "--seed", "4",
-            "--max-ppl-ratio", "1000", "--monitor-every", "1",
+            "--max-ppl-ratio", "1000", "--max-prompted-ratio", "1000", "--monitor-every", "1",
             "--out", str(out)]
 
 

@@ -45,7 +45,8 @@ def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_
                                   max_ppl_ratio=1.5), callbacks=[seen.append])
     assert result.stopped_early and "less likely" in result.reason
     checks = [e for e in seen if isinstance(e, ev.MonitorChecked)]
-    assert checks and not checks[-1].healthy and max(checks[-1].drift_prompted, checks[-1].drift_plain) > 1.5
+    assert checks and not checks[-1].healthy
+    assert checks[-1].drift_prompted > 3.0 or checks[-1].drift_plain > 1.5
     state = json.loads((out / "state.json").read_text())
     assert state["finished"] and state["stopped"] == result.reason and state["kept"] == result.kept
     warnings = [e.message for e in seen if isinstance(e, ev.RunWarning)]
@@ -56,7 +57,8 @@ def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_
     # Measured independently: what a user loads from RUN is within the limit on the base's answers.
     probe = Probe.load(out / "monitor.json")
     model, _ = mlx_lm.load(str(tiny_model), adapter_path=str(out))
-    assert max(drift(model, probe).values()) <= 1.5
+    reading = drift(model, probe)
+    assert reading["plain"] <= 1.5 and reading["prompted"] <= 3.0
     # Resuming a run the monitor ended is refused with one line.
     assert main(["--resume", str(out)]) == 2
 
@@ -82,7 +84,8 @@ def test_rollback_restores_exactly_the_last_healthy_step(tiny_model, constitutio
     out = tmp_path / "run"
     seen = []
     result = trainer.train(config(tiny_model, constitution_file, many_queries, out, steps=6, monitor_every=1,
-                                  learning_rate=1e-3, max_ppl_ratio=1000.0), callbacks=[seen.append])
+                                  learning_rate=1e-3, max_ppl_ratio=1000.0, max_prompted_ratio=1000.0),
+                           callbacks=[seen.append])
     mid = [(e.step, e.healthy) for e in seen if isinstance(e, ev.MonitorChecked)]
     assert mid[:3] == [(1, True), (2, True), (3, False)]
     assert result.stopped_early and "iteration 1, step 3" in result.reason
@@ -181,4 +184,5 @@ def test_guard_can_be_turned_off_from_flags_and_yaml(tmp_path):
     assert config_from_file(str(tmp_path / "c.yaml"))["max_ppl_ratio"] is None
     (tmp_path / "d.yaml").write_text("max-ppl-ratio: off\n")  # YAML reads a bare off as false
     assert config_from_file(str(tmp_path / "d.yaml"))["max_ppl_ratio"] is None
-    assert TrainConfig().max_ppl_ratio == 1.5 and TrainConfig().kl_beta > 0 and TrainConfig().anchor_beta > 0
+    assert TrainConfig().max_ppl_ratio == 1.5 and TrainConfig().max_prompted_ratio == 3.0
+    assert TrainConfig().kl_beta > 0 and TrainConfig().anchor_beta > 0

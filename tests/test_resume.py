@@ -16,7 +16,7 @@ def config(tiny_model, constitution_file, queries_file, out, **kw):
                 iterations=2, steps=2, queries_per_step=2, max_tokens=6, temperature=1.0,
                 learning_rate=5e-3, lora_dropout=0.1, seed=11, out=str(out),
                 # the monitor runs every step, with a limit a random tiny model stays under
-                max_ppl_ratio=1000.0, monitor_every=1)
+                max_ppl_ratio=1000.0, max_prompted_ratio=1000.0, monitor_every=1)
     return TrainConfig(**{**base, **kw})
 
 
