@@ -55,6 +55,8 @@ class SamplesReady(Event):
     distinct_2: float
     tokens_per_sec: float
     examples: list = field(default_factory=list)  # a few groups: query, variant labels, responses
+    dropped_truncated: int = 0  # --drop-truncated: a response hit --max-tokens
+    dropped_unfinished: int = 0  # --sentence-end: a checked response does not end a sentence
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .constitution import (
     num_variants,
     principle_order,
     sample_variants,
+    variant_orders,
     variant_strategy,
 )
 from .distributed import Ranks
@@ -43,7 +44,7 @@ from .faults import fault_point
 from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, read_text
 from .model import load_model
 from .objective import accuracies, mi_lower_bound, sami_loss
-from .prompts import Template, encode_prompt, load_template
+from .prompts import Template, encode_prompt, encode_with_prefix, load_template
 from .queries import load_queries
 from .rollout import Generation, Group, filter_groups, generate_batch, sample_stats
 from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
@@ -417,12 +418,20 @@ class SamiLoop:
         rng = random.Random(f"variants-{cfg.seed}-{it}")
         k = len(inputs.constitution.principles)
         specs = [(qi, sample_variants(self.strategy, k, rng)) for qi in query_ids]
-        prompts = []
-        for slot in self.ranks.shard(len(specs)):
+        # File order, or (--shuffle-generation) an order per variant, drawn for every slot in one
+        # process's order so that ranks and a resumed run draw the same; the variant rng is untouched.
+        order_rng = random.Random(f"generation-order-{cfg.seed}-{it}")
+        orders = [[principle_order(k, order_rng, cfg.shuffle_generation) for _ in vs] for _, vs in specs]
+        mine = self.ranks.shard(len(specs))
+        prompts, prefixes = [], {}  # prefixes: every slot's, as every rank keeps every group
+        for slot in range(len(specs)) if cfg.response_prefix else mine:
             qi, variants = specs[slot]
-            for v in variants:
-                text = inputs.generation_template.fill(inputs.constitution.render(v), inputs.queries[qi])
-                prompts.append(encode_prompt(self.tokenizer, text, cfg.chat_template))
+            for j, (v, order) in enumerate(zip(variants, orders[slot])):
+                text = inputs.generation_template.fill(inputs.constitution.render(v, order), inputs.queries[qi])
+                ids, prefixes[slot, j] = encode_with_prefix(self.tokenizer, text, cfg.response_prefix,
+                                                            cfg.chat_template)
+                if slot in mine:
+                    prompts.append(ids + prefixes[slot, j])
         mx.random.seed(self.ranks.seed(cfg.seed * 1009 + it))
         t0 = time.perf_counter()
         gens = generate_batch(
@@ -434,13 +443,18 @@ class SamiLoop:
         seconds = time.perf_counter() - t0
         n = inputs.num_variants
         groups = [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
-        kept, drops = filter_groups(groups, cfg.banned)
+        kept, drops = filter_groups(groups, cfg.banned, cfg.drop_truncated, cfg.sentence_end, cfg.sentence_end_marks)
+        if cfg.response_prefix:  # filtered on what the model wrote; scored and judged with the forced start
+            for slot, g in enumerate(groups):
+                toks = [prefixes[slot, j] + x.tokens for j, x in enumerate(g.generations)]
+                g.generations = [Generation(t, self.tokenizer.decode(t), x.finish) for t, x in zip(toks, g.generations)]
         if self.ranks.primary:
             self.write_samples(it, groups, kept)
         stats = sample_stats(groups, seconds)
         self.emit(ev.SamplesReady(
             iteration=it + 1, groups=len(kept), dropped_empty=drops.empty,
             dropped_identical=drops.identical, dropped_banned=drops.banned,
+            dropped_truncated=drops.truncated, dropped_unfinished=drops.unfinished,
             mean_length=stats.mean_length, no_eos_rate=stats.no_eos_rate, distinct_2=stats.distinct_2,
             tokens_per_sec=stats.tokens / max(seconds, 1e-9),
             examples=[_example(g) for g in kept[:3]],
@@ -448,7 +462,8 @@ class SamiLoop:
         if not kept:
             raise RunAborted(
                 f"iteration {it + 1}: all {len(groups)} sampled groups were degenerate "
-                f"({drops.empty} empty, {drops.identical} identical, {drops.banned} banned); "
+                f"({drops.empty} empty, {drops.identical} identical, {drops.banned} banned, "
+                f"{drops.truncated} truncated, {drops.unfinished} without a sentence end); "
                 "try --temperature 0.7, other --stop strings or another template"
             )
         return kept
@@ -492,12 +507,13 @@ class SamiLoop:
         cfg, c = self.cfg, self.inputs.constitution
         prompts, responses = [], []
         for n, g in enumerate(groups):
-            # One shuffled order per group, so the rows of S differ only in the wordings.
             order = orders[n] if orders is not None else principle_order(len(c.principles), rng, cfg.shuffle_principles)
+            # Each constitution of the group in its own order, as the reference shuffles each separately.
+            per_variant = variant_orders(order, len(g.variants), f"{cfg.seed}-{g.query_index}", cfg.shuffle_principles)
             prompts.append([
-                encode_prompt(self.tokenizer, self.inputs.training_template.fill(c.render(v, order), g.query),
+                encode_prompt(self.tokenizer, self.inputs.training_template.fill(c.render(v, o), g.query),
                               cfg.chat_template)
-                for v in g.variants
+                for v, o in zip(g.variants, per_variant)
             ])
             responses.append(self.response_ids(g))
         anchors = None
