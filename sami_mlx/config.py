@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
     out: str = _f("", "Run directory (default: runs/<date-time>).")
     # ---- the reference implementation's generation settings and filters (issue 15) ----
-    shuffle_generation: bool = _f(False, "Also shuffle the principles' order in generation prompts, independently for each variant (the reference samples in file order and shuffles only the training and judge prompts).")
+    shuffle_generation: bool = _f(False, "Also shuffle the principles' order in generation prompts: one order per query group, shared by its variants (as the reference, whose constitution files list the principles in either order).")
     response_prefix: str = _f("", "Text every response starts with: appended to the generation prompt and kept at the start of the response that is scored and judged (the paper's TL;DR uses ' The post').")
     drop_truncated: bool = _f(False, "Drop a query group if any response hit --max-tokens before EOS or a stop string.")
     sentence_end: str = _f("off", "Drop a query group unless responses end a sentence (a --sentence-end-marks character): 'positive' checks the all-positive variant's response (the reference's filter; every response when the group has none), 'all' every response, 'off' none.")

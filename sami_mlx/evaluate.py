@@ -169,18 +169,16 @@ def variant_plan(setup: RunSetup, n_queries: int, seed: int, intrinsic: bool) ->
 def generation_orders(setup: RunSetup, settings: EvalSettings, plan: list[list[Variant]]) -> list[dict]:
     """Per query, the principle order of each variant's generation prompt. The judged (all-positive)
     response is asked for under a shuffled order, as the reference's evaluation does, one draw per
-    query shared by every model; the MI metric's other variants follow the run's --shuffle-generation."""
+    query shared by every model; the MI metric's other variants share it under the run's
+    --shuffle-generation (as in training) and keep file order otherwise."""
     cfg, k = setup.config, len(setup.constitution.principles)
-    judged = random.Random(f"eval-generation-order-{settings.seed}")
-    others = random.Random(f"eval-variant-order-{settings.seed}")
+    rng = random.Random(f"eval-generation-order-{settings.seed}")
     positive = setup.constitution.positive_variant
     orders = []
     for variants in plan:
-        row = {positive: principle_order(k, judged, cfg.shuffle_principles)}
-        for v in variants:
-            if v != positive:
-                row[v] = principle_order(k, others, cfg.shuffle_generation)
-        orders.append(row)
+        judged = principle_order(k, rng, cfg.shuffle_principles)
+        others = judged if cfg.shuffle_generation else list(range(k))
+        orders.append({v: judged if v == positive else others for v in [positive, *variants]})
     return orders
 
 

@@ -418,16 +418,16 @@ class SamiLoop:
         rng = random.Random(f"variants-{cfg.seed}-{it}")
         k = len(inputs.constitution.principles)
         specs = [(qi, sample_variants(self.strategy, k, rng)) for qi in query_ids]
-        # File order, or (--shuffle-generation) an order per variant, drawn for every slot in one
-        # process's order so that ranks and a resumed run draw the same; the variant rng is untouched.
+        # File order, or (--shuffle-generation) one order per query group shared by its variants, drawn
+        # for every slot in one process's order so that ranks and a resumed run draw the same.
         order_rng = random.Random(f"generation-order-{cfg.seed}-{it}")
-        orders = [[principle_order(k, order_rng, cfg.shuffle_generation) for _ in vs] for _, vs in specs]
+        orders = [principle_order(k, order_rng, cfg.shuffle_generation) for _ in specs]
         mine = self.ranks.shard(len(specs))
         prompts, prefixes = [], {}  # prefixes: every slot's, as every rank keeps every group
         for slot in range(len(specs)) if cfg.response_prefix else mine:
             qi, variants = specs[slot]
-            for j, (v, order) in enumerate(zip(variants, orders[slot])):
-                text = inputs.generation_template.fill(inputs.constitution.render(v, order), inputs.queries[qi])
+            for j, v in enumerate(variants):
+                text = inputs.generation_template.fill(inputs.constitution.render(v, orders[slot]), inputs.queries[qi])
                 ids, prefixes[slot, j] = encode_with_prefix(self.tokenizer, text, cfg.response_prefix,
                                                             cfg.chat_template)
                 if slot in mine:

@@ -136,10 +136,10 @@ def test_generation_prompts_keep_file_order_unless_shuffled(loop_for, monkeypatc
     loop, _ = loop_for(shuffle_generation=True)
     seen = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
     loop.sample(0, list(range(8)))
-    orders = [constitution_lines(p)[0] in ("Be brief.", "Be long.") for p in seen]
-    assert 0 < sum(orders) < len(orders)  # both orders occur
-    pairs = {(orders[i], orders[i + 1]) for i in range(0, len(orders), 2)}
-    assert len(pairs) > 1  # the two variants of a group are shuffled independently
+    brief_first = [constitution_lines(p)[0] in ("Be brief.", "Be long.") for p in seen]
+    assert 0 < sum(brief_first) < len(brief_first)  # both orders occur
+    # As in the reference, a group's variants share one order: they differ only in wording.
+    assert all(brief_first[i] == brief_first[i + 1] for i in range(0, len(seen), 2))
     again = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
     loop.sample(0, list(range(8)))
     assert again == seen  # drawn from the seed: a resumed run samples the same prompts
@@ -218,7 +218,7 @@ def test_recipes_follow_the_reference(name):
     assert cfg.max_grad_norm == 0  # the reference trainer does not clip
     assert cfg.sentence_end == "positive" and cfg.sentence_end_marks == ["."]
     assert {"[insert", "[]", "]", "Response"} <= set(cfg.banned)
-    assert cfg.shuffle_principles and not cfg.shuffle_generation
+    assert cfg.shuffle_principles and cfg.shuffle_generation
     judge = load_judge_template(cfg.judge_template)
     assert judge.text.rstrip().endswith('Final Response: <"A" or "B">') and "100 words" in judge.text
     if name.startswith("hh"):
