@@ -70,6 +70,13 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
     out: str = _f("", "Run directory (default: runs/<date-time>).")
+    # ---- the reference implementation's generation settings and filters (issue 15) ----
+    shuffle_generation: bool = _f(False, "Also shuffle the principles' order in generation prompts: one order per query group, shared by its variants (as the reference, whose constitution files list the principles in either order).")
+    response_prefix: str = _f("", "Text every response starts with: appended to the generation prompt and kept at the start of the response that is scored and judged (the paper's TL;DR uses ' The post').")
+    drop_truncated: bool = _f(False, "Drop a query group if any response hit --max-tokens before EOS or a stop string.")
+    sentence_end: str = _f("off", "Drop a query group unless responses end a sentence (a --sentence-end-marks character): 'positive' checks the all-positive variant's response (the reference's filter; every response when the group has none), 'all' every response, 'off' none.")
+    sentence_end_marks: list[str] = _f([".", "!", "?"], "What counts as the end of a sentence for --sentence-end (the reference accepts only '.').")
+    judge_template: str | None = _f(None, "Judge prompt `sami-mlx eval` uses for this run unless --judge-template is given (built-in: default, dialogue, summarization; or a file).")
 
     def resolved(self) -> TrainConfig:
         """Fill defaults that depend on other fields and check every number; raises SamiError."""
@@ -113,6 +120,10 @@ class TrainConfig:
         for name in ("monitor_queries", "monitor_every"):
             if getattr(cfg, name) < 0:
                 raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
+        if cfg.sentence_end not in ("off", "positive", "all"):
+            raise SamiError(f"--sentence-end {cfg.sentence_end!r}: use 'off', 'positive' or 'all'")
+        if cfg.sentence_end != "off" and not any(m.strip() for m in cfg.sentence_end_marks):
+            raise SamiError("--sentence-end-marks: empty; give the characters that end a sentence, e.g. . ! ?")
         return cfg
 
     def steps_in_iteration(self, iteration: int) -> int:

@@ -183,3 +183,18 @@ def principle_order(num_principles: int, rng: random.Random, shuffle: bool) -> l
     if shuffle:
         rng.shuffle(order)
     return order
+
+
+def variant_orders(order: Sequence[int], n: int, key: str, shuffle: bool) -> list[list[int]]:
+    """One principle order per variant of a group, the first being `order`: the others are `order`
+    rearranged by a fixed pseudo-random permutation per (key, variant), so each is uniformly shuffled
+    when `order` is, independently of the others across groups, and reproducible from `order` alone
+    (a resumed run scores the same prompts)."""
+    if not shuffle:
+        return [list(order)] * n
+    out = [list(order)]
+    for j in range(1, n):
+        perm = list(range(len(order)))
+        random.Random(f"variant-order-{key}-{j}").shuffle(perm)
+        out.append([order[p] for p in perm])
+    return out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import events as ev
 from .errors import SamiError
+from .judge import DEFAULT_JUDGE_MAX_TOKENS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judge.add_argument("--judge-model", help="Model name to ask the endpoint for (with --judge-url).")
     judge.add_argument("--judge-api-key-env", metavar="VAR",
                        help="Environment variable that holds the endpoint's API key (read, never written).")
-    judge.add_argument("--judge-template", help="Judge prompt file with {principles}, {query}, {response_a}, "
-                                                "{response_b}; it should ask for a final A or B.")
-    judge.add_argument("--judge-max-tokens", type=int, default=256,
-                       help="Tokens the judge may write (default: 256; raise it for reasoning models).")
+    judge.add_argument("--judge-template",
+                       help="Judge prompt: built-in 'default', 'dialogue' or 'summarization' (the paper's judges, "
+                            "ending in 'Final Response: A/B'), or a file with {principles}, {query}, {response_a}, "
+                            "{response_b} (use {{ }} for literal braces) that asks for a final A or B "
+                            "(default: the run's judge_template setting, else 'default').")
+    judge.add_argument("--judge-max-tokens", type=int, default=DEFAULT_JUDGE_MAX_TOKENS,
+                       help=f"Tokens the judge may write (default: {DEFAULT_JUDGE_MAX_TOKENS}, room to reason "
+                            "before the verdict; raise it for reasoning models).")
     judge.add_argument("--judge-concurrency", type=int, default=8, help="Concurrent HTTP requests (default: 8).")
     judge.add_argument("--judge-timeout", type=float, default=60.0, help="Seconds per HTTP request (default: 60).")
     judge.add_argument("--judge-retries", type=int, default=4,
@@ -74,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
             raise SamiError(f"--limit {args.limit}: must be at least 1")
         queries = queries[: args.limit]
     check_numbers(args)
-    template = load_judge_template(args.judge_template)
+    template = load_judge_template(args.judge_template or setup.config.judge_template)
     judge = make_judge(
         args.judge, args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env,
         concurrency=args.judge_concurrency, timeout=args.judge_timeout, retries=args.judge_retries,

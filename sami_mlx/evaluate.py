@@ -34,7 +34,7 @@ from .errors import SamiError
 from .fileio import atomic_write_json, atomic_write_text
 from .judge import JudgeReply, JudgeTemplate, parse_verdict
 from .objective import accuracies, mi_lower_bound, sami_loss
-from .prompts import Template, encode_prompt, load_template
+from .prompts import Template, encode_prompt, encode_with_prefix, load_template
 from .queries import load_queries
 from .rollout import Generation, generate_batch
 from .scoring import ScoringBatch, score_matrix
@@ -166,22 +166,45 @@ def variant_plan(setup: RunSetup, n_queries: int, seed: int, intrinsic: bool) ->
     return [sample_variants(strategy, k, rng) for _ in range(n_queries)]
 
 
+def generation_orders(setup: RunSetup, settings: EvalSettings, plan: list[list[Variant]]) -> list[dict]:
+    """Per query, the principle order of each variant's generation prompt. The judged (all-positive)
+    response is asked for under a shuffled order, as the reference's evaluation does, one draw per
+    query shared by every model; the MI metric's other variants share it under the run's
+    --shuffle-generation (as in training) and keep file order otherwise."""
+    cfg, k = setup.config, len(setup.constitution.principles)
+    rng = random.Random(f"eval-generation-order-{settings.seed}")
+    positive = setup.constitution.positive_variant
+    orders = []
+    for variants in plan:
+        judged = principle_order(k, rng, cfg.shuffle_principles)
+        others = judged if cfg.shuffle_generation else list(range(k))
+        orders.append({v: judged if v == positive else others for v in [positive, *variants]})
+    return orders
+
+
 def generate_outputs(model, tokenizer, setup: RunSetup, settings: EvalSettings, plan: list[list[Variant]],
                      name: str, emit: Emit) -> ModelOutputs:
     """Responses under the positive variant for every query, plus the variants the MI metric needs."""
     cfg, c = setup.config, setup.constitution
     positive = c.positive_variant
+    orders = generation_orders(setup, settings, plan)
     specs = []  # (query index, variant), positive first for every query, no duplicates
     for q, variants in enumerate(plan):
         specs.append((q, positive))
         specs.extend((q, v) for v in variants if v != positive)
-    prompts = [encode_prompt(tokenizer, setup.generation_template.fill(c.render(v), settings.queries[q]),
-                             cfg.chat_template) for q, v in specs]
+    prompts, prefixes = [], []
+    for q, v in specs:
+        text = setup.generation_template.fill(c.render(v, orders[q][v]), settings.queries[q])
+        ids, prefix = encode_with_prefix(tokenizer, text, cfg.response_prefix, cfg.chat_template)
+        prompts.append(ids + prefix)
+        prefixes.append(prefix)
     progress = _Stage(emit, f"generate {name}", len(prompts))
     mx.random.seed(settings.seed)  # the same draws for every model when sampling
     gens = generate_batch(model, tokenizer, prompts, settings.max_tokens, settings.temperature, settings.top_p,
                           cfg.stop, settings.batch_size, on_progress=progress)
     progress.finish()
+    if cfg.response_prefix:  # the forced start is part of the response, as in training
+        gens = [Generation(p + g.tokens, tokenizer.decode(p + g.tokens), g.finish) for p, g in zip(prefixes, gens)]
     by_spec = {(q, v): g for (q, v), g in zip(specs, gens)}
     responses = [by_spec[(q, positive)] for q in range(len(plan))]
     intrinsic = None
@@ -193,7 +216,8 @@ def generate_outputs(model, tokenizer, setup: RunSetup, settings: EvalSettings, 
 
 def intrinsic_metric(model, tokenizer, setup: RunSetup, groups: list[tuple[str, list[Variant], list[Generation]]],
                      seed: int, name: str = "", emit: Emit | None = None) -> dict:
-    """log N - sami_loss(S) over held-out groups, S scored as in training (same template and order shuffle).
+    """log N - sami_loss(S) over held-out groups, S scored as in training (same template, each
+    constitution in its own shuffled order).
 
     Groups with an empty response have nothing to score and are counted as skipped.
     """
@@ -206,9 +230,9 @@ def intrinsic_metric(model, tokenizer, setup: RunSetup, groups: list[tuple[str, 
             skipped += 1
             continue
         identical += len({tuple(g.tokens) for g in gens}) < len(gens)
-        order = principle_order(len(c.principles), rng, cfg.shuffle_principles)
-        prompts.append([encode_prompt(tokenizer, setup.training_template.fill(c.render(v, order), query),
-                                      cfg.chat_template) for v in variants])
+        prompts.append([encode_prompt(tokenizer, setup.training_template.fill(
+            c.render(v, principle_order(len(c.principles), rng, cfg.shuffle_principles)), query), cfg.chat_template)
+            for v in variants])
         responses.append([g.tokens + ([eos] if cfg.count_eos and g.finish == "eos" else []) for g in gens])
     n = len(groups[0][1]) if groups else 0
     result = {"mi_bound": None, "loss": None, "row_accuracy": None, "column_accuracy": None,
@@ -251,20 +275,28 @@ class _Stage:
 
 def judge_tasks(setup: RunSetup, settings: EvalSettings, base: ModelOutputs, checkpoint: ModelOutputs,
                 template: JudgeTemplate) -> list[JudgeTask]:
-    """One prompt per query (and per principle when asked), the checkpoint's side drawn with the seed."""
+    """One prompt per query (and per principle when asked), the checkpoint's side drawn with the seed.
+
+    The constitution's principles appear in an order shuffled for each query (one draw per query, the
+    same for every checkpoint), as the reference's judge prompts do, so no principle gains weight
+    from always coming first.
+    """
     c = setup.constitution
-    scopes: list[tuple[str | None, str]] = [(None, c.render(c.positive_variant))]
+    order_rng = random.Random(f"judge-principles-{settings.seed}")
+    orders = [principle_order(len(c.principles), order_rng, setup.config.shuffle_principles) for _ in settings.queries]
+    whole = [c.render(c.positive_variant, order) for order in orders]
+    scopes: list[tuple[str | None, list[str]]] = [(None, whole)]
     if settings.per_principle:
-        scopes += [(p.name, f"1. {p.positive}") for p in c.principles]
+        scopes += [(p.name, [f"1. {p.positive}"] * len(settings.queries)) for p in c.principles]
     tasks = []
-    for principle, principles_text in scopes:
+    for principle, principles_texts in scopes:
         rng = random.Random(f"judge-order-{settings.seed}-{checkpoint.checkpoint}-{principle or ''}")
         for q, query in enumerate(settings.queries):
             position = "A" if rng.random() < 0.5 else "B"
             ours, theirs = checkpoint.responses[q].text.strip(), base.responses[q].text.strip()
             a, b = (ours, theirs) if position == "A" else (theirs, ours)
             tasks.append(JudgeTask(checkpoint.checkpoint, principle, q, position,
-                                   template.fill(principles_text, query, a, b)))
+                                   template.fill(principles_texts[q], query, a, b)))
     return tasks
 
 
@@ -315,18 +347,40 @@ def length_controlled_win_rate(scores: Sequence[float], checkpoint_lengths: Sequ
     return None, summary
 
 
+def length_controlled_interval(strata: dict, z: float = Z95) -> list[float] | None:
+    """A 95% interval for the length-controlled win rate, the mean of the 'longer' and 'shorter'
+    strata's win rates: a Wald interval on each stratum's rate with one win and one loss added
+    (Agresti and Caffo's adjustment, which keeps a stratum of all wins from claiming zero width),
+    the two variances halved and added. With every pair of equal length it is the plain rate's
+    Wilson interval; with one direction only there is no length-controlled rate, and no interval."""
+    longer, shorter, equal = strata["longer"], strata["shorter"], strata["equal"]
+    if not longer["n"] and not shorter["n"]:
+        return wilson_interval(equal["win_rate"], equal["n"], z)
+    if not longer["n"] or not shorter["n"]:
+        return None
+    adjusted = [((s["win_rate"] * s["n"] + 1) / (s["n"] + 2), s["n"] + 2) for s in (longer, shorter)]
+    centre = 0.5 * sum(p for p, _ in adjusted)
+    half = z * 0.5 * math.sqrt(sum(p * (1 - p) / n for p, n in adjusted))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def summarize(outcomes: Sequence[Outcome], checkpoint_lengths: Sequence[int], base_lengths: Sequence[int]) -> dict:
-    """Win rate with its 95% interval, the length-controlled win rate, and the counts behind them."""
+    """Win rate with its 95% interval, the length-controlled win rate with its interval and the
+    equal-length pairs it left out, and the counts behind them."""
     scored = [o for o in outcomes if o.score is not None]
     scores = [o.score for o in scored]
     rate = mean(scores)
     lc, strata = length_controlled_win_rate(
         scores, [checkpoint_lengths[o.query_index] for o in scored], [base_lengths[o.query_index] for o in scored])
     parsed = [o for o in scored if o.verdict is not None]
+    both_directions = strata["longer"]["n"] > 0 and strata["shorter"]["n"] > 0
     return {
         "win_rate": rate,
         "win_rate_ci": wilson_interval(rate, len(scores)),
         "length_controlled_win_rate": lc,
+        "length_controlled_ci": length_controlled_interval(strata),
+        # Pairs of equal length carry no length effect; the balanced estimate leaves them out.
+        "length_controlled_left_out": strata["equal"]["n"] if both_directions else 0,
         "length_strata": strata,
         "n": len(scores),
         "wins": sum(o.score == 1.0 and o.verdict is not None for o in scored),
@@ -374,21 +428,40 @@ def evaluate(run_dir: str | Path, checkpoints: Sequence[Checkpoint], judge: Judg
         raise SamiError(f"the judge answered none of the {len(tasks)} comparisons (last error: {replies[-1].error})")
     judged = iter(zip(tasks, replies))
     out = Path(out_dir).expanduser() if out_dir else setup.run_dir / "eval"
-    results = []
+    results, all_outcomes = [], []
     for ckpt in checkpoints:
         outcomes = [outcome(t, r) for t, r in (next(judged) for _ in template_tasks[ckpt.name])]
+        all_outcomes += outcomes
         result = checkpoint_result(setup, settings, template, judge, outputs["base"], outputs[ckpt.name],
                                    outcomes, overlap)
         atomic_write_json(out / f"{ckpt.name}.json", result)
         results.append(result)
+    warning = unparsable_warning(all_outcomes, template, out)
+    if warning:
+        emit(ev.RunWarning(warning))
     headline = [{k: r[k] for k in HEADLINE_KEYS} for r in results]
     atomic_write_json(out / "summary.json", headline)
     atomic_write_text(out / "summary.md", markdown_table(results))
     return results
 
 
-HEADLINE_KEYS = ("checkpoint", "win_rate", "win_rate_ci", "length_controlled_win_rate", "n", "unparsable",
-                 "judge_errors", "intrinsic", "per_principle")
+UNPARSABLE_WARN = 0.10
+
+
+def unparsable_warning(outcomes: Sequence[Outcome], template: JudgeTemplate, out: Path) -> str | None:
+    """One line when more than 10% of the judge's answers named no verdict (each counted as 0.5)."""
+    answered = [o for o in outcomes if o.error is None]
+    bad = sum(o.verdict is None for o in answered)
+    if not answered or bad <= UNPARSABLE_WARN * len(answered):
+        return None
+    return (f"{bad} of {len(answered)} judge answers ({100 * bad / len(answered):.0f}%) named no verdict and "
+            f"count as ties (judge prompt: {template.source}); read judge_output in {out}/, then pass "
+            "--judge-template with a prompt whose last line asks for 'Final Response: A' or 'B' "
+            "(built-in: dialogue, summarization), or raise --judge-max-tokens if answers were cut off")
+
+
+HEADLINE_KEYS = ("checkpoint", "win_rate", "win_rate_ci", "length_controlled_win_rate", "length_controlled_ci",
+                 "length_controlled_left_out", "n", "unparsable", "judge_errors", "intrinsic", "per_principle")
 
 
 def checkpoint_result(setup: RunSetup, settings: EvalSettings, template: JudgeTemplate, judge: Judge,
@@ -438,25 +511,35 @@ def _mi(intrinsic: dict | None) -> str:
     return f"{round(b, 3) + 0.0:+.3f} → {round(c, 3) + 0.0:+.3f}"  # + 0.0 turns -0.000 into +0.000
 
 
+def _ci(ci: list[float] | None) -> str:
+    return "—" if ci is None else f"{_pct(ci[0])}–{_pct(ci[1])}"
+
+
+def _lc(r: dict) -> str:
+    """The length-controlled rate with its interval, e.g. '61.0% (52.3%–69.4%)'."""
+    if r["length_controlled_win_rate"] is None:
+        return "—"
+    return f"{_pct(r['length_controlled_win_rate'])} ({_ci(r.get('length_controlled_ci'))})"
+
+
 def markdown_table(results: Sequence[dict]) -> str:
     """The headline numbers as a Markdown table (and one per principle when judged per principle)."""
     lines = [
-        "| checkpoint | n | win rate | 95% CI | length-controlled | unparsable | judge errors | MI bound base → checkpoint (nats) |",
-        "|---|---:|---:|---|---:|---:|---:|---|",
+        "| checkpoint | n | win rate | 95% CI | length-controlled (95% CI) | equal length, left out | unparsable "
+        "| judge errors | MI bound base → checkpoint (nats) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        ci = "—" if r["win_rate_ci"] is None else f"{_pct(r['win_rate_ci'][0])}–{_pct(r['win_rate_ci'][1])}"
-        lines.append(f"| {r['checkpoint']} | {r['n']} | {_pct(r['win_rate'])} | {ci} | "
-                     f"{_pct(r['length_controlled_win_rate'])} | {r['unparsable']} | {r['judge_errors']} | "
-                     f"{_mi(r['intrinsic'])} |")
+        lines.append(f"| {r['checkpoint']} | {r['n']} | {_pct(r['win_rate'])} | {_ci(r['win_rate_ci'])} | "
+                     f"{_lc(r)} | {r.get('length_controlled_left_out', 0)} | {r['unparsable']} | "
+                     f"{r['judge_errors']} | {_mi(r['intrinsic'])} |")
     for r in results:
         if r.get("per_principle"):
             lines += ["", f"Per principle, {r['checkpoint']}:", "",
-                      "| principle | n | win rate | 95% CI | length-controlled | unparsable |",
-                      "|---|---:|---:|---|---:|---:|"]
+                      "| principle | n | win rate | 95% CI | length-controlled (95% CI) | equal length, left out "
+                      "| unparsable |",
+                      "|---|---:|---:|---|---:|---:|---:|"]
             for name, p in r["per_principle"].items():
-                ci = "—" if p["win_rate_ci"] is None else f"{_pct(p['win_rate_ci'][0])}–{_pct(p['win_rate_ci'][1])}"
-                lines.append(f"| {name} | {p['n']} | {_pct(p['win_rate'])} | {ci} | "
-                             f"{_pct(p['length_controlled_win_rate'])} | {p['unparsable']} |")
+                lines.append(f"| {name} | {p['n']} | {_pct(p['win_rate'])} | {_ci(p['win_rate_ci'])} | "
+                             f"{_lc(p)} | {p.get('length_controlled_left_out', 0)} | {p['unparsable']} |")
     return "\n".join(lines) + "\n"
-

@@ -60,6 +60,8 @@ class SamplesReady(Event):
     queries_sampled: int = 0  # query groups sampled, dropped ones included (more are drawn to replace drops)
     repeated: int = 0  # step slots filled by repeating a group: the split ran out of queries
     repetition: float = 0.0  # share of trigrams repeating an earlier one in the same response
+    dropped_truncated: int = 0  # --drop-truncated: a response hit --max-tokens
+    dropped_unfinished: int = 0  # --sentence-end: a checked response does not end a sentence
 
 
 @dataclass

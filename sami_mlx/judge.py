@@ -20,9 +20,12 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 from .errors import SamiError
 from .fileio import read_text
+from .prompts import check_placeholders, fill_fields, template_fields
 
 Progress = Callable[[int, int], None]
 
@@ -46,6 +49,10 @@ contains only the letter of the better response: A or B."""
 
 JUDGE_PLACEHOLDERS = ("{principles}", "{query}", "{response_a}", "{response_b}")
 REQUIRED_PLACEHOLDERS = ("{response_a}", "{response_b}")
+# Built-in judge prompts: 'default' asks for a bare letter; 'dialogue' and 'summarization' are the
+# paper's task-specific judges (reasoning in at most 100 words, then "Final Response: X").
+BUILTIN_JUDGE_TEMPLATES = ("default", "dialogue", "summarization")
+DEFAULT_JUDGE_MAX_TOKENS = 1024  # room for a verbose or reasoning judge to reach its last line
 MAX_RETRY_AFTER = 60.0
 
 
@@ -58,49 +65,138 @@ class JudgeTemplate:
 
     def fill(self, principles: str, query: str, response_a: str, response_b: str) -> str:
         """Substitute in one pass, so a response that contains '{query}' stays literal."""
-        values = {"{principles}": principles, "{query}": query,
-                  "{response_a}": response_a, "{response_b}": response_b}
-        return re.sub("|".join(re.escape(p) for p in JUDGE_PLACEHOLDERS), lambda m: values[m.group(0)], self.text)
+        return fill_fields(self.text, {"{principles}": principles, "{query}": query,
+                                       "{response_a}": response_a, "{response_b}": response_b})
 
 
 def load_judge_template(path: str | None) -> JudgeTemplate:
-    """The built-in judge prompt, or a --judge-template file that has at least both responses."""
+    """A built-in judge prompt by name (default, dialogue, summarization) or a --judge-template file
+    that has both responses and no placeholder besides the four judge ones."""
     if not path:
         return JudgeTemplate(DEFAULT_JUDGE_TEMPLATE)
+    if path in BUILTIN_JUDGE_TEMPLATES and not Path(path).exists():
+        if path == "default":
+            return JudgeTemplate(DEFAULT_JUDGE_TEMPLATE)
+        text = resources.files("sami_mlx.data.templates").joinpath(f"judge-{path}.txt").read_text("utf-8")
+        return JudgeTemplate(text.rstrip(), path)
     text = read_text(path, "judge template").rstrip()
+    check_placeholders(text, JUDGE_PLACEHOLDERS, str(path), "judge template")
+    fields = template_fields(text)
     for ph in REQUIRED_PLACEHOLDERS:
-        if ph not in text:
+        if ph not in fields:
             raise SamiError(f"{path}: judge template has no {ph} placeholder; placeholders are "
                             + ", ".join(JUDGE_PLACEHOLDERS))
     return JudgeTemplate(text, str(path))
 
 
 # ---- reading the verdict ----------------------------------------------------------------------
+#
+# Judges answer in many styles: a bare letter on the last line, "Final Response: A" (the paper's
+# judge), "Verdict: **B**", "Response A is better", "Summary B aligns more closely", "(A)",
+# "[[B]]", "\boxed{A}", often after a <think> block. The letter must be a capital A or B standing
+# alone: "A good summary..." uses the article, not the letter. The rules run from the most explicit
+# to the least, and a reply whose rules disagree is unparsable rather than guessed.
+
+_LETTER_LABEL = r"(?:(?:assistant\s+)?(?:response|reply|summary|option|answer|candidate|output|assistant)\s+)"
+_OPEN = r"[\s*_`'\"“”‘’(\[<{#:>-]*"
+_CLOSE = r"[\s*_`'\"“”‘’)\]>}.,!:;]*"
+_BARE = re.compile(rf"^{_OPEN}(?i:{_LETTER_LABEL})?([AB]){_CLOSE}$")
+_BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*([AB])\s*\}?\s*\}")
+_ARENA = re.compile(r"^\[\[\s*([AB])\s*(?:>>?|≫)\s*[AB]\s*\]\]$")
+_LABEL = re.compile(
+    r"(?i:final\s+(?:response|answer|verdict|choice|decision|judge?ment|selection)|verdict|answer|choice|"
+    r"decision|winner|preferred\s+(?:response|summary|reply)|better\s+(?:response|summary|reply)|preference|"
+    r"judge?ment)"
+    r"\s*(?:\*\*|__)?\s*(?:is\s*(?::)?|:|-|=|→|->)\s*"
+)
+# What follows a label: the letter (any case when nothing but punctuation follows it).
+_AFTER_LABEL = re.compile(rf"^{_OPEN}(?i:{_LETTER_LABEL})?(?:([AB])(?![\w'’])|([ab])(?=[\s*_`'\"”’)\]>}}.,!]*$))")
+_UNDECIDED = re.compile(r"(?i)^\W*(?:tie|both|neither|none|equal|equally|draw|undecided|cannot|can't|n/?a)\b")
+_STRONG = (r"(?:is|was|seems|appears)\s+(?:clearly\s+|slightly\s+|much\s+|somewhat\s+)?(?:the\s+)?"
+           r"(?:better|superior|preferable|preferred|stronger|winner|more\s+aligned|more\s+closely\s+aligned|"
+           r"more\s+consistent|more\s+faithful)"
+           r"|(?:better|more\s+closely|more\s+fully|best)\s+(?:follows|aligns|adheres|meets|satisfies|fulfils|fulfills|"
+           r"matches|captures|reflects|complies|respects)"
+           r"|(?:follows|aligns\s+with|adheres\s+to|meets|satisfies)\s+(?:the\s+\w+\s+)*?(?:better|more\s+closely)"
+           r"|aligns\s+(?:better|more\s+closely)|wins|is\s+my\s+(?:choice|pick)")
+_PHRASES = [
+    re.compile(rf"\b(?i:{_LETTER_LABEL})?\**([AB])\**\s+(?i:{_STRONG})\b"),
+    re.compile(r"\b(?i:i\s+(?:would\s+|'d\s+)?(?:prefer|choose|pick|select|go\s+with)|prefer(?:red|s)?|"
+               r"(?:choose|pick|select|go\s+with))\s+(?i:" + _LETTER_LABEL + r")?\**([AB])\**(?![\w'’])"),
+    re.compile(r"(?i:the\s+(?:better|preferred|stronger|winning)\s+(?:one|response|summary|reply)\s+is)\s+"
+               r"(?i:" + _LETTER_LABEL + r")?\**([AB])\**(?![\w'’])"),
+]
+_SHORT_LAST = re.compile(r"(?:^|\s)\**([AB])\**[\s.!)\]*\"”’]*$")
+
+
+def _strip_thinking(text: str) -> str:
+    """The reply after any reasoning block; empty when the reply stopped inside one."""
+    text = _THINK.sub("", text)
+    lower = text.lower()
+    if "</think>" in lower:  # the reply began inside a think block whose opening tag was in the prompt
+        text = text[lower.rindex("</think>") + len("</think>"):]
+    elif "<think>" in lower:  # cut off while still thinking: no verdict yet
+        text = text[: lower.index("<think>")]
+    return text
+
+
+def _after_label(rest: str) -> tuple[str | None, bool]:
+    """(letter, decided) from the text after a label such as 'Final Response:'."""
+    rest = rest.lstrip(" \t")
+    if rest.startswith("\n"):  # the paper's format puts the letter on the next line
+        rest = rest.strip()
+    line = rest.split("\n", 1)[0].strip()
+    if _UNDECIDED.match(line.strip("*_`'\"<>[]() ")):
+        return None, True
+    m = _AFTER_LABEL.match(line)
+    if not m:
+        return None, False
+    letter = (m.group(1) or m.group(2)).upper()
+    other = "B" if letter == "A" else "A"
+    # An echo of the instructions ("<"A" or "B">") names both letters: no verdict.
+    if re.search(rf"(?:\bor\b|\band\b|/|,)\s*[\"'“”*(<\[]*{other}(?![\w'’])", line[m.end():]):
+        return None, True
+    return letter, True
+
 
 _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
-# The label in any case, the letter in capitals ("Answer: a good one" is not a verdict).
-_LABELLED = re.compile(
-    r"(?i:final\s+answer|answer|verdict|choice|decision|winner|better\s+response|preferred(?:\s+response)?)"
-    r"(?i:\s*(?:is|:|-|=)?\s*[*_`'\"(\[]*\s*(?:response\s+)?)([AB])\b(?![\w'])"
-)
-_BARE = re.compile(r"^[\s*_`'\"(\[]*(?:response\s+|option\s+)?([AB])[\s*_`'\")\].!]*$", re.I)
 
 
 def parse_verdict(text: str) -> str | None:
-    """'A' or 'B' from a judge's reply: its last non-empty line if that is just the letter,
-    else the last labelled answer ('Answer: B', 'Final verdict: **A**'); None if neither."""
-    text = _THINK.sub("", text or "")
-    if "</think>" in text.lower():  # a reply that starts inside an unclosed think block
-        text = text[text.lower().rindex("</think>") + len("</think>"):]
+    """'A' or 'B' from a judge's reply, None when it names neither (or both).
+
+    In order: a last line that is only the verdict ('B', '**A**', '(A)', 'Summary B', '[[A]]'); the
+    last labelled answer ('Final Response: A', 'Verdict: **B**', 'The answer is A'); a boxed letter;
+    a phrase that picks one ('Response B is better', 'A better follows...', 'I prefer Summary A'),
+    read on the last line first, then over the whole reply when every such phrase agrees; a short
+    last line that ends with the letter ('So, B.').
+    """
+    text = _strip_thinking(text or "")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return None
-    bare = _BARE.match(lines[-1])
-    if bare:
-        return bare.group(1).upper()
-    labelled = _LABELLED.findall(text)
-    if labelled:
-        return labelled[-1].upper()
+    last = lines[-1]
+    for pattern in (_BARE, _ARENA):
+        m = pattern.match(last)
+        if m:
+            return m.group(1).upper()
+    labelled = list(_LABEL.finditer(text))
+    for m in reversed(labelled):
+        letter, decided = _after_label(text[m.end():])
+        if decided:
+            return letter
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return boxed[-1]
+    for scope in (last, text):
+        found = [m.group(1) for p in _PHRASES for m in p.finditer(scope)]
+        if found and len(set(found)) == 1:
+            return found[0]
+        if found and scope is last:
+            return None  # the verdict line names both: do not guess
+    m = _SHORT_LAST.search(last)
+    if m and len(last.split()) <= 5:
+        return m.group(1)
     return None
 
 
@@ -123,7 +219,7 @@ class LocalJudge:
 
     kind = "local"
 
-    def __init__(self, model: str, max_tokens: int = 256, chat_template: bool | None = None,
+    def __init__(self, model: str, max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS, chat_template: bool | None = None,
                  batch_size: int = 8, trust_remote_code: bool = False):
         self.model_name, self.max_tokens, self.chat_template = model, max_tokens, chat_template
         self.batch_size, self.trust_remote_code = batch_size, trust_remote_code
@@ -165,7 +261,7 @@ class HTTPJudge:
     kind = "http"
 
     def __init__(self, url: str, model: str, api_key_env: str | None = None, concurrency: int = 8,
-                 timeout: float = 60.0, retries: int = 4, max_tokens: int = 256, temperature: float = 0.0,
+                 timeout: float = 60.0, retries: int = 4, max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS, temperature: float = 0.0,
                  backoff: float = 1.0, max_backoff: float = 30.0):
         if not model:
             raise SamiError("--judge-model is required with --judge-url: the model name the endpoint serves")

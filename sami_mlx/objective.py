@@ -30,7 +30,9 @@ def mi_lower_bound(loss: float, n: int) -> float:
 
 
 def accuracies(S: mx.array) -> tuple[float, float]:
-    """How often the diagonal wins its row (response picks its constitution) and its column."""
+    """(row accuracy, column accuracy). Row accuracy: how often each constitution picks its own
+    response (S[i, i] is the largest of row i, a softmax over responses j); column accuracy: how
+    often each response picks its own constitution (S[j, j] is the largest of column j)."""
     if S.ndim == 2:
         S = S[None]
     idx = mx.arange(S.shape[1])

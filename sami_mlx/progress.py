@@ -46,9 +46,11 @@ class ProgressBar:
         elif isinstance(event, ev.SamplingProgress):
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} sampling {event.done}/{event.total}")
         elif isinstance(event, ev.SamplesReady):
-            dropped = event.dropped_empty + event.dropped_identical + event.dropped_banned
+            dropped = (event.dropped_empty + event.dropped_identical + event.dropped_banned
+                       + event.dropped_truncated + event.dropped_unfinished)
             self.write(f"iter {event.iteration}: {event.groups} groups kept, {dropped} dropped "
-                       f"(empty {event.dropped_empty}, identical {event.dropped_identical}, banned {event.dropped_banned}); "
+                       f"(empty {event.dropped_empty}, identical {event.dropped_identical}, banned {event.dropped_banned}, "
+                       f"truncated {event.dropped_truncated}, no sentence end {event.dropped_unfinished}); "
                        f"mean length {event.mean_length:.1f} tokens, {event.tokens_per_sec:.0f} tok/s")
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} training")
         elif isinstance(event, ev.StepCompleted):

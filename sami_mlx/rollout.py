@@ -33,15 +33,17 @@ class Group:
 
 @dataclass
 class DropCounts:
-    """Degenerate groups removed before training, by reason."""
+    """Groups removed before training, by the first filter each failed (in this order)."""
 
     empty: int = 0
     identical: int = 0
     banned: int = 0
+    truncated: int = 0  # --drop-truncated: a response ran into --max-tokens
+    unfinished: int = 0  # --sentence-end: a checked response does not end a sentence
 
     @property
     def total(self) -> int:
-        return self.empty + self.identical + self.banned
+        return self.empty + self.identical + self.banned + self.truncated + self.unfinished
 
 
 @dataclass
@@ -128,8 +130,14 @@ def cut_at_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> li
     return tokens[:k]
 
 
-def filter_groups(groups: list[Group], banned: Sequence[str] = ()) -> tuple[list[Group], DropCounts]:
-    """Drop groups a contrastive loss cannot learn from: an empty response, two identical ones, a banned substring."""
+def filter_groups(groups: list[Group], banned: Sequence[str] = (), drop_truncated: bool = False,
+                  sentence_end: str = "off", sentence_end_marks: Sequence[str] = (".", "!", "?"),
+                  ) -> tuple[list[Group], DropCounts]:
+    """Drop groups a contrastive loss cannot (or should not) learn from, counting each under the first
+    filter it fails: an empty response, two identical ones, a banned substring, a response cut off at
+    the token limit (`drop_truncated`), a response that does not end a sentence (`sentence_end`:
+    'positive' checks the all-positive variant's response as the reference does, 'all' every one)."""
+    marks = tuple(m for m in sentence_end_marks if m)
     kept, drops = [], DropCounts()
     for g in groups:
         texts = [gen.text.strip() for gen in g.generations]
@@ -139,9 +147,22 @@ def filter_groups(groups: list[Group], banned: Sequence[str] = ()) -> tuple[list
             drops.identical += 1
         elif banned and any(b in t for t in texts for b in banned):
             drops.banned += 1
+        elif drop_truncated and any(gen.finish == "length" for gen in g.generations):
+            drops.truncated += 1
+        elif sentence_end != "off" and not all(t.endswith(marks) for t in _sentence_checked(g, texts, sentence_end)):
+            drops.unfinished += 1
         else:
             kept.append(g)
     return kept, drops
+
+
+def _sentence_checked(g: Group, texts: list[str], mode: str) -> list[str]:
+    """The responses --sentence-end looks at: every one, or the all-positive variant's if the group has it."""
+    if mode == "positive":
+        positive = [t for v, t in zip(g.variants, texts) if getattr(v, "is_positive", False)]
+        if positive:
+            return positive
+    return texts
 
 
 def sample_stats(groups: list[Group], seconds: float) -> SampleStats:

@@ -37,6 +37,7 @@ from .constitution import (
     num_variants,
     principle_order,
     sample_variants,
+    variant_orders,
     variant_strategy,
 )
 from .distributed import Ranks
@@ -54,7 +55,7 @@ from .model import load_model
 from .monitor import KINDS as MONITOR_KINDS
 from .monitor import Answer, Probe, answer_of, answer_stats, drift, mean_nll
 from .objective import accuracies, mi_lower_bound, sami_loss
-from .prompts import Template, encode_prompt, load_template
+from .prompts import Template, encode_prompt, encode_with_prefix, load_template
 from .queries import load_queries
 from .rollout import DropCounts, Generation, Group, filter_groups, generate_batch, sample_stats
 from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
@@ -473,9 +474,15 @@ class SamiLoop:
         self.emit(ev.StageProgress("monitor: base answers", 1, 1))
         return probe
 
+    def generation_ids(self, variant: Variant, query: str, order: list[int] | None = None) -> tuple[list, list]:
+        """The generation prompt's ids and the --response-prefix ids that follow it."""
+        text = self.inputs.generation_template.fill(self.inputs.constitution.render(variant, order), query)
+        return encode_with_prefix(self.tokenizer, text, self.cfg.response_prefix, self.cfg.chat_template)
+
     def generation_prompt(self, variant: Variant, query: str) -> list[int]:
-        text = self.inputs.generation_template.fill(self.inputs.constitution.render(variant), query)
-        return encode_prompt(self.tokenizer, text, self.cfg.chat_template)
+        """What the model answers under `variant` (the forced response prefix included), in file order."""
+        ids, prefix = self.generation_ids(variant, query)
+        return ids + prefix
 
     def plain_prompt(self, query: str) -> list[int]:
         """The prompt with no constitution: the anchor's template, else the training template left empty."""
@@ -629,6 +636,7 @@ class SamiLoop:
         split_no, split = self.query_split(it)
         offset = state.split_offsets[split_no] % len(split)
         rng = random.Random(f"variants-{cfg.seed}-{it}")
+        order_rng = random.Random(f"generation-order-{cfg.seed}-{it}")
         mx.random.seed(self.ranks.seed(cfg.seed * 1009 + it))
         groups: list[Group] = []
         kept: list[Group] = []
@@ -640,8 +648,14 @@ class SamiLoop:
             rate = len(kept) / len(groups) if groups else 1.0
             wave = min(len(split) - len(groups), math.ceil(need / max(rate, 0.1)))
             ids = [split[(offset + len(groups) + n) % len(split)] for n in range(wave)]
-            new = self.sample_groups(it, ids, rng, len(groups), count)
-            new_kept, new_drops = filter_groups(new, cfg.banned)
+            new, prefixes = self.sample_groups(it, ids, rng, order_rng, len(groups), count)
+            new_kept, new_drops = filter_groups(new, cfg.banned, cfg.drop_truncated, cfg.sentence_end,
+                                                cfg.sentence_end_marks)
+            if cfg.response_prefix:  # filtered on what the model wrote; scored and judged with the forced start
+                for slot, g in enumerate(new):
+                    toks = [prefixes[slot, j] + x.tokens for j, x in enumerate(g.generations)]
+                    g.generations = [Generation(t, self.tokenizer.decode(t), x.finish)
+                                     for t, x in zip(toks, g.generations)]
             groups += new
             kept += new_kept
             drops = _add_counts(drops, new_drops)
@@ -655,6 +669,7 @@ class SamiLoop:
         self.emit(ev.SamplesReady(
             iteration=it + 1, groups=len(kept), dropped_empty=drops.empty,
             dropped_identical=drops.identical, dropped_banned=drops.banned,
+            dropped_truncated=drops.truncated, dropped_unfinished=drops.unfinished,
             mean_length=stats.mean_length, no_eos_rate=stats.no_eos_rate, distinct_2=stats.distinct_2,
             tokens_per_sec=stats.tokens / max(seconds, 1e-9),
             examples=[_example(g) for g in kept[:3]], queries_sampled=len(groups), repeated=repeated,
@@ -663,7 +678,8 @@ class SamiLoop:
         if not kept:
             raise RunAborted(
                 f"iteration {it + 1}: all {len(groups)} sampled groups were degenerate "
-                f"({drops.empty} empty, {drops.identical} identical, {drops.banned} banned); "
+                f"({drops.empty} empty, {drops.identical} identical, {drops.banned} banned, "
+                f"{drops.truncated} truncated, {drops.unfinished} without a sentence end); "
                 "try --temperature 0.7, other --stop strings or another template"
             )
         if repeated:
@@ -672,15 +688,25 @@ class SamiLoop:
                 f"{count} step slots, so {repeated} slots repeat a group; give more queries or fewer --steps"))
         return kept
 
-    def sample_groups(self, it: int, query_ids: list[int], rng: random.Random, done: int,
-                      target: int) -> list[Group]:
-        """A response per (query, variant); each rank samples its share of the queries and all ranks
-        end with every group, so filtering and the step batches are the same everywhere."""
+    def sample_groups(self, it: int, query_ids: list[int], rng: random.Random, order_rng: random.Random,
+                      done: int, target: int) -> tuple[list[Group], dict]:
+        """A response per (query, variant), and the --response-prefix ids of each (slot, variant).
+        Each rank samples its share of the queries and all ranks end with every group, so filtering
+        and the step batches are the same everywhere."""
         cfg, inputs = self.cfg, self.inputs
         k = len(inputs.constitution.principles)
         specs = [(qi, sample_variants(self.strategy, k, rng)) for qi in query_ids]
-        prompts = [self.generation_prompt(v, inputs.queries[specs[slot][0]])
-                   for slot in self.ranks.shard(len(specs)) for v in specs[slot][1]]
+        # File order, or (--shuffle-generation) one order per query group shared by its variants, drawn
+        # for every slot in one process's order so that ranks and a resumed run draw the same.
+        orders = [principle_order(k, order_rng, cfg.shuffle_generation) for _ in specs]
+        mine = set(self.ranks.shard(len(specs)))
+        prompts, prefixes = [], {}  # prefixes: every slot's, as every rank keeps every group
+        for slot in range(len(specs)) if cfg.response_prefix else sorted(mine):
+            qi, variants = specs[slot]
+            for j, v in enumerate(variants):
+                ids, prefixes[slot, j] = self.generation_ids(v, inputs.queries[qi], orders[slot])
+                if slot in mine:
+                    prompts.append(ids + prefixes[slot, j])
         n = inputs.num_variants
         gens = generate_batch(
             self.model, self.tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p,
@@ -690,7 +716,8 @@ class SamiLoop:
                 it + 1, (done * n + d * self.ranks.size), max(target * n, (done * n + t * self.ranks.size)))),
         )
         gens = self.gather_generations(gens, len(specs))
-        return [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
+        groups = [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
+        return groups, prefixes
 
     def gather_generations(self, gens: list[Generation], slots: int) -> list[Generation]:
         """Every rank's generations (its shard of `slots`, N each) in slot order, on every rank."""
@@ -731,12 +758,13 @@ class SamiLoop:
         cfg, c = self.cfg, self.inputs.constitution
         prompts, responses = [], []
         for n, g in enumerate(groups):
-            # One shuffled order per group, so the rows of S differ only in the wordings.
             order = orders[n] if orders is not None else principle_order(len(c.principles), rng, cfg.shuffle_principles)
+            # Each constitution of the group in its own order, as the reference shuffles each separately.
+            per_variant = variant_orders(order, len(g.variants), f"{cfg.seed}-{g.query_index}", cfg.shuffle_principles)
             prompts.append([
-                encode_prompt(self.tokenizer, self.inputs.training_template.fill(c.render(v, order), g.query),
+                encode_prompt(self.tokenizer, self.inputs.training_template.fill(c.render(v, o), g.query),
                               cfg.chat_template)
-                for v in g.variants
+                for v, o in zip(g.variants, per_variant)
             ])
             responses.append(self.response_ids(g))
         anchors = None

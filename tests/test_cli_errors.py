@@ -101,6 +101,19 @@ CASES = [
         names=("{tmp}/t.txt", "{query}"),
     ),
     Case(
+        "template-typo-placeholder",
+        files={"t.txt": "Principles:\n{constitution}\n\nHuman: {query}\n({qeury})\nAssistant:"},
+        flags={"--template": "{tmp}/t.txt"},
+        names=("{tmp}/t.txt", "unknown placeholder {qeury}", "did you mean {query}", "{{"),
+    ),
+    Case(
+        "generation-template-unknown-placeholder",
+        files={"g.txt": "{constitution}\n{query}\n{foo}"},
+        flags={"--generation-template": "{tmp}/g.txt"},
+        names=("{tmp}/g.txt", "unknown placeholder {foo}", "{constitution}, {query}"),
+    ),
+    Case("sentence-end-unknown", flags={"--sentence-end": "first"}, names=("--sentence-end 'first'", "positive")),
+    Case(
         "anchor-template-without-query",
         files={"a.txt": "Human: hello\n\nAssistant:"},
         flags={"--anchor-beta": "1.0", "--anchor-template": "{tmp}/a.txt"},

@@ -113,6 +113,10 @@ def test_judge_template_fills_in_one_pass(tmp_path):
     bad.write_text("Compare {response_a} with the other one.")
     with pytest.raises(SamiError, match=r"judge.txt: judge template has no \{response_b\}"):
         load_judge_template(str(bad))
+    typo = tmp_path / "typo.txt"
+    typo.write_text("Compare {response_a} with {response_b} under {constitution}.")
+    with pytest.raises(SamiError, match=r"typo.txt: judge template has an unknown placeholder \{constitution\}"):
+        load_judge_template(str(typo))
     good = tmp_path / "good.txt"
     good.write_text("P={principles} Q={query} A={response_a} B={response_b}")
     assert load_judge_template(str(good)).fill("p", "q", "a", "b") == "P=p Q=q A=a B=b"
@@ -234,9 +238,14 @@ def test_intrinsic_metric_is_the_training_objective(tiny_run):
     (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-template", "{tmp}/nope.txt"],
      ("nope.txt", "not found")),
     (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--limit", "0"], ("--limit 0",)),
+    # The reference's own placeholder names are a typical slip when pasting its judge prompt.
+    (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-template", "{tmp}/paper.txt"],
+     ("paper.txt", "unknown placeholder {post}", "{response_a}", "{{")),
 ])
 def test_eval_user_errors_are_one_line(tiny_run, tmp_path, capsys, flags, names):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    (tmp_path / "paper.txt").write_text("For the Reddit post {post}, is {summary_a} or {response_b} better?"
+                                        " {response_a}")
     code = main(["eval", "--run", str(tiny_run / "run"), "--queries", str(tiny_run / "held.txt"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1

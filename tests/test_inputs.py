@@ -117,6 +117,21 @@ def test_template_placeholder_twice(tmp_path):
         load_template(str(path))
 
 
+def test_template_unknown_placeholders_are_refused_and_braces_escape(tmp_path):
+    path = write(tmp_path / "t.txt", "{constitution} {query} {foo}")
+    with pytest.raises(SamiError) as info:
+        load_template(str(path))
+    assert str(path) in str(info.value) and "unknown placeholder {foo}" in str(info.value)
+    path = write(tmp_path / "typo.txt", "{constitution}\n{qeury}\n{query}")
+    with pytest.raises(SamiError, match=r"did you mean \{query\}"):
+        load_template(str(path))
+    # Doubled braces are literal braces, and do not count as placeholders.
+    t = load_template(str(write(tmp_path / "ok.txt", 'Reply as JSON {{"answer": ...}}.\n{constitution}\n{query}')))
+    assert t.fill("1. Be kind.", "Hi {x}") == 'Reply as JSON {"answer": ...}.\n1. Be kind.\nHi {x}'
+    with pytest.raises(SamiError, match=r"no \{query\} placeholder"):
+        load_template(str(write(tmp_path / "esc.txt", "{constitution}\n{{query}}")))
+
+
 def test_missing_template_file(tmp_path):
     with pytest.raises(SamiError, match="template file not found"):
         load_template(str(tmp_path / "nope.txt"))

@@ -258,8 +258,11 @@ def test_eval_with_http_judge_never_writes_the_key(tiny_run, serve, monkeypatch,
     assert result["win_rate"] == pytest.approx(expected / 10)
     assert {it["checkpoint_position"] for it in items} == {"A", "B"}  # order randomised
     assert result["judge"] == {"kind": "http", "url": e.url + "/chat/completions", "model": "gpt-judge",
-                               "api_key_env": "SAMI_TEST_JUDGE_KEY", "max_tokens": 256}
+                               "api_key_env": "SAMI_TEST_JUDGE_KEY", "max_tokens": 1024}  # the default budget
     assert "| iter-01 | 10 |" in out
+    # 2 of 10 answers without a verdict is over 10%: one warning line that points at the judge prompt.
+    warnings = [line for line in err.splitlines() if line.startswith("warning:") and "verdict" in line]
+    assert len(warnings) == 1 and "2 of 10" in warnings[0] and "--judge-template" in warnings[0]
     assert all(h["Authorization"] == f"Bearer {KEY}" for h, _ in e.requests)
     for path in run.rglob("*"):
         if path.is_file():
@@ -274,3 +277,46 @@ def test_eval_with_missing_key_exits_2(tiny_run, monkeypatch, capsys):
                  "--judge-api-key-env", "SAMI_TEST_UNSET_KEY"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "SAMI_TEST_UNSET_KEY" in err
+
+
+PAPER_ANSWERS = (
+    "Comparison: Response {x} answers the question directly; the other one drifts.\n\nFinal Response: {x}",
+    "Comparison: Both are short, but {x} keeps to the principles better.\nFinal Response:\n{x}",
+    "**Comparison:** The other reply ignores the first principle.\n\n**Final Response:** {x}",
+    'Comparison: {x} follows principle 1; the other does not.\nFinal Response: "{x}"',
+)
+
+
+def test_eval_reads_every_verdict_of_a_judge_in_the_papers_format(tiny_run, serve, tmp_path, capsys):
+    """The paper's judge prompt (chosen by the run's judge_template setting, as the recipes do) and a
+    judge that answers as GPT-4 did in the paper: every verdict is read, none counts as a tie."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    with open(run / "config.yaml", "a") as f:
+        f.write("judge_template: dialogue\n")
+    said = {}
+
+    def paper_judge(body, n):
+        prompt = body["messages"][0]["content"]
+        letter = "AB"[(n * 7) % 3 % 2]
+        said[prompt.split("Human: ")[1].split("\n")[0]] = letter
+        return completion(PAPER_ANSWERS[n % len(PAPER_ANSWERS)].format(x=letter))
+
+    e = serve(paper_judge)
+    code = main(["eval", "--run", str(run), "--queries", str(tiny_run / "held.txt"), "--judge-url", e.url,
+                 "--judge-model", "gpt-judge", "--max-tokens", "5", "--no-intrinsic"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((run / "eval" / "iter-01.json").read_text())
+    assert result["n"] == 10 and result["unparsable"] == 0 and result["judge_errors"] == 0
+    assert result["settings"]["judge_template"] == "dialogue"
+    prompts = [body["messages"][0]["content"] for _, body in e.requests]
+    assert all("Final Response:" in p and "in at most 100 words" in p for p in prompts)
+    assert [it["verdict"] for it in result["items"]] == [said[it["query"]] for it in result["items"]]
+    assert set(said.values()) == {"A", "B"}
+    # The principles are shuffled per query in the judge prompt, as in the reference's win rates.
+    firsts = {p.split("Assistant constitution:\n1. ")[1].split("\n")[0] for p in prompts}
+    assert firsts == {"Be brief.", "Be kind."}
+    assert "warning:" not in err  # no unparsable-answer warning

@@ -220,7 +220,7 @@ def test_the_readme_quick_start_resolves(tmp_path):
 
 def test_flags_override_a_recipe_and_paths_still_work(tmp_path):
     cfg = parse("-c", "tldr-mistral-7b", "--model", "qwen2.5-0.5b", "--steps", "1", "--out", str(tmp_path))
-    assert (cfg.model, cfg.steps, cfg.template) == ("qwen2.5-0.5b", 1, "summarization")
+    assert (cfg.model, cfg.steps, cfg.template) == ("qwen2.5-0.5b", 1, "tldr-training")
     own = tmp_path / "mine.yaml"
     own.write_text("model: m\nconstitution: c.yaml\n")
     assert find_recipe(str(own)) is None and config_from_file(str(own))["model"] == "m"
