@@ -628,13 +628,17 @@ class SamiLoop:
             return it % 2, order[it % 2 :: 2]
         return 0, order
 
-    def sample(self, it: int, count: int, state: RunState) -> list[Group]:
+    def sample(self, it: int, count: int, state: RunState | None = None,
+               split: list[int] | None = None) -> list[Group]:
         """`count` usable groups for iteration `it`: queries are taken in turn from the iteration's
-        split, and degenerate groups (dropped) are replaced by sampling more queries, as the reference
-        does, until the split runs out; only then do groups repeat (and the run says so)."""
+        split (or the given `split` of query ids), and degenerate groups (dropped) are replaced by
+        sampling more queries, as the reference does, until the split runs out; only then do groups
+        repeat (and the run says so)."""
         cfg = self.cfg
-        split_no, split = self.query_split(it)
-        offset = state.split_offsets[split_no] % len(split)
+        split_no, offset = 0, 0
+        if split is None:
+            split_no, split = self.query_split(it)
+            offset = state.split_offsets[split_no] % len(split) if state else 0
         rng = random.Random(f"variants-{cfg.seed}-{it}")
         order_rng = random.Random(f"generation-order-{cfg.seed}-{it}")
         mx.random.seed(self.ranks.seed(cfg.seed * 1009 + it))
@@ -661,7 +665,8 @@ class SamiLoop:
             drops = _add_counts(drops, new_drops)
         seconds = time.perf_counter() - t0
         kept = kept[:count]  # the last wave may overshoot: the surplus stays in samples.jsonl, unused
-        state.split_offsets[split_no] = (offset + len(groups)) % len(split)
+        if state is not None:
+            state.split_offsets[split_no] = (offset + len(groups)) % len(split)
         if self.ranks.primary:
             self.write_samples(it, groups, kept)
         stats = sample_stats(groups, seconds)

@@ -146,8 +146,8 @@ def test_dropped_groups_are_replaced_by_fresh_queries(tiny_model, constitution_f
     its own, none repeated; a split too small to fill the slots says so."""
     real = trainer.filter_groups
 
-    def drop_odd(groups, banned=()):
-        kept, drops = real(groups, banned)
+    def drop_odd(groups, *filters):
+        kept, drops = real(groups, *filters)
         odd = sum(g.query_index % 2 for g in kept)
         return [g for g in kept if g.query_index % 2 == 0], dataclasses.replace(drops, banned=drops.banned + odd)
 

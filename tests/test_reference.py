@@ -111,7 +111,7 @@ def test_samples_ready_counts_each_filter(loop_for, monkeypatch):
     plan = [("Fine.", "Fine too."), ("A zebra.", "Ok."), ("Cut", "Ok."), ("No stop", "Ok."),
             ("Yes.", "no"), ("Same.", "Same.")]
     fake_sampler(monkeypatch, lambda i, text: (plan[i // 2][i % 2], "length" if plan[i // 2][i % 2] == "Cut" else "eos"))
-    kept = loop.sample(0, list(range(6)))
+    kept = loop.sample(0, 6, split=list(range(6)))
     ready = [e for e in events if type(e).__name__ == "SamplesReady"][0]
     counts = (ready.groups, ready.dropped_banned, ready.dropped_truncated, ready.dropped_unfinished,
               ready.dropped_identical, ready.dropped_empty)
@@ -129,26 +129,26 @@ def constitution_lines(prompt: str) -> tuple[str, ...]:
 def test_generation_prompts_keep_file_order_unless_shuffled(loop_for, monkeypatch):
     loop, _ = loop_for()
     seen = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
-    loop.sample(0, list(range(8)))
+    loop.sample(0, 8, split=list(range(8)))
     firsts = {constitution_lines(p)[0] for p in seen}
     assert firsts <= {"Be brief.", "Be long."}  # file order: the brevity principle first, in either wording
 
     loop, _ = loop_for(shuffle_generation=True)
     seen = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
-    loop.sample(0, list(range(8)))
+    loop.sample(0, 8, split=list(range(8)))
     brief_first = [constitution_lines(p)[0] in ("Be brief.", "Be long.") for p in seen]
     assert 0 < sum(brief_first) < len(brief_first)  # both orders occur
     # As in the reference, a group's variants share one order: they differ only in wording.
     assert all(brief_first[i] == brief_first[i + 1] for i in range(0, len(seen), 2))
     again = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
-    loop.sample(0, list(range(8)))
+    loop.sample(0, 8, split=list(range(8)))
     assert again == seen  # drawn from the seed: a resumed run samples the same prompts
 
 
 def test_response_prefix_is_in_the_prompt_and_starts_every_response(loop_for, monkeypatch):
     loop, events = loop_for(response_prefix=" The post")
     seen = fake_sampler(monkeypatch, lambda i, text: ("" if i == 0 else f" says {i}.", "eos"))
-    kept = loop.sample(0, list(range(4)))
+    kept = loop.sample(0, 4, split=list(range(4)))
     assert all(p.endswith("Assistant: The post") for p in seen)
     ready = [e for e in events if type(e).__name__ == "SamplesReady"][0]
     assert ready.dropped_empty == 1  # a response that is only the forced start is empty
