@@ -21,25 +21,26 @@ from pathlib import Path
 SETTINGS = {
     "defaults": {},
     # What `sami-mlx train` did before: no KL, no anchor, a small rate, no guard, the last iteration kept.
-    "old defaults": {"learning_rate": 5e-5, "kl_beta": 0.0, "anchor_beta": 0.0, "lora_rank": 8, "steps": 4,
-                     "count_eos": False, "max_ppl_ratio": None, "keep": "last"},
+    "old defaults": {"variants": "paper", "learning_rate": 5e-5, "kl_beta": 0.0, "anchor_beta": 0.0, "lora_rank": 8,
+                     "steps": 4, "count_eos": False, "max_ppl_ratio": None, "keep": "last"},
     # The aggressive run: a high rate, no KL, no anchor; the guard stays at its default.
     "aggressive": {"learning_rate": 1e-3, "kl_beta": 0.0, "anchor_beta": 0.0, "lora_rank": 8},
 }
 WORLDS = ("toy-world", "marker-world")
 
 
-def one(job: tuple[str, str, int, str]) -> dict:
-    world, setting, seed, out = job
+def one(job: tuple[str, str, int, str, dict]) -> dict:
+    world, setting, seed, out, extra = job
     from sami_mlx.demo import run_demo
     from sami_mlx.presets import load_preset
 
-    r = run_demo(Path(out) / f"{world}-{setting.replace(' ', '-')}-{seed}", load_preset(world), seed=seed,
-                 overrides=SETTINGS[setting])
+    tag = "".join(f"-{k}={v}" for k, v in extra.items())
+    r = run_demo(Path(out) / f"{world}-{setting.replace(' ', '-')}{tag}-{seed}", load_preset(world), seed=seed,
+                 overrides={**SETTINGS[setting], **extra})
     return {"world": world, "setting": setting, "seed": seed, "adherence": r["sami_adherence"]["overall"],
             "base_adherence": r["base_adherence"]["overall"], "greedy": r["greedy_adherence"]["sami"],
             "base_greedy": r["greedy_adherence"]["base"], "ppl_ratio": r["ppl_ratio"], "win_rate": r["win_rate"],
-            "kept": (r.get("kept") or {}).get("name"), "stopped": bool(r.get("stopped")),
+            "kept": (r.get("kept") or {}).get("name"), "stopped": bool(r.get("stopped")), "with": extra,
             "seconds": r["seconds"]}
 
 
@@ -75,11 +76,16 @@ def main() -> None:
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/worlds")
+    p.add_argument("--with", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="train settings on top of every row's (YAML values: variants=grid, steps=8)")
     args = p.parse_args()
+    import yaml
+
+    extra = {k.replace("-", "_"): yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.extra)}
     from sami_mlx.demo import load_preset
     from sami_mlx.pretrain import ensure_toy_model
 
-    jobs = [(w, s, seed, args.out) for w in args.worlds for s in args.settings for seed in args.seeds]
+    jobs = [(w, s, seed, args.out, extra) for w in args.worlds for s in args.settings for seed in args.seeds]
     rows = []
     # spawn: each run gets a fresh MLX (forking a process that already loaded MLX is unsafe)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

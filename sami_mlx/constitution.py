@@ -122,16 +122,19 @@ def save_constitution(constitution: Constitution, path: str | Path) -> None:
     atomic_write_text(path, text)
 
 
+AUTO_VARIANTS = 8  # 'auto': every variant up to this many (3 principles), else this many random ones
+
+
 def parse_variants(value: str | int) -> str | int:
-    """Validate a --variants value: 'paper', 'grid' or an integer >= 2."""
+    """Validate a --variants value: 'auto', 'paper', 'grid' or an integer >= 2."""
     if isinstance(value, int) or (isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()):
         n = int(value)
         if n < 2:
             raise SamiError(f"--variants {n}: need at least 2 variants to compare")
         return n
-    if value in ("paper", "grid"):
+    if value in ("auto", "paper", "grid"):
         return value
-    raise SamiError(f"--variants {value!r}: use 'paper', 'grid' or an integer >= 2")
+    raise SamiError(f"--variants {value!r}: use 'auto', 'paper', 'grid' or an integer >= 2")
 
 
 def variant_strategy(value: str) -> str | int:
@@ -139,8 +142,17 @@ def variant_strategy(value: str) -> str | int:
     return int(value) if value.isascii() and value.isdigit() else value
 
 
+def concrete_strategy(strategy: str | int, num_principles: int) -> str | int:
+    """'auto' made concrete: every variant while there are at most AUTO_VARIANTS (the paper's two per
+    query left a toy world unmoved where all eight aligned it), else AUTO_VARIANTS random ones."""
+    if strategy != "auto":
+        return strategy
+    return "grid" if 2**num_principles <= AUTO_VARIANTS else AUTO_VARIANTS
+
+
 def num_variants(strategy: str | int, num_principles: int) -> int:
     """How many variants per query a strategy gives; raises if the constitution cannot supply them."""
+    strategy = concrete_strategy(strategy, num_principles)
     total = 2**num_principles
     if strategy == "paper":
         return 2
@@ -160,7 +172,8 @@ def num_variants(strategy: str | int, num_principles: int) -> int:
 
 
 def sample_variants(strategy: str | int, num_principles: int, rng: random.Random) -> list[Variant]:
-    """Pick the variants for one query by strategy: 'paper', 'grid' or an integer N."""
+    """Pick the variants for one query by strategy: 'auto', 'paper', 'grid' or an integer N."""
+    strategy = concrete_strategy(strategy, num_principles)
     n = num_variants(strategy, num_principles)
     k = num_principles
     if strategy == "grid":

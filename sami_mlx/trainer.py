@@ -300,6 +300,7 @@ class SamiLoop:
         self.bad_steps = 0
         self.probe: Probe | None = None  # the monitor's held-out answers (None: monitor off)
         self.problem = ""  # what the last monitor check found wrong
+        self.snapshots: dict[str, dict] = {}  # adapters this process saved, by folder (iter-NN, healthy)
 
     # ---- schedule -------------------------------------------------------------------------
 
@@ -397,6 +398,7 @@ class SamiLoop:
         summary = {"iteration": it + 1, "step": steps, "adapters": f"iter-{it + 1:02d}",
                    **self.iteration_summary(it)}
         it_dir = self.out / summary["adapters"]
+        self.snapshots[summary["adapters"]] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
         if self.ranks.primary:
             save_adapters(self.model, it_dir, self.adapter_config)
         fault_point("iteration-adapters")
@@ -540,6 +542,8 @@ class SamiLoop:
         self.model.train()
         if self.problem:
             return False
+        # Every rank keeps the step in memory (rank 0 alone writes RUN/healthy/, maybe on another Mac).
+        self.snapshots[HEALTHY] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
         if self.ranks.primary:
             save_adapters(self.model, self.out / HEALTHY, self.adapter_config)
         state.healthy = {"iteration": it, "step": step}
@@ -591,18 +595,26 @@ class SamiLoop:
     def load_kept(self, state: RunState) -> None:
         """The model a finished run returns holds the kept adapters, as RUN/adapters.safetensors does."""
         source = (state.kept or {}).get("adapters")
-        if source is None:
-            set_adapter_weights(self.model, self.initial_adapters)
-        else:  # every rank reads the run directory on resume too
-            set_adapter_weights(self.model, dict(mx.load(str(self.out / source / "adapters.safetensors"))))
+        weights = self.initial_adapters if source is None else self.snapshot(source)
+        if weights is not None:  # else a rank on another Mac, resumed: its returned model is not the kept one
+            set_adapter_weights(self.model, weights)
+
+    def snapshot(self, source: str) -> dict | None:
+        """Adapters saved in RUN/<source>, from memory (this process saved them) or from disk."""
+        if source in self.snapshots:
+            return self.snapshots[source]
+        path = self.out / source / "adapters.safetensors"
+        return dict(mx.load(str(path))) if path.is_file() else None
 
     def roll_back(self, state: RunState, iteration: int, step: int) -> None:
         """The monitor tripped at `step` of `iteration`: end the run with the best healthy adapters,
         a healthy step of this iteration among them (measured in full first, as an iteration's end)."""
         self.model.eval()
         h = state.healthy
-        if h and h["iteration"] == iteration and h["step"] < step:
-            set_adapter_weights(self.model, dict(mx.load(str(self.out / HEALTHY / "adapters.safetensors"))))
+        weights = self.snapshot(HEALTHY) if h and h["iteration"] == iteration and h["step"] < step else None
+        # The full check talks to the other ranks: all of them measure the healthy step, or none does.
+        if not self.ranks.any(weights is None, "agreeing on the step to roll back to"):
+            set_adapter_weights(self.model, weights)
             problem = self.problem
             partial = {"iteration": iteration, "step": h["step"], "adapters": HEALTHY, "partial": True,
                        **self.full_check(state, iteration, h["step"])}

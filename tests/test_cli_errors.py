@@ -120,7 +120,7 @@ CASES = [
         names=("{tmp}/a.txt", "{query}"),
     ),
     Case("anchor-template-without-beta", files={"a.txt": "Human: {query}\n\nAssistant:"},
-         flags={"--anchor-template": "{tmp}/a.txt"}, names=("--anchor-template", "--anchor-beta")),
+         flags={"--anchor-template": "{tmp}/a.txt", "--anchor-beta": "0"}, names=("--anchor-template", "--anchor-beta")),
     Case("anchor-beta-negative", flags={"--anchor-beta": "-1"}, names=("--anchor-beta -1",)),
     Case("variants-more-than-exist", flags={"--variants": "9"}, names=("--variants 9", "at most 4")),
     Case("variants-one", flags={"--variants": "1"}, names=("--variants 1",)),
@@ -207,7 +207,7 @@ def test_dry_run_prints_resolved_config(entry, tmp_path, tiny_model):
     assert cfg["lora_rank"] == 4  # the file beat the default
     assert cfg["model"] == str(tiny_model)
     assert cfg["generation_template"] == cfg["training_template"] == "dialogue"
-    assert "8 queries, 2 principles, 2 variants per query" in proc.stdout
+    assert "8 queries, 2 principles, 4 variants per query" in proc.stdout
     assert not (tmp_path / "run").exists()
 
 

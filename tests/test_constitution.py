@@ -142,6 +142,14 @@ def test_grid_strategy(k):
     assert num_variants("grid", k) == 2**k
 
 
+@pytest.mark.parametrize(("k", "n", "every"), [(1, 2, True), (2, 4, True), (3, 8, True), (4, 8, False), (6, 8, False)])
+def test_auto_strategy_is_every_variant_up_to_eight(k, n, every):
+    variants = sample_variants("auto", k, random.Random(3))
+    assert num_variants("auto", k) == n and len({v.signs for v in variants}) == n
+    if every:  # the whole grid, in its order
+        assert [v.signs for v in variants] == [v.signs for v in sample_variants("grid", k, random.Random(0))]
+
+
 def test_grid_too_many_principles():
     with pytest.raises(SamiError, match="--variants grid"):
         sample_variants("grid", MAX_GRID_PRINCIPLES + 1, random.Random(0))

@@ -102,7 +102,7 @@ class ConstitutionScreen(Screen):
             with Vertical(id="preview-pane"):
                 with Horizontal(id="variants-row"):
                     yield Label("Variants", classes="field-label")
-                    yield Input("paper", placeholder="paper, grid or a number", id="preview-variants", compact=True)
+                    yield Input("auto", placeholder="auto, paper, grid or a number", id="preview-variants", compact=True)
                 yield VerticalScroll(Static("", id="preview"), id="preview-scroll")
         yield Footer()
 

@@ -47,7 +47,7 @@ SETTINGS = [
     Setting("iterations", "Iterations", int),
     Setting("steps", "Steps (first iteration)", int),
     Setting("queries_per_step", "Queries per step", int),
-    Setting("variants", "Variants", str, "paper, grid or a number"),
+    Setting("variants", "Variants", str, "auto, paper, grid or a number"),
     Setting("temperature", "Temperature", float),
     Setting("learning_rate", "Learning rate", float),
     Setting("lora_rank", "LoRA rank", int),
