@@ -47,7 +47,15 @@ from .prompts import Template, encode_prompt, load_template
 from .queries import load_queries
 from .rollout import Generation, Group, filter_groups, generate_batch, sample_stats
 from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
-from .scoring import ScoringBatch, kl_to_base, score_matrix, token_logprobs
+from .scoring import (
+    PairBatch,
+    ScoringBatch,
+    kl_to_base,
+    scores_from_inputs,
+    scoring_inputs,
+    shared_scoring_supported,
+    token_logprobs,
+)
 
 Callback = Callable[[ev.Event], None]
 StopCheck = Callable[[], bool]
@@ -270,7 +278,10 @@ class SamiLoop:
             model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_layers, cfg.lora_keys, cfg.dora
         )
         self.initial_adapters = adapter_weights(model)
+        # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
+        self.shared = cfg.scoring == "shared" and not cfg.grad_checkpoint and shared_scoring_supported(model)
         self.loss_and_grad = nn.value_and_grad(model, self._loss)
+        self.step_fn = self._step_function()
         self.optimizer = self._make_optimizer()
         self.bad_steps = 0
 
@@ -511,18 +522,41 @@ class SamiLoop:
         eos = self.tokenizer.eos_token_id
         return [gen.tokens + ([eos] if self.cfg.count_eos and gen.finish == "eos" else []) for gen in g.generations]
 
-    def _loss(self, model, batch: ScoringBatch, kl_tokens: float):
-        # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
-        S = score_matrix(model, batch, shared=self.cfg.scoring == "shared" and not self.cfg.grad_checkpoint)
+    def step_inputs(self, batch: ScoringBatch) -> dict[str, dict[str, mx.array]]:
+        """The padded arrays one micro-batch's loss reads (lengths bucketed when the step is compiled)."""
+        bucketed = self.cfg.compile
+        inputs = {"scores": scoring_inputs(batch, self.shared, bucketed)}
+        if self.cfg.kl_beta > 0:
+            inputs["diagonal"] = batch.diagonal(bucketed).arrays()
+        if self.cfg.anchor_beta > 0:
+            inputs["anchored"] = batch.anchored(bucketed).arrays()
+        return inputs
+
+    def _loss(self, model, inputs: dict[str, dict[str, mx.array]], n: int, kl_tokens: mx.array):
+        S = scores_from_inputs(model, inputs["scores"], n, self.shared)
         loss = sami_loss(S)
         kl = anchor = mx.array(0.0)
         if self.cfg.kl_beta > 0:
-            kl = _kl_on(model, batch.diagonal(), kl_tokens)
+            kl = _kl_on(model, PairBatch(**inputs["diagonal"], shape=(0, n)), kl_tokens)
             loss = loss + self.cfg.kl_beta * kl
         if self.cfg.anchor_beta > 0:
-            anchor = _kl_on(model, batch.anchored(), kl_tokens)
+            anchor = _kl_on(model, PairBatch(**inputs["anchored"], shape=(0, n)), kl_tokens)
             loss = loss + self.cfg.anchor_beta * anchor
         return loss, S, kl, anchor
+
+    def _step_function(self) -> Callable:
+        """(inputs, n, kl_tokens, training) -> ((loss, S, kl, anchor), gradients), compiled with
+        --compile as mlx-lm compiles its SFT step: the model's arrays and the random state (dropout)
+        are the traced state, and `training` is a constant so that train/eval mode retraces."""
+        model = self.model
+
+        def step(inputs, n: int, kl_tokens: mx.array, training: bool):
+            return self.loss_and_grad(model, inputs, n, kl_tokens)
+
+        if not self.cfg.compile:
+            return step
+        state = [model.state, mx.random.state]
+        return mx.compile(step, inputs=state, outputs=state)
 
     def train_step(self, groups: list[Group], rng: random.Random, seed: int = 0) -> dict | None:
         """One optimizer step over `groups` in grad_accumulation micro-batches; None if it was skipped.
@@ -548,7 +582,8 @@ class SamiLoop:
                 continue
             batch = self.scoring_batch([groups[n] for n in part], orders=[orders[n] for n in part])
             w = len(part) / len(groups)
-            (part_loss, S, part_kl, part_anchor), g = self.loss_and_grad(self.model, batch, step_tokens * w)
+            (part_loss, S, part_kl, part_anchor), g = self.step_fn(
+                self.step_inputs(batch), batch.shape[1], mx.array(step_tokens * w), self.model.training)
             mx.eval(g)
             fault_point("scoring")
             g = tree_map(lambda x, w=w: x * w, g)

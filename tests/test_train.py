@@ -67,7 +67,7 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
 
     def trained(anchor_beta: float):
         cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                          learning_rate=3e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta,
+                          learning_rate=1e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta,
                           out=str(tmp_path / f"anchor-{anchor_beta}")).resolved()
         model, tokenizer, _ = load_model(cfg.model)
         loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
@@ -84,7 +84,7 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
     assert all(s["anchor_kl"] == 0.0 for s in free)  # not computed without --anchor-beta
     assert anchored[0]["anchor_kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
     assert anchored[-1]["anchor_kl"] > 0
-    assert anchored_drift < 0.75 * free_drift, (anchored_drift, free_drift)  # measured 0.64 vs 1.22
+    assert anchored_drift < 0.75 * free_drift, (anchored_drift, free_drift)  # measured 0.11 vs 1.29
     # The anchor constrains only the unprompted distribution: the SAMI loss still falls.
     assert anchored[-1]["loss"] < 0.6 * anchored[0]["loss"], (anchored[0]["loss"], anchored[-1]["loss"])
 
