@@ -33,7 +33,7 @@ class ProgressBar:
             self.write(f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
                        f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters, "
                        f"base held-out ppl {event.base_ppl:.2f}"
-                       + (f", estimated peak memory {event.memory_estimate_gb:.1f} GB"
+                       + (f", estimated peak memory {event.memory_estimate_gb:.1f} GiB"
                           if event.memory_estimate_gb is not None else "")
                        + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else ""))
         elif self.bar is None:
@@ -52,7 +52,7 @@ class ProgressBar:
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} step {event.step}/{event.steps}")
             self.bar.set_postfix_str(
                 f"loss {event.loss:.3f} MI {event.mi_bound:+.3f} acc {event.row_accuracy:.2f} "
-                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GB", refresh=False)
+                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GiB", refresh=False)
             self.bar.update(1)
         elif isinstance(event, ev.IterationCompleted):
             self.write(f"iter {event.iteration}: loss {event.loss:.3f}, MI bound {event.mi_bound:+.3f} nats, "

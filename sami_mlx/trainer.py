@@ -41,7 +41,7 @@ from .distributed import Ranks
 from .errors import RunAborted, SamiError
 from .faults import fault_point
 from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, read_text
-from .model import load_model
+from .model import float_bytes, load_model
 from .objective import accuracies, mi_lower_bound, sami_loss
 from .prompts import Template, encode_prompt, load_template
 from .queries import load_queries
@@ -155,9 +155,13 @@ def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int |
     return biggest
 
 
-def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int) -> float | None:
-    """Estimated peak memory in GB; refuses a run that cannot fit this machine unless --force."""
-    from .presets import ModelShape, RunShape, estimate_memory, fit, machine_memory
+def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int,
+                 float_bytes: int | None = None) -> float | None:
+    """Estimated peak memory in GiB; refuses a run that cannot fit this machine unless --force.
+
+    `float_bytes`: the loaded model's float width (fp32 on the CPU backend after `upcast_for_cpu`).
+    """
+    from .presets import GiB, ModelShape, RunShape, estimate_memory, fit, machine_memory
 
     try:
         shape = ModelShape.from_config(model_config)
@@ -165,15 +169,17 @@ def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt
         return None
     if shape is None:
         return None
+    if float_bytes:
+        shape = shape.in_float_bytes(float_bytes)
     est = estimate_memory(shape, RunShape.from_config(cfg, inputs.num_variants, prompt_tokens))
     machine = machine_memory()
     if fit(est.peak, machine) == "no" and not cfg.force:
         raise SamiError(
-            f"--model {cfg.model}: this run needs about {est.peak / 2**30:.1f} GB ({est.summary()}) but this machine "
-            f"has {machine.total / 2**30:.1f} GB; lower --queries-per-step or --max-tokens, add --grad-accumulation, "
+            f"--model {cfg.model}: this run needs about {est.peak / GiB:.1f} GiB ({est.summary()}) but this machine "
+            f"has {machine.total / GiB:.1f} GiB; lower --queries-per-step or --max-tokens, add --grad-accumulation, "
             "or pass --force to try anyway"
         )
-    return est.peak / 2**30
+    return est.peak / GiB
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -201,7 +207,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: Sto
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
     longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
-    memory_gb = check_memory(cfg, inputs, model_config, longest)
+    memory_gb = check_memory(cfg, inputs, model_config, longest, float_bytes(model))
     if not ranks.primary:
         out = Path(cfg.out).expanduser()
         return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(RunState())
@@ -611,7 +617,7 @@ class SamiLoop:
         if reduced is None:
             S = mx.concatenate(scores, axis=0)
             row_acc, col_acc = accuracies(S)
-            peak = mx.get_peak_memory() / 1e9
+            peak = mx.get_peak_memory() / 2**30  # GiB, as every memory figure
         else:
             row_acc, col_acc, peak = reduced
         seconds = time.perf_counter() - t0
@@ -627,7 +633,7 @@ class SamiLoop:
                        total: int):
         """Add up the ranks' weighted gradients, losses and counts; a rank with no groups adds zeros.
 
-        Returns the global gradient, loss, the two KLs and tokens, and (row accuracy, column accuracy, peak GB).
+        Returns the global gradient, loss, the two KLs and tokens, and (row accuracy, column accuracy, peak GiB).
         The first group's score matrix stays on rank 0, the only rank that reports it.
         """
         ranks = self.ranks
@@ -640,7 +646,7 @@ class SamiLoop:
             idx = mx.arange(S.shape[1])
             rows = (mx.argmax(S, axis=2) == idx).sum().item()
             cols = (mx.argmax(S, axis=1) == idx).sum().item()
-        per_rank = ranks.gather([loss, kl, anchor, tokens, rows, cols, mx.get_peak_memory() / 1e9],
+        per_rank = ranks.gather([loss, kl, anchor, tokens, rows, cols, mx.get_peak_memory() / 2**30],
                                 "summing step metrics")
         loss, kl, anchor, tokens, rows, cols = (sum(r[i] for r in per_rank) for i in range(6))
         pairs = total * self.inputs.num_variants
