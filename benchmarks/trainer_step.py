@@ -40,7 +40,8 @@ def make_loop(model_dir: Path, tmp: Path, **kw) -> SamiLoop:
 
 
 def make_groups(loop: SamiLoop, s: dict) -> list[Group]:
-    """Groups whose training prompts are about s['prompt'] tokens, with s['response']-token responses."""
+    """Groups with s['response']-token responses whose query is s['prompt'] - 40 tokens long (the
+    template and the four-variant constitution add the rest)."""
     rng = random.Random(0)
     filler = " ".join(["word"] * s["prompt"])
     ids = loop.tokenizer.encode(filler)
@@ -71,13 +72,14 @@ def run(size: str, arch: str) -> dict:
         results[name] = timed(step, s["reps"], warmup=2 if "compiled" in name else 1)
         if name == "shared":
             batch = loop.scoring_batch(groups, random.Random(0))
+            prompt = max(len(p) for g in batch.prompts for p in g)
             set_adapter_weights(loop.model, start)
             diff = mx.abs(score_naive(loop.model, batch) - score_shared(loop.model, batch)).max().item()
             shared_path = loop.shared
     (t_naive, m_naive), (t_shared, m_shared), (t_comp, m_comp) = (results[k] for k in
                                                                   ("naive", "shared", "shared_compiled"))
     print(f"[{arch}/{size}] {parameters(loop.model) / 1e6:.1f}M params, N=4, {s['groups']} groups, "
-          f"prompt ~{s['prompt']} : response {s['response']} tokens; the trainer's step (train_step)")
+          f"prompts of {prompt} : responses of {s['response']} tokens; the trainer's step (train_step)")
     print(f"  naive N² batch        : {t_naive * 1e3:8.1f} ms/step, step memory {m_naive / 2**20:8.1f} MiB")
     print(f"  prefix-shared         : {t_shared * 1e3:8.1f} ms/step, step memory {m_shared / 2**20:8.1f} MiB"
           f"  (the path a run takes: {'shared' if shared_path else 'naive'})")
@@ -86,7 +88,7 @@ def run(size: str, arch: str) -> dict:
           f"max |S_naive - S_shared| = {diff:.2e}")
     return {"shared_vs_naive": t_naive / t_shared, "compiled_vs_plain": t_shared / t_comp,
             "peak_memory_ratio": m_shared / m_naive, "compiled_memory_ratio": m_comp / m_shared,
-            "max_abs_diff": diff, "run_takes_shared_path": shared_path}
+            "max_abs_diff": diff, "run_takes_shared_path": shared_path, "prompt_tokens": prompt}
 
 
 def main() -> None:
