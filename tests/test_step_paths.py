@@ -161,3 +161,22 @@ def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, constitu
         assert np.abs(np.array(S_eval[:, :, 0] - S_eval[:, :, 1])).max() < 1e-6
     assert rows["shared"] < 1e-6  # one mask per prompt: a row's equal responses score equally
     assert rows["naive"] > 1e-3  # one mask per pair: they differ
+
+
+def test_compiled_run_resumes_bit_identical(tiny_model, constitution_file, queries_file, tmp_path):
+    """--compile keeps resume exact: a run stopped after its first step ends with the same adapters."""
+    from sami_mlx import events as ev
+    from sami_mlx.trainer import resume, train
+
+    def cfg(out):
+        return TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                           iterations=1, steps=2, queries_per_step=2, max_tokens=6, temperature=1.0,
+                           learning_rate=5e-3, lora_dropout=0.1, compile=True, seed=3, out=str(out))
+
+    train(cfg(tmp_path / "full"))
+    seen = []
+    train(cfg(tmp_path / "part"), callbacks=[lambda e: seen.append(e) if isinstance(e, ev.StepCompleted) else None],
+          should_stop=lambda: len(seen) >= 1)
+    resume(tmp_path / "part")
+    a, b = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("full", "part"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
