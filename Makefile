@@ -35,15 +35,17 @@ _demo:
 	$(RUN) $(VENV)/bin/sami-mlx demo
 
 # Ratio benchmarks against mlx-lm's own functions (see README, Performance).
+# `make bench` adds the CPU upcast and the 7B-width memory check (a few minutes more).
 bench: $(STAMP)
-	$(MAKE) --no-print-directory _bench SIZES="tiny 100m"
+	$(MAKE) --no-print-directory _bench SIZES="tiny 100m" EXTRA="cpu_upcast memory"
 
 bench-quick: $(STAMP)
-	$(MAKE) --no-print-directory _bench SIZES=tiny
+	$(MAKE) --no-print-directory _bench SIZES=tiny EXTRA=
 
 _bench:
-	cd benchmarks && for b in scoring_step vs_sft_step rollouts; do \
+	cd benchmarks && for b in trainer_step vs_sft_step rollouts; do \
 		$(RUN) ../$(PY) $$b.py --sizes $(SIZES) || exit 1; done
+	cd benchmarks && for b in $(EXTRA); do $(RUN) ../$(PY) $$b.py || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sami_mlx tui tests benchmarks

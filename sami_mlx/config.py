@@ -58,6 +58,7 @@ class TrainConfig:
     stop: list[str] = _f(["Human:", "###"], "Stop strings: a response is cut before the first one.")
     banned: list[str] = _f([], "Drop a query group if any response contains one of these substrings.")
     scoring: str = _f("shared", "'shared': run each prompt once and score its N responses against a repeated KV cache; 'naive': all N² sequences in one batch (used with --grad-checkpoint).")
+    compile: bool = _f(False, "Compile the training step with mx.compile, lengths padded to a few sizes so traced shapes repeat (see the README's performance table for what it gains).")
     count_eos: bool = _f(True, "Count the EOS token in a response's mean log-prob when it ended with one (where a response stops is behaviour too).")
     gen_batch_size: int = _f(32, "Sequences decoded together during sampling.")
     heldout: str | None = _f(None, "Extra held-out text (paragraphs, or .jsonl with 'text' or 'prompt'+'completion') whose perplexity is logged and guarded like the drift.")

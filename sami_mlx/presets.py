@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,10 @@ from .fileio import read_structured
 
 PRESET_PACKAGE = "sami_mlx.data.models"  # models/ installs here (pyproject's package-dir)
 RECIPE_PACKAGE = "sami_mlx.data.recipes"
-GB = 2**30  # memory is shown in GB as macOS shows it (a "16 GB" Mac has 16 GiB)
+# Every memory figure sami-mlx shows or logs is in GiB (2**30 bytes), labelled "GiB": what macOS sells
+# as a "16 GB" Mac has 16 GiB. Keys ending in _gb (peak_memory_gb, --memory-gb, ...) hold GiB too.
+GiB = 2**30
+GB = GiB  # the older name, kept for callers
 CHARS_PER_TOKEN = 3.5  # English with a 32k-150k BPE vocabulary is 3.5-4.5; the low end overestimates tokens
 RECIPE_DATA_KEYS = ("constitution", "heldout", "template", "generation_template", "training_template")
 KINDS = ("base", "instruct")
@@ -58,6 +61,8 @@ class ModelShape:
     tied_embeddings: bool = False
     bits: int = 16  # bits per weight: 4 or 8 (quantized), 16 (bf16/fp16) or 32
     group_size: int = 64
+    scale_bytes: int = 2  # each quantization group's scale and bias: fp16/bf16 as shipped, fp32 upcast
+    float_bytes: int = 0  # activations, norms and unquantized weights; 0: fp32 if bits == 32, else 16-bit
 
     @classmethod
     def from_config(cls, config: dict, bits: int | None = None) -> ModelShape:
@@ -94,10 +99,10 @@ class ModelShape:
 
     @property
     def bytes_per_weight(self) -> float:
-        """Quantized weights carry an fp16 scale and bias per group of `group_size`."""
+        """Quantized weights carry a scale and a bias (`scale_bytes` each) per group of `group_size`."""
         if self.bits >= 16:
             return self.bits / 8
-        return self.bits / 8 + 4 / self.group_size
+        return self.bits / 8 + 2 * self.scale_bytes / self.group_size
 
     @property
     def weight_bytes(self) -> float:
@@ -105,8 +110,13 @@ class ModelShape:
 
     @property
     def activation_bytes(self) -> int:
-        """Activations run in the weights' float type; quantized models compute in 16 bits."""
-        return 4 if self.bits == 32 else 2
+        """Activations run in the float type of the unquantized weights (a quantized model's scales)."""
+        return self.float_bytes or (4 if self.bits == 32 else 2)
+
+    def in_float_bytes(self, n: int) -> ModelShape:
+        """This shape with its float tensors (and a quantized model's scales) `n` bytes wide, as loaded."""
+        return replace(self, float_bytes=n, scale_bytes=n if self.bits < 16 else self.scale_bytes,
+                       bits=self.bits if self.bits < 16 else 8 * n)
 
     def block_linears(self, keys: list[str] | None = None) -> list[tuple[int, int, int]]:
         """(in, out, copies) of each linear layer in a block that LoRA adapts (all by default, as mlx-lm)."""
@@ -124,6 +134,8 @@ class ModelShape:
 
     def describe(self) -> str:
         quant = f"{self.bits}-bit" if self.bits < 16 else {16: "16-bit", 32: "fp32"}.get(self.bits, f"{self.bits}-bit")
+        if self.bits < 16 and self.scale_bytes == 4:
+            quant += " with fp32 scales"
         moe = f", {self.experts} experts" if self.experts > 1 else ""
         return f"{format_count(self.parameters)} parameters, {quant}{moe}"
 
@@ -300,13 +312,18 @@ class MemoryEstimate:
     def peak(self) -> float:
         return self.weights + self.adapters + max(self.training, self.sampling) + self.overhead
 
+    @property
+    def training_peak(self) -> float:
+        """What a training step holds at its peak, without the fixed overhead: what it logs."""
+        return self.weights + self.adapters + self.training
+
     def summary(self) -> str:
         return (f"weights {_gb(self.weights)} + adapters {_gb(self.adapters)} + training {_gb(self.training)} "
                 f"(sampling {_gb(self.sampling)}) + overhead {_gb(self.overhead)} = about {_gb(self.peak)} peak")
 
 
 def _gb(n: float) -> str:
-    return f"{n / GB:.1f} GB"
+    return f"{n / GiB:.1f} GiB"
 
 
 def lora_parameters(shape: ModelShape, run: RunShape) -> int:
@@ -316,12 +333,23 @@ def lora_parameters(shape: ModelShape, run: RunShape) -> int:
     return adapted * per_block
 
 
+# Measured on the CPU backend (tests/test_memory.py): per logit, beyond the logits themselves, the
+# step holds about 16 bytes (an fp32 copy, log-softmax and its gradient); with --grad-checkpoint each
+# block keeps about 6 hidden-size vectors per token (its input and output, the checkpoint's saved
+# residuals and the cotangent), not the one a checkpoint needs in principle, and the backward pass
+# can hold two blocks' rebuilt activations at once.
+LOGIT_BYTES = 16
+CHECKPOINT_KEPT = 6
+CHECKPOINT_REBUILT = 2
+
+
 def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     """Peak memory of a SAMI run, estimated from the architecture and the run's settings.
 
     Parameters x bytes per weight, plus fp32 LoRA weights with gradients and optimizer state, plus
     the larger of: training activations for one micro-batch of N² (prompt, response) pairs, or the
-    sampling batch's KV cache. A model, not a measurement: each step logs `peak_memory_gb`.
+    sampling batch's KV cache. A model, not a measurement: each step logs `peak_memory_gb` (GiB), and
+    tests/test_memory.py and benchmarks/memory.py check the one against the other.
     """
     a, N, P, R, g = shape.activation_bytes, run.variants, run.prompt_tokens, run.response_tokens, \
         run.groups_per_micro_batch
@@ -332,27 +360,29 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     adapters = lora_parameters(shape, run) * 4 * (2 + states)
 
     # Kept per token in each adapted block for the backward pass: the residual stream and norms,
-    # q/k/v and the attention output, and the MLP's gate, up, activation and product (per active expert).
-    per_token_layer = a * (6 * h + 2 * q + 3 * kv + 4 * shape.intermediate_size * shape.experts_per_token)
+    # q/k/v (before and after RoPE) and the attention output, and the MLP's gate, up, the activation's
+    # sigmoid, the activation and the product (per active expert).
+    per_token_layer = a * (6 * h + 3 * q + 3 * kv + 5 * shape.intermediate_size * shape.experts_per_token)
     kv_token = 2 * kv * a * shape.layers  # one token's keys and values over all layers
     if run.naive:
         tokens = N * N * (P + R)
         scores = N * N * heads * (P + R) ** 2 * 2 * a  # attention scores and probabilities
-        logits = N * N * (P + R) * V * (a + 8)  # logits, fp32 copy, softmax for the cross-entropy grad
+        logits = N * N * (P + R) * V * (a + LOGIT_BYTES)
         caches = 0
     else:  # shared: N prompt passes, then N responses against each prompt's repeated KV cache
         tokens = N * P + N * N * R
         scores = N * heads * (P * P + N * R * (P + R)) * 2 * a
-        logits = N * N * R * V * (a + 8) + P * V * a
+        logits = N * N * R * V * (a + LOGIT_BYTES) + N * P * V * a
         caches = N * N * (P + R) * kv_token
     score_layers = 1 if run.fused_attention else adapted
-    if run.grad_checkpoint:  # only block inputs are kept; one block's activations are rebuilt at a time
-        kept = g * (tokens * adapted * h * a + tokens * per_token_layer + scores)
+    if run.grad_checkpoint:  # a few vectors per block are kept; blocks are rebuilt one or two at a time
+        rebuilt = min(CHECKPOINT_REBUILT, adapted)
+        kept = g * (tokens * adapted * CHECKPOINT_KEPT * h * a + rebuilt * (tokens * per_token_layer + scores))
     else:
         kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
     training = kept + g * (logits + caches)
     # The KL terms run N sequences once more, with and without adapters (counted at full prompt length).
-    training += (run.kl + run.anchor) * g * N * (P + R) * V * (a + 8) * 2
+    training += (run.kl + run.anchor) * g * N * (P + R) * V * (a + LOGIT_BYTES) * 2
     prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
     sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
     if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32
@@ -448,11 +478,91 @@ def find_recipe(name: str) -> dict | None:
 # ---- what --dry-run prints -------------------------------------------------------------------
 
 
-def prompt_tokens(inputs: Any) -> tuple[int, int]:
-    """Typical (median) and longest prompt length in tokens, estimated from characters (no tokenizer)."""
+def _cpu_backend() -> bool:
+    try:
+        import mlx.core as mx
+
+        return mx.default_device() == mx.cpu
+    except Exception:  # no MLX backend at all: plan as for a GPU
+        return False
+
+
+def _weights_float_bytes(path: Path) -> int | None:
+    """The float width of a local model's weights, read from a safetensors header (its scales' for a
+    quantized model): a config.json often leaves torch_dtype out."""
+    import json
+    import struct
+
+    widths = {"F32": 4, "F16": 2, "BF16": 2}
+    for file in sorted(path.glob("*.safetensors"))[:1]:
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return None
+        tensors = {k: v for k, v in header.items() if isinstance(v, dict) and "dtype" in v}
+        scales = [v["dtype"] for k, v in tensors.items() if k.endswith(".scales")]
+        floats = scales or [v["dtype"] for v in tensors.values() if v["dtype"] in widths]
+        return widths.get(floats[0]) if floats else None
+    return None
+
+
+def model_dir_at_hand(model: str) -> Path | None:
+    """A local directory with `model`'s files (a directory, a built toy model, a cached hub snapshot),
+    found without downloading or building anything; None if there is none."""
+    if model in preset_names():
+        preset = get_preset(model)
+        if preset.source == "local-recipe":
+            from .pretrain import toy_model_dir
+
+            built = toy_model_dir(preset.data["recipe"])
+            return built if (built / "config.json").is_file() else None
+        model = preset.model
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.model", "*.txt"]))
+    except Exception:  # not cached: the estimate falls back to characters
+        return None
+
+
+def tokenizer_at_hand(model: str):
+    """`model`'s tokenizer if its files are on this machine, else None (never downloads)."""
+    path = model_dir_at_hand(model)
+    if path is None or not any(path.glob("tokenizer*")):
+        return None
+    try:
+        from mlx_lm.utils import load_tokenizer
+
+        return load_tokenizer(path)
+    except Exception:  # an unreadable tokenizer: the estimate falls back to characters
+        return None
+
+
+def prompt_tokens(inputs: Any, tokenizer: Any = None, chat_template: bool = False) -> tuple[int, int]:
+    """Typical (median) and longest prompt length in tokens: counted with `tokenizer` when given (as
+    the run counts them before its memory check), else estimated from characters.
+
+    Each query's prompt is its longest under the run's templates with every principle in its
+    longer wording, as `trainer.check_context` measures it."""
+    from .constitution import Constitution, Principle
+    from .prompts import encode_prompt
+
     c = inputs.constitution
-    text = c.render(c.positive_variant)
-    templates = {inputs.generation_template, inputs.training_template}
+    longest = Constitution(c.name, tuple(
+        Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles))
+    text = longest.render(longest.positive_variant)
+    templates = {inputs.generation_template, inputs.training_template, getattr(inputs, "anchor_template", None)}
+    templates.discard(None)
+    if tokenizer is not None:
+        lengths = sorted(max(len(encode_prompt(tokenizer, t.fill(text, q), chat_template)) for t in templates)
+                         for q in inputs.queries)
+        return lengths[len(lengths) // 2], lengths[-1]
     lengths = sorted(max(len(t.fill(text, q)) for t in templates) for q in inputs.queries)
     return (math.ceil(lengths[len(lengths) // 2] / CHARS_PER_TOKEN), math.ceil(lengths[-1] / CHARS_PER_TOKEN))
 
@@ -473,8 +583,7 @@ def dry_run_report(cfg: Any, inputs: Any, total_gb: float | None = None) -> str:
         f"{len(inputs.queries)} queries{halves}",
         f"training: {cfg.queries_per_step} query groups per step ({inputs.num_variants}×{inputs.num_variants} "
         f"score matrices) in {cfg.grad_accumulation} micro-batch(es) of {micro}; {cfg.optimizer}, "
-        f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on "
-        f"{'all' if cfg.lora_layers <= 0 else cfg.lora_layers} blocks",
+        f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on {{blocks}}",
     ]
     # Iteration t reads [(t // 2) * count, (t // 2 + 1) * count) of its half (trainer.queries_for_iteration).
     counts = [s * cfg.queries_per_step for s in steps]
@@ -486,11 +595,26 @@ def dry_run_report(cfg: Any, inputs: Any, total_gb: float | None = None) -> str:
         lines.append(f"note: {len(inputs.queries)} queries are fewer than the {need} this schedule samples, "
                      f"so queries repeat across iterations; give at least {need} for none to repeat")
     shape, label = model_shape(cfg.model)
-    typical, longest = prompt_tokens(inputs)
-    lines.append(f"prompts: about {typical} tokens, the longest about {longest} (estimated from characters)")
+    if shape is not None:
+        adapted = shape.layers if cfg.lora_layers <= 0 else min(cfg.lora_layers, shape.layers)
+        blocks = f"{adapted} of the model's {shape.layers} blocks"
+    else:
+        blocks = "all blocks" if cfg.lora_layers <= 0 else f"the last {cfg.lora_layers} blocks"
+    lines[2] = lines[2].replace("{blocks}", blocks)
+    tokenizer = tokenizer_at_hand(cfg.model)
+    typical, longest = prompt_tokens(inputs, tokenizer, cfg.chat_template)
+    how = "counted with the model's tokenizer" if tokenizer is not None else \
+        "estimated from characters: the model's tokenizer is not on this machine yet"
+    lines.append(f"prompts: {typical} tokens typically, the longest {longest} ({how})")
     if shape is None:
         lines.append(f"model: {label}; memory: unknown offline (no preset and no cached config.json for it)")
         return "\n".join("# " + line for line in lines)
+    path = model_dir_at_hand(cfg.model)
+    wide = _weights_float_bytes(path) if path is not None else None
+    if _cpu_backend() and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
+        wide = 4
+    if wide:
+        shape = shape.in_float_bytes(wide)
     lines.append(f"model: {label} ({shape.describe()})")
     est = estimate_memory(shape, RunShape.from_config(cfg, inputs.num_variants, longest))
     lines.append(f"memory (estimate): {est.summary()}")

@@ -21,8 +21,8 @@ from .presets import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="Show one preset in full, with its memory estimate broken down.")
-    parser.add_argument("--memory-gb", type=float, metavar="GB",
-                        help="Plan for a machine with this much memory instead of this one.")
+    parser.add_argument("--memory-gb", type=float, metavar="GiB",
+                        help="Plan for a machine with this much memory (GiB: a '16 GB' Mac is 16) instead of this one.")
     parser.add_argument("--groups", type=int, default=1, metavar="N",
                         help="Query groups per micro-batch in the estimate (queries-per-step / grad-accumulation; default 1).")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"machine_gb": round(machine.total / GB, 1), "usable_gb": round(machine.usable / GB, 1),
                           "presets": rows, "recipes": recipe_names()}, indent=2))
         return 0
-    print(_table(rows, machine, args.groups, "this machine" if not args.memory_gb else f"a {args.memory_gb:g} GB machine"))
+    print(_table(rows, machine, args.groups, "this machine" if not args.memory_gb else f"a {args.memory_gb:g} GiB machine"))
     return 0
 
 
@@ -61,15 +61,15 @@ def _table(rows: list[dict], machine, groups: int, where: str) -> str:
     header = ("NAME", "KIND", "PARAMS", "QUANT", "WEIGHTS", "TRAINING", "FITS", "HUB ID")
     table = [header] + [(
         r["name"], r["kind"], format_count(r["parameters"]) if r["parameters"] else "?", r["quantization"],
-        f"{r['weights_gb']:.1f} GB", f"{r['train_gb']:.1f} GB" if r["train_gb"] is not None else "?", r["fits"],
+        f"{r['weights_gb']:.1f} GiB", f"{r['train_gb']:.1f} GiB" if r["train_gb"] is not None else "?", r["fits"],
         r["hub_id"] or "(built locally)",
     ) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    usable = f"{machine.total / GB:.1f} GB, MLX can use about {machine.usable / GB:.1f} GB" if machine.total else "unknown"
+    usable = f"{machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB" if machine.total else "unknown"
     return "\n".join([
         f"Model presets (--model NAME). Memory of {where}: {usable}.",
-        "TRAINING is an estimate, not a measurement, of the peak memory of a SAMI run with the preset's LoRA",
+        "All memory in GiB. TRAINING is an estimate, not a measurement, of the peak memory of a SAMI run with the preset's LoRA",
         f"settings: 2 variants, 512-token prompts, 350-token responses, {groups} query group(s) per micro-batch.",
         "FITS: yes; tight (over what MLX can use: it will swap); no. `sami-mlx models NAME` breaks it down.",
         "",
@@ -95,7 +95,7 @@ def _details(name: str, machine, groups: int, as_json: bool) -> str:
              "  LoRA: " + ", ".join(f"{k} {v}" for k, v in p.lora.items())]
     if est is not None:
         lines += [f"  memory (estimate, {groups} query group(s) per micro-batch): {est.summary()}",
-                  f"  this machine: {machine.total / GB:.1f} GB, MLX can use about {machine.usable / GB:.1f} GB: "
+                  f"  this machine: {machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB: "
                   f"{fit(est.peak, machine)}"]
     lines.append(f"  use: sami-mlx train --model {p.name} ...  (other presets: {', '.join(n for n in preset_names() if n != name)})")
     return "\n".join(lines)

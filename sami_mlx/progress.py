@@ -36,7 +36,7 @@ class ProgressBar:
                        + (f", monitor on {event.monitor_queries} held-out queries (base MI bound "
                           f"{_signed(event.base_heldout_mi)})" if event.monitor_queries else ", monitor off")
                        + (f", base held-out ppl {event.base_ppl:.2f}" if event.base_ppl is not None else "")
-                       + (f", estimated peak memory {event.memory_estimate_gb:.1f} GB"
+                       + (f", estimated peak memory {event.memory_estimate_gb:.1f} GiB"
                           if event.memory_estimate_gb is not None else "")
                        + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else ""))
         elif self.bar is None:
@@ -57,7 +57,7 @@ class ProgressBar:
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} step {event.step}/{event.steps}")
             self.bar.set_postfix_str(
                 f"loss {event.loss:.3f} MI {event.mi_bound:+.3f} acc {event.row_accuracy:.2f} "
-                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GB{self.drift}", refresh=False)
+                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GiB{self.drift}", refresh=False)
             self.bar.update(1)
         elif isinstance(event, ev.MonitorChecked):
             self.drift = f" drift {_drift(event)}" if event.drift_prompted is not None else ""

@@ -80,10 +80,9 @@ def generate_batch(
         completion_batch_size=batch_size,
         prefill_batch_size=min(batch_size, 8),
     )
-    # A stop string can only be completed by the last few tokens: each token is at least one byte.
-    window = max((len(s.encode()) for s in stop_strings), default=0) + 1
     uids = gen.insert([list(p) for p in prompts])
     tokens: dict[int, list[int]] = {u: [] for u in uids}
+    watch = {u: StopWatch(tokenizer, stop_strings) for u in uids} if stop_strings else {}
     finish: dict[int, str] = {}
     try:
         while responses := gen.next_generated():
@@ -94,7 +93,7 @@ def generate_batch(
                     finish[r.uid] = "eos"
                     continue
                 tokens[r.uid].append(r.token)
-                if stop_strings and any(s in tokenizer.decode(tokens[r.uid][-window:]) for s in stop_strings):
+                if watch and watch[r.uid].add(r.token):
                     finish[r.uid] = "stop"
                     if r.finish_reason is None:
                         cut.append(r.uid)
@@ -115,6 +114,26 @@ def generate_batch(
     return out
 
 
+class StopWatch:
+    """Watches one response's text for stop strings as tokens arrive: mlx-lm's streaming detokenizer
+    turns each token into its new characters (no re-decoding), and only the last few are searched."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.detokenizer = tokenizer.detokenizer
+        self.stops = list(stop_strings)
+        self.keep = max(len(s) for s in self.stops) - 1
+        self.tail = ""
+
+    def add(self, token: int) -> bool:
+        """Add a token; True once the text holds a stop string."""
+        self.detokenizer.add_token(token)
+        segment = self.detokenizer.last_segment
+        if not segment:
+            return False
+        self.tail = self.tail[-self.keep :] + segment if self.keep else segment
+        return any(s in self.tail for s in self.stops)
+
+
 def cut_at_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> list[int]:
     """The longest token prefix that ends before the first stop string, without trailing blanks."""
     text = tokenizer.decode(tokens)
@@ -122,9 +141,15 @@ def cut_at_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> li
     if not hits:
         return tokens
     end = min(hits)
-    k = len(tokens)
-    while k > 0 and len(tokenizer.decode(tokens[:k])) > end:
-        k -= 1
+    # The decoded length grows with the prefix: bisect for the longest prefix within `end` characters.
+    lo, hi = 0, len(tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(tokens[:mid])) <= end:
+            lo = mid
+        else:
+            hi = mid - 1
+    k = lo
     while k > 0 and not tokenizer.decode(tokens[k - 1 : k]).strip():
         k -= 1
     return tokens[:k]

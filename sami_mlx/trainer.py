@@ -51,7 +51,7 @@ from .fileio import (
     read_jsonl,
     read_text,
 )
-from .model import load_model
+from .model import float_bytes, load_model
 from .monitor import KINDS as MONITOR_KINDS
 from .monitor import Answer, Probe, answer_of, answer_stats, drift, mean_nll
 from .objective import accuracies, mi_lower_bound, sami_loss
@@ -59,7 +59,16 @@ from .prompts import Template, encode_prompt, encode_with_prefix, load_template
 from .queries import load_queries
 from .rollout import DropCounts, Generation, Group, filter_groups, generate_batch, sample_stats
 from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
-from .scoring import ScoringBatch, kl_to_base, score_matrix, token_logprobs
+from .scoring import (
+    PairBatch,
+    ScoringBatch,
+    kl_to_base,
+    score_matrix,
+    scores_from_inputs,
+    scoring_inputs,
+    shared_scoring_supported,
+    token_logprobs,
+)
 
 Callback = Callable[[ev.Event], None]
 StopCheck = Callable[[], bool]
@@ -169,9 +178,13 @@ def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int |
     return biggest
 
 
-def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int) -> float | None:
-    """Estimated peak memory in GB; refuses a run that cannot fit this machine unless --force."""
-    from .presets import ModelShape, RunShape, estimate_memory, fit, machine_memory
+def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int,
+                 float_bytes: int | None = None) -> float | None:
+    """Estimated peak memory in GiB; refuses a run that cannot fit this machine unless --force.
+
+    `float_bytes`: the loaded model's float width (fp32 on the CPU backend after `upcast_for_cpu`).
+    """
+    from .presets import GiB, ModelShape, RunShape, estimate_memory, fit, machine_memory
 
     try:
         shape = ModelShape.from_config(model_config)
@@ -179,15 +192,17 @@ def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt
         return None
     if shape is None:
         return None
+    if float_bytes:
+        shape = shape.in_float_bytes(float_bytes)
     est = estimate_memory(shape, RunShape.from_config(cfg, inputs.num_variants, prompt_tokens))
     machine = machine_memory()
     if fit(est.peak, machine) == "no" and not cfg.force:
         raise SamiError(
-            f"--model {cfg.model}: this run needs about {est.peak / 2**30:.1f} GB ({est.summary()}) but this machine "
-            f"has {machine.total / 2**30:.1f} GB; lower --queries-per-step or --max-tokens, add --grad-accumulation, "
+            f"--model {cfg.model}: this run needs about {est.peak / GiB:.1f} GiB ({est.summary()}) but this machine "
+            f"has {machine.total / GiB:.1f} GiB; lower --queries-per-step or --max-tokens, add --grad-accumulation, "
             "or pass --force to try anyway"
         )
-    return est.peak / 2**30
+    return est.peak / GiB
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -215,7 +230,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: Sto
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
     longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
-    memory_gb = check_memory(cfg, inputs, model_config, longest)
+    memory_gb = check_memory(cfg, inputs, model_config, longest, float_bytes(model))
     if not ranks.primary:
         out = Path(cfg.out).expanduser()
         return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(RunState())
@@ -295,7 +310,10 @@ class SamiLoop:
             model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_layers, cfg.lora_keys, cfg.dora
         )
         self.initial_adapters = adapter_weights(model)
+        # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
+        self.shared = cfg.scoring == "shared" and not cfg.grad_checkpoint and shared_scoring_supported(model)
         self.loss_and_grad = nn.value_and_grad(model, self._loss)
+        self.step_fn = self._step_function()
         self.optimizer = self._make_optimizer()
         self.bad_steps = 0
         self.probe: Probe | None = None  # the monitor's held-out answers (None: monitor off)
@@ -795,18 +813,41 @@ class SamiLoop:
         eos = self.tokenizer.eos_token_id
         return [gen.tokens + ([eos] if self.cfg.count_eos and gen.finish == "eos" else []) for gen in g.generations]
 
-    def _loss(self, model, batch: ScoringBatch, kl_tokens: float):
-        # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
-        S = score_matrix(model, batch, shared=self.cfg.scoring == "shared" and not self.cfg.grad_checkpoint)
+    def step_inputs(self, batch: ScoringBatch) -> dict[str, dict[str, mx.array]]:
+        """The padded arrays one micro-batch's loss reads (lengths bucketed when the step is compiled)."""
+        bucketed = self.cfg.compile
+        inputs = {"scores": scoring_inputs(batch, self.shared, bucketed)}
+        if self.cfg.kl_beta > 0:
+            inputs["diagonal"] = batch.diagonal(bucketed).arrays()
+        if self.cfg.anchor_beta > 0:
+            inputs["anchored"] = batch.anchored(bucketed).arrays()
+        return inputs
+
+    def _loss(self, model, inputs: dict[str, dict[str, mx.array]], n: int, kl_tokens: mx.array):
+        S = scores_from_inputs(model, inputs["scores"], n, self.shared)
         loss = sami_loss(S)
         kl = anchor = mx.array(0.0)
         if self.cfg.kl_beta > 0:
-            kl = _kl_on(model, batch.diagonal(), kl_tokens)
+            kl = _kl_on(model, PairBatch(**inputs["diagonal"], shape=(0, n)), kl_tokens)
             loss = loss + self.cfg.kl_beta * kl
         if self.cfg.anchor_beta > 0:
-            anchor = _kl_on(model, batch.anchored(), kl_tokens)
+            anchor = _kl_on(model, PairBatch(**inputs["anchored"], shape=(0, n)), kl_tokens)
             loss = loss + self.cfg.anchor_beta * anchor
         return loss, S, kl, anchor
+
+    def _step_function(self) -> Callable:
+        """(inputs, n, kl_tokens, training) -> ((loss, S, kl, anchor), gradients), compiled with
+        --compile as mlx-lm compiles its SFT step: the model's arrays and the random state (dropout)
+        are the traced state, and `training` is a constant so that train/eval mode retraces."""
+        model = self.model
+
+        def step(inputs, n: int, kl_tokens: mx.array, training: bool):
+            return self.loss_and_grad(model, inputs, n, kl_tokens)
+
+        if not self.cfg.compile:
+            return step
+        state = [model.state, mx.random.state]
+        return mx.compile(step, inputs=state, outputs=state)
 
     def train_step(self, groups: list[Group], rng: random.Random, seed: int = 0) -> dict | None:
         """One optimizer step over `groups` in grad_accumulation micro-batches; None if it was skipped.
@@ -832,7 +873,8 @@ class SamiLoop:
                 continue
             batch = self.scoring_batch([groups[n] for n in part], orders=[orders[n] for n in part])
             w = len(part) / len(groups)
-            (part_loss, S, part_kl, part_anchor), g = self.loss_and_grad(self.model, batch, step_tokens * w)
+            (part_loss, S, part_kl, part_anchor), g = self.step_fn(
+                self.step_inputs(batch), batch.shape[1], mx.array(step_tokens * w), self.model.training)
             mx.eval(g)
             fault_point("scoring")
             g = tree_map(lambda x, w=w: x * w, g)
@@ -860,7 +902,7 @@ class SamiLoop:
         if reduced is None:
             S = mx.concatenate(scores, axis=0)
             row_acc, col_acc = accuracies(S)
-            peak = mx.get_peak_memory() / 1e9
+            peak = mx.get_peak_memory() / 2**30  # GiB, as every memory figure
         else:
             row_acc, col_acc, peak = reduced
         seconds = time.perf_counter() - t0
@@ -876,7 +918,7 @@ class SamiLoop:
                        total: int):
         """Add up the ranks' weighted gradients, losses and counts; a rank with no groups adds zeros.
 
-        Returns the global gradient, loss, the two KLs and tokens, and (row accuracy, column accuracy, peak GB).
+        Returns the global gradient, loss, the two KLs and tokens, and (row accuracy, column accuracy, peak GiB).
         The first group's score matrix stays on rank 0, the only rank that reports it.
         """
         ranks = self.ranks
@@ -889,7 +931,7 @@ class SamiLoop:
             idx = mx.arange(S.shape[1])
             rows = (mx.argmax(S, axis=2) == idx).sum().item()
             cols = (mx.argmax(S, axis=1) == idx).sum().item()
-        per_rank = ranks.gather([loss, kl, anchor, tokens, rows, cols, mx.get_peak_memory() / 1e9],
+        per_rank = ranks.gather([loss, kl, anchor, tokens, rows, cols, mx.get_peak_memory() / 2**30],
                                 "summing step metrics")
         loss, kl, anchor, tokens, rows, cols = (sum(r[i] for r in per_rank) for i in range(6))
         pairs = total * self.inputs.num_variants

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_tiny_model  # noqa: E402
+from tiny import build_tiny_model, build_tiny_qwen2  # noqa: E402
 
 CONSTITUTION = """\
 name: test
@@ -34,6 +34,12 @@ QUERIES = [
 def tiny_model(tmp_path_factory) -> Path:
     """A random-weight fp32 llama directory that mlx_lm.load accepts (built once per session)."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A random-weight fp32 qwen2 directory (built once per session)."""
+    return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-qwen2", seed=0)
 
 
 @pytest.fixture

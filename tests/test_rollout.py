@@ -98,3 +98,15 @@ def test_sample_stats_report_length_truncation_and_repetition():
     assert s.mean_length == 3.0
     assert s.no_eos_rate == 0.5
     assert s.distinct_2 == pytest.approx(3 / 4)  # bigrams (1,2),(2,1),(1,2),(7,8): 3 distinct of 4
+
+
+def test_stop_watch_finds_a_stop_string_split_across_tokens(loaded):
+    from sami_mlx.rollout import StopWatch
+
+    _, tok = loaded
+    ids = tok.encode("Sure. Human: next", add_special_tokens=False)
+    watch = StopWatch(tok, ["Human:"])
+    hits = [watch.add(t) for t in ids]
+    first = hits.index(True)
+    assert "Human:" in tok.decode(ids[: first + 1]) and "Human:" not in tok.decode(ids[:first])
+    assert not any(StopWatch(tok, ["###"]).add(t) for t in ids)

@@ -68,7 +68,7 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
 
     def trained(anchor_beta: float):
         cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                          learning_rate=3e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta, kl_beta=0.0,
+                          learning_rate=1e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta, kl_beta=0.0,
                           out=str(tmp_path / f"anchor-{anchor_beta}")).resolved()
         model, tokenizer, _ = load_model(cfg.model)
         loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)

@@ -1,4 +1,4 @@
-"""Tiny llama-style model directories that mlx_lm.load accepts, built offline in fixtures."""
+"""Tiny llama- and qwen2-style model directories that mlx_lm.load accepts, built offline in fixtures."""
 
 from __future__ import annotations
 
@@ -67,15 +67,17 @@ def build_tiny_model(
     heads: int = 4,
     kv_heads: int = 2,
     max_positions: int = 512,
+    model_type: str = "llama",
 ) -> Path:
-    """Write a random-weight fp32 llama model directory to `out` and return it."""
-    from mlx_lm.models import llama
+    """Write a random-weight fp32 model directory (llama or qwen2) to `out` and return it."""
+    from importlib import import_module
 
+    arch = import_module(f"mlx_lm.models.{model_type}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = build_tokenizer(out)
     config = {
-        "model_type": "llama",
+        "model_type": model_type,
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "intermediate_size": hidden * 2,
@@ -91,6 +93,11 @@ def build_tiny_model(
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model = arch.Model(arch.ModelArgs.from_dict(config))
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     return out
+
+
+def build_tiny_qwen2(out: Path, seed: int = 0, **kw) -> Path:
+    """A random-weight fp32 qwen2 directory (biased q/k/v projections, no make_cache method)."""
+    return build_tiny_model(out, seed=seed, model_type="qwen2", **kw)

@@ -415,7 +415,7 @@ class RunScreen(Screen):
             out.append("   row acc ", style="dim").append(f"{s['row_accuracy']:.0%}")
             out.append("   col acc ", style="dim").append(f"{s['column_accuracy']:.0%}")
             out.append("\ntraining ", style="dim").append(f"{s['tokens_per_sec']:,.0f} tok/s")
-            out.append("   peak memory ", style="dim").append(f"{s['peak_memory_gb']:.2f} GB")
+            out.append("   peak memory ", style="dim").append(f"{s['peak_memory_gb']:.2f} GiB")
             if s.get("kl"):
                 out.append("   KL ", style="dim").append(f"{s['kl']:.4f}")
             if s.get("anchor_kl"):

@@ -1,0 +1,182 @@
+"""The trainer's own step: which scoring path it takes (prefix-shared or naive), with or without
+mx.compile, and that every path computes the same scores and gradients as the naive oracle."""
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from sami_mlx import scoring
+from sami_mlx.config import TrainConfig
+from sami_mlx.constitution import Variant
+from sami_mlx.model import load_model
+from sami_mlx.rollout import Generation, Group
+from sami_mlx.trainer import SamiLoop, prepare_inputs
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def arch_model(request, tiny_model, tiny_qwen2):
+    return {"llama": tiny_model, "qwen2": tiny_qwen2}[request.param]
+
+
+def make_loop(model_dir, constitution_file, queries_file, tmp_path, **kw):
+    cfg = TrainConfig(model=str(model_dir), constitution=str(constitution_file), queries=str(queries_file),
+                      learning_rate=1e-3, lora_rank=4, lora_layers=-1, out=str(tmp_path), **kw).resolved()
+    model, tokenizer, _ = load_model(cfg.model)
+    loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
+    # Non-zero adapters (lora_b starts at zero), so the gradients reach every adapter matrix.
+    mx.random.seed(5)
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05)
+                                 for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]))
+    return loop
+
+
+def make_groups(seed=0, lengths=(3, 7, 1)):
+    rng = np.random.default_rng(seed)
+    return [Group(q, f"query number {q}" + " and more" * q, [Variant((True, True)), Variant((False, True))],
+                  [Generation([int(t) for t in rng.integers(5, 300, n + j)], "", "length") for j in range(2)])
+            for q, n in enumerate(lengths)]
+
+
+def step_outputs(loop, groups, **kw):
+    """(loss, S, gradients) of the trainer's step function on `groups`, in training mode."""
+    batch = loop.scoring_batch(groups, random.Random(0))
+    loop.model.train()
+    (loss, S, _, _), grads = loop.step_fn(loop.step_inputs(batch), batch.shape[1], mx.array(100.0), True)
+    mx.eval(loss, S, grads)
+    return loss.item(), np.array(S), {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
+def spy(monkeypatch):
+    """Count calls of the two scoring paths."""
+    calls = {"shared": 0, "naive": 0}
+    shared, naive = scoring.score_shared_inputs, scoring.score_pairs
+
+    def count_shared(*a, **k):
+        calls["shared"] += 1
+        return shared(*a, **k)
+
+    def count_naive(*a, **k):
+        calls["naive"] += 1
+        return naive(*a, **k)
+
+    monkeypatch.setattr(scoring, "score_shared_inputs", count_shared)
+    monkeypatch.setattr(scoring, "score_pairs", count_naive)
+    return calls
+
+
+def assert_same(a, b, tol=1e-4):
+    (loss_a, S_a, g_a), (loss_b, S_b, g_b) = a, b
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert np.abs(S_a - S_b).max() < tol
+    assert g_a.keys() == g_b.keys() and g_a
+    for k in g_a:
+        assert np.abs(g_a[k] - g_b[k]).max() < tol, k
+    assert max(np.abs(g).max() for g in g_a.values()) > 1e-3  # not trivially zero
+
+
+def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(arch_model, constitution_file, queries_file,
+                                                                  tmp_path, monkeypatch):
+    """llama's make_cache returns plain KVCaches: it must take the shared path, as qwen2 does."""
+    calls = spy(monkeypatch)
+    shared = make_loop(arch_model, constitution_file, queries_file, tmp_path / "s", kl_beta=0.3)
+    assert shared.shared
+    got = step_outputs(shared, make_groups())
+    assert calls == {"shared": 1, "naive": 0}
+
+    naive = make_loop(arch_model, constitution_file, queries_file, tmp_path / "n", kl_beta=0.3, scoring="naive")
+    assert not naive.shared
+    assert_same(got, step_outputs(naive, make_groups()))
+    assert calls == {"shared": 1, "naive": 1}
+
+    # And through train_step itself: the logged scores and loss agree.
+    a = shared.train_step(make_groups(), random.Random(1))
+    b = naive.train_step(make_groups(), random.Random(1))
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert np.abs(np.array(a["scores"]) - np.array(b["scores"])).max() < 1e-4
+    assert calls == {"shared": 2, "naive": 2}
+
+
+def test_grad_checkpoint_scores_naively(tiny_model, constitution_file, queries_file, tmp_path, monkeypatch):
+    calls = spy(monkeypatch)
+    loop = make_loop(tiny_model, constitution_file, queries_file, tmp_path, grad_checkpoint=True)
+    assert not loop.shared
+    step_outputs(loop, make_groups())
+    assert calls == {"shared": 0, "naive": 1}
+
+
+@pytest.mark.parametrize("scoring_path", ["shared", "naive"])
+def test_compiled_step_matches_uncompiled(arch_model, constitution_file, queries_file, tmp_path, scoring_path):
+    """--compile pads lengths to buckets and traces the step: same loss, scores and gradients."""
+    kw = dict(scoring=scoring_path, kl_beta=0.3, anchor_beta=0.2)
+    plain = step_outputs(make_loop(arch_model, constitution_file, queries_file, tmp_path / "p", **kw), make_groups())
+    loop = make_loop(arch_model, constitution_file, queries_file, tmp_path / "c", compile=True, **kw)
+    compiled = step_outputs(loop, make_groups())
+    assert_same(plain, compiled)
+    # Traced again on other lengths in the same buckets, and reused: the model is still usable after.
+    again = step_outputs(loop, make_groups(lengths=(2, 6, 2)))
+    assert np.isfinite(again[0])
+    assert mx.isfinite(loop.model(mx.array([[1, 2, 3]]))).all().item()
+
+
+def test_bucket_padding_does_not_change_scores(tiny_model):
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(tiny_model))
+    groups = make_groups(3, lengths=(5, 2))
+    prompts = [[[1] + [10 + q] * (4 + 3 * q + i) for i in range(2)] for q in range(2)]
+    batch = scoring.ScoringBatch(prompts, [[g.tokens for g in group.generations] for group in groups])
+    for shared in (True, False):
+        exact = scoring.scores_from_inputs(model, scoring.scoring_inputs(batch, shared), 2, shared)
+        inputs = scoring.scoring_inputs(batch, shared, bucketed=True)
+        padded = scoring.scores_from_inputs(model, inputs, 2, shared)
+        assert max(a.shape[-1] for a in inputs.values() if a.ndim == 2) >= 16  # really padded
+        assert np.abs(np.array(exact) - np.array(padded)).max() < 1e-5
+
+
+def test_bucket_sizes_repeat():
+    assert [scoring.bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 97, 129, 300)] == \
+        [16, 16, 24, 32, 48, 64, 96, 128, 192, 384]
+    assert all(n <= scoring.bucket(n) < 1.5 * n + 16 for n in range(1, 2000))
+
+
+def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, constitution_file, queries_file, tmp_path):
+    """Documented difference: with dropout, the shared path's prompt tokens run once per prompt, so a
+    row's entries share one prompt mask; the naive batch draws a mask per (prompt, response) pair."""
+    # One-token responses, the same in every column: an entry depends only on its prompt's pass.
+    groups = [Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
+                    [Generation([40 + q], "", "length") for _ in range(2)]) for q in range(3)]
+    rows = {}
+    for path in ("shared", "naive"):
+        loop = make_loop(tiny_model, constitution_file, queries_file, tmp_path / path, scoring=path,
+                         lora_dropout=0.5)
+        mx.random.seed(0)
+        _, S, _ = step_outputs(loop, groups)
+        rows[path] = np.abs(S[:, :, 0] - S[:, :, 1]).max()
+        loop.model.eval()  # without dropout the two columns are the same response: equal
+        batch = loop.scoring_batch(groups, random.Random(0))
+        S_eval = scoring.scores_from_inputs(loop.model, loop.step_inputs(batch)["scores"], 2, loop.shared)
+        assert np.abs(np.array(S_eval[:, :, 0] - S_eval[:, :, 1])).max() < 1e-6
+    assert rows["shared"] < 1e-6  # one mask per prompt: a row's equal responses score equally
+    assert rows["naive"] > 1e-3  # one mask per pair: they differ
+
+
+def test_compiled_run_resumes_bit_identical(tiny_model, constitution_file, queries_file, tmp_path):
+    """--compile keeps resume exact: a run stopped after its first step ends with the same adapters."""
+    from sami_mlx import events as ev
+    from sami_mlx.trainer import resume, train
+
+    def cfg(out):
+        return TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
+                           iterations=1, steps=2, queries_per_step=2, max_tokens=6, temperature=1.0,
+                           learning_rate=5e-3, lora_dropout=0.1, compile=True, seed=3, out=str(out))
+
+    train(cfg(tmp_path / "full"))
+    seen = []
+    train(cfg(tmp_path / "part"), callbacks=[lambda e: seen.append(e) if isinstance(e, ev.StepCompleted) else None],
+          should_stop=lambda: len(seen) >= 1)
+    resume(tmp_path / "part")
+    a, b = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("full", "part"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
