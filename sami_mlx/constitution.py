@@ -9,10 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .errors import SamiError
-from .fileio import atomic_write_text, read_structured
+from .fileio import atomic_write_text, dump_yaml, read_structured
 
 MAX_GRID_PRINCIPLES = 6  # 2**6 = 64 variants, 4096 scored pairs per query
 
@@ -118,7 +116,7 @@ def save_constitution(constitution: Constitution, path: str | Path) -> None:
     if Path(path).suffix.lower() == ".json":
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     else:
-        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+        text = dump_yaml(data)
     atomic_write_text(path, text)
 
 

@@ -56,7 +56,16 @@ class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-4` as a string; like mlx-lm, read such exponents as floats."""
 
 
-_Loader.add_implicit_resolver(
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that _Loader would read back as a float (`0E0`, `1e5`)."""
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML that read_structured reads back to the same values (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
+_FLOAT = (
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -68,6 +77,8 @@ _Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+_Loader.add_implicit_resolver(*_FLOAT)
+_Dumper.add_implicit_resolver(*_FLOAT)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
