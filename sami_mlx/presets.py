@@ -381,8 +381,11 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     else:
         kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
     training = kept + g * (logits + caches)
-    # The KL terms run N sequences once more, with and without adapters (counted at full prompt length).
-    training += (run.kl + run.anchor) * g * N * (P + R) * V * (a + LOGIT_BYTES) * 2
+    # The KL terms run N sequences once more, with and without adapters (counted at full prompt length):
+    # the logits of both passes, and the activations the policy pass keeps for the backward pass.
+    kl_tokens = (run.kl + run.anchor) * g * N * (P + R)
+    kl_kept = adapted * (CHECKPOINT_KEPT * h * a if run.grad_checkpoint else per_token_layer)
+    training += kl_tokens * (V * (a + LOGIT_BYTES) * 2 + kl_kept)
     prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
     sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
     if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32

@@ -201,7 +201,7 @@ def test_flags_override_file(tmp_path):
 def test_flags_without_file_keep_defaults():
     cfg = parse("--model", "m", "--constitution", "c.yaml", "--stop", "END", "STOP")
     assert cfg.stop == ["END", "STOP"]
-    assert cfg.iterations == 3 and cfg.schedule == "paper" and cfg.variants == "paper"
+    assert cfg.iterations == 3 and cfg.schedule == "paper" and cfg.variants == "auto"
 
 
 BAD_CONFIG = [

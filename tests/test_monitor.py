@@ -137,7 +137,7 @@ def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(tiny_mode
     probe = json.loads((out / "monitor.json").read_text())
     sampled = {s["query_index"] for it in ("iter-01", "iter-02") for s in read_jsonl(out / it / "samples.jsonl")}
     assert len(probe["query_ids"]) == 4 and not sampled & set(probe["query_ids"])
-    assert len(probe["prompted"]) == 4 * 2 and len(probe["plain"]) == 4
+    assert len(probe["prompted"]) == 4 * 4 and len(probe["plain"]) == 4  # 'auto': all 4 variants of 2 principles
 
 
 def test_dropped_groups_are_replaced_by_fresh_queries(tiny_model, constitution_file, many_queries, tmp_path,
@@ -184,5 +184,5 @@ def test_guard_can_be_turned_off_from_flags_and_yaml(tmp_path):
     assert config_from_file(str(tmp_path / "c.yaml"))["max_ppl_ratio"] is None
     (tmp_path / "d.yaml").write_text("max-ppl-ratio: off\n")  # YAML reads a bare off as false
     assert config_from_file(str(tmp_path / "d.yaml"))["max_ppl_ratio"] is None
-    assert TrainConfig().max_ppl_ratio == 1.5 and TrainConfig().max_prompted_ratio == 3.0
+    assert TrainConfig().max_ppl_ratio == 1.5 and TrainConfig().max_prompted_ratio == 6.0
     assert TrainConfig().kl_beta > 0 and TrainConfig().anchor_beta > 0

@@ -302,5 +302,5 @@ def test_dry_run_counts_prompt_tokens_with_the_tokenizer_at_hand(tiny_model, con
     _, tokenizer, _ = load_model(cfg.model)
     longest = check_context(cfg, prepare_inputs(cfg), tokenizer, None)
     assert f"the longest {longest} (counted with the model's tokenizer)" in out
-    assert "LoRA rank 8 on 2 of the model's 2 blocks" in out  # the tiny model has 2, not 16
+    assert "LoRA rank 16 on 2 of the model's 2 blocks" in out  # the tiny model has 2, not 16
     assert "parameters, fp32)" in out  # read from the weights: its config.json names no dtype

@@ -76,6 +76,7 @@ def test_sentence_end_positive_checks_every_response_when_the_group_has_no_posit
 def loop_for(tiny_model, constitution_file, queries_file, tmp_path):
     """A SamiLoop on the tiny model with the given settings, and the events it emitted."""
     def make(**settings):
+        settings = {"variants": "paper", **settings}  # the reference's two variants per query
         cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
                           out=str(tmp_path / "run"), **settings).resolved()
         model, tokenizer, _ = load_model(cfg.model)

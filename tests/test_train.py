@@ -38,7 +38,8 @@ def logits_of(model, tokenizer, text=PROMPT):
 
 def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, queries_file, tmp_path):
     cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                      learning_rate=1e-3, lora_rank=8, lora_layers=-1, out=str(tmp_path)).resolved()
+                      learning_rate=1e-3, lora_rank=8, lora_layers=-1, kl_beta=0.0, anchor_beta=0.0,
+                      variants="paper", out=str(tmp_path)).resolved()
     model, tokenizer, _ = load_model(cfg.model)
     loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
     rng = np.random.default_rng(0)
