@@ -109,6 +109,10 @@ def _run(args: argparse.Namespace) -> int:
         judge.close()
     out = Path(args.out).expanduser() if args.out else run_dir / "eval"
     print(markdown_table(results), end="")
+    kept = kept_adapters(run_dir)
+    if kept:
+        print(f"{run_dir}/adapters.safetensors (what mlx_lm.load(adapter_path=RUN) loads) holds {kept}",
+              file=sys.stderr)
     print(f"results in {out}/ ({', '.join(r['checkpoint'] + '.json' for r in results)}, summary.md)",
           file=sys.stderr)
     return 0
@@ -128,3 +132,16 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise SamiError(f"--temperature {args.temperature}: must be between 0 and 10")
     if not 0 < args.top_p <= 1:
         raise SamiError(f"--top-p {args.top_p}: must be above 0 and at most 1")
+
+
+def kept_adapters(run_dir: Path) -> str:
+    """Which checkpoint RUN/adapters.safetensors holds and why, from state.json ('' if unknown)."""
+    from .runstate import RunState
+    from .trainer import describe_kept
+
+    path = run_dir / "state.json"
+    try:
+        kept = RunState.load(path).kept if path.is_file() else None
+    except SamiError:
+        return ""
+    return f"{kept['name']}{describe_kept(kept, ' (', ')')}" if kept else ""

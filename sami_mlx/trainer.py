@@ -361,7 +361,7 @@ class SamiLoop:
             self.load_kept(state)
         result.iterations, result.kept = list(state.iterations), state.kept
         self.emit(ev.RunCompleted(str(self.out), time.perf_counter() - start, result.stopped_early, result.reason,
-                                  adapters=(state.kept or {}).get("name", ""), kept=_kept_reason(state.kept)))
+                                  adapters=(state.kept or {}).get("name", ""), kept=describe_kept(state.kept)))
         return result
 
     def iteration(self, state: RunState) -> str:
@@ -640,7 +640,7 @@ class SamiLoop:
             self.problem = problem
         self.keep_adapters(state)
         state.stopped = (f"stopped at iteration {iteration}, step {step}: {self.problem}; RUN/adapters.safetensors "
-                         f"holds {state.kept['name']}{_kept_reason(state.kept, ' (', ')')}. Lower --learning-rate "
+                         f"holds {state.kept['name']}{describe_kept(state.kept, ' (', ')')}. Lower --learning-rate "
                          "or raise --kl-beta / --anchor-beta")
         state.finished = True
         self.emit(ev.RunWarning(state.stopped))
@@ -1047,7 +1047,7 @@ def _checkpoint_name(summary: dict) -> str:
     return f"{name} step {summary['step']}" if summary.get("partial") else name
 
 
-def _kept_reason(kept: dict | None, before: str = "", after: str = "") -> str:
+def describe_kept(kept: dict | None, before: str = "", after: str = "") -> str:
     """Why RUN/adapters.safetensors holds what it holds, in words ('' before any iteration ended)."""
     if not kept:
         return ""

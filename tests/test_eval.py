@@ -185,6 +185,8 @@ def test_eval_with_a_tiny_local_judge(tiny_run, tiny_model, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "held-out" in err and "1 of the 4 evaluation queries" in err  # 'Hello there!' was trained on
+    kept = json.loads((run / "state.json").read_text())["kept"]
+    assert f"adapters.safetensors (what mlx_lm.load(adapter_path=RUN) loads) holds {kept['name']} (" in err
     for name in ("iter-01", "iter-02"):
         r = json.loads((run / "eval" / f"{name}.json").read_text())
         for key in ("win_rate", "win_rate_ci", "length_controlled_win_rate", "n", "unparsable"):
