@@ -174,6 +174,9 @@ def format_report(r: dict) -> str:
         f"  win rate vs base (checker-judged, ties 0.5): {r['win_rate']:.0%}  (95% CI {lo:.0%}–{hi:.0%})",
         "  MI lower bound per iteration (nats): " + ", ".join(f"{m:+.3f}" for m in r["mi_bound"]),
         f"  held-out perplexity: base {r['ppl_base']:.2f}, SAMI {r['ppl_sami']:.2f} ({r['ppl_ratio']:.2f}x)",
+        *([f"  adapters: {r['kept']['name']}" + (" (the degeneration monitor stopped the run: "
+                                                 + r["stopped"].split(": ", 1)[-1].split("; RUN/")[0] + ")"
+                                                 if r.get("stopped") else "")] if r.get("kept") else []),
         f"  took {r['seconds']:.0f}s; numbers in {r['run']}/demo.json",
     ]
     return "\n".join(lines)
