@@ -184,5 +184,5 @@ def test_guard_can_be_turned_off_from_flags_and_yaml(tmp_path):
     assert config_from_file(str(tmp_path / "c.yaml"))["max_ppl_ratio"] is None
     (tmp_path / "d.yaml").write_text("max-ppl-ratio: off\n")  # YAML reads a bare off as false
     assert config_from_file(str(tmp_path / "d.yaml"))["max_ppl_ratio"] is None
-    assert TrainConfig().max_ppl_ratio == 1.5 and TrainConfig().max_prompted_ratio == 6.0
+    assert TrainConfig().max_ppl_ratio == 1.5 and TrainConfig().max_prompted_ratio == 10.0
     assert TrainConfig().kl_beta > 0 and TrainConfig().anchor_beta > 0
