@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .fileio import atomic_write_json
-from .rollout import Generation, repetition
+from .rollout import Generation, generation_stats
 from .scoring import build_pairs, token_logprobs
 
 KINDS = ("prompted", "plain")
@@ -91,12 +91,6 @@ def drift(model: nn.Module, probe: Probe) -> dict[str, float]:
 def answer_stats(gens: Sequence[Generation]) -> dict[str, float]:
     """What the model's own answers look like: mean length in tokens, the share that hit the token
     limit, distinct bigrams, and repetition (the share of a reply's trigrams that repeat an earlier one)."""
-    if not gens:
-        return {"mean_length": 0.0, "limit_rate": 0.0, "distinct_2": 0.0, "repetition": 0.0}
-    bigrams = [tuple(g.tokens[i : i + 2]) for g in gens for i in range(len(g.tokens) - 1)]
-    return {
-        "mean_length": sum(len(g.tokens) for g in gens) / len(gens),
-        "limit_rate": sum(g.finish == "length" for g in gens) / len(gens),
-        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
-        "repetition": sum(repetition(g.tokens) for g in gens) / len(gens),
-    }
+    st = generation_stats(gens)
+    return {"mean_length": st.mean_length, "limit_rate": st.no_eos_rate, "distinct_2": st.distinct_2,
+            "repetition": st.repetition}

@@ -191,8 +191,12 @@ def _sentence_checked(g: Group, texts: list[str], mode: str) -> list[str]:
 
 
 def sample_stats(groups: list[Group], seconds: float) -> SampleStats:
-    """Mean length, the share of responses that never reached EOS, and distinct bigrams."""
-    gens = [g for group in groups for g in group.generations]
+    """Mean length, the share of responses that never reached EOS, distinct bigrams, repetition."""
+    return generation_stats([g for group in groups for g in group.generations], seconds)
+
+
+def generation_stats(gens: Sequence[Generation], seconds: float = 0.0) -> SampleStats:
+    """The same numbers for any list of responses (the monitor's held-out answers too)."""
     if not gens:
         return SampleStats(seconds=seconds)
     lengths = [len(g.tokens) for g in gens]
