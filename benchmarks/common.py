@@ -22,8 +22,8 @@ def build_model(size: str, seed: int = 0, arch: str = "llama") -> Path:
     """A random-weight fp32 directory (llama or qwen2) of the given size, with a small byte-level BPE."""
     from importlib import import_module
 
-    from sami_mlx import toyworld
-    from sami_mlx.pretrain import train_tokenizer
+    from sami_mlx.toy import world as toyworld
+    from sami_mlx.toy.pretrain import train_tokenizer
 
     module = import_module(f"mlx_lm.models.{arch}")
     hidden, layers, heads, inter = SIZES[size]
@@ -82,8 +82,8 @@ def step_setup(size: str, n: int = 4):
     """(model with LoRA adapters, ScoringBatch of random groups, settings) for a training-step benchmark."""
     import mlx_lm
 
-    from sami_mlx.adapters import attach_adapters
-    from sami_mlx.scoring import ScoringBatch
+    from sami_mlx.loop.adapters import attach_adapters
+    from sami_mlx.loop.scoring import ScoringBatch
 
     s = STEP_SETTINGS[size]
     model, tok = mlx_lm.load(str(build_model(size)))

@@ -11,8 +11,8 @@ import argparse
 import json
 import tempfile
 
-from sami_mlx.demo import format_report, run_demo
-from sami_mlx.progress import ProgressBar
+from sami_mlx.cli.progress import ProgressBar
+from sami_mlx.toy.demo import format_report, run_demo
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from mlx.utils import tree_flatten
 
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
+from sami_mlx.loop.trainer import check_context, prepare_inputs, train
 from sami_mlx.presets import GiB, ModelShape, RunShape, estimate_memory
-from sami_mlx.trainer import check_context, prepare_inputs, train
 
 WIDTHS = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
           "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False,
@@ -31,8 +31,8 @@ def build(layers: int, root: Path) -> Path:
     """A 4-bit model as mlx-community ships them (fp16 scales), random weights, `layers` blocks."""
     from mlx_lm.models import llama
 
-    from sami_mlx import toyworld
-    from sami_mlx.pretrain import train_tokenizer
+    from sami_mlx.toy import world as toyworld
+    from sami_mlx.toy.pretrain import train_tokenizer
 
     out = root / f"mistral-widths-{layers}"
     out.mkdir(parents=True)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx_lm
 from common import SIZES, build_model, parameters, random_ids, report
 
-from sami_mlx.rollout import generate_batch
+from sami_mlx.loop.rollout import generate_batch
 
 SETTINGS = {"tiny": dict(prompts=32, prompt=128, response=32),
             "100m": dict(prompts=16, prompt=64, response=16)}

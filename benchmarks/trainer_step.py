@@ -16,13 +16,13 @@ import mlx.core as mx
 from common import SIZES, STEP_SETTINGS, build_model, parameters, report, timed
 from mlx.utils import tree_flatten, tree_unflatten
 
-from sami_mlx.adapters import adapter_weights, set_adapter_weights
 from sami_mlx.config import TrainConfig
-from sami_mlx.constitution import Variant
+from sami_mlx.inputs.constitution import Variant
+from sami_mlx.loop.adapters import adapter_weights, set_adapter_weights
+from sami_mlx.loop.rollout import Generation, Group
+from sami_mlx.loop.scoring import score_naive, score_shared
+from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
 from sami_mlx.model import load_model
-from sami_mlx.rollout import Generation, Group
-from sami_mlx.scoring import score_naive, score_shared
-from sami_mlx.trainer import SamiLoop, prepare_inputs
 
 CONSTITUTION = "name: bench\nprinciples:\n" + "".join(
     f"  - {{name: p{k}, positive: Be kind and brief {k}., negative: Be rude and long {k}.}}\n" for k in range(2))

@@ -15,8 +15,8 @@ import mlx.optimizers as optim
 from common import SIZES, parameters, report, step_setup, timed
 from mlx_lm.tuner.trainer import default_loss
 
+from sami_mlx.loop.scoring import score_shared
 from sami_mlx.objective import sami_loss
-from sami_mlx.scoring import score_shared
 
 
 def run(size: str, n: int = 4) -> dict:

@@ -31,8 +31,8 @@ WORLDS = ("toy-world", "marker-world")
 
 def one(job: tuple[str, str, int, str, dict]) -> dict:
     world, setting, seed, out, extra = job
-    from sami_mlx.demo import run_demo
     from sami_mlx.presets import load_preset
+    from sami_mlx.toy.demo import run_demo
 
     tag = "".join(f"-{k}={v}" for k, v in extra.items())
     r = run_demo(Path(out) / f"{world}-{setting.replace(' ', '-')}{tag}-{seed}", load_preset(world), seed=seed,
@@ -82,8 +82,8 @@ def main() -> None:
     import yaml
 
     extra = {k.replace("-", "_"): yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.extra)}
-    from sami_mlx.demo import load_preset
-    from sami_mlx.pretrain import ensure_toy_model
+    from sami_mlx.toy.demo import load_preset
+    from sami_mlx.toy.pretrain import ensure_toy_model
 
     jobs = [(w, s, seed, args.out, extra) for w in args.worlds for s in args.settings for seed in args.seeds]
     rows = []

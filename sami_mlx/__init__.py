@@ -8,10 +8,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TrainConfig": "sami_mlx.config",
-    "train": "sami_mlx.trainer",
-    "resume": "sami_mlx.trainer",
+    "train": "sami_mlx.loop.trainer",
+    "resume": "sami_mlx.loop.trainer",
     "sami_loss": "sami_mlx.objective",
-    "load_constitution": "sami_mlx.constitution",
+    "load_constitution": "sami_mlx.inputs.constitution",
     "SamiError": "sami_mlx.errors",
 }
 __all__ = [*_EXPORTS, "__version__"]

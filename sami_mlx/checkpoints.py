@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SamiError
+from sami_mlx.errors import SamiError
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def load_checkpoint_model(model: str, checkpoint: Checkpoint, trust_remote_code:
     """(model, tokenizer) with the checkpoint's adapters applied through mlx-lm."""
     import mlx_lm
 
-    from .model import resolve_model_path
+    from sami_mlx.model import resolve_model_path
 
     path = resolve_model_path(model)
     try:

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .constitution import parse_variants
-from .errors import SamiError
-from .fileio import read_structured
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_structured
+from sami_mlx.inputs.constitution import parse_variants
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -142,7 +142,7 @@ OFF = ("off", "none", "null")
 def config_from_file(path: str) -> dict:
     """Read a YAML config whose keys are TrainConfig fields (dashes or underscores), or a recipe
     shipped with the package by name (sami_mlx/data/recipes; see sami_mlx.presets.find_recipe)."""
-    from .presets import find_recipe
+    from sami_mlx.presets import find_recipe
 
     recipe = find_recipe(path)
     data = recipe if recipe is not None else read_structured(path, "config file")

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SamiError
+from sami_mlx.errors import SamiError
 
 MAX_INPUT_BYTES = 16 * 1024 * 1024
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import SamiError
+from sami_mlx.errors import SamiError
 
 UPCAST_DTYPES = ("float16", "bfloat16")
 
@@ -20,7 +20,7 @@ def resolve_model_path(name: str) -> Path:
     downloading a hub repo through huggingface-hub if needed."""
     p = Path(name).expanduser()
     if not p.exists():
-        from .presets import model_for_preset
+        from sami_mlx.presets import model_for_preset
 
         name = model_for_preset(name) or name
         p = Path(name).expanduser()

@@ -11,8 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import SamiError
-from .fileio import read_structured
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_structured
 
 PRESET_PACKAGE = "sami_mlx.data.models"  # models/ installs here (pyproject's package-dir)
 RECIPE_PACKAGE = "sami_mlx.data.recipes"
@@ -177,7 +177,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str = "toy-world") -> dict:
-    """A preset's YAML as written (what sami_mlx.demo reads for the toy world)."""
+    """A preset's YAML as written (what sami_mlx.toy.demo reads for the toy world)."""
     path = preset_dir() / f"{name}.yaml"
     if name not in preset_names():
         raise SamiError(f"unknown model preset {name!r}; choose one of {', '.join(preset_names())}")
@@ -232,7 +232,7 @@ def model_for_preset(name: str) -> str | None:
         return None
     preset = get_preset(name)
     if preset.source == "local-recipe":
-        from .pretrain import ensure_toy_model
+        from sami_mlx.toy.pretrain import ensure_toy_model
 
         return str(ensure_toy_model(preset.data["recipe"]))
     return preset.hub_id
@@ -516,7 +516,7 @@ def model_dir_at_hand(model: str) -> Path | None:
     if model in preset_names():
         preset = get_preset(model)
         if preset.source == "local-recipe":
-            from .pretrain import toy_model_dir
+            from sami_mlx.toy.pretrain import toy_model_dir
 
             built = toy_model_dir(preset.data["recipe"])
             return built if (built / "config.json").is_file() else None
@@ -553,8 +553,8 @@ def prompt_tokens(inputs: Any, tokenizer: Any = None, chat_template: bool = Fals
 
     Each query's prompt is its longest under the run's templates with every principle in its
     longer wording, as `trainer.check_context` measures it."""
-    from .constitution import Constitution, Principle
-    from .prompts import encode_prompt
+    from sami_mlx.inputs.constitution import Constitution, Principle
+    from sami_mlx.inputs.prompts import encode_prompt
 
     c = inputs.constitution
     longest = Constitution(c.name, tuple(

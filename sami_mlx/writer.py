@@ -12,8 +12,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .constitution import Constitution, constitution_from_dict
-from .errors import SamiError
+from sami_mlx.errors import SamiError
+from sami_mlx.inputs.constitution import Constitution, constitution_from_dict
 
 Messages = list[dict]
 Complete = Callable[[Messages], str]
@@ -277,7 +277,7 @@ def model_completer(model, tokenizer, max_tokens: int, temperature: float = 0.7,
     """A `Complete` that samples from an mlx-lm model, through its chat template when it has one."""
     import mlx.core as mx
 
-    from .rollout import generate_batch
+    from sami_mlx.loop.rollout import generate_batch
 
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
     if use_chat and not getattr(tokenizer, "chat_template", None):

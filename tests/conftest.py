@@ -59,7 +59,7 @@ def queries_file(tmp_path) -> Path:
 def make_tiny_run(root: Path, model: Path, iterations: int = 2) -> Path:
     """A finished SAMI run of the tiny model in root/run (constitution root/c.yaml, queries root/q.txt)."""
     from sami_mlx.config import TrainConfig
-    from sami_mlx.trainer import train
+    from sami_mlx.loop.trainer import train
 
     (root / "c.yaml").write_text(CONSTITUTION)
     (root / "q.txt").write_text("\n".join(QUERIES[:4]) + "\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sami_mlx.train import main
+from sami_mlx.cli.train import main
 
 
 def base_flags(model, constitution, queries, out):
@@ -38,7 +38,7 @@ def stopped_run(tiny_model, constitution_file, queries_file, tmp_path):
     """A run stopped after its first step (resumable), as a crash would leave it."""
     from sami_mlx import events as ev
     from sami_mlx.config import TrainConfig
-    from sami_mlx.trainer import train
+    from sami_mlx.loop.trainer import train
 
     out = tmp_path / "run"
     steps = []

@@ -16,8 +16,8 @@ from conftest import make_tiny_run
 
 from sami_mlx.chat import ChatSession, StopFilter
 from sami_mlx.checkpoints import find_checkpoint
-from sami_mlx.cli import main
-from sami_mlx.constitution import load_constitution
+from sami_mlx.cli.main import main
+from sami_mlx.inputs.constitution import load_constitution
 
 
 @pytest.fixture(scope="module")

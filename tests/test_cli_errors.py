@@ -220,7 +220,8 @@ def test_help_lists_the_flags(entry, tmp_path):
 
 
 def test_in_process_main_returns_2_with_one_line(tmp_path, tiny_model, capsys):
-    from sami_mlx import cli, train
+    from sami_mlx.cli import main as cli
+    from sami_mlx.cli import train
 
     argv = materialise(CASES[0], tmp_path, tiny_model)
     assert train.main(argv) == 2

@@ -13,7 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sami_mlx.constitution import (
+from sami_mlx.errors import SamiError
+from sami_mlx.inputs.constitution import (
     MAX_GRID_PRINCIPLES,
     Constitution,
     Principle,
@@ -24,7 +25,6 @@ from sami_mlx.constitution import (
     sample_variants,
     save_constitution,
 )
-from sami_mlx.errors import SamiError
 
 THREE = {
     "name": "three",

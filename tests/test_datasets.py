@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from sami_mlx.datasets import (
+from sami_mlx.errors import SamiError
+from sami_mlx.inputs.datasets import (
     SOURCES,
     first_human_turn,
     is_dataset_spec,
     load_dataset_queries,
     parse_spec,
 )
-from sami_mlx.errors import SamiError
-from sami_mlx.queries import load_queries
+from sami_mlx.inputs.queries import load_queries
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

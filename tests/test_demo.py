@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from sami_mlx import toyworld as world
-from sami_mlx.constitution import Variant
+from sami_mlx.inputs.constitution import Variant
+from sami_mlx.toy import world
 
 
 def test_checker_reads_each_behaviour():
@@ -80,7 +80,7 @@ def small_preset():
 
 
 def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
-    from sami_mlx.demo import run_demo
+    from sami_mlx.toy.demo import run_demo
 
     monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
     report = run_demo(tmp_path / "run", small_preset())

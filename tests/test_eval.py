@@ -12,11 +12,10 @@ import pytest
 from conftest import make_tiny_run
 
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
-from sami_mlx.cli import main
+from sami_mlx.cli.main import main
 from sami_mlx.config import TrainConfig
-from sami_mlx.constitution import Constitution, Principle, Variant
 from sami_mlx.errors import SamiError
-from sami_mlx.evaluate import (
+from sami_mlx.evaluation.evaluate import (
     EvalSettings,
     ModelOutputs,
     Outcome,
@@ -29,17 +28,18 @@ from sami_mlx.evaluate import (
     summarize,
     wilson_interval,
 )
-from sami_mlx.judge import (
+from sami_mlx.evaluation.judge import (
     DEFAULT_JUDGE_TEMPLATE,
     JudgeReply,
     JudgeTemplate,
     load_judge_template,
     parse_verdict,
 )
+from sami_mlx.inputs.constitution import Constitution, Principle, Variant
+from sami_mlx.inputs.prompts import encode_prompt, load_template
+from sami_mlx.loop.rollout import Generation
+from sami_mlx.loop.scoring import ScoringBatch, score_naive
 from sami_mlx.objective import sami_loss
-from sami_mlx.prompts import encode_prompt, load_template
-from sami_mlx.rollout import Generation
-from sami_mlx.scoring import ScoringBatch, score_naive
 
 # ---- statistics on hand-made data -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from sami_mlx.train import main
+from sami_mlx.cli.train import main
 
 KILL_POINTS = [
     "sampling:1", "sampling:6", "scoring:1", "scoring:4", "update:1", "update:5",

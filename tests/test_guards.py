@@ -6,12 +6,12 @@ import json
 import mlx.core as mx
 import pytest
 
-import sami_mlx.trainer as trainer
+import sami_mlx.loop.trainer as trainer
 from sami_mlx import events as ev
+from sami_mlx.cli.train import main
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import RunAborted
 from sami_mlx.fileio import read_jsonl
-from sami_mlx.train import main
 
 
 def cfg(tiny_model, constitution_file, queries_file, out, steps):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from sami_mlx.cli.train import make_parser
 from sami_mlx.config import TrainConfig, build_config, config_from_file
 from sami_mlx.errors import SamiError
-from sami_mlx.prompts import BUILTIN_TEMPLATES, Template, load_template
-from sami_mlx.queries import BUILTIN_QUERY_SETS, builtin_queries, load_queries
-from sami_mlx.train import make_parser
+from sami_mlx.inputs.prompts import BUILTIN_TEMPLATES, Template, load_template
+from sami_mlx.inputs.queries import BUILTIN_QUERY_SETS, builtin_queries, load_queries
 
 
 def write(path: Path, text: str) -> Path:

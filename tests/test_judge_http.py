@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_run
 
-from sami_mlx.cli import main
+from sami_mlx.cli.main import main
 from sami_mlx.errors import SamiError
-from sami_mlx.judge import HTTPJudge, chat_completions_url, make_judge, parse_verdict
+from sami_mlx.evaluation.judge import HTTPJudge, chat_completions_url, make_judge, parse_verdict
 
 KEY = "sk-test-7d1e0c9a-never-write-me"
 Reply = tuple[int, dict, bytes]

@@ -10,13 +10,13 @@ import mlx_lm
 import pytest
 import yaml
 
-import sami_mlx.trainer as trainer
+import sami_mlx.loop.trainer as trainer
 from sami_mlx import events as ev
-from sami_mlx.adapters import adapter_weights
+from sami_mlx.cli.train import main
 from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import read_jsonl
-from sami_mlx.monitor import Probe, drift
-from sami_mlx.train import main
+from sami_mlx.loop.adapters import adapter_weights
+from sami_mlx.loop.monitor import Probe, drift
 
 QUERIES = [f"Tell me about topic number {n}, please." for n in range(120)]
 

@@ -12,11 +12,11 @@ import mlx.nn as nn
 import pytest
 from test_datasets import HARMLESS, HELPFUL, fill_cache, gz_jsonl
 
-from sami_mlx.cli import main as cli
+from sami_mlx.cli.main import main as cli
+from sami_mlx.cli.train import make_parser
 from sami_mlx.config import build_config, config_from_file
-from sami_mlx.constitution import load_constitution
-from sami_mlx.demo import load_preset as demo_load_preset
 from sami_mlx.errors import SamiError
+from sami_mlx.inputs.constitution import load_constitution
 from sami_mlx.model import resolve_model_path
 from sami_mlx.presets import (
     GB,
@@ -34,7 +34,7 @@ from sami_mlx.presets import (
     preset_names,
     recipe_names,
 )
-from sami_mlx.train import make_parser
+from sami_mlx.toy.demo import load_preset as demo_load_preset
 
 # Published parameter counts, to check each preset's architecture block against.
 PUBLISHED = {"mistral-7b": 7.24e9, "mistral-7b-instruct": 7.24e9, "llama-3.1-8b": 8.03e9,
@@ -107,9 +107,9 @@ def test_estimate_tracks_the_measured_peak_of_a_scoring_step():
     """The training term against MLX's own peak-memory counter, on a small fp32 model (CPU)."""
     from mlx_lm.models import llama
 
-    from sami_mlx.adapters import attach_adapters
+    from sami_mlx.loop.adapters import attach_adapters
+    from sami_mlx.loop.scoring import ScoringBatch, score_matrix
     from sami_mlx.objective import sami_loss
-    from sami_mlx.scoring import ScoringBatch, score_matrix
 
     config = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 704,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 2000,
@@ -290,8 +290,8 @@ def test_dry_run_counts_prompt_tokens_with_the_tokenizer_at_hand(tiny_model, con
                                                                   capsys, tmp_path):
     """A local model's tokenizer counts the prompts, as the run itself does before its memory check."""
     from sami_mlx.config import TrainConfig
+    from sami_mlx.loop.trainer import check_context, prepare_inputs
     from sami_mlx.model import load_model
-    from sami_mlx.trainer import check_context, prepare_inputs
 
     rc = cli(["train", "--model", str(tiny_model), "--constitution", str(constitution_file),
               "--queries", str(queries_file), "--dry-run", "--out", str(tmp_path)])

@@ -11,21 +11,21 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 
-import sami_mlx.trainer as trainer_module
+import sami_mlx.loop.trainer as trainer_module
 from sami_mlx.config import TrainConfig, config_from_file
-from sami_mlx.constitution import Variant, variant_orders
-from sami_mlx.evaluate import (
+from sami_mlx.evaluation.evaluate import (
     Outcome,
     length_controlled_interval,
     length_controlled_win_rate,
     summarize,
 )
-from sami_mlx.judge import BUILTIN_JUDGE_TEMPLATES, load_judge_template
+from sami_mlx.evaluation.judge import BUILTIN_JUDGE_TEMPLATES, load_judge_template
+from sami_mlx.inputs.constitution import Variant, variant_orders
+from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix, load_template
+from sami_mlx.loop.rollout import Generation, Group, filter_groups
+from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
 from sami_mlx.model import load_model
 from sami_mlx.objective import accuracies
-from sami_mlx.prompts import encode_prompt, encode_with_prefix, load_template
-from sami_mlx.rollout import Generation, Group, filter_groups
-from sami_mlx.trainer import SamiLoop, prepare_inputs
 
 RECIPES = ("hh-rlhf-mistral-7b", "tldr-mistral-7b", "weak-to-strong-mixtral")
 

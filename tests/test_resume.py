@@ -4,11 +4,11 @@ import mlx.core as mx
 import pytest
 
 from sami_mlx import events as ev
+from sami_mlx.cli.train import main
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
-from sami_mlx.train import main
-from sami_mlx.trainer import resume, train
+from sami_mlx.loop.trainer import resume, train
 
 
 def config(tiny_model, constitution_file, queries_file, out, **kw):

@@ -3,8 +3,8 @@ import mlx_lm
 import pytest
 from mlx_lm.generate import generate_step
 
-from sami_mlx.constitution import Variant
-from sami_mlx.rollout import (
+from sami_mlx.inputs.constitution import Variant
+from sami_mlx.loop.rollout import (
     Generation,
     Group,
     cut_at_stop,
@@ -101,7 +101,7 @@ def test_sample_stats_report_length_truncation_and_repetition():
 
 
 def test_stop_watch_finds_a_stop_string_split_across_tokens(loaded):
-    from sami_mlx.rollout import StopWatch
+    from sami_mlx.loop.rollout import StopWatch
 
     _, tok = loaded
     ids = tok.encode("Sure. Human: next", add_special_tokens=False)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from sami_mlx.adapters import adapters_disabled, attach_adapters
-from sami_mlx.scoring import ScoringBatch, build_pairs, kl_to_base, score_naive, score_shared
+from sami_mlx.loop.adapters import adapters_disabled, attach_adapters
+from sami_mlx.loop.scoring import ScoringBatch, build_pairs, kl_to_base, score_naive, score_shared
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_score_matrix_equals_per_sequence_computation(loaded, score):
 
 
 def test_prefix_shared_scores_and_gradients_match_naive(tiny_model):
-    from sami_mlx.adapters import attach_adapters
+    from sami_mlx.loop.adapters import attach_adapters
     from sami_mlx.objective import sami_loss
 
     model, tok = mlx_lm.load(str(tiny_model))

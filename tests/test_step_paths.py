@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from sami_mlx import scoring
 from sami_mlx.config import TrainConfig
-from sami_mlx.constitution import Variant
+from sami_mlx.inputs.constitution import Variant
+from sami_mlx.loop import scoring
+from sami_mlx.loop.rollout import Generation, Group
+from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
 from sami_mlx.model import load_model
-from sami_mlx.rollout import Generation, Group
-from sami_mlx.trainer import SamiLoop, prepare_inputs
 
 
 @pytest.fixture(params=["llama", "qwen2"])
@@ -166,7 +166,7 @@ def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, constitu
 def test_compiled_run_resumes_bit_identical(tiny_model, constitution_file, queries_file, tmp_path):
     """--compile keeps resume exact: a run stopped after its first step ends with the same adapters."""
     from sami_mlx import events as ev
-    from sami_mlx.trainer import resume, train
+    from sami_mlx.loop.trainer import resume, train
 
     def cfg(out):
         return TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),

@@ -10,15 +10,15 @@ import mlx_lm
 import numpy as np
 import pytest
 
+from sami_mlx.cli.train import main
 from sami_mlx.config import TrainConfig
-from sami_mlx.constitution import Variant
 from sami_mlx.fileio import read_jsonl
+from sami_mlx.inputs.constitution import Variant
+from sami_mlx.inputs.prompts import encode_prompt, load_template
+from sami_mlx.loop.rollout import Generation, Group
+from sami_mlx.loop.scoring import ScoringBatch
+from sami_mlx.loop.trainer import SamiLoop, _kl_on, prepare_inputs, train
 from sami_mlx.model import load_model
-from sami_mlx.prompts import encode_prompt, load_template
-from sami_mlx.rollout import Generation, Group
-from sami_mlx.scoring import ScoringBatch
-from sami_mlx.train import main
-from sami_mlx.trainer import SamiLoop, _kl_on, prepare_inputs, train
 
 PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant:"
 

@@ -18,10 +18,10 @@ from rich.console import Console
 from textual import events
 from textual.widgets import DataTable, Input, OptionList
 
-from sami_mlx import trainer
 from sami_mlx.config import config_from_file
 from sami_mlx.events import StepCompleted
 from sami_mlx.fileio import read_jsonl
+from sami_mlx.loop import trainer
 from tui.app import SamiApp
 from tui.chat_screen import ChatScreen
 from tui.constitution_screen import ConstitutionScreen
@@ -209,7 +209,7 @@ async def test_new_file_save_as_and_open_with_preview(workdir, constitution_file
 @pilot_test
 async def test_draft_principles_with_the_writer(workdir, tiny_model, constitution_file, monkeypatch):
     from sami_mlx import writer
-    from sami_mlx.constitution import Constitution, Principle
+    from sami_mlx.inputs.constitution import Constitution, Principle
 
     asked = {}
 
@@ -512,7 +512,7 @@ def test_model_output_is_made_printable():
 
 
 def test_cli_refuses_a_run_folder_without_metrics(tmp_path, capsys):
-    from sami_mlx.cli import main
+    from sami_mlx.cli.main import main
 
     assert main(["tui", "--run", str(tmp_path)]) == 2
     assert "no metrics.jsonl there" in capsys.readouterr().err

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import sami_mlx.writer as writer
-from sami_mlx.cli import main
-from sami_mlx.constitution import load_constitution
+from sami_mlx.cli.main import main
 from sami_mlx.errors import SamiError
+from sami_mlx.inputs.constitution import load_constitution
 from sami_mlx.writer import DraftError, draft_with, parse_principles
 
 WELL_FORMED = {

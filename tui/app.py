@@ -10,15 +10,14 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from sami_mlx.constitution import Constitution, load_constitution
 from sami_mlx.errors import RunAborted, SamiError
-
-from .chat_screen import ChatScreen
-from .chatting import ChatModels
-from .constitution_screen import ConstitutionScreen
-from .modals import ChoiceModal, ErrorModal
-from .run_screen import RunScreen
-from .runlog import short_path
+from sami_mlx.inputs.constitution import Constitution, load_constitution
+from tui.chat_screen import ChatScreen
+from tui.chatting import ChatModels
+from tui.constitution_screen import ConstitutionScreen
+from tui.modals import ChoiceModal, ErrorModal
+from tui.run_screen import RunScreen
+from tui.runlog import short_path
 
 
 class SamiApp(App):
@@ -44,7 +43,7 @@ class SamiApp(App):
         self.run_dir = run
         self.runs_dir = runs_dir
         if trainer is None:
-            from sami_mlx import trainer
+            from sami_mlx.loop import trainer
         self.trainer = trainer  # anything with the engine's train() and resume()
         self.chat_models = ChatModels()
         self.start_mode = "run" if run else "constitution"

@@ -18,8 +18,7 @@ from textual.worker import get_current_worker
 
 from sami_mlx.checkpoints import Checkpoint, list_checkpoints, run_model
 from sami_mlx.errors import SamiError
-
-from .chatting import (
+from tui.chatting import (
     build_prompt,
     checkpoint_label,
     model_name,
@@ -27,9 +26,9 @@ from .chatting import (
     stream_reply,
     uses_chat_template,
 )
-from .runlog import short_path
-from .threads import in_fresh_thread
-from .widgets import ChatBubble, NavTabs
+from tui.runlog import short_path
+from tui.threads import in_fresh_thread
+from tui.widgets import ChatBubble, NavTabs
 
 FRAME = 1 / 15  # streamed text is redrawn at most 15 times a second
 
@@ -183,7 +182,7 @@ class ChatScreen(Screen):
             self.workers.cancel_group(self, "chat")
 
     def action_open_run(self) -> None:
-        from .modals import RunPicker
+        from tui.modals import RunPicker
 
         def chosen(path: Path | None) -> None:
             if path is not None:

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from sami_mlx.adapters import adapters_disabled
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.config import TrainConfig, config_from_file
 from sami_mlx.errors import SamiError
-from sami_mlx.prompts import load_template
+from sami_mlx.inputs.prompts import load_template
+from sami_mlx.loop.adapters import adapters_disabled
 
 STOP_STRINGS = tuple(TrainConfig().stop)  # the engine's defaults: "Human:", "###"
 

@@ -14,7 +14,9 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Static
 
-from sami_mlx.constitution import (
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_structured
+from sami_mlx.inputs.constitution import (
     Constitution,
     constitution_from_dict,
     load_constitution,
@@ -24,13 +26,10 @@ from sami_mlx.constitution import (
     save_constitution,
     variant_strategy,
 )
-from sami_mlx.errors import SamiError
-from sami_mlx.fileio import read_structured
-
-from .modals import ChoiceModal, PathModal
-from .runlog import short_path
-from .threads import in_fresh_thread
-from .widgets import NavTabs, PrincipleCard
+from tui.modals import ChoiceModal, PathModal
+from tui.runlog import short_path
+from tui.threads import in_fresh_thread
+from tui.widgets import NavTabs, PrincipleCard
 
 PREVIEW_LIMIT = 8
 
@@ -331,7 +330,7 @@ class ConstitutionScreen(Screen):
         return True
 
     def action_draft(self) -> None:
-        from .modals import DraftModal
+        from tui.modals import DraftModal
 
         def chosen(request: dict | None) -> None:
             if not request:

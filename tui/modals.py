@@ -13,7 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from .runlog import list_runs, short_path
+from tui.runlog import list_runs, short_path
 
 
 class ErrorModal(ModalScreen[None]):

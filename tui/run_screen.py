@@ -20,12 +20,18 @@ from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar
 
 from sami_mlx import events as ev
 from sami_mlx.config import FIELDS, TrainConfig
-from sami_mlx.constitution import load_constitution
 from sami_mlx.errors import SamiError
-
-from .runlog import RunView, is_resumable, load_run, read_samples, sample_iterations, short_path
-from .threads import in_fresh_thread
-from .widgets import MetricPlot, NavTabs, ScoreHeatmap, samples_text
+from sami_mlx.inputs.constitution import load_constitution
+from tui.runlog import (
+    RunView,
+    is_resumable,
+    load_run,
+    read_samples,
+    sample_iterations,
+    short_path,
+)
+from tui.threads import in_fresh_thread
+from tui.widgets import MetricPlot, NavTabs, ScoreHeatmap, samples_text
 
 FRAME = 1 / 15  # the dashboard redraws at most 15 times a second
 
@@ -261,7 +267,7 @@ class RunScreen(Screen):
         self.render_view()
 
     def action_open_run(self) -> None:
-        from .modals import RunPicker
+        from tui.modals import RunPicker
 
         def chosen(path: Path | None) -> None:
             if path is not None:

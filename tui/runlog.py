@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
-from sami_mlx.runstate import RunState
+from sami_mlx.loop.runstate import RunState
 
 
 @dataclass

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Label, Sparkline, Static, Tab, Tabs
 
-from .runlog import printable
+from tui.runlog import printable
 
 _card_ids = itertools.count(1)
 

@@ -19,17 +19,18 @@ import mlx.optimizers as optim
 import yaml
 from mlx.utils import tree_flatten, tree_map
 
-from . import events as ev
-from .adapters import (
-    adapter_weights,
-    adapters_disabled,
-    attach_adapters,
-    save_adapter_weights,
-    save_adapters,
-    set_adapter_weights,
+from sami_mlx import events as ev
+from sami_mlx.config import TrainConfig, config_from_file
+from sami_mlx.errors import RunAborted, SamiError
+from sami_mlx.fileio import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    read_text,
 )
-from .config import TrainConfig, config_from_file
-from .constitution import (
+from sami_mlx.inputs.constitution import (
     Constitution,
     Principle,
     Variant,
@@ -40,26 +41,30 @@ from .constitution import (
     variant_orders,
     variant_strategy,
 )
-from .distributed import Ranks
-from .errors import RunAborted, SamiError
-from .faults import fault_point
-from .fileio import (
-    append_jsonl,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    read_jsonl,
-    read_text,
+from sami_mlx.inputs.prompts import Template, encode_prompt, encode_with_prefix, load_template
+from sami_mlx.inputs.queries import load_queries
+from sami_mlx.loop.adapters import (
+    adapter_weights,
+    adapters_disabled,
+    attach_adapters,
+    save_adapter_weights,
+    save_adapters,
+    set_adapter_weights,
 )
-from .model import float_bytes, load_model
-from .monitor import KINDS as MONITOR_KINDS
-from .monitor import Answer, Probe, answer_of, answer_stats, drift, mean_nll
-from .objective import accuracies, mi_lower_bound, sami_loss
-from .prompts import Template, encode_prompt, encode_with_prefix, load_template
-from .queries import load_queries
-from .rollout import DropCounts, Generation, Group, filter_groups, generate_batch, sample_stats
-from .runstate import RunLock, RunState, load_checkpoint, save_checkpoint
-from .scoring import (
+from sami_mlx.loop.distributed import Ranks
+from sami_mlx.loop.faults import fault_point
+from sami_mlx.loop.monitor import KINDS as MONITOR_KINDS
+from sami_mlx.loop.monitor import Answer, Probe, answer_of, answer_stats, drift, mean_nll
+from sami_mlx.loop.rollout import (
+    DropCounts,
+    Generation,
+    Group,
+    filter_groups,
+    generate_batch,
+    sample_stats,
+)
+from sami_mlx.loop.runstate import RunLock, RunState, load_checkpoint, save_checkpoint
+from sami_mlx.loop.scoring import (
     PairBatch,
     ScoringBatch,
     kl_to_base,
@@ -69,6 +74,8 @@ from .scoring import (
     shared_scoring_supported,
     token_logprobs,
 )
+from sami_mlx.model import float_bytes, load_model
+from sami_mlx.objective import accuracies, mi_lower_bound, sami_loss
 
 Callback = Callable[[ev.Event], None]
 StopCheck = Callable[[], bool]
@@ -184,7 +191,7 @@ def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt
 
     `float_bytes`: the loaded model's float width (fp32 on the CPU backend after `upcast_for_cpu`).
     """
-    from .presets import GiB, ModelShape, RunShape, estimate_memory, fit, machine_memory
+    from sami_mlx.presets import GiB, ModelShape, RunShape, estimate_memory, fit, machine_memory
 
     try:
         shape = ModelShape.from_config(model_config)

@@ -6,8 +6,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from .errors import SamiError
-from .fileio import read_text
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_text
 
 BUILTIN_QUERY_SETS = ("dialogue", "summarization")
 
@@ -22,10 +22,10 @@ def builtin_queries(name: str) -> list[str]:
 
 def load_queries(source: str) -> list[str]:
     """Load queries from a built-in set name, a hub dataset (e.g. 'tldr:train[0:2000]'; see
-    sami_mlx.datasets), a .jsonl file, or a text file (one query a line)."""
+    sami_mlx.inputs.datasets), a .jsonl file, or a text file (one query a line)."""
     if source in BUILTIN_QUERY_SETS and not Path(source).exists():
         return builtin_queries(source)
-    from .datasets import is_dataset_spec, load_dataset_queries
+    from sami_mlx.inputs.datasets import is_dataset_spec, load_dataset_queries
 
     if is_dataset_spec(source) and not Path(source).exists():
         return load_dataset_queries(source)

@@ -14,10 +14,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .adapters import adapter_weights, set_adapter_weights
-from .errors import SamiError
-from .faults import fault_point
-from .fileio import atomic_write_json
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import atomic_write_json
+from sami_mlx.loop.adapters import adapter_weights, set_adapter_weights
+from sami_mlx.loop.faults import fault_point
 
 STATE_VERSION = 1
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import SamiError
-from .fileio import read_text
-from .prompts import check_placeholders, fill_fields, template_fields
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_text
+from sami_mlx.inputs.prompts import check_placeholders, fill_fields, template_fields
 
 Progress = Callable[[int, int], None]
 
@@ -229,9 +229,9 @@ class LocalJudge:
         return {"kind": self.kind, "model": self.model_name, "max_tokens": self.max_tokens}
 
     def __call__(self, prompts: Sequence[str], on_progress: Progress | None = None) -> list[JudgeReply]:
-        from .model import load_model
-        from .prompts import encode_prompt
-        from .rollout import generate_batch
+        from sami_mlx.inputs.prompts import encode_prompt
+        from sami_mlx.loop.rollout import generate_batch
+        from sami_mlx.model import load_model
 
         if self._loaded is None:
             model, tokenizer, _ = load_model(self.model_name, self.trust_remote_code)
@@ -495,7 +495,7 @@ def make_judge(judge: str | None, url: str | None, model: str | None, **options)
         return HTTPJudge(url, model or "", **{k: v for k, v in options.items() if k in keys})
     if not judge:
         raise SamiError("no judge: pass --judge MODEL (a local mlx-lm model) or --judge-url URL --judge-model NAME")
-    from .model import resolve_model_path
+    from sami_mlx.model import resolve_model_path
 
     try:
         resolve_model_path(judge)  # a missing directory or hub id fails now, not after generation

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import SamiError
-from .fileio import read_text
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_text
 
 PLACEHOLDERS = ("{constitution}", "{query}")
 # dialogue/summarization set both prompts; the hh-*/tldr-* pairs follow the reference's split into a

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import SamiError
+from sami_mlx.errors import SamiError
 
 MAX_PRINCIPLES = 12
 
@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Validate the flags, load the writer, draft, save, and print the constitution."""
-    from .constitution import save_constitution
-    from .fileio import read_text
-    from .model import load_model
-    from .writer import default_max_tokens, draft_constitution
+    from sami_mlx.fileio import read_text
+    from sami_mlx.inputs.constitution import save_constitution
+    from sami_mlx.model import load_model
+    from sami_mlx.writer import default_max_tokens, draft_constitution
 
     task = read_text(args.task_file, "task file") if args.task_file else args.task
     if not task or not task.strip():

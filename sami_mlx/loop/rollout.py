@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from .faults import fault_point
+from sami_mlx.loop.faults import fault_point
 
 
 @dataclass

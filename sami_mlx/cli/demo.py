@@ -1,4 +1,4 @@
-"""`sami-mlx demo`: the command-line face of sami_mlx.demo (progress bar, table, next steps)."""
+"""`sami-mlx demo`: the command-line face of sami_mlx.toy.demo (progress bar, table, next steps)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .demo import format_report, run_demo
-    from .progress import ProgressBar
+    from sami_mlx.cli.progress import ProgressBar
+    from sami_mlx.toy.demo import format_report, run_demo
 
     out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     report = run_demo(out, emit=ProgressBar(), seed=args.seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .presets import (
+from sami_mlx.presets import (
     GB,
     RunShape,
     fit,

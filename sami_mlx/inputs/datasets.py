@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SamiError
+from sami_mlx.errors import SamiError
 
 Records = Iterable[dict]
 

@@ -17,8 +17,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .constitution import Constitution, Principle, Variant
-from .prompts import Template
+from sami_mlx.inputs.constitution import Constitution, Principle, Variant
+from sami_mlx.inputs.prompts import Template
 
 VERSION = 1  # bump when the corpus changes: cached models are keyed on it
 NAME = "marker-world"

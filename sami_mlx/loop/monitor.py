@@ -21,9 +21,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .fileio import atomic_write_json
-from .rollout import Generation, generation_stats
-from .scoring import build_pairs, token_logprobs
+from sami_mlx.fileio import atomic_write_json
+from sami_mlx.loop.rollout import Generation, generation_stats
+from sami_mlx.loop.scoring import build_pairs, token_logprobs
 
 KINDS = ("prompted", "plain")
 

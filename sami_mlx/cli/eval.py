@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import events as ev
-from .errors import SamiError
-from .judge import DEFAULT_JUDGE_MAX_TOKENS
+from sami_mlx import events as ev
+from sami_mlx.errors import SamiError
+from sami_mlx.evaluation.judge import DEFAULT_JUDGE_MAX_TOKENS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +65,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Resolve the flags, evaluate with progress bars, print the table; returns the exit code."""
-    from .evaluate import EvalSettings, choose_checkpoints, evaluate, load_run_setup, markdown_table
-    from .judge import load_judge_template, make_judge
-    from .progress import ProgressBar
-    from .queries import load_queries
+    from sami_mlx.cli.progress import ProgressBar
+    from sami_mlx.evaluation.evaluate import (
+        EvalSettings,
+        choose_checkpoints,
+        evaluate,
+        load_run_setup,
+        markdown_table,
+    )
+    from sami_mlx.evaluation.judge import load_judge_template, make_judge
+    from sami_mlx.inputs.queries import load_queries
 
     run_dir = Path(args.run).expanduser()
     setup = load_run_setup(run_dir, args.constitution)
@@ -136,8 +142,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def kept_adapters(run_dir: Path) -> str:
     """Which checkpoint RUN/adapters.safetensors holds and why, from state.json ('' if unknown)."""
-    from .runstate import RunState
-    from .trainer import describe_kept
+    from sami_mlx.loop.runstate import RunState
+    from sami_mlx.loop.trainer import describe_kept
 
     path = run_dir / "state.json"
     try:

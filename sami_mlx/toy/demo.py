@@ -12,21 +12,21 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import events as ev
-from . import toyworld
-from .config import TrainConfig
-from .constitution import Constitution, Variant, save_constitution
-from .fileio import atomic_write_json, atomic_write_text
-from .pretrain import ensure_toy_model, world_of
-from .rollout import generate_batch
-from .trainer import heldout_perplexity, load_heldout, train
+from sami_mlx import events as ev
+from sami_mlx.config import TrainConfig
+from sami_mlx.fileio import atomic_write_json, atomic_write_text
+from sami_mlx.inputs.constitution import Constitution, Variant, save_constitution
+from sami_mlx.loop.rollout import generate_batch
+from sami_mlx.loop.trainer import heldout_perplexity, load_heldout, train
+from sami_mlx.toy import world as toyworld
+from sami_mlx.toy.pretrain import ensure_toy_model, world_of
 
 Callback = Callable[[ev.Event], None]
 
 
 def load_preset(name: str = "toy-world") -> dict:
     """A model preset shipped in models/, as written (see sami_mlx.presets)."""
-    from .presets import load_preset as load
+    from sami_mlx.presets import load_preset as load
 
     return load(name)
 

@@ -7,18 +7,18 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .train import guarded
+from sami_mlx import __version__
+from sami_mlx.cli.guard import guarded
 
 # name -> (module, help). Modules are imported lazily so `sami-mlx --help` stays fast.
 COMMANDS = {
-    "train": ("sami_mlx.train", "Align a model to a constitution with SAMI."),
-    "demo": ("sami_mlx.demo_cli", "Prove the mechanism offline: SAMI on a synthetic principles world."),
+    "train": ("sami_mlx.cli.train", "Align a model to a constitution with SAMI."),
+    "demo": ("sami_mlx.cli.demo", "Prove the mechanism offline: SAMI on a synthetic principles world."),
     "tui": ("tui.cli", "Open the terminal UI: edit constitutions, watch runs, chat with checkpoints."),
-    "eval": ("sami_mlx.eval_cli", "Win rates of a run's checkpoints against the base model, judged pairwise."),
-    "write": ("sami_mlx.writer_cli", "Draft a constitution (principles and antitheses) with an instruct model."),
-    "chat": ("sami_mlx.chat", "Chat in the terminal with the base model or a checkpoint."),
-    "models": ("sami_mlx.presets_cli", "List the model presets and the memory each needs."),
+    "eval": ("sami_mlx.cli.eval", "Win rates of a run's checkpoints against the base model, judged pairwise."),
+    "write": ("sami_mlx.cli.write", "Draft a constitution (principles and antitheses) with an instruct model."),
+    "chat": ("sami_mlx.cli.chat", "Chat in the terminal with the base model or a checkpoint."),
+    "models": ("sami_mlx.cli.models", "List the model presets and the memory each needs."),
 }
 
 

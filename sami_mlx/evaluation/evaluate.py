@@ -18,10 +18,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import events as ev
-from .checkpoints import Checkpoint, find_checkpoint, list_checkpoints, load_checkpoint_model
-from .config import TrainConfig, config_from_file
-from .constitution import (
+from sami_mlx import events as ev
+from sami_mlx.checkpoints import (
+    Checkpoint,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint_model,
+)
+from sami_mlx.config import TrainConfig, config_from_file
+from sami_mlx.errors import SamiError
+from sami_mlx.evaluation.judge import JudgeReply, JudgeTemplate, parse_verdict
+from sami_mlx.fileio import atomic_write_json, atomic_write_text
+from sami_mlx.inputs.constitution import (
     Constitution,
     Variant,
     load_constitution,
@@ -30,14 +38,11 @@ from .constitution import (
     sample_variants,
     variant_strategy,
 )
-from .errors import SamiError
-from .fileio import atomic_write_json, atomic_write_text
-from .judge import JudgeReply, JudgeTemplate, parse_verdict
-from .objective import accuracies, mi_lower_bound, sami_loss
-from .prompts import Template, encode_prompt, encode_with_prefix, load_template
-from .queries import load_queries
-from .rollout import Generation, generate_batch
-from .scoring import ScoringBatch, score_matrix
+from sami_mlx.inputs.prompts import Template, encode_prompt, encode_with_prefix, load_template
+from sami_mlx.inputs.queries import load_queries
+from sami_mlx.loop.rollout import Generation, generate_batch
+from sami_mlx.loop.scoring import ScoringBatch, score_matrix
+from sami_mlx.objective import accuracies, mi_lower_bound, sami_loss
 
 Emit = Callable[[ev.Event], None]
 Judge = Callable[..., list[JudgeReply]]

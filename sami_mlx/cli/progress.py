@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from . import events as ev
+from sami_mlx import events as ev
 
 
 class ProgressBar:

@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from .errors import RunAborted, SamiError
+from sami_mlx.errors import RunAborted, SamiError
 
 DEFAULT_TIMEOUT = 300.0
 

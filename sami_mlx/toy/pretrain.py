@@ -18,8 +18,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import default_loss
 
-from . import toyworld
-from .markerworld import MarkerWorld
+from sami_mlx.toy import world as toyworld
+from sami_mlx.toy.markerworld import MarkerWorld
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SamiError
-from .fileio import atomic_write_text, dump_yaml, read_structured
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import atomic_write_text, dump_yaml, read_structured
 
 MAX_GRID_PRINCIPLES = 6  # 2**6 = 64 variants, 4096 scored pairs per query
 

@@ -1,0 +1,87 @@
+"""`python -m sami_mlx.cli.train` / `sami-mlx train`: run SAMI from flags and a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from sami_mlx import config
+from sami_mlx.cli.guard import guarded
+from sami_mlx.errors import RunAborted, SamiError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training flags (one per TrainConfig field) plus --resume and --rank-timeout."""
+    from sami_mlx.loop.distributed import DEFAULT_TIMEOUT
+
+    config.add_arguments(parser)
+    parser.add_argument("--resume", metavar="RUN", help="Continue a stopped or killed run from its last step.")
+    parser.add_argument(
+        "--rank-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help="Under mlx.launch: end the run when the other ranks have not answered for this long, plus twice "
+             f"the time this rank spent on its own share since they last did (default: {DEFAULT_TIMEOUT:.0f}).")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sami-mlx train", description="Align a model to a constitution with SAMI (LoRA on MLX)."
+    )
+    add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, then train (or resume) with a progress bar; returns the exit code."""
+    from sami_mlx.loop.distributed import DEFAULT_TIMEOUT, Ranks
+
+    timeout = getattr(args, "rank_timeout", DEFAULT_TIMEOUT)
+    if timeout <= 0:
+        raise SamiError(f"--rank-timeout {timeout}: must be above 0 seconds")
+    if args.dry_run and not args.resume:
+        return dry_run(config.build_config(args))
+    # Join the launcher's group first, so that a rank failing later is seen by the others at once.
+    ranks = Ranks.world(timeout)
+    try:
+        return _train(args, ranks)
+    except (SamiError, RunAborted) as e:
+        if ranks.size > 1 and not str(e).startswith("rank "):
+            e.args = (f"rank {ranks.rank}: {e}",)
+        raise
+
+
+def dry_run(cfg: config.TrainConfig) -> int:
+    """Print the resolved configuration and what it will train on."""
+    from sami_mlx.loop.trainer import prepare_inputs
+
+    inputs = prepare_inputs(cfg)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# {len(inputs.queries)} queries, {len(inputs.constitution.principles)} principles, "
+          f"{inputs.num_variants} variants per query")
+    from sami_mlx.presets import dry_run_report  # the plan and its memory estimate
+
+    print(dry_run_report(cfg, inputs))
+    return 0
+
+
+def _train(args: argparse.Namespace, ranks) -> int:
+    from sami_mlx.cli.progress import ProgressBar
+    from sami_mlx.loop.trainer import resume, train
+
+    bar = ProgressBar(ranks=ranks.size)
+    try:  # an error message must not land on the progress bar's line
+        if args.resume:
+            given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
+            if args.config:
+                given = {**config.config_from_file(args.config), **given}
+            resume(args.resume, callbacks=[bar], overrides=given, ranks=ranks)
+        else:
+            train(config.build_config(args), callbacks=[bar], ranks=ranks)
+    finally:
+        bar.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return guarded(run, args)

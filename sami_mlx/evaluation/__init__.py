@@ -1,0 +1,1 @@
+"""Judging a run: pairwise win rates against the base model and the judges that decide them."""

@@ -1,0 +1,1 @@
+"""What a run reads: constitutions, prompt templates, queries and datasets."""

@@ -1,0 +1,1 @@
+"""The SAMI loop: sampling, scoring, the objective's step, adapters, run state, ranks and the monitor."""

@@ -1,0 +1,1 @@
+"""The synthetic principles worlds, their locally built base models, and `sami-mlx demo`."""
