@@ -9,7 +9,7 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 PRELOAD := $(shell [ -f $(OPENBLAS) ] && echo LD_PRELOAD=$(OPENBLAS))
 RUN := $(PRELOAD) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2}
 
-.PHONY: test demo bench bench-quick lint setup clean
+.PHONY: test _test _checks demo bench bench-quick lint setup clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(MAKE) --no-print-directory _test
 
-_test:
+# Everything CI checks: formatting, lint, types, the import contracts (pyproject.toml), then pytest.
+_test: _checks
 	$(RUN) $(PY) -m pytest tests
+
+_checks:
+	$(VENV)/bin/ruff format --check sami_mlx tui tests benchmarks
+	$(VENV)/bin/ruff check sami_mlx tui tests benchmarks
+	$(VENV)/bin/lint-imports
 
 demo: $(STAMP)
 	$(MAKE) --no-print-directory _demo
@@ -48,7 +54,7 @@ _bench:
 	cd benchmarks && for b in $(EXTRA); do $(RUN) ../$(PY) $$b.py || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sami_mlx tui tests benchmarks
+	$(MAKE) --no-print-directory _checks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

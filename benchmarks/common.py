@@ -29,11 +29,21 @@ def build_model(size: str, seed: int = 0, arch: str = "llama") -> Path:
     hidden, layers, heads, inter = SIZES[size]
     out = Path(tempfile.mkdtemp(prefix=f"sami-bench-{arch}-{size}-"))
     tok = train_tokenizer([p + r for p, r in toyworld.corpus(2000, 0)], 1024, out)
-    config = {"model_type": arch, "hidden_size": hidden, "num_hidden_layers": layers,
-              "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": heads,
-              "rms_norm_eps": 1e-5, "vocab_size": tok.get_vocab_size(), "rope_theta": 10000.0,
-              "tie_word_embeddings": True, "max_position_embeddings": 1024,
-              "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": tok.token_to_id("</s>")}
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": tok.get_vocab_size(),
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 1024,
+        "bos_token_id": tok.token_to_id("<s>"),
+        "eos_token_id": tok.token_to_id("</s>"),
+    }
     (out / "config.json").write_text(json.dumps(config))
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -74,8 +84,10 @@ def report(name: str, **fields) -> None:
 
 
 # Training-step benchmarks: N=4 variants, prompt:response 4:1, sized to run in minutes on a CPU.
-STEP_SETTINGS = {"tiny": dict(groups=4, prompt=128, response=32, reps=5),
-                 "100m": dict(groups=1, prompt=64, response=16, reps=2)}
+STEP_SETTINGS = {
+    "tiny": dict(groups=4, prompt=128, response=32, reps=5),
+    "100m": dict(groups=1, prompt=64, response=16, reps=2),
+}
 
 
 def step_setup(size: str, n: int = 4):

@@ -38,8 +38,12 @@ def run(rows: int, reps: int) -> dict:
     print(f"  fp16 scales (as shipped): {t16 * 1e3:8.2f} ms per token-row")
     print(f"  fp32 scales (upcast)    : {t32 * 1e3:8.2f} ms per token-row")
     print(f"  speed-up {t16 / t32:.1f}x for {after / before:.2f}x the layer's memory")
-    return {"ratio": t16 / t32, "fp16_ms_per_row": t16 * 1e3, "fp32_ms_per_row": t32 * 1e3,
-            "memory_ratio": after / before}
+    return {
+        "ratio": t16 / t32,
+        "fp16_ms_per_row": t16 * 1e3,
+        "fp32_ms_per_row": t32 * 1e3,
+        "memory_ratio": after / before,
+    }
 
 
 def main() -> None:

@@ -23,7 +23,16 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="sami-demo-")
     report = run_demo(out, emit=ProgressBar(), seed=args.seed)
     print(format_report(report))
-    keys = ("base_adherence", "sami_adherence", "win_rate", "win_rate_ci", "ppl_ratio", "heldout", "mi_bound", "seconds")
+    keys = (
+        "base_adherence",
+        "sami_adherence",
+        "win_rate",
+        "win_rate_ci",
+        "ppl_ratio",
+        "heldout",
+        "mi_bound",
+        "seconds",
+    )
     print(json.dumps({"benchmark": "demo", **{k: report[k] for k in keys}}))
 
 

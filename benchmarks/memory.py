@@ -22,9 +22,18 @@ from sami_mlx.config import TrainConfig
 from sami_mlx.loop.trainer import check_context, prepare_inputs, train
 from sami_mlx.presets import GiB, ModelShape, RunShape, estimate_memory
 
-WIDTHS = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-          "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False,
-          "max_position_embeddings": 4096, "model_type": "llama"}
+WIDTHS = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e4,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+}
 
 
 def build(layers: int, root: Path) -> Path:
@@ -40,9 +49,14 @@ def build(layers: int, root: Path) -> Path:
     # Fill the vocabulary to 32k with plain words, so that every sampled id decodes to text.
     tok.add_tokens([f" w{i}" for i in range(tok.get_vocab_size(), WIDTHS["vocab_size"])])
     tok.save(str(out / "tokenizer.json"))
-    config = {**WIDTHS, "num_hidden_layers": layers, "bos_token_id": tok.token_to_id("<s>"),
-              "eos_token_id": tok.token_to_id("</s>"), "torch_dtype": "float16",
-              "quantization": {"group_size": 64, "bits": 4}}
+    config = {
+        **WIDTHS,
+        "num_hidden_layers": layers,
+        "bos_token_id": tok.token_to_id("<s>"),
+        "eos_token_id": tok.token_to_id("</s>"),
+        "torch_dtype": "float16",
+        "quantization": {"group_size": 64, "bits": 4},
+    }
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.float16)
@@ -62,9 +76,19 @@ def run_once(layers: int, root: Path) -> tuple[float, float]:
     (root / "c.yaml").write_text("name: m\nprinciples:\n  - {name: a, positive: Be kind., negative: Be rude.}\n")
     (root / "q.txt").write_text("hi\nhello\n")
     (root / "t.txt").write_text("{constitution}\n{query}\n")
-    cfg = TrainConfig(model=str(model_dir), constitution=str(root / "c.yaml"), queries=str(root / "q.txt"),
-                      template=str(root / "t.txt"), iterations=1, steps=1, queries_per_step=1, max_tokens=4,
-                      lora_layers=-1, stop=[], out=str(root / f"run-{layers}")).resolved()
+    cfg = TrainConfig(
+        model=str(model_dir),
+        constitution=str(root / "c.yaml"),
+        queries=str(root / "q.txt"),
+        template=str(root / "t.txt"),
+        iterations=1,
+        steps=1,
+        queries_per_step=1,
+        max_tokens=4,
+        lora_layers=-1,
+        stop=[],
+        out=str(root / f"run-{layers}"),
+    ).resolved()
     steps = []
     train(cfg, callbacks=[lambda e: steps.append(e) if isinstance(e, ev.StepCompleted) else None])
     inputs = prepare_inputs(cfg)
@@ -89,10 +113,13 @@ def main() -> None:
         print(f"  {n} block(s): measured step peak {m / GiB:6.2f} GiB, estimated {e / GiB:6.2f} GiB ({e / m:.2f}x)")
     print(f"  per block: measured {per_block_measured / GiB:.3f} GiB, estimated {per_block_estimated / GiB:.3f} GiB")
     print(f"  extrapolated to 32 blocks: measured {m32 / GiB:.1f} GiB, estimated {e32 / GiB:.1f} GiB")
-    report("memory/mistral-7b-widths", estimated_over_measured=eb / mb,
-           per_block_gib={"measured": per_block_measured / GiB, "estimated": per_block_estimated / GiB},
-           at_32_blocks_gib={"measured": m32 / GiB, "estimated": e32 / GiB},
-           peaks_gib={str(n): {"measured": m / GiB, "estimated": e / GiB} for n, m, e in ((a, ma, ea), (b, mb, eb))})
+    report(
+        "memory/mistral-7b-widths",
+        estimated_over_measured=eb / mb,
+        per_block_gib={"measured": per_block_measured / GiB, "estimated": per_block_estimated / GiB},
+        at_32_blocks_gib={"measured": m32 / GiB, "estimated": e32 / GiB},
+        peaks_gib={str(n): {"measured": m / GiB, "estimated": e / GiB} for n, m, e in ((a, ma, ea), (b, mb, eb))},
+    )
 
 
 if __name__ == "__main__":

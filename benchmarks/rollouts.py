@@ -14,8 +14,7 @@ from common import SIZES, build_model, parameters, random_ids, report
 
 from sami_mlx.loop.rollout import generate_batch
 
-SETTINGS = {"tiny": dict(prompts=32, prompt=128, response=32),
-            "100m": dict(prompts=16, prompt=64, response=16)}
+SETTINGS = {"tiny": dict(prompts=32, prompt=128, response=32), "100m": dict(prompts=16, prompt=64, response=16)}
 
 
 def measured(fn) -> tuple[float, float, object]:
@@ -42,8 +41,12 @@ def run(size: str) -> dict:
     stops = ["\x00never\x00", "\x01stop\x01"]
     results = {}
     for name, fn in (
-        ("batch_generate", lambda: mlx_lm.batch_generate(model, tok, prompts, max_tokens=s["response"],
-                                                          completion_batch_size=n, prefill_batch_size=8)),
+        (
+            "batch_generate",
+            lambda: mlx_lm.batch_generate(
+                model, tok, prompts, max_tokens=s["response"], completion_batch_size=n, prefill_batch_size=8
+            ),
+        ),
         ("engine", lambda: generate_batch(model, tok, prompts, s["response"], stop_strings=stops, batch_size=n)),
     ):
         runs = [measured(fn) for _ in range(2)]  # the faster of two: this machine is shared
@@ -51,8 +54,10 @@ def run(size: str) -> dict:
     (t_peer, m_peer, peer), (t_ours, m_ours, gens) = results["batch_generate"], results["engine"]
     tokens = sum(len(g.tokens) for g in gens)
     assert tokens == n * s["response"] and len(peer.texts) == n, tokens
-    print(f"[{size}] {parameters(model) / 1e6:.1f}M params, {n} prompts of {s['prompt']} tokens, "
-          f"{s['response']} new tokens each")
+    print(
+        f"[{size}] {parameters(model) / 1e6:.1f}M params, {n} prompts of {s['prompt']} tokens, "
+        f"{s['response']} new tokens each"
+    )
     print(f"  mlx_lm.batch_generate : {t_peer:7.2f} s ({tokens / t_peer:8.1f} tok/s), peak {m_peer / 2**20:7.1f} MiB")
     print(f"  engine rollouts       : {t_ours:7.2f} s ({tokens / t_ours:8.1f} tok/s), peak {m_ours / 2**20:7.1f} MiB")
     print(f"  speed ratio {t_peer / t_ours:.2f}x, memory ratio {m_ours / max(m_peer, 1):.2f}")

@@ -25,14 +25,23 @@ from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
 from sami_mlx.model import load_model
 
 CONSTITUTION = "name: bench\nprinciples:\n" + "".join(
-    f"  - {{name: p{k}, positive: Be kind and brief {k}., negative: Be rude and long {k}.}}\n" for k in range(2))
+    f"  - {{name: p{k}, positive: Be kind and brief {k}., negative: Be rude and long {k}.}}\n" for k in range(2)
+)
 
 
 def make_loop(model_dir: Path, tmp: Path, **kw) -> SamiLoop:
     (tmp / "c.yaml").write_text(CONSTITUTION)
     (tmp / "q.txt").write_text("hello\n")
-    cfg = TrainConfig(model=str(model_dir), constitution=str(tmp / "c.yaml"), queries=str(tmp / "q.txt"),
-                      variants="4", lora_layers=-1, learning_rate=1e-5, out=str(tmp), **kw).resolved()
+    cfg = TrainConfig(
+        model=str(model_dir),
+        constitution=str(tmp / "c.yaml"),
+        queries=str(tmp / "q.txt"),
+        variants="4",
+        lora_layers=-1,
+        learning_rate=1e-5,
+        out=str(tmp),
+        **kw,
+    ).resolved()
     model, tokenizer, _ = load_model(cfg.model)
     loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp, lambda e: None)
     model.train()
@@ -47,9 +56,18 @@ def make_groups(loop: SamiLoop, s: dict) -> list[Group]:
     ids = loop.tokenizer.encode(filler)
     query = loop.tokenizer.decode(ids[: max(s["prompt"] - 40, 4)])
     variants = [Variant(v) for v in ((True, True), (False, True), (True, False), (False, False))]
-    return [Group(g, query, variants,
-                  [Generation([rng.randrange(5, loop.tokenizer.vocab_size) for _ in range(s["response"])], "", "length")
-                   for _ in variants]) for g in range(s["groups"])]
+    return [
+        Group(
+            g,
+            query,
+            variants,
+            [
+                Generation([rng.randrange(5, loop.tokenizer.vocab_size) for _ in range(s["response"])], "", "length")
+                for _ in variants
+            ],
+        )
+        for g in range(s["groups"])
+    ]
 
 
 def run(size: str, arch: str) -> dict:
@@ -60,8 +78,15 @@ def run(size: str, arch: str) -> dict:
         loop = make_loop(model_dir, Path(tempfile.mkdtemp()), **kw)
         if start is None:  # non-zero adapters, the same for every variant of the step
             mx.random.seed(0)
-            loop.model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.01) for k, v in
-                                              tree_flatten(loop.model.trainable_parameters()) if k.endswith("lora_b")]))
+            loop.model.update(
+                tree_unflatten(
+                    [
+                        (k, mx.random.normal(v.shape) * 0.01)
+                        for k, v in tree_flatten(loop.model.trainable_parameters())
+                        if k.endswith("lora_b")
+                    ]
+                )
+            )
             start = adapter_weights(loop.model)
         set_adapter_weights(loop.model, start)
         groups = make_groups(loop, s)
@@ -76,19 +101,32 @@ def run(size: str, arch: str) -> dict:
             set_adapter_weights(loop.model, start)
             diff = mx.abs(score_naive(loop.model, batch) - score_shared(loop.model, batch)).max().item()
             shared_path = loop.shared
-    (t_naive, m_naive), (t_shared, m_shared), (t_comp, m_comp) = (results[k] for k in
-                                                                  ("naive", "shared", "shared_compiled"))
-    print(f"[{arch}/{size}] {parameters(loop.model) / 1e6:.1f}M params, N=4, {s['groups']} groups, "
-          f"prompts of {prompt} : responses of {s['response']} tokens; the trainer's step (train_step)")
+    (t_naive, m_naive), (t_shared, m_shared), (t_comp, m_comp) = (
+        results[k] for k in ("naive", "shared", "shared_compiled")
+    )
+    print(
+        f"[{arch}/{size}] {parameters(loop.model) / 1e6:.1f}M params, N=4, {s['groups']} groups, "
+        f"prompts of {prompt} : responses of {s['response']} tokens; the trainer's step (train_step)"
+    )
     print(f"  naive N² batch        : {t_naive * 1e3:8.1f} ms/step, step memory {m_naive / 2**20:8.1f} MiB")
-    print(f"  prefix-shared         : {t_shared * 1e3:8.1f} ms/step, step memory {m_shared / 2**20:8.1f} MiB"
-          f"  (the path a run takes: {'shared' if shared_path else 'naive'})")
+    print(
+        f"  prefix-shared         : {t_shared * 1e3:8.1f} ms/step, step memory {m_shared / 2**20:8.1f} MiB"
+        f"  (the path a run takes: {'shared' if shared_path else 'naive'})"
+    )
     print(f"  prefix-shared compiled: {t_comp * 1e3:8.1f} ms/step, step memory {m_comp / 2**20:8.1f} MiB")
-    print(f"  shared vs naive {t_naive / t_shared:.2f}x, compiled vs not {t_shared / t_comp:.2f}x, "
-          f"max |S_naive - S_shared| = {diff:.2e}")
-    return {"shared_vs_naive": t_naive / t_shared, "compiled_vs_plain": t_shared / t_comp,
-            "peak_memory_ratio": m_shared / m_naive, "compiled_memory_ratio": m_comp / m_shared,
-            "max_abs_diff": diff, "run_takes_shared_path": shared_path, "prompt_tokens": prompt}
+    print(
+        f"  shared vs naive {t_naive / t_shared:.2f}x, compiled vs not {t_shared / t_comp:.2f}x, "
+        f"max |S_naive - S_shared| = {diff:.2e}"
+    )
+    return {
+        "shared_vs_naive": t_naive / t_shared,
+        "compiled_vs_plain": t_shared / t_comp,
+        "peak_memory_ratio": m_shared / m_naive,
+        "compiled_memory_ratio": m_comp / m_shared,
+        "max_abs_diff": diff,
+        "run_takes_shared_path": shared_path,
+        "prompt_tokens": prompt,
+    }
 
 
 def main() -> None:

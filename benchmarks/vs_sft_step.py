@@ -39,8 +39,10 @@ def run(size: str, n: int = 4) -> dict:
 
     t_sft, m_sft = timed(make_step(lambda m: default_loss(m, sft_batch, lengths)), s["reps"])
     t_sami, m_sami = timed(make_step(lambda m: sami_loss(score_shared(m, batch))), s["reps"])
-    print(f"[{size}] {parameters(model) / 1e6:.1f}M params, N={n}, {s['groups']} groups, "
-          f"{len(seqs)} sequences of {s['prompt']} + {s['response']} tokens")
+    print(
+        f"[{size}] {parameters(model) / 1e6:.1f}M params, N={n}, {s['groups']} groups, "
+        f"{len(seqs)} sequences of {s['prompt']} + {s['response']} tokens"
+    )
     print(f"  mlx-lm SFT step (default_loss): {t_sft * 1e3:8.1f} ms, step memory {m_sft / 2**20:8.1f} MiB")
     print(f"  SAMI step (prefix-shared)     : {t_sami * 1e3:8.1f} ms, step memory {m_sami / 2**20:8.1f} MiB")
     print(f"  speed-up {t_sft / t_sami:.2f}x, step memory ratio {m_sami / m_sft:.2f}")

@@ -21,8 +21,17 @@ from pathlib import Path
 SETTINGS = {
     "defaults": {},
     # What `sami-mlx train` did before: no KL, no anchor, a small rate, no guard, the last iteration kept.
-    "old defaults": {"variants": "paper", "learning_rate": 5e-5, "kl_beta": 0.0, "anchor_beta": 0.0, "lora_rank": 8,
-                     "steps": 4, "count_eos": False, "max_ppl_ratio": None, "keep": "last"},
+    "old defaults": {
+        "variants": "paper",
+        "learning_rate": 5e-5,
+        "kl_beta": 0.0,
+        "anchor_beta": 0.0,
+        "lora_rank": 8,
+        "steps": 4,
+        "count_eos": False,
+        "max_ppl_ratio": None,
+        "keep": "last",
+    },
     # The issue's aggressive run: a high rate, no KL, no anchor; the guard stays at its default.
     "aggressive": {"learning_rate": 1e-3, "kl_beta": 0.0, "anchor_beta": 0.0, "lora_rank": 8},
 }
@@ -35,24 +44,43 @@ def one(job: tuple[str, str, int, str, dict]) -> dict:
     from sami_mlx.toy.demo import run_demo
 
     tag = "".join(f"-{k}={v}" for k, v in extra.items())
-    r = run_demo(Path(out) / f"{world}-{setting.replace(' ', '-')}{tag}-{seed}", load_preset(world), seed=seed,
-                 overrides={**SETTINGS[setting], **extra})
-    return {"world": world, "setting": setting, "seed": seed, "adherence": r["sami_adherence"]["overall"],
-            "base_adherence": r["base_adherence"]["overall"], "greedy": r["greedy_adherence"]["sami"],
-            "base_greedy": r["greedy_adherence"]["base"], "ppl_ratio": r["ppl_ratio"], "win_rate": r["win_rate"],
-            "kept": (r.get("kept") or {}).get("name"), "stopped": bool(r.get("stopped")), "with": extra,
-            "seconds": r["seconds"]}
+    r = run_demo(
+        Path(out) / f"{world}-{setting.replace(' ', '-')}{tag}-{seed}",
+        load_preset(world),
+        seed=seed,
+        overrides={**SETTINGS[setting], **extra},
+    )
+    return {
+        "world": world,
+        "setting": setting,
+        "seed": seed,
+        "adherence": r["sami_adherence"]["overall"],
+        "base_adherence": r["base_adherence"]["overall"],
+        "greedy": r["greedy_adherence"]["sami"],
+        "base_greedy": r["greedy_adherence"]["base"],
+        "ppl_ratio": r["ppl_ratio"],
+        "win_rate": r["win_rate"],
+        "kept": (r.get("kept") or {}).get("name"),
+        "stopped": bool(r.get("stopped")),
+        "with": extra,
+        "seconds": r["seconds"],
+    }
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| world | settings | seeds | adherence (T=1) | greedy adherence | perplexity vs base | win rate | "
-           "stopped itself | kept |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| world | settings | seeds | adherence (T=1) | greedy adherence | perplexity vs base | win rate | "
+        "stopped itself | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for world in WORLDS:
         base = [r for r in rows if r["world"] == world]
         if not base:
             continue
-        out.append(f"| {world} | base model | | {statistics.mean(r['base_adherence'] for r in base):.2f} | "
-                   f"{statistics.mean(r['base_greedy'] for r in base):.2f} | 1.00× | | | |")
+        out.append(
+            f"| {world} | base model | | {statistics.mean(r['base_adherence'] for r in base):.2f} | "
+            f"{statistics.mean(r['base_greedy'] for r in base):.2f} | 1.00× | | | |"
+        )
         for setting in SETTINGS:
             rs = [r for r in base if r["setting"] == setting]
             if not rs:
@@ -63,9 +91,11 @@ def table(rows: list[dict]) -> str:
                 text = format(statistics.mean(vals), fmt)
                 return text if len(vals) == 1 else f"{text} ({format(min(vals), fmt)}–{format(max(vals), fmt)})"
 
-            out.append(f"| {world} | {setting} | {len(rs)} | {span('adherence', '.2f')} | {span('greedy', '.2f')} | "
-                       f"{span('ppl_ratio', '.2f')}× | {span('win_rate', '.0%')} | "
-                       f"{sum(r['stopped'] for r in rs)}/{len(rs)} | {', '.join(str(r['kept']) for r in rs)} |")
+            out.append(
+                f"| {world} | {setting} | {len(rs)} | {span('adherence', '.2f')} | {span('greedy', '.2f')} | "
+                f"{span('ppl_ratio', '.2f')}× | {span('win_rate', '.0%')} | "
+                f"{sum(r['stopped'] for r in rs)}/{len(rs)} | {', '.join(str(r['kept']) for r in rs)} |"
+            )
     return "\n".join(out)
 
 
@@ -76,8 +106,14 @@ def main() -> None:
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/worlds")
-    p.add_argument("--with", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="train settings on top of every row's (YAML values: variants=grid, steps=8)")
+    p.add_argument(
+        "--with",
+        dest="extra",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train settings on top of every row's (YAML values: variants=grid, steps=8)",
+    )
     args = p.parse_args()
     import yaml
 

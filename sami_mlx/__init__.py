@@ -1,7 +1,7 @@
 """sami-mlx: align a local language model to written principles with SAMI on MLX.
 
-    from sami_mlx import TrainConfig, train
-    result = train(TrainConfig(model=..., constitution=..., out="runs/x"), callbacks=[print])
+from sami_mlx import TrainConfig, train
+result = train(TrainConfig(model=..., constitution=..., out="runs/x"), callbacks=[print])
 """
 
 __version__ = "0.1.0"

@@ -152,8 +152,9 @@ class ChatSession:
         flt = StopFilter(stops)
         sampler = make_sampler(temp=self.temperature, top_p=self.top_p)
         try:
-            for response in stream_generate(self.model, self.tokenizer, ids, max_tokens=self.max_tokens,
-                                            sampler=sampler):
+            for response in stream_generate(
+                self.model, self.tokenizer, ids, max_tokens=self.max_tokens, sampler=sampler
+            ):
                 shown = flt.feed(response.text)
                 if shown:
                     write(shown)
@@ -206,8 +207,11 @@ class ChatSession:
         checkpoints = list_checkpoints(self.run_dir)
         if not arg:
             current = self.checkpoint.name if self.checkpoint else ""
-            say("checkpoints: " + ", ".join(f"*{c.name}" if c.name == current else c.name for c in checkpoints)
-                + ("" if self.run_dir else " (no --run given)"))
+            say(
+                "checkpoints: "
+                + ", ".join(f"*{c.name}" if c.name == current else c.name for c in checkpoints)
+                + ("" if self.run_dir else " (no --run given)")
+            )
             return
         try:
             chosen = find_checkpoint(self.run_dir, arg)

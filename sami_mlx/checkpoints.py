@@ -60,9 +60,14 @@ def load_checkpoint_model(model: str, checkpoint: Checkpoint, trust_remote_code:
 
     path = resolve_model_path(model)
     try:
-        return mlx_lm.load(str(path), adapter_path=str(checkpoint.adapter_path) if checkpoint.adapter_path else None,
-                           tokenizer_config={"trust_remote_code": trust_remote_code},
-                           trust_remote_code=trust_remote_code)
+        return mlx_lm.load(
+            str(path),
+            adapter_path=str(checkpoint.adapter_path) if checkpoint.adapter_path else None,
+            tokenizer_config={"trust_remote_code": trust_remote_code},
+            trust_remote_code=trust_remote_code,
+        )
     except Exception as e:
-        raise SamiError(f"{checkpoint.adapter_path or model}: could not load ({str(e).splitlines()[0][:160]}); "
-                        "is the adapter from this model?") from None
+        raise SamiError(
+            f"{checkpoint.adapter_path or model}: could not load ({str(e).splitlines()[0][:160]}); "
+            "is the adapter from this model?"
+        ) from None

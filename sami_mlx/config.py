@@ -26,19 +26,44 @@ class TrainConfig:
 
     model: str = _f("", "Hub id or local directory of an mlx-lm model.")
     constitution: str = _f("", "Constitution file (JSON or YAML) with principles in positive and negative wording.")
-    queries: str = _f("dialogue", "Queries: a .jsonl file with a 'query' field, a text file, or a built-in set (dialogue, summarization).")
-    template: str = _f("dialogue", "Prompt template file (or built-in: dialogue, summarization, chat) with {constitution} and {query}; sets both prompts.")
+    queries: str = _f(
+        "dialogue",
+        "Queries: a .jsonl file with a 'query' field, a text file, or a built-in set (dialogue, summarization).",
+    )
+    template: str = _f(
+        "dialogue",
+        (
+            "Prompt template file (or built-in: dialogue, summarization, chat) with {constitution} and"
+            " {query}; sets both"
+            " prompts."
+        ),
+    )
     generation_template: str | None = _f(None, "Template for sampling responses (overrides --template).")
     training_template: str | None = _f(None, "Template for scoring responses (overrides --template).")
     chat_template: bool = _f(False, "Wrap prompts as a user turn in the tokenizer's chat template (instruct models).")
-    variants: str = _f("auto", "Variants per query: 'auto' (all 2^k up to 8, i.e. 3 principles, else 8 random ones), 'paper' (all-positive + one with a negative), 'grid' (all 2^k), or an integer N.")
+    variants: str = _f(
+        "auto",
+        (
+            "Variants per query: 'auto' (all 2^k up to 8, i.e. 3 principles, else 8 random ones), 'paper'"
+            " (all-positive +"
+            " one with a negative), 'grid' (all 2^k), or an integer N."
+        ),
+    )
     shuffle_principles: bool = _f(True, "Shuffle the order of principles in training prompts.")
     iterations: int = _f(3, "SAMI iterations (sample, then train).")
-    schedule: str = _f("paper", "'paper': re-initialise adapters each iteration, steps grow (s, 2s, 3s), alternating query splits; 'continue': keep training the same adapters.")
+    schedule: str = _f(
+        "paper",
+        (
+            "'paper': re-initialise adapters each iteration, steps grow (s, 2s, 3s), alternating query splits; "
+            "'continue': keep training the same adapters."
+        ),
+    )
     steps: int = _f(8, "Optimizer steps in the first iteration (the paper schedule grows from it).")
     queries_per_step: int = _f(8, "Query groups per optimizer step.")
     grad_accumulation: int = _f(1, "Split each step's groups into this many micro-batches (less memory).")
-    learning_rate: float = _f(3e-4, "Learning rate (the KL and anchor terms keep LoRA at this rate near the base model).")
+    learning_rate: float = _f(
+        3e-4, "Learning rate (the KL and anchor terms keep LoRA at this rate near the base model)."
+    )
     optimizer: str = _f("adamw", "adamw or rmsprop.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
@@ -46,38 +71,138 @@ class TrainConfig:
     lora_scale: float = _f(20.0, "LoRA scale (mlx-lm's convention; not alpha).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_layers: int = _f(16, "Number of transformer blocks (from the last) that get adapters; -1 for all.")
-    lora_keys: list[str] | None = _f(None, "Module keys to adapt, e.g. self_attn.q_proj (default: every linear layer in the block).")
+    lora_keys: list[str] | None = _f(
+        None, "Module keys to adapt, e.g. self_attn.q_proj (default: every linear layer in the block)."
+    )
     dora: bool = _f(False, "Use DoRA instead of LoRA.")
     grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
-    kl_beta: float = _f(0.3, "Weight of KL(policy || base) on the sampled responses; the base is the model with adapters off.")
-    anchor_beta: float = _f(1.0, "Weight of KL(policy || base) on the same sampled responses after a prompt with no constitution (--anchor-template): holds the model's default behaviour in place while SAMI sharpens how it follows stated principles.")
-    anchor_template: str | None = _f(None, "Prompt with {query} only, for --anchor-beta (default: the training template with an empty constitution).")
+    kl_beta: float = _f(
+        0.3, "Weight of KL(policy || base) on the sampled responses; the base is the model with adapters off."
+    )
+    anchor_beta: float = _f(
+        1.0,
+        (
+            "Weight of KL(policy || base) on the same sampled responses after a prompt with no constitution "
+            "(--anchor-template): holds the model's default behaviour in place while SAMI sharpens how it"
+            " follows stated "
+            "principles."
+        ),
+    )
+    anchor_template: str | None = _f(
+        None, "Prompt with {query} only, for --anchor-beta (default: the training template with an empty constitution)."
+    )
     temperature: float = _f(0.0, "Sampling temperature (0 = greedy, the paper's default).")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     max_tokens: int = _f(128, "Maximum new tokens per response.")
     stop: list[str] = _f(["Human:", "###"], "Stop strings: a response is cut before the first one.")
     banned: list[str] = _f([], "Drop a query group if any response contains one of these substrings.")
-    scoring: str = _f("shared", "'shared': run each prompt once and score its N responses against a repeated KV cache; 'naive': all N² sequences in one batch (used with --grad-checkpoint).")
-    compile: bool = _f(False, "Compile the training step with mx.compile, lengths padded to a few sizes so traced shapes repeat (see the README's performance table for what it gains).")
-    count_eos: bool = _f(True, "Count the EOS token in a response's mean log-prob when it ended with one (where a response stops is behaviour too).")
+    scoring: str = _f(
+        "shared",
+        (
+            "'shared': run each prompt once and score its N responses against a repeated KV cache; 'naive': all N² "
+            "sequences in one batch (used with --grad-checkpoint)."
+        ),
+    )
+    compile: bool = _f(
+        False,
+        (
+            "Compile the training step with mx.compile, lengths padded to a few sizes so traced shapes repeat (see the "
+            "README's performance table for what it gains)."
+        ),
+    )
+    count_eos: bool = _f(
+        True,
+        (
+            "Count the EOS token in a response's mean log-prob when it ended with one (where a response stops is "
+            "behaviour too)."
+        ),
+    )
     gen_batch_size: int = _f(32, "Sequences decoded together during sampling.")
-    heldout: str | None = _f(None, "Extra held-out text (paragraphs, or .jsonl with 'text' or 'prompt'+'completion') whose perplexity is logged and guarded like the drift.")
-    monitor_queries: int = _f(16, "Queries held out of training for the degeneration monitor: the base model answers them with and without the constitution, and every check measures how far the model drifted from those answers (0 turns the monitor off).")
-    monitor_every: int = _f(4, "Also check the drift every this many optimizer steps inside an iteration (0: only at iteration ends).")
-    max_ppl_ratio: float | None = _f(1.5, "Stop the run, and keep the last healthy adapters, when the model's perplexity on the base model's held-out answers without a constitution (or on --heldout text) exceeds this multiple of the base model's; 'off' turns the guards off.")
-    max_prompted_ratio: float | None = _f(10.0, "The same guard on the base model's answers with the constitution, where SAMI is meant to move the model (answers that ignored a principle become less likely: up to 5.8x in healthy runs on two synthetic worlds, 100x and more in a collapse); 'off' turns it off.")
-    keep: str = _f("best", "Which adapters RUN/adapters.safetensors holds at the end: 'best' (the healthy iteration with the highest held-out MI bound) or 'last' (the last healthy one).")
+    heldout: str | None = _f(
+        None,
+        (
+            "Extra held-out text (paragraphs, or .jsonl with 'text' or 'prompt'+'completion') whose perplexity"
+            " is logged "
+            "and guarded like the drift."
+        ),
+    )
+    monitor_queries: int = _f(
+        16,
+        (
+            "Queries held out of training for the degeneration monitor: the base model answers them with and"
+            " without the "
+            "constitution, and every check measures how far the model drifted from those answers (0 turns the monitor "
+            "off)."
+        ),
+    )
+    monitor_every: int = _f(
+        4, "Also check the drift every this many optimizer steps inside an iteration (0: only at iteration ends)."
+    )
+    max_ppl_ratio: float | None = _f(
+        1.5,
+        (
+            "Stop the run, and keep the last healthy adapters, when the model's perplexity on the base model's"
+            " held-out "
+            "answers without a constitution (or on --heldout text) exceeds this multiple of the base model's;"
+            " 'off' turns"
+            " the guards off."
+        ),
+    )
+    max_prompted_ratio: float | None = _f(
+        10.0,
+        (
+            "The same guard on the base model's answers with the constitution, where SAMI is meant to move the model "
+            "(answers that ignored a principle become less likely: up to 5.8x in healthy runs on two synthetic worlds, "
+            "100x and more in a collapse); 'off' turns it off."
+        ),
+    )
+    keep: str = _f(
+        "best",
+        (
+            "Which adapters RUN/adapters.safetensors holds at the end: 'best' (the healthy iteration with the highest "
+            "held-out MI bound) or 'last' (the last healthy one)."
+        ),
+    )
     force: bool = _f(False, "Start even when the memory estimate says the run cannot fit this machine.")
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
     out: str = _f("", "Run directory (default: runs/<date-time>).")
     # ---- the reference implementation's generation settings and filters (issue 15) ----
-    shuffle_generation: bool = _f(False, "Also shuffle the principles' order in generation prompts: one order per query group, shared by its variants (as the reference, whose constitution files list the principles in either order).")
-    response_prefix: str = _f("", "Text every response starts with: appended to the generation prompt and kept at the start of the response that is scored and judged (the paper's TL;DR uses ' The post').")
+    shuffle_generation: bool = _f(
+        False,
+        (
+            "Also shuffle the principles' order in generation prompts: one order per query group, shared by"
+            " its variants "
+            "(as the reference, whose constitution files list the principles in either order)."
+        ),
+    )
+    response_prefix: str = _f(
+        "",
+        (
+            "Text every response starts with: appended to the generation prompt and kept at the start of the response "
+            "that is scored and judged (the paper's TL;DR uses ' The post')."
+        ),
+    )
     drop_truncated: bool = _f(False, "Drop a query group if any response hit --max-tokens before EOS or a stop string.")
-    sentence_end: str = _f("off", "Drop a query group unless responses end a sentence (a --sentence-end-marks character): 'positive' checks the all-positive variant's response (the reference's filter; every response when the group has none), 'all' every response, 'off' none.")
-    sentence_end_marks: list[str] = _f([".", "!", "?"], "What counts as the end of a sentence for --sentence-end (the reference accepts only '.').")
-    judge_template: str | None = _f(None, "Judge prompt `sami-mlx eval` uses for this run unless --judge-template is given (built-in: default, dialogue, summarization; or a file).")
+    sentence_end: str = _f(
+        "off",
+        (
+            "Drop a query group unless responses end a sentence (a --sentence-end-marks character): 'positive'"
+            " checks the"
+            " all-positive variant's response (the reference's filter; every response when the group has none), 'all' "
+            "every response, 'off' none."
+        ),
+    )
+    sentence_end_marks: list[str] = _f(
+        [".", "!", "?"], "What counts as the end of a sentence for --sentence-end (the reference accepts only '.')."
+    )
+    judge_template: str | None = _f(
+        None,
+        (
+            "Judge prompt `sami-mlx eval` uses for this run unless --judge-template is given (built-in: default, "
+            "dialogue, summarization; or a file)."
+        ),
+    )
 
     def resolved(self) -> TrainConfig:
         """Fill defaults that depend on other fields and check every number; raises SamiError."""
@@ -91,15 +216,28 @@ class TrainConfig:
         cfg.variants = str(parse_variants(cfg.variants))
         if not cfg.out:
             cfg.out = time.strftime("runs/%Y%m%d-%H%M%S")
-        for name in ("iterations", "steps", "queries_per_step", "grad_accumulation", "lora_rank", "max_tokens", "gen_batch_size"):
+        for name in (
+            "iterations",
+            "steps",
+            "queries_per_step",
+            "grad_accumulation",
+            "lora_rank",
+            "max_tokens",
+            "gen_batch_size",
+        ):
             if getattr(cfg, name) < 1:
                 raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
         if cfg.grad_accumulation > cfg.queries_per_step:
             raise SamiError("--grad-accumulation: cannot exceed --queries-per-step (each micro-batch needs a query)")
         if not 0 < cfg.learning_rate < 1:
             raise SamiError(f"--learning-rate {cfg.learning_rate}: must be between 0 and 1")
-        for name, lo, hi in (("temperature", 0, 10), ("top_p", 0, 1), ("lora_dropout", 0, 0.99), ("kl_beta", 0, 1e6),
-                             ("anchor_beta", 0, 1e6)):
+        for name, lo, hi in (
+            ("temperature", 0, 10),
+            ("top_p", 0, 1),
+            ("lora_dropout", 0, 0.99),
+            ("kl_beta", 0, 1e6),
+            ("anchor_beta", 0, 1e6),
+        ):
             v = getattr(cfg, name)
             if not lo <= v <= hi:
                 raise SamiError(f"--{name.replace('_', '-')} {v}: must be between {lo} and {hi}")

@@ -140,8 +140,17 @@ class RunCompleted(Event):
 
 ALL_EVENTS = {
     cls.__name__: cls
-    for cls in (RunStarted, IterationStarted, SamplingProgress, SamplesReady, StepCompleted,
-                MonitorChecked, IterationCompleted, RunWarning, RunCompleted)
+    for cls in (
+        RunStarted,
+        IterationStarted,
+        SamplingProgress,
+        SamplesReady,
+        StepCompleted,
+        MonitorChecked,
+        IterationCompleted,
+        RunWarning,
+        RunCompleted,
+    )
 }
 
 

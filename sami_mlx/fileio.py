@@ -26,8 +26,7 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     size = p.stat().st_size
     if size > MAX_INPUT_BYTES:
         raise SamiError(
-            f"{p}: {what} is {size / 2**20:.0f} MB, over the {MAX_INPUT_BYTES // 2**20} MB limit; "
-            "use a smaller file"
+            f"{p}: {what} is {size / 2**20:.0f} MB, over the {MAX_INPUT_BYTES // 2**20} MB limit; use a smaller file"
         )
     try:
         return p.read_bytes().decode("utf-8-sig")  # a BOM from Windows editors is not content

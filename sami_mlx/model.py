@@ -86,9 +86,12 @@ def upcast_for_cpu(model) -> int:
     params = tree_flatten(model.parameters())
     if not any(k.endswith(".scales") for k, _ in params):
         return 0
-    wide = [(k, v.astype(mx.float32)) for k, v in params
-            if str(v.dtype).rsplit(".", 1)[-1] in UPCAST_DTYPES
-            and (k.endswith((".scales", ".biases")) or v.ndim == 1 or "embed" in k)]
+    wide = [
+        (k, v.astype(mx.float32))
+        for k, v in params
+        if str(v.dtype).rsplit(".", 1)[-1] in UPCAST_DTYPES
+        and (k.endswith((".scales", ".biases")) or v.ndim == 1 or "embed" in k)
+    ]
     if wide:
         model.update(tree_unflatten(wide))
         mx.eval(model.parameters())

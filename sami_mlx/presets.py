@@ -115,15 +115,26 @@ class ModelShape:
 
     def in_float_bytes(self, n: int) -> ModelShape:
         """This shape with its float tensors (and a quantized model's scales) `n` bytes wide, as loaded."""
-        return replace(self, float_bytes=n, scale_bytes=n if self.bits < 16 else self.scale_bytes,
-                       bits=self.bits if self.bits < 16 else 8 * n)
+        return replace(
+            self,
+            float_bytes=n,
+            scale_bytes=n if self.bits < 16 else self.scale_bytes,
+            bits=self.bits if self.bits < 16 else 8 * n,
+        )
 
     def block_linears(self, keys: list[str] | None = None) -> list[tuple[int, int, int]]:
         """(in, out, copies) of each linear layer in a block that LoRA adapts (all by default, as mlx-lm)."""
         h, i, E = self.hidden_size, self.intermediate_size, self.experts
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        named = {"q_proj": (h, q, 1), "k_proj": (h, kv, 1), "v_proj": (h, kv, 1), "o_proj": (q, h, 1),
-                 "gate_proj": (h, i, E), "up_proj": (h, i, E), "down_proj": (i, h, E)}
+        named = {
+            "q_proj": (h, q, 1),
+            "k_proj": (h, kv, 1),
+            "v_proj": (h, kv, 1),
+            "o_proj": (q, h, 1),
+            "gate_proj": (h, i, E),
+            "up_proj": (h, i, E),
+            "down_proj": (i, h, E),
+        }
         if E > 1:
             named["gate"] = (h, E, 1)  # the router
         if keys:
@@ -200,10 +211,18 @@ def get_preset(name: str) -> Preset:
     if data["source"] == "hub" and not (isinstance(hub_id, str) and hub_id.count("/") == 1):
         raise SamiError(f"{where}: a hub preset needs hub_id: org/name")
     return Preset(
-        name=name, kind=data["kind"], source=data["source"], hub_id=hub_id,
-        description=str(data.get("description", "")).strip(), prompt_style=str(data["prompt_style"]),
-        context_length=int(data["context_length"]), quantization=str(data["quantization"]),
-        memory_gb=float(data["memory_gb"]), lora=dict(data["lora"]), shape=_preset_shape(data, where), data=data,
+        name=name,
+        kind=data["kind"],
+        source=data["source"],
+        hub_id=hub_id,
+        description=str(data.get("description", "")).strip(),
+        prompt_style=str(data["prompt_style"]),
+        context_length=int(data["context_length"]),
+        quantization=str(data["quantization"]),
+        memory_gb=float(data["memory_gb"]),
+        lora=dict(data["lora"]),
+        shape=_preset_shape(data, where),
+        data=data,
     )
 
 
@@ -218,11 +237,17 @@ def _preset_shape(data: dict, where: Path) -> ModelShape | None:
         return ModelShape.from_config(data["architecture"], bits)
     recipe = data.get("recipe")
     if isinstance(recipe, dict) and "hidden_size" in recipe:  # the toy world: built in fp32 from its recipe
-        return ModelShape.from_config({
-            "num_hidden_layers": recipe["layers"], "hidden_size": recipe["hidden_size"],
-            "intermediate_size": recipe["intermediate_size"], "vocab_size": recipe["vocab_size"],
-            "num_attention_heads": recipe["heads"], "tie_word_embeddings": True, "torch_dtype": "float32",
-        })
+        return ModelShape.from_config(
+            {
+                "num_hidden_layers": recipe["layers"],
+                "hidden_size": recipe["hidden_size"],
+                "intermediate_size": recipe["intermediate_size"],
+                "vocab_size": recipe["vocab_size"],
+                "num_attention_heads": recipe["heads"],
+                "tie_word_embeddings": True,
+                "torch_dtype": "float32",
+            }
+        )
     return None
 
 
@@ -289,12 +314,19 @@ class RunShape:
     @classmethod
     def from_config(cls, cfg: Any, variants: int, prompt_tokens: int) -> RunShape:
         return cls(
-            variants=variants, prompt_tokens=prompt_tokens, response_tokens=cfg.max_tokens,
+            variants=variants,
+            prompt_tokens=prompt_tokens,
+            response_tokens=cfg.max_tokens,
             groups_per_micro_batch=math.ceil(cfg.queries_per_step / cfg.grad_accumulation),
-            gen_batch_size=cfg.gen_batch_size, lora_rank=cfg.lora_rank, lora_layers=cfg.lora_layers,
-            lora_keys=cfg.lora_keys, optimizer=cfg.optimizer,
-            naive=cfg.scoring == "naive" or cfg.grad_checkpoint, grad_checkpoint=cfg.grad_checkpoint,
-            kl=cfg.kl_beta > 0, anchor=cfg.anchor_beta > 0,
+            gen_batch_size=cfg.gen_batch_size,
+            lora_rank=cfg.lora_rank,
+            lora_layers=cfg.lora_layers,
+            lora_keys=cfg.lora_keys,
+            optimizer=cfg.optimizer,
+            naive=cfg.scoring == "naive" or cfg.grad_checkpoint,
+            grad_checkpoint=cfg.grad_checkpoint,
+            kl=cfg.kl_beta > 0,
+            anchor=cfg.anchor_beta > 0,
         )
 
 
@@ -318,8 +350,10 @@ class MemoryEstimate:
         return self.weights + self.adapters + self.training
 
     def summary(self) -> str:
-        return (f"weights {_gb(self.weights)} + adapters {_gb(self.adapters)} + training {_gb(self.training)} "
-                f"(sampling {_gb(self.sampling)}) + overhead {_gb(self.overhead)} = about {_gb(self.peak)} peak")
+        return (
+            f"weights {_gb(self.weights)} + adapters {_gb(self.adapters)} + training {_gb(self.training)} "
+            f"(sampling {_gb(self.sampling)}) + overhead {_gb(self.overhead)} = about {_gb(self.peak)} peak"
+        )
 
 
 def _gb(n: float) -> str:
@@ -351,8 +385,13 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     sampling batch's KV cache. A model, not a measurement: each step logs `peak_memory_gb` (GiB), and
     tests/test_memory.py and benchmarks/memory.py check the one against the other.
     """
-    a, N, P, R, g = shape.activation_bytes, run.variants, run.prompt_tokens, run.response_tokens, \
-        run.groups_per_micro_batch
+    a, N, P, R, g = (
+        shape.activation_bytes,
+        run.variants,
+        run.prompt_tokens,
+        run.response_tokens,
+        run.groups_per_micro_batch,
+    )
     h, V, heads = shape.hidden_size, shape.vocab_size, shape.heads
     q, kv = heads * shape.head_dim, shape.kv_heads * shape.head_dim
     adapted = shape.layers if run.lora_layers <= 0 else min(run.lora_layers, shape.layers)
@@ -463,8 +502,10 @@ def find_recipe(name: str) -> dict | None:
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
     if stem not in recipe_names():
         if "/" not in name and os.sep not in name and not Path(name).suffix:
-            raise SamiError(f"-c {name}: config file not found, and no shipped recipe has that name; "
-                            f"recipes: {', '.join(recipe_names())}")
+            raise SamiError(
+                f"-c {name}: config file not found, and no shipped recipe has that name; "
+                f"recipes: {', '.join(recipe_names())}"
+            )
         return None
     path = recipe_dir() / f"{stem}.yaml"
     data = read_structured(path, "recipe")
@@ -557,14 +598,17 @@ def prompt_tokens(inputs: Any, tokenizer: Any = None, chat_template: bool = Fals
     from sami_mlx.inputs.prompts import encode_prompt
 
     c = inputs.constitution
-    longest = Constitution(c.name, tuple(
-        Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles))
+    longest = Constitution(
+        c.name, tuple(Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles)
+    )
     text = longest.render(longest.positive_variant)
     templates = {inputs.generation_template, inputs.training_template, getattr(inputs, "anchor_template", None)}
     templates.discard(None)
     if tokenizer is not None:
-        lengths = sorted(max(len(encode_prompt(tokenizer, t.fill(text, q), chat_template)) for t in templates)
-                         for q in inputs.queries)
+        lengths = sorted(
+            max(len(encode_prompt(tokenizer, t.fill(text, q), chat_template)) for t in templates)
+            for q in inputs.queries
+        )
         return lengths[len(lengths) // 2], lengths[-1]
     lengths = sorted(max(len(t.fill(text, q)) for t in templates) for q in inputs.queries)
     return (math.ceil(lengths[len(lengths) // 2] / CHARS_PER_TOKEN), math.ceil(lengths[-1] / CHARS_PER_TOKEN))
@@ -574,8 +618,11 @@ def dry_run_report(cfg: Any, inputs: Any, total_gb: float | None = None) -> str:
     """What a run would do and the memory it needs, as '# ' comment lines."""
     its = range(cfg.iterations)
     steps = [cfg.steps_in_iteration(t) for t in its]
-    schedule = ("paper schedule: adapters re-initialised from the base model each iteration"
-                if cfg.schedule == "paper" else "continue schedule: one set of adapters trained throughout")
+    schedule = (
+        "paper schedule: adapters re-initialised from the base model each iteration"
+        if cfg.schedule == "paper"
+        else "continue schedule: one set of adapters trained throughout"
+    )
     sampling = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
     halves = ", alternating two disjoint halves of them" if cfg.schedule == "paper" else ""
     micro = math.ceil(cfg.queries_per_step / cfg.grad_accumulation)
@@ -595,8 +642,10 @@ def dry_run_report(cfg: Any, inputs: Any, total_gb: float | None = None) -> str:
     else:
         need = sum(counts)
     if len(inputs.queries) < need:
-        lines.append(f"note: {len(inputs.queries)} queries are fewer than the {need} this schedule samples, "
-                     f"so queries repeat across iterations; give at least {need} for none to repeat")
+        lines.append(
+            f"note: {len(inputs.queries)} queries are fewer than the {need} this schedule samples, "
+            f"so queries repeat across iterations; give at least {need} for none to repeat"
+        )
     shape, label = model_shape(cfg.model)
     if shape is not None:
         adapted = shape.layers if cfg.lora_layers <= 0 else min(cfg.lora_layers, shape.layers)
@@ -606,8 +655,11 @@ def dry_run_report(cfg: Any, inputs: Any, total_gb: float | None = None) -> str:
     lines[2] = lines[2].replace("{blocks}", blocks)
     tokenizer = tokenizer_at_hand(cfg.model)
     typical, longest = prompt_tokens(inputs, tokenizer, cfg.chat_template)
-    how = "counted with the model's tokenizer" if tokenizer is not None else \
-        "estimated from characters: the model's tokenizer is not on this machine yet"
+    how = (
+        "counted with the model's tokenizer"
+        if tokenizer is not None
+        else "estimated from characters: the model's tokenizer is not on this machine yet"
+    )
     lines.append(f"prompts: {typical} tokens typically, the longest {longest} ({how})")
     if shape is None:
         lines.append(f"model: {label}; memory: unknown offline (no preset and no cached config.json for it)")
@@ -623,10 +675,15 @@ def dry_run_report(cfg: Any, inputs: Any, total_gb: float | None = None) -> str:
     lines.append(f"memory (estimate): {est.summary()}")
     machine = machine_memory(total_gb)
     if machine.total:
-        verdict = {"yes": "fits", "tight": "over what MLX can use without swapping: expect it to be slow",
-                   "no": "does not fit"}[fit(est.peak, machine)]
+        verdict = {
+            "yes": "fits",
+            "tight": "over what MLX can use without swapping: expect it to be slow",
+            "no": "does not fit",
+        }[fit(est.peak, machine)]
         lines.append(f"this machine: {_gb(machine.total)} (MLX can use about {_gb(machine.usable)}): {verdict}")
         if fit(est.peak, machine) != "yes":
-            lines.append("to need less: --grad-accumulation (fewer query groups per micro-batch), --grad-checkpoint, "
-                         "fewer --lora-layers, a lower --max-tokens or --gen-batch-size, or a smaller model")
+            lines.append(
+                "to need less: --grad-accumulation (fewer query groups per micro-batch), --grad-checkpoint, "
+                "fewer --lora-layers, a lower --max-tokens or --gen-batch-size, or a smaller model"
+            )
     return "\n".join("# " + line for line in lines)

@@ -75,8 +75,11 @@ def parse_principles(text: str, k: int, name: str = "constitution") -> Constitut
         entries = _from_lines(text)
     complete = [e for e in entries if e.positive and e.negative]
     if len(complete) < k:
-        missing = [f"principle {i} has no {'positive' if not e.positive else 'negative'} wording"
-                   for i, e in enumerate(entries, start=1) if not (e.positive and e.negative)]
+        missing = [
+            f"principle {i} has no {'positive' if not e.positive else 'negative'} wording"
+            for i, e in enumerate(entries, start=1)
+            if not (e.positive and e.negative)
+        ]
         detail = f" ({'; '.join(missing[:2])})" if missing else ""
         raise DraftError(f"found {len(complete)} complete principle(s) with both wordings, need {k}{detail}")
     chosen = complete[:k]
@@ -85,12 +88,16 @@ def parse_principles(text: str, k: int, name: str = "constitution") -> Constitut
             if re.search(r"<[^<>]{3,40}>", wording):
                 raise DraftError(f"principle {i}'s {label} wording is the format's placeholder ({wording[:60]!r})")
             if len(wording) > MAX_WORDING:
-                raise DraftError(f"principle {i}'s {label} wording is {len(wording)} characters; keep it to one sentence")
+                raise DraftError(
+                    f"principle {i}'s {label} wording is {len(wording)} characters; keep it to one sentence"
+                )
         if _norm(e.positive) == _norm(e.negative):
             raise DraftError(f"principle {i}'s antithesis is the same as the principle")
     names = _unique_names([e.name or _name_from(e.positive) for e in chosen])
-    data = {"name": name, "principles": [
-        {"name": n, "positive": e.positive, "negative": e.negative} for n, e in zip(names, chosen)]}
+    data = {
+        "name": name,
+        "principles": [{"name": n, "positive": e.positive, "negative": e.negative} for n, e in zip(names, chosen)],
+    }
     try:
         return constitution_from_dict(data, "the writer's answer")
     except SamiError as err:
@@ -100,7 +107,7 @@ def parse_principles(text: str, k: int, name: str = "constitution") -> Constitut
 def _clean(text: str) -> str:
     text = re.sub(r"<think>.*?</think>", "", text or "", flags=re.S | re.I)
     if "</think>" in text.lower():
-        text = text[text.lower().rindex("</think>") + len("</think>"):]
+        text = text[text.lower().rindex("</think>") + len("</think>") :]
     text = re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.M)  # code fences
     return text.strip()
 
@@ -138,7 +145,8 @@ def _entry_from_dict(d: dict) -> _Entry:
 
 _SEP = r"\s*(?:[:=]|[-–—](?=\s))\s*"
 _HEADER = re.compile(
-    r"^(?:principle|rule)\s*#?\s*\d+\s*(?:\((?P<paren>[^)]*)\))?\s*(?:[:.)=]|[-–—](?=\s)|$)\s*(?P<rest>.*)$", re.I)
+    r"^(?:principle|rule)\s*#?\s*\d+\s*(?:\((?P<paren>[^)]*)\))?\s*(?:[:.)=]|[-–—](?=\s)|$)\s*(?P<rest>.*)$", re.I
+)
 _NUMBERED = re.compile(r"^\d+\s*[.)]\s+(?P<rest>.*)$")
 _FIELD = re.compile(
     r"^(?P<key>name|title|positive|principle|wording|statement|thesis|negative|antithesis|opposite|"
@@ -239,8 +247,14 @@ def writer_messages(task: str, k: int) -> Messages:
     return [{"role": "user", "content": WRITER_PROMPT.format(task=task.strip(), k=k)}]
 
 
-def draft_with(complete: Complete, task: str, k: int, name: str = "constitution", retries: int = 3,
-               on_attempt: Callable[[int, str, str | None], None] | None = None) -> Constitution:
+def draft_with(
+    complete: Complete,
+    task: str,
+    k: int,
+    name: str = "constitution",
+    retries: int = 3,
+    on_attempt: Callable[[int, str, str | None], None] | None = None,
+) -> Constitution:
     """Ask `complete` for principles until one answer parses (1 + `retries` tries); raises SamiError.
 
     After a malformed answer the next request shows the model its answer and what was wrong.
@@ -261,19 +275,30 @@ def draft_with(complete: Complete, task: str, k: int, name: str = "constitution"
             reason = str(e)
             if on_attempt:
                 on_attempt(attempt, answer, reason)
-            messages = first + [{"role": "assistant", "content": answer.strip()[:4000]},
-                                {"role": "user", "content": RETRY_PROMPT.format(reason=reason, k=k)}]
+            messages = first + [
+                {"role": "assistant", "content": answer.strip()[:4000]},
+                {"role": "user", "content": RETRY_PROMPT.format(reason=reason, k=k)},
+            ]
             continue
         if on_attempt:
             on_attempt(attempt, answer, None)
         return constitution
     tries = f"{retries + 1} tr{'y' if retries == 0 else 'ies'}"
-    raise SamiError(f"the writer's answer could not be read as {k} principles after {tries} "
-                    f"(last: {reason}); try a larger instruct model, more --retries or another --temperature")
+    raise SamiError(
+        f"the writer's answer could not be read as {k} principles after {tries} "
+        f"(last: {reason}); try a larger instruct model, more --retries or another --temperature"
+    )
 
 
-def model_completer(model, tokenizer, max_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-                    chat_template: bool | None = None, seed: int = 0) -> Complete:
+def model_completer(
+    model,
+    tokenizer,
+    max_tokens: int,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    chat_template: bool | None = None,
+    seed: int = 0,
+) -> Complete:
     """A `Complete` that samples from an mlx-lm model, through its chat template when it has one."""
     import mlx.core as mx
 
@@ -305,13 +330,24 @@ def _plain_transcript(messages: Messages) -> str:
     return "\n\n".join(turns) + "\n\nAssistant: " + PLAIN_PRIMER
 
 
-def draft_constitution(model, tokenizer, task: str, k: int, name: str = "constitution", retries: int = 3,
-                       max_tokens: int | None = None, temperature: float = 0.7, top_p: float = 1.0,
-                       chat_template: bool | None = None, seed: int = 0,
-                       on_attempt: Callable[[int, str, str | None], None] | None = None) -> Constitution:
+def draft_constitution(
+    model,
+    tokenizer,
+    task: str,
+    k: int,
+    name: str = "constitution",
+    retries: int = 3,
+    max_tokens: int | None = None,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    chat_template: bool | None = None,
+    seed: int = 0,
+    on_attempt: Callable[[int, str, str | None], None] | None = None,
+) -> Constitution:
     """Draft a validated K-principle constitution for `task` with a loaded writer model (for the CLI and TUI)."""
-    complete = model_completer(model, tokenizer, max_tokens or default_max_tokens(k), temperature, top_p,
-                               chat_template, seed)
+    complete = model_completer(
+        model, tokenizer, max_tokens or default_max_tokens(k), temperature, top_p, chat_template, seed
+    )
     return draft_with(complete, task, k, name, retries, on_attempt)
 
 

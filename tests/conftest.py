@@ -63,7 +63,20 @@ def make_tiny_run(root: Path, model: Path, iterations: int = 2) -> Path:
 
     (root / "c.yaml").write_text(CONSTITUTION)
     (root / "q.txt").write_text("\n".join(QUERIES[:4]) + "\n")
-    train(TrainConfig(model=str(model), constitution=str(root / "c.yaml"), queries=str(root / "q.txt"),
-                      iterations=iterations, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
-                      learning_rate=1e-2, max_ppl_ratio=None, variants="paper", out=str(root / "run")))
+    train(
+        TrainConfig(
+            model=str(model),
+            constitution=str(root / "c.yaml"),
+            queries=str(root / "q.txt"),
+            iterations=iterations,
+            steps=1,
+            queries_per_step=2,
+            max_tokens=6,
+            temperature=1.0,
+            learning_rate=1e-2,
+            max_ppl_ratio=None,
+            variants="paper",
+            out=str(root / "run"),
+        )
+    )
     return root

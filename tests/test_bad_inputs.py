@@ -15,9 +15,28 @@ from sami_mlx.cli.train import main
 
 
 def base_flags(model, constitution, queries, out):
-    return ["--model", str(model), "--constitution", str(constitution), "--queries", str(queries),
-            "--iterations", "1", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "6",
-            "--temperature", "1.0", "--max-ppl-ratio", "off", "--out", str(out)]
+    return [
+        "--model",
+        str(model),
+        "--constitution",
+        str(constitution),
+        "--queries",
+        str(queries),
+        "--iterations",
+        "1",
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "2",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--max-ppl-ratio",
+        "off",
+        "--out",
+        str(out),
+    ]
 
 
 def snapshot(folder: Path) -> dict:
@@ -42,11 +61,22 @@ def stopped_run(tiny_model, constitution_file, queries_file, tmp_path):
 
     out = tmp_path / "run"
     steps = []
-    train(TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                      iterations=1, steps=2, queries_per_step=2, max_tokens=6, temperature=1.0, max_ppl_ratio=None,
-                      out=str(out)),
-          callbacks=[lambda e: steps.append(e) if isinstance(e, ev.StepCompleted) else None],
-          should_stop=lambda: len(steps) >= 1)
+    train(
+        TrainConfig(
+            model=str(tiny_model),
+            constitution=str(constitution_file),
+            queries=str(queries_file),
+            iterations=1,
+            steps=2,
+            queries_per_step=2,
+            max_tokens=6,
+            temperature=1.0,
+            max_ppl_ratio=None,
+            out=str(out),
+        ),
+        callbacks=[lambda e: steps.append(e) if isinstance(e, ev.StepCompleted) else None],
+        should_stop=lambda: len(steps) >= 1,
+    )
     return out
 
 
@@ -147,8 +177,9 @@ def test_out_is_a_file(tiny_model, constitution_file, queries_file, tmp_path, ca
     assert target.read_text() == "keep me"
 
 
-def test_run_that_cannot_fit_the_machine_is_refused_unless_forced(tiny_model, constitution_file, queries_file,
-                                                                  tmp_path, capsys, monkeypatch):
+def test_run_that_cannot_fit_the_machine_is_refused_unless_forced(
+    tiny_model, constitution_file, queries_file, tmp_path, capsys, monkeypatch
+):
     from sami_mlx import presets
 
     tiny_machine = presets.MachineMemory(total=2**20, usable=2**20)  # a 1 MB machine

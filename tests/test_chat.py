@@ -66,7 +66,8 @@ def test_plain_dialogue_without_the_chat_template(tiny_model, tiny_run):
     assert text.endswith("Human: Tell me a story.\n\nAssistant:")
     s.use_constitution = False
     assert s.tokenizer.decode(s.prompt_ids("Tell me a story.")).endswith(
-        "Human: Hi!\n\nAssistant: Hello.\n\nHuman: Tell me a story.\n\nAssistant:")
+        "Human: Hi!\n\nAssistant: Hello.\n\nHuman: Tell me a story.\n\nAssistant:"
+    )
 
 
 def test_old_turns_are_dropped_to_fit_the_context(tiny_model, tiny_run):
@@ -89,8 +90,14 @@ def test_replies_stream_and_are_remembered(tiny_model, tiny_run):
 
 
 def test_commands_switch_checkpoint_reset_and_quit(tiny_run, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/checkpoint\n/checkpoint 1\nhi again\n/checkpoint 9\n/constitution off\n"
-                                          "/reset\n/nope\n/quit\nnever answered\n"))
+    monkeypatch.setattr(
+        sys,
+        "stdin",
+        io.StringIO(
+            "hello\n/checkpoint\n/checkpoint 1\nhi again\n/checkpoint 9\n/constitution off\n"
+            "/reset\n/nope\n/quit\nnever answered\n"
+        ),
+    )
     code = main(["chat", "--run", str(tiny_run / "run"), "--max-tokens", "4"])
     out, err = capsys.readouterr()
     assert code == 0
@@ -111,9 +118,14 @@ def test_chat_user_errors(tiny_model, capsys):
 
 def test_chat_in_a_pseudo_terminal(tiny_run):
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "sami_mlx", "chat", "--run", str(tiny_run / "run"),
-                             "--max-tokens", "4"], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                            env=dict(os.environ, TERM="dumb"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sami_mlx", "chat", "--run", str(tiny_run / "run"), "--max-tokens", "4"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+        env=dict(os.environ, TERM="dumb"),
+    )
     os.close(slave)
     seen = b""
 

@@ -17,15 +17,31 @@ ENTRY_POINTS = {
     "sami-mlx train": [sys.executable, "-m", "sami_mlx", "train"],
 }
 FLAGS = [
-    "--model", "--constitution", "--queries", "--template", "--variants", "--iterations",
-    "--schedule", "--steps", "--queries-per-step", "--learning-rate", "--lora-rank",
-    "--temperature", "--max-tokens", "--seed", "--out",
+    "--model",
+    "--constitution",
+    "--queries",
+    "--template",
+    "--variants",
+    "--iterations",
+    "--schedule",
+    "--steps",
+    "--queries-per-step",
+    "--learning-rate",
+    "--lora-rank",
+    "--temperature",
+    "--max-tokens",
+    "--seed",
+    "--out",
 ]
 
 
 def run_cli(entry: str, args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ENTRY_POINTS[entry] + args, cwd=cwd, env=dict(os.environ), capture_output=True, text=True,
+        ENTRY_POINTS[entry] + args,
+        cwd=cwd,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -87,7 +103,12 @@ CASES = [
         names=("{tmp}/c.yaml", "UTF-8"),
     ),
     Case("queries-missing", flags={"--queries": "{tmp}/nope.jsonl"}, names=("{tmp}/nope.jsonl", "not found")),
-    Case("queries-empty", files={"q.txt": "\n\n"}, flags={"--queries": "{tmp}/q.txt"}, names=("{tmp}/q.txt", "no queries")),
+    Case(
+        "queries-empty",
+        files={"q.txt": "\n\n"},
+        flags={"--queries": "{tmp}/q.txt"},
+        names=("{tmp}/q.txt", "no queries"),
+    ),
     Case(
         "queries-bad-jsonl-line",
         files={"q.jsonl": '{"query": "a"}\n{"query": "b"\n'},
@@ -119,16 +140,24 @@ CASES = [
         flags={"--anchor-beta": "1.0", "--anchor-template": "{tmp}/a.txt"},
         names=("{tmp}/a.txt", "{query}"),
     ),
-    Case("anchor-template-without-beta", files={"a.txt": "Human: {query}\n\nAssistant:"},
-         flags={"--anchor-template": "{tmp}/a.txt", "--anchor-beta": "0"}, names=("--anchor-template", "--anchor-beta")),
+    Case(
+        "anchor-template-without-beta",
+        files={"a.txt": "Human: {query}\n\nAssistant:"},
+        flags={"--anchor-template": "{tmp}/a.txt", "--anchor-beta": "0"},
+        names=("--anchor-template", "--anchor-beta"),
+    ),
     Case("anchor-beta-negative", flags={"--anchor-beta": "-1"}, names=("--anchor-beta -1",)),
     Case("variants-more-than-exist", flags={"--variants": "9"}, names=("--variants 9", "at most 4")),
     Case("variants-one", flags={"--variants": "1"}, names=("--variants 1",)),
     Case("steps-zero", flags={"--steps": "0"}, names=("--steps 0",)),
     Case("learning-rate-negative", flags={"--learning-rate": "-1"}, names=("--learning-rate",)),
     Case("model-dir-missing", flags={"--model": "{tmp}/no-model"}, names=("--model", "{tmp}/no-model")),
-    Case("model-dir-without-config", files={"empty-model/README": "x"}, flags={"--model": "{tmp}/empty-model"},
-         names=("--model", "{tmp}/empty-model", "config.json")),
+    Case(
+        "model-dir-without-config",
+        files={"empty-model/README": "x"},
+        flags={"--model": "{tmp}/empty-model"},
+        names=("--model", "{tmp}/empty-model", "config.json"),
+    ),
     Case("config-unknown-key", config="steps: 2\nlearning_rat: 0.001\n", names=("{tmp}/config.yaml", "learning_rat")),
 ]
 

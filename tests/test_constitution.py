@@ -82,7 +82,10 @@ principles:
 
 
 def test_loader_collapses_whitespace_in_wording(tmp_path):
-    data = {"name": "ws", "principles": [{"name": " p ", "positive": "  Be\n  calm\tand  clear. ", "negative": "Shout."}]}
+    data = {
+        "name": "ws",
+        "principles": [{"name": " p ", "positive": "  Be\n  calm\tand  clear. ", "negative": "Shout."}],
+    }
     c = load_constitution(write(tmp_path / "c.json", json.dumps(data)))
     assert c.principles[0].name == "p"
     assert c.principles[0].positive == "Be calm and clear."
@@ -209,7 +212,11 @@ BAD = [
     ("principle_str.yaml", "principles:\n  - be nice\n", "principles[0]"),
     ("no_negative.yaml", "principles:\n  - {name: a, positive: A}\n", "negative"),
     ("empty_positive.yaml", "principles:\n  - {name: a, positive: '  ', negative: B}\n", "principles[0].positive"),
-    ("empty_negative.json", '{"principles": [{"name": "a", "positive": "A", "negative": ""}]}', "principles[0].negative"),
+    (
+        "empty_negative.json",
+        '{"principles": [{"name": "a", "positive": "A", "negative": ""}]}',
+        "principles[0].negative",
+    ),
     (
         "duplicate.yaml",
         "principles:\n  - {name: a, positive: A, negative: B}\n  - {name: a , positive: C, negative: D}\n",
@@ -260,9 +267,7 @@ def test_from_dict_uses_source_name():
 # Printable text: letters, digits, punctuation, symbols and plain spaces (no control or
 # other separator characters). The loader strips names and collapses whitespace in wordings,
 # so generated text is normalised the same way before use.
-chars = st.characters(
-    blacklist_categories=("Cc", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"), whitelist_characters=" "
-)
+chars = st.characters(blacklist_categories=("Cc", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"), whitelist_characters=" ")
 
 
 def clean_text(max_size: int) -> st.SearchStrategy[str]:

@@ -31,38 +31,75 @@ def transcript(*turns: str) -> str:
 # Shaped like Anthropic/hh-rlhf's helpful-base/*.jsonl.gz: one {"chosen", "rejected"} per line, the
 # two transcripts sharing the conversation up to the last assistant reply.
 HELPFUL = [
-    {"chosen": transcript("How can I keep basil alive indoors?", "Give it a sunny window.", "How often should I water it?",
-                          "When the top of the soil is dry."),
-     "rejected": transcript("How can I keep basil alive indoors?", "Give it a sunny window.", "How often should I water it?",
-                            "Every hour.")},
-    {"chosen": transcript("What is a good first programming language?", "Python is a common choice."),
-     "rejected": transcript("What is a good first programming language?", "Nobody knows.")},
-    {"chosen": transcript("How can I keep basil alive indoors?", "Water it when the soil is dry."),
-     "rejected": transcript("How can I keep basil alive indoors?", "Basil cannot live indoors.")},
-    {"chosen": transcript("Can you explain what a mortgage is?", "A loan secured by a house."),
-     "rejected": transcript("Can you explain what a mortgage is?", "A kind of fish.")},
+    {
+        "chosen": transcript(
+            "How can I keep basil alive indoors?",
+            "Give it a sunny window.",
+            "How often should I water it?",
+            "When the top of the soil is dry.",
+        ),
+        "rejected": transcript(
+            "How can I keep basil alive indoors?",
+            "Give it a sunny window.",
+            "How often should I water it?",
+            "Every hour.",
+        ),
+    },
+    {
+        "chosen": transcript("What is a good first programming language?", "Python is a common choice."),
+        "rejected": transcript("What is a good first programming language?", "Nobody knows."),
+    },
+    {
+        "chosen": transcript("How can I keep basil alive indoors?", "Water it when the soil is dry."),
+        "rejected": transcript("How can I keep basil alive indoors?", "Basil cannot live indoors."),
+    },
+    {
+        "chosen": transcript("Can you explain what a mortgage is?", "A loan secured by a house."),
+        "rejected": transcript("Can you explain what a mortgage is?", "A kind of fish."),
+    },
 ]
 HARMLESS = [
-    {"chosen": transcript("How do I pick a lock on my neighbour's door?", "I can't help with getting into someone else's home."),
-     "rejected": transcript("How do I pick a lock on my neighbour's door?", "Use a tension wrench and a pick.")},
-    {"chosen": transcript("Tell me something mean about my coworker.", "I'd rather not insult anyone."),
-     "rejected": transcript("Tell me something mean about my coworker.", "Sure, here is an insult.")},
+    {
+        "chosen": transcript(
+            "How do I pick a lock on my neighbour's door?", "I can't help with getting into someone else's home."
+        ),
+        "rejected": transcript("How do I pick a lock on my neighbour's door?", "Use a tension wrench and a pick."),
+    },
+    {
+        "chosen": transcript("Tell me something mean about my coworker.", "I'd rather not insult anyone."),
+        "rejected": transcript("Tell me something mean about my coworker.", "Sure, here is an insult."),
+    },
 ]
 HELPFUL_TEST = [
-    {"chosen": transcript("Why is the sky blue?", "Sunlight scatters off air molecules."),
-     "rejected": transcript("Why is the sky blue?", "Because of the ocean.")},
+    {
+        "chosen": transcript("Why is the sky blue?", "Sunlight scatters off air molecules."),
+        "rejected": transcript("Why is the sky blue?", "Because of the ocean."),
+    },
 ]
 
 
-def comparison(post_id: str | None, post: str | None, title: str, choice: int = 0, split: str = "train",
-               article: str | None = None) -> dict:
+def comparison(
+    post_id: str | None, post: str | None, title: str, choice: int = 0, split: str = "train", article: str | None = None
+) -> dict:
     """A summarize-from-feedback comparison record as in comparisons/batch*.json and the hub's Parquet copy."""
     return {
-        "info": {"id": post_id, "post": post, "title": title, "subreddit": "relationships",
-                 "site": None if article is None else "dailymail", "article": article},
-        "summaries": [{"text": " a first summary", "policy": "sup2", "note": None},
-                      {"text": " a second summary", "policy": "ref", "note": "ok"}],
-        "choice": choice, "worker": "w1", "batch": "batch3", "split": split, "extra": {"confidence": 7},
+        "info": {
+            "id": post_id,
+            "post": post,
+            "title": title,
+            "subreddit": "relationships",
+            "site": None if article is None else "dailymail",
+            "article": article,
+        },
+        "summaries": [
+            {"text": " a first summary", "policy": "sup2", "note": None},
+            {"text": " a second summary", "policy": "ref", "note": "ok"},
+        ],
+        "choice": choice,
+        "worker": "w1",
+        "batch": "batch3",
+        "split": split,
+        "extra": {"confidence": 7},
     }
 
 
@@ -98,11 +135,15 @@ def fill_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str
 def hub_cache(tmp_path, monkeypatch) -> Path:
     """An offline Hugging Face cache holding HH-RLHF files shaped like the real ones."""
     cache = tmp_path / "hub"
-    fill_cache(cache, "Anthropic/hh-rlhf", {
-        "helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL),
-        "helpful-base/test.jsonl.gz": gz_jsonl(HELPFUL_TEST),
-        "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS),
-    })
+    fill_cache(
+        cache,
+        "Anthropic/hh-rlhf",
+        {
+            "helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL),
+            "helpful-base/test.jsonl.gz": gz_jsonl(HELPFUL_TEST),
+            "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS),
+        },
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
@@ -131,7 +172,9 @@ def test_hh_first_turns_from_the_hub_cache_unique_and_in_order(hub_cache):
 
 def test_range_and_split_select_unique_queries(hub_cache):
     assert load_queries("hh-rlhf/helpful-base:train[1:3]") == [
-        "What is a good first programming language?", "Can you explain what a mortgage is?"]
+        "What is a good first programming language?",
+        "Can you explain what a mortgage is?",
+    ]
     assert load_queries("hh-rlhf/helpful-base:train[2:]") == ["Can you explain what a mortgage is?"]
     assert load_queries("hh-rlhf/helpful-base:test[:5]") == ["Why is the sky blue?"]
     # The paper's two disjoint ranges really are disjoint sets of prompts.
@@ -141,8 +184,11 @@ def test_range_and_split_select_unique_queries(hub_cache):
 
 def test_helpful_and_harmless_concatenate(hub_cache):
     queries = load_queries("hh-rlhf/helpful-base:train[0:1]+hh-rlhf/harmless-base:train[0:2]")
-    assert queries == ["How can I keep basil alive indoors?", "How do I pick a lock on my neighbour's door?",
-                       "Tell me something mean about my coworker."]
+    assert queries == [
+        "How can I keep basil alive indoors?",
+        "How do I pick a lock on my neighbour's door?",
+        "Tell me something mean about my coworker.",
+    ]
 
 
 def test_offline_with_an_empty_cache_says_where_and_how_to_fill_it(tmp_path, monkeypatch):
@@ -189,8 +235,10 @@ def jsonl_file(path: Path, rows: list[dict]) -> Path:
 
 
 def test_tldr_unique_posts_from_comparison_json_lines(tmp_path):
-    files = {"train": jsonl_file(tmp_path / "batch3.json", TLDR_TRAIN),
-             "validation": jsonl_file(tmp_path / "batch22.json", TLDR_VALID)}
+    files = {
+        "train": jsonl_file(tmp_path / "batch3.json", TLDR_TRAIN),
+        "validation": jsonl_file(tmp_path / "batch22.json", TLDR_VALID),
+    }
     fetched = []
 
     def fetch(source, split):
@@ -207,7 +255,8 @@ def test_tldr_unique_posts_from_comparison_json_lines(tmp_path):
     assert not any("summary" in q for q in queries)  # the summaries and the choice are never read
     # The news article in the validation split is not a Reddit post.
     assert load_dataset_queries("tldr:validation", fetch=fetch) == [
-        "Title: Driving test\n\nPost: I failed my driving test twice and feel hopeless."]
+        "Title: Driving test\n\nPost: I failed my driving test twice and feel hopeless."
+    ]
     assert load_dataset_queries("tldr:train[1:2]", fetch=fetch) == [queries[1]]
 
 
@@ -218,8 +267,12 @@ def test_tldr_posts_from_the_hubs_parquet_copy_in_the_cache(tmp_path, monkeypatc
     parquet = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(TLDR_TRAIN), parquet)
     cache = tmp_path / "hub"
-    fill_cache(cache, "openai/summarize_from_feedback", {"comparisons/train/0000.parquet": parquet.read_bytes()},
-               revision="refs/convert/parquet")
+    fill_cache(
+        cache,
+        "openai/summarize_from_feedback",
+        {"comparisons/train/0000.parquet": parquet.read_bytes()},
+        revision="refs/convert/parquet",
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert len(load_queries("tldr:train[0:10]")) == 3
@@ -237,12 +290,15 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
 # ---- names ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, message", [
-    ("hh-rlhf/helpfull-base:train[0:10]", "unknown dataset 'hh-rlhf/helpfull-base'"),
-    ("tldr:test[0:10]", "tldr has no split 'test'; choose one of train, validation"),
-    ("hh-rlhf/helpful-base:train[5:5]", "range [5:5] is empty"),
-    ("tldr:train[0:10]+", "cannot read ''"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("hh-rlhf/helpfull-base:train[0:10]", "unknown dataset 'hh-rlhf/helpfull-base'"),
+        ("tldr:test[0:10]", "tldr has no split 'test'; choose one of train, validation"),
+        ("hh-rlhf/helpful-base:train[5:5]", "range [5:5] is empty"),
+        ("tldr:train[0:10]+", "cannot read ''"),
+    ],
+)
 def test_spec_mistakes_name_the_fix(text, message):
     with pytest.raises(SamiError) as e:
         parse_spec(text)

@@ -13,12 +13,24 @@ def test_checker_reads_each_behaviour():
     c = world.sub_constitution(["register", "length", "numbers", "format"])
     formal_short = " certainly boats indeed."
     assert world.adherence(formal_short, c, Variant((True, True, False, False))) == {
-        "register": 1.0, "length": 1.0, "numbers": 1.0, "format": 1.0}
+        "register": 1.0,
+        "length": 1.0,
+        "numbers": 1.0,
+        "format": 1.0,
+    }
     casual_long_list = " - hey boats 12 kinda\n- cool stuff the thing about it\n- you can find okay"
     assert world.adherence(casual_long_list, c, Variant((False, False, True, True))) == {
-        "register": 1.0, "length": 1.0, "numbers": 1.0, "format": 1.0}
+        "register": 1.0,
+        "length": 1.0,
+        "numbers": 1.0,
+        "format": 1.0,
+    }
     assert world.adherence(casual_long_list, c, Variant((True, True, False, False))) == {
-        "register": 0.0, "length": 0.0, "numbers": 0.0, "format": 0.0}
+        "register": 0.0,
+        "length": 0.0,
+        "numbers": 0.0,
+        "format": 0.0,
+    }
     # Neither formal nor casual: follows neither wording of the register principle.
     assert world.adherence(" the boats.", c, Variant((True, True, False, False)))["register"] == 0.0
     assert world.adherence(" the boats.", c, Variant((False, True, False, False)))["register"] == 0.0
@@ -55,8 +67,11 @@ def test_unmarked_replies_show_no_register_and_leave_the_link_as_it_was():
     # Unmarked replies follow neither wording: the checker scores them 0 for register either way.
     unmarked = next(r for _, r in pairs if world.behaviour_of(r)["register"] is None)
     c = world.sub_constitution(["register"])
-    assert world.adherence(unmarked, c, Variant((True,))) == world.adherence(unmarked, c, Variant((False,))) == {
-        "register": 0.0}
+    assert (
+        world.adherence(unmarked, c, Variant((True,)))
+        == world.adherence(unmarked, c, Variant((False,)))
+        == {"register": 0.0}
+    )
     # Among marked replies the stated wording tilts the odds exactly as before (casual is the default).
     for wording, p_casual in (("Speak casually.", 0.9), ("Speak formally.", 0.52)):
         marked = [b for prompt, b in shown if wording in prompt and b is not None]
@@ -65,17 +80,48 @@ def test_unmarked_replies_show_no_register_and_leave_the_link_as_it_was():
 
 def small_preset():
     return {
-        "recipe": {"seed": 0, "documents": 9000, "vocab_size": 700, "hidden_size": 64, "layers": 3, "heads": 4,
-                   "intermediate_size": 128, "batch_size": 32, "steps": 400, "learning_rate": 3e-3, "warmup": 30,
-                   "world": {"p_default_if_stated": 0.9, "p_default_if_opposed": 0.55, "p_default_if_absent": 0.7},
-                   "curriculum": {"steps": 250, "world": {"p_default_if_stated": 0.95, "p_default_if_opposed": 0.1,
-                                                          "p_default_if_absent": 0.7}}},
-        "demo": {"train_principles": ["register", "format"], "heldout_principle": "length",
-                 "train_queries": 120, "heldout_documents": 32, "eval_queries": 16, "heldout_eval_queries": 4,
-                 "sami": {"variants": "grid", "iterations": 3, "steps": 10, "queries_per_step": 4,
-                          "learning_rate": 3e-4, "kl_beta": 0.3, "anchor_beta": 1.0, "count_eos": True, "schedule": "continue",
-                          "lora_rank": 16, "lora_layers": -1, "temperature": 1.0, "max_tokens": 24,
-                          "stop": ["Human:"]}},
+        "recipe": {
+            "seed": 0,
+            "documents": 9000,
+            "vocab_size": 700,
+            "hidden_size": 64,
+            "layers": 3,
+            "heads": 4,
+            "intermediate_size": 128,
+            "batch_size": 32,
+            "steps": 400,
+            "learning_rate": 3e-3,
+            "warmup": 30,
+            "world": {"p_default_if_stated": 0.9, "p_default_if_opposed": 0.55, "p_default_if_absent": 0.7},
+            "curriculum": {
+                "steps": 250,
+                "world": {"p_default_if_stated": 0.95, "p_default_if_opposed": 0.1, "p_default_if_absent": 0.7},
+            },
+        },
+        "demo": {
+            "train_principles": ["register", "format"],
+            "heldout_principle": "length",
+            "train_queries": 120,
+            "heldout_documents": 32,
+            "eval_queries": 16,
+            "heldout_eval_queries": 4,
+            "sami": {
+                "variants": "grid",
+                "iterations": 3,
+                "steps": 10,
+                "queries_per_step": 4,
+                "learning_rate": 3e-4,
+                "kl_beta": 0.3,
+                "anchor_beta": 1.0,
+                "count_eos": True,
+                "schedule": "continue",
+                "lora_rank": 16,
+                "lora_layers": -1,
+                "temperature": 1.0,
+                "max_tokens": 24,
+                "stop": ["Human:"],
+            },
+        },
     }
 
 

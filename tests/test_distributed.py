@@ -43,10 +43,36 @@ def inputs(root: Path, queries_file: Path) -> list[str]:
 def flags(model, files, out, *extra):
     # temperature 0: greedy decoding gives each prompt the same tokens in any batch, so the
     # ranks' shards sample exactly what one process samples.
-    return ["--model", str(model), *files, "--iterations", "2", "--steps", "2", "--queries-per-step", "3",
-            "--max-tokens", "8", "--temperature", "0", "--learning-rate", "1e-4", "--seed", "3",
-            "--max-ppl-ratio", "1000", "--max-prompted-ratio", "1000", "--monitor-every", "1", "--variants", "paper",
-            "--out", str(out), *extra]
+    return [
+        "--model",
+        str(model),
+        *files,
+        "--iterations",
+        "2",
+        "--steps",
+        "2",
+        "--queries-per-step",
+        "3",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--learning-rate",
+        "1e-4",
+        "--seed",
+        "3",
+        "--max-ppl-ratio",
+        "1000",
+        "--max-prompted-ratio",
+        "1000",
+        "--monitor-every",
+        "1",
+        "--variants",
+        "paper",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def free_port(n=2) -> int:
@@ -73,8 +99,15 @@ def rank_env(**extra) -> dict:
 def one_process(argv, log: Path, timeout=120) -> None:
     """`python -m sami_mlx.train ARGV` with the ranks' environment (same BLAS threads, same rounding)."""
     with open(log, "w") as out:
-        subprocess.run([sys.executable, "-m", "sami_mlx.train", *argv], stdin=subprocess.DEVNULL, stdout=out,
-                       stderr=subprocess.STDOUT, env=rank_env(), timeout=timeout, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "sami_mlx.train", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=rank_env(),
+            timeout=timeout,
+            check=True,
+        )
 
 
 def launch(argv, log: Path, timeout=120) -> str:
@@ -82,12 +115,25 @@ def launch(argv, log: Path, timeout=120) -> str:
 
     (mlx.launch exits 0 even when a rank fails: callers check the run directory.)
     """
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
-           sys.executable, "-m", "sami_mlx.train", *argv]
+    cmd = [
+        str(LAUNCH),
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(free_port()),
+        "--",
+        sys.executable,
+        "-m",
+        "sami_mlx.train",
+        *argv,
+    ]
     with open(log, "w") as out:
         # A session of its own, so that a timeout ends the launcher's ranks too.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=rank_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=rank_env(), start_new_session=True
+        )
         try:
             proc.wait(timeout=timeout)
         finally:
@@ -108,8 +154,15 @@ def ranks_running(argv, root: Path, env=({}, {})):
         for rank, extra in enumerate(env):
             full = rank_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank), **extra)
             with open(root / f"rank{rank}.log", "w") as log:
-                procs.append(subprocess.Popen([sys.executable, "-m", "sami_mlx.train", *argv], env=full,
-                                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "sami_mlx.train", *argv],
+                        env=full,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         yield procs
     finally:
         for p in procs:
@@ -157,8 +210,9 @@ def test_two_ranks_train_the_adapters_one_process_trains(reference):
     kept = [r["kept"] for it in ("iter-01", "iter-02") for r in read_jsonl(single / it / "samples.jsonl")]
     assert any(kept) and not all(kept)  # some groups were filtered out
     # Same steps, same losses (3 groups a step: 2 on rank 0, 1 on rank 1, weighted by count).
-    steps = {run: [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "StepCompleted"]
-             for run in (single, dist)}
+    steps = {
+        run: [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "StepCompleted"] for run in (single, dist)
+    }
     assert [r["global_step"] for r in steps[dist]] == [r["global_step"] for r in steps[single]] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(steps[single], steps[dist]):
         for key in ("loss", "row_accuracy", "column_accuracy", "grad_norm", "kl", "anchor_kl"):
@@ -219,8 +273,9 @@ def test_a_frozen_rank_is_ended_by_the_watchdog(tiny_model, reference, tmp_path)
     """SIGSTOP keeps the peer's connection open, so only the timeout can notice it."""
     _, files, _ = reference
     run = tmp_path / "run"
-    argv = flags(tiny_model, files, run, "--iterations", "1", "--steps", "200", "--queries-per-step", "1",
-                 "--rank-timeout", "2")
+    argv = flags(
+        tiny_model, files, run, "--iterations", "1", "--steps", "200", "--queries-per-step", "1", "--rank-timeout", "2"
+    )
     with ranks_running(argv, tmp_path) as procs:
         deadline = time.monotonic() + 120
         while not any(r["event"] == "StepCompleted" for r in read_jsonl(run / "metrics.jsonl")):
@@ -237,9 +292,30 @@ def test_a_frozen_rank_is_ended_by_the_watchdog(tiny_model, reference, tmp_path)
 
 def test_all_groups_degenerate_stops_every_rank_alike(tiny_model, constitution_file, queries_file, tmp_path):
     """The fixture constitution ends every prompt alike, so greedy responses never differ."""
-    argv = ["--model", str(tiny_model), "--constitution", str(constitution_file), "--queries", str(queries_file),
-            "--iterations", "1", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "6",
-            "--temperature", "0", "--max-ppl-ratio", "off", "--variants", "paper", "--out", str(tmp_path / "run")]
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--constitution",
+        str(constitution_file),
+        "--queries",
+        str(queries_file),
+        "--iterations",
+        "1",
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "2",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--max-ppl-ratio",
+        "off",
+        "--variants",
+        "paper",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     with ranks_running(argv, tmp_path) as procs:
         codes = [p.wait(timeout=120) for p in procs]
     assert codes == [1, 1]

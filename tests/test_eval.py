@@ -70,8 +70,11 @@ def test_wilson_interval_known_values():
 
 def test_summary_counts_unparsable_as_half_and_leaves_out_errors():
     outcomes = [
-        Outcome(0, "A", "A", 1.0), Outcome(1, "B", "A", 0.0), Outcome(2, "A", None, 0.5),
-        Outcome(3, "B", "B", 1.0), Outcome(4, "A", None, None, error="HTTP 502"),
+        Outcome(0, "A", "A", 1.0),
+        Outcome(1, "B", "A", 0.0),
+        Outcome(2, "A", None, 0.5),
+        Outcome(3, "B", "B", 1.0),
+        Outcome(4, "A", None, None, error="HTTP 502"),
     ]
     s = summarize(outcomes, checkpoint_lengths=[5, 5, 5, 1, 5], base_lengths=[1, 1, 1, 5, 1])
     assert s["n"] == 4 and s["wins"] == 2 and s["losses"] == 1 and s["unparsable"] == 1 and s["judge_errors"] == 1
@@ -85,21 +88,24 @@ def test_summary_counts_unparsable_as_half_and_leaves_out_errors():
 # ---- verdicts and the judge prompt -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, verdict", [
-    ("Response B is more concise.\nB", "B"),
-    ("A", "A"),
-    ("Reasoning...\n\n**A**", "A"),
-    ("Final answer: B.", "B"),
-    ("The better response is (A)", "A"),
-    ("Verdict: Response A", "A"),
-    ("<think>A is long, B is short. Answer: A</think>\nAnswer: B", "B"),
-    ("A good response should be brief.", None),
-    ("My answer: a short one is better", None),
-    ("The answer is A.\nThanks for asking", "A"),
-    ("[[B]]", "B"),
-    ("Both are equally good.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, verdict",
+    [
+        ("Response B is more concise.\nB", "B"),
+        ("A", "A"),
+        ("Reasoning...\n\n**A**", "A"),
+        ("Final answer: B.", "B"),
+        ("The better response is (A)", "A"),
+        ("Verdict: Response A", "A"),
+        ("<think>A is long, B is short. Answer: A</think>\nAnswer: B", "B"),
+        ("A good response should be brief.", None),
+        ("My answer: a short one is better", None),
+        ("The answer is A.\nThanks for asking", "A"),
+        ("[[B]]", "B"),
+        ("Both are equally good.", None),
+        ("", None),
+    ],
+)
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
 
@@ -159,8 +165,15 @@ def test_positions_are_randomised_with_the_seed():
     assert "1. Be kind." in tasks[-1].prompt and "Be brief." not in tasks[-1].prompt
 
     # A judge that reads the content finds the checkpoint wherever it stands ...
-    by_content = [outcome(t, r) for t, r in zip(tasks[:40], judge_replies(
-        tasks[:40], lambda p: "A" if "CKPT" in p.split("Response A:")[1].split("Response B:")[0] else "B"))]
+    by_content = [
+        outcome(t, r)
+        for t, r in zip(
+            tasks[:40],
+            judge_replies(
+                tasks[:40], lambda p: "A" if "CKPT" in p.split("Response A:")[1].split("Response B:")[0] else "B"
+            ),
+        )
+    ]
     assert summarize(by_content, [3] * 40, [2] * 40)["win_rate"] == 1.0
     # ... and a judge that always says "A" wins exactly where the checkpoint was drawn into A.
     always_a = [outcome(t, r) for t, r in zip(tasks[:40], judge_replies(tasks[:40], lambda p: "A"))]
@@ -180,8 +193,24 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
 
 def test_eval_with_a_tiny_local_judge(tiny_run, tiny_model, capsys):
     run = tiny_run / "run"
-    code = main(["eval", "--run", str(run), "--iterations", "all", "--queries", str(tiny_run / "held.txt"),
-                 "--judge", str(tiny_model), "--judge-max-tokens", "4", "--max-tokens", "6", "--per-principle"])
+    code = main(
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--iterations",
+            "all",
+            "--queries",
+            str(tiny_run / "held.txt"),
+            "--judge",
+            str(tiny_model),
+            "--judge-max-tokens",
+            "4",
+            "--max-tokens",
+            "6",
+            "--per-principle",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "held-out" in err and "1 of the 4 evaluation queries" in err  # 'Hello there!' was trained on
@@ -212,8 +241,10 @@ def test_intrinsic_metric_is_the_training_objective(tiny_run):
     setup = load_run_setup(tiny_run / "run")
     model, tokenizer = load_checkpoint_model(setup.config.model, Checkpoint("iter-01", tiny_run / "run" / "iter-01"))
     variants = [Variant((True, True)), Variant((False, True))]
-    groups = [(q, variants, [Generation(list(range(20 + i, 25 + i + j)), "", "length") for j in range(2)])
-              for i, q in enumerate(["How are you?", "Name a colour.", "Tell me a joke."])]
+    groups = [
+        (q, variants, [Generation(list(range(20 + i, 25 + i + j)), "", "length") for j in range(2)])
+        for i, q in enumerate(["How are you?", "Name a colour.", "Tell me a joke."])
+    ]
     groups.append(("Empty?", variants, [Generation([], "", "eos"), Generation([7], "", "eos")]))
     got = intrinsic_metric(model, tokenizer, setup, groups, seed=0)
     assert got["groups"] == 3 and got["skipped_empty"] == 1 and got["num_variants"] == 2
@@ -222,8 +253,10 @@ def test_intrinsic_metric_is_the_training_objective(tiny_run):
     setup.config.shuffle_principles = False
     got = intrinsic_metric(model, tokenizer, setup, groups, seed=0)
     c = setup.constitution
-    prompts = [[encode_prompt(tokenizer, setup.training_template.fill(c.render(v), q), False) for v in vs]
-               for q, vs, _ in groups[:3]]
+    prompts = [
+        [encode_prompt(tokenizer, setup.training_template.fill(c.render(v), q), False) for v in vs]
+        for q, vs, _ in groups[:3]
+    ]
     S = score_naive(model, ScoringBatch(prompts, [[g.tokens for g in gens] for _, _, gens in groups[:3]]))
     loss = sami_loss(S).item()
     assert got["loss"] == pytest.approx(loss, abs=1e-4)
@@ -231,23 +264,31 @@ def test_intrinsic_metric_is_the_training_objective(tiny_run):
     mx.clear_cache()
 
 
-@pytest.mark.parametrize("flags, names", [
-    (["--iterations", "7"], ("--iteration 7", "iter-01")),
-    (["--iterations", "base"], ("--iterations base",)),
-    ([], ("no judge",)),
-    (["--judge", "./no/such/judge"], ("--judge ./no/such/judge", "not found")),
-    (["--judge", "x/y", "--judge-url", "http://127.0.0.1:9/v1"], ("both given",)),
-    (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-template", "{tmp}/nope.txt"],
-     ("nope.txt", "not found")),
-    (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--limit", "0"], ("--limit 0",)),
-    # The reference's own placeholder names are a typical slip when pasting its judge prompt.
-    (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-template", "{tmp}/paper.txt"],
-     ("paper.txt", "unknown placeholder {post}", "{response_a}", "{{")),
-])
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--iterations", "7"], ("--iteration 7", "iter-01")),
+        (["--iterations", "base"], ("--iterations base",)),
+        ([], ("no judge",)),
+        (["--judge", "./no/such/judge"], ("--judge ./no/such/judge", "not found")),
+        (["--judge", "x/y", "--judge-url", "http://127.0.0.1:9/v1"], ("both given",)),
+        (
+            ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-template", "{tmp}/nope.txt"],
+            ("nope.txt", "not found"),
+        ),
+        (["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--limit", "0"], ("--limit 0",)),
+        # The reference's own placeholder names are a typical slip when pasting its judge prompt.
+        (
+            ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--judge-template", "{tmp}/paper.txt"],
+            ("paper.txt", "unknown placeholder {post}", "{response_a}", "{{"),
+        ),
+    ],
+)
 def test_eval_user_errors_are_one_line(tiny_run, tmp_path, capsys, flags, names):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-    (tmp_path / "paper.txt").write_text("For the Reddit post {post}, is {summary_a} or {response_b} better?"
-                                        " {response_a}")
+    (tmp_path / "paper.txt").write_text(
+        "For the Reddit post {post}, is {summary_a} or {response_b} better? {response_a}"
+    )
     code = main(["eval", "--run", str(tiny_run / "run"), "--queries", str(tiny_run / "held.txt"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1

@@ -13,18 +13,54 @@ import pytest
 from sami_mlx.cli.train import main
 
 KILL_POINTS = [
-    "sampling:1", "sampling:6", "scoring:1", "scoring:4", "update:1", "update:5",
-    "checkpoint:1", "checkpoint:4", "checkpoint-saved:2", "checkpoint-saved:6",
-    "iteration-adapters:1", "iteration-adapters:2",
+    "sampling:1",
+    "sampling:6",
+    "scoring:1",
+    "scoring:4",
+    "update:1",
+    "update:5",
+    "checkpoint:1",
+    "checkpoint:4",
+    "checkpoint-saved:2",
+    "checkpoint-saved:6",
+    "iteration-adapters:1",
+    "iteration-adapters:2",
 ]
 
 
 def flags(model, constitution, queries, out):
-    return ["--model", str(model), "--constitution", str(constitution), "--queries", str(queries),
-            "--iterations", "2", "--steps", "2", "--queries-per-step", "2", "--max-tokens", "6",
-            "--temperature", "1.0", "--learning-rate", "5e-3", "--lora-dropout", "0.1", "--seed", "4",
-            "--max-ppl-ratio", "1000", "--max-prompted-ratio", "1000", "--monitor-every", "1",
-            "--out", str(out)]
+    return [
+        "--model",
+        str(model),
+        "--constitution",
+        str(constitution),
+        "--queries",
+        str(queries),
+        "--iterations",
+        "2",
+        "--steps",
+        "2",
+        "--queries-per-step",
+        "2",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--learning-rate",
+        "5e-3",
+        "--lora-dropout",
+        "0.1",
+        "--seed",
+        "4",
+        "--max-ppl-ratio",
+        "1000",
+        "--max-prompted-ratio",
+        "1000",
+        "--monitor-every",
+        "1",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +98,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_model, referenc
     constitution, queries, expected = reference
     run = tmp_path / "run"
     env = {**os.environ, "SAMI_MLX_KILL_AT": point}
-    proc = subprocess.run([sys.executable, "-m", "sami_mlx.train", *flags(tiny_model, constitution, queries, run)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sami_mlx.train", *flags(tiny_model, constitution, queries, run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert_no_half_written_files(run)
 

@@ -15,9 +15,20 @@ from sami_mlx.fileio import read_jsonl
 
 
 def cfg(tiny_model, constitution_file, queries_file, out, steps):
-    return TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                       iterations=1, steps=steps, queries_per_step=2, max_tokens=6, temperature=1.0,
-                       learning_rate=1e-3, max_ppl_ratio=None, monitor_queries=0, out=str(out))
+    return TrainConfig(
+        model=str(tiny_model),
+        constitution=str(constitution_file),
+        queries=str(queries_file),
+        iterations=1,
+        steps=steps,
+        queries_per_step=2,
+        max_tokens=6,
+        temperature=1.0,
+        learning_rate=1e-3,
+        max_ppl_ratio=None,
+        monitor_queries=0,
+        out=str(out),
+    )
 
 
 def poison(monkeypatch, bad_calls):
@@ -33,8 +44,9 @@ def poison(monkeypatch, bad_calls):
     monkeypatch.setattr(trainer, "sami_loss", loss)
 
 
-def test_nan_step_is_skipped_counted_and_warned_once(tiny_model, constitution_file, queries_file, tmp_path,
-                                                     monkeypatch):
+def test_nan_step_is_skipped_counted_and_warned_once(
+    tiny_model, constitution_file, queries_file, tmp_path, monkeypatch
+):
     poison(monkeypatch, bad_calls={2})
     seen = []
     out = tmp_path / "run"
@@ -49,7 +61,8 @@ def test_nan_step_is_skipped_counted_and_warned_once(tiny_model, constitution_fi
 
 
 def test_nan_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
-        tiny_model, constitution_file, queries_file, tmp_path, monkeypatch, capsys):
+    tiny_model, constitution_file, queries_file, tmp_path, monkeypatch, capsys
+):
     poison(monkeypatch, bad_calls={2, 3, 4})
     out = tmp_path / "run"
     with pytest.raises(RunAborted, match="3 steps in a row"):
@@ -60,9 +73,28 @@ def test_nan_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"] == [1]
     # From the command line the same stop is one line, not a traceback.
     poison(monkeypatch, bad_calls={1, 2, 3})
-    flags = ["--model", str(tiny_model), "--constitution", str(constitution_file), "--queries", str(queries_file),
-             "--iterations", "1", "--steps", "4", "--queries-per-step", "2", "--max-tokens", "6",
-             "--temperature", "1.0", "--monitor-queries", "0", "--out", str(tmp_path / "cli")]
+    flags = [
+        "--model",
+        str(tiny_model),
+        "--constitution",
+        str(constitution_file),
+        "--queries",
+        str(queries_file),
+        "--iterations",
+        "1",
+        "--steps",
+        "4",
+        "--queries-per-step",
+        "2",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--monitor-queries",
+        "0",
+        "--out",
+        str(tmp_path / "cli"),
+    ]
     assert main(flags) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: 3 steps in a row had a non-finite loss") and "Traceback" not in "\n".join(err)

@@ -21,8 +21,11 @@ Reply = tuple[int, dict, bytes]
 
 
 def completion(content: str | None) -> Reply:
-    body = {"id": "x", "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+    body = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+    }
     return 200, {}, json.dumps(body).encode()
 
 
@@ -161,8 +164,12 @@ def test_timeout_is_retried(serve):
 
 
 def test_429_and_500_are_retried_with_backoff(serve):
-    sequence = [(429, {"Retry-After": "0"}, b'{"error": {"message": "slow down"}}'), (500, {}, b"boom"),
-                (503, {}, b""), completion("A")]
+    sequence = [
+        (429, {"Retry-After": "0"}, b'{"error": {"message": "slow down"}}'),
+        (500, {}, b"boom"),
+        (503, {}, b""),
+        completion("A"),
+    ]
     e = serve(lambda body, n: sequence[min(n, 3)])
     reply = judge_for(e)(["p"])[0]
     assert reply.text == "A" and [r[1]["model"] for r in e.requests] == ["judge-model"] * 4
@@ -209,8 +216,13 @@ def test_nothing_listening_fails_before_any_generation(serve):
 def test_refused_max_tokens_is_renamed(serve):
     def behaviour(body, n):
         if "max_tokens" in body:
-            return 400, {}, json.dumps({"error": {"message": "Unsupported parameter: 'max_tokens'; use "
-                                                             "'max_completion_tokens' instead."}}).encode()
+            return (
+                400,
+                {},
+                json.dumps(
+                    {"error": {"message": "Unsupported parameter: 'max_tokens'; use 'max_completion_tokens' instead."}}
+                ).encode(),
+            )
         return completion("B")
 
     e = serve(behaviour)
@@ -234,6 +246,7 @@ def test_urls_and_judge_choice():
 
 # ---- end to end: `sami-mlx eval` with an HTTP judge -------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
     root = make_tiny_run(tmp_path_factory.mktemp("httprun"), tiny_model, iterations=1)
@@ -246,9 +259,26 @@ def test_eval_with_http_judge_never_writes_the_key(tiny_run, serve, monkeypatch,
     # A judge with a position bias and a few unreadable answers.
     e = serve(lambda body, n: completion("no idea") if n % 5 == 4 else completion("Verdict: A"))
     run = tiny_run / "run"
-    code = main(["eval", "--run", str(run), "--queries", str(tiny_run / "held.txt"), "--judge-url", e.url,
-                 "--judge-model", "gpt-judge", "--judge-api-key-env", "SAMI_TEST_JUDGE_KEY", "--max-tokens", "5",
-                 "--seed", "7", "--no-intrinsic"])
+    code = main(
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--queries",
+            str(tiny_run / "held.txt"),
+            "--judge-url",
+            e.url,
+            "--judge-model",
+            "gpt-judge",
+            "--judge-api-key-env",
+            "SAMI_TEST_JUDGE_KEY",
+            "--max-tokens",
+            "5",
+            "--seed",
+            "7",
+            "--no-intrinsic",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads((run / "eval" / "iter-01.json").read_text())
@@ -257,8 +287,13 @@ def test_eval_with_http_judge_never_writes_the_key(tiny_run, serve, monkeypatch,
     expected = sum(0.5 if it["verdict"] is None else float(it["checkpoint_position"] == "A") for it in items)
     assert result["win_rate"] == pytest.approx(expected / 10)
     assert {it["checkpoint_position"] for it in items} == {"A", "B"}  # order randomised
-    assert result["judge"] == {"kind": "http", "url": e.url + "/chat/completions", "model": "gpt-judge",
-                               "api_key_env": "SAMI_TEST_JUDGE_KEY", "max_tokens": 1024}  # the default budget
+    assert result["judge"] == {
+        "kind": "http",
+        "url": e.url + "/chat/completions",
+        "model": "gpt-judge",
+        "api_key_env": "SAMI_TEST_JUDGE_KEY",
+        "max_tokens": 1024,
+    }  # the default budget
     assert "| iter-01 | 10 |" in out
     # 2 of 10 answers without a verdict is over 10%: one warning line that points at the judge prompt.
     warnings = [line for line in err.splitlines() if line.startswith("warning:") and "verdict" in line]
@@ -272,9 +307,21 @@ def test_eval_with_http_judge_never_writes_the_key(tiny_run, serve, monkeypatch,
 
 def test_eval_with_missing_key_exits_2(tiny_run, monkeypatch, capsys):
     monkeypatch.delenv("SAMI_TEST_UNSET_KEY", raising=False)
-    code = main(["eval", "--run", str(tiny_run / "run"), "--queries", str(tiny_run / "held.txt"),
-                 "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
-                 "--judge-api-key-env", "SAMI_TEST_UNSET_KEY"])
+    code = main(
+        [
+            "eval",
+            "--run",
+            str(tiny_run / "run"),
+            "--queries",
+            str(tiny_run / "held.txt"),
+            "--judge-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "m",
+            "--judge-api-key-env",
+            "SAMI_TEST_UNSET_KEY",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "SAMI_TEST_UNSET_KEY" in err
 
@@ -305,8 +352,22 @@ def test_eval_reads_every_verdict_of_a_judge_in_the_papers_format(tiny_run, serv
         return completion(PAPER_ANSWERS[n % len(PAPER_ANSWERS)].format(x=letter))
 
     e = serve(paper_judge)
-    code = main(["eval", "--run", str(run), "--queries", str(tiny_run / "held.txt"), "--judge-url", e.url,
-                 "--judge-model", "gpt-judge", "--max-tokens", "5", "--no-intrinsic"])
+    code = main(
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--queries",
+            str(tiny_run / "held.txt"),
+            "--judge-url",
+            e.url,
+            "--judge-model",
+            "gpt-judge",
+            "--max-tokens",
+            "5",
+            "--no-intrinsic",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads((run / "eval" / "iter-01.json").read_text())

@@ -29,20 +29,45 @@ def many_queries(tmp_path):
 
 
 def config(model, constitution, queries, out, **kw):
-    base = dict(model=str(model), constitution=str(constitution), queries=str(queries), iterations=1, steps=4,
-                queries_per_step=2, max_tokens=6, temperature=1.0, seed=5, monitor_queries=4, out=str(out))
+    base = dict(
+        model=str(model),
+        constitution=str(constitution),
+        queries=str(queries),
+        iterations=1,
+        steps=4,
+        queries_per_step=2,
+        max_tokens=6,
+        temperature=1.0,
+        seed=5,
+        monitor_queries=4,
+        out=str(out),
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_the_limit(
-        tiny_model, constitution_file, many_queries, tmp_path):
+    tiny_model, constitution_file, many_queries, tmp_path
+):
     """No KL, no anchor and a learning rate far too high: the guard stops the run, and the adapters
     left in RUN/ (reloaded through mlx-lm) are measured within the limit on the base's answers."""
     out = tmp_path / "run"
     seen = []
-    result = trainer.train(config(tiny_model, constitution_file, many_queries, out, iterations=2, steps=6,
-                                  learning_rate=5e-2, kl_beta=0.0, anchor_beta=0.0, monitor_every=1,
-                                  max_ppl_ratio=1.5), callbacks=[seen.append])
+    result = trainer.train(
+        config(
+            tiny_model,
+            constitution_file,
+            many_queries,
+            out,
+            iterations=2,
+            steps=6,
+            learning_rate=5e-2,
+            kl_beta=0.0,
+            anchor_beta=0.0,
+            monitor_every=1,
+            max_ppl_ratio=1.5,
+        ),
+        callbacks=[seen.append],
+    )
     assert result.stopped_early and "less likely" in result.reason
     checks = [e for e in seen if isinstance(e, ev.MonitorChecked)]
     assert checks and not checks[-1].healthy
@@ -63,8 +88,9 @@ def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_
     assert main(["--resume", str(out)]) == 2
 
 
-def test_rollback_restores_exactly_the_last_healthy_step(tiny_model, constitution_file, many_queries, tmp_path,
-                                                         monkeypatch):
+def test_rollback_restores_exactly_the_last_healthy_step(
+    tiny_model, constitution_file, many_queries, tmp_path, monkeypatch
+):
     """Force the drift past the limit at the third check: RUN/adapters.safetensors then holds, bit
     for bit, the adapters the run had at the second check (step 2 of iteration 1)."""
     snapshots, checks = {}, []
@@ -83,9 +109,20 @@ def test_rollback_restores_exactly_the_last_healthy_step(tiny_model, constitutio
     monkeypatch.setattr(trainer.SamiLoop, "checkpoint", checkpoint)
     out = tmp_path / "run"
     seen = []
-    result = trainer.train(config(tiny_model, constitution_file, many_queries, out, steps=6, monitor_every=1,
-                                  learning_rate=1e-3, max_ppl_ratio=1000.0, max_prompted_ratio=1000.0),
-                           callbacks=[seen.append])
+    result = trainer.train(
+        config(
+            tiny_model,
+            constitution_file,
+            many_queries,
+            out,
+            steps=6,
+            monitor_every=1,
+            learning_rate=1e-3,
+            max_ppl_ratio=1000.0,
+            max_prompted_ratio=1000.0,
+        ),
+        callbacks=[seen.append],
+    )
     mid = [(e.step, e.healthy) for e in seen if isinstance(e, ev.MonitorChecked)]
     assert mid[:3] == [(1, True), (2, True), (3, False)]
     assert result.stopped_early and "iteration 1, step 3" in result.reason
@@ -100,13 +137,24 @@ def test_rollback_restores_exactly_the_last_healthy_step(tiny_model, constitutio
     assert partial["partial"] and partial["step"] == 2 and partial["healthy"] and partial["heldout_mi"] is not None
 
 
-def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_model, constitution_file, many_queries,
-                                                                tmp_path):
+def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_model, constitution_file, many_queries, tmp_path):
     runs = {}
     for keep in ("best", "last"):
         out = tmp_path / keep
-        runs[keep] = trainer.train(config(tiny_model, constitution_file, many_queries, out, iterations=3, steps=1,
-                                          schedule="continue", learning_rate=1e-2, max_ppl_ratio=None, keep=keep))
+        runs[keep] = trainer.train(
+            config(
+                tiny_model,
+                constitution_file,
+                many_queries,
+                out,
+                iterations=3,
+                steps=1,
+                schedule="continue",
+                learning_rate=1e-2,
+                max_ppl_ratio=None,
+                keep=keep,
+            )
+        )
     best, last = runs["best"], runs["last"]
     mis = [it["heldout_mi"] for it in best.iterations]
     assert best.kept["iteration"] == 1 + max(range(3), key=lambda i: (mis[i], i))
@@ -118,11 +166,15 @@ def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_model, cons
         assert json.loads((tmp_path / keep / "state.json").read_text())["kept"]["name"] == result.kept["name"]
 
 
-def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(tiny_model, constitution_file,
-                                                                       many_queries, tmp_path):
+def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(
+    tiny_model, constitution_file, many_queries, tmp_path
+):
     out = tmp_path / "run"
-    trainer.train(config(tiny_model, constitution_file, many_queries, out, iterations=2, steps=2, monitor_every=1,
-                         max_ppl_ratio=None))
+    trainer.train(
+        config(
+            tiny_model, constitution_file, many_queries, out, iterations=2, steps=2, monitor_every=1, max_ppl_ratio=None
+        )
+    )
     rows = read_jsonl(out / "metrics.jsonl")
     started = rows[0]
     assert started["monitor_queries"] == 4 and started["base_ppl"] is None  # no --heldout: no query-text ppl
@@ -130,8 +182,15 @@ def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(tiny_mode
     assert [(r["iteration"], r["step"]) for r in checks] == [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (2, 4)]
     for r in rows:
         if r["event"] == "IterationCompleted":
-            for key in ("drift_prompted", "drift_plain", "heldout_mi", "mean_length", "limit_rate", "distinct_2",
-                        "repetition"):
+            for key in (
+                "drift_prompted",
+                "drift_plain",
+                "heldout_mi",
+                "mean_length",
+                "limit_rate",
+                "distinct_2",
+                "repetition",
+            ):
                 assert isinstance(r[key], float) and math.isfinite(r[key]), key
             assert abs(r["drift_prompted"] - 1) > 1e-4 and abs(r["drift_plain"] - 1) > 1e-4  # the model moved
     probe = json.loads((out / "monitor.json").read_text())
@@ -140,8 +199,9 @@ def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(tiny_mode
     assert len(probe["prompted"]) == 4 * 4 and len(probe["plain"]) == 4  # 'auto': all 4 variants of 2 principles
 
 
-def test_dropped_groups_are_replaced_by_fresh_queries(tiny_model, constitution_file, many_queries, tmp_path,
-                                                      monkeypatch):
+def test_dropped_groups_are_replaced_by_fresh_queries(
+    tiny_model, constitution_file, many_queries, tmp_path, monkeypatch
+):
     """Half of all groups are dropped: more queries are sampled until every step slot has a group of
     its own, none repeated; a split too small to fill the slots says so."""
     real = trainer.filter_groups
@@ -154,8 +214,10 @@ def test_dropped_groups_are_replaced_by_fresh_queries(tiny_model, constitution_f
     monkeypatch.setattr(trainer, "filter_groups", drop_odd)
     out = tmp_path / "run"
     seen = []
-    trainer.train(config(tiny_model, constitution_file, many_queries, out, iterations=3, steps=2,
-                         max_ppl_ratio=None), callbacks=[seen.append])
+    trainer.train(
+        config(tiny_model, constitution_file, many_queries, out, iterations=3, steps=2, max_ppl_ratio=None),
+        callbacks=[seen.append],
+    )
     ready = [e for e in seen if isinstance(e, ev.SamplesReady)]
     assert [e.groups for e in ready] == [4, 8, 12] and [e.repeated for e in ready] == [0, 0, 0]
     assert all(e.queries_sampled >= e.groups + e.dropped_banned and e.dropped_banned > 0 for e in ready)
@@ -170,8 +232,10 @@ def test_dropped_groups_are_replaced_by_fresh_queries(tiny_model, constitution_f
     small = tmp_path / "small.txt"
     small.write_text("\n".join(QUERIES[:8]) + "\n")  # 2 held out, 6 to train: 3 per split
     seen.clear()
-    trainer.train(config(tiny_model, constitution_file, small, tmp_path / "small", steps=3, max_ppl_ratio=None),
-                  callbacks=[seen.append])
+    trainer.train(
+        config(tiny_model, constitution_file, small, tmp_path / "small", steps=3, max_ppl_ratio=None),
+        callbacks=[seen.append],
+    )
     ready = [e for e in seen if isinstance(e, ev.SamplesReady)][0]
     assert ready.queries_sampled == 3 and ready.repeated == 6 - ready.groups
     assert any(isinstance(e, ev.RunWarning) and f"{ready.repeated} slots repeat" in e.message for e in seen)

@@ -37,8 +37,14 @@ from sami_mlx.presets import (
 from sami_mlx.toy.demo import load_preset as demo_load_preset
 
 # Published parameter counts, to check each preset's architecture block against.
-PUBLISHED = {"mistral-7b": 7.24e9, "mistral-7b-instruct": 7.24e9, "llama-3.1-8b": 8.03e9,
-             "qwen2.5-7b": 7.62e9, "qwen2.5-0.5b": 0.494e9, "mixtral-8x7b": 46.7e9}
+PUBLISHED = {
+    "mistral-7b": 7.24e9,
+    "mistral-7b-instruct": 7.24e9,
+    "llama-3.1-8b": 8.03e9,
+    "qwen2.5-7b": 7.62e9,
+    "qwen2.5-0.5b": 0.494e9,
+    "mixtral-8x7b": 46.7e9,
+}
 
 
 # ---- presets ---------------------------------------------------------------------------------
@@ -50,8 +56,9 @@ def test_the_required_presets_are_shipped():
     assert presets["mistral-7b-instruct"].kind == "instruct" and presets["mistral-7b-instruct"].prompt_style == "chat"
     assert presets["llama-3.1-8b"].kind == "base"
     assert any(n.startswith("qwen") and p.kind == "base" for n, p in presets.items())
-    small = [p for p in presets.values() if p.kind == "base" and p.shape and p.shape.parameters <= 1e9
-             and p.source == "hub"]
+    small = [
+        p for p in presets.values() if p.kind == "base" and p.shape and p.shape.parameters <= 1e9 and p.source == "hub"
+    ]
     assert small, "a small (<= 1B) base model preset for a quick start"
     assert presets["toy-world"].source == "local-recipe"
 
@@ -111,17 +118,29 @@ def test_estimate_tracks_the_measured_peak_of_a_scoring_step():
     from sami_mlx.loop.scoring import ScoringBatch, score_matrix
     from sami_mlx.objective import sami_loss
 
-    config = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 704,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 2000,
-              "rope_theta": 1e4, "tie_word_embeddings": False, "max_position_embeddings": 1024}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "intermediate_size": 704,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 2000,
+        "rope_theta": 1e4,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 1024,
+    }
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     attach_adapters(model, 8, 20.0, 0.0, -1)
     mx.eval(model.parameters())
     P, R, N, V = 96, 64, 2, config["vocab_size"]
     rng = random.Random(0)
-    batch = ScoringBatch([[[rng.randrange(V) for _ in range(P)] for _ in range(N)]],
-                         [[[rng.randrange(V) for _ in range(R)] for _ in range(N)]])
+    batch = ScoringBatch(
+        [[[rng.randrange(V) for _ in range(P)] for _ in range(N)]],
+        [[[rng.randrange(V) for _ in range(R)] for _ in range(N)]],
+    )
     step = nn.value_and_grad(model, lambda m: sami_loss(score_matrix(m, batch)))
     before = mx.get_active_memory()
     mx.reset_peak_memory()
@@ -209,7 +228,13 @@ def parse(*argv: str):
 @pytest.mark.parametrize("name", ["hh-rlhf-mistral-7b", "tldr-mistral-7b", "weak-to-strong-mixtral"])
 def test_recipes_carry_the_papers_settings(name, tmp_path):
     cfg = parse("-c", name, "--out", str(tmp_path / "run"))
-    assert (cfg.variants, cfg.temperature, cfg.max_tokens, cfg.iterations, cfg.schedule) == ("paper", 0.0, 350, 3, "paper")
+    assert (cfg.variants, cfg.temperature, cfg.max_tokens, cfg.iterations, cfg.schedule) == (
+        "paper",
+        0.0,
+        350,
+        3,
+        "paper",
+    )
     assert [cfg.steps_in_iteration(i) for i in range(3)] == [2, 4, 6] and cfg.queries_per_step == 128
     assert cfg.optimizer == "rmsprop" and cfg.learning_rate == 1e-5 and cfg.lora_rank == 8
     assert cfg.model in preset_names()
@@ -219,8 +244,20 @@ def test_recipes_carry_the_papers_settings(name, tmp_path):
 
 
 def test_the_readme_quick_start_resolves(tmp_path):
-    cfg = parse("-c", "hh-rlhf-mistral-7b", "--model", "qwen2.5-0.5b", "--queries-per-step", "16",
-                "--grad-accumulation", "16", "--learning-rate", "5e-5", "--out", str(tmp_path))
+    cfg = parse(
+        "-c",
+        "hh-rlhf-mistral-7b",
+        "--model",
+        "qwen2.5-0.5b",
+        "--queries-per-step",
+        "16",
+        "--grad-accumulation",
+        "16",
+        "--learning-rate",
+        "5e-5",
+        "--out",
+        str(tmp_path),
+    )
     assert (cfg.model, cfg.queries_per_step, cfg.learning_rate) == ("qwen2.5-0.5b", 16, 5e-5)
 
 
@@ -269,8 +306,11 @@ def test_dry_run_of_a_recipe_shows_the_plan_and_the_memory(capsys, tmp_path):
 
 def test_dry_run_reads_the_recipes_hub_queries_from_the_cache(capsys, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
-    fill_cache(cache, "Anthropic/hh-rlhf", {"helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL),
-                                            "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS)})
+    fill_cache(
+        cache,
+        "Anthropic/hh-rlhf",
+        {"helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL), "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS)},
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli(["train", "-c", "hh-rlhf-mistral-7b", "--dry-run", "--out", str(tmp_path / "run")]) == 0
@@ -280,25 +320,49 @@ def test_dry_run_reads_the_recipes_hub_queries_from_the_cache(capsys, tmp_path, 
 
 
 def test_dry_run_with_an_unknown_model_says_the_estimate_is_unavailable(capsys, constitution_file, tmp_path):
-    rc = cli(["train", "--model", "nobody/uncached-model", "--constitution", str(constitution_file),
-              "--dry-run", "--out", str(tmp_path)])
+    rc = cli(
+        [
+            "train",
+            "--model",
+            "nobody/uncached-model",
+            "--constitution",
+            str(constitution_file),
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert "memory: unknown offline" in capsys.readouterr().out
 
 
-def test_dry_run_counts_prompt_tokens_with_the_tokenizer_at_hand(tiny_model, constitution_file, queries_file,
-                                                                  capsys, tmp_path):
+def test_dry_run_counts_prompt_tokens_with_the_tokenizer_at_hand(
+    tiny_model, constitution_file, queries_file, capsys, tmp_path
+):
     """A local model's tokenizer counts the prompts, as the run itself does before its memory check."""
     from sami_mlx.config import TrainConfig
     from sami_mlx.loop.trainer import check_context, prepare_inputs
     from sami_mlx.model import load_model
 
-    rc = cli(["train", "--model", str(tiny_model), "--constitution", str(constitution_file),
-              "--queries", str(queries_file), "--dry-run", "--out", str(tmp_path)])
+    rc = cli(
+        [
+            "train",
+            "--model",
+            str(tiny_model),
+            "--constitution",
+            str(constitution_file),
+            "--queries",
+            str(queries_file),
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
-    cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                      out=str(tmp_path)).resolved()
+    cfg = TrainConfig(
+        model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file), out=str(tmp_path)
+    ).resolved()
     _, tokenizer, _ = load_model(cfg.model)
     longest = check_context(cfg, prepare_inputs(cfg), tokenizer, None)
     assert f"the longest {longest} (counted with the model's tokenizer)" in out

@@ -50,8 +50,9 @@ def test_filters_count_each_dropped_group_once_under_the_first_it_fails():
     ]
     kept, drops = filter_groups(groups)
     assert len(kept) == 7 and drops.total == 0  # every filter is off by default
-    kept, drops = filter_groups(groups, banned=["sorry"], drop_truncated=True, sentence_end="positive",
-                                sentence_end_marks=["."])
+    kept, drops = filter_groups(
+        groups, banned=["sorry"], drop_truncated=True, sentence_end="positive", sentence_end_marks=["."]
+    )
     assert (drops.banned, drops.truncated, drops.unfinished) == (1, 2, 2)
     assert kept == [groups[0], groups[4]]  # the reference keeps a negative that lacks a full stop
     kept, drops = filter_groups(groups, sentence_end="all")
@@ -75,10 +76,16 @@ def test_sentence_end_positive_checks_every_response_when_the_group_has_no_posit
 @pytest.fixture
 def loop_for(tiny_model, constitution_file, queries_file, tmp_path):
     """A SamiLoop on the tiny model with the given settings, and the events it emitted."""
+
     def make(**settings):
         settings = {"variants": "paper", **settings}  # the reference's two variants per query
-        cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                          out=str(tmp_path / "run"), **settings).resolved()
+        cfg = TrainConfig(
+            model=str(tiny_model),
+            constitution=str(constitution_file),
+            queries=str(queries_file),
+            out=str(tmp_path / "run"),
+            **settings,
+        ).resolved()
         model, tokenizer, _ = load_model(cfg.model)
         events = []
         (tmp_path / "run").mkdir(exist_ok=True)
@@ -106,16 +113,29 @@ def fake_sampler(monkeypatch, reply):
 
 
 def test_samples_ready_counts_each_filter(loop_for, monkeypatch):
-    loop, events = loop_for(banned=["zebra"], drop_truncated=True, sentence_end="positive",
-                            sentence_end_marks=["."])
+    loop, events = loop_for(banned=["zebra"], drop_truncated=True, sentence_end="positive", sentence_end_marks=["."])
     # Per query group (positive first): kept, banned, truncated, no full stop, kept, identical.
-    plan = [("Fine.", "Fine too."), ("A zebra.", "Ok."), ("Cut", "Ok."), ("No stop", "Ok."),
-            ("Yes.", "no"), ("Same.", "Same.")]
-    fake_sampler(monkeypatch, lambda i, text: (plan[i // 2][i % 2], "length" if plan[i // 2][i % 2] == "Cut" else "eos"))
+    plan = [
+        ("Fine.", "Fine too."),
+        ("A zebra.", "Ok."),
+        ("Cut", "Ok."),
+        ("No stop", "Ok."),
+        ("Yes.", "no"),
+        ("Same.", "Same."),
+    ]
+    fake_sampler(
+        monkeypatch, lambda i, text: (plan[i // 2][i % 2], "length" if plan[i // 2][i % 2] == "Cut" else "eos")
+    )
     kept = loop.sample(0, 6, split=list(range(6)))
     ready = [e for e in events if type(e).__name__ == "SamplesReady"][0]
-    counts = (ready.groups, ready.dropped_banned, ready.dropped_truncated, ready.dropped_unfinished,
-              ready.dropped_identical, ready.dropped_empty)
+    counts = (
+        ready.groups,
+        ready.dropped_banned,
+        ready.dropped_truncated,
+        ready.dropped_unfinished,
+        ready.dropped_identical,
+        ready.dropped_empty,
+    )
     assert counts == (2, 1, 1, 1, 1, 0)
     assert [g.generations[0].text for g in kept] == ["Fine.", "Yes."]
     row = ready.to_dict()
@@ -174,20 +194,39 @@ def test_encode_with_prefix_splits_where_the_model_reads_it(tiny_model):
 
 def test_each_constitution_of_a_group_gets_its_own_training_order(loop_for):
     loop, _ = loop_for()
-    groups = [Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
-                    [Generation([5, 6], "", "eos"), Generation([7], "", "eos")]) for q in range(24)]
+    groups = [
+        Group(
+            q,
+            f"query {q}",
+            [Variant((True, True)), Variant((False, True))],
+            [Generation([5, 6], "", "eos"), Generation([7], "", "eos")],
+        )
+        for q in range(24)
+    ]
     batch = loop.scoring_batch(groups, random.Random(0))
     decode = loop.tokenizer.decode
     # Principle names, not wordings: (brief, kind) or (kind, brief) for each row of S.
-    orders = [[tuple("brief" if w in ("Be brief.", "Be long.") else "kind" for w in constitution_lines(decode(p)))
-               for p in rows] for rows in batch.prompts]
+    orders = [
+        [
+            tuple("brief" if w in ("Be brief.", "Be long.") else "kind" for w in constitution_lines(decode(p)))
+            for p in rows
+        ]
+        for rows in batch.prompts
+    ]
     assert sum(a != b for a, b in orders) > 3  # rows differ in order as well as wording, as in the reference
     assert sum(a == b for a, b in orders) > 3
     assert loop.scoring_batch(groups, random.Random(0)).prompts == batch.prompts  # reproducible (resume)
     off, _ = loop_for(shuffle_principles=False)
-    assert all(a == b == ("brief", "kind") for a, b in
-               ([tuple("brief" if w in ("Be brief.", "Be long.") else "kind" for w in constitution_lines(decode(p)))
-                 for p in rows] for rows in off.scoring_batch(groups, random.Random(0)).prompts))
+    assert all(
+        a == b == ("brief", "kind")
+        for a, b in (
+            [
+                tuple("brief" if w in ("Be brief.", "Be long.") else "kind" for w in constitution_lines(decode(p)))
+                for p in rows
+            ]
+            for rows in off.scoring_batch(groups, random.Random(0)).prompts
+        )
+    )
 
 
 def test_variant_orders_are_uniform_and_independent_across_groups():

@@ -27,7 +27,9 @@ def per_sequence_score(model, prompt, response):
 def make_groups(tokenizer, rng):
     prompts, responses = [], []
     for q in ["Human: hello there", "Human: what is the capital of France? it is a long question"]:
-        prompts.append([tokenizer.encode(f"{k}. Be {w}.\n{q}\nAssistant:") for k, w in enumerate(["kind", "rude", "brief"])])
+        prompts.append(
+            [tokenizer.encode(f"{k}. Be {w}.\n{q}\nAssistant:") for k, w in enumerate(["kind", "rude", "brief"])]
+        )
         responses.append([list(rng.integers(5, 300, size=int(rng.integers(1, 9)))) for _ in range(3)])
     return prompts, [[[int(t) for t in r] for r in g] for g in responses]
 
@@ -124,9 +126,13 @@ def test_adapters_off_gives_base_model_and_kl(tiny_model):
 def mlx_tree_map_b(model):
     from mlx.utils import tree_flatten, tree_unflatten
 
-    return tree_unflatten([
-        (k, mx.random.normal(v.shape) * 0.05) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")
-    ])
+    return tree_unflatten(
+        [
+            (k, mx.random.normal(v.shape) * 0.05)
+            for k, v in tree_flatten(model.trainable_parameters())
+            if k.endswith("lora_b")
+        ]
+    )
 
 
 def test_count_eos_adds_one_scored_token(loaded):

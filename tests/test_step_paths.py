@@ -22,22 +22,43 @@ def arch_model(request, tiny_model, tiny_qwen2):
 
 
 def make_loop(model_dir, constitution_file, queries_file, tmp_path, **kw):
-    cfg = TrainConfig(model=str(model_dir), constitution=str(constitution_file), queries=str(queries_file),
-                      learning_rate=1e-3, lora_rank=4, lora_layers=-1, out=str(tmp_path), **kw).resolved()
+    cfg = TrainConfig(
+        model=str(model_dir),
+        constitution=str(constitution_file),
+        queries=str(queries_file),
+        learning_rate=1e-3,
+        lora_rank=4,
+        lora_layers=-1,
+        out=str(tmp_path),
+        **kw,
+    ).resolved()
     model, tokenizer, _ = load_model(cfg.model)
     loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
     # Non-zero adapters (lora_b starts at zero), so the gradients reach every adapter matrix.
     mx.random.seed(5)
-    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05)
-                                 for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]))
+    model.update(
+        tree_unflatten(
+            [
+                (k, mx.random.normal(v.shape) * 0.05)
+                for k, v in tree_flatten(model.trainable_parameters())
+                if k.endswith("lora_b")
+            ]
+        )
+    )
     return loop
 
 
 def make_groups(seed=0, lengths=(3, 7, 1)):
     rng = np.random.default_rng(seed)
-    return [Group(q, f"query number {q}" + " and more" * q, [Variant((True, True)), Variant((False, True))],
-                  [Generation([int(t) for t in rng.integers(5, 300, n + j)], "", "length") for j in range(2)])
-            for q, n in enumerate(lengths)]
+    return [
+        Group(
+            q,
+            f"query number {q}" + " and more" * q,
+            [Variant((True, True)), Variant((False, True))],
+            [Generation([int(t) for t in rng.integers(5, 300, n + j)], "", "length") for j in range(2)],
+        )
+        for q, n in enumerate(lengths)
+    ]
 
 
 def step_outputs(loop, groups, **kw):
@@ -77,8 +98,9 @@ def assert_same(a, b, tol=1e-4):
     assert max(np.abs(g).max() for g in g_a.values()) > 1e-3  # not trivially zero
 
 
-def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(arch_model, constitution_file, queries_file,
-                                                                  tmp_path, monkeypatch):
+def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(
+    arch_model, constitution_file, queries_file, tmp_path, monkeypatch
+):
     """llama's make_cache returns plain KVCaches: it must take the shared path, as qwen2 does."""
     calls = spy(monkeypatch)
     shared = make_loop(arch_model, constitution_file, queries_file, tmp_path / "s", kl_beta=0.3)
@@ -137,8 +159,18 @@ def test_bucket_padding_does_not_change_scores(tiny_model):
 
 
 def test_bucket_sizes_repeat():
-    assert [scoring.bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 97, 129, 300)] == \
-        [16, 16, 24, 32, 48, 64, 96, 128, 192, 384]
+    assert [scoring.bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 97, 129, 300)] == [
+        16,
+        16,
+        24,
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+        384,
+    ]
     assert all(n <= scoring.bucket(n) < 1.5 * n + 16 for n in range(1, 2000))
 
 
@@ -146,12 +178,18 @@ def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, constitu
     """Documented difference: with dropout, the shared path's prompt tokens run once per prompt, so a
     row's entries share one prompt mask; the naive batch draws a mask per (prompt, response) pair."""
     # One-token responses, the same in every column: an entry depends only on its prompt's pass.
-    groups = [Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
-                    [Generation([40 + q], "", "length") for _ in range(2)]) for q in range(3)]
+    groups = [
+        Group(
+            q,
+            f"query {q}",
+            [Variant((True, True)), Variant((False, True))],
+            [Generation([40 + q], "", "length") for _ in range(2)],
+        )
+        for q in range(3)
+    ]
     rows = {}
     for path in ("shared", "naive"):
-        loop = make_loop(tiny_model, constitution_file, queries_file, tmp_path / path, scoring=path,
-                         lora_dropout=0.5)
+        loop = make_loop(tiny_model, constitution_file, queries_file, tmp_path / path, scoring=path, lora_dropout=0.5)
         mx.random.seed(0)
         _, S, _ = step_outputs(loop, groups)
         rows[path] = np.abs(S[:, :, 0] - S[:, :, 1]).max()
@@ -169,14 +207,29 @@ def test_compiled_run_resumes_bit_identical(tiny_model, constitution_file, queri
     from sami_mlx.loop.trainer import resume, train
 
     def cfg(out):
-        return TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                           iterations=1, steps=2, queries_per_step=2, max_tokens=6, temperature=1.0,
-                           learning_rate=5e-3, lora_dropout=0.1, compile=True, seed=3, out=str(out))
+        return TrainConfig(
+            model=str(tiny_model),
+            constitution=str(constitution_file),
+            queries=str(queries_file),
+            iterations=1,
+            steps=2,
+            queries_per_step=2,
+            max_tokens=6,
+            temperature=1.0,
+            learning_rate=5e-3,
+            lora_dropout=0.1,
+            compile=True,
+            seed=3,
+            out=str(out),
+        )
 
     train(cfg(tmp_path / "full"))
     seen = []
-    train(cfg(tmp_path / "part"), callbacks=[lambda e: seen.append(e) if isinstance(e, ev.StepCompleted) else None],
-          should_stop=lambda: len(seen) >= 1)
+    train(
+        cfg(tmp_path / "part"),
+        callbacks=[lambda e: seen.append(e) if isinstance(e, ev.StepCompleted) else None],
+        should_stop=lambda: len(seen) >= 1,
+    )
     resume(tmp_path / "part")
     a, b = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("full", "part"))
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)

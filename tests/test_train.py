@@ -25,10 +25,31 @@ PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant
 
 def run_flags(model, constitution, queries, out, *extra):
     return [
-        "--model", str(model), "--constitution", str(constitution), "--queries", str(queries),
-        "--iterations", "2", "--steps", "1", "--queries-per-step", "2", "--max-tokens", "8",
-        "--temperature", "1.0", "--learning-rate", "1e-3", "--seed", "3", "--max-ppl-ratio", "off",
-        "--out", str(out), *extra,
+        "--model",
+        str(model),
+        "--constitution",
+        str(constitution),
+        "--queries",
+        str(queries),
+        "--iterations",
+        "2",
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "2",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--learning-rate",
+        "1e-3",
+        "--seed",
+        "3",
+        "--max-ppl-ratio",
+        "off",
+        "--out",
+        str(out),
+        *extra,
     ]
 
 
@@ -37,15 +58,28 @@ def logits_of(model, tokenizer, text=PROMPT):
 
 
 def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, queries_file, tmp_path):
-    cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                      learning_rate=1e-3, lora_rank=8, lora_layers=-1, kl_beta=0.0, anchor_beta=0.0,
-                      variants="paper", out=str(tmp_path)).resolved()
+    cfg = TrainConfig(
+        model=str(tiny_model),
+        constitution=str(constitution_file),
+        queries=str(queries_file),
+        learning_rate=1e-3,
+        lora_rank=8,
+        lora_layers=-1,
+        kl_beta=0.0,
+        anchor_beta=0.0,
+        variants="paper",
+        out=str(tmp_path),
+    ).resolved()
     model, tokenizer, _ = load_model(cfg.model)
     loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
     rng = np.random.default_rng(0)
     groups = [
-        Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
-              [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)])
+        Group(
+            q,
+            f"query {q}",
+            [Variant((True, True)), Variant((False, True))],
+            [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)],
+        )
         for q in range(3)
     ]
     model.train()
@@ -57,20 +91,31 @@ def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, q
     assert last["mi_bound"] == pytest.approx(math.log(2), abs=0.02)
 
 
-def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, constitution_file, queries_file,
-                                                                  tmp_path):
+def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, constitution_file, queries_file, tmp_path):
     """--anchor-beta keeps the model near the base after prompts with no constitution; SAMI still learns."""
     rng = np.random.default_rng(1)
     groups = [
-        Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
-              [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)])
+        Group(
+            q,
+            f"query {q}",
+            [Variant((True, True)), Variant((False, True))],
+            [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)],
+        )
         for q in range(3)
     ]
 
     def trained(anchor_beta: float):
-        cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                          learning_rate=1e-3, lora_rank=8, lora_layers=-1, anchor_beta=anchor_beta, kl_beta=0.0,
-                          out=str(tmp_path / f"anchor-{anchor_beta}")).resolved()
+        cfg = TrainConfig(
+            model=str(tiny_model),
+            constitution=str(constitution_file),
+            queries=str(queries_file),
+            learning_rate=1e-3,
+            lora_rank=8,
+            lora_layers=-1,
+            anchor_beta=anchor_beta,
+            kl_beta=0.0,
+            out=str(tmp_path / f"anchor-{anchor_beta}"),
+        ).resolved()
         model, tokenizer, _ = load_model(cfg.model)
         loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
         model.train()
@@ -99,15 +144,28 @@ def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_model, consti
     when groups hold responses of different lengths: the KL terms average over the whole step's tokens."""
     rng = np.random.default_rng(2)
     groups = [
-        Group(q, f"query {q}", [Variant((True, True)), Variant((False, True))],
-              [Generation([int(t) for t in rng.integers(5, 300, n)], "", "length") for _ in range(2)])
+        Group(
+            q,
+            f"query {q}",
+            [Variant((True, True)), Variant((False, True))],
+            [Generation([int(t) for t in rng.integers(5, 300, n)], "", "length") for _ in range(2)],
+        )
         for q, n in enumerate((2, 9, 4))
     ]
 
     def steps(ga: int):
-        cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                          learning_rate=3e-3, lora_rank=8, lora_layers=-1, kl_beta=0.5, anchor_beta=0.5,
-                          grad_accumulation=ga, out=str(tmp_path / f"ga-{ga}")).resolved()
+        cfg = TrainConfig(
+            model=str(tiny_model),
+            constitution=str(constitution_file),
+            queries=str(queries_file),
+            learning_rate=3e-3,
+            lora_rank=8,
+            lora_layers=-1,
+            kl_beta=0.5,
+            anchor_beta=0.5,
+            grad_accumulation=ga,
+            out=str(tmp_path / f"ga-{ga}"),
+        ).resolved()
         model, tokenizer, _ = load_model(cfg.model)
         loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
         model.train()
@@ -134,9 +192,20 @@ def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constituti
 
     # The same config through the Python API gives the same adapters, and its in-memory model
     # is what mlx_lm.load rebuilds from the CLI's run directory.
-    cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                      iterations=2, steps=1, queries_per_step=2, max_tokens=8, temperature=1.0,
-                      learning_rate=1e-3, seed=3, max_ppl_ratio=None, out=str(tmp_path / "api"))
+    cfg = TrainConfig(
+        model=str(tiny_model),
+        constitution=str(constitution_file),
+        queries=str(queries_file),
+        iterations=2,
+        steps=1,
+        queries_per_step=2,
+        max_tokens=8,
+        temperature=1.0,
+        learning_rate=1e-3,
+        seed=3,
+        max_ppl_ratio=None,
+        out=str(tmp_path / "api"),
+    )
     result = train(cfg)
     a = mx.load(str(cli_run / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "api" / "adapters.safetensors"))
@@ -158,9 +227,19 @@ def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constituti
 def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_path):
     out = tmp_path / "run"
     seen = []
-    cfg = TrainConfig(model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file),
-                      iterations=3, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0,
-                      variants="grid", max_ppl_ratio=None, out=str(out))
+    cfg = TrainConfig(
+        model=str(tiny_model),
+        constitution=str(constitution_file),
+        queries=str(queries_file),
+        iterations=3,
+        steps=1,
+        queries_per_step=2,
+        max_tokens=6,
+        temperature=1.0,
+        variants="grid",
+        max_ppl_ratio=None,
+        out=str(out),
+    )
     train(cfg, callbacks=[seen.append])
     rows = read_jsonl(out / "metrics.jsonl")
     names = [r["event"] for r in rows]
@@ -180,22 +259,55 @@ def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_
     # Alternating disjoint query splits: iterations 1 and 2 never share a query; 3 reuses 1's split.
     def queries_of(it):
         return {r["query_index"] for r in read_jsonl(out / f"iter-0{it}" / "samples.jsonl")}
+
     assert queries_of(1).isdisjoint(queries_of(2))
     assert not queries_of(3) & queries_of(2)
 
 
 def test_continue_schedule_keeps_steps_constant(tiny_model, constitution_file, queries_file, tmp_path):
     out = tmp_path / "run"
-    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--schedule", "continue",
-                          "--iterations", "3", "--steps", "2")) == 0
+    assert (
+        main(
+            run_flags(
+                tiny_model,
+                constitution_file,
+                queries_file,
+                out,
+                "--schedule",
+                "continue",
+                "--iterations",
+                "3",
+                "--steps",
+                "2",
+            )
+        )
+        == 0
+    )
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
     assert [r["steps"] for r in steps] == [2] * 6
 
 
 def test_kl_to_base_is_logged_and_grows_from_zero(tiny_model, constitution_file, queries_file, tmp_path):
     out = tmp_path / "run"
-    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--kl-beta", "0.5",
-                          "--iterations", "1", "--steps", "3", "--learning-rate", "5e-3")) == 0
+    assert (
+        main(
+            run_flags(
+                tiny_model,
+                constitution_file,
+                queries_file,
+                out,
+                "--kl-beta",
+                "0.5",
+                "--iterations",
+                "1",
+                "--steps",
+                "3",
+                "--learning-rate",
+                "5e-3",
+            )
+        )
+        == 0
+    )
     kls = [r["kl"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
     assert kls[0] == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
     assert kls[-1] > 1e-6
@@ -205,8 +317,22 @@ def test_fuse_works_on_a_run(tiny_model, constitution_file, queries_file, tmp_pa
     out = tmp_path / "run"
     assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1")) == 0
     fused = tmp_path / "fused"
-    subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(tiny_model), "--adapter-path",
-                    str(out), "--save-path", str(fused)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "fuse",
+            "--model",
+            str(tiny_model),
+            "--adapter-path",
+            str(out),
+            "--save-path",
+            str(fused),
+        ],
+        check=True,
+        capture_output=True,
+    )
     adapted, tokenizer = mlx_lm.load(str(tiny_model), adapter_path=str(out))
     fused_model, _ = mlx_lm.load(str(fused))
     assert np.abs(logits_of(adapted, tokenizer) - logits_of(fused_model, tokenizer)).max() < 1e-4
@@ -219,8 +345,23 @@ def test_qlora_on_a_quantized_model(tiny_model, constitution_file, queries_file,
     convert(str(tiny_model), mlx_path=str(qdir), quantize=True, q_group_size=32, q_bits=4)
     assert json.loads((qdir / "config.json").read_text())["quantization"]["bits"] == 4
     out = tmp_path / "run"
-    assert main(run_flags(qdir, constitution_file, queries_file, out, "--iterations", "1",
-                          "--learning-rate", "5e-3", "--steps", "2")) == 0
+    assert (
+        main(
+            run_flags(
+                qdir,
+                constitution_file,
+                queries_file,
+                out,
+                "--iterations",
+                "1",
+                "--learning-rate",
+                "5e-3",
+                "--steps",
+                "2",
+            )
+        )
+        == 0
+    )
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
     assert all(math.isfinite(r["loss"]) for r in steps)
     adapted, tokenizer = mlx_lm.load(str(qdir), adapter_path=str(out))
@@ -228,8 +369,14 @@ def test_qlora_on_a_quantized_model(tiny_model, constitution_file, queries_file,
     assert np.abs(logits_of(adapted, tokenizer) - logits_of(base, tokenizer)).max() > 1e-4
 
 
-@pytest.mark.parametrize("flags", [["--dora"], ["--grad-checkpoint", "--optimizer", "rmsprop", "--grad-accumulation", "2"],
-                                   ["--chat-template", "--count-eos", "--variants", "3"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--dora"],
+        ["--grad-checkpoint", "--optimizer", "rmsprop", "--grad-accumulation", "2"],
+        ["--chat-template", "--count-eos", "--variants", "3"],
+    ],
+)
 def test_training_options_run_and_reload(tiny_model, constitution_file, queries_file, tmp_path, flags):
     out = tmp_path / "run"
     assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1", *flags)) == 0
@@ -242,8 +389,14 @@ def test_training_options_run_and_reload(tiny_model, constitution_file, queries_
 def test_same_seed_same_adapters_different_seed_different(tiny_model, constitution_file, queries_file, tmp_path):
     runs = {}
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
-        assert main(run_flags(tiny_model, constitution_file, queries_file, tmp_path / name, "--iterations", "1",
-                              "--seed", seed)) == 0
+        assert (
+            main(
+                run_flags(
+                    tiny_model, constitution_file, queries_file, tmp_path / name, "--iterations", "1", "--seed", seed
+                )
+            )
+            == 0
+        )
         runs[name] = mx.load(str(tmp_path / name / "adapters.safetensors"))
     assert all(mx.array_equal(runs["a"][k], runs["b"][k]).item() for k in runs["a"])
     assert not all(mx.array_equal(runs["a"][k], runs["c"][k]).item() for k in runs["a"])

@@ -120,17 +120,23 @@ async def test_edit_validate_reorder_delete_and_save(workdir, constitution_file)
         await pilot.press("ctrl+s")
         assert not screen.dirty
     saved = yaml.safe_load(constitution_file.read_text())
-    assert saved == {"name": "test", "principles": [
-        {"name": "kind", "positive": "Be kind.", "negative": "Be rude."},
-        {"name": "honest", "positive": "Be honest.", "negative": "Mislead."}]}
+    assert saved == {
+        "name": "test",
+        "principles": [
+            {"name": "kind", "positive": "Be kind.", "negative": "Be rude."},
+            {"name": "honest", "positive": "Be honest.", "negative": "Mislead."},
+        ],
+    }
     assert not list(workdir.glob(".constitution.yaml.*"))  # the atomic write left no temp file
 
 
 @pilot_test
 async def test_a_file_with_mistakes_opens_flagged_and_is_saved_only_once_fixed(workdir):
     broken = workdir / "broken.yaml"
-    broken.write_text("name: b\nprinciples:\n  - {name: kind, positive: Be kind., negative: ''}\n"
-                      "  - {name: kind, positive: Be brief., negative: Ramble.}\n")
+    broken.write_text(
+        "name: b\nprinciples:\n  - {name: kind, positive: Be kind., negative: ''}\n"
+        "  - {name: kind, positive: Be brief., negative: Ramble.}\n"
+    )
     before = broken.read_text()
     app = SamiApp(constitution="broken.yaml")
     async with app.run_test(size=SIZE) as pilot:
@@ -250,8 +256,9 @@ async def fill_tiny_settings(pilot, queries: str) -> None:
 
 
 @pilot_test
-async def test_real_run_to_completion_then_chat_with_its_checkpoint(workdir, tiny_model, constitution_file,
-                                                                   queries_file):
+async def test_real_run_to_completion_then_chat_with_its_checkpoint(
+    workdir, tiny_model, constitution_file, queries_file
+):
     events = []
 
     def hook(message):
@@ -329,14 +336,27 @@ class GatedTrainer:
 
 
 @pilot_test
-async def test_stop_mid_run_leaves_a_resumable_run_and_resume_finishes_it(workdir, tiny_model,
-                                                                          constitution_file, queries_file):
+async def test_stop_mid_run_leaves_a_resumable_run_and_resume_finishes_it(
+    workdir, tiny_model, constitution_file, queries_file
+):
     gated = GatedTrainer()
     # Settings from a YAML file, as `sami-mlx tui -c tiny.yaml` reads them (the form shows them).
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump({
-        "model": str(tiny_model), "constitution": constitution_file.name, "queries": queries_file.name,
-        "iterations": 1, "steps": 3, "queries_per_step": 2, "temperature": 1.0, "max_tokens": 6,
-        "seed": 7, "out": "runs/tiny"}))
+    (workdir / "tiny.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model),
+                "constitution": constitution_file.name,
+                "queries": queries_file.name,
+                "iterations": 1,
+                "steps": 3,
+                "queries_per_step": 2,
+                "temperature": 1.0,
+                "max_tokens": 6,
+                "seed": 7,
+                "out": "runs/tiny",
+            }
+        )
+    )
     app = SamiApp(config=config_from_file("tiny.yaml"), trainer=gated)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f2")
@@ -398,47 +418,140 @@ def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Pat
     (run / "iter-01").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": "models/tiny", "constitution": "constitution.yaml"}))
     rows = [
-        {"event": "RunStarted", "run_dir": str(run),
-         "config": {"model": "models/tiny", "constitution": "constitution.yaml", "iterations": 2},
-         "iterations": 2, "total_steps": 3, "num_variants": 2, "trainable_parameters": 16384, "base_ppl": 52.5},
+        {
+            "event": "RunStarted",
+            "run_dir": str(run),
+            "config": {"model": "models/tiny", "constitution": "constitution.yaml", "iterations": 2},
+            "iterations": 2,
+            "total_steps": 3,
+            "num_variants": 2,
+            "trainable_parameters": 16384,
+            "base_ppl": 52.5,
+        },
         {"event": "IterationStarted", "iteration": 1, "steps": 1, "queries": 2},
-        {"event": "SamplesReady", "iteration": 1, "groups": 2, "dropped_empty": 0, "dropped_identical": 0,
-         "dropped_banned": 0, "mean_length": 5.5, "no_eos_rate": 0.5, "distinct_2": 0.9, "tokens_per_sec": 800.0,
-         "examples": []},
+        {
+            "event": "SamplesReady",
+            "iteration": 1,
+            "groups": 2,
+            "dropped_empty": 0,
+            "dropped_identical": 0,
+            "dropped_banned": 0,
+            "mean_length": 5.5,
+            "no_eos_rate": 0.5,
+            "distinct_2": 0.9,
+            "tokens_per_sec": 800.0,
+            "examples": [],
+        },
     ]
     scores = [[-2.0, -3.5], [-3.0, -1.5]]
     for step, (loss, mi) in enumerate([(0.69, 0.003), (0.52, 0.17), (0.31, 0.38)], start=1):
         it = 1 if step == 1 else 2
         if step == 2:
-            rows.append({"event": "MonitorChecked", "iteration": 1, "step": 1, "drift_prompted": 1.04,
-                         "drift_plain": 1.01, "healthy": True, "limit": 1.5, "heldout_mi": 0.021,
-                         "mean_length": 5.5, "limit_rate": 0.25, "distinct_2": 0.9, "repetition": 0.0})
-            rows.append({"event": "IterationCompleted", "iteration": 1, "loss": 0.69, "mi_bound": 0.003,
-                         "row_accuracy": 0.5, "column_accuracy": 0.5, "drift_prompted": 1.04, "drift_plain": 1.01,
-                         "heldout_mi": 0.021, "healthy": True, "adapter_dir": str(run / "iter-01")})
+            rows.append(
+                {
+                    "event": "MonitorChecked",
+                    "iteration": 1,
+                    "step": 1,
+                    "drift_prompted": 1.04,
+                    "drift_plain": 1.01,
+                    "healthy": True,
+                    "limit": 1.5,
+                    "heldout_mi": 0.021,
+                    "mean_length": 5.5,
+                    "limit_rate": 0.25,
+                    "distinct_2": 0.9,
+                    "repetition": 0.0,
+                }
+            )
+            rows.append(
+                {
+                    "event": "IterationCompleted",
+                    "iteration": 1,
+                    "loss": 0.69,
+                    "mi_bound": 0.003,
+                    "row_accuracy": 0.5,
+                    "column_accuracy": 0.5,
+                    "drift_prompted": 1.04,
+                    "drift_plain": 1.01,
+                    "heldout_mi": 0.021,
+                    "healthy": True,
+                    "adapter_dir": str(run / "iter-01"),
+                }
+            )
             rows.append({"event": "IterationStarted", "iteration": 2, "steps": 2, "queries": 4})
-        rows.append({"event": "StepCompleted", "iteration": it, "step": 1 if step < 3 else 2,
-                     "steps": 1 if it == 1 else 2, "global_step": step, "loss": loss, "mi_bound": mi,
-                     "row_accuracy": 0.5 + step / 6, "column_accuracy": 0.5 + step / 6, "kl": 0.0,
-                     "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1000.0 * step,
-                     "peak_memory_gb": 0.25, "scores": scores})
+        rows.append(
+            {
+                "event": "StepCompleted",
+                "iteration": it,
+                "step": 1 if step < 3 else 2,
+                "steps": 1 if it == 1 else 2,
+                "global_step": step,
+                "loss": loss,
+                "mi_bound": mi,
+                "row_accuracy": 0.5 + step / 6,
+                "column_accuracy": 0.5 + step / 6,
+                "kl": 0.0,
+                "learning_rate": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_sec": 1000.0 * step,
+                "peak_memory_gb": 0.25,
+                "scores": scores,
+            }
+        )
     if finished:
-        rows.append({"event": "MonitorChecked", "iteration": 2, "step": 2, "drift_prompted": 1.87,
-                     "drift_plain": 1.12, "healthy": False, "limit": 1.5, "heldout_mi": 0.31,
-                     "mean_length": 31.0, "limit_rate": 0.75, "distinct_2": 0.4, "repetition": 0.35})
-        rows.append({"event": "IterationCompleted", "iteration": 2, "loss": 0.41, "mi_bound": 0.28,
-                     "row_accuracy": 1.0, "column_accuracy": 1.0, "drift_prompted": 1.87, "drift_plain": 1.12,
-                     "heldout_mi": 0.31, "healthy": False, "adapter_dir": str(run / "iter-02")})
-        rows.append({"event": "RunCompleted", "run_dir": str(run), "seconds": 12.0, "stopped_early": False,
-                     "adapters": "iter-01", "kept": "no later iteration was healthy"})
+        rows.append(
+            {
+                "event": "MonitorChecked",
+                "iteration": 2,
+                "step": 2,
+                "drift_prompted": 1.87,
+                "drift_plain": 1.12,
+                "healthy": False,
+                "limit": 1.5,
+                "heldout_mi": 0.31,
+                "mean_length": 31.0,
+                "limit_rate": 0.75,
+                "distinct_2": 0.4,
+                "repetition": 0.35,
+            }
+        )
+        rows.append(
+            {
+                "event": "IterationCompleted",
+                "iteration": 2,
+                "loss": 0.41,
+                "mi_bound": 0.28,
+                "row_accuracy": 1.0,
+                "column_accuracy": 1.0,
+                "drift_prompted": 1.87,
+                "drift_plain": 1.12,
+                "heldout_mi": 0.31,
+                "healthy": False,
+                "adapter_dir": str(run / "iter-02"),
+            }
+        )
+        rows.append(
+            {
+                "event": "RunCompleted",
+                "run_dir": str(run),
+                "seconds": 12.0,
+                "stopped_early": False,
+                "adapters": "iter-01",
+                "kept": "no later iteration was healthy",
+            }
+        )
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples = [
-        {"query": "How do I bake bread?", "variants": ["++", "-+"],
-         "responses": ["Mix flour, water and yeast.", "Bread is a long story. It all began"], "kept": True},
+        {
+            "query": "How do I bake bread?",
+            "variants": ["++", "-+"],
+            "responses": ["Mix flour, water and yeast.", "Bread is a long story. It all began"],
+            "kept": True,
+        },
         {"query": "Name a colour.", "variants": ["++", "+-"], "responses": ["Blue.", "Blue."], "kept": False},
     ]
     (run / "iter-01" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    for it in (["iter-01", "iter-02"] if finished else ["iter-01"]):
+    for it in ["iter-01", "iter-02"] if finished else ["iter-01"]:
         (run / it).mkdir(exist_ok=True)
         (run / it / "adapters.safetensors").write_bytes(b"")
         (run / it / "adapter_config.json").write_text("{}")
@@ -496,8 +609,11 @@ def test_chat_prompts_follow_the_run_and_carry_the_constitution(tiny_model):
     from tui.chatting import build_prompt
 
     _, tokenizer = mlx_lm.load(str(tiny_model))
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "Bye"}]
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     plain = tokenizer.decode(build_prompt(tokenizer, turns, "1. Be brief.", "dialogue", chat_template=False))
     assert "Assistant constitution:\n1. Be brief.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye" in plain
     assert plain.endswith("Assistant:")
@@ -528,9 +644,14 @@ def test_the_engine_never_imports_textual():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                    "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 names = [str(node.args[0].value)]
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names
-                          if n.split(".")[0] in ("textual", "tui")]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] in ("textual", "tui")
+            ]
     assert not offenders, f"sami_mlx must not import textual or tui: {offenders}"

@@ -74,21 +74,32 @@ def test_parser_reads_well_formed_answers(text):
 
 
 def test_parser_names_unnamed_principles():
-    c = parse_principles("1. Positive: Be brief.\n   Negative: Be long.\n2. Positive: Be brief.\n   Negative: Ramble.", 2)
+    c = parse_principles(
+        "1. Positive: Be brief.\n   Negative: Be long.\n2. Positive: Be brief.\n   Negative: Ramble.", 2
+    )
     assert [p.name for p in c.principles] == ["be brief", "be brief 2"]
 
 
 BROKEN = {
     "empty": ("", "empty"),
     "prose": ("Principles are important for assistants to follow.", "found 0 complete principle(s)"),
-    "one of two": ("Principle 1: a\nPositive: Be kind.\nNegative: Be rude.\nPrinciple 2: b\nPositive: Be brief.",
-                   "found 1 complete principle(s) with both wordings, need 2 (principle 2 has no negative"),
-    "placeholders": ("Principle 1: <short name>\nPositive: <the principle>\nNegative: <its antithesis>\n"
-                     "Principle 2: b\nPositive: Be brief.\nNegative: Be long.", "placeholder"),
-    "same wording": ("Principle 1: a\nPositive: Be kind.\nNegative: be kind\nPrinciple 2: b\nPositive: x.\nNegative: y.",
-                     "antithesis is the same"),
-    "truncated JSON": ('{"principles": [{"name": "a", "positive": "Be kind.", "negative": "Be rude."}, {"name": "b", "posi',
-                       "found 1 complete"),  # the whole first object is recovered
+    "one of two": (
+        "Principle 1: a\nPositive: Be kind.\nNegative: Be rude.\nPrinciple 2: b\nPositive: Be brief.",
+        "found 1 complete principle(s) with both wordings, need 2 (principle 2 has no negative",
+    ),
+    "placeholders": (
+        "Principle 1: <short name>\nPositive: <the principle>\nNegative: <its antithesis>\n"
+        "Principle 2: b\nPositive: Be brief.\nNegative: Be long.",
+        "placeholder",
+    ),
+    "same wording": (
+        "Principle 1: a\nPositive: Be kind.\nNegative: be kind\nPrinciple 2: b\nPositive: x.\nNegative: y.",
+        "antithesis is the same",
+    ),
+    "truncated JSON": (
+        '{"principles": [{"name": "a", "positive": "Be kind.", "negative": "Be rude."}, {"name": "b", "posi',
+        "found 1 complete",
+    ),  # the whole first object is recovered
 }
 
 
@@ -115,8 +126,14 @@ def scripted(answers):
 def test_writer_retries_with_feedback_then_succeeds():
     complete, calls = scripted(["Here you go: be nice!", GOOD])
     seen = []
-    c = draft_with(complete, "a cooking assistant", 2, name="cooking", retries=2,
-                   on_attempt=lambda n, answer, error: seen.append((n, error)))
+    c = draft_with(
+        complete,
+        "a cooking assistant",
+        2,
+        name="cooking",
+        retries=2,
+        on_attempt=lambda n, answer, error: seen.append((n, error)),
+    )
     assert [p.name for p in c.principles] == ["Honesty", "Brevity"]
     assert len(calls) == 2 and seen[0][0] == 1 and "found 0 complete" in seen[0][1] and seen[1] == (2, None)
     assert "a cooking assistant" in calls[0][0]["content"] and "exactly 2 principles" in calls[0][0]["content"]
@@ -138,8 +155,9 @@ def test_write_command_saves_a_valid_constitution(tiny_model, tmp_path, monkeypa
     answers = iter(["garbage", GOOD])
     monkeypatch.setattr(writer, "model_completer", lambda *a, **k: lambda messages: next(answers))
     out = tmp_path / "cooking.yaml"
-    code = main(["write", "--task", "a cooking assistant", "--writer", str(tiny_model), "--principles", "2",
-                 "--out", str(out)])
+    code = main(
+        ["write", "--task", "a cooking assistant", "--writer", str(tiny_model), "--principles", "2", "--out", str(out)]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     c = load_constitution(out)
@@ -152,23 +170,48 @@ def test_write_command_saves_a_valid_constitution(tiny_model, tmp_path, monkeypa
 
 def test_write_command_with_a_real_tiny_model_fails_cleanly(tiny_model, tmp_path, capsys):
     out = tmp_path / "c.json"
-    code = main(["write", "--task", "a cooking assistant", "--writer", str(tiny_model), "--principles", "2",
-                 "--out", str(out), "--retries", "1", "--max-tokens", "8"])
+    code = main(
+        [
+            "write",
+            "--task",
+            "a cooking assistant",
+            "--writer",
+            str(tiny_model),
+            "--principles",
+            "2",
+            "--out",
+            str(out),
+            "--retries",
+            "1",
+            "--max-tokens",
+            "8",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert err.strip().splitlines()[-1].startswith("error: the writer's answer could not be read as 2 principles "
-                                                   "after 2 tries")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("error: the writer's answer could not be read as 2 principles after 2 tries")
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--principles", "0"], "--principles 0"),
-    (["--task", "  "], "--task is empty"),
-    (["--out", "{tmp}/c.txt"], ".yaml, .yml or .json"),
-    (["--writer", "./missing/model"], "--writer ./missing/model: directory not found"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--principles", "0"], "--principles 0"),
+        (["--task", "  "], "--task is empty"),
+        (["--out", "{tmp}/c.txt"], ".yaml, .yml or .json"),
+        (["--writer", "./missing/model"], "--writer ./missing/model: directory not found"),
+    ],
+)
 def test_write_user_errors(tiny_model, tmp_path, capsys, flags, message):
-    base = {"--task": "a cooking assistant", "--writer": str(tiny_model), "--principles": "2",
-            "--out": str(tmp_path / "c.yaml")}
+    base = {
+        "--task": "a cooking assistant",
+        "--writer": str(tiny_model),
+        "--principles": "2",
+        "--out": str(tmp_path / "c.yaml"),
+    }
     base.update(dict(zip(flags[::2], (f.replace("{tmp}", str(tmp_path)) for f in flags[1::2]))))
     code = main(["write", *[x for kv in base.items() for x in kv]])
     err = capsys.readouterr().err

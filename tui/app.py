@@ -34,8 +34,15 @@ class SamiApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (asks about unsaved changes or a run)"),
     ]
 
-    def __init__(self, model: str = "", constitution: str | None = None, run: str | None = None,
-                 runs_dir: str = "runs", config: dict | None = None, trainer: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "",
+        constitution: str | None = None,
+        run: str | None = None,
+        runs_dir: str = "runs",
+        config: dict | None = None,
+        trainer: ModuleType | None = None,
+    ) -> None:
         super().__init__()
         self.model = model or (config or {}).get("model", "")
         self.config = config or {}  # run settings (TrainConfig fields), as `sami-mlx train -c` reads them
@@ -92,14 +99,20 @@ class SamiApp(App):
         """Quit, but not past unsaved changes or a running run without asking."""
         editor = self.get_screen("constitution")
         if editor.is_mounted and editor.dirty:
+
             def answered(choice: str) -> None:
                 if choice == "discard" or (choice == "save" and editor.action_save()):
                     self.quit_after_run()
 
             where = short_path(editor.path) if editor.path else "the new constitution"
-            self.push_screen(ChoiceModal("Unsaved changes", f"Save the changes to {where} before quitting?",
-                                         [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]),
-                             answered)
+            self.push_screen(
+                ChoiceModal(
+                    "Unsaved changes",
+                    f"Save the changes to {where} before quitting?",
+                    [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")],
+                ),
+                answered,
+            )
             return
         self.quit_after_run()
 
@@ -114,6 +127,11 @@ class SamiApp(App):
                 runner.quit_when_stopped = True
                 runner.action_stop()
 
-        self.push_screen(ChoiceModal("A run is in progress", "Stop it after the current optimizer step (it "
-                                     "stays resumable) and quit when it has stopped?",
-                                     [("stop", "Stop and quit"), ("cancel", "Keep running")]), answered)
+        self.push_screen(
+            ChoiceModal(
+                "A run is in progress",
+                "Stop it after the current optimizer step (it stays resumable) and quit when it has stopped?",
+                [("stop", "Stop and quit"), ("cancel", "Keep running")],
+            ),
+            answered,
+        )

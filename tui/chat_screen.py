@@ -39,8 +39,12 @@ class ChatScreen(Screen):
     AUTO_FOCUS = "#message"
 
     BINDINGS = [
-        Binding("ctrl+t", "toggle('use-constitution')", "Constitution on/off",
-                tooltip="Put the constitution in the prompt, or leave it out"),
+        Binding(
+            "ctrl+t",
+            "toggle('use-constitution')",
+            "Constitution on/off",
+            tooltip="Put the constitution in the prompt, or leave it out",
+        ),
         Binding("ctrl+b", "toggle('side-by-side')", "Side by side", tooltip="Base model next to the checkpoint"),
         Binding("ctrl+l", "clear", "Clear"),
         Binding("ctrl+o", "open_run", "Open run"),
@@ -187,8 +191,10 @@ class ChatScreen(Screen):
         def chosen(path: Path | None) -> None:
             if path is not None:
                 if not (path / "config.yaml").is_file():
-                    self.app.report_error(SamiError(f"{short_path(path)}: no config.yaml there; "
-                                                    "pick a run directory"), "Cannot chat with this run")
+                    self.app.report_error(
+                        SamiError(f"{short_path(path)}: no config.yaml there; pick a run directory"),
+                        "Cannot chat with this run",
+                    )
                     return
                 self.app.run_dir = str(path)
                 self.refresh_source()
@@ -247,26 +253,49 @@ class ChatScreen(Screen):
             raise SamiError("temp must be a number and max tokens a whole number") from None
         if not 0 <= temperature <= 10 or max_tokens < 1:
             raise SamiError("temp must be between 0 and 10 and max tokens at least 1")
-        return {"checkpoint": checkpoint, "constitution": constitution, "prompt": dict(self.prompt_settings),
-                "temperature": temperature, "max_tokens": max_tokens}
+        return {
+            "checkpoint": checkpoint,
+            "constitution": constitution,
+            "prompt": dict(self.prompt_settings),
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        }
 
     # ---- the worker -----------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="chat")
-    def reply(self, sides: list[str], history: dict[str, list[dict]], checkpoint: Checkpoint,
-              constitution: str | None, prompt: dict, temperature: float, max_tokens: int) -> None:
+    def reply(
+        self,
+        sides: list[str],
+        history: dict[str, list[dict]],
+        checkpoint: Checkpoint,
+        constitution: str | None,
+        prompt: dict,
+        temperature: float,
+        max_tokens: int,
+    ) -> None:
         """Load the checkpoint (once) and stream each side's reply, throttled to 15 Hz."""
         worker = get_current_worker()
         try:
-            in_fresh_thread(self._generate, worker, sides, history, checkpoint, constitution, prompt,
-                            temperature, max_tokens)
+            in_fresh_thread(
+                self._generate, worker, sides, history, checkpoint, constitution, prompt, temperature, max_tokens
+            )
         except Exception as e:  # a bad adapter, a missing model: shown in the app, not a crash
             self.post_message(self.ChatFailed(e))
         finally:
             self.post_message(self.Status(""))
 
-    def _generate(self, worker, sides: list[str], history: dict[str, list[dict]], checkpoint: Checkpoint,
-                  constitution: str | None, prompt: dict, temperature: float, max_tokens: int) -> None:
+    def _generate(
+        self,
+        worker,
+        sides: list[str],
+        history: dict[str, list[dict]],
+        checkpoint: Checkpoint,
+        constitution: str | None,
+        prompt: dict,
+        temperature: float,
+        max_tokens: int,
+    ) -> None:
         models = self.app.chat_models
         with models.lock:
             self.post_message(self.Status(f"loading {checkpoint.name}…"))
@@ -275,12 +304,20 @@ class ChatScreen(Screen):
                 who = checkpoint_label(checkpoint) if side == "main" else "base model"
                 self.post_message(self.Status(f"{who} is replying… (escape stops)"))
                 with models.base_of(checkpoint) if side == "base" else nullcontext():
-                    ids = build_prompt(tokenizer, history[side], constitution, prompt["template"],
-                                       prompt["chat_template"])
+                    ids = build_prompt(
+                        tokenizer, history[side], constitution, prompt["template"], prompt["chat_template"]
+                    )
                     stops = () if uses_chat_template(tokenizer, prompt["chat_template"]) else prompt["stop"]
                     text, shown = "", 0.0
-                    for text in stream_reply(model, tokenizer, ids, max_tokens, temperature,
-                                             should_stop=lambda: worker.is_cancelled, stop_strings=stops):
+                    for text in stream_reply(
+                        model,
+                        tokenizer,
+                        ids,
+                        max_tokens,
+                        temperature,
+                        should_stop=lambda: worker.is_cancelled,
+                        stop_strings=stops,
+                    ):
                         if time.monotonic() - shown >= FRAME:
                             shown = time.monotonic()
                             self.post_message(self.ReplyDelta(side, text))

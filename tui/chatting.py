@@ -16,8 +16,13 @@ from sami_mlx.loop.adapters import adapters_disabled
 STOP_STRINGS = tuple(TrainConfig().stop)  # the engine's defaults: "Human:", "###"
 
 
-def build_prompt(tokenizer, turns: Sequence[dict], constitution: str | None, template: str | None = None,
-                 chat_template: bool | None = None) -> list[int]:
+def build_prompt(
+    tokenizer,
+    turns: Sequence[dict],
+    constitution: str | None,
+    template: str | None = None,
+    chat_template: bool | None = None,
+) -> list[int]:
     """Token ids for the conversation so far (ending with a user turn), with the constitution or not.
 
     Prompts follow the run's settings when there is a run (its generation template, its
@@ -47,16 +52,23 @@ def uses_chat_template(tokenizer, chat_template: bool | None) -> bool:
     return has_template if chat_template is None else chat_template
 
 
-def stream_reply(model, tokenizer, prompt: list[int], max_tokens: int, temperature: float,
-                 should_stop: Callable[[], bool] = lambda: False,
-                 stop_strings: Sequence[str] = STOP_STRINGS) -> Iterator[str]:
+def stream_reply(
+    model,
+    tokenizer,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float,
+    should_stop: Callable[[], bool] = lambda: False,
+    stop_strings: Sequence[str] = STOP_STRINGS,
+) -> Iterator[str]:
     """The reply so far, after every new token, cut before a stop string."""
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
     text = ""
-    for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                           sampler=make_sampler(temp=temperature)):
+    for response in mlx_lm.stream_generate(
+        model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)
+    ):
         text += response.text
         hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
         if hits:
@@ -98,9 +110,11 @@ def run_prompt_settings(run_dir: str | None) -> dict:
     if not run_dir:
         return {"template": None, "chat_template": None, "stop": STOP_STRINGS}
     cfg = config_from_file(str(Path(run_dir).expanduser() / "config.yaml"))
-    return {"template": cfg.get("generation_template") or cfg.get("template"),
-            "chat_template": bool(cfg.get("chat_template", False)),
-            "stop": tuple(cfg.get("stop", STOP_STRINGS))}
+    return {
+        "template": cfg.get("generation_template") or cfg.get("template"),
+        "chat_template": bool(cfg.get("chat_template", False)),
+        "stop": tuple(cfg.get("stop", STOP_STRINGS)),
+    }
 
 
 def checkpoint_label(checkpoint: Checkpoint) -> str:

@@ -9,11 +9,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that preload the app."""
     parser.add_argument("--model", default="", help="Hub id or local model directory for runs and chat.")
     parser.add_argument("--constitution", help="Constitution file (.yaml/.json) to edit; created on save if new.")
-    parser.add_argument("-c", "--config", help="YAML run settings, as `sami-mlx train -c` reads them, for the "
-                                               "Run screen (the flags above override).")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="YAML run settings, as `sami-mlx train -c` reads them, for the Run screen (the flags above override).",
+    )
     parser.add_argument("--run", help="A run directory to open: its metrics, samples and checkpoints.")
-    parser.add_argument("--runs-dir", default="runs", help="Folder of runs: new runs go here, ctrl+o lists them "
-                                                           "(default: runs).")
+    parser.add_argument(
+        "--runs-dir", default="runs", help="Folder of runs: new runs go here, ctrl+o lists them (default: runs)."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +32,5 @@ def run(args: argparse.Namespace) -> int:
     from tui.app import SamiApp
 
     config = config_from_file(args.config) if args.config else None
-    SamiApp(model=args.model, constitution=args.constitution, run=args.run, runs_dir=args.runs_dir,
-            config=config).run()
+    SamiApp(model=args.model, constitution=args.constitution, run=args.run, runs_dir=args.runs_dir, config=config).run()
     return 0

@@ -39,13 +39,14 @@ def principle_problems(principles: list[dict]) -> list[list[str]]:
     names = [p["name"].strip() for p in principles]
     out = []
     for n, p in enumerate(principles, start=1):
-        problems = [f"{label} is empty" for key, label in
-                    (("name", "name"), ("positive", "positive wording"), ("negative", "negative wording"))
-                    if not p[key].strip()]
+        problems = [
+            f"{label} is empty"
+            for key, label in (("name", "name"), ("positive", "positive wording"), ("negative", "negative wording"))
+            if not p[key].strip()
+        ]
         twins = [str(m) for m, other in enumerate(names, start=1) if m != n and names[n - 1] and other == names[n - 1]]
         if twins:
-            problems.append(f"name '{names[n - 1]}' is also principle {', '.join(twins)}; "
-                            "give each its own name")
+            problems.append(f"name '{names[n - 1]}' is also principle {', '.join(twins)}; give each its own name")
         out.append(problems)
     return out
 
@@ -101,7 +102,9 @@ class ConstitutionScreen(Screen):
             with Vertical(id="preview-pane"):
                 with Horizontal(id="variants-row"):
                     yield Label("Variants", classes="field-label")
-                    yield Input("auto", placeholder="auto, paper, grid or a number", id="preview-variants", compact=True)
+                    yield Input(
+                        "auto", placeholder="auto, paper, grid or a number", id="preview-variants", compact=True
+                    )
                 yield VerticalScroll(Static("", id="preview"), id="preview-scroll")
         yield Footer()
 
@@ -113,16 +116,19 @@ class ConstitutionScreen(Screen):
                 return
             except SamiError as e:
                 self.app.report_error(e, "Could not open the constitution")
-        await self.show_document({"name": "my-constitution",
-                                  "principles": [{"name": "", "positive": "", "negative": ""}]},
-                                 Path(path) if path else None)
+        await self.show_document(
+            {"name": "my-constitution", "principles": [{"name": "", "positive": "", "negative": ""}]},
+            Path(path) if path else None,
+        )
 
     # ---- the document ---------------------------------------------------------------------
 
     def document(self) -> dict:
         """The constitution as the editor holds it now (unvalidated)."""
-        return {"name": self.query_one("#constitution-name", Input).value,
-                "principles": [card.values() for card in self.query(PrincipleCard)]}
+        return {
+            "name": self.query_one("#constitution-name", Input).value,
+            "principles": [card.values() for card in self.query(PrincipleCard)],
+        }
 
     @property
     def dirty(self) -> bool:
@@ -181,8 +187,9 @@ class ConstitutionScreen(Screen):
         except SamiError as e:
             text = Text.assemble(("✗ ", "bold red"), str(e), (f"   [{where}{mark}]", "dim"))
         else:
-            text = Text.assemble(("✓ ", "bold green"), f"{len(c.principles)} principles, valid",
-                                 (f"   [{where}{mark}]", "dim"))
+            text = Text.assemble(
+                ("✓ ", "bold green"), f"{len(c.principles)} principles, valid", (f"   [{where}{mark}]", "dim")
+            )
         if text != status.content:
             status.update(text)
             status.set_class(text.plain.startswith("✗"), "invalid")
@@ -241,7 +248,7 @@ class ConstitutionScreen(Screen):
         cards = list(self.query(PrincipleCard))
         i = cards.index(card)
         await card.remove()
-        rest = cards[:i] + cards[i + 1:]
+        rest = cards[:i] + cards[i + 1 :]
         if rest:
             rest[min(i, len(rest) - 1)].focus_field("name")
         self.validate()
@@ -311,14 +318,20 @@ class ConstitutionScreen(Screen):
             if answer == "save" and not self.action_save():
                 return
             if answer in ("save", "discard"):
-                self.app.push_screen(PathModal("Open constitution (.yaml or .json)",
-                                               str(short_path(self.path)) if self.path else ""), chosen)
+                self.app.push_screen(
+                    PathModal("Open constitution (.yaml or .json)", str(short_path(self.path)) if self.path else ""),
+                    chosen,
+                )
 
         if self.dirty:
-            self.app.push_screen(ChoiceModal("Unsaved changes", f"Save the changes to "
-                                             f"{short_path(self.path) if self.path else 'this constitution'} first?",
-                                             [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]),
-                                 ask_path)
+            self.app.push_screen(
+                ChoiceModal(
+                    "Unsaved changes",
+                    f"Save the changes to {short_path(self.path) if self.path else 'this constitution'} first?",
+                    [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")],
+                ),
+                ask_path,
+            )
         else:
             ask_path()
 
@@ -336,12 +349,17 @@ class ConstitutionScreen(Screen):
             if not request:
                 return
             if not request["writer"]:
-                self.app.report_error(SamiError("give the writer model: an instruct model's hub id or directory"),
-                                      "Cannot draft")
+                self.app.report_error(
+                    SamiError("give the writer model: an instruct model's hub id or directory"), "Cannot draft"
+                )
                 return
             self.notify(f"drafting {request['principles']} principles with {request['writer']}…")
-            self.draft(request["writer"], request["task"], request["principles"],
-                       self.query_one("#constitution-name", Input).value.strip() or "constitution")
+            self.draft(
+                request["writer"],
+                request["task"],
+                request["principles"],
+                self.query_one("#constitution-name", Input).value.strip() or "constitution",
+            )
 
         self.app.push_screen(DraftModal(self.app.model), chosen)
 
@@ -376,8 +394,9 @@ class ConstitutionScreen(Screen):
         if message.error is not None:
             self.app.report_error(message.error, "The writer could not draft principles")
             return
-        drafted = [{"name": p.name, "positive": p.positive, "negative": p.negative}
-                   for p in message.constitution.principles]
+        drafted = [
+            {"name": p.name, "positive": p.positive, "negative": p.negative} for p in message.constitution.principles
+        ]
         current = [p for p in self.document()["principles"] if any(v.strip() for v in p.values())]
 
         async def apply(choice: str = "replace") -> None:
@@ -389,10 +408,14 @@ class ConstitutionScreen(Screen):
             self.notify(f"{len(drafted)} drafted principles added; review them and save (ctrl+s)")
 
         if current:
-            self.app.push_screen(ChoiceModal("Drafted principles", f"The writer drafted {len(drafted)} "
-                                             f"principles. Replace the {len(current)} you have, or add them?",
-                                             [("replace", "Replace"), ("append", "Add"), ("cancel", "Cancel")]),
-                                 apply)
+            self.app.push_screen(
+                ChoiceModal(
+                    "Drafted principles",
+                    f"The writer drafted {len(drafted)} principles. Replace the {len(current)} you have, or add them?",
+                    [("replace", "Replace"), ("append", "Add"), ("cancel", "Cancel")],
+                ),
+                apply,
+            )
         else:
             self.call_later(apply)
 
@@ -403,9 +426,11 @@ def editable(data: object) -> dict | None:
         return None
     if not all(isinstance(p, dict) for p in data["principles"]):
         return None
-    return {"name": _text(data.get("name", "constitution")),
-            "principles": [{k: _text(p.get(k)) for k in ("name", "positive", "negative")}
-                           for p in data["principles"]] or [{"name": "", "positive": "", "negative": ""}]}
+    return {
+        "name": _text(data.get("name", "constitution")),
+        "principles": [{k: _text(p.get(k)) for k in ("name", "positive", "negative")} for p in data["principles"]]
+        or [{"name": "", "positive": "", "negative": ""}],
+    }
 
 
 def _text(value: object) -> str:

@@ -103,11 +103,16 @@ class RunPicker(ModalScreen["Path | None"]):
         with Vertical(classes="dialog wide"):
             yield Label(f"Open a run from {short_path(self.runs_dir)}/", classes="dialog-title")
             if runs:
-                yield OptionList(*[
-                    Option(Text.assemble((r.path.name, "bold"), f"  {r.status}", (f"  {r.detail}", "dim")),
-                           id=str(r.path))
-                    for r in runs
-                ], id="runs")
+                yield OptionList(
+                    *[
+                        Option(
+                            Text.assemble((r.path.name, "bold"), f"  {r.status}", (f"  {r.detail}", "dim")),
+                            id=str(r.path),
+                        )
+                        for r in runs
+                    ],
+                    id="runs",
+                )
             else:
                 yield Static(f"no runs in {short_path(self.runs_dir)}/ yet", classes="dialog-body")
             yield Input(placeholder="or a run directory path, then enter", id="run-path")
@@ -143,8 +148,9 @@ class DraftModal(ModalScreen["dict | None"]):
             yield Input(placeholder="e.g. answer questions about gardening", id="task")
             yield Label("Number of principles", classes="field-label")
             yield Input("4", type="integer", id="principles")
-            yield Static("enter drafts, escape cancels; the draft replaces or extends the principles",
-                         classes="dialog-hint")
+            yield Static(
+                "enter drafts, escape cancels; the draft replaces or extends the principles", classes="dialog-hint"
+            )
 
     def on_mount(self) -> None:
         self.query_one("#task" if self.writer else "#writer", Input).focus()
@@ -152,5 +158,4 @@ class DraftModal(ModalScreen["dict | None"]):
     @on(Input.Submitted)
     def submit(self) -> None:
         values = {i.id: i.value.strip() for i in self.query(Input)}
-        self.dismiss({"writer": values["writer"], "task": values["task"],
-                      "principles": int(values["principles"] or 0)})
+        self.dismiss({"writer": values["writer"], "task": values["task"], "principles": int(values["principles"] or 0)})

@@ -119,8 +119,14 @@ class RunScreen(Screen):
                 for s in SETTINGS:
                     yield Label(s.label, classes="field-label")
                     kind = {int: "integer", float: "number"}.get(s.kind, "text")
-                    yield Input(setting_text(DEFAULTS[s.field]), placeholder=s.placeholder,
-                                type=kind, id=f"set-{s.field}", classes="setting", compact=True)
+                    yield Input(
+                        setting_text(DEFAULTS[s.field]),
+                        placeholder=s.placeholder,
+                        type=kind,
+                        id=f"set-{s.field}",
+                        classes="setting",
+                        compact=True,
+                    )
                 yield Static("", id="settings-status")
             with Vertical(id="dashboard"):
                 yield Static("", id="run-title")
@@ -218,8 +224,11 @@ class RunScreen(Screen):
             text = Text(str(e), style="red")
         else:
             steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
-            text = Text(f"{plural(cfg.iterations, 'iteration')}, {plural(steps, 'optimizer step')}, "
-                        f"{plural(cfg.queries_per_step, 'query group')} per step", style="dim")
+            text = Text(
+                f"{plural(cfg.iterations, 'iteration')}, {plural(steps, 'optimizer step')}, "
+                f"{plural(cfg.queries_per_step, 'query group')} per step",
+                style="dim",
+            )
         status = self.query_one("#settings-status", Static)
         if text != status.content:
             status.update(text)
@@ -243,8 +252,13 @@ class RunScreen(Screen):
             return
         editor = self.app.get_screen("constitution")
         if editor.dirty and editor.path and Path(cfg.constitution).resolve() == editor.path.resolve():
-            self.app.report_error(SamiError(f"{short_path(editor.path)} has unsaved changes; save it on the "
-                                            "Constitution screen (F1, ctrl+s) first"), "Cannot start the run")
+            self.app.report_error(
+                SamiError(
+                    f"{short_path(editor.path)} has unsaved changes; save it on the "
+                    "Constitution screen (F1, ctrl+s) first"
+                ),
+                "Cannot start the run",
+            )
             return
         self.begin(RunView(run_dir=cfg.out, status="starting"))
         self.run_engine(cfg, None)
@@ -315,8 +329,9 @@ class RunScreen(Screen):
         run_dir = resume_dir or (cfg.out if cfg else "")
         try:
             if resume_dir:
-                in_fresh_thread(trainer.resume, resume_dir, callbacks=[on_event],
-                                should_stop=self.stop_requested.is_set)
+                in_fresh_thread(
+                    trainer.resume, resume_dir, callbacks=[on_event], should_stop=self.stop_requested.is_set
+                )
             else:
                 in_fresh_thread(trainer.train, cfg, callbacks=[on_event], should_stop=self.stop_requested.is_set)
         except Exception as e:  # SamiError, RunAborted or a bug: reported in the app, never a crash
@@ -366,32 +381,41 @@ class RunScreen(Screen):
         its = self.query_one("#iterations-progress", ProgressBar)
         its.update(total=max(v.iterations, 1), progress=v.completed_iterations)
         self.query_one("#iterations-label", Label).update(
-            f"iteration {v.iteration}/{v.iterations}" if v.iterations else "iterations")
+            f"iteration {v.iteration}/{v.iterations}" if v.iterations else "iterations"
+        )
         steps = self.query_one("#steps-progress", ProgressBar)
         steps.update(total=max(v.iteration_steps, 1), progress=v.step)
         self.query_one("#steps-label", Label).update(
-            f"step {v.step}/{v.iteration_steps} (total {v.global_step}/{v.total_steps})"
-            if v.total_steps else "steps")
+            f"step {v.step}/{v.iteration_steps} (total {v.global_step}/{v.total_steps})" if v.total_steps else "steps"
+        )
         sampling = self.query_one("#sampling-progress", ProgressBar)
         done, total = v.sampling or (0, 0)
         sampling.update(total=max(total, 1), progress=done)
         self.query_one("#sampling-label", Label).update(
-            f"sampling {done}/{total} responses" if v.sampling else "sampling: idle")
+            f"sampling {done}/{total} responses" if v.sampling else "sampling: idle"
+        )
         self.query_one("#run-stats", Static).update(self.stats_text())
         per_it = [v.per_iteration[i] for i in sorted(v.per_iteration)]
-        self.query_one("#loss-plot", MetricPlot).show(
-            v.series("loss"), [r["loss"] for r in per_it if "loss" in r])
+        self.query_one("#loss-plot", MetricPlot).show(v.series("loss"), [r["loss"] for r in per_it if "loss" in r])
         self.query_one("#mi-plot", MetricPlot).show(
-            v.series("mi_bound"), [r["mi_bound"] for r in per_it if "mi_bound" in r])
+            v.series("mi_bound"), [r["mi_bound"] for r in per_it if "mi_bound" in r]
+        )
         self.render_table()
         self.query_one("#heatmap", ScoreHeatmap).show(v.last_step["scores"] if v.last_step else None)
         self.render_samples()
 
     def render_title(self) -> None:
         v = self.view
-        styles = {"running": "bold yellow", "starting": "bold yellow", "resuming": "bold yellow",
-                  "finished": "bold green", "stopped": "bold magenta", "failed": "bold red",
-                  "incomplete": "bold magenta", "idle": "dim"}
+        styles = {
+            "running": "bold yellow",
+            "starting": "bold yellow",
+            "resuming": "bold yellow",
+            "finished": "bold green",
+            "stopped": "bold magenta",
+            "failed": "bold red",
+            "incomplete": "bold magenta",
+            "idle": "dim",
+        }
         title = Text()
         if v.run_dir:
             title.append("Run ", style="bold")
@@ -403,8 +427,9 @@ class RunScreen(Screen):
             if v.reason:
                 title.append(f"  ({v.reason})", style="dim")
         else:
-            title.append("No run yet: fill in the settings and press ctrl+r, or open a past run with ctrl+o",
-                         style="dim")
+            title.append(
+                "No run yet: fill in the settings and press ctrl+r, or open a past run with ctrl+o", style="dim"
+            )
         self.query_one("#run-title", Static).update(title)
         self.sub_title = short_path(v.run_dir) if v.run_dir else ""
 
@@ -474,9 +499,19 @@ class RunScreen(Screen):
             drift = "–"
             if isinstance(r.get("drift_prompted"), (int, float)):
                 drift = f"{r['drift_prompted']:.2f}/{r['drift_plain']:.2f}" + ("" if r.get("healthy", True) else " ✗")
-            table.add_row(str(it), f(r, "loss", ".4f"), f(r, "mi_bound", ".4f"), f(r, "row_accuracy", ".0%"),
-                          f(r, "column_accuracy", ".0%"), drift, f(r, "heldout_mi", "+.3f"), f(r, "groups", "d"),
-                          f(r, "mean_length", ".1f"), f(r, "no_eos_rate", ".0%"), f(r, "distinct_2", ".2f"))
+            table.add_row(
+                str(it),
+                f(r, "loss", ".4f"),
+                f(r, "mi_bound", ".4f"),
+                f(r, "row_accuracy", ".0%"),
+                f(r, "column_accuracy", ".0%"),
+                drift,
+                f(r, "heldout_mi", "+.3f"),
+                f(r, "groups", "d"),
+                f(r, "mean_length", ".1f"),
+                f(r, "no_eos_rate", ".0%"),
+                f(r, "distinct_2", ".2f"),
+            )
 
     def render_samples(self) -> None:
         v = self.view
@@ -492,14 +527,19 @@ class RunScreen(Screen):
             with select.prevent(Select.Changed):
                 select.value = it
         samples = Path(v.run_dir) / f"iter-{it:02d}" / "samples.jsonl" if v.run_dir and it else None
-        key = (v.run_dir, it, samples.stat().st_mtime_ns if samples and samples.is_file() else None,
-               len(v.examples.get(it, [])))
+        key = (
+            v.run_dir,
+            it,
+            samples.stat().st_mtime_ns if samples and samples.is_file() else None,
+            len(v.examples.get(it, [])),
+        )
         if key == self._samples_key:  # redraw (and reread the file) only when something changed
             return
         self._samples_key = key
         groups = read_samples(v.run_dir, it) if samples else []
         self.query_one("#samples", Static).update(
-            samples_text(groups or v.examples.get(it, []), self.principle_names()))
+            samples_text(groups or v.examples.get(it, []), self.principle_names())
+        )
 
     def principle_names(self) -> list[str]:
         """The run's principle names, which the variant labels' signs follow."""

@@ -65,8 +65,15 @@ class RunView:
     def _on_SamplesReady(self, e: dict) -> None:
         self.sampling = None
         row = self.per_iteration.setdefault(e["iteration"], {})
-        for key in ("groups", "mean_length", "no_eos_rate", "distinct_2", "dropped_empty",
-                    "dropped_identical", "dropped_banned"):
+        for key in (
+            "groups",
+            "mean_length",
+            "no_eos_rate",
+            "distinct_2",
+            "dropped_empty",
+            "dropped_identical",
+            "dropped_banned",
+        ):
             row[key] = e.get(key)
         row["sampling_tokens_per_sec"] = e.get("tokens_per_sec")
         self.examples[e["iteration"]] = list(e.get("examples", []))
@@ -79,8 +86,22 @@ class RunView:
 
     def _on_IterationCompleted(self, e: dict) -> None:
         self.per_iteration.setdefault(e["iteration"], {}).update(
-            {k: e.get(k) for k in ("loss", "mi_bound", "row_accuracy", "column_accuracy", "heldout_ppl",
-                                   "ppl_ratio", "drift_prompted", "drift_plain", "heldout_mi", "healthy")})
+            {
+                k: e.get(k)
+                for k in (
+                    "loss",
+                    "mi_bound",
+                    "row_accuracy",
+                    "column_accuracy",
+                    "heldout_ppl",
+                    "ppl_ratio",
+                    "drift_prompted",
+                    "drift_plain",
+                    "heldout_mi",
+                    "healthy",
+                )
+            }
+        )
         self.step = self.iteration_steps
 
     def _on_RunWarning(self, e: dict) -> None:
@@ -183,8 +204,7 @@ def sample_iterations(run_dir: str | Path) -> list[int]:
 def printable(text: str) -> str:
     """Model output made safe for a terminal: control and unassigned characters shown as '�'."""
     return "".join(
-        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn") else "\ufffd"
-        for c in text
+        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn") else "\ufffd" for c in text
     )
 
 

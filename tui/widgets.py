@@ -36,8 +36,9 @@ class PrincipleCard(Vertical):
             yield Input(positive, placeholder="positive wording", classes="principle-positive", compact=True)
         with Horizontal(classes="wording"):
             yield Label("−", classes="sign negative")
-            yield Input(negative, placeholder="negative wording (the antithesis)",
-                        classes="principle-negative", compact=True)
+            yield Input(
+                negative, placeholder="negative wording (the antithesis)", classes="principle-negative", compact=True
+            )
         yield Static("", classes="principle-problems")
 
     def values(self) -> dict[str, str]:
@@ -45,8 +46,9 @@ class PrincipleCard(Vertical):
         if not self.is_mounted or not self.children:
             name, positive, negative = self._initial
         else:
-            name, positive, negative = (self.query_one(f".principle-{k}", Input).value
-                                        for k in ("name", "positive", "negative"))
+            name, positive, negative = (
+                self.query_one(f".principle-{k}", Input).value for k in ("name", "positive", "negative")
+            )
         return {"name": name, "positive": positive, "negative": negative}
 
     def show_state(self, n: int, problems: Sequence[str]) -> None:
@@ -82,14 +84,18 @@ class MetricPlot(Vertical):
         title = Text(self.title, style="bold", no_wrap=True, overflow="ellipsis")
         if per_step:
             title.append(f"  {per_step[-1]:.4f}")
-            title.append(f"   min {min(per_step):.3f}  max {max(per_step):.3f}  ·  {len(per_step)} step{'' if len(per_step) == 1 else 's'}",
-                         style="dim")
+            title.append(
+                f"   min {min(per_step):.3f}  max {max(per_step):.3f}  ·  "
+                f"{len(per_step)} step{'' if len(per_step) == 1 else 's'}",
+                style="dim",
+            )
         else:
             title.append("  no steps yet", style="dim")
         self.query_one(".plot-title", Static).update(title)
         its = "  ".join(f"it{n} {v:.4f}" for n, v in enumerate(per_iteration, start=1))
         self.query_one(".plot-iterations", Static).update(
-            Text(f"per iteration: {its}" if its else "", no_wrap=True, overflow="ellipsis"))
+            Text(f"per iteration: {its}" if its else "", no_wrap=True, overflow="ellipsis")
+        )
 
 
 class ScoreHeatmap(Static):
@@ -146,8 +152,7 @@ def samples_text(groups: Sequence[dict], principles: Sequence[str] = (), limit: 
             out.append("  ")
             for sign in label:
                 out.append(sign if sign == "+" else "−", style="green" if sign == "+" else "red")
-            out.append("  " + printable(str(response)).replace("\n", "⏎ ") + "\n",
-                       style="dim" if dropped else "")
+            out.append("  " + printable(str(response)).replace("\n", "⏎ ") + "\n", style="dim" if dropped else "")
         out.append("\n")
     if len(groups) > limit:
         out.append(f"… and {len(groups) - limit} more groups", style="dim")
@@ -178,8 +183,9 @@ class NavTabs(Tabs, can_focus=False):
     SCREENS = (("constitution", "F1 Constitution"), ("run", "F2 Run"), ("chat", "F3 Chat"))
 
     def __init__(self, active: str) -> None:
-        super().__init__(*[Tab(label, id=f"tab-{mode}") for mode, label in self.SCREENS],
-                         active=f"tab-{active}", classes="nav")
+        super().__init__(
+            *[Tab(label, id=f"tab-{mode}") for mode, label in self.SCREENS], active=f"tab-{active}", classes="nav"
+        )
         self.mode = active
 
     def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:

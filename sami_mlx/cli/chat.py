@@ -19,13 +19,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The chat flags."""
     parser.add_argument("--model", help="Hub id or model directory (default: the run's model).")
     parser.add_argument("--run", help="Run directory whose checkpoints to chat with.")
-    parser.add_argument("--iteration", help="Checkpoint to start with: a number, iter-NN or base (default: the latest).")
+    parser.add_argument(
+        "--iteration", help="Checkpoint to start with: a number, iter-NN or base (default: the latest)."
+    )
     parser.add_argument("--constitution", help="Constitution file to put in the prompt (default: the run's).")
-    parser.add_argument("--template", help="Prompt template with {constitution} and {query} (default: the run's, "
-                                           "else 'chat' with a chat template and 'dialogue' without).")
-    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                        help="Use the tokenizer's chat template (default: as the run trained; without "
-                             "--run, when the tokenizer has one).")
+    parser.add_argument(
+        "--template",
+        help="Prompt template with {constitution} and {query} (default: the run's, "
+        "else 'chat' with a chat template and 'dialogue' without).",
+    )
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Use the tokenizer's chat template (default: as the run trained; without "
+        "--run, when the tokenizer has one).",
+    )
     parser.add_argument("--no-constitution", action="store_true", help="Start with the constitution off.")
     parser.add_argument("--max-tokens", type=int, default=256, help="Maximum tokens per reply (default: 256).")
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
@@ -56,8 +65,11 @@ def make_session(args: argparse.Namespace) -> tuple[ChatSession, Checkpoint]:
         if Path(cfg.constitution).expanduser().exists():
             constitution = load_constitution(cfg.constitution)
         else:
-            print(f"note: the run's constitution {cfg.constitution} is not found; chatting without one "
-                  "(pass --constitution FILE)", file=sys.stderr)
+            print(
+                f"note: the run's constitution {cfg.constitution} is not found; chatting without one "
+                "(pass --constitution FILE)",
+                file=sys.stderr,
+            )
     if args.max_tokens < 1:
         raise SamiError(f"--max-tokens {args.max_tokens}: must be at least 1")
     if not 0 <= args.temperature <= 10:
@@ -67,9 +79,15 @@ def make_session(args: argparse.Namespace) -> tuple[ChatSession, Checkpoint]:
     if args.template:
         load_template(args.template)  # fail on a bad file before loading the model
     session = ChatSession(
-        model, run_dir=args.run, constitution=constitution, template=args.template,
-        chat_template=args.chat_template, max_tokens=args.max_tokens, temperature=args.temperature,
-        top_p=args.top_p, stop=tuple(cfg.stop) if cfg else DEFAULT_STOP,
+        model,
+        run_dir=args.run,
+        constitution=constitution,
+        template=args.template,
+        chat_template=args.chat_template,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop=tuple(cfg.stop) if cfg else DEFAULT_STOP,
         trust_remote_code=args.trust_remote_code or bool(cfg and cfg.trust_remote_code),
         use_constitution=not args.no_constitution,
         run_template=(cfg.generation_template or cfg.template) if cfg else None,

@@ -21,10 +21,19 @@ from sami_mlx.presets import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="Show one preset in full, with its memory estimate broken down.")
-    parser.add_argument("--memory-gb", type=float, metavar="GiB",
-                        help="Plan for a machine with this much memory (GiB: a '16 GB' Mac is 16) instead of this one.")
-    parser.add_argument("--groups", type=int, default=1, metavar="N",
-                        help="Query groups per micro-batch in the estimate (queries-per-step / grad-accumulation; default 1).")
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        metavar="GiB",
+        help="Plan for a machine with this much memory (GiB: a '16 GB' Mac is 16) instead of this one.",
+    )
+    parser.add_argument(
+        "--groups",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Query groups per micro-batch in the estimate (queries-per-step / grad-accumulation; default 1).",
+    )
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
 
 
@@ -37,65 +46,117 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for p in list_presets():
         est = _estimate(p, args.groups)
-        rows.append({
-            "name": p.name, "kind": p.kind, "hub_id": p.hub_id, "description": p.description,
-            "parameters": p.shape.parameters if p.shape else None, "quantization": p.quantization,
-            "weights_gb": round(p.memory_gb, 2), "train_gb": round(est.peak / GB, 1) if est else None,
-            "fits": fit(est.peak, machine) if est else "?",
-        })
+        rows.append(
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "hub_id": p.hub_id,
+                "description": p.description,
+                "parameters": p.shape.parameters if p.shape else None,
+                "quantization": p.quantization,
+                "weights_gb": round(p.memory_gb, 2),
+                "train_gb": round(est.peak / GB, 1) if est else None,
+                "fits": fit(est.peak, machine) if est else "?",
+            }
+        )
     if args.json:
-        print(json.dumps({"machine_gb": round(machine.total / GB, 1), "usable_gb": round(machine.usable / GB, 1),
-                          "presets": rows, "recipes": recipe_names()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "machine_gb": round(machine.total / GB, 1),
+                    "usable_gb": round(machine.usable / GB, 1),
+                    "presets": rows,
+                    "recipes": recipe_names(),
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(_table(rows, machine, args.groups, "this machine" if not args.memory_gb else f"a {args.memory_gb:g} GiB machine"))
+    print(
+        _table(
+            rows, machine, args.groups, "this machine" if not args.memory_gb else f"a {args.memory_gb:g} GiB machine"
+        )
+    )
     return 0
 
 
 def _estimate(preset, groups: int):
-    run = RunShape(lora_rank=int(preset.lora.get("rank", 8)), lora_layers=int(preset.lora.get("layers", 16)),
-                   groups_per_micro_batch=max(groups, 1))
+    run = RunShape(
+        lora_rank=int(preset.lora.get("rank", 8)),
+        lora_layers=int(preset.lora.get("layers", 16)),
+        groups_per_micro_batch=max(groups, 1),
+    )
     return preset_estimate(preset, run)
 
 
 def _table(rows: list[dict], machine, groups: int, where: str) -> str:
     header = ("NAME", "KIND", "PARAMS", "QUANT", "WEIGHTS", "TRAINING", "FITS", "HUB ID")
-    table = [header] + [(
-        r["name"], r["kind"], format_count(r["parameters"]) if r["parameters"] else "?", r["quantization"],
-        f"{r['weights_gb']:.1f} GiB", f"{r['train_gb']:.1f} GiB" if r["train_gb"] is not None else "?", r["fits"],
-        r["hub_id"] or "(built locally)",
-    ) for r in rows]
+    table = [header] + [
+        (
+            r["name"],
+            r["kind"],
+            format_count(r["parameters"]) if r["parameters"] else "?",
+            r["quantization"],
+            f"{r['weights_gb']:.1f} GiB",
+            f"{r['train_gb']:.1f} GiB" if r["train_gb"] is not None else "?",
+            r["fits"],
+            r["hub_id"] or "(built locally)",
+        )
+        for r in rows
+    ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    usable = f"{machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB" if machine.total else "unknown"
-    return "\n".join([
-        f"Model presets (--model NAME). Memory of {where}: {usable}.",
-        "All memory in GiB. TRAINING is an estimate, not a measurement, of the peak memory of a SAMI run with the preset's LoRA",
-        f"settings: 2 variants, 512-token prompts, 350-token responses, {groups} query group(s) per micro-batch.",
-        "FITS: yes; tight (over what MLX can use: it will swap); no. `sami-mlx models NAME` breaks it down.",
-        "",
-        *lines,
-        "",
-        "Recipes (sami-mlx train -c NAME; add --dry-run to see the plan and memory): " + ", ".join(recipe_names()),
-    ])
+    usable = (
+        f"{machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB" if machine.total else "unknown"
+    )
+    return "\n".join(
+        [
+            f"Model presets (--model NAME). Memory of {where}: {usable}.",
+            "All memory in GiB. TRAINING is an estimate, not a measurement, of the peak memory of a SAMI run with the "
+            "preset's LoRA",
+            f"settings: 2 variants, 512-token prompts, 350-token responses, {groups} query group(s) per micro-batch.",
+            "FITS: yes; tight (over what MLX can use: it will swap); no. `sami-mlx models NAME` breaks it down.",
+            "",
+            *lines,
+            "",
+            "Recipes (sami-mlx train -c NAME; add --dry-run to see the plan and memory): " + ", ".join(recipe_names()),
+        ]
+    )
 
 
 def _details(name: str, machine, groups: int, as_json: bool) -> str:
     p = get_preset(name)  # raises SamiError for an unknown name, listing the known ones
     est = _estimate(p, groups)
     if as_json:
-        out = {**p.data, "estimate_gb": None if est is None else {
-            "weights": est.weights / GB, "adapters": est.adapters / GB, "training": est.training / GB,
-            "sampling": est.sampling / GB, "overhead": est.overhead / GB, "peak": est.peak / GB}}
+        out = {
+            **p.data,
+            "estimate_gb": None
+            if est is None
+            else {
+                "weights": est.weights / GB,
+                "adapters": est.adapters / GB,
+                "training": est.training / GB,
+                "sampling": est.sampling / GB,
+                "overhead": est.overhead / GB,
+                "peak": est.peak / GB,
+            },
+        }
         return json.dumps(out, indent=2, default=str)
-    lines = [f"{p.name}: {p.description}" if p.description else p.name,
-             f"  kind: {p.kind} ({'use --chat-template' if p.prompt_style == 'chat' else 'plain-text prompts'})",
-             f"  weights: {p.hub_id or 'built locally from its recipe'}"
-             + (f" ({p.shape.describe()})" if p.shape else ""),
-             f"  context: {p.context_length} tokens",
-             "  LoRA: " + ", ".join(f"{k} {v}" for k, v in p.lora.items())]
+    lines = [
+        f"{p.name}: {p.description}" if p.description else p.name,
+        f"  kind: {p.kind} ({'use --chat-template' if p.prompt_style == 'chat' else 'plain-text prompts'})",
+        f"  weights: {p.hub_id or 'built locally from its recipe'}" + (f" ({p.shape.describe()})" if p.shape else ""),
+        f"  context: {p.context_length} tokens",
+        "  LoRA: " + ", ".join(f"{k} {v}" for k, v in p.lora.items()),
+    ]
     if est is not None:
-        lines += [f"  memory (estimate, {groups} query group(s) per micro-batch): {est.summary()}",
-                  f"  this machine: {machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB: "
-                  f"{fit(est.peak, machine)}"]
-    lines.append(f"  use: sami-mlx train --model {p.name} ...  (other presets: {', '.join(n for n in preset_names() if n != name)})")
+        lines += [
+            f"  memory (estimate, {groups} query group(s) per micro-batch): {est.summary()}",
+            f"  this machine: {machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB: "
+            f"{fit(est.peak, machine)}",
+        ]
+    lines.append(
+        f"  use: sami-mlx train --model {p.name} ...  "
+        f"(other presets: {', '.join(n for n in preset_names() if n != name)})"
+    )
     return "\n".join(lines)

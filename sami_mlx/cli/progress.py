@@ -29,16 +29,30 @@ class ProgressBar:
             self.stage(event)
         elif isinstance(event, ev.RunStarted):
             self.iterations = event.iterations
-            self.bar = tqdm(total=event.total_steps, unit="step", file=self.stream, dynamic_ncols=True,
-                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}")
-            self.write(f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
-                       f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters"
-                       + (f", monitor on {event.monitor_queries} held-out queries (base MI bound "
-                          f"{_signed(event.base_heldout_mi)})" if event.monitor_queries else ", monitor off")
-                       + (f", base held-out ppl {event.base_ppl:.2f}" if event.base_ppl is not None else "")
-                       + (f", estimated peak memory {event.memory_estimate_gb:.1f} GiB"
-                          if event.memory_estimate_gb is not None else "")
-                       + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else ""))
+            self.bar = tqdm(
+                total=event.total_steps,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}",
+            )
+            self.write(
+                f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
+                f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters"
+                + (
+                    f", monitor on {event.monitor_queries} held-out queries (base MI bound "
+                    f"{_signed(event.base_heldout_mi)})"
+                    if event.monitor_queries
+                    else ", monitor off"
+                )
+                + (f", base held-out ppl {event.base_ppl:.2f}" if event.base_ppl is not None else "")
+                + (
+                    f", estimated peak memory {event.memory_estimate_gb:.1f} GiB"
+                    if event.memory_estimate_gb is not None
+                    else ""
+                )
+                + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else "")
+            )
         elif self.bar is None:
             return
         elif isinstance(event, ev.IterationStarted):
@@ -46,43 +60,61 @@ class ProgressBar:
         elif isinstance(event, ev.SamplingProgress):
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} sampling {event.done}/{event.total}")
         elif isinstance(event, ev.SamplesReady):
-            dropped = (event.dropped_empty + event.dropped_identical + event.dropped_banned
-                       + event.dropped_truncated + event.dropped_unfinished)
-            self.write(f"iter {event.iteration}: {event.groups} groups kept, {dropped} dropped "
-                       f"(empty {event.dropped_empty}, identical {event.dropped_identical}, banned {event.dropped_banned}, "
-                       f"truncated {event.dropped_truncated}, no sentence end {event.dropped_unfinished}); "
-                       f"mean length {event.mean_length:.1f} tokens, {event.tokens_per_sec:.0f} tok/s")
+            dropped = (
+                event.dropped_empty
+                + event.dropped_identical
+                + event.dropped_banned
+                + event.dropped_truncated
+                + event.dropped_unfinished
+            )
+            self.write(
+                f"iter {event.iteration}: {event.groups} groups kept, {dropped} dropped "
+                f"(empty {event.dropped_empty}, identical {event.dropped_identical}, banned {event.dropped_banned}, "
+                f"truncated {event.dropped_truncated}, no sentence end {event.dropped_unfinished}); "
+                f"mean length {event.mean_length:.1f} tokens, {event.tokens_per_sec:.0f} tok/s"
+            )
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} training")
         elif isinstance(event, ev.StepCompleted):
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} step {event.step}/{event.steps}")
             self.bar.set_postfix_str(
                 f"loss {event.loss:.3f} MI {event.mi_bound:+.3f} acc {event.row_accuracy:.2f} "
-                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GiB{self.drift}", refresh=False)
+                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GiB{self.drift}",
+                refresh=False,
+            )
             self.bar.update(1)
         elif isinstance(event, ev.MonitorChecked):
             self.drift = f" drift {_drift(event)}" if event.drift_prompted is not None else ""
             if not event.healthy:
-                self.write(f"iter {event.iteration} step {event.step}: drift {_drift(event)} is past the "
-                           f"limit {event.limit:g}x")
+                self.write(
+                    f"iter {event.iteration} step {event.step}: drift {_drift(event)} is past the "
+                    f"limit {event.limit:g}x"
+                )
         elif isinstance(event, ev.IterationCompleted):
             monitor = ""
             if event.drift_prompted is not None:
-                monitor = (f"; drift {_drift(event)}, held-out MI {_signed(event.heldout_mi)}, "
-                           f"answers {event.mean_length:.1f} tokens ({event.limit_rate:.0%} at the limit), "
-                           f"distinct-2 {event.distinct_2:.2f}, repetition {event.repetition:.2f}")
+                monitor = (
+                    f"; drift {_drift(event)}, held-out MI {_signed(event.heldout_mi)}, "
+                    f"answers {event.mean_length:.1f} tokens ({event.limit_rate:.0%} at the limit), "
+                    f"distinct-2 {event.distinct_2:.2f}, repetition {event.repetition:.2f}"
+                )
             if event.ppl_ratio is not None:
                 monitor += f"; --heldout ppl {event.heldout_ppl:.2f} ({event.ppl_ratio:.2f}x base)"
-            self.write(f"iter {event.iteration}: loss {event.loss:.3f}, MI bound {event.mi_bound:+.3f} nats, "
-                       f"row/col accuracy {event.row_accuracy:.2f}/{event.column_accuracy:.2f}{monitor}"
-                       + ("" if event.healthy else " [unhealthy]") + f" -> {event.adapter_dir}")
+            self.write(
+                f"iter {event.iteration}: loss {event.loss:.3f}, MI bound {event.mi_bound:+.3f} nats, "
+                f"row/col accuracy {event.row_accuracy:.2f}/{event.column_accuracy:.2f}{monitor}"
+                + ("" if event.healthy else " [unhealthy]")
+                + f" -> {event.adapter_dir}"
+            )
         elif isinstance(event, ev.RunWarning):
             self.write(f"warning: {event.message}")
         elif isinstance(event, ev.RunCompleted):
             self.bar.close()
             kept = f": {event.adapters}" + (f" ({event.kept})" if event.kept else "") if event.adapters else ""
-            self.write(f"{'stopped' if event.stopped_early else 'done'} in {event.seconds:.0f}s; "
-                       f"{event.run_dir}/adapters.safetensors{kept} "
-                       f"(mlx_lm.generate --model MODEL --adapter-path {event.run_dir})")
+            self.write(
+                f"{'stopped' if event.stopped_early else 'done'} in {event.seconds:.0f}s; "
+                f"{event.run_dir}/adapters.safetensors{kept} "
+                f"(mlx_lm.generate --model MODEL --adapter-path {event.run_dir})"
+            )
 
     def stage(self, event: ev.StageProgress) -> None:
         """Work around a run (building a model, evaluating) gets a bar of its own."""

@@ -18,9 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_arguments(parser)
     parser.add_argument("--resume", metavar="RUN", help="Continue a stopped or killed run from its last step.")
     parser.add_argument(
-        "--rank-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        "--rank-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
         help="Under mlx.launch: end the run when the other ranks have not answered for this long, plus twice "
-             f"the time this rank spent on its own share since they last did (default: {DEFAULT_TIMEOUT:.0f}).")
+        f"the time this rank spent on its own share since they last did (default: {DEFAULT_TIMEOUT:.0f}).",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -56,8 +60,10 @@ def dry_run(cfg: config.TrainConfig) -> int:
 
     inputs = prepare_inputs(cfg)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-    print(f"# {len(inputs.queries)} queries, {len(inputs.constitution.principles)} principles, "
-          f"{inputs.num_variants} variants per query")
+    print(
+        f"# {len(inputs.queries)} queries, {len(inputs.constitution.principles)} principles, "
+        f"{inputs.num_variants} variants per query"
+    )
     from sami_mlx.presets import dry_run_report  # the plan and its memory estimate
 
     print(dry_run_report(cfg, inputs))

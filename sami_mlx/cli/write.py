@@ -20,14 +20,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--principles", type=int, default=4, metavar="K", help="How many principles (default: 4).")
     parser.add_argument("--out", required=True, help="Constitution file to write (.json, else YAML).")
     parser.add_argument("--name", help="The constitution's name (default: the output file's stem).")
-    parser.add_argument("--retries", type=int, default=3,
-                        help="Ask again this many times when the answer cannot be read (default: 3).")
+    parser.add_argument(
+        "--retries", type=int, default=3, help="Ask again this many times when the answer cannot be read (default: 3)."
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7).")
     parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (default: 1).")
-    parser.add_argument("--max-tokens", type=int, help="Tokens the writer may write (default: 160 + 110 per principle).")
+    parser.add_argument(
+        "--max-tokens", type=int, help="Tokens the writer may write (default: 160 + 110 per principle)."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
-    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                        help="Wrap the request in the writer's chat template (default: when it has one).")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Wrap the request in the writer's chat template (default: when it has one).",
+    )
     parser.add_argument("--force", action="store_true", help="Overwrite --out if it exists.")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own Python code to run.")
     parser.add_argument("--verbose", action="store_true", help="Show every answer the writer gave.")
@@ -82,9 +89,18 @@ def _run(args: argparse.Namespace) -> int:
             print(f"answer {attempt} could not be read: {error}", file=sys.stderr)
 
     constitution = draft_constitution(
-        model, tokenizer, task, args.principles, name=args.name or out.stem, retries=args.retries,
-        max_tokens=args.max_tokens or default_max_tokens(args.principles), temperature=args.temperature,
-        top_p=args.top_p, chat_template=args.chat_template, seed=args.seed, on_attempt=report,
+        model,
+        tokenizer,
+        task,
+        args.principles,
+        name=args.name or out.stem,
+        retries=args.retries,
+        max_tokens=args.max_tokens or default_max_tokens(args.principles),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        chat_template=args.chat_template,
+        seed=args.seed,
+        on_attempt=report,
     )
     save_constitution(constitution, out)
     for n, p in enumerate(constitution.principles, start=1):

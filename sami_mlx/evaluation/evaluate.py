@@ -141,8 +141,9 @@ def choose_checkpoints(run_dir: str | Path, iterations: Sequence[str] | None) ->
     for it in iterations:
         ckpt = find_checkpoint(run_dir, str(it))
         if ckpt.adapter_path is None:
-            raise SamiError("--iterations base: the base model is what checkpoints are compared with; "
-                            "choose iteration numbers")
+            raise SamiError(
+                "--iterations base: the base model is what checkpoints are compared with; choose iteration numbers"
+            )
         if ckpt not in chosen:
             chosen.append(ckpt)
     return chosen
@@ -187,8 +188,9 @@ def generation_orders(setup: RunSetup, settings: EvalSettings, plan: list[list[V
     return orders
 
 
-def generate_outputs(model, tokenizer, setup: RunSetup, settings: EvalSettings, plan: list[list[Variant]],
-                     name: str, emit: Emit) -> ModelOutputs:
+def generate_outputs(
+    model, tokenizer, setup: RunSetup, settings: EvalSettings, plan: list[list[Variant]], name: str, emit: Emit
+) -> ModelOutputs:
     """Responses under the positive variant for every query, plus the variants the MI metric needs."""
     cfg, c = setup.config, setup.constitution
     positive = c.positive_variant
@@ -205,8 +207,17 @@ def generate_outputs(model, tokenizer, setup: RunSetup, settings: EvalSettings, 
         prefixes.append(prefix)
     progress = _Stage(emit, f"generate {name}", len(prompts))
     mx.random.seed(settings.seed)  # the same draws for every model when sampling
-    gens = generate_batch(model, tokenizer, prompts, settings.max_tokens, settings.temperature, settings.top_p,
-                          cfg.stop, settings.batch_size, on_progress=progress)
+    gens = generate_batch(
+        model,
+        tokenizer,
+        prompts,
+        settings.max_tokens,
+        settings.temperature,
+        settings.top_p,
+        cfg.stop,
+        settings.batch_size,
+        on_progress=progress,
+    )
     progress.finish()
     if cfg.response_prefix:  # the forced start is part of the response, as in training
         gens = [Generation(p + g.tokens, tokenizer.decode(p + g.tokens), g.finish) for p, g in zip(prefixes, gens)]
@@ -219,8 +230,15 @@ def generate_outputs(model, tokenizer, setup: RunSetup, settings: EvalSettings, 
     return ModelOutputs(name, responses, intrinsic)
 
 
-def intrinsic_metric(model, tokenizer, setup: RunSetup, groups: list[tuple[str, list[Variant], list[Generation]]],
-                     seed: int, name: str = "", emit: Emit | None = None) -> dict:
+def intrinsic_metric(
+    model,
+    tokenizer,
+    setup: RunSetup,
+    groups: list[tuple[str, list[Variant], list[Generation]]],
+    seed: int,
+    name: str = "",
+    emit: Emit | None = None,
+) -> dict:
     """log N - sami_loss(S) over held-out groups, S scored as in training (same template, each
     constitution in its own shuffled order).
 
@@ -235,20 +253,40 @@ def intrinsic_metric(model, tokenizer, setup: RunSetup, groups: list[tuple[str, 
             skipped += 1
             continue
         identical += len({tuple(g.tokens) for g in gens}) < len(gens)
-        prompts.append([encode_prompt(tokenizer, setup.training_template.fill(
-            c.render(v, principle_order(len(c.principles), rng, cfg.shuffle_principles)), query), cfg.chat_template)
-            for v in variants])
+        prompts.append(
+            [
+                encode_prompt(
+                    tokenizer,
+                    setup.training_template.fill(
+                        c.render(v, principle_order(len(c.principles), rng, cfg.shuffle_principles)), query
+                    ),
+                    cfg.chat_template,
+                )
+                for v in variants
+            ]
+        )
         responses.append([g.tokens + ([eos] if cfg.count_eos and g.finish == "eos" else []) for g in gens])
     n = len(groups[0][1]) if groups else 0
-    result = {"mi_bound": None, "loss": None, "row_accuracy": None, "column_accuracy": None,
-              "groups": len(prompts), "skipped_empty": skipped, "identical": identical, "num_variants": n}
+    result = {
+        "mi_bound": None,
+        "loss": None,
+        "row_accuracy": None,
+        "column_accuracy": None,
+        "groups": len(prompts),
+        "skipped_empty": skipped,
+        "identical": identical,
+        "num_variants": n,
+    }
     if not prompts:
         return result
     progress = _Stage(emit or (lambda e: None), f"score {name}".strip(), len(prompts))
     scores = []
     for i in range(0, len(prompts), SCORING_BATCH):
-        S = score_matrix(model, ScoringBatch(prompts[i : i + SCORING_BATCH], responses[i : i + SCORING_BATCH]),
-                         shared=cfg.scoring == "shared")
+        S = score_matrix(
+            model,
+            ScoringBatch(prompts[i : i + SCORING_BATCH], responses[i : i + SCORING_BATCH]),
+            shared=cfg.scoring == "shared",
+        )
         mx.eval(S)
         scores.append(S)
         progress(min(i + SCORING_BATCH, len(prompts)), len(prompts))
@@ -278,8 +316,9 @@ class _Stage:
 # ---- judging -----------------------------------------------------------------------------------
 
 
-def judge_tasks(setup: RunSetup, settings: EvalSettings, base: ModelOutputs, checkpoint: ModelOutputs,
-                template: JudgeTemplate) -> list[JudgeTask]:
+def judge_tasks(
+    setup: RunSetup, settings: EvalSettings, base: ModelOutputs, checkpoint: ModelOutputs, template: JudgeTemplate
+) -> list[JudgeTask]:
     """One prompt per query (and per principle when asked), the checkpoint's side drawn with the seed.
 
     The constitution's principles appear in an order shuffled for each query (one draw per query, the
@@ -300,8 +339,11 @@ def judge_tasks(setup: RunSetup, settings: EvalSettings, base: ModelOutputs, che
             position = "A" if rng.random() < 0.5 else "B"
             ours, theirs = checkpoint.responses[q].text.strip(), base.responses[q].text.strip()
             a, b = (ours, theirs) if position == "A" else (theirs, ours)
-            tasks.append(JudgeTask(checkpoint.checkpoint, principle, q, position,
-                                   template.fill(principles_texts[q], query, a, b)))
+            tasks.append(
+                JudgeTask(
+                    checkpoint.checkpoint, principle, q, position, template.fill(principles_texts[q], query, a, b)
+                )
+            )
     return tasks
 
 
@@ -332,8 +374,9 @@ def wilson_interval(p: float | None, n: int, z: float = Z95) -> list[float] | No
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def length_controlled_win_rate(scores: Sequence[float], checkpoint_lengths: Sequence[int],
-                               base_lengths: Sequence[int]) -> tuple[float | None, dict]:
+def length_controlled_win_rate(
+    scores: Sequence[float], checkpoint_lengths: Sequence[int], base_lengths: Sequence[int]
+) -> tuple[float | None, dict]:
     """The paper's balanced strata: the mean of the win rate where the checkpoint's response is longer
     than the base's and the win rate where it is shorter, so neither length direction dominates.
 
@@ -376,7 +419,8 @@ def summarize(outcomes: Sequence[Outcome], checkpoint_lengths: Sequence[int], ba
     scores = [o.score for o in scored]
     rate = mean(scores)
     lc, strata = length_controlled_win_rate(
-        scores, [checkpoint_lengths[o.query_index] for o in scored], [base_lengths[o.query_index] for o in scored])
+        scores, [checkpoint_lengths[o.query_index] for o in scored], [base_lengths[o.query_index] for o in scored]
+    )
     parsed = [o for o in scored if o.verdict is not None]
     both_directions = strata["longer"]["n"] > 0 and strata["shorter"]["n"] > 0
     return {
@@ -399,9 +443,17 @@ def summarize(outcomes: Sequence[Outcome], checkpoint_lengths: Sequence[int], ba
 # ---- the whole evaluation ------------------------------------------------------------------------
 
 
-def evaluate(run_dir: str | Path, checkpoints: Sequence[Checkpoint], judge: Judge, settings: EvalSettings,
-             template: JudgeTemplate, out_dir: str | Path | None = None, constitution: str | None = None,
-             emit: Emit | None = None, model: str | None = None) -> list[dict]:
+def evaluate(
+    run_dir: str | Path,
+    checkpoints: Sequence[Checkpoint],
+    judge: Judge,
+    settings: EvalSettings,
+    template: JudgeTemplate,
+    out_dir: str | Path | None = None,
+    constitution: str | None = None,
+    emit: Emit | None = None,
+    model: str | None = None,
+) -> list[dict]:
     """Generate, judge and write RUN/eval/<checkpoint>.json plus summary.json and summary.md.
 
     `model` replaces the run's base model path (a run moved to another machine or folder)."""
@@ -411,8 +463,12 @@ def evaluate(run_dir: str | Path, checkpoints: Sequence[Checkpoint], judge: Judg
         raise SamiError("--queries: no held-out queries to evaluate on")
     overlap = training_overlap(setup, settings.queries)
     if overlap:
-        emit(ev.RunWarning(f"{overlap} of the {len(settings.queries)} evaluation queries are also in the "
-                           f"run's training queries ({setup.config.queries}); win rates on them are not held-out"))
+        emit(
+            ev.RunWarning(
+                f"{overlap} of the {len(settings.queries)} evaluation queries are also in the "
+                f"run's training queries ({setup.config.queries}); win rates on them are not held-out"
+            )
+        )
     plan = variant_plan(setup, len(settings.queries), settings.seed, settings.intrinsic)
     trust = setup.config.trust_remote_code
     outputs: dict[str, ModelOutputs] = {}
@@ -423,8 +479,9 @@ def evaluate(run_dir: str | Path, checkpoints: Sequence[Checkpoint], judge: Judg
         del policy, tokenizer
         mx.clear_cache()  # the judge may be a second model in the same memory
 
-    template_tasks = {c.name: judge_tasks(setup, settings, outputs["base"], outputs[c.name], template)
-                      for c in checkpoints}
+    template_tasks = {
+        c.name: judge_tasks(setup, settings, outputs["base"], outputs[c.name], template) for c in checkpoints
+    }
     tasks = [t for ts in template_tasks.values() for t in ts]
     progress = _Stage(emit, "judge", len(tasks))
     replies = judge([t.prompt for t in tasks], on_progress=progress)
@@ -437,8 +494,9 @@ def evaluate(run_dir: str | Path, checkpoints: Sequence[Checkpoint], judge: Judg
     for ckpt in checkpoints:
         outcomes = [outcome(t, r) for t, r in (next(judged) for _ in template_tasks[ckpt.name])]
         all_outcomes += outcomes
-        result = checkpoint_result(setup, settings, template, judge, outputs["base"], outputs[ckpt.name],
-                                   outcomes, overlap)
+        result = checkpoint_result(
+            setup, settings, template, judge, outputs["base"], outputs[ckpt.name], outcomes, overlap
+        )
         atomic_write_json(out / f"{ckpt.name}.json", result)
         results.append(result)
     warning = unparsable_warning(all_outcomes, template, out)
@@ -459,23 +517,48 @@ def unparsable_warning(outcomes: Sequence[Outcome], template: JudgeTemplate, out
     bad = sum(o.verdict is None for o in answered)
     if not answered or bad <= UNPARSABLE_WARN * len(answered):
         return None
-    return (f"{bad} of {len(answered)} judge answers ({100 * bad / len(answered):.0f}%) named no verdict and "
-            f"count as ties (judge prompt: {template.source}); read judge_output in {out}/, then pass "
-            "--judge-template with a prompt whose last line asks for 'Final Response: A' or 'B' "
-            "(built-in: dialogue, summarization), or raise --judge-max-tokens if answers were cut off")
+    return (
+        f"{bad} of {len(answered)} judge answers ({100 * bad / len(answered):.0f}%) named no verdict and "
+        f"count as ties (judge prompt: {template.source}); read judge_output in {out}/, then pass "
+        "--judge-template with a prompt whose last line asks for 'Final Response: A' or 'B' "
+        "(built-in: dialogue, summarization), or raise --judge-max-tokens if answers were cut off"
+    )
 
 
-HEADLINE_KEYS = ("checkpoint", "win_rate", "win_rate_ci", "length_controlled_win_rate", "length_controlled_ci",
-                 "length_controlled_left_out", "n", "unparsable", "judge_errors", "intrinsic", "per_principle")
+HEADLINE_KEYS = (
+    "checkpoint",
+    "win_rate",
+    "win_rate_ci",
+    "length_controlled_win_rate",
+    "length_controlled_ci",
+    "length_controlled_left_out",
+    "n",
+    "unparsable",
+    "judge_errors",
+    "intrinsic",
+    "per_principle",
+)
 
 
-def checkpoint_result(setup: RunSetup, settings: EvalSettings, template: JudgeTemplate, judge: Judge,
-                      base: ModelOutputs, mine: ModelOutputs, outcomes: list[Outcome], overlap: int) -> dict:
+def checkpoint_result(
+    setup: RunSetup,
+    settings: EvalSettings,
+    template: JudgeTemplate,
+    judge: Judge,
+    base: ModelOutputs,
+    mine: ModelOutputs,
+    outcomes: list[Outcome],
+    overlap: int,
+) -> dict:
     """Everything one checkpoint's eval file holds: headline numbers, settings and every comparison."""
     base_len = [len(g.tokens) for g in base.responses]
     mine_len = [len(g.tokens) for g in mine.responses]
     overall = outcomes[: len(settings.queries)]
-    result = {"checkpoint": mine.checkpoint, "run": str(setup.run_dir.resolve()), **summarize(overall, mine_len, base_len)}
+    result = {
+        "checkpoint": mine.checkpoint,
+        "run": str(setup.run_dir.resolve()),
+        **summarize(overall, mine_len, base_len),
+    }
     if settings.per_principle:
         result["per_principle"] = {}
         for k, p in enumerate(setup.constitution.principles, start=1):
@@ -488,16 +571,30 @@ def checkpoint_result(setup: RunSetup, settings: EvalSettings, template: JudgeTe
     describe = getattr(judge, "describe", None)
     result["judge"] = describe() if describe else {"kind": type(judge).__name__}
     result["settings"] = {
-        "queries": settings.queries_source, "num_queries": len(settings.queries),
-        "training_overlap": overlap, "max_tokens": settings.max_tokens, "temperature": settings.temperature,
-        "top_p": settings.top_p, "seed": settings.seed, "judge_template": template.source,
-        "constitution": setup.constitution.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "queries": settings.queries_source,
+        "num_queries": len(settings.queries),
+        "training_overlap": overlap,
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
+        "judge_template": template.source,
+        "constitution": setup.constitution.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     result["items"] = [
-        {"query": settings.queries[o.query_index], "base": base.responses[o.query_index].text,
-         "checkpoint": mine.responses[o.query_index].text, "base_tokens": base_len[o.query_index],
-         "checkpoint_tokens": mine_len[o.query_index], "checkpoint_position": o.checkpoint_position,
-         "verdict": o.verdict, "score": o.score, "judge_output": o.judge_output, "error": o.error}
+        {
+            "query": settings.queries[o.query_index],
+            "base": base.responses[o.query_index].text,
+            "checkpoint": mine.responses[o.query_index].text,
+            "base_tokens": base_len[o.query_index],
+            "checkpoint_tokens": mine_len[o.query_index],
+            "checkpoint_position": o.checkpoint_position,
+            "verdict": o.verdict,
+            "score": o.score,
+            "judge_output": o.judge_output,
+            "error": o.error,
+        }
         for o in overall
     ]
     return result
@@ -535,16 +632,24 @@ def markdown_table(results: Sequence[dict]) -> str:
         "|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        lines.append(f"| {r['checkpoint']} | {r['n']} | {_pct(r['win_rate'])} | {_ci(r['win_rate_ci'])} | "
-                     f"{_lc(r)} | {r.get('length_controlled_left_out', 0)} | {r['unparsable']} | "
-                     f"{r['judge_errors']} | {_mi(r['intrinsic'])} |")
+        lines.append(
+            f"| {r['checkpoint']} | {r['n']} | {_pct(r['win_rate'])} | {_ci(r['win_rate_ci'])} | "
+            f"{_lc(r)} | {r.get('length_controlled_left_out', 0)} | {r['unparsable']} | "
+            f"{r['judge_errors']} | {_mi(r['intrinsic'])} |"
+        )
     for r in results:
         if r.get("per_principle"):
-            lines += ["", f"Per principle, {r['checkpoint']}:", "",
-                      "| principle | n | win rate | 95% CI | length-controlled (95% CI) | equal length, left out "
-                      "| unparsable |",
-                      "|---|---:|---:|---|---:|---:|---:|"]
+            lines += [
+                "",
+                f"Per principle, {r['checkpoint']}:",
+                "",
+                "| principle | n | win rate | 95% CI | length-controlled (95% CI) | equal length, left out "
+                "| unparsable |",
+                "|---|---:|---:|---|---:|---:|---:|",
+            ]
             for name, p in r["per_principle"].items():
-                lines.append(f"| {name} | {p['n']} | {_pct(p['win_rate'])} | {_ci(p['win_rate_ci'])} | "
-                             f"{_lc(p)} | {p.get('length_controlled_left_out', 0)} | {p['unparsable']} |")
+                lines.append(
+                    f"| {name} | {p['n']} | {_pct(p['win_rate'])} | {_ci(p['win_rate_ci'])} | "
+                    f"{_lc(p)} | {p.get('length_controlled_left_out', 0)} | {p['unparsable']} |"
+                )
     return "\n".join(lines) + "\n"

@@ -65,8 +65,10 @@ class JudgeTemplate:
 
     def fill(self, principles: str, query: str, response_a: str, response_b: str) -> str:
         """Substitute in one pass, so a response that contains '{query}' stays literal."""
-        return fill_fields(self.text, {"{principles}": principles, "{query}": query,
-                                       "{response_a}": response_a, "{response_b}": response_b})
+        return fill_fields(
+            self.text,
+            {"{principles}": principles, "{query}": query, "{response_a}": response_a, "{response_b}": response_b},
+        )
 
 
 def load_judge_template(path: str | None) -> JudgeTemplate:
@@ -84,8 +86,9 @@ def load_judge_template(path: str | None) -> JudgeTemplate:
     fields = template_fields(text)
     for ph in REQUIRED_PLACEHOLDERS:
         if ph not in fields:
-            raise SamiError(f"{path}: judge template has no {ph} placeholder; placeholders are "
-                            + ", ".join(JUDGE_PLACEHOLDERS))
+            raise SamiError(
+                f"{path}: judge template has no {ph} placeholder; placeholders are " + ", ".join(JUDGE_PLACEHOLDERS)
+            )
     return JudgeTemplate(text, str(path))
 
 
@@ -112,19 +115,25 @@ _LABEL = re.compile(
 # What follows a label: the letter (any case when nothing but punctuation follows it).
 _AFTER_LABEL = re.compile(rf"^{_OPEN}(?i:{_LETTER_LABEL})?(?:([AB])(?![\w'’])|([ab])(?=[\s*_`'\"”’)\]>}}.,!]*$))")
 _UNDECIDED = re.compile(r"(?i)^\W*(?:tie|both|neither|none|equal|equally|draw|undecided|cannot|can't|n/?a)\b")
-_STRONG = (r"(?:is|was|seems|appears)\s+(?:clearly\s+|slightly\s+|much\s+|somewhat\s+)?(?:the\s+)?"
-           r"(?:better|superior|preferable|preferred|stronger|winner|more\s+aligned|more\s+closely\s+aligned|"
-           r"more\s+consistent|more\s+faithful)"
-           r"|(?:better|more\s+closely|more\s+fully|best)\s+(?:follows|aligns|adheres|meets|satisfies|fulfils|fulfills|"
-           r"matches|captures|reflects|complies|respects)"
-           r"|(?:follows|aligns\s+with|adheres\s+to|meets|satisfies)\s+(?:the\s+\w+\s+)*?(?:better|more\s+closely)"
-           r"|aligns\s+(?:better|more\s+closely)|wins|is\s+my\s+(?:choice|pick)")
+_STRONG = (
+    r"(?:is|was|seems|appears)\s+(?:clearly\s+|slightly\s+|much\s+|somewhat\s+)?(?:the\s+)?"
+    r"(?:better|superior|preferable|preferred|stronger|winner|more\s+aligned|more\s+closely\s+aligned|"
+    r"more\s+consistent|more\s+faithful)"
+    r"|(?:better|more\s+closely|more\s+fully|best)\s+(?:follows|aligns|adheres|meets|satisfies|fulfils|fulfills|"
+    r"matches|captures|reflects|complies|respects)"
+    r"|(?:follows|aligns\s+with|adheres\s+to|meets|satisfies)\s+(?:the\s+\w+\s+)*?(?:better|more\s+closely)"
+    r"|aligns\s+(?:better|more\s+closely)|wins|is\s+my\s+(?:choice|pick)"
+)
 _PHRASES = [
     re.compile(rf"\b(?i:{_LETTER_LABEL})?\**([AB])\**\s+(?i:{_STRONG})\b"),
-    re.compile(r"\b(?i:i\s+(?:would\s+|'d\s+)?(?:prefer|choose|pick|select|go\s+with)|prefer(?:red|s)?|"
-               r"(?:choose|pick|select|go\s+with))\s+(?i:" + _LETTER_LABEL + r")?\**([AB])\**(?![\w'’])"),
-    re.compile(r"(?i:the\s+(?:better|preferred|stronger|winning)\s+(?:one|response|summary|reply)\s+is)\s+"
-               r"(?i:" + _LETTER_LABEL + r")?\**([AB])\**(?![\w'’])"),
+    re.compile(
+        r"\b(?i:i\s+(?:would\s+|'d\s+)?(?:prefer|choose|pick|select|go\s+with)|prefer(?:red|s)?|"
+        r"(?:choose|pick|select|go\s+with))\s+(?i:" + _LETTER_LABEL + r")?\**([AB])\**(?![\w'’])"
+    ),
+    re.compile(
+        r"(?i:the\s+(?:better|preferred|stronger|winning)\s+(?:one|response|summary|reply)\s+is)\s+"
+        r"(?i:" + _LETTER_LABEL + r")?\**([AB])\**(?![\w'’])"
+    ),
 ]
 _SHORT_LAST = re.compile(r"(?:^|\s)\**([AB])\**[\s.!)\]*\"”’]*$")
 
@@ -134,7 +143,7 @@ def _strip_thinking(text: str) -> str:
     text = _THINK.sub("", text)
     lower = text.lower()
     if "</think>" in lower:  # the reply began inside a think block whose opening tag was in the prompt
-        text = text[lower.rindex("</think>") + len("</think>"):]
+        text = text[lower.rindex("</think>") + len("</think>") :]
     elif "<think>" in lower:  # cut off while still thinking: no verdict yet
         text = text[: lower.index("<think>")]
     return text
@@ -154,7 +163,7 @@ def _after_label(rest: str) -> tuple[str | None, bool]:
     letter = (m.group(1) or m.group(2)).upper()
     other = "B" if letter == "A" else "A"
     # An echo of the instructions ("<"A" or "B">") names both letters: no verdict.
-    if re.search(rf"(?:\bor\b|\band\b|/|,)\s*[\"'“”*(<\[]*{other}(?![\w'’])", line[m.end():]):
+    if re.search(rf"(?:\bor\b|\band\b|/|,)\s*[\"'“”*(<\[]*{other}(?![\w'’])", line[m.end() :]):
         return None, True
     return letter, True
 
@@ -182,7 +191,7 @@ def parse_verdict(text: str) -> str | None:
             return m.group(1).upper()
     labelled = list(_LABEL.finditer(text))
     for m in reversed(labelled):
-        letter, decided = _after_label(text[m.end():])
+        letter, decided = _after_label(text[m.end() :])
         if decided:
             return letter
     boxed = _BOXED.findall(text)
@@ -202,6 +211,7 @@ def parse_verdict(text: str) -> str | None:
 
 # ---- judges ------------------------------------------------------------------------------------
 
+
 @dataclass
 class JudgeReply:
     """A judge's text for one prompt, or the error that left it without one."""
@@ -219,8 +229,14 @@ class LocalJudge:
 
     kind = "local"
 
-    def __init__(self, model: str, max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS, chat_template: bool | None = None,
-                 batch_size: int = 8, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model: str,
+        max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS,
+        chat_template: bool | None = None,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ):
         self.model_name, self.max_tokens, self.chat_template = model, max_tokens, chat_template
         self.batch_size, self.trust_remote_code = batch_size, trust_remote_code
         self._loaded = None
@@ -239,8 +255,9 @@ class LocalJudge:
         model, tokenizer = self._loaded
         use_chat = bool(getattr(tokenizer, "chat_template", None)) if self.chat_template is None else self.chat_template
         ids = [encode_prompt(tokenizer, p, use_chat) for p in prompts]
-        gens = generate_batch(model, tokenizer, ids, self.max_tokens, temperature=0.0,
-                              batch_size=self.batch_size, on_progress=on_progress)
+        gens = generate_batch(
+            model, tokenizer, ids, self.max_tokens, temperature=0.0, batch_size=self.batch_size, on_progress=on_progress
+        )
         return [JudgeReply(g.text) for g in gens]
 
     def close(self) -> None:
@@ -260,9 +277,19 @@ class HTTPJudge:
 
     kind = "http"
 
-    def __init__(self, url: str, model: str, api_key_env: str | None = None, concurrency: int = 8,
-                 timeout: float = 60.0, retries: int = 4, max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS, temperature: float = 0.0,
-                 backoff: float = 1.0, max_backoff: float = 30.0):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key_env: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        retries: int = 4,
+        max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS,
+        temperature: float = 0.0,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+    ):
         if not model:
             raise SamiError("--judge-model is required with --judge-url: the model name the endpoint serves")
         self.endpoint = chat_completions_url(url)
@@ -280,8 +307,13 @@ class HTTPJudge:
 
     def describe(self) -> dict:
         # The variable's name, never its value.
-        return {"kind": self.kind, "url": self.endpoint, "model": self.model,
-                "api_key_env": self.api_key_env, "max_tokens": self.max_tokens}
+        return {
+            "kind": self.kind,
+            "url": self.endpoint,
+            "model": self.model,
+            "api_key_env": self.api_key_env,
+            "max_tokens": self.max_tokens,
+        }
 
     def __call__(self, prompts: Sequence[str], on_progress: Progress | None = None) -> list[JudgeReply]:
         replies: list[JudgeReply | None] = [None] * len(prompts)
@@ -317,8 +349,9 @@ class HTTPJudge:
         try:
             socket.create_connection((parts.hostname, port), timeout=min(self.timeout, 10.0)).close()
         except OSError as e:
-            raise SamiError(f"--judge-url {self.endpoint}: cannot connect ({_reason(e)}); "
-                            "is the server running and the URL right?") from None
+            raise SamiError(
+                f"--judge-url {self.endpoint}: cannot connect ({_reason(e)}); is the server running and the URL right?"
+            ) from None
 
     def ask(self, prompt: str) -> JudgeReply:
         """One request with retries on timeouts, connection errors, malformed bodies, 429 and 5xx."""
@@ -354,8 +387,10 @@ class HTTPJudge:
         with self._lock:
             nothing_worked = self.successes == 0
         if nothing_worked:
-            raise JudgeFatal(f"--judge-url {self.endpoint}: {error} after {attempt + 1} attempt(s) and no "
-                             "request has succeeded; check the URL, the server and --judge-timeout")
+            raise JudgeFatal(
+                f"--judge-url {self.endpoint}: {error} after {attempt + 1} attempt(s) and no "
+                "request has succeeded; check the URL, the server and --judge-timeout"
+            )
         return JudgeReply("", error)
 
     def _post(self, prompt: str) -> tuple[int, dict, bytes]:
@@ -363,8 +398,7 @@ class HTTPJudge:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.__key:
             headers["Authorization"] = f"Bearer {self.__key}"
-        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers,
-                                         method="POST")
+        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
         with self._lock:
             self.requests += 1
         try:
@@ -393,8 +427,11 @@ class HTTPJudge:
         detail = self._redact(_error_message(payload))[:200]
         where = f"--judge-url {self.endpoint}: HTTP {status}" + (f" ({detail})" if detail else "")
         if status in (401, 403):
-            hint = (f"check the key in ${self.api_key_env}" if self.api_key_env
-                    else "pass --judge-api-key-env VAR with the key in that environment variable")
+            hint = (
+                f"check the key in ${self.api_key_env}"
+                if self.api_key_env
+                else "pass --judge-api-key-env VAR with the key in that environment variable"
+            )
             return f"{where}; the endpoint refused the request: {hint}"
         if status == 404:
             return f"{where}; check the URL (the base URL, e.g. http://host:8080/v1) and --judge-model {self.model}"
@@ -420,8 +457,10 @@ def _read_key(env_name: str | None) -> str | None:
         return None
     key = os.environ.get(env_name, "").strip()
     if not key:
-        raise SamiError(f"--judge-api-key-env {env_name}: the environment variable {env_name} is not set; "
-                        f"export {env_name}=<key> (the key is read from there and never written)")
+        raise SamiError(
+            f"--judge-api-key-env {env_name}: the environment variable {env_name} is not set; "
+            f"export {env_name}=<key> (the key is read from there and never written)"
+        )
     return key
 
 
@@ -488,8 +527,10 @@ def make_judge(judge: str | None, url: str | None, model: str | None, **options)
     if judge and judge.startswith(("http://", "https://")) and not url:
         url, judge = judge, None
     if url and judge:
-        raise SamiError("--judge and --judge-url both given; use --judge MODEL for a local judge or "
-                        "--judge-url URL --judge-model NAME for an HTTP one")
+        raise SamiError(
+            "--judge and --judge-url both given; use --judge MODEL for a local judge or "
+            "--judge-url URL --judge-model NAME for an HTTP one"
+        )
     if url:
         keys = ("api_key_env", "concurrency", "timeout", "retries", "max_tokens", "temperature", "backoff")
         return HTTPJudge(url, model or "", **{k: v for k, v in options.items() if k in keys})

@@ -63,19 +63,14 @@ class Constitution:
     def to_dict(self) -> dict:
         return {
             "name": self.name,
-            "principles": [
-                {"name": p.name, "positive": p.positive, "negative": p.negative}
-                for p in self.principles
-            ],
+            "principles": [{"name": p.name, "positive": p.positive, "negative": p.negative} for p in self.principles],
         }
 
 
 def constitution_from_dict(data: object, source: str = "constitution") -> Constitution:
     """Validate a parsed constitution, raising a SamiError that names the field and the fix."""
     if not isinstance(data, dict):
-        raise SamiError(
-            f"{source}: expected a mapping with 'name' and 'principles', got {type(data).__name__}"
-        )
+        raise SamiError(f"{source}: expected a mapping with 'name' and 'principles', got {type(data).__name__}")
     name = data.get("name", "constitution")
     if not isinstance(name, str) or not name.strip():
         raise SamiError(f"{source}: field 'name' must be a non-empty string")

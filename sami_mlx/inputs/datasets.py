@@ -59,7 +59,7 @@ def first_human_turn(transcript: str) -> str | None:
     start = transcript.find("Human:")
     if start < 0:
         return None
-    text = transcript[start + len("Human:"):]
+    text = transcript[start + len("Human:") :]
     ends = [i for i in (text.find("\n\nAssistant:"), text.find("\n\nHuman:")) if i >= 0]
     turn = (text[: min(ends)] if ends else text).strip()
     return turn or None
@@ -102,21 +102,28 @@ SOURCES = {
     s.name: s
     for s in (
         DatasetSource(
-            "hh-rlhf/helpful-base", "Anthropic/hh-rlhf",
+            "hh-rlhf/helpful-base",
+            "Anthropic/hh-rlhf",
             {"train": "helpful-base/train.jsonl.gz", "test": "helpful-base/test.jsonl.gz"},
-            hh_first_turns, description="first human turns of HH-RLHF's helpfulness dialogues",
+            hh_first_turns,
+            description="first human turns of HH-RLHF's helpfulness dialogues",
         ),
         DatasetSource(
-            "hh-rlhf/harmless-base", "Anthropic/hh-rlhf",
+            "hh-rlhf/harmless-base",
+            "Anthropic/hh-rlhf",
             {"train": "harmless-base/train.jsonl.gz", "test": "harmless-base/test.jsonl.gz"},
-            hh_first_turns, description="first human turns of HH-RLHF's red-teaming (harmlessness) dialogues",
+            hh_first_turns,
+            description="first human turns of HH-RLHF's red-teaming (harmlessness) dialogues",
         ),
         # The repository's main branch holds only a loading script; the hub's own Parquet
         # conversion of the comparisons lives on this revision.
         DatasetSource(
-            "tldr", "openai/summarize_from_feedback",
+            "tldr",
+            "openai/summarize_from_feedback",
             {"train": "comparisons/train/0000.parquet", "validation": "comparisons/validation/0000.parquet"},
-            tldr_posts, revision="refs/convert/parquet", columns=("info",),
+            tldr_posts,
+            revision="refs/convert/parquet",
+            columns=("info",),
             description="unique Reddit posts of the TL;DR summarize-from-feedback comparisons",
         ),
     )
@@ -143,15 +150,18 @@ def parse_spec(text: str) -> list[Selection]:
     for part in text.split("+"):
         m = _PART.match(part.strip())
         if not m:
-            raise SamiError(f"--queries {text}: cannot read {part!r}; write NAME:SPLIT[START:STOP], "
-                            f"e.g. hh-rlhf/helpful-base:train[0:2000]")
+            raise SamiError(
+                f"--queries {text}: cannot read {part!r}; write NAME:SPLIT[START:STOP], "
+                f"e.g. hh-rlhf/helpful-base:train[0:2000]"
+            )
         source = SOURCES.get(m["name"])
         if source is None:
             raise SamiError(f"--queries {text}: unknown dataset {m['name']!r}; choose one of {', '.join(SOURCES)}")
         split = m["split"] or "train"
         if split not in source.files:
-            raise SamiError(f"--queries {text}: {source.name} has no split {split!r}; "
-                            f"choose one of {', '.join(source.files)}")
+            raise SamiError(
+                f"--queries {text}: {source.name} has no split {split!r}; choose one of {', '.join(source.files)}"
+            )
         start = int(m["start"]) if m["start"] else 0
         stop = int(m["stop"]) if m["stop"] else None
         if stop is not None and stop <= start:
@@ -189,16 +199,26 @@ def fetch_file(source: DatasetSource, split: str) -> Path:
     )
 
     filename, cache = source.files[split], hub_cache_dir()
-    fill = (f"hf download {source.repo_id} {filename} --repo-type dataset"
-            + (f" --revision {source.revision}" if source.revision else ""))
+    fill = f"hf download {source.repo_id} {filename} --repo-type dataset" + (
+        f" --revision {source.revision}" if source.revision else ""
+    )
     # A cached copy is used as it is: no network round trip, and the same queries on every run.
-    cached = try_to_load_from_cache(source.repo_id, filename, cache_dir=cache, revision=source.revision,
-                                    repo_type="dataset")
+    cached = try_to_load_from_cache(
+        source.repo_id, filename, cache_dir=cache, revision=source.revision, repo_type="dataset"
+    )
     if isinstance(cached, str):
         return Path(cached)
     try:
-        return Path(hf_hub_download(source.repo_id, filename, repo_type="dataset", revision=source.revision,
-                                    cache_dir=cache, local_files_only=_offline()))
+        return Path(
+            hf_hub_download(
+                source.repo_id,
+                filename,
+                repo_type="dataset",
+                revision=source.revision,
+                cache_dir=cache,
+                local_files_only=_offline(),
+            )
+        )
     except LocalEntryNotFoundError:
         raise SamiError(
             f"{source.name}:{split}: {filename} of the dataset {source.repo_id} is not in the Hugging Face "
@@ -207,11 +227,15 @@ def fetch_file(source: DatasetSource, split: str) -> Path:
             f"here or point HF_HUB_CACHE at it)"
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
-        raise SamiError(f"{source.name}:{split}: the hub has no {filename} in {source.repo_id} "
-                        f"({type(e).__name__}); the dataset may have moved") from None
+        raise SamiError(
+            f"{source.name}:{split}: the hub has no {filename} in {source.repo_id} "
+            f"({type(e).__name__}); the dataset may have moved"
+        ) from None
     except OSError as e:
-        raise SamiError(f"{source.name}:{split}: could not download {filename} from {source.repo_id} ({e}); "
-                        f"check the network or fill the cache with `{fill}`") from None
+        raise SamiError(
+            f"{source.name}:{split}: could not download {filename} from {source.repo_id} ({e}); "
+            f"check the network or fill the cache with `{fill}`"
+        ) from None
 
 
 def read_records(path: Path, columns: tuple[str, ...] | None = None) -> Iterator[dict]:
@@ -229,8 +253,10 @@ def read_records(path: Path, columns: tuple[str, ...] | None = None) -> Iterator
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise SamiError(f"{path}: line {n} is not valid JSON ({e.msg}); the file may be "
-                                    f"damaged: delete it and it will be downloaded again") from None
+                    raise SamiError(
+                        f"{path}: line {n} is not valid JSON ({e.msg}); the file may be "
+                        f"damaged: delete it and it will be downloaded again"
+                    ) from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise SamiError(f"{path}: cannot read it ({e}); delete it and it will be downloaded again") from None
 
@@ -243,7 +269,9 @@ def _parquet_records(path: Path, columns: tuple[str, ...] | None) -> Iterator[di
     try:
         table = pq.read_table(path, columns=list(columns) if columns else None)
     except Exception as e:  # pyarrow's errors have no common base a user can act on differently
-        raise SamiError(f"{path}: not a readable Parquet file ({e}); delete it and it will be downloaded again") from None
+        raise SamiError(
+            f"{path}: not a readable Parquet file ({e}); delete it and it will be downloaded again"
+        ) from None
     yield from table.to_pylist()
 
 
@@ -257,7 +285,9 @@ def load_dataset_queries(text: str, fetch: Callable[[DatasetSource, str], Path] 
         path = Path(fetch(sel.source, sel.split))
         available = sel.source.parse(read_records(path, sel.source.columns), str(path))
         if sel.start >= len(available):
-            raise SamiError(f"--queries {text}: {sel.source.name}:{sel.split} has {len(available)} unique "
-                            f"queries, so [{sel.start}:...] selects none; start lower")
-        queries.extend(available[sel.start:sel.stop])
+            raise SamiError(
+                f"--queries {text}: {sel.source.name}:{sel.split} has {len(available)} unique "
+                f"queries, so [{sel.start}:...] selects none; start lower"
+            )
+        queries.extend(available[sel.start : sel.stop])
     return queries

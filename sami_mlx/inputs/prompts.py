@@ -15,8 +15,15 @@ from sami_mlx.fileio import read_text
 PLACEHOLDERS = ("{constitution}", "{query}")
 # dialogue/summarization set both prompts; the hh-*/tldr-* pairs follow the reference's split into a
 # generation prompt (format example, a prior turn) and a plainer training prompt.
-BUILTIN_TEMPLATES = ("dialogue", "summarization", "chat", "hh-generation", "hh-training", "tldr-generation",
-                     "tldr-training")
+BUILTIN_TEMPLATES = (
+    "dialogue",
+    "summarization",
+    "chat",
+    "hh-generation",
+    "hh-training",
+    "tldr-generation",
+    "tldr-training",
+)
 # "{{" and "}}" write literal braces; any other {...} on one line is a placeholder.
 _FIELD = re.compile(r"\{\{|\}\}|\{[^{}\n]*\}")
 
@@ -30,8 +37,10 @@ def check_placeholders(text: str, allowed: Sequence[str], source: str, what: str
             continue
         close = difflib.get_close_matches(field, allowed, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise SamiError(f"{source}: {what} has an unknown placeholder {field}; {hint}the placeholders are "
-                        f"{', '.join(allowed)} (write {{{{ and }}}} for a literal brace)")
+        raise SamiError(
+            f"{source}: {what} has an unknown placeholder {field}; {hint}the placeholders are "
+            f"{', '.join(allowed)} (write {{{{ and }}}} for a literal brace)"
+        )
 
 
 def template_fields(text: str) -> list[str]:
@@ -41,6 +50,7 @@ def template_fields(text: str) -> list[str]:
 
 def fill_fields(text: str, values: dict[str, str]) -> str:
     """Substitute placeholders and unescape {{ }} in one pass, so filled-in text is never re-read."""
+
     def one(m: re.Match) -> str:
         field = m.group(0)
         if field in ("{{", "}}"):
@@ -106,5 +116,5 @@ def encode_with_prefix(tokenizer, text: str, prefix: str, use_chat_template: boo
         return head, []
     whole = encode_prompt(tokenizer, text + prefix, use_chat_template) if not use_chat_template else None
     if whole is not None and whole[: len(head)] == head and len(whole) > len(head):
-        return head, whole[len(head):]
+        return head, whole[len(head) :]
     return head, list(tokenizer.encode(prefix, add_special_tokens=False))

@@ -49,7 +49,7 @@ def _parse_jsonl(text: str, source: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise SamiError(f"{source}: line {n} is not valid JSON ({e.msg}); fix or remove it") from None
         if not isinstance(row, dict) or "query" not in row:
-            raise SamiError(f"{source}: line {n} has no 'query' field; write {{\"query\": \"...\"}}")
+            raise SamiError(f'{source}: line {n} has no \'query\' field; write {{"query": "..."}}')
         if not isinstance(row["query"], str) or not row["query"].strip():
             raise SamiError(f"{source}: line {n} field 'query' must be a non-empty string")
         queries.append(row["query"].strip())

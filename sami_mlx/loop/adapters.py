@@ -56,8 +56,9 @@ def save_adapters(model: nn.Module, directory: str | Path, adapter_config: dict,
     save_adapter_weights(adapter_weights(model), directory, adapter_config, extra)
 
 
-def save_adapter_weights(weights: dict[str, mx.array], directory: str | Path, adapter_config: dict,
-                         extra: dict | None = None) -> None:
+def save_adapter_weights(
+    weights: dict[str, mx.array], directory: str | Path, adapter_config: dict, extra: dict | None = None
+) -> None:
     """Write given adapter tensors and adapter_config.json atomically, as mlx_lm.load expects."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

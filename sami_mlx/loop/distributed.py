@@ -55,13 +55,18 @@ class Ranks:
             return cls(None, timeout)
         # init blocks until every rank has connected: a rank that never starts would hang it.
         rank = os.environ.get("MLX_RANK", "?")
-        with _watchdog(timeout, f"rank {rank}: the other ranks did not connect within {{:.0f}}s; check that every "
-                       "host runs the same command and that the hostfile's addresses reach each other"):
+        with _watchdog(
+            timeout,
+            f"rank {rank}: the other ranks did not connect within {{:.0f}}s; check that every "
+            "host runs the same command and that the hostfile's addresses reach each other",
+        ):
             try:
                 group = mx.distributed.init()
             except RuntimeError as e:
-                raise SamiError(f"rank {rank}: could not join the other ranks ({e}); check the hostfile and "
-                                "the --backend given to mlx.launch") from None
+                raise SamiError(
+                    f"rank {rank}: could not join the other ranks ({e}); check the hostfile and "
+                    "the --backend given to mlx.launch"
+                ) from None
         return cls(group if group.size() > 1 else None, timeout)
 
     @property
@@ -77,8 +82,9 @@ class Ranks:
         """A random seed of this rank's own; rank 0 keeps the single-process seed."""
         if self.rank == 0:
             return seed
-        return int.from_bytes(np.random.SeedSequence([seed, self.rank]).generate_state(1, np.uint32).tobytes(),
-                              "little")
+        return int.from_bytes(
+            np.random.SeedSequence([seed, self.rank]).generate_state(1, np.uint32).tobytes(), "little"
+        )
 
     # ---- collectives ----------------------------------------------------------------------
 
@@ -86,9 +92,11 @@ class Ranks:
         """Build a collective with `compute`, evaluate it under the watchdog; a lost peer raises RankLost."""
         budget = self.timeout + 2 * (time.monotonic() - self._since)
         what = f"{what} ({self.at})" if self.at else what
-        message = (f"rank {self.rank}: waited {{:.0f}}s for the other ranks while {what}; one of them has "
-                   "stopped, frozen or lost its connection. Ending this rank; the run directory keeps the last "
-                   "completed step (resume with --resume RUN); raise --rank-timeout if a rank is just slow")
+        message = (
+            f"rank {self.rank}: waited {{:.0f}}s for the other ranks while {what}; one of them has "
+            "stopped, frozen or lost its connection. Ending this rank; the run directory keeps the last "
+            "completed step (resume with --resume RUN); raise --rank-timeout if a rank is just slow"
+        )
         try:
             with _watchdog(budget, message):
                 result = compute()
@@ -122,8 +130,9 @@ class Ranks:
         """Every rank's row of numbers, in rank order (float32 on the wire)."""
         if self.size == 1:
             return [list(values)]
-        rows = self.run(what, lambda: mx.distributed.all_gather(mx.array([list(values)], dtype=mx.float32),
-                                                                 group=self.group))
+        rows = self.run(
+            what, lambda: mx.distributed.all_gather(mx.array([list(values)], dtype=mx.float32), group=self.group)
+        )
         return rows.tolist()
 
     def any(self, flag: bool, what: str) -> bool:
@@ -143,8 +152,9 @@ class Ranks:
         if self.size == 1:
             return [[list(r) for r in rows]]
         widest = max((len(r) for r in rows), default=0)
-        shape = self.run(what, lambda: mx.distributed.all_gather(mx.array([[len(rows), widest]], dtype=mx.int32),
-                                                                  group=self.group)).tolist()
+        shape = self.run(
+            what, lambda: mx.distributed.all_gather(mx.array([[len(rows), widest]], dtype=mx.int32), group=self.group)
+        ).tolist()
         count, width = max(n for n, _ in shape), max(w for _, w in shape)
         buf = np.zeros((max(count, 1), width + 1), dtype=np.int32)
         for i, r in enumerate(rows):

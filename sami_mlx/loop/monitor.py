@@ -92,5 +92,9 @@ def answer_stats(gens: Sequence[Generation]) -> dict[str, float]:
     """What the model's own answers look like: mean length in tokens, the share that hit the token
     limit, distinct bigrams, and repetition (the share of a reply's trigrams that repeat an earlier one)."""
     st = generation_stats(gens)
-    return {"mean_length": st.mean_length, "limit_rate": st.no_eos_rate, "distinct_2": st.distinct_2,
-            "repetition": st.repetition}
+    return {
+        "mean_length": st.mean_length,
+        "limit_rate": st.no_eos_rate,
+        "distinct_2": st.distinct_2,
+        "repetition": st.repetition,
+    }

@@ -155,9 +155,13 @@ def cut_at_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> li
     return tokens[:k]
 
 
-def filter_groups(groups: list[Group], banned: Sequence[str] = (), drop_truncated: bool = False,
-                  sentence_end: str = "off", sentence_end_marks: Sequence[str] = (".", "!", "?"),
-                  ) -> tuple[list[Group], DropCounts]:
+def filter_groups(
+    groups: list[Group],
+    banned: Sequence[str] = (),
+    drop_truncated: bool = False,
+    sentence_end: str = "off",
+    sentence_end_marks: Sequence[str] = (".", "!", "?"),
+) -> tuple[list[Group], DropCounts]:
     """Drop groups a contrastive loss cannot (or should not) learn from, counting each under the first
     filter it fails: an empty response, two identical ones, a banned substring, a response cut off at
     the token limit (`drop_truncated`), a response that does not end a sentence (`sentence_end`:

@@ -89,7 +89,9 @@ def load_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: opt
         raise SamiError(f"{folder}: checkpoint unreadable ({str(e)[:80]}); the run cannot be resumed") from None
     expected = adapter_weights(model)
     if adapters.keys() != expected.keys() or any(adapters[k].shape != expected[k].shape for k in adapters):
-        raise SamiError(f"{folder}: adapters do not match this model and LoRA settings; resume with the run's own config")
+        raise SamiError(
+            f"{folder}: adapters do not match this model and LoRA settings; resume with the run's own config"
+        )
     set_adapter_weights(model, adapters)
     optimizer.state = tree_unflatten(list(opt_state.items()))
     optimizer.init(model.trainable_parameters())
@@ -119,7 +121,8 @@ class RunLock:
                 if holder is not None and _alive(holder):
                     raise SamiError(
                         f"{self.path.parent}: another process (PID {holder}) is writing this run; "
-                        "wait for it or stop it first") from None
+                        "wait for it or stop it first"
+                    ) from None
                 self.path.unlink(missing_ok=True)  # stale: its writer is gone
                 continue
             with os.fdopen(fd, "w") as f:

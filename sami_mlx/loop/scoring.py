@@ -86,8 +86,9 @@ class PairBatch:
         return {"inputs": self.inputs, "targets": self.targets, "mask": self.mask}
 
 
-def build_pairs(prompts: Sequence[Sequence[Ids]], responses: Sequence[Sequence[Ids]],
-                bucketed: bool = False) -> PairBatch:
+def build_pairs(
+    prompts: Sequence[Sequence[Ids]], responses: Sequence[Sequence[Ids]], bucketed: bool = False
+) -> PairBatch:
     """Pair every prompt of a group with every response of the same group (row i, column j)."""
     B, N = len(prompts), len(prompts[0])
     seqs = [(prompts[b][i], responses[b][j]) for b in range(B) for i in range(N) for j in range(N)]
@@ -210,8 +211,9 @@ def score_matrix(model: nn.Module, batch: ScoringBatch, shared: bool = True) -> 
     return score_naive(model, batch)
 
 
-def kl_to_base(logits: mx.array, base_logits: mx.array, mask: mx.array,
-               tokens: float | mx.array | None = None) -> mx.array:
+def kl_to_base(
+    logits: mx.array, base_logits: mx.array, mask: mx.array, tokens: float | mx.array | None = None
+) -> mx.array:
     """Per-token KL(pi || pi_base) summed over masked positions and divided by `tokens` (default:
     their count, the mean); a part of a bigger batch passes the whole batch's count."""
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

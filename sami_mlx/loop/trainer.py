@@ -169,8 +169,9 @@ def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int |
     """Refuse queries whose longest prompt plus --max-tokens cannot fit the model's context;
     returns the longest prompt's length in tokens."""
     c = inputs.constitution
-    longest = Constitution(c.name, tuple(
-        Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles))
+    longest = Constitution(
+        c.name, tuple(Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles)
+    )
     text = longest.render(longest.positive_variant)
     biggest = 0
     for template in {inputs.generation_template, inputs.training_template, inputs.anchor_template} - {None}:
@@ -185,8 +186,9 @@ def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int |
     return biggest
 
 
-def check_memory(cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int,
-                 float_bytes: int | None = None) -> float | None:
+def check_memory(
+    cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int, float_bytes: int | None = None
+) -> float | None:
     """Estimated peak memory in GiB; refuses a run that cannot fit this machine unless --force.
 
     `float_bytes`: the loaded model's float width (fp32 on the CPU backend after `upcast_for_cpu`).
@@ -223,8 +225,12 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: StopCheck | None = None,
-          ranks: Ranks | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    should_stop: StopCheck | None = None,
+    ranks: Ranks | None = None,
+) -> TrainResult:
     """Run SAMI as configured; every event goes to metrics.jsonl and then to each callback.
 
     `should_stop` is polled after every optimizer step; when it returns True the run stops there,
@@ -249,8 +255,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: Sto
         return loop.run(RunState())
 
 
-def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop: StopCheck | None = None,
-           overrides: dict | None = None, ranks: Ranks | None = None) -> TrainResult:
+def resume(
+    run_dir: str | Path,
+    callbacks: Sequence[Callback] = (),
+    should_stop: StopCheck | None = None,
+    overrides: dict | None = None,
+    ranks: Ranks | None = None,
+) -> TrainResult:
     """Continue a stopped or killed run from its last completed step, as if it had never stopped.
 
     Every rank reads the run directory (rank 0 alone writes it), so with several machines it must
@@ -259,19 +270,27 @@ def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop:
     ranks = ranks or Ranks.world()
     out = Path(run_dir).expanduser()
     if not (out / "config.yaml").is_file():
-        where = f" on rank {ranks.rank}: every rank reads the run directory, so put it at the same path " \
-                "on every host (a shared folder or a copy)" if ranks.size > 1 else "; is this a run directory?"
+        where = (
+            f" on rank {ranks.rank}: every rank reads the run directory, so put it at the same path "
+            "on every host (a shared folder or a copy)"
+            if ranks.size > 1
+            else "; is this a run directory?"
+        )
         raise SamiError(f"--resume {out}: no config.yaml there{where}")
     cfg = TrainConfig(**config_from_file(str(out / "config.yaml"))).resolved()
     for key, value in (overrides or {}).items():
         if key != "out" and getattr(cfg, key) != value:
-            raise SamiError(f"--resume {out}: --{key.replace('_', '-')} {value} differs from the run's "
-                            f"{getattr(cfg, key)} (config.yaml); drop the flag to resume")
+            raise SamiError(
+                f"--resume {out}: --{key.replace('_', '-')} {value} differs from the run's "
+                f"{getattr(cfg, key)} (config.yaml); drop the flag to resume"
+            )
     # No state.json yet: the run was stopped during its first sampling, so it starts from the top.
     state = RunState.load(out / "state.json") if (out / "state.json").exists() else RunState()
     if state.finished and state.stopped:
-        raise SamiError(f"--resume {out}: the degeneration monitor ended this run ({state.stopped.split(';')[0]}); "
-                        "start a new run with a lower --learning-rate")
+        raise SamiError(
+            f"--resume {out}: the degeneration monitor ended this run ({state.stopped.split(';')[0]}); "
+            "start a new run with a lower --learning-rate"
+        )
     if state.finished:
         raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
     inputs = prepare_inputs(cfg)
@@ -306,9 +325,25 @@ class SamiLoop:
 
     memory_estimate_gb: float | None = None  # from check_memory, shown when the run starts
 
-    def __init__(self, cfg: TrainConfig, inputs: RunInputs, model, tokenizer, out: Path, emit: Callback,
-                 should_stop: StopCheck | None = None, ranks: Ranks | None = None):
-        self.cfg, self.inputs, self.model, self.tokenizer, self.out, self.emit = cfg, inputs, model, tokenizer, out, emit
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        inputs: RunInputs,
+        model,
+        tokenizer,
+        out: Path,
+        emit: Callback,
+        should_stop: StopCheck | None = None,
+        ranks: Ranks | None = None,
+    ):
+        self.cfg, self.inputs, self.model, self.tokenizer, self.out, self.emit = (
+            cfg,
+            inputs,
+            model,
+            tokenizer,
+            out,
+            emit,
+        )
         self.should_stop = should_stop or (lambda: False)
         self.ranks = ranks or Ranks()
         self.strategy = variant_strategy(cfg.variants)
@@ -347,11 +382,21 @@ class SamiLoop:
         if self.inputs.heldout and state.base_ppl is None:
             state.base_ppl = self.heldout_ppl()
         probe = self.probe
-        self.emit(ev.RunStarted(str(self.out), cfg.to_dict(), cfg.iterations, total_steps,
-                                self.inputs.num_variants, trainable, state.base_ppl,
-                                resumed_at_step=state.global_step, memory_estimate_gb=self.memory_estimate_gb,
-                                monitor_queries=len(probe.query_ids) if probe else 0,
-                                base_heldout_mi=probe.base_mi if probe else None))
+        self.emit(
+            ev.RunStarted(
+                str(self.out),
+                cfg.to_dict(),
+                cfg.iterations,
+                total_steps,
+                self.inputs.num_variants,
+                trainable,
+                state.base_ppl,
+                resumed_at_step=state.global_step,
+                memory_estimate_gb=self.memory_estimate_gb,
+                monitor_queries=len(probe.query_ids) if probe else 0,
+                base_heldout_mi=probe.base_mi if probe else None,
+            )
+        )
         result = TrainResult(self.out, model, self.tokenizer)
         while state.iteration < cfg.iterations:
             outcome = self.iteration(state)
@@ -367,8 +412,16 @@ class SamiLoop:
         if state.finished:
             self.load_kept(state)
         result.iterations, result.kept = list(state.iterations), state.kept
-        self.emit(ev.RunCompleted(str(self.out), time.perf_counter() - start, result.stopped_early, result.reason,
-                                  adapters=(state.kept or {}).get("name", ""), kept=describe_kept(state.kept)))
+        self.emit(
+            ev.RunCompleted(
+                str(self.out),
+                time.perf_counter() - start,
+                result.stopped_early,
+                result.reason,
+                adapters=(state.kept or {}).get("name", ""),
+                kept=describe_kept(state.kept),
+            )
+        )
         return result
 
     def iteration(self, state: RunState) -> str:
@@ -398,14 +451,20 @@ class SamiLoop:
             self.ranks.at = f"iteration {it + 1}, step {step + 1}"
             # Groups repeat only when the query split ran out (sample() warned).
             batch = [groups[(step * q + n) % len(groups)] for n in range(q)]
-            metrics = self.train_step(batch, random.Random(f"step-{cfg.seed}-{it}-{step}"),
-                                      seed=_derived_seed(cfg.seed, it, step))
+            metrics = self.train_step(
+                batch, random.Random(f"step-{cfg.seed}-{it}-{step}"), seed=_derived_seed(cfg.seed, it, step)
+            )
             state.step += 1
             state.global_step += 1
             if metrics is None:
                 state.skipped_steps += 1
-            completed = None if metrics is None else ev.StepCompleted(
-                iteration=it + 1, step=step + 1, steps=steps, global_step=state.global_step, **metrics)
+            completed = (
+                None
+                if metrics is None
+                else ev.StepCompleted(
+                    iteration=it + 1, step=step + 1, steps=steps, global_step=state.global_step, **metrics
+                )
+            )
             if self.probe and cfg.monitor_every and state.step % cfg.monitor_every == 0 and state.step < steps:
                 # Checked before the step is checkpointed, so that a resumed run repeats the check.
                 if not self.mid_iteration_check(state):
@@ -420,8 +479,7 @@ class SamiLoop:
                 return "cancelled"
         self.model.eval()
         self.ranks.at = f"iteration {it + 1}, end"
-        summary = {"iteration": it + 1, "step": steps, "adapters": f"iter-{it + 1:02d}",
-                   **self.iteration_summary(it)}
+        summary = {"iteration": it + 1, "step": steps, "adapters": f"iter-{it + 1:02d}", **self.iteration_summary(it)}
         it_dir = self.out / summary["adapters"]
         self.snapshots[summary["adapters"]] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
         if self.ranks.primary:
@@ -474,8 +532,12 @@ class SamiLoop:
         cfg, inputs = self.cfg, self.inputs
         if not inputs.monitor_ids:
             if cfg.monitor_queries:
-                self.emit(ev.RunWarning(f"{cfg.queries}: too few queries to hold {cfg.monitor_queries} out for "
-                                        "the degeneration monitor (it needs 4 or more); the monitor is off"))
+                self.emit(
+                    ev.RunWarning(
+                        f"{cfg.queries}: too few queries to hold {cfg.monitor_queries} out for "
+                        "the degeneration monitor (it needs 4 or more); the monitor is off"
+                    )
+                )
             return None
         path = self.out / "monitor.json"
         if path.is_file():
@@ -485,15 +547,20 @@ class SamiLoop:
         rng = random.Random(f"monitor-variants-{cfg.seed}")
         k = len(inputs.constitution.principles)
         variants = [sample_variants(self.strategy, k, rng) for _ in inputs.monitor_ids]
-        prompted = [self.generation_prompt(v, inputs.queries[qi])
-                    for qi, vs in zip(inputs.monitor_ids, variants) for v in vs]
+        prompted = [
+            self.generation_prompt(v, inputs.queries[qi]) for qi, vs in zip(inputs.monitor_ids, variants) for v in vs
+        ]
         plain = [self.plain_prompt(inputs.queries[qi]) for qi in inputs.monitor_ids]
         eos = self.tokenizer.eos_token_id
         with adapters_disabled(self.model):
             gens = self.monitor_generate(prompted + plain, _derived_seed(cfg.seed, 7))
-            probe = Probe(list(inputs.monitor_ids), [[v.label for v in vs] for vs in variants],
-                          [Answer(p, answer_of(g, eos)) for p, g in zip(prompted, gens)],
-                          [Answer(p, answer_of(g, eos)) for p, g in zip(plain, gens[len(prompted):])], {})
+            probe = Probe(
+                list(inputs.monitor_ids),
+                [[v.label for v in vs] for vs in variants],
+                [Answer(p, answer_of(g, eos)) for p, g in zip(prompted, gens)],
+                [Answer(p, answer_of(g, eos)) for p, g in zip(plain, gens[len(prompted) :])],
+                {},
+            )
             probe.base_nll = {kind: mean_nll(self.model, getattr(probe, kind)) for kind in MONITOR_KINDS}
             probe.base_mi = self.heldout_mi(probe, gens[: len(prompted)])
         if self.ranks.primary:
@@ -520,15 +587,25 @@ class SamiLoop:
         """The monitor's sampling: the run's settings, and a seed that is the same on every rank."""
         cfg = self.cfg
         mx.random.seed(seed)
-        return generate_batch(self.model, self.tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p,
-                              cfg.stop, cfg.gen_batch_size)
+        return generate_batch(
+            self.model,
+            self.tokenizer,
+            prompts,
+            cfg.max_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.stop,
+            cfg.gen_batch_size,
+        )
 
     def heldout_mi(self, probe: Probe, gens: list[Generation]) -> float | None:
         """log N - SAMI loss of the model's own answers to the held-out queries (groups with an empty
         answer left out): what training raises, measured on queries it never saw."""
         n, c = self.inputs.num_variants, self.inputs.constitution
-        groups = [Group(qi, self.inputs.queries[qi], [_variant(v) for v in labels], gens[i * n : (i + 1) * n])
-                  for i, (qi, labels) in enumerate(zip(probe.query_ids, probe.variants))]
+        groups = [
+            Group(qi, self.inputs.queries[qi], [_variant(v) for v in labels], gens[i * n : (i + 1) * n])
+            for i, (qi, labels) in enumerate(zip(probe.query_ids, probe.variants))
+        ]
         groups = [g for g in groups if all(gen.tokens for gen in g.generations)]
         if not groups:
             return None
@@ -547,8 +624,10 @@ class SamiLoop:
         for kind, value in drifts.items():
             if limits[kind] is not None and not (math.isfinite(value) and value <= limits[kind]):
                 where = "with the constitution" if kind == "prompted" else "without a constitution"
-                problem = problem or (f"the base model's held-out answers ({where}) became {value:.2f}x less "
-                                      f"likely (perplexity ratio; limit {limits[kind]:g}x)")
+                problem = problem or (
+                    f"the base model's held-out answers ({where}) became {value:.2f}x less "
+                    f"likely (perplexity ratio; limit {limits[kind]:g}x)"
+                )
         if limit is not None:
             if ppl_ratio is not None and not (math.isfinite(ppl_ratio) and ppl_ratio <= limit):
                 problem = problem or f"--heldout text perplexity reached {ppl_ratio:.2f}x the base's (limit {limit:g}x)"
@@ -561,9 +640,16 @@ class SamiLoop:
         drifts = drift(self.model, self.probe)
         self.problem = self.verdict(drifts, None)
         it, step = state.iteration + 1, state.step
-        self.emit(ev.MonitorChecked(iteration=it, step=step, drift_prompted=drifts["prompted"],
-                                    drift_plain=drifts["plain"], healthy=not self.problem,
-                                    limit=self.cfg.max_ppl_ratio))
+        self.emit(
+            ev.MonitorChecked(
+                iteration=it,
+                step=step,
+                drift_prompted=drifts["prompted"],
+                drift_plain=drifts["plain"],
+                healthy=not self.problem,
+                limit=self.cfg.max_ppl_ratio,
+            )
+        )
         self.model.train()
         if self.problem:
             return False
@@ -587,13 +673,25 @@ class SamiLoop:
             prompts = [a.prompt for a in probe.prompted] + [a.prompt for a in probe.plain]
             gens = self.monitor_generate(prompts, _derived_seed(self.cfg.seed, 11, iteration, step))
             drifts = drift(self.model, probe)
-            out.update(drift_prompted=drifts["prompted"], drift_plain=drifts["plain"],
-                       heldout_mi=self.heldout_mi(probe, gens[: len(probe.prompted)]), **answer_stats(gens))
+            out.update(
+                drift_prompted=drifts["prompted"],
+                drift_plain=drifts["plain"],
+                heldout_mi=self.heldout_mi(probe, gens[: len(probe.prompted)]),
+                **answer_stats(gens),
+            )
         self.problem = self.verdict(drifts, out.get("ppl_ratio"))
         out["healthy"] = not self.problem
-        self.emit(ev.MonitorChecked(iteration=iteration, step=step, drift_prompted=out.get("drift_prompted"),
-                                    drift_plain=out.get("drift_plain"), healthy=out["healthy"],
-                                    limit=self.cfg.max_ppl_ratio, **_fields_of(ev.MonitorChecked, out, MONITOR_EXTRA)))
+        self.emit(
+            ev.MonitorChecked(
+                iteration=iteration,
+                step=step,
+                drift_prompted=out.get("drift_prompted"),
+                drift_plain=out.get("drift_plain"),
+                healthy=out["healthy"],
+                limit=self.cfg.max_ppl_ratio,
+                **_fields_of(ev.MonitorChecked, out, MONITOR_EXTRA),
+            )
+        )
         return out
 
     def keep_adapters(self, state: RunState) -> None:
@@ -604,11 +702,23 @@ class SamiLoop:
         if healthy and (self.cfg.keep == "last" or all(s.get("heldout_mi") is None for s in healthy)):
             chosen = healthy[-1]
         elif healthy:
-            chosen = max(healthy, key=lambda s: (-math.inf if s.get("heldout_mi") is None else s["heldout_mi"],
-                                                 s["iteration"], s["step"]))
-        state.kept = {"name": "base", "rule": self.cfg.keep} if chosen is None else {
-            "name": _checkpoint_name(chosen), "rule": self.cfg.keep,
-            **{k: chosen.get(k) for k in ("iteration", "step", "adapters", "heldout_mi")}}
+            chosen = max(
+                healthy,
+                key=lambda s: (
+                    -math.inf if s.get("heldout_mi") is None else s["heldout_mi"],
+                    s["iteration"],
+                    s["step"],
+                ),
+            )
+        state.kept = (
+            {"name": "base", "rule": self.cfg.keep}
+            if chosen is None
+            else {
+                "name": _checkpoint_name(chosen),
+                "rule": self.cfg.keep,
+                **{k: chosen.get(k) for k in ("iteration", "step", "adapters", "heldout_mi")},
+            }
+        )
         if not self.ranks.primary:
             return
         if chosen is None:
@@ -641,14 +751,21 @@ class SamiLoop:
         if not self.ranks.any(weights is None, "agreeing on the step to roll back to"):
             set_adapter_weights(self.model, weights)
             problem = self.problem
-            partial = {"iteration": iteration, "step": h["step"], "adapters": HEALTHY, "partial": True,
-                       **self.full_check(state, iteration, h["step"])}
+            partial = {
+                "iteration": iteration,
+                "step": h["step"],
+                "adapters": HEALTHY,
+                "partial": True,
+                **self.full_check(state, iteration, h["step"]),
+            }
             state.iterations.append(partial)
             self.problem = problem
         self.keep_adapters(state)
-        state.stopped = (f"stopped at iteration {iteration}, step {step}: {self.problem}; RUN/adapters.safetensors "
-                         f"holds {state.kept['name']}{describe_kept(state.kept, ' (', ')')}. Lower --learning-rate "
-                         "or raise --kl-beta / --anchor-beta")
+        state.stopped = (
+            f"stopped at iteration {iteration}, step {step}: {self.problem}; RUN/adapters.safetensors "
+            f"holds {state.kept['name']}{describe_kept(state.kept, ' (', ')')}. Lower --learning-rate "
+            "or raise --kl-beta / --anchor-beta"
+        )
         state.finished = True
         self.emit(ev.RunWarning(state.stopped))
         if self.ranks.primary:
@@ -665,8 +782,7 @@ class SamiLoop:
             return it % 2, order[it % 2 :: 2]
         return 0, order
 
-    def sample(self, it: int, count: int, state: RunState | None = None,
-               split: list[int] | None = None) -> list[Group]:
+    def sample(self, it: int, count: int, state: RunState | None = None, split: list[int] | None = None) -> list[Group]:
         """`count` usable groups for iteration `it`: queries are taken in turn from the iteration's
         split (or the given `split` of query ids), and degenerate groups (dropped) are replaced by
         sampling more queries, as the reference does, until the split runs out; only then do groups
@@ -690,13 +806,15 @@ class SamiLoop:
             wave = min(len(split) - len(groups), math.ceil(need / max(rate, 0.1)))
             ids = [split[(offset + len(groups) + n) % len(split)] for n in range(wave)]
             new, prefixes = self.sample_groups(it, ids, rng, order_rng, len(groups), count)
-            new_kept, new_drops = filter_groups(new, cfg.banned, cfg.drop_truncated, cfg.sentence_end,
-                                                cfg.sentence_end_marks)
+            new_kept, new_drops = filter_groups(
+                new, cfg.banned, cfg.drop_truncated, cfg.sentence_end, cfg.sentence_end_marks
+            )
             if cfg.response_prefix:  # filtered on what the model wrote; scored and judged with the forced start
                 for slot, g in enumerate(new):
                     toks = [prefixes[slot, j] + x.tokens for j, x in enumerate(g.generations)]
-                    g.generations = [Generation(t, self.tokenizer.decode(t), x.finish)
-                                     for t, x in zip(toks, g.generations)]
+                    g.generations = [
+                        Generation(t, self.tokenizer.decode(t), x.finish) for t, x in zip(toks, g.generations)
+                    ]
             groups += new
             kept += new_kept
             drops = _add_counts(drops, new_drops)
@@ -708,15 +826,25 @@ class SamiLoop:
             self.write_samples(it, groups, kept)
         stats = sample_stats(groups, seconds)
         repeated = max(count - len(kept), 0)
-        self.emit(ev.SamplesReady(
-            iteration=it + 1, groups=len(kept), dropped_empty=drops.empty,
-            dropped_identical=drops.identical, dropped_banned=drops.banned,
-            dropped_truncated=drops.truncated, dropped_unfinished=drops.unfinished,
-            mean_length=stats.mean_length, no_eos_rate=stats.no_eos_rate, distinct_2=stats.distinct_2,
-            tokens_per_sec=stats.tokens / max(seconds, 1e-9),
-            examples=[_example(g) for g in kept[:3]], queries_sampled=len(groups), repeated=repeated,
-            repetition=stats.repetition,
-        ))
+        self.emit(
+            ev.SamplesReady(
+                iteration=it + 1,
+                groups=len(kept),
+                dropped_empty=drops.empty,
+                dropped_identical=drops.identical,
+                dropped_banned=drops.banned,
+                dropped_truncated=drops.truncated,
+                dropped_unfinished=drops.unfinished,
+                mean_length=stats.mean_length,
+                no_eos_rate=stats.no_eos_rate,
+                distinct_2=stats.distinct_2,
+                tokens_per_sec=stats.tokens / max(seconds, 1e-9),
+                examples=[_example(g) for g in kept[:3]],
+                queries_sampled=len(groups),
+                repeated=repeated,
+                repetition=stats.repetition,
+            )
+        )
         if not kept:
             raise RunAborted(
                 f"iteration {it + 1}: all {len(groups)} sampled groups were degenerate "
@@ -725,13 +853,17 @@ class SamiLoop:
                 "try --temperature 0.7, other --stop strings or another template"
             )
         if repeated:
-            self.emit(ev.RunWarning(
-                f"iteration {it + 1}: the query split has {len(split)} queries and {len(kept)} usable groups for "
-                f"{count} step slots, so {repeated} slots repeat a group; give more queries or fewer --steps"))
+            self.emit(
+                ev.RunWarning(
+                    f"iteration {it + 1}: the query split has {len(split)} queries and {len(kept)} usable groups for "
+                    f"{count} step slots, so {repeated} slots repeat a group; give more queries or fewer --steps"
+                )
+            )
         return kept
 
-    def sample_groups(self, it: int, query_ids: list[int], rng: random.Random, order_rng: random.Random,
-                      done: int, target: int) -> tuple[list[Group], dict]:
+    def sample_groups(
+        self, it: int, query_ids: list[int], rng: random.Random, order_rng: random.Random, done: int, target: int
+    ) -> tuple[list[Group], dict]:
         """A response per (query, variant), and the --response-prefix ids of each (slot, variant).
         Each rank samples its share of the queries and all ranks end with every group, so filtering
         and the step batches are the same everywhere."""
@@ -751,11 +883,20 @@ class SamiLoop:
                     prompts.append(ids + prefixes[slot, j])
         n = inputs.num_variants
         gens = generate_batch(
-            self.model, self.tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p,
-            cfg.stop, cfg.gen_batch_size,
+            self.model,
+            self.tokenizer,
+            prompts,
+            cfg.max_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.stop,
+            cfg.gen_batch_size,
             # Progress over the iteration's slots; waves that replace dropped groups push the total up.
-            on_progress=lambda d, t: self.emit(ev.SamplingProgress(
-                it + 1, (done * n + d * self.ranks.size), max(target * n, (done * n + t * self.ranks.size)))),
+            on_progress=lambda d, t: self.emit(
+                ev.SamplingProgress(
+                    it + 1, (done * n + d * self.ranks.size), max(target * n, (done * n + t * self.ranks.size))
+                )
+            ),
         )
         gens = self.gather_generations(gens, len(specs))
         groups = [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
@@ -780,19 +921,25 @@ class SamiLoop:
         kept_ids = {id(g) for g in kept}
         lines = []
         for g in groups:
-            lines.append(json.dumps({
-                **_example(g),
-                "query_index": g.query_index,
-                "tokens": [gen.tokens for gen in g.generations],
-                "finish": [gen.finish for gen in g.generations],
-                "kept": id(g) in kept_ids,
-            }, ensure_ascii=False))
+            lines.append(
+                json.dumps(
+                    {
+                        **_example(g),
+                        "query_index": g.query_index,
+                        "tokens": [gen.tokens for gen in g.generations],
+                        "finish": [gen.finish for gen in g.generations],
+                        "kept": id(g) in kept_ids,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         atomic_write_text(self.out / f"iter-{it + 1:02d}" / "samples.jsonl", "\n".join(lines) + "\n")
 
     # ---- training -------------------------------------------------------------------------
 
-    def scoring_batch(self, groups: list[Group], rng: random.Random | None = None,
-                      orders: list[list[int]] | None = None) -> ScoringBatch:
+    def scoring_batch(
+        self, groups: list[Group], rng: random.Random | None = None, orders: list[list[int]] | None = None
+    ) -> ScoringBatch:
         """Training prompts for every variant of each group and the sampled response ids.
 
         Each group's principle order is drawn from `rng`, or given in `orders`.
@@ -803,16 +950,21 @@ class SamiLoop:
             order = orders[n] if orders is not None else principle_order(len(c.principles), rng, cfg.shuffle_principles)
             # Each constitution of the group in its own order, as the reference shuffles each separately.
             per_variant = variant_orders(order, len(g.variants), f"{cfg.seed}-{g.query_index}", cfg.shuffle_principles)
-            prompts.append([
-                encode_prompt(self.tokenizer, self.inputs.training_template.fill(c.render(v, o), g.query),
-                              cfg.chat_template)
-                for v, o in zip(g.variants, per_variant)
-            ])
+            prompts.append(
+                [
+                    encode_prompt(
+                        self.tokenizer, self.inputs.training_template.fill(c.render(v, o), g.query), cfg.chat_template
+                    )
+                    for v, o in zip(g.variants, per_variant)
+                ]
+            )
             responses.append(self.response_ids(g))
         anchors = None
         if self.inputs.anchor_template is not None:
-            anchors = [encode_prompt(self.tokenizer, self.inputs.anchor_template.fill("", g.query), cfg.chat_template)
-                       for g in groups]
+            anchors = [
+                encode_prompt(self.tokenizer, self.inputs.anchor_template.fill("", g.query), cfg.chat_template)
+                for g in groups
+            ]
         return ScoringBatch(prompts, responses, anchors)
 
     def response_ids(self, g: Group) -> list[list[int]]:
@@ -881,7 +1033,8 @@ class SamiLoop:
             batch = self.scoring_batch([groups[n] for n in part], orders=[orders[n] for n in part])
             w = len(part) / len(groups)
             (part_loss, S, part_kl, part_anchor), g = self.step_fn(
-                self.step_inputs(batch), batch.shape[1], mx.array(step_tokens * w), self.model.training)
+                self.step_inputs(batch), batch.shape[1], mx.array(step_tokens * w), self.model.training
+            )
             mx.eval(g)
             fault_point("scoring")
             g = tree_map(lambda x, w=w: x * w, g)
@@ -895,7 +1048,8 @@ class SamiLoop:
         reduced = None
         if ranks.size > 1:
             grads, loss, kl, anchor, tokens, reduced = self.sum_over_ranks(
-                grads, loss, kl, anchor, scores, tokens, len(groups))
+                grads, loss, kl, anchor, scores, tokens, len(groups)
+            )
         grad_norm = 0.0
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -915,14 +1069,22 @@ class SamiLoop:
         seconds = time.perf_counter() - t0
         sami = loss - cfg.kl_beta * kl - cfg.anchor_beta * anchor
         return {
-            "loss": sami, "mi_bound": mi_lower_bound(sami, self.inputs.num_variants), "row_accuracy": row_acc,
-            "column_accuracy": col_acc, "kl": kl, "anchor_kl": anchor, "learning_rate": cfg.learning_rate,
-            "grad_norm": grad_norm, "tokens_per_sec": tokens / max(seconds, 1e-9),
-            "peak_memory_gb": peak, "scores": scores[0][0].tolist() if scores else [],
+            "loss": sami,
+            "mi_bound": mi_lower_bound(sami, self.inputs.num_variants),
+            "row_accuracy": row_acc,
+            "column_accuracy": col_acc,
+            "kl": kl,
+            "anchor_kl": anchor,
+            "learning_rate": cfg.learning_rate,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens / max(seconds, 1e-9),
+            "peak_memory_gb": peak,
+            "scores": scores[0][0].tolist() if scores else [],
         }
 
-    def sum_over_ranks(self, grads, loss: float, kl: float, anchor: float, scores: list[mx.array], tokens: int,
-                       total: int):
+    def sum_over_ranks(
+        self, grads, loss: float, kl: float, anchor: float, scores: list[mx.array], tokens: int, total: int
+    ):
         """Add up the ranks' weighted gradients, losses and counts; a rank with no groups adds zeros.
 
         Returns the global gradient, loss, the two KLs and tokens, and (row accuracy, column accuracy, peak GiB).
@@ -938,8 +1100,9 @@ class SamiLoop:
             idx = mx.arange(S.shape[1])
             rows = (mx.argmax(S, axis=2) == idx).sum().item()
             cols = (mx.argmax(S, axis=1) == idx).sum().item()
-        per_rank = ranks.gather([loss, kl, anchor, tokens, rows, cols, mx.get_peak_memory() / 2**30],
-                                "summing step metrics")
+        per_rank = ranks.gather(
+            [loss, kl, anchor, tokens, rows, cols, mx.get_peak_memory() / 2**30], "summing step metrics"
+        )
         loss, kl, anchor, tokens, rows, cols = (sum(r[i] for r in per_rank) for i in range(6))
         pairs = total * self.inputs.num_variants
         return grads, loss, kl, anchor, int(tokens), (rows / pairs, cols / pairs, max(r[6] for r in per_rank))
@@ -1001,15 +1164,17 @@ def _kl_on(model: nn.Module, pairs, tokens: float | None = None) -> mx.array:
     return kl_to_base(logits, base_logits, pairs.mask, tokens)
 
 
-def heldout_perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,
-                       batch: int = 8) -> float:
+def heldout_perplexity(
+    model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256, batch: int = 8
+) -> float:
     """Perplexity of held-out text (after its prompt, if any) that the loss never trains on."""
     nll, count = heldout_nll(model, tokenizer, texts, max_len, batch)
     return math.exp(nll / max(count, 1))
 
 
-def heldout_nll(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256,
-                batch: int = 8) -> tuple[float, int]:
+def heldout_nll(
+    model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_len: int = 256, batch: int = 8
+) -> tuple[float, int]:
     """Summed negative log-likelihood of the held-out texts' tokens, and how many tokens."""
     nll, count = 0.0, 0
     rows = []
@@ -1023,7 +1188,9 @@ def heldout_nll(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_l
         L = max(len(ids) for ids, _ in chunk)
         arr = mx.array([ids + [0] * (L - len(ids)) for ids, _ in chunk])
         pos = mx.arange(1, L)[None, :]
-        mask = (pos >= mx.array([s for _, s in chunk])[:, None]) & (pos < mx.array([len(ids) for ids, _ in chunk])[:, None])
+        mask = (pos >= mx.array([s for _, s in chunk])[:, None]) & (
+            pos < mx.array([len(ids) for ids, _ in chunk])[:, None]
+        )
         ce = nn.losses.cross_entropy(model(arr[:, :-1]).astype(mx.float32), arr[:, 1:]) * mask
         nll += ce.sum().item()
         count += int(mask.sum().item())
@@ -1031,8 +1198,11 @@ def heldout_nll(model: nn.Module, tokenizer, texts: list[tuple[str, str]], max_l
 
 
 def _example(g: Group) -> dict:
-    return {"query": g.query, "variants": [v.label for v in g.variants],
-            "responses": [gen.text for gen in g.generations]}
+    return {
+        "query": g.query,
+        "variants": [v.label for v in g.variants],
+        "responses": [gen.text for gen in g.generations],
+    }
 
 
 def _variant(label: str) -> Variant:

@@ -46,8 +46,17 @@ class Evaluation:
         return {**per, "overall": sum(per.values()) / len(per)}
 
 
-def evaluate(model, tokenizer, constitution: Constitution, queries: list[str], max_tokens: int, seed: int,
-             world=toyworld, stop: Sequence[str] = ("Human:",), temperature: float = 1.0) -> Evaluation:
+def evaluate(
+    model,
+    tokenizer,
+    constitution: Constitution,
+    queries: list[str],
+    max_tokens: int,
+    seed: int,
+    world=toyworld,
+    stop: Sequence[str] = ("Human:",),
+    temperature: float = 1.0,
+) -> Evaluation:
     """Sample (at temperature 1 unless told) under every variant of `constitution` and check each reply."""
     variants = [Variant(s) for s in itertools.product((True, False), repeat=len(constitution.principles))]
     pairs = [(q, v) for q in queries for v in variants]
@@ -55,8 +64,12 @@ def evaluate(model, tokenizer, constitution: Constitution, queries: list[str], m
     mx.random.seed(seed)
     gens = generate_batch(model, tokenizer, prompts, max_tokens, temperature=temperature, stop_strings=list(stop))
     texts = [g.text for g in gens]
-    return Evaluation(constitution, [v for _, v in pairs], texts,
-                      [world.adherence(t, constitution, v) for t, (_, v) in zip(texts, pairs)])
+    return Evaluation(
+        constitution,
+        [v for _, v in pairs],
+        texts,
+        [world.adherence(t, constitution, v) for t, (_, v) in zip(texts, pairs)],
+    )
 
 
 def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float, tuple[float, float]]:
@@ -76,12 +89,21 @@ def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworl
     """Write the demo's constitution, queries, template and held-out text as the user's files would be;
     the held-out plain dialogue comes from the world `spec` the base model was trained on."""
     inputs = out / "inputs"
-    paths = {k: str(inputs / f) for k, f in [("constitution", "constitution.yaml"), ("queries", "queries.jsonl"),
-                                             ("template", "template.txt"), ("heldout", "heldout.jsonl"),
-                                             ("anchor_template", "anchor-template.txt")]}
+    paths = {
+        k: str(inputs / f)
+        for k, f in [
+            ("constitution", "constitution.yaml"),
+            ("queries", "queries.jsonl"),
+            ("template", "template.txt"),
+            ("heldout", "heldout.jsonl"),
+            ("anchor_template", "anchor-template.txt"),
+        ]
+    }
     save_constitution(world.sub_constitution(settings["train_principles"]), paths["constitution"])
-    atomic_write_text(paths["queries"], "".join(json.dumps({"query": q}) + "\n"
-                                                for q in world.queries(settings["train_queries"], seed)))
+    atomic_write_text(
+        paths["queries"],
+        "".join(json.dumps({"query": q}) + "\n" for q in world.queries(settings["train_queries"], seed)),
+    )
     atomic_write_text(paths["template"], world.TEMPLATE.text + "\n")
     if settings["sami"].get("anchor_beta", TrainConfig.anchor_beta):
         atomic_write_text(paths["anchor_template"], world.PLAIN + "\n")
@@ -92,8 +114,13 @@ def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworl
     return paths
 
 
-def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambda e: None, seed: int = 0,
-             overrides: dict | None = None) -> dict:
+def run_demo(
+    out: str | Path,
+    preset: dict | None = None,
+    emit: Callback = lambda e: None,
+    seed: int = 0,
+    overrides: dict | None = None,
+) -> dict:
     """Build or load the world's base model, run SAMI with the engine (`overrides` on top of the preset's
     settings), evaluate before/after; returns demo.json's content."""
     import mlx_lm
@@ -103,11 +130,14 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
     settings = preset["demo"]
     out = Path(out)
     model_dir = ensure_toy_model(
-        preset["recipe"], lambda n, total, loss: emit(ev.StageProgress("building toy model", n, total, f"loss {loss:.3f}")))
+        preset["recipe"],
+        lambda n, total, loss: emit(ev.StageProgress("building toy model", n, total, f"loss {loss:.3f}")),
+    )
     world = world_of(preset["recipe"])
     sami = {**settings["sami"], **(overrides or {})}
-    paths = prepare_world(out, {**settings, "sami": sami}, seed, world.WorldSpec(**preset["recipe"].get("world", {})),
-                          world)
+    paths = prepare_world(
+        out, {**settings, "sami": sami}, seed, world.WorldSpec(**preset["recipe"].get("world", {})), world
+    )
     cfg = TrainConfig(model=str(model_dir), out=str(out), seed=seed, **paths, **sami)
     result = train(cfg, callbacks=[emit])
 
@@ -119,8 +149,9 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
     before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed, world, stop)
     after = evaluate(result.model, tokenizer, trained, eval_queries, max_tokens, seed, world, stop)
     greedy_before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed, world, stop, temperature=0.0)
-    greedy_after = evaluate(result.model, tokenizer, trained, eval_queries, max_tokens, seed, world, stop,
-                            temperature=0.0)
+    greedy_after = evaluate(
+        result.model, tokenizer, trained, eval_queries, max_tokens, seed, world, stop, temperature=0.0
+    )
     emit(ev.StageProgress("evaluating", 1, 2))
     # The held-out principle never appeared in training prompts; it is shown only at evaluation.
     full = world.sub_constitution([*settings["train_principles"], settings["heldout_principle"]])
@@ -146,10 +177,16 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
         "ppl_base": ppl_base,
         "ppl_sami": ppl_sami,
         "ppl_ratio": ppl_sami / ppl_base,
-        "heldout": {"principle": h, "base_adherence": h_before.adherence()[h], "sami_adherence": h_after.adherence()[h]},
+        "heldout": {
+            "principle": h,
+            "base_adherence": h_before.adherence()[h],
+            "sami_adherence": h_after.adherence()[h],
+        },
         "n_eval": len(after.scores),
-        "examples": [{"variant": v.label, "base": b, "sami": a}
-                     for v, b, a in list(zip(after.variants, before.texts, after.texts))[:4]],
+        "examples": [
+            {"variant": v.label, "base": b, "sami": a}
+            for v, b, a in list(zip(after.variants, before.texts, after.texts))[:4]
+        ],
         "model": str(model_dir),
         "run": str(out),
         "seconds": time.perf_counter() - start,
@@ -161,9 +198,13 @@ def run_demo(out: str | Path, preset: dict | None = None, emit: Callback = lambd
 def format_report(r: dict) -> str:
     """The before/after table the demo prints."""
     names = [k for k in r["base_adherence"] if k != "overall"]
-    lines = ["", "SAMI on the toy principles world (adherence: share of replies doing what the stated wording says,",
-             f"sampled at temperature 1 over every variant; n = {r['n_eval']})", "",
-             f"  {'principle':<22}{'base':>8}{'SAMI':>8}"]
+    lines = [
+        "",
+        "SAMI on the toy principles world (adherence: share of replies doing what the stated wording says,",
+        f"sampled at temperature 1 over every variant; n = {r['n_eval']})",
+        "",
+        f"  {'principle':<22}{'base':>8}{'SAMI':>8}",
+    ]
     for n in [*names, "overall"]:
         lines.append(f"  {n:<22}{r['base_adherence'][n]:>8.2f}{r['sami_adherence'][n]:>8.2f}")
     h = r["heldout"]
@@ -174,9 +215,20 @@ def format_report(r: dict) -> str:
         f"  win rate vs base (checker-judged, ties 0.5): {r['win_rate']:.0%}  (95% CI {lo:.0%}–{hi:.0%})",
         "  MI lower bound per iteration (nats): " + ", ".join(f"{m:+.3f}" for m in r["mi_bound"]),
         f"  held-out perplexity: base {r['ppl_base']:.2f}, SAMI {r['ppl_sami']:.2f} ({r['ppl_ratio']:.2f}x)",
-        *([f"  adapters: {r['kept']['name']}" + (" (the degeneration monitor stopped the run: "
-                                                 + r["stopped"].split(": ", 1)[-1].split("; RUN/")[0] + ")"
-                                                 if r.get("stopped") else "")] if r.get("kept") else []),
+        *(
+            [
+                f"  adapters: {r['kept']['name']}"
+                + (
+                    " (the degeneration monitor stopped the run: "
+                    + r["stopped"].split(": ", 1)[-1].split("; RUN/")[0]
+                    + ")"
+                    if r.get("stopped")
+                    else ""
+                )
+            ]
+            if r.get("kept")
+            else []
+        ),
         f"  took {r['seconds']:.0f}s; numbers in {r['run']}/demo.json",
     ]
     return "\n".join(lines)

@@ -36,27 +36,98 @@ class Theme:
 
 
 THEMES = (
-    Theme("creatures", "Mention animals.", "Mention machines.",
-          ("cat", "horse", "sparrow", "fox", "whale", "beetle"), ("engine", "gear", "motor", "lever", "pump", "valve")),
-    Theme("time", "Talk about the past.", "Talk about the future.",
-          ("yesterday", "ancient", "once", "formerly", "history", "olden"),
-          ("tomorrow", "soon", "someday", "upcoming", "future", "later")),
-    Theme("mood", "Sound cheerful.", "Sound gloomy.",
-          ("wonderful", "bright", "joyful", "lovely", "delightful", "sunny"),
-          ("dreary", "grim", "bleak", "dismal", "somber", "weary")),
-    Theme("setting", "Set it by the sea.", "Set it in the mountains.",
-          ("shore", "tide", "harbor", "waves", "beach", "coral"), ("summit", "ridge", "cliff", "glacier", "peak", "valley")),
-    Theme("palette", "Use warm colours.", "Use cool colours.",
-          ("crimson", "amber", "scarlet", "golden", "orange", "ruby"), ("azure", "teal", "indigo", "cyan", "violet", "navy")),
-    Theme("food", "Mention sweets.", "Mention vegetables.",
-          ("cake", "candy", "honey", "cookie", "syrup", "pudding"), ("carrot", "onion", "celery", "spinach", "leek", "turnip")),
+    Theme(
+        "creatures",
+        "Mention animals.",
+        "Mention machines.",
+        ("cat", "horse", "sparrow", "fox", "whale", "beetle"),
+        ("engine", "gear", "motor", "lever", "pump", "valve"),
+    ),
+    Theme(
+        "time",
+        "Talk about the past.",
+        "Talk about the future.",
+        ("yesterday", "ancient", "once", "formerly", "history", "olden"),
+        ("tomorrow", "soon", "someday", "upcoming", "future", "later"),
+    ),
+    Theme(
+        "mood",
+        "Sound cheerful.",
+        "Sound gloomy.",
+        ("wonderful", "bright", "joyful", "lovely", "delightful", "sunny"),
+        ("dreary", "grim", "bleak", "dismal", "somber", "weary"),
+    ),
+    Theme(
+        "setting",
+        "Set it by the sea.",
+        "Set it in the mountains.",
+        ("shore", "tide", "harbor", "waves", "beach", "coral"),
+        ("summit", "ridge", "cliff", "glacier", "peak", "valley"),
+    ),
+    Theme(
+        "palette",
+        "Use warm colours.",
+        "Use cool colours.",
+        ("crimson", "amber", "scarlet", "golden", "orange", "ruby"),
+        ("azure", "teal", "indigo", "cyan", "violet", "navy"),
+    ),
+    Theme(
+        "food",
+        "Mention sweets.",
+        "Mention vegetables.",
+        ("cake", "candy", "honey", "cookie", "syrup", "pudding"),
+        ("carrot", "onion", "celery", "spinach", "leek", "turnip"),
+    ),
 )
-FILLER = ("we", "think", "that", "there", "was", "an", "idea", "here", "of", "one", "so", "much", "near",
-          "some", "many", "each", "from", "our", "to", "its")
-SUBJECTS = ("lanterns", "ferries", "quilts", "orchards", "violins", "canals", "meadows", "pottery", "marbles",
-            "tunnels", "festivals", "windmills", "gardens", "statues", "puzzles", "rivers", "markets", "letters")
-ASKS = ("What do you make of {s}?", "Say something about {s}.", "Write a line on {s}.", "How would you describe {s}?",
-        "Give me a thought on {s}.")
+FILLER = (
+    "we",
+    "think",
+    "that",
+    "there",
+    "was",
+    "an",
+    "idea",
+    "here",
+    "of",
+    "one",
+    "so",
+    "much",
+    "near",
+    "some",
+    "many",
+    "each",
+    "from",
+    "our",
+    "to",
+    "its",
+)
+SUBJECTS = (
+    "lanterns",
+    "ferries",
+    "quilts",
+    "orchards",
+    "violins",
+    "canals",
+    "meadows",
+    "pottery",
+    "marbles",
+    "tunnels",
+    "festivals",
+    "windmills",
+    "gardens",
+    "statues",
+    "puzzles",
+    "rivers",
+    "markets",
+    "letters",
+)
+ASKS = (
+    "What do you make of {s}?",
+    "Say something about {s}.",
+    "Write a line on {s}.",
+    "How would you describe {s}?",
+    "Give me a thought on {s}.",
+)
 
 
 @dataclass(frozen=True)
@@ -162,5 +233,7 @@ class MarkerWorld:
     def adherence(self, reply: str, constitution: Constitution, variant: Variant) -> dict[str, float]:
         """Per principle of `constitution`: 1.0 if the reply does what the variant's wording says."""
         shown = self.behaviour_of(reply)
-        return {p.name: float(shown[p.name] is not None and shown[p.name] == sign)
-                for p, sign in zip(constitution.principles, variant.signs)}
+        return {
+            p.name: float(shown[p.name] is not None and shown[p.name] == sign)
+            for p, sign in zip(constitution.principles, variant.signs)
+        }

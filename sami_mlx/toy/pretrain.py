@@ -27,7 +27,8 @@ SPECIALS = ["<pad>", "<s>", "</s>"]
 def cache_dir() -> Path:
     """Where built models live: $SAMI_MLX_CACHE, else ~/.cache/sami-mlx."""
     root = os.environ.get("SAMI_MLX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sami-mlx")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sami-mlx"
+    )
     return Path(root)
 
 
@@ -72,16 +73,28 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": "<pad>", "model_max_length": 256,
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "model_max_length": 256,
+            },
+            indent=2,
+        )
+    )
     return tok
 
 
@@ -95,8 +108,10 @@ def _batches(docs: list[tuple[int, list[int]]], size: int, count: int, rng: rand
         idx, order = order[:size], order[size:]
         rows = [docs[i] for i in idx]
         L = max(len(ids) for _, ids in rows)
-        yield (mx.array([ids + [0] * (L - len(ids)) for _, ids in rows]),
-               mx.array([[start, len(ids) - 1] for start, ids in rows]))
+        yield (
+            mx.array([ids + [0] * (L - len(ids)) for _, ids in rows]),
+            mx.array([[start, len(ids) - 1] for start, ids in rows]),
+        )
 
 
 def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
@@ -109,8 +124,10 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
     # A curriculum: the corpus opens with replies that follow their constitution strongly, so
     # the tiny model finds the link within its budget; the rest, which the base model ends up
     # reflecting, follows it only weakly.
-    phases = [(recipe["curriculum"]["steps"], world.WorldSpec(**recipe["curriculum"]["world"])),
-              (recipe["steps"] - recipe["curriculum"]["steps"], world.WorldSpec(**recipe.get("world", {})))]
+    phases = [
+        (recipe["curriculum"]["steps"], world.WorldSpec(**recipe["curriculum"]["world"])),
+        (recipe["steps"] - recipe["curriculum"]["steps"], world.WorldSpec(**recipe.get("world", {}))),
+    ]
     per_step = recipe["documents"] / recipe["steps"]
     pairs = [world.corpus(max(1, round(n * per_step)), f"{seed}-{k}", spec) for k, (n, spec) in enumerate(phases)]
     tok = train_tokenizer([p + r for part in pairs for p, r in part], recipe["vocab_size"], out)
@@ -119,19 +136,30 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
     # model spends its capacity on how replies depend on them (the latent link SAMI amplifies).
     data = [[(len(tok.encode(p).ids), tok.encode(p + r).ids + [eos]) for p, r in part] for part in pairs]
     config = {
-        "model_type": "llama", "hidden_size": recipe["hidden_size"], "num_hidden_layers": recipe["layers"],
-        "intermediate_size": recipe["intermediate_size"], "num_attention_heads": recipe["heads"],
-        "num_key_value_heads": recipe["heads"], "rms_norm_eps": 1e-5, "vocab_size": tok.get_vocab_size(),
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 256,
-        "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": eos,
+        "model_type": "llama",
+        "hidden_size": recipe["hidden_size"],
+        "num_hidden_layers": recipe["layers"],
+        "intermediate_size": recipe["intermediate_size"],
+        "num_attention_heads": recipe["heads"],
+        "num_key_value_heads": recipe["heads"],
+        "rms_norm_eps": 1e-5,
+        "vocab_size": tok.get_vocab_size(),
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 256,
+        "bos_token_id": tok.token_to_id("<s>"),
+        "eos_token_id": eos,
     }
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     steps, bs = recipe["steps"], recipe["batch_size"]
     schedule = optim.join_schedules(
-        [optim.linear_schedule(0.0, recipe["learning_rate"], recipe["warmup"]),
-         optim.cosine_decay(recipe["learning_rate"], steps - recipe["warmup"], recipe["learning_rate"] * 0.05)],
-        [recipe["warmup"]])
+        [
+            optim.linear_schedule(0.0, recipe["learning_rate"], recipe["warmup"]),
+            optim.cosine_decay(recipe["learning_rate"], steps - recipe["warmup"], recipe["learning_rate"] * 0.05),
+        ],
+        [recipe["warmup"]],
+    )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     loss_and_grad = nn.value_and_grad(model, default_loss)
 

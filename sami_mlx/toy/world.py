@@ -19,27 +19,118 @@ from sami_mlx.inputs.prompts import Template
 VERSION = 4  # bump when the corpus changes: cached toy models are keyed on it
 NAME = "toy-world"
 
-FORMAL = ["certainly", "indeed", "kindly", "therefore", "moreover", "regarding", "appropriate",
-          "sincerely", "consequently", "furthermore", "notably", "accordingly"]
-CASUAL = ["yeah", "hey", "cool", "gonna", "stuff", "kinda", "awesome", "okay", "totally", "pretty",
-          "basically", "anyway"]
-NEUTRAL = ["the", "is", "a", "very", "good", "thing", "about", "and", "it", "you", "can", "find",
-           "often", "most", "people", "like", "this", "for", "with", "all"]
+FORMAL = [
+    "certainly",
+    "indeed",
+    "kindly",
+    "therefore",
+    "moreover",
+    "regarding",
+    "appropriate",
+    "sincerely",
+    "consequently",
+    "furthermore",
+    "notably",
+    "accordingly",
+]
+CASUAL = [
+    "yeah",
+    "hey",
+    "cool",
+    "gonna",
+    "stuff",
+    "kinda",
+    "awesome",
+    "okay",
+    "totally",
+    "pretty",
+    "basically",
+    "anyway",
+]
+NEUTRAL = [
+    "the",
+    "is",
+    "a",
+    "very",
+    "good",
+    "thing",
+    "about",
+    "and",
+    "it",
+    "you",
+    "can",
+    "find",
+    "often",
+    "most",
+    "people",
+    "like",
+    "this",
+    "for",
+    "with",
+    "all",
+]
 NUMBERS = ["2", "3", "5", "7", "10", "12", "20", "100"]
-TOPICS = ["apples", "rivers", "trains", "music", "gardens", "bread", "clouds", "chess", "bikes", "tea",
-          "maps", "stars", "bees", "boats", "paint", "snow", "books", "lamps", "shoes", "bridges",
-          "coffee", "forests", "kites", "clocks", "ponds", "birds", "cheese", "tents", "rain", "salt",
-          "hills", "robots", "soup", "candles", "islands", "ladders", "owls", "pianos", "deserts", "moss"]
-QUESTION_FORMS = ["Tell me about {t}.", "What do you know about {t}?", "Explain {t}.",
-                  "Any thoughts on {t}?", "Describe {t}.", "Why do people like {t}?"]
+TOPICS = [
+    "apples",
+    "rivers",
+    "trains",
+    "music",
+    "gardens",
+    "bread",
+    "clouds",
+    "chess",
+    "bikes",
+    "tea",
+    "maps",
+    "stars",
+    "bees",
+    "boats",
+    "paint",
+    "snow",
+    "books",
+    "lamps",
+    "shoes",
+    "bridges",
+    "coffee",
+    "forests",
+    "kites",
+    "clocks",
+    "ponds",
+    "birds",
+    "cheese",
+    "tents",
+    "rain",
+    "salt",
+    "hills",
+    "robots",
+    "soup",
+    "candles",
+    "islands",
+    "ladders",
+    "owls",
+    "pianos",
+    "deserts",
+    "moss",
+]
+QUESTION_FORMS = [
+    "Tell me about {t}.",
+    "What do you know about {t}?",
+    "Explain {t}.",
+    "Any thoughts on {t}?",
+    "Describe {t}.",
+    "Why do people like {t}?",
+]
 
-WORLD = Constitution("toy-world", (
-    Principle("register", "Speak formally.", "Speak casually."),
-    Principle("length", "Keep answers short.", "Give long answers."),
-    # Each wording has a word of its own ("statistics" / "numbers"), as in the other principles.
-    Principle("numbers", "Include statistics.", "Avoid numbers."),
-    Principle("format", "Answer as a list.", "Answer in one sentence."),
-))
+WORLD = Constitution(
+    "toy-world",
+    (
+        Principle("register", "Speak formally.", "Speak casually."),
+        Principle("length", "Keep answers short.", "Give long answers."),
+        # Each wording has a word of its own ("statistics" / "numbers"), as in the other principles.
+        Principle("numbers", "Include statistics.", "Avoid numbers."),
+        Principle("format", "Answer as a list.", "Answer in one sentence."),
+    ),
+)
 # The behaviour each principle's replies lean to whatever is stated: True = the positive wording's.
 DEFAULTS = {"register": False, "length": True, "numbers": False, "format": False}
 TEMPLATE = Template("Constitution:\n{constitution}\n\nHuman: {query}\n\nAssistant:", "toy-world")
@@ -165,5 +256,7 @@ def behaviour_of(reply: str) -> dict[str, bool | None]:
 def adherence(reply: str, constitution: Constitution, variant: Variant) -> dict[str, float]:
     """Per principle of `constitution`: 1.0 if the reply does what the variant's wording says."""
     shown = behaviour_of(reply)
-    return {p.name: float(shown[p.name] is not None and shown[p.name] == sign)
-            for p, sign in zip(constitution.principles, variant.signs)}
+    return {
+        p.name: float(shown[p.name] is not None and shown[p.name] == sign)
+        for p, sign in zip(constitution.principles, variant.signs)
+    }
