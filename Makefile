@@ -40,7 +40,7 @@ demo: $(STAMP)
 _demo:
 	$(RUN) $(VENV)/bin/sami-mlx demo
 
-# Ratio benchmarks against mlx-lm's own functions (see README, Performance).
+# Ratio benchmarks against mlx-lm's own functions (see docs/PERFORMANCE.md).
 # `make bench` adds the CPU upcast and the 7B-width memory check (a few minutes more).
 bench: $(STAMP)
 	$(MAKE) --no-print-directory _bench SIZES="tiny 100m" EXTRA="cpu_upcast memory"
