@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
 from sami_mlx.loop.trainer import check_context, prepare_inputs, train
-from sami_mlx.presets import GiB, ModelShape, RunShape, estimate_memory
+from sami_mlx.memory import GiB, ModelShape, RunShape, estimate_memory
 
 WIDTHS = {
     "hidden_size": 4096,

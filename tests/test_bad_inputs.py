@@ -180,10 +180,10 @@ def test_out_is_a_file(tiny_model, constitution_file, queries_file, tmp_path, ca
 def test_run_that_cannot_fit_the_machine_is_refused_unless_forced(
     tiny_model, constitution_file, queries_file, tmp_path, capsys, monkeypatch
 ):
-    from sami_mlx import presets
+    from sami_mlx import memory
 
-    tiny_machine = presets.MachineMemory(total=2**20, usable=2**20)  # a 1 MB machine
-    monkeypatch.setattr(presets, "machine_memory", lambda total_gb=None: tiny_machine)
+    tiny_machine = memory.MachineMemory(total=2**20, usable=2**20)  # a 1 MB machine
+    monkeypatch.setattr(memory, "machine_memory", lambda total_gb=None: tiny_machine)
     flags = base_flags(tiny_model, constitution_file, queries_file, tmp_path / "run")
     assert main(flags) == 2
     assert_one_line_error(capsys, "needs about", "--force")

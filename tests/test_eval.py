@@ -15,26 +15,12 @@ from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.cli.main import main
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
-from sami_mlx.evaluation.evaluate import (
-    EvalSettings,
-    ModelOutputs,
-    Outcome,
-    RunSetup,
-    intrinsic_metric,
-    judge_tasks,
-    length_controlled_win_rate,
-    load_run_setup,
-    outcome,
-    summarize,
-    wilson_interval,
-)
-from sami_mlx.evaluation.judge import (
-    DEFAULT_JUDGE_TEMPLATE,
-    JudgeReply,
-    JudgeTemplate,
-    load_judge_template,
-    parse_verdict,
-)
+from sami_mlx.evaluation.comparisons import Outcome, judge_tasks, outcome
+from sami_mlx.evaluation.evaluate import intrinsic_metric
+from sami_mlx.evaluation.judge import DEFAULT_JUDGE_TEMPLATE, JudgeReply, JudgeTemplate, load_judge_template
+from sami_mlx.evaluation.run_setup import EvalSettings, ModelOutputs, RunSetup, load_run_setup
+from sami_mlx.evaluation.verdicts import parse_verdict
+from sami_mlx.evaluation.win_rates import length_controlled_win_rate, summarize, wilson_interval
 from sami_mlx.inputs.constitution import Constitution, Principle, Variant
 from sami_mlx.inputs.prompts import encode_prompt, load_template
 from sami_mlx.loop.rollout import Generation

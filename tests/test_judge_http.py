@@ -14,7 +14,9 @@ from conftest import make_tiny_run
 
 from sami_mlx.cli.main import main
 from sami_mlx.errors import SamiError
-from sami_mlx.evaluation.judge import HTTPJudge, chat_completions_url, make_judge, parse_verdict
+from sami_mlx.evaluation.judge import Judge
+from sami_mlx.evaluation.judge_backends import HTTPJudge, chat_completions_url, make_judge
+from sami_mlx.evaluation.verdicts import parse_verdict
 
 KEY = "sk-test-7d1e0c9a-never-write-me"
 Reply = tuple[int, dict, bytes]
@@ -242,6 +244,14 @@ def test_urls_and_judge_choice():
     assert isinstance(make_judge("http://h/v1", None, "m"), HTTPJudge)
     with pytest.raises(SamiError, match="both given"):
         make_judge("some/model", "http://h/v1", "m")
+
+
+def test_both_judges_are_judges(tiny_model):
+    http, local = make_judge("http://h/v1", None, "m"), make_judge(str(tiny_model), None, None)
+    assert isinstance(http, Judge) and isinstance(local, Judge)
+    assert (http.describe()["kind"], local.describe()["kind"]) == ("http", "local")
+    # A function that only answers prompts is not one: eval checks, describes and closes its judge.
+    assert not isinstance(lambda prompts, on_progress=None: [], Judge)
 
 
 # ---- end to end: `sami-mlx eval` with an HTTP judge -------------------------------------------

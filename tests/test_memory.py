@@ -12,8 +12,8 @@ from sami_mlx.config import TrainConfig
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.trainer import SamiLoop, gradient_checkpointing, prepare_inputs
+from sami_mlx.memory import ModelShape, RunShape, estimate_memory
 from sami_mlx.model import float_bytes, load_model
-from sami_mlx.presets import ModelShape, RunShape, estimate_memory
 
 RESPONSE = 32
 

@@ -17,18 +17,12 @@ from sami_mlx.cli.train import make_parser
 from sami_mlx.config import build_config, config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
+from sami_mlx.memory import GB, MachineMemory, ModelShape, RunShape, estimate_memory, fit, machine_memory
 from sami_mlx.model import resolve_model_path
 from sami_mlx.presets import (
-    GB,
-    MachineMemory,
-    ModelShape,
-    RunShape,
-    estimate_memory,
     find_recipe,
-    fit,
     get_preset,
     list_presets,
-    machine_memory,
     model_for_preset,
     model_shape,
     preset_names,

@@ -13,13 +13,9 @@ import pytest
 
 import sami_mlx.loop.trainer as trainer_module
 from sami_mlx.config import TrainConfig, config_from_file
-from sami_mlx.evaluation.evaluate import (
-    Outcome,
-    length_controlled_interval,
-    length_controlled_win_rate,
-    summarize,
-)
+from sami_mlx.evaluation.comparisons import Outcome
 from sami_mlx.evaluation.judge import BUILTIN_JUDGE_TEMPLATES, load_judge_template
+from sami_mlx.evaluation.win_rates import length_controlled_interval, length_controlled_win_rate, summarize
 from sami_mlx.inputs.constitution import Variant, variant_orders
 from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix, load_template
 from sami_mlx.loop.rollout import Generation, Group, filter_groups

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sami_mlx.evaluation.judge import parse_verdict
+from sami_mlx.evaluation.verdicts import parse_verdict
 
 PAPER_STYLE = """Comparison: Summary A restates the whole post, including the side story about the roommate, \
 while Summary B gives the poster's situation and question in one sentence. The principles ask for a brief \

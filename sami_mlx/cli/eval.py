@@ -97,14 +97,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Resolve the flags, evaluate with progress bars, print the table; returns the exit code."""
     from sami_mlx.cli.progress import ProgressBar
-    from sami_mlx.evaluation.evaluate import (
-        EvalSettings,
-        choose_checkpoints,
-        evaluate,
-        load_run_setup,
-        markdown_table,
-    )
-    from sami_mlx.evaluation.judge import load_judge_template, make_judge
+    from sami_mlx.evaluation.evaluate import evaluate
+    from sami_mlx.evaluation.judge import load_judge_template
+    from sami_mlx.evaluation.judge_backends import make_judge
+    from sami_mlx.evaluation.report import markdown_table
+    from sami_mlx.evaluation.run_setup import EvalSettings, choose_checkpoints, load_run_setup
     from sami_mlx.inputs.queries import load_queries
 
     run_dir = Path(args.run).expanduser()

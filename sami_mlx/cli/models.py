@@ -5,18 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from sami_mlx.presets import (
-    GB,
-    RunShape,
-    fit,
-    format_count,
-    get_preset,
-    list_presets,
-    machine_memory,
-    preset_estimate,
-    preset_names,
-    recipe_names,
-)
+from sami_mlx.memory import GB, RunShape, fit, format_count, machine_memory
+from sami_mlx.presets import get_preset, list_presets, preset_estimate, preset_names, recipe_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

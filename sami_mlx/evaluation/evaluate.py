@@ -5,157 +5,42 @@ constitution's all-positive variant; a judge compares the two answers (A/B order
 with a seed) and says which better follows the principles. The intrinsic metric is the
 training objective's MI lower bound, log N - sami_loss(S), on the same held-out queries: each
 model answers under N variants and scores its own answers.
+
+The pieces: run_setup (the run, the settings, the checkpoints), comparisons (judge prompts and
+scored replies), win_rates (the statistics), report (result files and the summary table); the
+judges are in judge and judge_backends, the verdict parser in verdicts.
 """
 
 from __future__ import annotations
 
-import math
 import random
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
 from sami_mlx import events as ev
-from sami_mlx.checkpoints import (
-    Checkpoint,
-    find_checkpoint,
-    list_checkpoints,
-    load_checkpoint_model,
-)
-from sami_mlx.config import TrainConfig, config_from_file
+from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.errors import SamiError
-from sami_mlx.evaluation.judge import JudgeReply, JudgeTemplate, parse_verdict
+from sami_mlx.evaluation.comparisons import judge_tasks, outcome
+from sami_mlx.evaluation.judge import Judge, JudgeTemplate
+from sami_mlx.evaluation.report import HEADLINE_KEYS, checkpoint_result, markdown_table, unparsable_warning
+from sami_mlx.evaluation.run_setup import EvalSettings, ModelOutputs, RunSetup, load_run_setup, training_overlap
 from sami_mlx.fileio import atomic_write_json, atomic_write_text
 from sami_mlx.inputs.constitution import (
-    Constitution,
     Variant,
-    load_constitution,
     num_variants,
     principle_order,
     sample_variants,
     variant_strategy,
 )
-from sami_mlx.inputs.prompts import Template, encode_prompt, encode_with_prefix, load_template
-from sami_mlx.inputs.queries import load_queries
+from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix
 from sami_mlx.loop.rollout import Generation, generate_batch
 from sami_mlx.loop.scoring import ScoringBatch, score_matrix
 from sami_mlx.objective import accuracies, mi_lower_bound, sami_loss
 
 Emit = Callable[[ev.Event], None]
-Judge = Callable[..., list[JudgeReply]]
-Z95 = 1.959963984540054
 SCORING_BATCH = 8
-MAX_JUDGE_TEXT = 4000
-
-
-@dataclass
-class EvalSettings:
-    """How responses are generated and judged."""
-
-    queries: list[str]
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 32
-    intrinsic: bool = True
-    per_principle: bool = False
-    queries_source: str = ""
-
-
-@dataclass
-class RunSetup:
-    """What a run trained with, read from its config.yaml."""
-
-    run_dir: Path
-    config: TrainConfig
-    constitution: Constitution
-    generation_template: Template
-    training_template: Template
-
-
-@dataclass
-class ModelOutputs:
-    """One model's answers on the held-out queries: positive-variant responses and the MI metric."""
-
-    checkpoint: str
-    responses: list[Generation]
-    intrinsic: dict | None = None
-
-
-@dataclass
-class Outcome:
-    """One judged comparison: where the checkpoint's response stood, the verdict, and its score."""
-
-    query_index: int
-    checkpoint_position: str  # "A" or "B"
-    verdict: str | None  # "A", "B" or None when unparsable
-    score: float | None  # 1 checkpoint won, 0 base won, 0.5 unparsable, None for a judge error
-    judge_output: str = ""
-    error: str | None = None
-
-
-@dataclass
-class JudgeTask:
-    checkpoint: str
-    principle: str | None  # None: the whole constitution
-    query_index: int
-    checkpoint_position: str
-    prompt: str
-
-
-# ---- the run ---------------------------------------------------------------------------------
-
-
-def load_run_setup(run_dir: str | Path, constitution: str | None = None) -> RunSetup:
-    """The run's resolved config, constitution (or the one given) and templates; raises SamiError."""
-    run = Path(run_dir).expanduser()
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise SamiError(f"--run {run}: no config.yaml there; pass a run directory made by `sami-mlx train`")
-    cfg = TrainConfig(**config_from_file(str(path)))
-    source = constitution or cfg.constitution
-    if not constitution and not Path(source).expanduser().exists():
-        raise SamiError(f"{path}: the run's constitution {source} is not found; pass --constitution FILE")
-    try:
-        generation = load_template(cfg.generation_template or cfg.template)
-        training = load_template(cfg.training_template or cfg.template)
-    except SamiError as e:
-        raise SamiError(f"{path}: the run's template cannot be read ({e})") from None
-    return RunSetup(run, cfg, load_constitution(source), generation, training)
-
-
-def choose_checkpoints(run_dir: str | Path, iterations: Sequence[str] | None) -> list[Checkpoint]:
-    """The checkpoints to judge: the latest by default, 'all', or iteration numbers / names."""
-    available = list_checkpoints(run_dir)[1:]
-    if not available:
-        raise SamiError(f"--run {run_dir}: no finished iteration (iter-NN/adapters.safetensors) to evaluate")
-    if not iterations:
-        return [available[-1]]
-    if any(str(i).lower() == "all" for i in iterations):
-        return available
-    chosen: list[Checkpoint] = []
-    for it in iterations:
-        ckpt = find_checkpoint(run_dir, str(it))
-        if ckpt.adapter_path is None:
-            raise SamiError(
-                "--iterations base: the base model is what checkpoints are compared with; choose iteration numbers"
-            )
-        if ckpt not in chosen:
-            chosen.append(ckpt)
-    return chosen
-
-
-def training_overlap(setup: RunSetup, queries: Sequence[str]) -> int:
-    """How many held-out queries the run also trained on (0 when its queries cannot be read)."""
-    try:
-        trained = set(load_queries(setup.config.queries))
-    except SamiError:
-        return 0
-    return sum(q in trained for q in queries)
 
 
 # ---- generation and the intrinsic metric -------------------------------------------------------
@@ -313,133 +198,6 @@ class _Stage:
         self(self.total, self.total)
 
 
-# ---- judging -----------------------------------------------------------------------------------
-
-
-def judge_tasks(
-    setup: RunSetup, settings: EvalSettings, base: ModelOutputs, checkpoint: ModelOutputs, template: JudgeTemplate
-) -> list[JudgeTask]:
-    """One prompt per query (and per principle when asked), the checkpoint's side drawn with the seed.
-
-    The constitution's principles appear in an order shuffled for each query (one draw per query, the
-    same for every checkpoint), as the reference's judge prompts do, so no principle gains weight
-    from always coming first.
-    """
-    c = setup.constitution
-    order_rng = random.Random(f"judge-principles-{settings.seed}")
-    orders = [principle_order(len(c.principles), order_rng, setup.config.shuffle_principles) for _ in settings.queries]
-    whole = [c.render(c.positive_variant, order) for order in orders]
-    scopes: list[tuple[str | None, list[str]]] = [(None, whole)]
-    if settings.per_principle:
-        scopes += [(p.name, [f"1. {p.positive}"] * len(settings.queries)) for p in c.principles]
-    tasks = []
-    for principle, principles_texts in scopes:
-        rng = random.Random(f"judge-order-{settings.seed}-{checkpoint.checkpoint}-{principle or ''}")
-        for q, query in enumerate(settings.queries):
-            position = "A" if rng.random() < 0.5 else "B"
-            ours, theirs = checkpoint.responses[q].text.strip(), base.responses[q].text.strip()
-            a, b = (ours, theirs) if position == "A" else (theirs, ours)
-            tasks.append(
-                JudgeTask(
-                    checkpoint.checkpoint, principle, q, position, template.fill(principles_texts[q], query, a, b)
-                )
-            )
-    return tasks
-
-
-def outcome(task: JudgeTask, reply: JudgeReply) -> Outcome:
-    """Score a reply: 1 if it picked the checkpoint, 0 if the base, 0.5 if unparsable; None on error."""
-    text = reply.text[:MAX_JUDGE_TEXT]
-    if reply.error:
-        return Outcome(task.query_index, task.checkpoint_position, None, None, text, reply.error)
-    verdict = parse_verdict(reply.text)
-    score = 0.5 if verdict is None else float(verdict == task.checkpoint_position)
-    return Outcome(task.query_index, task.checkpoint_position, verdict, score, text)
-
-
-# ---- statistics --------------------------------------------------------------------------------
-
-
-def mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def wilson_interval(p: float | None, n: int, z: float = Z95) -> list[float] | None:
-    """The Wilson score interval for a win rate p over n comparisons (ties count half)."""
-    if p is None or n == 0:
-        return None
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def length_controlled_win_rate(
-    scores: Sequence[float], checkpoint_lengths: Sequence[int], base_lengths: Sequence[int]
-) -> tuple[float | None, dict]:
-    """The paper's balanced strata: the mean of the win rate where the checkpoint's response is longer
-    than the base's and the win rate where it is shorter, so neither length direction dominates.
-
-    Equal-length pairs carry no length effect and sit in their own stratum; when every pair is equal
-    the plain win rate is the answer. When only one direction occurs the value is None: length
-    cannot be controlled for.
-    """
-    strata: dict[str, list[float]] = {"longer": [], "shorter": [], "equal": []}
-    for s, mine, theirs in zip(scores, checkpoint_lengths, base_lengths):
-        strata["longer" if mine > theirs else "shorter" if mine < theirs else "equal"].append(s)
-    summary = {k: {"n": len(v), "win_rate": mean(v)} for k, v in strata.items()}
-    if strata["longer"] and strata["shorter"]:
-        return 0.5 * (mean(strata["longer"]) + mean(strata["shorter"])), summary
-    if not strata["longer"] and not strata["shorter"]:
-        return mean(strata["equal"]), summary
-    return None, summary
-
-
-def length_controlled_interval(strata: dict, z: float = Z95) -> list[float] | None:
-    """A 95% interval for the length-controlled win rate, the mean of the 'longer' and 'shorter'
-    strata's win rates: a Wald interval on each stratum's rate with one win and one loss added
-    (Agresti and Caffo's adjustment, which keeps a stratum of all wins from claiming zero width),
-    the two variances halved and added. With every pair of equal length it is the plain rate's
-    Wilson interval; with one direction only there is no length-controlled rate, and no interval."""
-    longer, shorter, equal = strata["longer"], strata["shorter"], strata["equal"]
-    if not longer["n"] and not shorter["n"]:
-        return wilson_interval(equal["win_rate"], equal["n"], z)
-    if not longer["n"] or not shorter["n"]:
-        return None
-    adjusted = [((s["win_rate"] * s["n"] + 1) / (s["n"] + 2), s["n"] + 2) for s in (longer, shorter)]
-    centre = 0.5 * sum(p for p, _ in adjusted)
-    half = z * 0.5 * math.sqrt(sum(p * (1 - p) / n for p, n in adjusted))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def summarize(outcomes: Sequence[Outcome], checkpoint_lengths: Sequence[int], base_lengths: Sequence[int]) -> dict:
-    """Win rate with its 95% interval, the length-controlled win rate with its interval and the
-    equal-length pairs it left out, and the counts behind them."""
-    scored = [o for o in outcomes if o.score is not None]
-    scores = [o.score for o in scored]
-    rate = mean(scores)
-    lc, strata = length_controlled_win_rate(
-        scores, [checkpoint_lengths[o.query_index] for o in scored], [base_lengths[o.query_index] for o in scored]
-    )
-    parsed = [o for o in scored if o.verdict is not None]
-    both_directions = strata["longer"]["n"] > 0 and strata["shorter"]["n"] > 0
-    return {
-        "win_rate": rate,
-        "win_rate_ci": wilson_interval(rate, len(scores)),
-        "length_controlled_win_rate": lc,
-        "length_controlled_ci": length_controlled_interval(strata),
-        # Pairs of equal length carry no length effect; the balanced estimate leaves them out.
-        "length_controlled_left_out": strata["equal"]["n"] if both_directions else 0,
-        "length_strata": strata,
-        "n": len(scores),
-        "wins": sum(o.score == 1.0 and o.verdict is not None for o in scored),
-        "losses": sum(o.score == 0.0 for o in scored),
-        "unparsable": sum(o.verdict is None for o in scored),
-        "judge_errors": len(outcomes) - len(scored),
-        "position_a_rate": mean([float(o.verdict == "A") for o in parsed]),
-    }
-
-
 # ---- the whole evaluation ------------------------------------------------------------------------
 
 
@@ -506,150 +264,3 @@ def evaluate(
     atomic_write_json(out / "summary.json", headline)
     atomic_write_text(out / "summary.md", markdown_table(results))
     return results
-
-
-UNPARSABLE_WARN = 0.10
-
-
-def unparsable_warning(outcomes: Sequence[Outcome], template: JudgeTemplate, out: Path) -> str | None:
-    """One line when more than 10% of the judge's answers named no verdict (each counted as 0.5)."""
-    answered = [o for o in outcomes if o.error is None]
-    bad = sum(o.verdict is None for o in answered)
-    if not answered or bad <= UNPARSABLE_WARN * len(answered):
-        return None
-    return (
-        f"{bad} of {len(answered)} judge answers ({100 * bad / len(answered):.0f}%) named no verdict and "
-        f"count as ties (judge prompt: {template.source}); read judge_output in {out}/, then pass "
-        "--judge-template with a prompt whose last line asks for 'Final Response: A' or 'B' "
-        "(built-in: dialogue, summarization), or raise --judge-max-tokens if answers were cut off"
-    )
-
-
-HEADLINE_KEYS = (
-    "checkpoint",
-    "win_rate",
-    "win_rate_ci",
-    "length_controlled_win_rate",
-    "length_controlled_ci",
-    "length_controlled_left_out",
-    "n",
-    "unparsable",
-    "judge_errors",
-    "intrinsic",
-    "per_principle",
-)
-
-
-def checkpoint_result(
-    setup: RunSetup,
-    settings: EvalSettings,
-    template: JudgeTemplate,
-    judge: Judge,
-    base: ModelOutputs,
-    mine: ModelOutputs,
-    outcomes: list[Outcome],
-    overlap: int,
-) -> dict:
-    """Everything one checkpoint's eval file holds: headline numbers, settings and every comparison."""
-    base_len = [len(g.tokens) for g in base.responses]
-    mine_len = [len(g.tokens) for g in mine.responses]
-    overall = outcomes[: len(settings.queries)]
-    result = {
-        "checkpoint": mine.checkpoint,
-        "run": str(setup.run_dir.resolve()),
-        **summarize(overall, mine_len, base_len),
-    }
-    if settings.per_principle:
-        result["per_principle"] = {}
-        for k, p in enumerate(setup.constitution.principles, start=1):
-            part = outcomes[k * len(settings.queries) : (k + 1) * len(settings.queries)]
-            result["per_principle"][p.name] = summarize(part, mine_len, base_len)
-    else:
-        result["per_principle"] = None
-    result["intrinsic"] = {"base": base.intrinsic, "checkpoint": mine.intrinsic} if mine.intrinsic else None
-    result["mean_length"] = {"base": mean(base_len), "checkpoint": mean(mine_len)}
-    describe = getattr(judge, "describe", None)
-    result["judge"] = describe() if describe else {"kind": type(judge).__name__}
-    result["settings"] = {
-        "queries": settings.queries_source,
-        "num_queries": len(settings.queries),
-        "training_overlap": overlap,
-        "max_tokens": settings.max_tokens,
-        "temperature": settings.temperature,
-        "top_p": settings.top_p,
-        "seed": settings.seed,
-        "judge_template": template.source,
-        "constitution": setup.constitution.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    result["items"] = [
-        {
-            "query": settings.queries[o.query_index],
-            "base": base.responses[o.query_index].text,
-            "checkpoint": mine.responses[o.query_index].text,
-            "base_tokens": base_len[o.query_index],
-            "checkpoint_tokens": mine_len[o.query_index],
-            "checkpoint_position": o.checkpoint_position,
-            "verdict": o.verdict,
-            "score": o.score,
-            "judge_output": o.judge_output,
-            "error": o.error,
-        }
-        for o in overall
-    ]
-    return result
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def _mi(intrinsic: dict | None) -> str:
-    if not intrinsic:
-        return "—"
-    b, c = intrinsic["base"]["mi_bound"], intrinsic["checkpoint"]["mi_bound"]
-    if b is None or c is None:
-        return "—"
-    return f"{round(b, 3) + 0.0:+.3f} → {round(c, 3) + 0.0:+.3f}"  # + 0.0 turns -0.000 into +0.000
-
-
-def _ci(ci: list[float] | None) -> str:
-    return "—" if ci is None else f"{_pct(ci[0])}–{_pct(ci[1])}"
-
-
-def _lc(r: dict) -> str:
-    """The length-controlled rate with its interval, e.g. '61.0% (52.3%–69.4%)'."""
-    if r["length_controlled_win_rate"] is None:
-        return "—"
-    return f"{_pct(r['length_controlled_win_rate'])} ({_ci(r.get('length_controlled_ci'))})"
-
-
-def markdown_table(results: Sequence[dict]) -> str:
-    """The headline numbers as a Markdown table (and one per principle when judged per principle)."""
-    lines = [
-        "| checkpoint | n | win rate | 95% CI | length-controlled (95% CI) | equal length, left out | unparsable "
-        "| judge errors | MI bound base → checkpoint (nats) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['checkpoint']} | {r['n']} | {_pct(r['win_rate'])} | {_ci(r['win_rate_ci'])} | "
-            f"{_lc(r)} | {r.get('length_controlled_left_out', 0)} | {r['unparsable']} | "
-            f"{r['judge_errors']} | {_mi(r['intrinsic'])} |"
-        )
-    for r in results:
-        if r.get("per_principle"):
-            lines += [
-                "",
-                f"Per principle, {r['checkpoint']}:",
-                "",
-                "| principle | n | win rate | 95% CI | length-controlled (95% CI) | equal length, left out "
-                "| unparsable |",
-                "|---|---:|---:|---|---:|---:|---:|",
-            ]
-            for name, p in r["per_principle"].items():
-                lines.append(
-                    f"| {name} | {p['n']} | {_pct(p['win_rate'])} | {_ci(p['win_rate_ci'])} | "
-                    f"{_lc(p)} | {p.get('length_controlled_left_out', 0)} | {p['unparsable']} |"
-                )
-    return "\n".join(lines) + "\n"

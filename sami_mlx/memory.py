@@ -1,0 +1,381 @@
+"""An estimate of the memory a SAMI run needs, from a model's architecture and the run's settings, and
+this machine's memory to hold it against: so a user can tell before downloading 4 GB whether it fits."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sami_mlx.errors import SamiError
+
+# Every memory figure sami-mlx shows or logs is in GiB (2**30 bytes), labelled "GiB": what macOS sells
+# as a "16 GB" Mac has 16 GiB. Keys ending in _gb (peak_memory_gb, --memory-gb, ...) hold GiB too.
+GiB = 2**30
+GB = GiB  # the older name, kept for callers
+
+
+# ---- model shapes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers the memory estimate needs (names as in a model's config.json)."""
+
+    layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int = 1
+    experts_per_token: int = 1
+    tied_embeddings: bool = False
+    bits: int = 16  # bits per weight: 4 or 8 (quantized), 16 (bf16/fp16) or 32
+    group_size: int = 64
+    scale_bytes: int = 2  # each quantization group's scale and bias: fp16/bf16 as shipped, fp32 upcast
+    float_bytes: int = 0  # activations, norms and unquantized weights; 0: fp32 if bits == 32, else 16-bit
+
+    @classmethod
+    def from_config(cls, config: dict, bits: int | None = None) -> ModelShape:
+        """Read a Hugging Face / mlx-lm config.json (or a preset's `architecture`, same names)."""
+        try:
+            h, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            quant = config.get("quantization") or config.get("quantization_config") or {}
+            dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+            return cls(
+                layers=int(config["num_hidden_layers"]),
+                hidden_size=h,
+                intermediate_size=int(config["intermediate_size"]),
+                vocab_size=int(config["vocab_size"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or h // heads),
+                experts=int(config.get("num_local_experts") or config.get("num_experts") or 1),
+                experts_per_token=int(config.get("num_experts_per_tok") or 1),
+                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                bits=int(bits or quant.get("bits") or (32 if dtype == "float32" else 16)),
+                group_size=int(quant.get("group_size") or 64),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise SamiError(f"model config: missing or bad architecture field ({e})") from None
+
+    @property
+    def parameters(self) -> int:
+        """Parameter count (norms and biases left out: well under 0.1%)."""
+        h, q, kv = self.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attention = 2 * h * q + 2 * h * kv
+        mlp = 3 * h * self.intermediate_size * self.experts + (h * self.experts if self.experts > 1 else 0)
+        embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
+        return self.layers * (attention + mlp) + embeddings
+
+    @property
+    def bytes_per_weight(self) -> float:
+        """Quantized weights carry a scale and a bias (`scale_bytes` each) per group of `group_size`."""
+        if self.bits >= 16:
+            return self.bits / 8
+        return self.bits / 8 + 2 * self.scale_bytes / self.group_size
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.parameters * self.bytes_per_weight
+
+    @property
+    def activation_bytes(self) -> int:
+        """Activations run in the float type of the unquantized weights (a quantized model's scales)."""
+        return self.float_bytes or (4 if self.bits == 32 else 2)
+
+    def in_float_bytes(self, n: int) -> ModelShape:
+        """This shape with its float tensors (and a quantized model's scales) `n` bytes wide, as loaded."""
+        return replace(
+            self,
+            float_bytes=n,
+            scale_bytes=n if self.bits < 16 else self.scale_bytes,
+            bits=self.bits if self.bits < 16 else 8 * n,
+        )
+
+    def block_linears(self, keys: list[str] | None = None) -> list[tuple[int, int, int]]:
+        """(in, out, copies) of each linear layer in a block that LoRA adapts (all by default, as mlx-lm)."""
+        h, i, E = self.hidden_size, self.intermediate_size, self.experts
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        named = {
+            "q_proj": (h, q, 1),
+            "k_proj": (h, kv, 1),
+            "v_proj": (h, kv, 1),
+            "o_proj": (q, h, 1),
+            "gate_proj": (h, i, E),
+            "up_proj": (h, i, E),
+            "down_proj": (i, h, E),
+        }
+        if E > 1:
+            named["gate"] = (h, E, 1)  # the router
+        if keys:
+            chosen = [named[k.rsplit(".", 1)[-1]] for k in keys if k.rsplit(".", 1)[-1] in named]
+            if chosen:
+                return chosen
+        return list(named.values())
+
+    def describe(self) -> str:
+        quant = f"{self.bits}-bit" if self.bits < 16 else {16: "16-bit", 32: "fp32"}.get(self.bits, f"{self.bits}-bit")
+        if self.bits < 16 and self.scale_bytes == 4:
+            quant += " with fp32 scales"
+        moe = f", {self.experts} experts" if self.experts > 1 else ""
+        return f"{format_count(self.parameters)} parameters, {quant}{moe}"
+
+
+def format_count(n: float) -> str:
+    """A parameter count as people write it: 7.2B, 494M, 168K."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+# ---- memory estimate -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The settings of a run that decide its memory."""
+
+    variants: int = 2
+    prompt_tokens: int = 512
+    response_tokens: int = 350
+    groups_per_micro_batch: int = 1
+    gen_batch_size: int = 32
+    lora_rank: int = 8
+    lora_layers: int = 16
+    lora_keys: list[str] | None = None
+    optimizer: str = "adamw"
+    naive: bool = False  # all N² sequences in one batch (also what --grad-checkpoint uses)
+    grad_checkpoint: bool = False
+    kl: bool = False
+    anchor: bool = False  # --anchor-beta: the responses once more after prompts with no constitution
+    # Metal's fused attention keeps no score matrices for the backward pass, which rebuilds them
+    # one block at a time; the CPU backend keeps them for every block.
+    fused_attention: bool = field(default_factory=lambda: sys.platform == "darwin")
+
+    @classmethod
+    def from_config(cls, cfg: Any, variants: int, prompt_tokens: int) -> RunShape:
+        return cls(
+            variants=variants,
+            prompt_tokens=prompt_tokens,
+            response_tokens=cfg.max_tokens,
+            groups_per_micro_batch=math.ceil(cfg.queries_per_step / cfg.grad_accumulation),
+            gen_batch_size=cfg.gen_batch_size,
+            lora_rank=cfg.lora_rank,
+            lora_layers=cfg.lora_layers,
+            lora_keys=cfg.lora_keys,
+            optimizer=cfg.optimizer,
+            naive=cfg.scoring == "naive" or cfg.grad_checkpoint,
+            grad_checkpoint=cfg.grad_checkpoint,
+            kl=cfg.kl_beta > 0,
+            anchor=cfg.anchor_beta > 0,
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes by what holds them; training and sampling never hold their buffers at the same time."""
+
+    weights: float
+    adapters: float  # LoRA weights, gradients and optimizer state (fp32)
+    training: float  # activations kept for the backward pass of one micro-batch, logits, KV caches
+    sampling: float  # the generation batch's KV cache and prefill
+    overhead: float = 0.5 * GB
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.adapters + max(self.training, self.sampling) + self.overhead
+
+    @property
+    def training_peak(self) -> float:
+        """What a training step holds at its peak, without the fixed overhead: what it logs."""
+        return self.weights + self.adapters + self.training
+
+    def summary(self) -> str:
+        return (
+            f"weights {_gb(self.weights)} + adapters {_gb(self.adapters)} + training {_gb(self.training)} "
+            f"(sampling {_gb(self.sampling)}) + overhead {_gb(self.overhead)} = about {_gb(self.peak)} peak"
+        )
+
+
+def _gb(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def lora_parameters(shape: ModelShape, run: RunShape) -> int:
+    """Trainable LoRA parameters: rank × (in + out) per adapted linear, per expert for MoE layers."""
+    adapted = shape.layers if run.lora_layers <= 0 else min(run.lora_layers, shape.layers)
+    per_block = sum(run.lora_rank * (i + o) * n for i, o, n in shape.block_linears(run.lora_keys))
+    return adapted * per_block
+
+
+# Measured on the CPU backend (tests/test_memory.py): per logit, beyond the logits themselves, the
+# step holds about 16 bytes (an fp32 copy, log-softmax and its gradient); with --grad-checkpoint each
+# block keeps about 6 hidden-size vectors per token (its input and output, the checkpoint's saved
+# residuals and the cotangent), not the one a checkpoint needs in principle, and the backward pass
+# can hold two blocks' rebuilt activations at once.
+LOGIT_BYTES = 16
+CHECKPOINT_KEPT = 6
+CHECKPOINT_REBUILT = 2
+
+
+def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
+    """Peak memory of a SAMI run, estimated from the architecture and the run's settings.
+
+    Parameters x bytes per weight, plus fp32 LoRA weights with gradients and optimizer state, plus
+    the larger of: training activations for one micro-batch of N² (prompt, response) pairs, or the
+    sampling batch's KV cache. A model, not a measurement: each step logs `peak_memory_gb` (GiB), and
+    tests/test_memory.py and benchmarks/memory.py check the one against the other.
+    """
+    a, N, P, R, g = (
+        shape.activation_bytes,
+        run.variants,
+        run.prompt_tokens,
+        run.response_tokens,
+        run.groups_per_micro_batch,
+    )
+    h, V, heads = shape.hidden_size, shape.vocab_size, shape.heads
+    q, kv = heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    adapted = shape.layers if run.lora_layers <= 0 else min(run.lora_layers, shape.layers)
+    states = 2 if run.optimizer == "adamw" else 1
+    adapters = lora_parameters(shape, run) * 4 * (2 + states)
+
+    # Kept per token in each adapted block for the backward pass: the residual stream and norms,
+    # q/k/v (before and after RoPE) and the attention output, and the MLP's gate, up, the activation's
+    # sigmoid, the activation and the product (per active expert).
+    per_token_layer = a * (6 * h + 3 * q + 3 * kv + 5 * shape.intermediate_size * shape.experts_per_token)
+    kv_token = 2 * kv * a * shape.layers  # one token's keys and values over all layers
+    if run.naive:
+        tokens = N * N * (P + R)
+        scores = N * N * heads * (P + R) ** 2 * 2 * a  # attention scores and probabilities
+        logits = N * N * (P + R) * V * (a + LOGIT_BYTES)
+        caches = 0
+    else:  # shared: N prompt passes, then N responses against each prompt's repeated KV cache
+        tokens = N * P + N * N * R
+        scores = N * heads * (P * P + N * R * (P + R)) * 2 * a
+        logits = N * N * R * V * (a + LOGIT_BYTES) + N * P * V * a
+        caches = N * N * (P + R) * kv_token
+    score_layers = 1 if run.fused_attention else adapted
+    if run.grad_checkpoint:  # a few vectors per block are kept; blocks are rebuilt one or two at a time
+        rebuilt = min(CHECKPOINT_REBUILT, adapted)
+        kept = g * (tokens * adapted * CHECKPOINT_KEPT * h * a + rebuilt * (tokens * per_token_layer + scores))
+    else:
+        kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
+    training = kept + g * (logits + caches)
+    # The KL terms run N sequences once more, with and without adapters (counted at full prompt length):
+    # the logits of both passes, and the activations the policy pass keeps for the backward pass.
+    kl_tokens = (run.kl + run.anchor) * g * N * (P + R)
+    kl_kept = adapted * (CHECKPOINT_KEPT * h * a if run.grad_checkpoint else per_token_layer)
+    training += kl_tokens * (V * (a + LOGIT_BYTES) * 2 + kl_kept)
+    prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
+    sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
+    if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32
+        training *= 1.3
+    slack = 1.1  # the allocator's cache and fragmentation
+    return MemoryEstimate(shape.weight_bytes, adapters, training * slack, sampling * slack)
+
+
+# ---- this machine ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachineMemory:
+    total: float
+    usable: float  # what MLX can use without swapping (Metal's working-set limit on macOS)
+
+
+def machine_memory(total_gb: float | None = None) -> MachineMemory:
+    """This machine's memory, or `total_gb` to plan for another one."""
+    if total_gb:
+        total = total_gb * GB
+    else:
+        try:
+            total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            total = 0.0
+    if sys.platform != "darwin":
+        return MachineMemory(total, total)
+    if not total_gb:
+        try:
+            import mlx.core as mx
+
+            info = mx.device_info()
+            total = float(info.get("memory_size", total))
+            if info.get("max_recommended_working_set_size"):
+                return MachineMemory(total, float(info["max_recommended_working_set_size"]))
+        except Exception:  # an mlx without device_info: fall back to Metal's usual share
+            pass
+    # Metal lets the GPU wire about two thirds of a small Mac's memory and three quarters of a large one's.
+    return MachineMemory(total, total * (0.75 if total >= 36 * GB else 0.67))
+
+
+def fit(need: float, machine: MachineMemory) -> str:
+    """'yes', 'tight' (over what MLX may use but under the memory: swapping, slow) or 'no'."""
+    if not machine.total:
+        return "?"
+    return "yes" if need <= machine.usable else "tight" if need <= machine.total else "no"
+
+
+# ---- what --dry-run prints about memory ------------------------------------------------------
+
+
+def _cpu_backend() -> bool:
+    try:
+        import mlx.core as mx
+
+        return mx.default_device() == mx.cpu
+    except Exception:  # no MLX backend at all: plan as for a GPU
+        return False
+
+
+def _weights_float_bytes(path: Path) -> int | None:
+    """The float width of a local model's weights, read from a safetensors header (its scales' for a
+    quantized model): a config.json often leaves torch_dtype out."""
+    import json
+    import struct
+
+    widths = {"F32": 4, "F16": 2, "BF16": 2}
+    for file in sorted(path.glob("*.safetensors"))[:1]:
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return None
+        tensors = {k: v for k, v in header.items() if isinstance(v, dict) and "dtype" in v}
+        scales = [v["dtype"] for k, v in tensors.items() if k.endswith(".scales")]
+        floats = scales or [v["dtype"] for v in tensors.values() if v["dtype"] in widths]
+        return widths.get(floats[0]) if floats else None
+    return None
+
+
+def dry_run_memory(
+    shape: ModelShape, label: str, run: RunShape, weights: Path | None, total_gb: float | None = None
+) -> list[str]:
+    """The model and memory lines of `--dry-run`: the model as it will be loaded (the float width of the
+    weights in `weights`, a local model directory), its memory estimate for `run`, and whether that fits
+    this machine (or one with `total_gb` GiB) with what to change when it does not."""
+    wide = _weights_float_bytes(weights) if weights is not None else None
+    if _cpu_backend() and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
+        wide = 4
+    if wide:
+        shape = shape.in_float_bytes(wide)
+    lines = [f"model: {label} ({shape.describe()})"]
+    est = estimate_memory(shape, run)
+    lines.append(f"memory (estimate): {est.summary()}")
+    machine = machine_memory(total_gb)
+    if machine.total:
+        verdict = {
+            "yes": "fits",
+            "tight": "over what MLX can use without swapping: expect it to be slow",
+            "no": "does not fit",
+        }[fit(est.peak, machine)]
+        lines.append(f"this machine: {_gb(machine.total)} (MLX can use about {_gb(machine.usable)}): {verdict}")
+        if fit(est.peak, machine) != "yes":
+            lines.append(
+                "to need less: --grad-accumulation (fewer query groups per micro-batch), --grad-checkpoint, "
+                "fewer --lora-layers, a lower --max-tokens or --gen-batch-size, or a smaller model"
+            )
+    return lines
