@@ -193,7 +193,7 @@ def check_memory(
 
     `float_bytes`: the loaded model's float width (fp32 on the CPU backend after `upcast_for_cpu`).
     """
-    from sami_mlx.presets import GiB, ModelShape, RunShape, estimate_memory, fit, machine_memory
+    from sami_mlx.memory import GiB, ModelShape, RunShape, estimate_memory, fit, machine_memory
 
     try:
         shape = ModelShape.from_config(model_config)
