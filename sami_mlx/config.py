@@ -196,6 +196,11 @@ class TrainConfig:
     sentence_end_marks: list[str] = _f(
         [".", "!", "?"], "What counts as the end of a sentence for --sentence-end (the reference accepts only '.')."
     )
+    report_to: str = _f(
+        "",
+        "Trackers `sami-mlx train` reports the run to: 'wandb', 'swanlab' or 'wandb,swanlab' (as mlx_lm.lora; "
+        "pip install 'sami-mlx[wandb]'). Loss, MI bound, accuracies, drift, tokens/s, memory and sample responses.",
+    )
     judge_template: str | None = _f(
         None,
         (
@@ -263,6 +268,7 @@ class TrainConfig:
             raise SamiError(f"--sentence-end {cfg.sentence_end!r}: use 'off', 'positive' or 'all'")
         if cfg.sentence_end != "off" and not any(m.strip() for m in cfg.sentence_end_marks):
             raise SamiError("--sentence-end-marks: empty; give the characters that end a sentence, e.g. . ! ?")
+        cfg.report_to = parse_report_to(cfg.report_to)
         return cfg
 
     def steps_in_iteration(self, iteration: int) -> int:
@@ -275,6 +281,18 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 OFF = ("off", "none", "null")
+TRACKERS = ("wandb", "swanlab")  # --report-to (sami_mlx.tracking)
+
+
+def parse_report_to(text: str) -> str:
+    """--report-to as 'wandb,swanlab': lower case, no repeats, '' for none; raises SamiError for an unknown one."""
+    trackers = [t.strip().lower() for t in text.split(",") if t.strip().lower() not in ("", *OFF)]
+    for t in trackers:
+        if t not in TRACKERS:
+            raise SamiError(
+                f"--report-to {text}: unknown tracker '{t}'; choose from wandb, swanlab (or both: wandb,swanlab)"
+            )
+    return ",".join(dict.fromkeys(trackers))
 
 
 def config_from_file(path: str) -> dict:

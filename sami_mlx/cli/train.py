@@ -9,6 +9,7 @@ import yaml
 from sami_mlx import config
 from sami_mlx.cli.guard import guarded
 from sami_mlx.errors import RunAborted, SamiError
+from sami_mlx.tracking import Tracker, check_installed, resumed_report_to
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if timeout <= 0:
         raise SamiError(f"--rank-timeout {timeout}: must be above 0 seconds")
     if args.dry_run and not args.resume:
-        return dry_run(config.build_config(args))
+        cfg = config.build_config(args)
+        check_installed(cfg.report_to)
+        return dry_run(cfg)
     # Join the launcher's group first, so that a rank failing later is seen by the others at once.
     ranks = Ranks.world(timeout)
     try:
@@ -74,17 +77,28 @@ def _train(args: argparse.Namespace, ranks) -> int:
     from sami_mlx.cli.progress import ProgressBar
     from sami_mlx.loop.trainer import resume, train
 
+    if args.resume:
+        given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
+        if args.config:
+            given = {**config.config_from_file(args.config), **given}
+        # Where a resumed run reports to may change (say, on a machine without wandb): the flag, else the run's.
+        report_to = resumed_report_to(args.resume, given.pop("report_to", None))
+    else:
+        cfg = config.build_config(args)
+        report_to = cfg.report_to
+    # Rank 0 alone reports; the tracker starts its runs at RunStarted, before the bar is drawn.
+    tracker = Tracker(report_to) if report_to and ranks.primary else None
     bar = ProgressBar(ranks=ranks.size)
+    callbacks = [tracker, bar] if tracker else [bar]
     try:  # an error message must not land on the progress bar's line
         if args.resume:
-            given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
-            if args.config:
-                given = {**config.config_from_file(args.config), **given}
-            resume(args.resume, callbacks=[bar], overrides=given, ranks=ranks)
+            resume(args.resume, callbacks=callbacks, overrides=given, ranks=ranks)
         else:
-            train(config.build_config(args), callbacks=[bar], ranks=ranks)
+            train(cfg, callbacks=callbacks, ranks=ranks)
     finally:
         bar.close()
+        if tracker:
+            tracker.close()
     return 0
 
 
