@@ -138,22 +138,6 @@ class RunCompleted(Event):
     kept: str = ""  # why: "best held-out MI bound +0.41", "last healthy"
 
 
-ALL_EVENTS = {
-    cls.__name__: cls
-    for cls in (
-        RunStarted,
-        IterationStarted,
-        SamplingProgress,
-        SamplesReady,
-        StepCompleted,
-        MonitorChecked,
-        IterationCompleted,
-        RunWarning,
-        RunCompleted,
-    )
-}
-
-
 @dataclass
 class StageProgress(Event):
     """Progress of work around a run (building the toy model, evaluating) for progress bars."""
@@ -162,6 +146,3 @@ class StageProgress(Event):
     done: int
     total: int
     detail: str = ""
-
-
-ALL_EVENTS[StageProgress.__name__] = StageProgress
