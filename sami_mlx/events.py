@@ -134,7 +134,7 @@ class RunCompleted(Event):
     seconds: float
     stopped_early: bool = False
     reason: str = ""
-    adapters: str = ""  # which checkpoint RUN/adapters.safetensors holds: "iter-02", "iter-03 step 8", "base"
+    adapters: str = ""  # which adapters RUN/adapters.safetensors holds: "iter-02", "iter-03 step 8", "base"
     kept: str = ""  # why: "best held-out MI bound +0.41", "last healthy"
 
 
