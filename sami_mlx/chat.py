@@ -99,15 +99,12 @@ class PromptFormat:
         chat_template: bool | None = None,
     ) -> PromptFormat:
         """The format for `tokenizer`: `template` and `chat_template` (the flags) override the style."""
-        has = bool(getattr(tokenizer, "chat_template", None))
-        wanted = style.chat_template if chat_template is None else chat_template
-        if wanted and not has:
-            if chat_template:
-                raise SamiError("--chat-template: this model's tokenizer has no chat template; drop the flag")
-            raise SamiError(
-                "this run used --chat-template but the model's tokenizer has none; chat with the run's model"
-            )
-        chat = has if wanted is None else wanted
+        if chat_template is not None:
+            refuse = "--chat-template: this model's tokenizer has no chat template; drop the flag"
+            chat = use_chat_template(tokenizer, chat_template, refuse)
+        else:
+            refuse = "this run used --chat-template but the model's tokenizer has none; chat with the run's model"
+            chat = use_chat_template(tokenizer, style.chat_template, refuse)
         if template:
             chosen = load_template(template)
         elif style.template and (style.chat_template is None or style.chat_template == chat):
@@ -144,6 +141,15 @@ class PromptFormat:
 
     def stop_filter(self) -> StopFilter:
         return StopFilter(self.stop)
+
+
+def use_chat_template(tokenizer, wanted: bool | None, refuse: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template: as `wanted`, or when it has one (None);
+    `refuse` is the error when it is wanted and the tokenizer has none."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if wanted and not has:
+        raise SamiError(refuse)
+    return has if wanted is None else wanted
 
 
 def constitution_text(constitution: Constitution | None) -> str | None:
