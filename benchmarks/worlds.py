@@ -118,7 +118,7 @@ def main() -> None:
     import yaml
 
     extra = {k.replace("-", "_"): yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.extra)}
-    from sami_mlx.toy.demo import load_preset
+    from sami_mlx.presets import load_preset
     from sami_mlx.toy.pretrain import ensure_toy_model
 
     jobs = [(w, s, seed, args.out, extra) for w in args.worlds for s in args.settings for seed in args.seeds]

@@ -1,5 +1,6 @@
-"""A chat session with the base model or a checkpoint: prompts, stop strings, commands; shared by
-`sami-mlx chat` (sami_mlx.cli.chat) and the terminal UI.
+"""Chatting with the base model or a checkpoint: prompts, stop strings, template choice, streamed
+replies, and the session behind `sami-mlx chat` (sami_mlx.cli.chat). The terminal UI's chat screen
+builds its prompts and streams its replies with the same functions.
 
 With a chat template (instruct models) the turns are messages and the constitution goes into the
 first user turn through the run's template (the built-in 'chat' one by default), as training saw it.
@@ -9,8 +10,9 @@ Without one the conversation is written as a Human/Assistant dialogue after the 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sami_mlx.checkpoints import (
     Checkpoint,
@@ -18,6 +20,7 @@ from sami_mlx.checkpoints import (
     list_checkpoints,
     load_checkpoint_model,
 )
+from sami_mlx.config import TrainConfig, load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution
 from sami_mlx.inputs.prompts import Template, load_template
@@ -29,7 +32,7 @@ commands:
   /reset                        forget the conversation
   /help                         this help
   /quit                         leave (also /exit, Ctrl-D)"""
-DEFAULT_STOP = ("Human:", "###")
+DEFAULT_STOP = tuple(TrainConfig().stop)  # the engine's defaults: "Human:", "###"
 
 
 class StopFilter:
@@ -60,6 +63,127 @@ class StopFilter:
         return out
 
 
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a run wrote its prompts, so that chat writes them the same way; without a run, the defaults."""
+
+    template: str | None = None  # the run's generation template (None: a built-in by mode)
+    chat_template: bool | None = None  # whether the run used the chat template (None: when the tokenizer has one)
+    stop: tuple[str, ...] = DEFAULT_STOP
+
+    @classmethod
+    def of_config(cls, cfg: TrainConfig) -> PromptStyle:
+        return cls(cfg.generation_template or cfg.template, bool(cfg.chat_template), tuple(cfg.stop))
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path | None, flag: str = "--run") -> PromptStyle:
+        """The style of the run in `run_dir` (from its config.yaml), or the defaults without one; raises SamiError."""
+        return cls.of_config(load_run_config(run_dir, flag)) if run_dir else cls()
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts for one tokenizer are written: through its chat template or as a plain dialogue, after
+    which template, and the stop strings that end a reply (none with a chat template: EOS does)."""
+
+    chat: bool
+    template: Template
+    stop: tuple[str, ...]
+
+    @classmethod
+    def choose(
+        cls,
+        tokenizer,
+        style: PromptStyle = PromptStyle(),
+        template: str | None = None,
+        chat_template: bool | None = None,
+    ) -> PromptFormat:
+        """The format for `tokenizer`: `template` and `chat_template` (the flags) override the style."""
+        if chat_template is not None:
+            refuse = "--chat-template: this model's tokenizer has no chat template; drop the flag"
+            chat = use_chat_template(tokenizer, chat_template, refuse)
+        else:
+            refuse = "this run used --chat-template but the model's tokenizer has none; chat with the run's model"
+            chat = use_chat_template(tokenizer, style.chat_template, refuse)
+        if template:
+            chosen = load_template(template)
+        elif style.template and (style.chat_template is None or style.chat_template == chat):
+            chosen = load_template(style.template)
+        else:
+            chosen = load_template("chat" if chat else "dialogue")
+        return cls(chat, chosen, () if chat else tuple(style.stop))
+
+    def encode(self, tokenizer, turns: Sequence[dict], constitution: str | None, limit: int | None = None) -> list[int]:
+        """Token ids for the conversation so far (role/content messages ending with a user turn), the
+        constitution in the first turn; the oldest exchanges are dropped to keep it to `limit` tokens."""
+        turns = list(turns)
+        while True:
+            ids = self._encode(tokenizer, turns, constitution)
+            if limit is None or len(ids) <= limit or len(turns) <= 1:
+                return ids
+            turns = turns[2:]  # one user turn and its reply
+
+    def _encode(self, tokenizer, turns: list[dict], constitution: str | None) -> list[int]:
+        first, *rest = turns
+        if self.chat:
+            messages = [dict(t) for t in turns]
+            if constitution:
+                messages[0]["content"] = self.template.fill(constitution, first["content"])
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tokenizer.encode(text, add_special_tokens=False))
+        if constitution:
+            text = self.template.fill(constitution, first["content"])
+        else:
+            text = f"Human: {first['content']}\n\nAssistant:"
+        for t in rest:
+            text += f" {t['content']}" if t["role"] == "assistant" else f"\n\nHuman: {t['content']}\n\nAssistant:"
+        return list(tokenizer.encode(text))
+
+    def stop_filter(self) -> StopFilter:
+        return StopFilter(self.stop)
+
+
+def use_chat_template(tokenizer, wanted: bool | None, refuse: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template: as `wanted`, or when it has one (None);
+    `refuse` is the error when it is wanted and the tokenizer has none."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if wanted and not has:
+        raise SamiError(refuse)
+    return has if wanted is None else wanted
+
+
+def constitution_text(constitution: Constitution | None) -> str | None:
+    """What a chat prompt carries: the constitution's all-positive wording, numbered."""
+    return constitution.render(constitution.positive_variant) if constitution else None
+
+
+def stream_reply(
+    model,
+    tokenizer,
+    prompt: list[int],
+    stop_filter: StopFilter,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[str]:
+    """Stream a reply as the pieces that are safe to show (`stop_filter` cuts before a stop string and
+    keeps the text so far); ends at EOS, `max_tokens`, a stop string, or when `should_stop()`."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+        shown = stop_filter.feed(response.text)
+        if shown:
+            yield shown
+        if stop_filter.stopped or should_stop():
+            break
+    rest = stop_filter.flush()
+    if rest:
+        yield rest
+
+
 @dataclass
 class ChatSession:
     """The model, the conversation so far, and the settings the commands change."""
@@ -68,38 +192,26 @@ class ChatSession:
     run_dir: str | None = None
     constitution: Constitution | None = None
     template: str | None = None  # None: the run's generation template, else a built-in by mode
-    chat_template: bool | None = None
+    chat_template: bool | None = None  # None: as the run trained (without a run, when the tokenizer has one)
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
-    stop: Sequence[str] = DEFAULT_STOP
+    style: PromptStyle = field(default_factory=PromptStyle)  # how the run wrote its prompts
     trust_remote_code: bool = False
     use_constitution: bool = True
     history: list[tuple[str, str]] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
-    run_template: str | None = None  # the run's generation template
-    run_chat_template: bool = False  # whether the run trained through the chat template
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Load the model with this checkpoint's adapters (or none for base)."""
         self.model, self.tokenizer = load_checkpoint_model(self.model_name, checkpoint, self.trust_remote_code)
         self.checkpoint = checkpoint
-        has = bool(getattr(self.tokenizer, "chat_template", None))
-        if self.chat_template and not has:
-            raise SamiError("--chat-template: this model's tokenizer has no chat template; drop the flag")
-        wanted = self.chat_template
-        if wanted is None:  # as the run trained; without a run, whenever the tokenizer has one
-            wanted = self.run_chat_template if self.run_template else has
-        self.uses_chat_template = wanted
-        self._template = self._pick_template()
-        self.context = _context_length(self.model_name)
+        self.format = PromptFormat.choose(self.tokenizer, self.style, self.template, self.chat_template)
+        self.context = context_length(self.model_name)
 
-    def _pick_template(self) -> Template:
-        if self.template:
-            return load_template(self.template)
-        if self.run_template and self.run_chat_template == self.uses_chat_template:
-            return load_template(self.run_template)
-        return load_template("chat" if self.uses_chat_template else "dialogue")
+    @property
+    def uses_chat_template(self) -> bool:
+        return self.format.chat
 
     @property
     def status(self) -> str:
@@ -112,54 +224,25 @@ class ChatSession:
 
     def prompt_ids(self, message: str) -> list[int]:
         """Token ids of the conversation plus `message`, dropping the oldest turns to fit the context."""
-        history = list(self.history)
-        while True:
-            ids = self._encode(history, message)
-            if not history or not self.context or len(ids) + self.max_tokens <= self.context:
-                return ids
-            history.pop(0)
-
-    def _first_turn(self, text: str) -> str:
-        if self.constitution and self.use_constitution:
-            rendered = self.constitution.render(self.constitution.positive_variant)
-            return self._template.fill(rendered, text)
-        return text if self.uses_chat_template else f"Human: {text}\n\nAssistant:"
-
-    def _encode(self, history: list[tuple[str, str]], message: str) -> list[int]:
-        turns = [*history, (message, None)]
-        if self.uses_chat_template:
-            messages = []
-            for n, (user, reply) in enumerate(turns):
-                messages.append({"role": "user", "content": self._first_turn(user) if n == 0 else user})
-                if reply is not None:
-                    messages.append({"role": "assistant", "content": reply})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        text = self._first_turn(turns[0][0])
-        for (_, reply), (user, _) in zip(turns, turns[1:]):
-            text += f" {reply}\n\nHuman: {user}\n\nAssistant:"
-        return list(self.tokenizer.encode(text))
+        turns = []
+        for user, reply in self.history:
+            turns += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        turns.append({"role": "user", "content": message})
+        constitution = constitution_text(self.constitution) if self.use_constitution else None
+        limit = self.context - self.max_tokens if self.context else None
+        return self.format.encode(self.tokenizer, turns, constitution, limit)
 
     # ---- replies ---------------------------------------------------------------------------
 
     def reply(self, message: str, write: Callable[[str], None]) -> str:
         """Stream the model's reply to `message` through `write`, and remember the turn."""
-        from mlx_lm.generate import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
         ids = self.prompt_ids(message)
-        stops = [] if self.uses_chat_template else list(self.stop)
-        flt = StopFilter(stops)
-        sampler = make_sampler(temp=self.temperature, top_p=self.top_p)
+        flt = self.format.stop_filter()
         try:
-            for response in stream_generate(
-                self.model, self.tokenizer, ids, max_tokens=self.max_tokens, sampler=sampler
+            for shown in stream_reply(
+                self.model, self.tokenizer, ids, flt, self.max_tokens, self.temperature, self.top_p
             ):
-                shown = flt.feed(response.text)
-                if shown:
-                    write(shown)
-                if flt.stopped:
-                    break
+                write(shown)
         except KeyboardInterrupt:
             write(" [interrupted]")
         rest = flt.flush()
@@ -227,7 +310,8 @@ class ChatSession:
         say(self.status)
 
 
-def _context_length(model_name: str) -> int | None:
+def context_length(model_name: str) -> int | None:
+    """The model's context length in tokens (max_position_embeddings), or None when unknown."""
     from sami_mlx.model import resolve_model_path
 
     try:

@@ -1,12 +1,16 @@
-"""The checkpoints of a run (base, iter-01, ...) and loading a model with one of them applied."""
+"""The checkpoints of a run (base, iter-01, ...) and loading a model with one of them applied.
+
+A checkpoint here is what a run leaves per iteration for people to use: RUN/iter-NN's adapters (and
+'base', none). The state a killed run resumes from after any optimizer step (adapters, optimizer,
+schedule position; sami_mlx.loop.runstate) is the run's *step state*, not a checkpoint.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from sami_mlx.config import load_run_config
 from sami_mlx.errors import SamiError
 
 
@@ -18,13 +22,9 @@ class Checkpoint:
     adapter_path: Path | None
 
 
-def run_model(run_dir: str | Path) -> str:
-    """The model a run trained (from its config.yaml)."""
-    path = Path(run_dir).expanduser() / "config.yaml"
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))["model"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        raise SamiError(f"{path}: not readable; pass a run directory made by `sami-mlx train`") from None
+def run_model(run_dir: str | Path, flag: str = "--run") -> str:
+    """The model a run trained (from its config.yaml); raises SamiError."""
+    return load_run_config(run_dir, flag).model
 
 
 def list_checkpoints(run_dir: str | Path | None) -> list[Checkpoint]:

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from sami_mlx.errors import SamiError
@@ -221,33 +222,20 @@ class TrainConfig:
         cfg.variants = str(parse_variants(cfg.variants))
         if not cfg.out:
             cfg.out = time.strftime("runs/%Y%m%d-%H%M%S")
-        for name in (
-            "iterations",
-            "steps",
-            "queries_per_step",
-            "grad_accumulation",
-            "lora_rank",
-            "max_tokens",
-            "gen_batch_size",
-        ):
+        for name in ("iterations", "steps", "queries_per_step", "grad_accumulation", "lora_rank"):
             if getattr(cfg, name) < 1:
                 raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+        check_sampling(cfg.temperature, cfg.top_p, cfg.max_tokens)
+        if cfg.gen_batch_size < 1:
+            raise SamiError(f"--gen-batch-size {cfg.gen_batch_size}: must be at least 1")
         if cfg.grad_accumulation > cfg.queries_per_step:
             raise SamiError("--grad-accumulation: cannot exceed --queries-per-step (each micro-batch needs a query)")
         if not 0 < cfg.learning_rate < 1:
             raise SamiError(f"--learning-rate {cfg.learning_rate}: must be between 0 and 1")
-        for name, lo, hi in (
-            ("temperature", 0, 10),
-            ("top_p", 0, 1),
-            ("lora_dropout", 0, 0.99),
-            ("kl_beta", 0, 1e6),
-            ("anchor_beta", 0, 1e6),
-        ):
+        for name, lo, hi in (("lora_dropout", 0, 0.99), ("kl_beta", 0, 1e6), ("anchor_beta", 0, 1e6)):
             v = getattr(cfg, name)
             if not lo <= v <= hi:
                 raise SamiError(f"--{name.replace('_', '-')} {v}: must be between {lo} and {hi}")
-        if cfg.top_p == 0:
-            raise SamiError("--top-p 0: must be above 0")
         if cfg.schedule not in ("paper", "continue"):
             raise SamiError(f"--schedule {cfg.schedule!r}: use 'paper' or 'continue'")
         if cfg.scoring not in ("shared", "naive"):
@@ -277,6 +265,38 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_sampling(
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
+    names: tuple[str, str, str] = ("--temperature", "--top-p", "--max-tokens"),
+) -> None:
+    """Refuse sampling settings that cannot work (None: not given), naming the flag or field in `names`:
+    temperature from 0 (greedy) to 10, top-p above 0 and at most 1, at least 1 new token."""
+    if temperature is not None and not 0 <= temperature <= 10:
+        raise SamiError(f"{names[0]} {temperature}: must be between 0 and 10")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SamiError(f"{names[1]} {top_p}: must be above 0 and at most 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise SamiError(f"{names[2]} {max_tokens}: must be at least 1")
+
+
+def load_run_config(run_dir: str | Path, flag: str = "--run") -> TrainConfig:
+    """The configuration a run ran with, from RUN/config.yaml; a one-line SamiError naming the file and
+    the fix when it is missing or damaged. `flag` names where the run directory came from ('' for none)."""
+    run = Path(run_dir).expanduser()
+    path = run / "config.yaml"
+    if not path.is_file():
+        fix = "pass" if flag else "choose"
+        raise SamiError(
+            f"{flag + ' ' if flag else ''}{run}: no config.yaml there; {fix} a run directory made by `sami-mlx train`"
+        )
+    cfg = TrainConfig(**config_from_file(str(path)))
+    if not cfg.model:
+        raise SamiError(f"{path}: no 'model' setting; this file is damaged, restore it or start a new run")
+    return cfg
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -134,24 +134,8 @@ class RunCompleted(Event):
     seconds: float
     stopped_early: bool = False
     reason: str = ""
-    adapters: str = ""  # which checkpoint RUN/adapters.safetensors holds: "iter-02", "iter-03 step 8", "base"
+    adapters: str = ""  # which adapters RUN/adapters.safetensors holds: "iter-02", "iter-03 step 8", "base"
     kept: str = ""  # why: "best held-out MI bound +0.41", "last healthy"
-
-
-ALL_EVENTS = {
-    cls.__name__: cls
-    for cls in (
-        RunStarted,
-        IterationStarted,
-        SamplingProgress,
-        SamplesReady,
-        StepCompleted,
-        MonitorChecked,
-        IterationCompleted,
-        RunWarning,
-        RunCompleted,
-    )
-}
 
 
 @dataclass
@@ -162,6 +146,3 @@ class StageProgress(Event):
     done: int
     total: int
     detail: str = ""
-
-
-ALL_EVENTS[StageProgress.__name__] = StageProgress

@@ -97,6 +97,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict) -> None:
+    """Write MLX arrays as a .safetensors file atomically (fsynced, then renamed over `path`)."""
+    import mlx.core as mx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mx.save_safetensors appends the suffix itself, so the temporary name must already end with it.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    try:
+        mx.save_safetensors(str(tmp), tensors)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -302,11 +302,11 @@ def model_completer(
     """A `Complete` that samples from an mlx-lm model, through its chat template when it has one."""
     import mlx.core as mx
 
+    from sami_mlx.chat import use_chat_template
     from sami_mlx.loop.rollout import generate_batch
 
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
-    if use_chat and not getattr(tokenizer, "chat_template", None):
-        raise SamiError("--chat-template: the writer's tokenizer has no chat template; drop the flag")
+    refuse = "--chat-template: the writer's tokenizer has no chat template; drop the flag"
+    use_chat = use_chat_template(tokenizer, chat_template, refuse)
     calls = [0]
 
     def complete(messages: Messages) -> str:

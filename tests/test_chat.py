@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_run
 
-from sami_mlx.chat import ChatSession, StopFilter
+from sami_mlx.chat import ChatSession, PromptFormat, PromptStyle, StopFilter
 from sami_mlx.checkpoints import find_checkpoint
 from sami_mlx.cli.main import main
+from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
 
 
@@ -38,6 +39,47 @@ def test_stop_filter_cuts_before_a_stop_string_across_segments():
     assert "".join(shown) == "Hello there.\n\n" and f.stopped and f.text == "Hello there.\n\n"
     g = StopFilter(["Human:"])
     assert "".join(g.feed(s) for s in ["no ", "stop ", "here"]) + g.flush() == "no stop here"
+
+
+def test_prompts_follow_the_run_and_carry_the_constitution(tiny_model):
+    """The prompt format the REPL and the terminal UI share: the run's template and mode, or the defaults."""
+    import mlx_lm
+
+    _, tokenizer = mlx_lm.load(str(tiny_model))
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    run = PromptFormat.choose(tokenizer, PromptStyle("dialogue", chat_template=False))
+    assert not run.chat and run.stop == ("Human:", "###")
+    plain = tokenizer.decode(run.encode(tokenizer, turns, "1. Be brief."))
+    assert "Assistant constitution:\n1. Be brief.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye" in plain
+    assert plain.endswith("Assistant:")
+    without = tokenizer.decode(run.encode(tokenizer, turns[:1], None))
+    assert "Be brief" not in without and without.endswith("Human: Hi\n\nAssistant:")
+    default = PromptFormat.choose(tokenizer)  # no run: the tokenizer's chat template, no stop strings
+    assert default.chat and default.stop == ()
+    chat = tokenizer.decode(default.encode(tokenizer, turns[:1], "1. Be brief."))
+    assert chat.startswith("<|user|>") and "1. Be brief." in chat and chat.endswith("<|assistant|>")
+    # The run trained through the chat template, and --no-chat-template overrides: the built-in dialogue.
+    flagged = PromptFormat.choose(tokenizer, PromptStyle("chat", chat_template=True), chat_template=False)
+    assert (
+        not flagged.chat
+        and flagged.template.text == PromptFormat.choose(tokenizer, PromptStyle("dialogue")).template.text
+    )
+
+
+def test_a_chat_template_the_tokenizer_lacks_is_refused(tiny_model):
+    import mlx_lm
+
+    _, tokenizer = mlx_lm.load(str(tiny_model))
+    tokenizer.chat_template = None
+    with pytest.raises(SamiError, match="--chat-template: this model's tokenizer has no chat template"):
+        PromptFormat.choose(tokenizer, chat_template=True)
+    with pytest.raises(SamiError, match="this run used --chat-template"):
+        PromptFormat.choose(tokenizer, PromptStyle("chat", chat_template=True))
+    assert not PromptFormat.choose(tokenizer).chat
 
 
 def test_chat_template_prompt_with_the_constitution_toggled(tiny_model, tiny_run):
@@ -73,7 +115,8 @@ def test_plain_dialogue_without_the_chat_template(tiny_model, tiny_run):
 def test_old_turns_are_dropped_to_fit_the_context(tiny_model, tiny_run):
     s = session_for(tiny_model, tiny_run)
     s.history = [(f"question {i} " * 5, f"answer {i} " * 5) for i in range(12)]
-    full = len(s._encode(s.history, "last"))
+    s.context = None
+    full = len(s.prompt_ids("last"))
     s.context = full // 2
     ids = s.prompt_ids("last")
     assert len(ids) + s.max_tokens <= s.context
@@ -114,6 +157,30 @@ def test_chat_user_errors(tiny_model, capsys):
     assert main(["chat"]) == 2 and "--model is required" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_model), "--iteration", "2"]) == 2
     assert "--iteration needs --run" in capsys.readouterr().err
+    for flags, message in (
+        (["--temperature", "11"], "--temperature 11.0: must be between 0 and 10"),
+        (["--top-p", "0"], "--top-p 0.0: must be above 0 and at most 1"),
+        (["--max-tokens", "0"], "--max-tokens 0: must be at least 1"),
+    ):
+        assert main(["chat", "--model", str(tiny_model), *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_run_without_a_readable_config_is_refused_naming_the_file(tmp_path, capsys):
+    from sami_mlx.config import load_run_config
+
+    assert main(["chat", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--run {tmp_path}: no config.yaml there; pass a run directory made by `sami-mlx train`" in err
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+    assert main(["chat", "--run", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'config.yaml'}: invalid YAML" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("steps: 2\n")
+    with pytest.raises(SamiError, match="config.yaml: no 'model' setting"):
+        load_run_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("model: m\nsteps: 2\nchat_template: true\n")
+    cfg = load_run_config(tmp_path)
+    assert cfg.model == "m" and cfg.steps == 2 and PromptStyle.of_config(cfg).chat_template is True
 
 
 def test_chat_in_a_pseudo_terminal(tiny_run):

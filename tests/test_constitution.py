@@ -20,6 +20,7 @@ from sami_mlx.inputs.constitution import (
     Principle,
     Variant,
     constitution_from_dict,
+    constitution_problems,
     load_constitution,
     num_variants,
     sample_variants,
@@ -240,6 +241,42 @@ def test_validation_errors_name_file_and_field(tmp_path, filename, text, field):
     assert str(path) in message
     assert field in message
     assert "\n" not in message
+
+
+def test_problems_list_every_mistake_for_the_editor_and_the_first_is_the_loaders_error():
+    doc = {
+        "name": "c",
+        "principles": [
+            {"name": "kind", "positive": "Be kind.", "negative": ""},
+            {"name": "kind", "positive": "", "negative": "Ramble."},
+            {"name": "brief", "positive": "Be brief.", "negative": "Ramble."},
+            {"name": " kind ", "positive": "Be warm.", "negative": "Be cold."},
+        ],
+    }
+    problems = constitution_problems(doc, "c.yaml")
+    assert [p.message for p in problems] == [
+        "c.yaml: principles[0].negative is empty; write its wording",
+        "c.yaml: principles[1].positive is empty; write its wording",
+        "c.yaml: principles[1].name 'kind' is a duplicate; give each principle its own name",
+        "c.yaml: principles[3].name 'kind' is a duplicate; give each principle its own name",
+    ]
+    with pytest.raises(SamiError) as info:
+        constitution_from_dict(doc, "c.yaml")
+    assert str(info.value) == problems[0].message
+    notes: dict[int, list[str]] = {}
+    for p in problems:
+        for i, note in p.notes.items():
+            notes.setdefault(i, []).append(note)
+    assert notes == {
+        0: ["negative wording is empty", "name 'kind' is also principle 2, 4; give each its own name"],
+        1: ["positive wording is empty", "name 'kind' is also principle 1, 4; give each its own name"],
+        3: ["name 'kind' is also principle 1, 2; give each its own name"],
+    }
+    fixed = {**doc, "principles": [*doc["principles"][2:3], {"name": "kind", "positive": "K.", "negative": "R."}]}
+    assert constitution_problems(fixed) == []
+    assert [p.message for p in constitution_problems([1])] == [
+        "constitution: expected a mapping with 'name' and 'principles', got list"
+    ]
 
 
 def test_wrong_type_message_says_what_it_got(tmp_path):

@@ -125,6 +125,23 @@ def small_preset():
     }
 
 
+def test_win_rate_counts_ties_half_with_the_wilson_interval_eval_uses():
+    from sami_mlx import stats
+    from sami_mlx.inputs.constitution import Constitution, Principle
+    from sami_mlx.toy.demo import Evaluation, win_rate
+
+    c = Constitution("c", (Principle("a", "A.", "not A."), Principle("b", "B.", "not B.")))
+    base = Evaluation(c, [], [], [{"a": 0, "b": 0}, {"a": 1, "b": 0}, {"a": 1, "b": 1}, {"a": 0, "b": 1}])
+    aligned = Evaluation(c, [], [], [{"a": 1, "b": 0}, {"a": 1, "b": 1}, {"a": 1, "b": 1}, {"a": 0, "b": 0}])
+    rate, ci = win_rate(aligned, base)  # win, win, tie, loss
+    assert rate == pytest.approx(2.5 / 4)
+    assert ci == stats.wilson_interval(2.5 / 4, 4)
+    lo, hi = stats.wilson_interval(0.5, 10)  # the textbook value: 0.5 of 10 -> 0.237..0.763
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert stats.wilson_interval(1.0, 5)[1] == pytest.approx(1.0) and stats.wilson_interval(1.0, 5)[0] < 0.6
+    assert stats.win_rate([]) == (None, None)
+
+
 def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
     from sami_mlx.toy.demo import run_demo
 

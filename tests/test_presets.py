@@ -23,12 +23,12 @@ from sami_mlx.presets import (
     find_recipe,
     get_preset,
     list_presets,
+    load_preset,
     model_for_preset,
     model_shape,
     preset_names,
     recipe_names,
 )
-from sami_mlx.toy.demo import load_preset as demo_load_preset
 
 # Published parameter counts, to check each preset's architecture block against.
 PUBLISHED = {
@@ -68,7 +68,7 @@ def test_preset_architecture_matches_the_published_size_and_memory(name):
 
 
 def test_toy_world_preset_keeps_what_the_demo_reads():
-    preset = demo_load_preset("toy-world")
+    preset = load_preset("toy-world")
     assert {"recipe", "demo"} <= set(preset) and "sami" in preset["demo"]
     assert get_preset("toy-world").shape.hidden_size == preset["recipe"]["hidden_size"]
 

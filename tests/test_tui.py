@@ -603,26 +603,6 @@ def test_run_view_replays_metrics(workdir):
     assert view.last_step["scores"] == [[-2.0, -3.5], [-3.0, -1.5]]
 
 
-def test_chat_prompts_follow_the_run_and_carry_the_constitution(tiny_model):
-    import mlx_lm
-
-    from tui.chatting import build_prompt
-
-    _, tokenizer = mlx_lm.load(str(tiny_model))
-    turns = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Bye"},
-    ]
-    plain = tokenizer.decode(build_prompt(tokenizer, turns, "1. Be brief.", "dialogue", chat_template=False))
-    assert "Assistant constitution:\n1. Be brief.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye" in plain
-    assert plain.endswith("Assistant:")
-    without = tokenizer.decode(build_prompt(tokenizer, turns[:1], None, "dialogue", chat_template=False))
-    assert "Be brief" not in without and without.endswith("Human: Hi\n\nAssistant:")
-    chat = tokenizer.decode(build_prompt(tokenizer, turns[:1], "1. Be brief.", None, chat_template=None))
-    assert chat.startswith("<|user|>") and "1. Be brief." in chat and chat.endswith("<|assistant|>")
-
-
 def test_model_output_is_made_printable():
     assert printable("ok\x04\x1b[2Jdone\n") == "ok\ufffd\ufffd[2Jdone\n"
 

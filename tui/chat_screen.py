@@ -16,16 +16,11 @@ from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
-from sami_mlx.checkpoints import Checkpoint, list_checkpoints, run_model
+from sami_mlx.chat import PromptFormat, PromptStyle, constitution_text, context_length, stream_reply
+from sami_mlx.checkpoints import Checkpoint, list_checkpoints
+from sami_mlx.config import check_sampling, load_run_config
 from sami_mlx.errors import SamiError
-from tui.chatting import (
-    build_prompt,
-    checkpoint_label,
-    model_name,
-    run_prompt_settings,
-    stream_reply,
-    uses_chat_template,
-)
+from tui.chatting import checkpoint_label, model_name
 from tui.runlog import short_path
 from tui.threads import in_fresh_thread
 from tui.widgets import ChatBubble, NavTabs
@@ -80,7 +75,7 @@ class ChatScreen(Screen):
         self.pending: dict[str, ChatBubble] = {}
         self.generating = False
         self._source: tuple | None = None
-        self.prompt_settings: dict = {}
+        self.prompt_style = PromptStyle()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -117,16 +112,16 @@ class ChatScreen(Screen):
     def refresh_source(self) -> None:
         """The model and checkpoints to offer: the current run's (new iterations too), else --model's base."""
         app = self.app
-        model, checkpoints, settings = app.model or "", list_checkpoints(None), run_prompt_settings(None)
+        model, checkpoints, style = app.model or "", list_checkpoints(None), PromptStyle()
         if app.run_dir:
             try:
-                model, checkpoints = run_model(app.run_dir), list_checkpoints(app.run_dir)
-                settings = run_prompt_settings(app.run_dir)
+                cfg = load_run_config(app.run_dir, flag="")
+                model, checkpoints, style = cfg.model, list_checkpoints(app.run_dir), PromptStyle.of_config(cfg)
             except SamiError as e:
                 if (app.run_dir, app.model) != self._source:
                     app.report_error(e, "Cannot chat with this run")
         source, changed = (app.run_dir, app.model), checkpoints != self.checkpoints
-        self.model, self.prompt_settings = model, settings
+        self.model, self.prompt_style = model, style
         if changed or source != self._source:
             select = self.query_one("#checkpoint", Select)
             keep = select.value if source == self._source else None
@@ -190,11 +185,10 @@ class ChatScreen(Screen):
 
         def chosen(path: Path | None) -> None:
             if path is not None:
-                if not (path / "config.yaml").is_file():
-                    self.app.report_error(
-                        SamiError(f"{short_path(path)}: no config.yaml there; pick a run directory"),
-                        "Cannot chat with this run",
-                    )
+                try:
+                    load_run_config(path, flag="")
+                except SamiError as e:
+                    self.app.report_error(e, "Cannot chat with this run")
                     return
                 self.app.run_dir = str(path)
                 self.refresh_source()
@@ -245,18 +239,17 @@ class ChatScreen(Screen):
                 c = self.app.current_constitution()
             except SamiError as e:
                 raise SamiError(f"the constitution has an error ({e}); fix it on F1 or untick it") from None
-            constitution = c.render(c.positive_variant)
+            constitution = constitution_text(c)
         try:
             temperature = float(self.query_one("#chat-temperature", Input).value or 0)
             max_tokens = int(self.query_one("#chat-max-tokens", Input).value or 0)
         except ValueError:
             raise SamiError("temp must be a number and max tokens a whole number") from None
-        if not 0 <= temperature <= 10 or max_tokens < 1:
-            raise SamiError("temp must be between 0 and 10 and max tokens at least 1")
+        check_sampling(temperature, max_tokens=max_tokens, names=("temp", "top p", "max tokens"))
         return {
             "checkpoint": checkpoint,
             "constitution": constitution,
-            "prompt": dict(self.prompt_settings),
+            "style": self.prompt_style,
             "temperature": temperature,
             "max_tokens": max_tokens,
         }
@@ -270,7 +263,7 @@ class ChatScreen(Screen):
         history: dict[str, list[dict]],
         checkpoint: Checkpoint,
         constitution: str | None,
-        prompt: dict,
+        style: PromptStyle,
         temperature: float,
         max_tokens: int,
     ) -> None:
@@ -278,7 +271,7 @@ class ChatScreen(Screen):
         worker = get_current_worker()
         try:
             in_fresh_thread(
-                self._generate, worker, sides, history, checkpoint, constitution, prompt, temperature, max_tokens
+                self._generate, worker, sides, history, checkpoint, constitution, style, temperature, max_tokens
             )
         except Exception as e:  # a bad adapter, a missing model: shown in the app, not a crash
             self.post_message(self.ChatFailed(e))
@@ -292,7 +285,7 @@ class ChatScreen(Screen):
         history: dict[str, list[dict]],
         checkpoint: Checkpoint,
         constitution: str | None,
-        prompt: dict,
+        style: PromptStyle,
         temperature: float,
         max_tokens: int,
     ) -> None:
@@ -300,27 +293,22 @@ class ChatScreen(Screen):
         with models.lock:
             self.post_message(self.Status(f"loading {checkpoint.name}…"))
             model, tokenizer = models.load(self.model, checkpoint)
+            fmt = PromptFormat.choose(tokenizer, style)
+            context = context_length(self.model)
+            limit = context - max_tokens if context else None
             for side in sides:
                 who = checkpoint_label(checkpoint) if side == "main" else "base model"
                 self.post_message(self.Status(f"{who} is replying… (escape stops)"))
                 with models.base_of(checkpoint) if side == "base" else nullcontext():
-                    ids = build_prompt(
-                        tokenizer, history[side], constitution, prompt["template"], prompt["chat_template"]
-                    )
-                    stops = () if uses_chat_template(tokenizer, prompt["chat_template"]) else prompt["stop"]
-                    text, shown = "", 0.0
-                    for text in stream_reply(
-                        model,
-                        tokenizer,
-                        ids,
-                        max_tokens,
-                        temperature,
-                        should_stop=lambda: worker.is_cancelled,
-                        stop_strings=stops,
+                    ids = fmt.encode(tokenizer, history[side], constitution, limit)
+                    flt, shown = fmt.stop_filter(), 0.0
+                    for _ in stream_reply(
+                        model, tokenizer, ids, flt, max_tokens, temperature, should_stop=lambda: worker.is_cancelled
                     ):
                         if time.monotonic() - shown >= FRAME:
                             shown = time.monotonic()
-                            self.post_message(self.ReplyDelta(side, text))
+                            self.post_message(self.ReplyDelta(side, flt.text))
+                text = flt.text.rstrip() if flt.stopped else flt.text  # nothing dangling before a stop string
                 self.post_message(self.ReplyDelta(side, text, done=True))
                 if worker.is_cancelled:
                     break

@@ -18,7 +18,9 @@ from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_structured
 from sami_mlx.inputs.constitution import (
     Constitution,
+    Problem,
     constitution_from_dict,
+    constitution_problems,
     load_constitution,
     num_variants,
     parse_variants,
@@ -34,20 +36,12 @@ from tui.widgets import NavTabs, PrincipleCard
 PREVIEW_LIMIT = 8
 
 
-def principle_problems(principles: list[dict]) -> list[list[str]]:
-    """What to fix in each principle, shown under it (the engine's check runs on save)."""
-    names = [p["name"].strip() for p in principles]
-    out = []
-    for n, p in enumerate(principles, start=1):
-        problems = [
-            f"{label} is empty"
-            for key, label in (("name", "name"), ("positive", "positive wording"), ("negative", "negative wording"))
-            if not p[key].strip()
-        ]
-        twins = [str(m) for m, other in enumerate(names, start=1) if m != n and names[n - 1] and other == names[n - 1]]
-        if twins:
-            problems.append(f"name '{names[n - 1]}' is also principle {', '.join(twins)}; give each its own name")
-        out.append(problems)
+def principle_notes(problems: list[Problem], count: int) -> list[list[str]]:
+    """What to fix in each of `count` principles, shown under it (the engine's constitution_problems)."""
+    out: list[list[str]] = [[] for _ in range(count)]
+    for problem in problems:
+        for i, note in problem.notes.items():
+            out[i].append(note)
     return out
 
 
@@ -177,18 +171,17 @@ class ConstitutionScreen(Screen):
 
     def validate(self) -> None:
         cards = list(self.query(PrincipleCard))
-        for n, (card, problems) in enumerate(zip(cards, principle_problems([c.values() for c in cards])), 1):
-            card.show_state(n, problems)
+        problems = constitution_problems(self.document(), short_path(self.path) if self.path else "constitution")
+        for n, (card, notes) in enumerate(zip(cards, principle_notes(problems, len(cards))), 1):
+            card.show_state(n, notes)
         status = self.query_one("#constitution-status", Static)
         where = short_path(self.path) if self.path else "unsaved file"
         mark = " · modified" if self.dirty else ""
-        try:
-            c = self.constitution()
-        except SamiError as e:
-            text = Text.assemble(("✗ ", "bold red"), str(e), (f"   [{where}{mark}]", "dim"))
+        if problems:
+            text = Text.assemble(("✗ ", "bold red"), problems[0].message, (f"   [{where}{mark}]", "dim"))
         else:
             text = Text.assemble(
-                ("✓ ", "bold green"), f"{len(c.principles)} principles, valid", (f"   [{where}{mark}]", "dim")
+                ("✓ ", "bold green"), f"{len(cards)} principles, valid", (f"   [{where}{mark}]", "dim")
             )
         if text != status.content:
             status.update(text)

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from sami_mlx.chat import DEFAULT_STOP, ChatSession
-from sami_mlx.checkpoints import Checkpoint, find_checkpoint, run_model
+from sami_mlx.chat import ChatSession, PromptStyle
+from sami_mlx.checkpoints import Checkpoint, find_checkpoint
+from sami_mlx.config import check_sampling, load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
 from sami_mlx.inputs.prompts import load_template
@@ -45,17 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_session(args: argparse.Namespace) -> tuple[ChatSession, Checkpoint]:
     """The session the flags describe and the checkpoint to start with; raises SamiError."""
-    from sami_mlx.config import TrainConfig, config_from_file
-
-    cfg = None
-    if args.run:
-        run = Path(args.run).expanduser()
-        if not (run / "config.yaml").is_file():
-            raise SamiError(f"--run {run}: no config.yaml there; pass a run directory made by `sami-mlx train`")
-        cfg = TrainConfig(**config_from_file(str(run / "config.yaml")))
-    elif args.iteration not in (None, "base"):
+    cfg = load_run_config(args.run) if args.run else None
+    if cfg is None and args.iteration not in (None, "base"):
         raise SamiError("--iteration needs --run RUN: the checkpoints live in a run directory")
-    model = args.model or (run_model(args.run) if args.run else None)
+    model = args.model or (cfg.model if cfg else None)
     if not model:
         raise SamiError("--model is required without --run: a hub id or a local model directory")
     constitution = None
@@ -70,12 +64,7 @@ def make_session(args: argparse.Namespace) -> tuple[ChatSession, Checkpoint]:
                 "(pass --constitution FILE)",
                 file=sys.stderr,
             )
-    if args.max_tokens < 1:
-        raise SamiError(f"--max-tokens {args.max_tokens}: must be at least 1")
-    if not 0 <= args.temperature <= 10:
-        raise SamiError(f"--temperature {args.temperature}: must be between 0 and 10")
-    if not 0 < args.top_p <= 1:
-        raise SamiError(f"--top-p {args.top_p}: must be above 0 and at most 1")
+    check_sampling(args.temperature, args.top_p, args.max_tokens)
     if args.template:
         load_template(args.template)  # fail on a bad file before loading the model
     session = ChatSession(
@@ -87,11 +76,9 @@ def make_session(args: argparse.Namespace) -> tuple[ChatSession, Checkpoint]:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
-        stop=tuple(cfg.stop) if cfg else DEFAULT_STOP,
+        style=PromptStyle.of_config(cfg) if cfg else PromptStyle(),
         trust_remote_code=args.trust_remote_code or bool(cfg and cfg.trust_remote_code),
         use_constitution=not args.no_constitution,
-        run_template=(cfg.generation_template or cfg.template) if cfg else None,
-        run_chat_template=bool(cfg and cfg.chat_template),
     )
     checkpoint = find_checkpoint(args.run, args.iteration) if args.run else find_checkpoint(None, "base")
     return session, checkpoint

@@ -165,6 +165,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Refuse numbers that cannot work, naming the flag."""
+    from sami_mlx.config import check_sampling
+
     for flag, value, lo in (
         ("--max-tokens", args.max_tokens, 1),
         ("--batch-size", args.batch_size, 1),
@@ -176,10 +178,7 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise SamiError(f"{flag} {value}: must be at least {lo}")
     if args.judge_timeout <= 0:
         raise SamiError(f"--judge-timeout {args.judge_timeout}: must be above 0 seconds")
-    if not 0 <= args.temperature <= 10:
-        raise SamiError(f"--temperature {args.temperature}: must be between 0 and 10")
-    if not 0 < args.top_p <= 1:
-        raise SamiError(f"--top-p {args.top_p}: must be above 0 and at most 1")
+    check_sampling(args.temperature, args.top_p)
 
 
 def kept_adapters(run_dir: Path) -> str:

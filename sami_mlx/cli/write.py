@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Validate the flags, load the writer, draft, save, and print the constitution."""
+    from sami_mlx.config import check_sampling
     from sami_mlx.fileio import read_text
     from sami_mlx.inputs.constitution import save_constitution
     from sami_mlx.model import load_model
@@ -63,12 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SamiError(f"--principles {args.principles}: choose between 1 and {MAX_PRINCIPLES}")
     if args.retries < 0:
         raise SamiError(f"--retries {args.retries}: must be 0 or more")
-    if not 0 <= args.temperature <= 10:
-        raise SamiError(f"--temperature {args.temperature}: must be between 0 and 10")
-    if not 0 < args.top_p <= 1:
-        raise SamiError(f"--top-p {args.top_p}: must be above 0 and at most 1")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise SamiError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    check_sampling(args.temperature, args.top_p, args.max_tokens)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise SamiError(f"--out {out}: is a directory; give a file name such as principles.yaml")

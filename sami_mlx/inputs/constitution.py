@@ -6,7 +6,7 @@ import itertools
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sami_mlx.errors import SamiError
@@ -67,37 +67,73 @@ class Constitution:
         }
 
 
-def constitution_from_dict(data: object, source: str = "constitution") -> Constitution:
-    """Validate a parsed constitution, raising a SamiError that names the field and the fix."""
+@dataclass(frozen=True)
+class Problem:
+    """One thing to fix in a constitution: the loader's one-line error, and what the editor shows under
+    each principle it concerns (by index)."""
+
+    message: str
+    notes: dict[int, str] = field(default_factory=dict)
+
+
+FIELD_LABELS = {"name": "name", "positive": "positive wording", "negative": "negative wording"}
+
+
+def constitution_problems(data: object, source: str = "constitution") -> list[Problem]:
+    """Everything wrong with a parsed constitution, in the order the loader reports them (the first
+    one is its error); empty when it is valid. The TUI's editor shows the notes under each principle."""
     if not isinstance(data, dict):
-        raise SamiError(f"{source}: expected a mapping with 'name' and 'principles', got {type(data).__name__}")
+        return [Problem(f"{source}: expected a mapping with 'name' and 'principles', got {type(data).__name__}")]
+    out = []
     name = data.get("name", "constitution")
     if not isinstance(name, str) or not name.strip():
-        raise SamiError(f"{source}: field 'name' must be a non-empty string")
+        out.append(Problem(f"{source}: field 'name' must be a non-empty string"))
     principles = data.get("principles")
     if principles is None:
-        raise SamiError(f"{source}: missing field 'principles'; add a list of principles")
+        return [*out, Problem(f"{source}: missing field 'principles'; add a list of principles")]
     if not isinstance(principles, list) or not principles:
-        raise SamiError(f"{source}: field 'principles' must be a non-empty list")
-    seen: set[str] = set()
-    out = []
+        return [*out, Problem(f"{source}: field 'principles' must be a non-empty list")]
+    names = [_name(p) for p in principles]
     for i, p in enumerate(principles):
         where = f"{source}: principles[{i}]"
         if not isinstance(p, dict):
-            raise SamiError(f"{where} must be a mapping with name, positive and negative")
-        for key in ("name", "positive", "negative"):
+            out.append(Problem(f"{where} must be a mapping with name, positive and negative", {i: "not a mapping"}))
+            continue
+        for key, label in FIELD_LABELS.items():
             if key not in p:
-                raise SamiError(f"{where}: missing field '{key}'")
-            if not isinstance(p[key], str):
-                raise SamiError(f"{where}.{key} must be a string, got {type(p[key]).__name__}")
-            if not p[key].strip():
-                raise SamiError(f"{where}.{key} is empty; write its wording")
-        pname = p["name"].strip()
-        if pname in seen:
-            raise SamiError(f"{where}.name '{pname}' is a duplicate; give each principle its own name")
-        seen.add(pname)
-        out.append(Principle(pname, " ".join(p["positive"].split()), " ".join(p["negative"].split())))
-    return Constitution(name.strip(), tuple(out))
+                out.append(Problem(f"{where}: missing field '{key}'", {i: f"{label} is missing"}))
+            elif not isinstance(p[key], str):
+                got = type(p[key]).__name__
+                out.append(Problem(f"{where}.{key} must be a string, got {got}", {i: f"{label} must be text"}))
+            elif not p[key].strip():
+                out.append(Problem(f"{where}.{key} is empty; write its wording", {i: f"{label} is empty"}))
+        twins = [j for j, other in enumerate(names) if names[i] and other == names[i]]
+        if len(twins) > 1 and i != twins[0]:  # a repeat: flagged here, and on the first one at the first repeat
+            notes = {j: _twin_note(names[i], j, twins) for j in ([twins[0], i] if i == twins[1] else [i])}
+            out.append(Problem(f"{where}.name '{names[i]}' is a duplicate; give each principle its own name", notes))
+    return out
+
+
+def _name(p: object) -> str:
+    return p["name"].strip() if isinstance(p, dict) and isinstance(p.get("name"), str) else ""
+
+
+def _twin_note(name: str, j: int, twins: list[int]) -> str:
+    others = ", ".join(str(k + 1) for k in twins if k != j)
+    return f"name '{name}' is also principle {others}; give each its own name"
+
+
+def constitution_from_dict(data: object, source: str = "constitution") -> Constitution:
+    """Validate a parsed constitution, raising a SamiError that names the field and the fix."""
+    problems = constitution_problems(data, source)
+    if problems:
+        raise SamiError(problems[0].message)
+    assert isinstance(data, dict)
+    principles = [
+        Principle(p["name"].strip(), " ".join(p["positive"].split()), " ".join(p["negative"].split()))
+        for p in data["principles"]
+    ]
+    return Constitution(data.get("name", "constitution").strip(), tuple(principles))
 
 
 def load_constitution(path: str | Path) -> Constitution:

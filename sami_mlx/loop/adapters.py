@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from sami_mlx.fileio import atomic_write_json
+from sami_mlx.fileio import atomic_save_safetensors, atomic_write_json
 
 ADAPTER_TYPES = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
 
@@ -61,13 +60,7 @@ def save_adapter_weights(
 ) -> None:
     """Write given adapter tensors and adapter_config.json atomically, as mlx_lm.load expects."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # mx.save_safetensors adds the suffix itself, so the temporary name must already end with it.
-    tmp = directory / f".adapters.{os.getpid()}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / "adapters.safetensors")
+    atomic_save_safetensors(directory / "adapters.safetensors", weights)
     atomic_write_json(directory / "adapter_config.json", {**adapter_config, **(extra or {})})
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
@@ -55,7 +55,6 @@ class SampleStats:
     distinct_2: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
-    by_finish: dict = field(default_factory=dict)
     repetition: float = 0.0  # mean share of a response's trigrams that repeat an earlier one
 
 
@@ -205,16 +204,12 @@ def generation_stats(gens: Sequence[Generation], seconds: float = 0.0) -> Sample
         return SampleStats(seconds=seconds)
     lengths = [len(g.tokens) for g in gens]
     bigrams = [tuple(g.tokens[i : i + 2]) for g in gens for i in range(len(g.tokens) - 1)]
-    by_finish: dict[str, int] = {}
-    for g in gens:
-        by_finish[g.finish] = by_finish.get(g.finish, 0) + 1
     return SampleStats(
         mean_length=sum(lengths) / len(gens),
         no_eos_rate=sum(g.finish == "length" for g in gens) / len(gens),
         distinct_2=len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         tokens=sum(lengths),
         seconds=seconds,
-        by_finish=by_finish,
         repetition=sum(repetition(g.tokens) for g in gens) / len(gens),
     )
 

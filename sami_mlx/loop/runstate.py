@@ -15,7 +15,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from sami_mlx.errors import SamiError
-from sami_mlx.fileio import atomic_write_json
+from sami_mlx.fileio import atomic_save_safetensors, atomic_write_json
 from sami_mlx.loop.adapters import adapter_weights, set_adapter_weights
 from sami_mlx.loop.faults import fault_point
 
@@ -68,9 +68,9 @@ def save_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: opt
     name = f"checkpoints/{state.saves:06d}"
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
-    _save_tensors(folder / "adapters.safetensors", adapter_weights(model))
+    atomic_save_safetensors(folder / "adapters.safetensors", adapter_weights(model))
     fault_point("checkpoint")
-    _save_tensors(folder / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+    atomic_save_safetensors(folder / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
     state.checkpoint = name
     atomic_write_json(out / "state.json", state.to_dict())
     fault_point("checkpoint-saved")
@@ -95,15 +95,6 @@ def load_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: opt
     set_adapter_weights(model, adapters)
     optimizer.state = tree_unflatten(list(opt_state.items()))
     optimizer.init(model.trainable_parameters())
-
-
-def _save_tensors(path: Path, tensors: dict) -> None:
-    # mx.save_safetensors appends the suffix itself, so the temporary name already ends with it.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), tensors)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunLock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,22 +12,17 @@ from pathlib import Path
 import mlx.core as mx
 
 from sami_mlx import events as ev
+from sami_mlx import stats
 from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import atomic_write_json, atomic_write_text
 from sami_mlx.inputs.constitution import Constitution, Variant, save_constitution
 from sami_mlx.loop.rollout import generate_batch
 from sami_mlx.loop.trainer import heldout_perplexity, load_heldout, train
+from sami_mlx.presets import load_preset
 from sami_mlx.toy import world as toyworld
 from sami_mlx.toy.pretrain import ensure_toy_model, world_of
 
 Callback = Callable[[ev.Event], None]
-
-
-def load_preset(name: str = "toy-world") -> dict:
-    """A model preset shipped in models/, as written (see sami_mlx.presets)."""
-    from sami_mlx.presets import load_preset as load
-
-    return load(name)
 
 
 @dataclass
@@ -72,17 +66,14 @@ def evaluate(
     )
 
 
-def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float, tuple[float, float]]:
-    """Share of paired prompts where the aligned reply follows more principles (ties 0.5), with a 95% CI."""
+def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float, list[float]]:
+    """Share of paired prompts where the aligned reply follows more principles (ties 0.5), with its 95%
+    interval (sami_mlx.stats: the same Wilson interval `sami-mlx eval` reports)."""
     outcomes = []
     for a, b in zip(aligned.scores, base.scores):
         sa, sb = sum(a.values()), sum(b.values())
         outcomes.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
-    n = len(outcomes)
-    mean = sum(outcomes) / n
-    var = sum((o - mean) ** 2 for o in outcomes) / max(n - 1, 1)
-    half = 1.96 * math.sqrt(var / n)
-    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+    return stats.win_rate(outcomes)
 
 
 def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworld) -> dict[str, str]:
