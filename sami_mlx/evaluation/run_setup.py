@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sami_mlx.checkpoints import Checkpoint, find_checkpoint, list_checkpoints
-from sami_mlx.config import TrainConfig, config_from_file
+from sami_mlx.config import TrainConfig, load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution, load_constitution
 from sami_mlx.inputs.prompts import Template, load_template
@@ -58,9 +58,7 @@ def load_run_setup(run_dir: str | Path, constitution: str | None = None) -> RunS
     """The run's resolved config, constitution (or the one given) and templates; raises SamiError."""
     run = Path(run_dir).expanduser()
     path = run / "config.yaml"
-    if not path.is_file():
-        raise SamiError(f"--run {run}: no config.yaml there; pass a run directory made by `sami-mlx train`")
-    cfg = TrainConfig(**config_from_file(str(path)))
+    cfg = load_run_config(run)
     source = constitution or cfg.constitution
     if not constitution and not Path(source).expanduser().exists():
         raise SamiError(f"{path}: the run's constitution {source} is not found; pass --constitution FILE")

@@ -7,22 +7,11 @@ import math
 from collections.abc import Sequence
 
 from sami_mlx.evaluation.comparisons import Outcome
-
-Z95 = 1.959963984540054
+from sami_mlx.stats import Z95, wilson_interval
 
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def wilson_interval(p: float | None, n: int, z: float = Z95) -> list[float] | None:
-    """The Wilson score interval for a win rate p over n comparisons (ties count half)."""
-    if p is None or n == 0:
-        return None
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def length_controlled_win_rate(
