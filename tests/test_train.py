@@ -17,7 +17,8 @@ from sami_mlx.inputs.constitution import Variant
 from sami_mlx.inputs.prompts import encode_prompt, load_template
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.scoring import ScoringBatch
-from sami_mlx.loop.trainer import SamiLoop, _kl_on, prepare_inputs, train
+from sami_mlx.loop.step import kl_on
+from sami_mlx.loop.trainer import SamiLoop, prepare_inputs, train
 from sami_mlx.model import load_model
 
 PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant:"
@@ -123,7 +124,7 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
         # The responses after the dialogue template with an empty constitution, as the anchor sees them.
         plain = [encode_prompt(tokenizer, load_template("dialogue").fill("", g.query), False) for g in groups]
         batch = loop.scoring_batch(groups, random.Random(0))
-        drift = _kl_on(model, ScoringBatch(batch.prompts, batch.responses, plain).anchored()).item()
+        drift = kl_on(model, ScoringBatch(batch.prompts, batch.responses, plain).anchored()).item()
         return steps, drift
 
     free, free_drift = trained(0.0)
