@@ -9,6 +9,7 @@ import dataclasses
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -38,6 +39,35 @@ from sami_mlx.objective import mi_lower_bound, sami_loss
 
 HEALTHY = "healthy"  # RUN/healthy/: the adapters of the last step the monitor passed inside an iteration
 MONITOR_EXTRA = ("heldout_mi", "mean_length", "limit_rate", "distinct_2", "repetition", "ppl_ratio")
+
+
+@dataclass
+class FullCheck:
+    """The monitor's reading at an iteration's end: the --heldout text's figures are None without
+    --heldout, drift and the model's own held-out answers None (empty) with the monitor off."""
+
+    healthy: bool = True
+    heldout_ppl: float | None = None
+    ppl_ratio: float | None = None
+    drift_prompted: float | None = None
+    drift_plain: float | None = None
+    heldout_mi: float | None = None
+    answers: dict[str, float] = field(default_factory=dict)  # answer_stats of the model's own answers
+
+    def to_dict(self) -> dict:
+        """What was measured, as an iteration's summary in RUN/state.json holds it."""
+        out: dict = {}
+        if self.heldout_ppl is not None:
+            out.update(heldout_ppl=self.heldout_ppl, ppl_ratio=self.ppl_ratio)
+        if self.drift_prompted is not None:
+            out.update(
+                drift_prompted=self.drift_prompted,
+                drift_plain=self.drift_plain,
+                heldout_mi=self.heldout_mi,
+                **self.answers,
+            )
+        out["healthy"] = self.healthy
+        return out
 
 
 class HealthChecks:
@@ -186,39 +216,36 @@ class HealthChecks:
         state.healthy = {"iteration": it, "step": step}
         return True
 
-    def full_check(self, state: RunState, iteration: int, step: int) -> dict:
+    def full_check(self, state: RunState, iteration: int, step: int) -> FullCheck:
         """The monitor at an iteration's end: drift, the model's own held-out answers (length, token
         limit, distinct-2, repetition) and their MI bound, and the --heldout text's perplexity."""
-        out: dict = {}
+        check = FullCheck()
         if self.inputs.heldout:
-            out["heldout_ppl"] = ppl = self.heldout_ppl()
-            out["ppl_ratio"] = ppl / state.base_ppl
+            check.heldout_ppl = ppl = self.heldout_ppl()
+            check.ppl_ratio = ppl / state.base_ppl
         drifts = {}
         if self.probe:
             probe = self.probe
             prompts = [a.prompt for a in probe.prompted] + [a.prompt for a in probe.plain]
             gens = self.monitor_generate(prompts, derived_seed(self.cfg.seed, 11, iteration, step))
             drifts = drift(self.model, probe)
-            out.update(
-                drift_prompted=drifts["prompted"],
-                drift_plain=drifts["plain"],
-                heldout_mi=self.heldout_mi(probe, gens[: len(probe.prompted)]),
-                **answer_stats(gens),
-            )
-        self.problem = self.verdict(drifts, out.get("ppl_ratio"))
-        out["healthy"] = not self.problem
+            check.drift_prompted, check.drift_plain = drifts["prompted"], drifts["plain"]
+            check.heldout_mi = self.heldout_mi(probe, gens[: len(probe.prompted)])
+            check.answers = answer_stats(gens)
+        self.problem = self.verdict(drifts, check.ppl_ratio)
+        check.healthy = not self.problem
         self.emit(
             ev.MonitorChecked(
                 iteration=iteration,
                 step=step,
-                drift_prompted=out.get("drift_prompted"),
-                drift_plain=out.get("drift_plain"),
-                healthy=out["healthy"],
+                drift_prompted=check.drift_prompted,
+                drift_plain=check.drift_plain,
+                healthy=check.healthy,
                 limit=self.cfg.max_ppl_ratio,
-                **fields_of(ev.MonitorChecked, out, MONITOR_EXTRA),
+                **fields_of(ev.MonitorChecked, check.to_dict(), MONITOR_EXTRA),
             )
         )
-        return out
+        return check
 
     def keep_adapters(self, state: RunState) -> None:
         """Put in RUN/adapters.safetensors the healthy iteration --keep chooses (the best held-out MI
@@ -282,7 +309,7 @@ class HealthChecks:
                 "step": h["step"],
                 "adapters": HEALTHY,
                 "partial": True,
-                **self.full_check(state, iteration, h["step"]),
+                **self.full_check(state, iteration, h["step"]).to_dict(),
             }
             state.iterations.append(partial)
             self.problem = problem

@@ -8,6 +8,7 @@ health.py (the degeneration monitor, keeping and rolling back adapters).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -173,6 +174,16 @@ def _silent(event: ev.Event) -> None:
     """Ranks other than 0 report nothing: rank 0 speaks for the run."""
 
 
+@dataclass
+class IterationScores:
+    """Means over an iteration's logged steps (nan when none was logged)."""
+
+    loss: float
+    mi_bound: float
+    row_accuracy: float
+    column_accuracy: float
+
+
 class SamiLoop(Sampling, Stepping, HealthChecks):
     """State of one run: the model with its adapters, the optimizer, the schedule position.
 
@@ -319,7 +330,11 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                 None
                 if metrics is None
                 else ev.StepCompleted(
-                    iteration=it + 1, step=step + 1, steps=steps, global_step=state.global_step, **metrics
+                    iteration=it + 1,
+                    step=step + 1,
+                    steps=steps,
+                    global_step=state.global_step,
+                    **dataclasses.asdict(metrics),
                 )
             )
             if self.probe and cfg.monitor_every and state.step % cfg.monitor_every == 0 and state.step < steps:
@@ -336,13 +351,18 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                 return "cancelled"
         self.model.eval()
         self.ranks.at = f"iteration {it + 1}, end"
-        summary = {"iteration": it + 1, "step": steps, "adapters": f"iter-{it + 1:02d}", **self.iteration_summary(it)}
+        summary = {
+            "iteration": it + 1,
+            "step": steps,
+            "adapters": f"iter-{it + 1:02d}",
+            **dataclasses.asdict(self.iteration_summary(it)),
+        }
         it_dir = self.out / summary["adapters"]
         self.snapshots[summary["adapters"]] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
         if self.ranks.primary:
             save_adapters(self.model, it_dir, self.adapter_config)
         fault_point("iteration-adapters")
-        summary.update(self.full_check(state, it + 1, steps))
+        summary.update(self.full_check(state, it + 1, steps).to_dict())
         state.iterations.append(summary)
         state.iteration, state.phase, state.step = it + 1, "sampling", 0
         event = ev.IterationCompleted(adapter_dir=str(it_dir), **fields_of(ev.IterationCompleted, summary))
@@ -365,12 +385,12 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
         """Poll should_stop; with several ranks, a stop seen by any rank stops them all at the same step."""
         return self.ranks.any(self.should_stop(), "agreeing whether to stop")
 
-    def iteration_summary(self, it: int) -> dict:
+    def iteration_summary(self, it: int) -> IterationScores:
         """Mean loss, MI bound and accuracies over the iteration's logged steps (rank 0 keeps the log)."""
         log = read_jsonl(self.out / "metrics.jsonl") if self.ranks.primary else []
         rows = [r for r in log if r.get("event") == "StepCompleted" and r.get("iteration") == it + 1]
-        keys = ("loss", "mi_bound", "row_accuracy", "column_accuracy")
-        return {k: sum(r[k] for r in rows) / len(rows) if rows else float("nan") for k in keys}
+        keys = [f.name for f in dataclasses.fields(IterationScores)]
+        return IterationScores(**{k: sum(r[k] for r in rows) / len(rows) if rows else float("nan") for k in keys})
 
     def _make_optimizer(self) -> optim.Optimizer:
         if self.cfg.optimizer == "rmsprop":

@@ -29,6 +29,23 @@ MAX_BAD_STEPS = 3
 
 
 @dataclass
+class StepResult:
+    """What one optimizer step measured, as StepCompleted reports it."""
+
+    loss: float  # the SAMI loss, without the KL terms
+    mi_bound: float
+    row_accuracy: float
+    column_accuracy: float
+    kl: float
+    anchor_kl: float
+    learning_rate: float
+    grad_norm: float
+    tokens_per_sec: float
+    peak_memory_gb: float
+    scores: list  # the first group's N x N score matrix
+
+
+@dataclass
 class StepTotals:
     """What a step adds up over its micro-batches (each weighted by its share of the step's groups)
     and then over ranks: gradients, losses, tokens, and this rank's score matrices."""
@@ -122,7 +139,7 @@ class Stepping:
         """The padded arrays one micro-batch's loss reads (lengths bucketed when the step is compiled)."""
         return step_inputs(batch, self.settings)
 
-    def train_step(self, groups: list[Group], rng: random.Random, seed: int = 0) -> dict | None:
+    def train_step(self, groups: list[Group], rng: random.Random, seed: int = 0) -> StepResult | None:
         """One optimizer step over `groups` in grad_accumulation micro-batches; None if it was skipped.
 
         With several ranks each scores its share of the groups and the weighted gradients are summed,
@@ -161,19 +178,19 @@ class Stepping:
         row_acc, col_acc, peak = totals.accuracy_and_peak()
         seconds = time.perf_counter() - t0
         sami = totals.loss - cfg.kl_beta * totals.kl - cfg.anchor_beta * totals.anchor
-        return {
-            "loss": sami,
-            "mi_bound": mi_lower_bound(sami, self.inputs.num_variants),
-            "row_accuracy": row_acc,
-            "column_accuracy": col_acc,
-            "kl": totals.kl,
-            "anchor_kl": totals.anchor,
-            "learning_rate": cfg.learning_rate,
-            "grad_norm": grad_norm,
-            "tokens_per_sec": totals.tokens / max(seconds, 1e-9),
-            "peak_memory_gb": peak,
-            "scores": totals.scores[0][0].tolist() if totals.scores else [],
-        }
+        return StepResult(
+            loss=sami,
+            mi_bound=mi_lower_bound(sami, self.inputs.num_variants),
+            row_accuracy=row_acc,
+            column_accuracy=col_acc,
+            kl=totals.kl,
+            anchor_kl=totals.anchor,
+            learning_rate=cfg.learning_rate,
+            grad_norm=grad_norm,
+            tokens_per_sec=totals.tokens / max(seconds, 1e-9),
+            peak_memory_gb=peak,
+            scores=totals.scores[0][0].tolist() if totals.scores else [],
+        )
 
     def micro_batch(self, groups: list[Group], orders: list[list[int]], w: float, step_tokens: int) -> StepTotals:
         """One micro-batch's loss and gradients, weighted by `w` (its share of the step's groups)."""
