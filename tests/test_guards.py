@@ -6,6 +6,7 @@ import json
 import mlx.core as mx
 import pytest
 
+import sami_mlx.loop.step as step
 import sami_mlx.loop.trainer as trainer
 from sami_mlx import events as ev
 from sami_mlx.cli.train import main
@@ -34,14 +35,14 @@ def cfg(tiny_model, constitution_file, queries_file, out, steps):
 def poison(monkeypatch, bad_calls):
     """Make the SAMI loss NaN on the given (1-based) calls."""
     calls = []
-    real = trainer.sami_loss
+    real = step.sami_loss
 
     def loss(S):
         calls.append(1)
         value = real(S)
         return value * mx.array(float("nan")) if len(calls) in bad_calls else value
 
-    monkeypatch.setattr(trainer, "sami_loss", loss)
+    monkeypatch.setattr(step, "sami_loss", loss)
 
 
 def test_nan_step_is_skipped_counted_and_warned_once(

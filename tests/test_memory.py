@@ -56,7 +56,7 @@ def measured_and_estimated(model_dir, constitution_file, queries_file, tmp_path,
     model.train()
     with gradient_checkpointing(model, cfg.grad_checkpoint):
         loop.train_step(groups, random.Random(0))  # the optimizer's state exists from here on
-        peak = loop.train_step(groups, random.Random(1))["peak_memory_gb"] * 2**30 - elsewhere
+        peak = loop.train_step(groups, random.Random(1)).peak_memory_gb * 2**30 - elsewhere
     shape = ModelShape.from_config(config).in_float_bytes(float_bytes(model))
     est = estimate_memory(shape, RunShape.from_config(cfg, 2, longest))
     return peak, est.training_peak

@@ -10,6 +10,8 @@ import mlx_lm
 import pytest
 import yaml
 
+import sami_mlx.loop.health as health
+import sami_mlx.loop.sampling as sampling
 import sami_mlx.loop.trainer as trainer
 from sami_mlx import events as ev
 from sami_mlx.cli.train import main
@@ -94,7 +96,7 @@ def test_rollback_restores_exactly_the_last_healthy_step(
     """Force the drift past the limit at the third check: RUN/adapters.safetensors then holds, bit
     for bit, the adapters the run had at the second check (step 2 of iteration 1)."""
     snapshots, checks = {}, []
-    real_drift, real_checkpoint = trainer.drift, trainer.SamiLoop.checkpoint
+    real_drift, real_checkpoint = health.drift, trainer.SamiLoop.checkpoint
 
     def forced(model, probe):
         checks.append(1)
@@ -105,7 +107,7 @@ def test_rollback_restores_exactly_the_last_healthy_step(
         snapshots[(state.iteration, state.step)] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
         real_checkpoint(self, state)
 
-    monkeypatch.setattr(trainer, "drift", forced)
+    monkeypatch.setattr(health, "drift", forced)
     monkeypatch.setattr(trainer.SamiLoop, "checkpoint", checkpoint)
     out = tmp_path / "run"
     seen = []
@@ -204,14 +206,14 @@ def test_dropped_groups_are_replaced_by_fresh_queries(
 ):
     """Half of all groups are dropped: more queries are sampled until every step slot has a group of
     its own, none repeated; a split too small to fill the slots says so."""
-    real = trainer.filter_groups
+    real = sampling.filter_groups
 
     def drop_odd(groups, *filters):
         kept, drops = real(groups, *filters)
         odd = sum(g.query_index % 2 for g in kept)
         return [g for g in kept if g.query_index % 2 == 0], dataclasses.replace(drops, banned=drops.banned + odd)
 
-    monkeypatch.setattr(trainer, "filter_groups", drop_odd)
+    monkeypatch.setattr(sampling, "filter_groups", drop_odd)
     out = tmp_path / "run"
     seen = []
     trainer.train(

@@ -11,7 +11,7 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 
-import sami_mlx.loop.trainer as trainer_module
+import sami_mlx.loop.sampling as sampling
 from sami_mlx.config import TrainConfig, config_from_file
 from sami_mlx.evaluation.comparisons import Outcome
 from sami_mlx.evaluation.judge import BUILTIN_JUDGE_TEMPLATES, load_judge_template
@@ -104,7 +104,7 @@ def fake_sampler(monkeypatch, reply):
             out.append(Generation(tokens, tokenizer.decode(tokens), finish))
         return out
 
-    monkeypatch.setattr(trainer_module, "generate_batch", generate)
+    monkeypatch.setattr(sampling, "generate_batch", generate)
     return seen
 
 

@@ -116,8 +116,8 @@ def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(
     # And through train_step itself: the logged scores and loss agree.
     a = shared.train_step(make_groups(), random.Random(1))
     b = naive.train_step(make_groups(), random.Random(1))
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert np.abs(np.array(a["scores"]) - np.array(b["scores"])).max() < 1e-4
+    assert a.loss == pytest.approx(b.loss, abs=1e-5)
+    assert np.abs(np.array(a.scores) - np.array(b.scores)).max() < 1e-4
     assert calls == {"shared": 2, "naive": 2}
 
 

@@ -17,7 +17,8 @@ from sami_mlx.inputs.constitution import Variant
 from sami_mlx.inputs.prompts import encode_prompt, load_template
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.scoring import ScoringBatch
-from sami_mlx.loop.trainer import SamiLoop, _kl_on, prepare_inputs, train
+from sami_mlx.loop.step import kl_on
+from sami_mlx.loop.trainer import SamiLoop, prepare_inputs, train
 from sami_mlx.model import load_model
 
 PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant:"
@@ -83,12 +84,12 @@ def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, q
         for q in range(3)
     ]
     model.train()
-    losses = [loop.train_step(groups, random.Random(k))["loss"] for k in range(25)]
+    losses = [loop.train_step(groups, random.Random(k)).loss for k in range(25)]
     assert losses[0] > 0.3  # the random base model barely tells the variants apart
     assert losses[-1] < 0.02
     last = loop.train_step(groups, random.Random(99))
-    assert last["row_accuracy"] == 1.0 and last["column_accuracy"] == 1.0
-    assert last["mi_bound"] == pytest.approx(math.log(2), abs=0.02)
+    assert last.row_accuracy == 1.0 and last.column_accuracy == 1.0
+    assert last.mi_bound == pytest.approx(math.log(2), abs=0.02)
 
 
 def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, constitution_file, queries_file, tmp_path):
@@ -123,18 +124,18 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
         # The responses after the dialogue template with an empty constitution, as the anchor sees them.
         plain = [encode_prompt(tokenizer, load_template("dialogue").fill("", g.query), False) for g in groups]
         batch = loop.scoring_batch(groups, random.Random(0))
-        drift = _kl_on(model, ScoringBatch(batch.prompts, batch.responses, plain).anchored()).item()
+        drift = kl_on(model, ScoringBatch(batch.prompts, batch.responses, plain).anchored()).item()
         return steps, drift
 
     free, free_drift = trained(0.0)
     anchored, anchored_drift = trained(1.0)
-    assert all(s["anchor_kl"] == 0.0 for s in free)  # not computed without --anchor-beta
-    assert anchored[0]["anchor_kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
-    assert anchored[-1]["anchor_kl"] > 0
+    assert all(s.anchor_kl == 0.0 for s in free)  # not computed without --anchor-beta
+    assert anchored[0].anchor_kl == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
+    assert anchored[-1].anchor_kl > 0
     assert anchored_drift < 0.75 * free_drift, (anchored_drift, free_drift)  # measured 0.53-0.62 vs 1.19-1.27
     # The anchor constrains only the unprompted distribution: the SAMI loss still falls. Single steps
     # are noisy (and their path differs between BLAS libraries), so compare the first and last four.
-    first, last = (sum(s["loss"] for s in part) / 4 for part in (anchored[:4], anchored[-4:]))
+    first, last = (sum(s.loss for s in part) / 4 for part in (anchored[:4], anchored[-4:]))
     print("loss", first, last)
     assert last < 0.7 * first, (first, last)
 
@@ -172,10 +173,10 @@ def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_model, consti
         return [loop.train_step(groups, random.Random(k)) for k in range(3)]
 
     one, three = steps(1), steps(3)
-    assert one[-1]["kl"] > 1e-4 and one[-1]["anchor_kl"] > 1e-4  # the adapters moved: both terms count
+    assert one[-1].kl > 1e-4 and one[-1].anchor_kl > 1e-4  # the adapters moved: both terms count
     for a, b in zip(one, three):
         for key in ("loss", "kl", "anchor_kl", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-4, abs=1e-6), key
 
 
 def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constitution_file, queries_file, tmp_path):

@@ -34,7 +34,7 @@ from sami_mlx.inputs.constitution import (
     sample_variants,
     variant_strategy,
 )
-from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix
+from sami_mlx.inputs.prompts import encode_with_prefix
 from sami_mlx.loop.rollout import Generation, generate_batch
 from sami_mlx.loop.scoring import ScoringBatch, score_matrix
 from sami_mlx.objective import accuracies, mi_lower_bound, sami_loss
@@ -129,28 +129,18 @@ def intrinsic_metric(
 
     Groups with an empty response have nothing to score and are counted as skipped.
     """
+    from sami_mlx.loop.batches import scoring_batch  # the prompts and response ids, built as in training
+    from sami_mlx.loop.rollout import Group
+
     cfg, c = setup.config, setup.constitution
     rng = random.Random(f"eval-order-{seed}")
-    eos = tokenizer.eos_token_id
-    prompts, responses, skipped, identical = [], [], 0, 0
-    for query, variants, gens in groups:
-        if any(not g.tokens for g in gens):
-            skipped += 1
-            continue
-        identical += len({tuple(g.tokens) for g in gens}) < len(gens)
-        prompts.append(
-            [
-                encode_prompt(
-                    tokenizer,
-                    setup.training_template.fill(
-                        c.render(v, principle_order(len(c.principles), rng, cfg.shuffle_principles)), query
-                    ),
-                    cfg.chat_template,
-                )
-                for v in variants
-            ]
-        )
-        responses.append([g.tokens + ([eos] if cfg.count_eos and g.finish == "eos" else []) for g in gens])
+    scored = [Group(i, query, vs, gens) for i, (query, vs, gens) in enumerate(groups) if all(g.tokens for g in gens)]
+    skipped = len(groups) - len(scored)
+    identical = sum(len({tuple(g.tokens) for g in s.generations}) < len(s.generations) for s in scored)
+    # Each constitution in its own order, drawn in turn from one seeded stream.
+    orders = [[principle_order(len(c.principles), rng, cfg.shuffle_principles) for _ in s.variants] for s in scored]
+    batch = scoring_batch(tokenizer, cfg, c, setup.training_template, scored, orders)
+    prompts, responses = batch.prompts, batch.responses
     n = len(groups[0][1]) if groups else 0
     result = {
         "mi_bound": None,

@@ -1,0 +1,88 @@
+"""The maths of one optimizer step: the SAMI loss of an encoded micro-batch (with its KL terms) and its
+gradient, as plain functions of the model and arrays; accumulation, ranks and guards live in update.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from sami_mlx.loop.adapters import adapters_disabled
+from sami_mlx.loop.scoring import (
+    PairBatch,
+    ScoringBatch,
+    kl_to_base,
+    scores_from_inputs,
+    scoring_inputs,
+    token_logprobs,
+)
+from sami_mlx.objective import sami_loss
+
+StepInputs = dict[str, dict[str, mx.array]]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step's maths reads from the run's settings."""
+
+    kl_beta: float = 0.0  # --kl-beta: KL to the base after the constitution's prompts
+    anchor_beta: float = 0.0  # --anchor-beta: KL to the base after prompts with no constitution
+    shared: bool = True  # score a group's prompts through one KV cache per prompt (else pair by pair)
+    bucketed: bool = False  # lengths rounded up so that a compiled step retraces rarely
+
+
+def step_inputs(batch: ScoringBatch, settings: StepSettings) -> StepInputs:
+    """The padded arrays one micro-batch's loss reads."""
+    inputs = {"scores": scoring_inputs(batch, settings.shared, settings.bucketed)}
+    if settings.kl_beta > 0:
+        inputs["diagonal"] = batch.diagonal(settings.bucketed).arrays()
+    if settings.anchor_beta > 0:
+        inputs["anchored"] = batch.anchored(settings.bucketed).arrays()
+    return inputs
+
+
+def step_loss(
+    model: nn.Module, inputs: StepInputs, n: int, kl_tokens: mx.array, settings: StepSettings
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """(loss, S, kl, anchor kl): the SAMI loss of the score matrices S plus the weighted KL terms, each
+    KL summed over the response tokens and divided by `kl_tokens`."""
+    S = scores_from_inputs(model, inputs["scores"], n, settings.shared)
+    loss = sami_loss(S)
+    kl = anchor = mx.array(0.0)
+    if settings.kl_beta > 0:
+        kl = kl_on(model, PairBatch(**inputs["diagonal"], shape=(0, n)), kl_tokens)
+        loss = loss + settings.kl_beta * kl
+    if settings.anchor_beta > 0:
+        anchor = kl_on(model, PairBatch(**inputs["anchored"], shape=(0, n)), kl_tokens)
+        loss = loss + settings.anchor_beta * anchor
+    return loss, S, kl, anchor
+
+
+def step_function(model: nn.Module, settings: StepSettings, compiled: bool) -> Callable:
+    """(inputs, n, kl_tokens, training) -> ((loss, S, kl, anchor), gradients), compiled with
+    --compile as mlx-lm compiles its SFT step: the model's arrays and the random state (dropout)
+    are the traced state, and `training` is a constant so that train/eval mode retraces."""
+
+    def loss(model, inputs, n, kl_tokens):
+        return step_loss(model, inputs, n, kl_tokens, settings)
+
+    loss_and_grad = nn.value_and_grad(model, loss)
+
+    def step(inputs: StepInputs, n: int, kl_tokens: mx.array, training: bool):
+        return loss_and_grad(model, inputs, n, kl_tokens)
+
+    if not compiled:
+        return step
+    state = [model.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+def kl_on(model: nn.Module, pairs, tokens: float | mx.array | None = None) -> mx.array:
+    """Per-token KL(policy || base) over the response tokens of `pairs`, summed and divided by
+    `tokens` (default: their count); the base is the model with its adapters switched off."""
+    _, logits = token_logprobs(model, pairs.inputs, pairs.targets)
+    with adapters_disabled(model):
+        base_logits = mx.stop_gradient(model(pairs.inputs).astype(mx.float32))
+    return kl_to_base(logits, base_logits, pairs.mask, tokens)
