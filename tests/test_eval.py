@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import make_tiny_run
 
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.cli.main import main
@@ -185,8 +184,8 @@ def test_positions_are_randomised_with_the_seed():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = make_tiny_run(tmp_path_factory.mktemp("evalrun"), tiny_model, iterations=2)
+def tiny_run(trained_run) -> Path:
+    root = trained_run(iterations=2)
     (root / "held.txt").write_text("Name a colour.\nHow are you?\nGive me a tip for sleeping well.\nHello there!\n")
     return root
 
