@@ -1,5 +1,6 @@
 """Shared fixtures: tiny llama- and qwen2-style models that mlx_lm.load accepts (built offline, once per
-session), a constitution and queries, and `tiny_config` / `tiny_flags` / `trained_run` for short runs of them."""
+session); a constitution and queries; `tiny_config` (and `tiny_flags`, `tiny_loop`, `trained_run` built
+on it) for short runs of the tiny model; an offline Hugging Face cache; a past run as the UI reads it."""
 
 from __future__ import annotations
 
