@@ -196,16 +196,12 @@ def test_compiled_run_resumes_bit_identical(tiny_config, tmp_path):
     from sami_mlx import events as ev
     from sami_mlx.loop.trainer import resume, train
 
-    def cfg(out):
-        # the perplexity guard at its default: the monitor's state is resumed too
-        return tiny_config(
-            steps=2, learning_rate=5e-3, lora_dropout=0.1, compile=True, seed=3, max_ppl_ratio=1.5, out=out
-        )
-
-    train(cfg(tmp_path / "full"))
+    # the perplexity guard at its default: the monitor's state is resumed too
+    compiled = dict(steps=2, learning_rate=5e-3, lora_dropout=0.1, compile=True, seed=3, max_ppl_ratio=1.5)
+    train(tiny_config(compiled, out=tmp_path / "full"))
     seen = []
     train(
-        cfg(tmp_path / "part"),
+        tiny_config(compiled, out=tmp_path / "part"),
         callbacks=[lambda e: seen.append(e) if isinstance(e, ev.StepCompleted) else None],
         should_stop=lambda: len(seen) >= 1,
     )
