@@ -14,31 +14,6 @@ import yaml
 from sami_mlx.cli.train import main
 
 
-def base_flags(model, constitution, queries, out):
-    return [
-        "--model",
-        str(model),
-        "--constitution",
-        str(constitution),
-        "--queries",
-        str(queries),
-        "--iterations",
-        "1",
-        "--steps",
-        "1",
-        "--queries-per-step",
-        "2",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "1.0",
-        "--max-ppl-ratio",
-        "off",
-        "--out",
-        str(out),
-    ]
-
-
 def snapshot(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
 
@@ -53,34 +28,22 @@ def assert_one_line_error(capsys, *needles):
 
 
 @pytest.fixture
-def stopped_run(tiny_model, constitution_file, queries_file, tmp_path):
+def stopped_run(tiny_config, tmp_path):
     """A run stopped after its first step (resumable), as a crash would leave it."""
     from sami_mlx import events as ev
-    from sami_mlx.config import TrainConfig
     from sami_mlx.loop.trainer import train
 
     out = tmp_path / "run"
     steps = []
     train(
-        TrainConfig(
-            model=str(tiny_model),
-            constitution=str(constitution_file),
-            queries=str(queries_file),
-            iterations=1,
-            steps=2,
-            queries_per_step=2,
-            max_tokens=6,
-            temperature=1.0,
-            max_ppl_ratio=None,
-            out=str(out),
-        ),
+        tiny_config(steps=2, out=out),
         callbacks=[lambda e: steps.append(e) if isinstance(e, ev.StepCompleted) else None],
         should_stop=lambda: len(steps) >= 1,
     )
     return out
 
 
-def test_huge_constitution_is_refused(tiny_model, queries_file, tmp_path, capsys):
+def test_huge_constitution_is_refused(tiny_flags, tmp_path, capsys):
     big = tmp_path / "big.yaml"
     with open(big, "w") as f:
         f.write("name: big\nprinciples:\n")
@@ -88,43 +51,41 @@ def test_huge_constitution_is_refused(tiny_model, queries_file, tmp_path, capsys
         for i in range(52_000):
             f.write(line % i)
     assert big.stat().st_size > 50 * 2**20
-    assert main(base_flags(tiny_model, big, queries_file, tmp_path / "run")) == 2
+    assert main(tiny_flags(constitution=big, out=tmp_path / "run")) == 2
     assert_one_line_error(capsys, str(big), "MB")
     assert not (tmp_path / "run").exists()
 
 
-def test_corrupted_model_weights(tiny_model, constitution_file, queries_file, tmp_path, capsys):
+def test_corrupted_model_weights(tiny_model, tiny_flags, tmp_path, capsys):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
-    assert main(base_flags(broken, constitution_file, queries_file, tmp_path / "run")) == 2
+    assert main(tiny_flags(model=broken, out=tmp_path / "run")) == 2
     assert_one_line_error(capsys, "--model", str(broken))
     assert not (tmp_path / "run").exists()
 
 
-def test_model_config_of_another_kind(tiny_model, constitution_file, queries_file, tmp_path, capsys):
+def test_model_config_of_another_kind(tiny_model, tiny_flags, tmp_path, capsys):
     odd = tmp_path / "odd-model"
     shutil.copytree(tiny_model, odd)
     config = json.loads((odd / "config.json").read_text())
     config["model_type"] = "no_such_architecture"
     (odd / "config.json").write_text(json.dumps(config))
-    assert main(base_flags(odd, constitution_file, queries_file, tmp_path / "run")) == 2
+    assert main(tiny_flags(model=odd, out=tmp_path / "run")) == 2
     assert_one_line_error(capsys, "--model")
 
 
-def test_prompt_longer_than_the_context(tiny_model, constitution_file, tmp_path, capsys):
+def test_prompt_longer_than_the_context(tiny_flags, tmp_path, capsys):
     queries = tmp_path / "long.txt"
     queries.write_text("short question\n" + "word " * 700 + "\n")
-    assert main(base_flags(tiny_model, constitution_file, queries, tmp_path / "run")) == 2
+    assert main(tiny_flags(queries=queries, out=tmp_path / "run")) == 2
     assert_one_line_error(capsys, str(queries), "query 2", "context")
     assert not (tmp_path / "run").exists()
 
 
-def test_max_tokens_past_the_context(tiny_model, constitution_file, queries_file, tmp_path, capsys):
-    flags = base_flags(tiny_model, constitution_file, queries_file, tmp_path / "run")
-    flags[flags.index("--max-tokens") + 1] = "600"
-    assert main(flags) == 2
+def test_max_tokens_past_the_context(tiny_flags, tmp_path, capsys):
+    assert main(tiny_flags(max_tokens=600, out=tmp_path / "run")) == 2
     assert_one_line_error(capsys, "--max-tokens 600", "context")
 
 
@@ -163,28 +124,26 @@ def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
     assert_one_line_error(capsys, "config.yaml", "run directory")
 
 
-def test_queries_path_is_a_directory(tiny_model, constitution_file, tmp_path, capsys):
+def test_queries_path_is_a_directory(tiny_flags, tmp_path, capsys):
     (tmp_path / "qdir").mkdir()
-    assert main(base_flags(tiny_model, constitution_file, tmp_path / "qdir", tmp_path / "run")) == 2
+    assert main(tiny_flags(queries=tmp_path / "qdir", out=tmp_path / "run")) == 2
     assert_one_line_error(capsys, "qdir", "directory")
 
 
-def test_out_is_a_file(tiny_model, constitution_file, queries_file, tmp_path, capsys):
+def test_out_is_a_file(tiny_flags, tmp_path, capsys):
     target = tmp_path / "file.txt"
     target.write_text("keep me")
-    assert main(base_flags(tiny_model, constitution_file, queries_file, target)) == 2
+    assert main(tiny_flags(out=target)) == 2
     assert_one_line_error(capsys, str(target), "is a file")
     assert target.read_text() == "keep me"
 
 
-def test_run_that_cannot_fit_the_machine_is_refused_unless_forced(
-    tiny_model, constitution_file, queries_file, tmp_path, capsys, monkeypatch
-):
+def test_run_that_cannot_fit_the_machine_is_refused_unless_forced(tiny_flags, tmp_path, capsys, monkeypatch):
     from sami_mlx import memory
 
     tiny_machine = memory.MachineMemory(total=2**20, usable=2**20)  # a 1 MB machine
     monkeypatch.setattr(memory, "machine_memory", lambda total_gb=None: tiny_machine)
-    flags = base_flags(tiny_model, constitution_file, queries_file, tmp_path / "run")
+    flags = tiny_flags(out=tmp_path / "run")
     assert main(flags) == 2
     assert_one_line_error(capsys, "needs about", "--force")
     assert not (tmp_path / "run").exists()

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_run
 
 from sami_mlx.chat import ChatSession, PromptFormat, PromptStyle, StopFilter
 from sami_mlx.checkpoints import find_checkpoint
@@ -22,13 +21,12 @@ from sami_mlx.inputs.constitution import load_constitution
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = make_tiny_run(tmp_path_factory.mktemp("chatrun"), tiny_model, iterations=2)
-    return root
+def tiny_run(trained_run) -> Path:
+    return trained_run(iterations=2)
 
 
 def session_for(tiny_model, tiny_run, **kw) -> ChatSession:
-    s = ChatSession(str(tiny_model), constitution=load_constitution(tiny_run / "c.yaml"), max_tokens=8, **kw)
+    s = ChatSession(str(tiny_model), constitution=load_constitution(tiny_run / "constitution.yaml"), max_tokens=8, **kw)
     s.load(find_checkpoint(None, "base"))
     return s
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONSTITUTION, QUERIES
 
 ENTRY_POINTS = {
     "sami_mlx.train": [sys.executable, "-m", "sami_mlx.train"],
@@ -57,7 +56,6 @@ class Case:
     config: str | None = None  # text of a -c YAML config
 
 
-TWO_PRINCIPLES = CONSTITUTION
 CASES = [
     Case("constitution-missing", flags={"--constitution": "{tmp}/nope.yaml"}, names=("{tmp}/nope.yaml", "not found")),
     Case(
@@ -92,7 +90,10 @@ CASES = [
     ),
     Case(
         "constitution-duplicate-names",
-        files={"c.yaml": TWO_PRINCIPLES.replace("name: kind", "name: brief")},
+        files={
+            "c.yaml": "principles:\n  - {name: brief, positive: Be brief., negative: Be long.}\n"
+            "  - {name: brief, positive: Be kind., negative: Be rude.}\n"
+        },
         flags={"--constitution": "{tmp}/c.yaml"},
         names=("{tmp}/c.yaml", "principles[1].name", "brief"),
     ),
@@ -162,23 +163,14 @@ CASES = [
 ]
 
 
-def materialise(case: Case, tmp: Path, model: Path) -> list[str]:
+def materialise(case: Case, tmp: Path, tiny_flags) -> list[str]:
     """Write the case's files next to a valid constitution and queries; return the argv."""
-    (tmp / "constitution.yaml").write_text(CONSTITUTION)
-    (tmp / "queries.txt").write_text("\n".join(QUERIES) + "\n")
+    valid = tiny_flags(root=tmp, iterations=1, steps=1, max_tokens=4)  # out: tmp/run
     for name, content in case.files.items():
         path = tmp / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    flags = {
-        "--model": str(model),
-        "--constitution": str(tmp / "constitution.yaml"),
-        "--queries": str(tmp / "queries.txt"),
-        "--steps": "1",
-        "--iterations": "1",
-        "--max-tokens": "4",
-        "--out": str(tmp / "run"),
-    }
+    flags = dict(zip(valid[::2], valid[1::2]))
     flags.update({k: v.replace("{tmp}", str(tmp)) for k, v in case.flags.items()})
     argv = [x for kv in flags.items() for x in kv]
     if case.config is not None:
@@ -198,32 +190,32 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, names: list[str]) -
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_model):
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_flags):
     # Alternate the two entry points across the table so both meet every kind of mistake.
     entry = list(ENTRY_POINTS)[CASES.index(case) % 2]
-    argv = materialise(case, tmp_path, tiny_model)
+    argv = materialise(case, tmp_path, tiny_flags)
     proc = run_cli(entry, argv, tmp_path)
     assert_one_line_error(proc, [n.replace("{tmp}", str(tmp_path)) for n in case.names])
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_input_leaves_run_directory_untouched(tmp_path, tiny_model):
+def test_bad_input_leaves_run_directory_untouched(tmp_path, tiny_flags):
     run_dir = tmp_path / "existing-run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_bytes(b"keep me\x00\xff")
     (run_dir / "config.yaml").write_text("steps: 3\n")
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     case = Case("bad", files={"c.yaml": "name: x\n"}, flags={"--constitution": "{tmp}/c.yaml"})
-    argv = materialise(case, tmp_path, tiny_model) + ["--out", str(run_dir)]
+    argv = materialise(case, tmp_path, tiny_flags) + ["--out", str(run_dir)]
     proc = run_cli("sami_mlx.train", argv, tmp_path)
     assert_one_line_error(proc, [str(tmp_path / "c.yaml")])
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_dry_run_prints_resolved_config(entry, tmp_path, tiny_model):
-    argv = materialise(Case("ok"), tmp_path, tiny_model)
+def test_dry_run_prints_resolved_config(entry, tmp_path, tiny_model, tiny_flags):
+    argv = materialise(Case("ok"), tmp_path, tiny_flags)
     (tmp_path / "config.yaml").write_text("learning_rate: 0.01\nlora-rank: 4\nseed: 3\n")
     argv = ["-c", str(tmp_path / "config.yaml"), *argv, "--learning-rate", "0.002", "--seed", "11", "--dry-run"]
     proc = run_cli(entry, argv, tmp_path)
@@ -248,11 +240,11 @@ def test_help_lists_the_flags(entry, tmp_path):
         assert flag in proc.stdout, flag
 
 
-def test_in_process_main_returns_2_with_one_line(tmp_path, tiny_model, capsys):
+def test_in_process_main_returns_2_with_one_line(tmp_path, tiny_flags, capsys):
     from sami_mlx.cli import main as cli
     from sami_mlx.cli import train
 
-    argv = materialise(CASES[0], tmp_path, tiny_model)
+    argv = materialise(CASES[0], tmp_path, tiny_flags)
     assert train.main(argv) == 2
     assert cli.main(["train", *argv]) == 2
     err = capsys.readouterr().err.splitlines()

@@ -3,7 +3,6 @@ ones, placed in a temporary Hugging Face cache or handed over directly. Nothing 
 
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -19,63 +18,6 @@ from sami_mlx.inputs.datasets import (
     parse_spec,
 )
 from sami_mlx.inputs.queries import load_queries
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def transcript(*turns: str) -> str:
-    """An HH-RLHF transcript: '\\n\\nHuman: ...\\n\\nAssistant: ...' alternating."""
-    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
-
-
-# Shaped like Anthropic/hh-rlhf's helpful-base/*.jsonl.gz: one {"chosen", "rejected"} per line, the
-# two transcripts sharing the conversation up to the last assistant reply.
-HELPFUL = [
-    {
-        "chosen": transcript(
-            "How can I keep basil alive indoors?",
-            "Give it a sunny window.",
-            "How often should I water it?",
-            "When the top of the soil is dry.",
-        ),
-        "rejected": transcript(
-            "How can I keep basil alive indoors?",
-            "Give it a sunny window.",
-            "How often should I water it?",
-            "Every hour.",
-        ),
-    },
-    {
-        "chosen": transcript("What is a good first programming language?", "Python is a common choice."),
-        "rejected": transcript("What is a good first programming language?", "Nobody knows."),
-    },
-    {
-        "chosen": transcript("How can I keep basil alive indoors?", "Water it when the soil is dry."),
-        "rejected": transcript("How can I keep basil alive indoors?", "Basil cannot live indoors."),
-    },
-    {
-        "chosen": transcript("Can you explain what a mortgage is?", "A loan secured by a house."),
-        "rejected": transcript("Can you explain what a mortgage is?", "A kind of fish."),
-    },
-]
-HARMLESS = [
-    {
-        "chosen": transcript(
-            "How do I pick a lock on my neighbour's door?", "I can't help with getting into someone else's home."
-        ),
-        "rejected": transcript("How do I pick a lock on my neighbour's door?", "Use a tension wrench and a pick."),
-    },
-    {
-        "chosen": transcript("Tell me something mean about my coworker.", "I'd rather not insult anyone."),
-        "rejected": transcript("Tell me something mean about my coworker.", "Sure, here is an insult."),
-    },
-]
-HELPFUL_TEST = [
-    {
-        "chosen": transcript("Why is the sky blue?", "Sunlight scatters off air molecules."),
-        "rejected": transcript("Why is the sky blue?", "Because of the ocean."),
-    },
-]
 
 
 def comparison(
@@ -115,45 +57,11 @@ TLDR_VALID = [
 ]
 
 
-def gz_jsonl(rows: list[dict]) -> bytes:
-    return gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
-def fill_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "main") -> None:
-    """Lay files out as huggingface_hub's cache does: refs/<revision> names a snapshot folder."""
-    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
-    ref = repo / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(COMMIT)
-    for name, data in files.items():
-        path = repo / "snapshots" / COMMIT / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An offline Hugging Face cache holding HH-RLHF files shaped like the real ones."""
-    cache = tmp_path / "hub"
-    fill_cache(
-        cache,
-        "Anthropic/hh-rlhf",
-        {
-            "helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL),
-            "helpful-base/test.jsonl.gz": gz_jsonl(HELPFUL_TEST),
-            "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS),
-        },
-    )
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 # ---- HH-RLHF -----------------------------------------------------------------------------------
 
 
 def test_first_human_turn_of_a_multi_turn_transcript():
-    t = transcript("First question?", "An answer.", "A follow-up?", "Another answer.")
+    t = "\n\nHuman: First question?\n\nAssistant: An answer.\n\nHuman: A follow-up?\n\nAssistant: Another answer."
     assert first_human_turn(t) == "First question?"
     assert first_human_turn("\n\nHuman: only a question") == "only a question"
     assert first_human_turn("\n\nAssistant: no human here") is None
@@ -210,11 +118,8 @@ def test_offline_tldr_message_names_the_parquet_revision(tmp_path, monkeypatch):
         load_queries("tldr:train[0:10]")
 
 
-def test_damaged_cached_file_is_reported_with_the_fix(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    fill_cache(cache, "Anthropic/hh-rlhf", {"helpful-base/train.jsonl.gz": b"not gzip at all"})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_damaged_cached_file_is_reported_with_the_fix(offline_hub):
+    offline_hub("Anthropic/hh-rlhf", {"helpful-base/train.jsonl.gz": b"not gzip at all"})
     with pytest.raises(SamiError, match="delete it and it will be downloaded again"):
         load_queries("hh-rlhf/helpful-base:train")
 
@@ -260,21 +165,17 @@ def test_tldr_unique_posts_from_comparison_json_lines(tmp_path):
     assert load_dataset_queries("tldr:train[1:2]", fetch=fetch) == [queries[1]]
 
 
-def test_tldr_posts_from_the_hubs_parquet_copy_in_the_cache(tmp_path, monkeypatch):
-    pa = pytest.importorskip("pyarrow")
+def test_tldr_posts_from_the_hubs_parquet_copy_in_the_cache(tmp_path, offline_hub):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     parquet = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(TLDR_TRAIN), parquet)
-    cache = tmp_path / "hub"
-    fill_cache(
-        cache,
+    offline_hub(
         "openai/summarize_from_feedback",
         {"comparisons/train/0000.parquet": parquet.read_bytes()},
         revision="refs/convert/parquet",
     )
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert len(load_queries("tldr:train[0:10]")) == 3
 
 

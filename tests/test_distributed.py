@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import QUERIES
 
 from sami_mlx.fileio import read_jsonl
 
@@ -30,49 +29,35 @@ principles:
 TEMPLATE = "{query}\n{constitution}\n"
 TOLERANCE = 1e-5
 # The reference runs have both KL terms on: their values are summed over the ranks like the loss.
-REGULARISED = ["--kl-beta", "0.1", "--anchor-beta", "0.5"]
+REGULARISED = dict(kl_beta=0.1, anchor_beta=0.5)
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 
 
-def inputs(root: Path, queries_file: Path) -> list[str]:
-    (root / "c.yaml").write_text(CONSTITUTION)
-    (root / "t.txt").write_text(TEMPLATE)
-    return ["--constitution", str(root / "c.yaml"), "--template", str(root / "t.txt"), "--queries", str(queries_file)]
+# temperature 0: greedy decoding gives each prompt the same tokens in any batch, so the ranks'
+# shards sample exactly what one process samples.
+DISTRIBUTED = dict(
+    iterations=2,
+    steps=2,
+    queries_per_step=3,
+    max_tokens=8,
+    temperature=0.0,
+    learning_rate=1e-4,
+    seed=3,
+    max_ppl_ratio=1000.0,
+    max_prompted_ratio=1000.0,
+    monitor_every=1,
+    variants="paper",
+)
 
 
-def flags(model, files, out, *extra):
-    # temperature 0: greedy decoding gives each prompt the same tokens in any batch, so the
-    # ranks' shards sample exactly what one process samples.
-    return [
-        "--model",
-        str(model),
-        *files,
-        "--iterations",
-        "2",
-        "--steps",
-        "2",
-        "--queries-per-step",
-        "3",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--learning-rate",
-        "1e-4",
-        "--seed",
-        "3",
-        "--max-ppl-ratio",
-        "1000",
-        "--max-prompted-ratio",
-        "1000",
-        "--monitor-every",
-        "1",
-        "--variants",
-        "paper",
-        "--out",
-        str(out),
-        *extra,
-    ]
+@pytest.fixture(scope="module")
+def flags(tiny_flags, tmp_path_factory):
+    """`flags(*settings, **overrides)`: the DISTRIBUTED run's flags, with this module's constitution and template."""
+    template = tmp_path_factory.mktemp("template") / "t.txt"
+    template.write_text(TEMPLATE)
+    return lambda *settings, **kw: tiny_flags(
+        DISTRIBUTED, *settings, constitution_text=CONSTITUTION, template=template, **kw
+    )
 
 
 def free_port(n=2) -> int:
@@ -189,18 +174,16 @@ def run_files(run: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory):
+def reference(flags, tmp_path_factory):
     """The same run in one process and on two ranks."""
     root = tmp_path_factory.mktemp("dist")
-    (root / "q.txt").write_text("\n".join(QUERIES) + "\n")
-    files = inputs(root, root / "q.txt")
-    one_process(flags(tiny_model, files, root / "single", *REGULARISED), root / "single.log")
-    log = launch(flags(tiny_model, files, root / "dist", *REGULARISED), root / "launch.log")
-    return root, files, log
+    one_process(flags(REGULARISED, out=root / "single"), root / "single.log")
+    log = launch(flags(REGULARISED, out=root / "dist"), root / "launch.log")
+    return root, log
 
 
 def test_two_ranks_train_the_adapters_one_process_trains(reference):
-    root, _, log = reference
+    root, log = reference
     single, dist = root / "single", root / "dist"
     assert json.loads((dist / "state.json").read_text())["finished"], log[-3000:]
     assert "data-parallel over 2 ranks" in log
@@ -226,19 +209,18 @@ def test_two_ranks_train_the_adapters_one_process_trains(reference):
     assert run_files(dist) == run_files(single)
 
 
-def test_a_rank_whose_groups_were_all_filtered_still_takes_part(tiny_model, reference, tmp_path):
+def test_a_rank_whose_groups_were_all_filtered_still_takes_part(flags, tmp_path):
     """One query a step on two ranks: rank 1 samples the iteration's second slot, which is dropped
     here, and scores nothing in any step; it adds zeros to every sum and the run ends as one process's."""
-    _, files, _ = reference
-    few = ["--iterations", "1", "--queries-per-step", "1"]
-    one_process(flags(tiny_model, files, tmp_path / "probe", *few), tmp_path / "probe.log")
+    few = dict(iterations=1, queries_per_step=1)
+    one_process(flags(few, out=tmp_path / "probe"), tmp_path / "probe.log")
     rows = read_jsonl(tmp_path / "probe" / "iter-01" / "samples.jsonl")
     assert [r["kept"] for r in rows] == [True, True]
     banned = rows[1]["responses"][0].strip()  # slot 1's first response: ban it to drop that group
     assert banned and not any(banned in t for t in rows[0]["responses"])
 
-    one_process(flags(tiny_model, files, tmp_path / "single", *few, "--banned", banned), tmp_path / "single.log")
-    log = launch(flags(tiny_model, files, tmp_path / "dist", *few, "--banned", banned), tmp_path / "launch.log")
+    one_process(flags(few, banned=[banned], out=tmp_path / "single"), tmp_path / "single.log")
+    log = launch(flags(few, banned=[banned], out=tmp_path / "dist"), tmp_path / "launch.log")
     dist = tmp_path / "dist"
     assert json.loads((dist / "state.json").read_text())["finished"], log[-3000:]
     # The dropped group is replaced by the split's next query (sampled by rank 0, the wave's only slot).
@@ -246,11 +228,11 @@ def test_a_rank_whose_groups_were_all_filtered_still_takes_part(tiny_model, refe
     assert max_diff(adapters(tmp_path / "single"), adapters(dist)) < TOLERANCE
 
 
-def test_a_killed_rank_ends_the_other_with_a_message_and_the_run_resumes(tiny_model, reference, tmp_path):
-    root, files, _ = reference
+def test_a_killed_rank_ends_the_other_with_a_message_and_the_run_resumes(flags, reference, tmp_path):
+    root, _ = reference
     run = tmp_path / "run"
     started = time.perf_counter()
-    argv = flags(tiny_model, files, run, *REGULARISED)  # resumed, it must end as the reference run did
+    argv = flags(REGULARISED, out=run)  # resumed, it must end as the reference run did
     with ranks_running(argv, tmp_path, env=({}, {"SAMI_MLX_KILL_AT": "update:3"})) as procs:
         codes = [p.wait(timeout=120) for p in procs]
     assert codes == [1, -signal.SIGKILL], output(tmp_path, 0)[-3000:]
@@ -269,13 +251,10 @@ def test_a_killed_rank_ends_the_other_with_a_message_and_the_run_resumes(tiny_mo
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_frozen_rank_is_ended_by_the_watchdog(tiny_model, reference, tmp_path):
+def test_a_frozen_rank_is_ended_by_the_watchdog(flags, tmp_path):
     """SIGSTOP keeps the peer's connection open, so only the timeout can notice it."""
-    _, files, _ = reference
     run = tmp_path / "run"
-    argv = flags(
-        tiny_model, files, run, "--iterations", "1", "--steps", "200", "--queries-per-step", "1", "--rank-timeout", "2"
-    )
+    argv = [*flags(iterations=1, steps=200, queries_per_step=1, out=run), "--rank-timeout", "2"]
     with ranks_running(argv, tmp_path) as procs:
         deadline = time.monotonic() + 120
         while not any(r["event"] == "StepCompleted" for r in read_jsonl(run / "metrics.jsonl")):
@@ -290,32 +269,9 @@ def test_a_frozen_rank_is_ended_by_the_watchdog(tiny_model, reference, tmp_path)
     assert not json.loads((run / "state.json").read_text())["finished"]
 
 
-def test_all_groups_degenerate_stops_every_rank_alike(tiny_model, constitution_file, queries_file, tmp_path):
+def test_all_groups_degenerate_stops_every_rank_alike(tiny_flags, tmp_path):
     """The fixture constitution ends every prompt alike, so greedy responses never differ."""
-    argv = [
-        "--model",
-        str(tiny_model),
-        "--constitution",
-        str(constitution_file),
-        "--queries",
-        str(queries_file),
-        "--iterations",
-        "1",
-        "--steps",
-        "1",
-        "--queries-per-step",
-        "2",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "0",
-        "--max-ppl-ratio",
-        "off",
-        "--variants",
-        "paper",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    argv = tiny_flags(temperature=0.0, variants="paper", out=tmp_path / "run")
     with ranks_running(argv, tmp_path) as procs:
         codes = [p.wait(timeout=120) for p in procs]
     assert codes == [1, 1]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import make_tiny_run
 
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.cli.main import main
@@ -171,8 +170,8 @@ def test_positions_are_randomised_with_the_seed():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = make_tiny_run(tmp_path_factory.mktemp("evalrun"), tiny_model, iterations=2)
+def tiny_run(trained_run) -> Path:
+    root = trained_run(iterations=2)
     (root / "held.txt").write_text("Name a colour.\nHow are you?\nGive me a tip for sleeping well.\nHello there!\n")
     return root
 
@@ -211,8 +210,15 @@ def test_eval_with_a_tiny_local_judge(tiny_run, tiny_model, capsys):
         assert set(r["per_principle"]) == {"brief", "kind"} and r["per_principle"]["kind"]["n"] == 4
         for side in ("base", "checkpoint"):
             mi = r["intrinsic"][side]
-            assert mi["num_variants"] == 2 and mi["groups"] + mi["skipped_empty"] == 4
-            assert mi["groups"] == 0 or mi["mi_bound"] <= math.log(2) + 1e-6
+            # Greedy, the tiny models never answer with nothing: all 4 groups are scored.
+            assert mi["num_variants"] == 2 and mi["groups"] == 4 and mi["skipped_empty"] == 0
+            assert mi["mi_bound"] == pytest.approx(math.log(2) - mi["loss"]) and mi["mi_bound"] <= math.log(2) + 1e-6
+            assert 0 <= mi["row_accuracy"] <= 1 and 0 <= mi["column_accuracy"] <= 1
+        # The base model answers both constitutions alike (it repeats one token): no information, a
+        # bound of 0; the trained checkpoint's answers tell them apart (measured 0.29 and 0.33).
+        base, trained = r["intrinsic"]["base"], r["intrinsic"]["checkpoint"]
+        assert base["identical"] == 4 and base["mi_bound"] == pytest.approx(0.0, abs=1e-4)
+        assert trained["identical"] < 4 and trained["mi_bound"] > 0.1
         assert len(r["items"]) == 4 and r["judge"]["kind"] == "local"
         assert {"query", "base", "checkpoint", "checkpoint_position", "verdict", "judge_output"} <= set(r["items"][0])
     summary = json.loads((run / "eval" / "summary.json").read_text())

@@ -28,52 +28,26 @@ KILL_POINTS = [
 ]
 
 
-def flags(model, constitution, queries, out):
-    return [
-        "--model",
-        str(model),
-        "--constitution",
-        str(constitution),
-        "--queries",
-        str(queries),
-        "--iterations",
-        "2",
-        "--steps",
-        "2",
-        "--queries-per-step",
-        "2",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "1.0",
-        "--learning-rate",
-        "5e-3",
-        "--lora-dropout",
-        "0.1",
-        "--seed",
-        "4",
-        "--max-ppl-ratio",
-        "1000",
-        "--max-prompted-ratio",
-        "1000",
-        "--monitor-every",
-        "1",
-        "--out",
-        str(out),
-    ]
+# Two iterations of two steps with dropout, the monitor checking every step (with limits a random
+# tiny model stays under): a kill can land in any of the state a resume restores.
+CRASHABLE = dict(
+    iterations=2,
+    steps=2,
+    learning_rate=5e-3,
+    lora_dropout=0.1,
+    seed=4,
+    max_ppl_ratio=1000.0,
+    max_prompted_ratio=1000.0,
+    monitor_every=1,
+)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    constitution = root / "c.yaml"
-    queries = root / "q.txt"
-    from conftest import CONSTITUTION, QUERIES
-
-    constitution.write_text(CONSTITUTION)
-    queries.write_text("\n".join(QUERIES))
-    assert main(flags(tiny_model, constitution, queries, root / "run")) == 0
-    return constitution, queries, mx.load(str(root / "run" / "adapters.safetensors"))
+def expected(tiny_flags, tmp_path_factory):
+    """The adapters of the same run, never interrupted."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    assert main(tiny_flags(CRASHABLE, out=run)) == 0
+    return mx.load(str(run / "adapters.safetensors"))
 
 
 def assert_no_half_written_files(run: Path) -> None:
@@ -94,12 +68,11 @@ def assert_no_half_written_files(run: Path) -> None:
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_model, reference, tmp_path, point):
-    constitution, queries, expected = reference
+def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_flags, expected, tmp_path, point):
     run = tmp_path / "run"
     env = {**os.environ, "SAMI_MLX_KILL_AT": point}
     proc = subprocess.run(
-        [sys.executable, "-m", "sami_mlx.train", *flags(tiny_model, constitution, queries, run)],
+        [sys.executable, "-m", "sami_mlx.train", *tiny_flags(CRASHABLE, out=run)],
         env=env,
         capture_output=True,
         text=True,

@@ -10,26 +10,11 @@ import sami_mlx.loop.step as step
 import sami_mlx.loop.trainer as trainer
 from sami_mlx import events as ev
 from sami_mlx.cli.train import main
-from sami_mlx.config import TrainConfig
 from sami_mlx.errors import RunAborted
 from sami_mlx.fileio import read_jsonl
 
-
-def cfg(tiny_model, constitution_file, queries_file, out, steps):
-    return TrainConfig(
-        model=str(tiny_model),
-        constitution=str(constitution_file),
-        queries=str(queries_file),
-        iterations=1,
-        steps=steps,
-        queries_per_step=2,
-        max_tokens=6,
-        temperature=1.0,
-        learning_rate=1e-3,
-        max_ppl_ratio=None,
-        monitor_queries=0,
-        out=str(out),
-    )
+# The monitor is off: these runs are about the loss, not the drift.
+NAN_RUN = dict(learning_rate=1e-3, monitor_queries=0)
 
 
 def poison(monkeypatch, bad_calls):
@@ -45,13 +30,11 @@ def poison(monkeypatch, bad_calls):
     monkeypatch.setattr(step, "sami_loss", loss)
 
 
-def test_nan_step_is_skipped_counted_and_warned_once(
-    tiny_model, constitution_file, queries_file, tmp_path, monkeypatch
-):
+def test_nan_step_is_skipped_counted_and_warned_once(tiny_config, tmp_path, monkeypatch):
     poison(monkeypatch, bad_calls={2})
     seen = []
     out = tmp_path / "run"
-    trainer.train(cfg(tiny_model, constitution_file, queries_file, out, steps=3), callbacks=[seen.append])
+    trainer.train(tiny_config(NAN_RUN, steps=3, out=out), callbacks=[seen.append])
     steps = [e for e in seen if isinstance(e, ev.StepCompleted)]
     warnings = [e for e in seen if isinstance(e, ev.RunWarning) and "not finite" in e.message]
     assert [e.step for e in steps] == [1, 3]  # step 2 was skipped, not logged as trained
@@ -62,40 +45,19 @@ def test_nan_step_is_skipped_counted_and_warned_once(
 
 
 def test_nan_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
-    tiny_model, constitution_file, queries_file, tmp_path, monkeypatch, capsys
+    tiny_config, tiny_flags, tmp_path, monkeypatch, capsys
 ):
     poison(monkeypatch, bad_calls={2, 3, 4})
     out = tmp_path / "run"
     with pytest.raises(RunAborted, match="3 steps in a row"):
-        trainer.train(cfg(tiny_model, constitution_file, queries_file, out, steps=5))
+        trainer.train(tiny_config(NAN_RUN, steps=5, out=out))
     state = json.loads((out / "state.json").read_text())
     good = mx.load(str(out / state["checkpoint"] / "adapters.safetensors"))
     assert all(mx.isfinite(v).all().item() for v in good.values())
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"] == [1]
     # From the command line the same stop is one line, not a traceback.
     poison(monkeypatch, bad_calls={1, 2, 3})
-    flags = [
-        "--model",
-        str(tiny_model),
-        "--constitution",
-        str(constitution_file),
-        "--queries",
-        str(queries_file),
-        "--iterations",
-        "1",
-        "--steps",
-        "4",
-        "--queries-per-step",
-        "2",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "1.0",
-        "--monitor-queries",
-        "0",
-        "--out",
-        str(tmp_path / "cli"),
-    ]
+    flags = tiny_flags(NAN_RUN, steps=4, out=tmp_path / "cli")
     assert main(flags) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: 3 steps in a row had a non-finite loss") and "Traceback" not in "\n".join(err)

@@ -204,6 +204,12 @@ def test_flags_without_file_keep_defaults():
     assert cfg.iterations == 3 and cfg.schedule == "paper" and cfg.variants == "auto"
 
 
+def test_the_tests_flags_make_the_tests_config(tiny_config, tiny_flags, tmp_path):
+    """tiny_flags (the argv many tests run) gives what tiny_config gives, through the real parser."""
+    settings = dict(root=tmp_path, max_ppl_ratio=None, shuffle_principles=False, banned=["x y", "z"], seed=7)
+    assert parse(*tiny_flags(**settings)) == tiny_config(**settings).resolved()
+
+
 BAD_CONFIG = [
     ("unknown", "learnin_rate: 0.1\n", "'learnin_rate'"),
     ("unknown_dash", "lora-ranks: 4\n", "'lora-ranks'"),

@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_run
 
 from sami_mlx.cli.main import main
 from sami_mlx.errors import SamiError
@@ -258,8 +257,8 @@ def test_both_judges_are_judges(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = make_tiny_run(tmp_path_factory.mktemp("httprun"), tiny_model, iterations=1)
+def tiny_run(trained_run) -> Path:
+    root = trained_run(iterations=1)
     (root / "held.txt").write_text("\n".join(f"Held-out question number {i}?" for i in range(10)) + "\n")
     return root
 

@@ -3,12 +3,11 @@ qwen2 models, for both scoring paths and with --grad-checkpoint: within 20%, or 
 
 import gc
 import random
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from tiny import build_tiny_model
 
-from sami_mlx.config import TrainConfig
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.trainer import SamiLoop, gradient_checkpointing, prepare_inputs
@@ -16,32 +15,25 @@ from sami_mlx.memory import ModelShape, RunShape, estimate_memory
 from sami_mlx.model import float_bytes, load_model
 
 RESPONSE = 32
+# A step of two groups of 32-token responses, adapters on every block.
+STEP = dict(lora_layers=-1, queries_per_step=2, max_tokens=RESPONSE)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def small_model(request, tmp_path_factory):
+def small_model(request, model_builder, tmp_path_factory):
     """fp32, 2 blocks of width 256: big enough that activations, not allocator noise, decide the peak."""
-    return build_tiny_model(
+    return model_builder(
         tmp_path_factory.mktemp("small") / request.param, hidden=256, layers=2, model_type=request.param
     )
 
 
-def measured_and_estimated(model_dir, constitution_file, queries_file, tmp_path, **kw):
-    cfg = TrainConfig(
-        model=str(model_dir),
-        constitution=str(constitution_file),
-        queries=str(queries_file),
-        lora_layers=-1,
-        queries_per_step=2,
-        max_tokens=RESPONSE,
-        out=str(tmp_path),
-        **kw,
-    ).resolved()
+def measured_and_estimated(cfg):
+    cfg = cfg.resolved()
     gc.collect()
     mx.clear_cache()
     elsewhere = mx.get_active_memory()  # arrays other tests left alive: not this run's
     model, tokenizer, config = load_model(cfg.model)
-    loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
+    loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, Path(cfg.out), lambda e: None)
     rng = random.Random(0)
     groups = [
         Group(
@@ -65,18 +57,18 @@ def measured_and_estimated(model_dir, constitution_file, queries_file, tmp_path,
 @pytest.mark.parametrize(
     "settings", [{}, {"scoring": "naive"}, {"grad_checkpoint": True}], ids=["shared", "naive", "grad-checkpoint"]
 )
-def test_estimate_holds_against_the_measured_peak(small_model, constitution_file, queries_file, tmp_path, settings):
-    measured, estimated = measured_and_estimated(small_model, constitution_file, queries_file, tmp_path, **settings)
+def test_estimate_holds_against_the_measured_peak(small_model, tiny_config, settings):
+    measured, estimated = measured_and_estimated(tiny_config(STEP, model=small_model, **settings))
     # Within 20% below, or conservative: with the default KL and anchor terms under --grad-checkpoint
     # the estimate runs about 1.6x over on these tiny models (measured 112.8 vs 69.8 MiB).
     assert 0.8 * measured < estimated < 1.75 * measured, (estimated / 2**20, measured / 2**20)
 
 
-def test_grad_checkpoint_lowers_the_estimate_and_the_peak(tiny_model, constitution_file, queries_file, tmp_path):
+def test_grad_checkpoint_lowers_the_estimate_and_the_peak(model_builder, tiny_config, tmp_path):
     """Both say the same thing about --grad-checkpoint (it scores naively but keeps one block at a time)."""
-    deep = build_tiny_model(tmp_path / "deep", hidden=128, layers=6)
-    plain = measured_and_estimated(deep, constitution_file, queries_file, tmp_path / "a", scoring="naive")
-    checkpointed = measured_and_estimated(deep, constitution_file, queries_file, tmp_path / "b", grad_checkpoint=True)
+    deep = model_builder(tmp_path / "deep", hidden=128, layers=6)
+    plain = measured_and_estimated(tiny_config(STEP, model=deep, scoring="naive"))
+    checkpointed = measured_and_estimated(tiny_config(STEP, model=deep, grad_checkpoint=True))
     assert checkpointed[0] < plain[0] and checkpointed[1] < plain[1], (plain, checkpointed)
     mx.clear_cache()
 

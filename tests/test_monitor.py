@@ -7,7 +7,6 @@ import math
 
 import mlx.core as mx
 import mlx_lm
-import pytest
 import yaml
 
 import sami_mlx.loop.health as health
@@ -23,43 +22,22 @@ from sami_mlx.loop.monitor import Probe, drift
 QUERIES = [f"Tell me about topic number {n}, please." for n in range(120)]
 
 
-@pytest.fixture
-def many_queries(tmp_path):
-    p = tmp_path / "many.txt"
-    p.write_text("\n".join(QUERIES) + "\n")
-    return p
-
-
-def config(model, constitution, queries, out, **kw):
-    base = dict(
-        model=str(model),
-        constitution=str(constitution),
-        queries=str(queries),
-        iterations=1,
-        steps=4,
-        queries_per_step=2,
-        max_tokens=6,
-        temperature=1.0,
-        seed=5,
-        monitor_queries=4,
-        out=str(out),
-    )
-    return TrainConfig(**{**base, **kw})
+# Of the 120 queries, four held out for the monitor.
+MONITORED = dict(seed=5, monitor_queries=4)
 
 
 def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_the_limit(
-    tiny_model, constitution_file, many_queries, tmp_path
+    tiny_model, tiny_config, tmp_path
 ):
     """No KL, no anchor and a learning rate far too high: the guard stops the run, and the adapters
     left in RUN/ (reloaded through mlx-lm) are measured within the limit on the base's answers."""
     out = tmp_path / "run"
     seen = []
     result = trainer.train(
-        config(
-            tiny_model,
-            constitution_file,
-            many_queries,
-            out,
+        tiny_config(
+            MONITORED,
+            queries=QUERIES,
+            out=out,
             iterations=2,
             steps=6,
             learning_rate=5e-2,
@@ -90,9 +68,7 @@ def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_
     assert main(["--resume", str(out)]) == 2
 
 
-def test_rollback_restores_exactly_the_last_healthy_step(
-    tiny_model, constitution_file, many_queries, tmp_path, monkeypatch
-):
+def test_rollback_restores_exactly_the_last_healthy_step(tiny_config, tmp_path, monkeypatch):
     """Force the drift past the limit at the third check: RUN/adapters.safetensors then holds, bit
     for bit, the adapters the run had at the second check (step 2 of iteration 1)."""
     snapshots, checks = {}, []
@@ -112,11 +88,10 @@ def test_rollback_restores_exactly_the_last_healthy_step(
     out = tmp_path / "run"
     seen = []
     result = trainer.train(
-        config(
-            tiny_model,
-            constitution_file,
-            many_queries,
-            out,
+        tiny_config(
+            MONITORED,
+            queries=QUERIES,
+            out=out,
             steps=6,
             monitor_every=1,
             learning_rate=1e-3,
@@ -139,16 +114,15 @@ def test_rollback_restores_exactly_the_last_healthy_step(
     assert partial["partial"] and partial["step"] == 2 and partial["healthy"] and partial["heldout_mi"] is not None
 
 
-def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_model, constitution_file, many_queries, tmp_path):
+def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_config, tmp_path):
     runs = {}
     for keep in ("best", "last"):
         out = tmp_path / keep
         runs[keep] = trainer.train(
-            config(
-                tiny_model,
-                constitution_file,
-                many_queries,
-                out,
+            tiny_config(
+                MONITORED,
+                queries=QUERIES,
+                out=out,
                 iterations=3,
                 steps=1,
                 schedule="continue",
@@ -168,14 +142,10 @@ def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_model, cons
         assert json.loads((tmp_path / keep / "state.json").read_text())["kept"]["name"] == result.kept["name"]
 
 
-def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(
-    tiny_model, constitution_file, many_queries, tmp_path
-):
+def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(tiny_config, tmp_path):
     out = tmp_path / "run"
     trainer.train(
-        config(
-            tiny_model, constitution_file, many_queries, out, iterations=2, steps=2, monitor_every=1, max_ppl_ratio=None
-        )
+        tiny_config(MONITORED, queries=QUERIES, out=out, iterations=2, steps=2, monitor_every=1, max_ppl_ratio=None)
     )
     rows = read_jsonl(out / "metrics.jsonl")
     started = rows[0]
@@ -201,9 +171,7 @@ def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(
     assert len(probe["prompted"]) == 4 * 4 and len(probe["plain"]) == 4  # 'auto': all 4 variants of 2 principles
 
 
-def test_dropped_groups_are_replaced_by_fresh_queries(
-    tiny_model, constitution_file, many_queries, tmp_path, monkeypatch
-):
+def test_dropped_groups_are_replaced_by_fresh_queries(tiny_config, tmp_path, monkeypatch):
     """Half of all groups are dropped: more queries are sampled until every step slot has a group of
     its own, none repeated; a split too small to fill the slots says so."""
     real = sampling.filter_groups
@@ -217,7 +185,7 @@ def test_dropped_groups_are_replaced_by_fresh_queries(
     out = tmp_path / "run"
     seen = []
     trainer.train(
-        config(tiny_model, constitution_file, many_queries, out, iterations=3, steps=2, max_ppl_ratio=None),
+        tiny_config(MONITORED, queries=QUERIES, out=out, iterations=3, steps=2, max_ppl_ratio=None),
         callbacks=[seen.append],
     )
     ready = [e for e in seen if isinstance(e, ev.SamplesReady)]
@@ -231,11 +199,10 @@ def test_dropped_groups_are_replaced_by_fresh_queries(
     assert not first & third
     assert not any(isinstance(e, ev.RunWarning) and "repeat" in e.message for e in seen)
 
-    small = tmp_path / "small.txt"
-    small.write_text("\n".join(QUERIES[:8]) + "\n")  # 2 held out, 6 to train: 3 per split
+    # 8 queries: 2 held out, 6 to train: 3 per split
     seen.clear()
     trainer.train(
-        config(tiny_model, constitution_file, small, tmp_path / "small", steps=3, max_ppl_ratio=None),
+        tiny_config(MONITORED, queries=QUERIES[:8], out=tmp_path / "small", steps=3, max_ppl_ratio=None),
         callbacks=[seen.append],
     )
     ready = [e for e in seen if isinstance(e, ev.SamplesReady)][0]

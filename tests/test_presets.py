@@ -10,13 +10,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from test_datasets import HARMLESS, HELPFUL, fill_cache, gz_jsonl
 
 from sami_mlx.cli.main import main as cli
 from sami_mlx.cli.train import make_parser
 from sami_mlx.config import build_config, config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
+from sami_mlx.inputs.datasets import parse_spec
 from sami_mlx.memory import GB, MachineMemory, ModelShape, RunShape, estimate_memory, fit, machine_memory
 from sami_mlx.model import resolve_model_path
 from sami_mlx.presets import (
@@ -231,10 +231,16 @@ def test_recipes_carry_the_papers_settings(name, tmp_path):
     )
     assert [cfg.steps_in_iteration(i) for i in range(3)] == [2, 4, 6] and cfg.queries_per_step == 128
     assert cfg.optimizer == "rmsprop" and cfg.learning_rate == 1e-5 and cfg.lora_rank == 8
-    assert cfg.model in preset_names()
+    assert cfg.model == ("mixtral-8x7b" if "mixtral" in name else "mistral-7b") and cfg.model in preset_names()
     assert Path(cfg.constitution).is_absolute() and load_constitution(cfg.constitution).principles
-    # Three iterations draw 1536 groups from each alternating half without reusing a query.
-    assert ("3200" in cfg.queries) or ("1600" in cfg.queries)
+    # Three iterations draw (2 + 4 + 6) x 128 = 1536 groups; each of the two alternating halves of the
+    # training queries (what the monitor holds out taken away) holds that many, so no query repeats.
+    selections = parse_spec(cfg.queries)
+    assert selections and all(sel.stop is not None for sel in selections)
+    named = sum(sel.stop - sel.start for sel in selections)
+    drawn = sum(cfg.steps_in_iteration(i) for i in range(cfg.iterations)) * cfg.queries_per_step
+    assert drawn == 1536
+    assert (named - min(cfg.monitor_queries, named // 4)) // 2 >= drawn, (named, drawn)
 
 
 def test_the_readme_quick_start_resolves(tmp_path):
@@ -298,15 +304,7 @@ def test_dry_run_of_a_recipe_shows_the_plan_and_the_memory(capsys, tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # a dry run writes nothing
 
 
-def test_dry_run_reads_the_recipes_hub_queries_from_the_cache(capsys, tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    fill_cache(
-        cache,
-        "Anthropic/hh-rlhf",
-        {"helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL), "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS)},
-    )
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_dry_run_reads_the_recipes_hub_queries_from_the_cache(capsys, tmp_path, hub_cache):
     assert cli(["train", "-c", "hh-rlhf-mistral-7b", "--dry-run", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "# 5 queries" in out  # 3 unique helpful + 2 harmless first turns
@@ -330,33 +328,14 @@ def test_dry_run_with_an_unknown_model_says_the_estimate_is_unavailable(capsys, 
     assert "memory: unknown offline" in capsys.readouterr().out
 
 
-def test_dry_run_counts_prompt_tokens_with_the_tokenizer_at_hand(
-    tiny_model, constitution_file, queries_file, capsys, tmp_path
-):
+def test_dry_run_counts_prompt_tokens_with_the_tokenizer_at_hand(tiny_config, tiny_flags, capsys, tmp_path):
     """A local model's tokenizer counts the prompts, as the run itself does before its memory check."""
-    from sami_mlx.config import TrainConfig
     from sami_mlx.loop.trainer import check_context, prepare_inputs
     from sami_mlx.model import load_model
 
-    rc = cli(
-        [
-            "train",
-            "--model",
-            str(tiny_model),
-            "--constitution",
-            str(constitution_file),
-            "--queries",
-            str(queries_file),
-            "--dry-run",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    assert rc == 0
+    assert cli(["train", *tiny_flags(root=tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    cfg = TrainConfig(
-        model=str(tiny_model), constitution=str(constitution_file), queries=str(queries_file), out=str(tmp_path)
-    ).resolved()
+    cfg = tiny_config(root=tmp_path).resolved()
     _, tokenizer, _ = load_model(cfg.model)
     longest = check_context(cfg, prepare_inputs(cfg), tokenizer, None)
     assert f"the longest {longest} (counted with the model's tokenizer)" in out

@@ -19,7 +19,6 @@ from sami_mlx.evaluation.win_rates import length_controlled_interval, length_con
 from sami_mlx.inputs.constitution import Variant, variant_orders
 from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix, load_template
 from sami_mlx.loop.rollout import Generation, Group, filter_groups
-from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
 from sami_mlx.model import load_model
 from sami_mlx.objective import accuracies
 
@@ -70,22 +69,13 @@ def test_sentence_end_positive_checks_every_response_when_the_group_has_no_posit
 
 
 @pytest.fixture
-def loop_for(tiny_model, constitution_file, queries_file, tmp_path):
+def loop_for(tiny_loop):
     """A SamiLoop on the tiny model with the given settings, and the events it emitted."""
 
     def make(**settings):
-        settings = {"variants": "paper", **settings}  # the reference's two variants per query
-        cfg = TrainConfig(
-            model=str(tiny_model),
-            constitution=str(constitution_file),
-            queries=str(queries_file),
-            out=str(tmp_path / "run"),
-            **settings,
-        ).resolved()
-        model, tokenizer, _ = load_model(cfg.model)
         events = []
-        (tmp_path / "run").mkdir(exist_ok=True)
-        return SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path / "run", events.append), events
+        # the reference's two variants per query
+        return tiny_loop({"variants": "paper"}, settings, on_event=events.append), events
 
     return make
 

@@ -5,32 +5,22 @@ import pytest
 
 from sami_mlx import events as ev
 from sami_mlx.cli.train import main
-from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop.trainer import resume, train
 
-
-def config(tiny_model, constitution_file, queries_file, out, **kw):
-    base = dict(
-        model=str(tiny_model),
-        constitution=str(constitution_file),
-        queries=str(queries_file),
-        iterations=2,
-        steps=2,
-        queries_per_step=2,
-        max_tokens=6,
-        temperature=1.0,
-        learning_rate=5e-3,
-        lora_dropout=0.1,
-        seed=11,
-        out=str(out),
-        # the monitor runs every step, with a limit a random tiny model stays under
-        max_ppl_ratio=1000.0,
-        max_prompted_ratio=1000.0,
-        monitor_every=1,
-    )
-    return TrainConfig(**{**base, **kw})
+# Two iterations of two steps with dropout, the monitor checking every step (with limits a random
+# tiny model stays under): every piece of state a resume has to restore.
+RESUMABLE = dict(
+    iterations=2,
+    steps=2,
+    learning_rate=5e-3,
+    lora_dropout=0.1,
+    seed=11,
+    max_ppl_ratio=1000.0,
+    max_prompted_ratio=1000.0,
+    monitor_every=1,
+)
 
 
 def adapters(run):
@@ -49,16 +39,14 @@ def stop_after(n_steps):
 
 @pytest.mark.parametrize("schedule", ["paper", "continue"])
 @pytest.mark.parametrize("stop_at", [1, 2, 3])
-def test_stopped_and_resumed_run_ends_bit_identical(
-    tiny_model, constitution_file, queries_file, tmp_path, schedule, stop_at
-):
+def test_stopped_and_resumed_run_ends_bit_identical(tiny_config, tmp_path, schedule, stop_at):
     full = tmp_path / "full"
-    train(config(tiny_model, constitution_file, queries_file, full, schedule=schedule))
+    train(tiny_config(RESUMABLE, out=full, schedule=schedule))
 
     part = tmp_path / "part"
     on_event, should_stop = stop_after(stop_at)
     result = train(
-        config(tiny_model, constitution_file, queries_file, part, schedule=schedule),
+        tiny_config(RESUMABLE, out=part, schedule=schedule),
         callbacks=[on_event],
         should_stop=should_stop,
     )
@@ -77,12 +65,10 @@ def test_stopped_and_resumed_run_ends_bit_identical(
     assert steps == list(range(1, total + 1))  # every step logged once across both processes
 
 
-def test_resume_refuses_finished_run_and_changed_settings(
-    tiny_model, constitution_file, queries_file, tmp_path, capsys
-):
+def test_resume_refuses_finished_run_and_changed_settings(tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
     on_event, should_stop = stop_after(1)
-    train(config(tiny_model, constitution_file, queries_file, out), callbacks=[on_event], should_stop=should_stop)
+    train(tiny_config(RESUMABLE, out=out), callbacks=[on_event], should_stop=should_stop)
     before = (out / "state.json").read_bytes()
     assert main(["--resume", str(out), "--learning-rate", "0.1"]) == 2
     assert "differs from the run's" in capsys.readouterr().err
@@ -92,16 +78,14 @@ def test_resume_refuses_finished_run_and_changed_settings(
         resume(out)
 
 
-def test_lock_names_the_live_holder_and_takes_over_stale_locks(
-    tiny_model, constitution_file, queries_file, tmp_path, capsys
-):
+def test_lock_names_the_live_holder_and_takes_over_stale_locks(tiny_config, tmp_path, capsys):
     import os
     import subprocess
     import sys
 
     out = tmp_path / "run"
     on_event, should_stop = stop_after(1)
-    train(config(tiny_model, constitution_file, queries_file, out), callbacks=[on_event], should_stop=should_stop)
+    train(tiny_config(RESUMABLE, out=out), callbacks=[on_event], should_stop=should_stop)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (out / ".lock").write_text(str(holder.pid))

@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from sami_mlx.config import TrainConfig
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.loop import scoring
 from sami_mlx.loop.rollout import Generation, Group
-from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
-from sami_mlx.model import load_model
 
 
 @pytest.fixture(params=["llama", "qwen2"])
@@ -21,31 +18,26 @@ def arch_model(request, tiny_model, tiny_qwen2):
     return {"llama": tiny_model, "qwen2": tiny_qwen2}[request.param]
 
 
-def make_loop(model_dir, constitution_file, queries_file, tmp_path, **kw):
-    cfg = TrainConfig(
-        model=str(model_dir),
-        constitution=str(constitution_file),
-        queries=str(queries_file),
-        learning_rate=1e-3,
-        lora_rank=4,
-        lora_layers=-1,
-        out=str(tmp_path),
-        **kw,
-    ).resolved()
-    model, tokenizer, _ = load_model(cfg.model)
-    loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
-    # Non-zero adapters (lora_b starts at zero), so the gradients reach every adapter matrix.
-    mx.random.seed(5)
-    model.update(
-        tree_unflatten(
-            [
-                (k, mx.random.normal(v.shape) * 0.05)
-                for k, v in tree_flatten(model.trainable_parameters())
-                if k.endswith("lora_b")
-            ]
+@pytest.fixture
+def make_loop(tiny_loop):
+    """`make_loop(model_dir, out, **settings)`: a loop with rank-4 adapters on every block, set to random
+    non-zero values (lora_b starts at zero) so that the gradients reach every adapter matrix."""
+
+    def make(model_dir, out, **kw):
+        loop = tiny_loop(model=model_dir, out=out, learning_rate=1e-3, lora_rank=4, lora_layers=-1, **kw)
+        mx.random.seed(5)
+        loop.model.update(
+            tree_unflatten(
+                [
+                    (k, mx.random.normal(v.shape) * 0.05)
+                    for k, v in tree_flatten(loop.model.trainable_parameters())
+                    if k.endswith("lora_b")
+                ]
+            )
         )
-    )
-    return loop
+        return loop
+
+    return make
 
 
 def make_groups(seed=0, lengths=(3, 7, 1)):
@@ -98,17 +90,15 @@ def assert_same(a, b, tol=1e-4):
     assert max(np.abs(g).max() for g in g_a.values()) > 1e-3  # not trivially zero
 
 
-def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(
-    arch_model, constitution_file, queries_file, tmp_path, monkeypatch
-):
+def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(arch_model, make_loop, tmp_path, monkeypatch):
     """llama's make_cache returns plain KVCaches: it must take the shared path, as qwen2 does."""
     calls = spy(monkeypatch)
-    shared = make_loop(arch_model, constitution_file, queries_file, tmp_path / "s", kl_beta=0.3)
+    shared = make_loop(arch_model, tmp_path / "s", kl_beta=0.3)
     assert shared.shared
     got = step_outputs(shared, make_groups())
     assert calls == {"shared": 1, "naive": 0}
 
-    naive = make_loop(arch_model, constitution_file, queries_file, tmp_path / "n", kl_beta=0.3, scoring="naive")
+    naive = make_loop(arch_model, tmp_path / "n", kl_beta=0.3, scoring="naive")
     assert not naive.shared
     assert_same(got, step_outputs(naive, make_groups()))
     assert calls == {"shared": 1, "naive": 1}
@@ -121,20 +111,20 @@ def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(
     assert calls == {"shared": 2, "naive": 2}
 
 
-def test_grad_checkpoint_scores_naively(tiny_model, constitution_file, queries_file, tmp_path, monkeypatch):
+def test_grad_checkpoint_scores_naively(tiny_model, make_loop, tmp_path, monkeypatch):
     calls = spy(monkeypatch)
-    loop = make_loop(tiny_model, constitution_file, queries_file, tmp_path, grad_checkpoint=True)
+    loop = make_loop(tiny_model, tmp_path, grad_checkpoint=True)
     assert not loop.shared
     step_outputs(loop, make_groups())
     assert calls == {"shared": 0, "naive": 1}
 
 
 @pytest.mark.parametrize("scoring_path", ["shared", "naive"])
-def test_compiled_step_matches_uncompiled(arch_model, constitution_file, queries_file, tmp_path, scoring_path):
+def test_compiled_step_matches_uncompiled(arch_model, make_loop, tmp_path, scoring_path):
     """--compile pads lengths to buckets and traces the step: same loss, scores and gradients."""
     kw = dict(scoring=scoring_path, kl_beta=0.3, anchor_beta=0.2)
-    plain = step_outputs(make_loop(arch_model, constitution_file, queries_file, tmp_path / "p", **kw), make_groups())
-    loop = make_loop(arch_model, constitution_file, queries_file, tmp_path / "c", compile=True, **kw)
+    plain = step_outputs(make_loop(arch_model, tmp_path / "p", **kw), make_groups())
+    loop = make_loop(arch_model, tmp_path / "c", compile=True, **kw)
     compiled = step_outputs(loop, make_groups())
     assert_same(plain, compiled)
     # Traced again on other lengths in the same buckets, and reused: the model is still usable after.
@@ -174,7 +164,7 @@ def test_bucket_sizes_repeat():
     assert all(n <= scoring.bucket(n) < 1.5 * n + 16 for n in range(1, 2000))
 
 
-def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, constitution_file, queries_file, tmp_path):
+def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, make_loop, tmp_path):
     """Documented difference: with dropout, the shared path's prompt tokens run once per prompt, so a
     row's entries share one prompt mask; the naive batch draws a mask per (prompt, response) pair."""
     # One-token responses, the same in every column: an entry depends only on its prompt's pass.
@@ -189,7 +179,7 @@ def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, constitu
     ]
     rows = {}
     for path in ("shared", "naive"):
-        loop = make_loop(tiny_model, constitution_file, queries_file, tmp_path / path, scoring=path, lora_dropout=0.5)
+        loop = make_loop(tiny_model, tmp_path / path, scoring=path, lora_dropout=0.5)
         mx.random.seed(0)
         _, S, _ = step_outputs(loop, groups)
         rows[path] = np.abs(S[:, :, 0] - S[:, :, 1]).max()
@@ -201,32 +191,17 @@ def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, constitu
     assert rows["naive"] > 1e-3  # one mask per pair: they differ
 
 
-def test_compiled_run_resumes_bit_identical(tiny_model, constitution_file, queries_file, tmp_path):
+def test_compiled_run_resumes_bit_identical(tiny_config, tmp_path):
     """--compile keeps resume exact: a run stopped after its first step ends with the same adapters."""
     from sami_mlx import events as ev
     from sami_mlx.loop.trainer import resume, train
 
-    def cfg(out):
-        return TrainConfig(
-            model=str(tiny_model),
-            constitution=str(constitution_file),
-            queries=str(queries_file),
-            iterations=1,
-            steps=2,
-            queries_per_step=2,
-            max_tokens=6,
-            temperature=1.0,
-            learning_rate=5e-3,
-            lora_dropout=0.1,
-            compile=True,
-            seed=3,
-            out=str(out),
-        )
-
-    train(cfg(tmp_path / "full"))
+    # the perplexity guard at its default: the monitor's state is resumed too
+    compiled = dict(steps=2, learning_rate=5e-3, lora_dropout=0.1, compile=True, seed=3, max_ppl_ratio=1.5)
+    train(tiny_config(compiled, out=tmp_path / "full"))
     seen = []
     train(
-        cfg(tmp_path / "part"),
+        tiny_config(compiled, out=tmp_path / "part"),
         callbacks=[lambda e: seen.append(e) if isinstance(e, ev.StepCompleted) else None],
         should_stop=lambda: len(seen) >= 1,
     )

@@ -11,68 +11,30 @@ import numpy as np
 import pytest
 
 from sami_mlx.cli.train import main
-from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.inputs.prompts import encode_prompt, load_template
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.scoring import ScoringBatch
 from sami_mlx.loop.step import kl_on
-from sami_mlx.loop.trainer import SamiLoop, prepare_inputs, train
-from sami_mlx.model import load_model
+from sami_mlx.loop.trainer import train
 
 PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant:"
 
 
-def run_flags(model, constitution, queries, out, *extra):
-    return [
-        "--model",
-        str(model),
-        "--constitution",
-        str(constitution),
-        "--queries",
-        str(queries),
-        "--iterations",
-        "2",
-        "--steps",
-        "1",
-        "--queries-per-step",
-        "2",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "1.0",
-        "--learning-rate",
-        "1e-3",
-        "--seed",
-        "3",
-        "--max-ppl-ratio",
-        "off",
-        "--out",
-        str(out),
-        *extra,
-    ]
+# Two iterations of one step, eight tokens a response.
+TRAINED = dict(iterations=2, max_tokens=8, learning_rate=1e-3, seed=3)
 
 
 def logits_of(model, tokenizer, text=PROMPT):
     return np.array(model(mx.array([tokenizer.encode(text)])))
 
 
-def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, queries_file, tmp_path):
-    cfg = TrainConfig(
-        model=str(tiny_model),
-        constitution=str(constitution_file),
-        queries=str(queries_file),
-        learning_rate=1e-3,
-        lora_rank=8,
-        lora_layers=-1,
-        kl_beta=0.0,
-        anchor_beta=0.0,
-        variants="paper",
-        out=str(tmp_path),
-    ).resolved()
-    model, tokenizer, _ = load_model(cfg.model)
-    loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
+def test_fixed_batch_is_driven_toward_zero_loss(tiny_loop, tmp_path):
+    loop = tiny_loop(
+        learning_rate=1e-3, lora_rank=8, lora_layers=-1, kl_beta=0.0, anchor_beta=0.0, variants="paper", out=tmp_path
+    )
+    model = loop.model
     rng = np.random.default_rng(0)
     groups = [
         Group(
@@ -92,7 +54,7 @@ def test_fixed_batch_is_driven_toward_zero_loss(tiny_model, constitution_file, q
     assert last.mi_bound == pytest.approx(math.log(2), abs=0.02)
 
 
-def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, constitution_file, queries_file, tmp_path):
+def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_loop, tmp_path):
     """--anchor-beta keeps the model near the base after prompts with no constitution; SAMI still learns."""
     rng = np.random.default_rng(1)
     groups = [
@@ -106,19 +68,15 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
     ]
 
     def trained(anchor_beta: float):
-        cfg = TrainConfig(
-            model=str(tiny_model),
-            constitution=str(constitution_file),
-            queries=str(queries_file),
+        loop = tiny_loop(
             learning_rate=1e-3,
             lora_rank=8,
             lora_layers=-1,
             anchor_beta=anchor_beta,
             kl_beta=0.0,
-            out=str(tmp_path / f"anchor-{anchor_beta}"),
-        ).resolved()
-        model, tokenizer, _ = load_model(cfg.model)
-        loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
+            out=tmp_path / f"anchor-{anchor_beta}",
+        )
+        model, tokenizer = loop.model, loop.tokenizer
         model.train()
         steps = [loop.train_step(groups, random.Random(k)) for k in range(20)]
         # The responses after the dialogue template with an empty constitution, as the anchor sees them.
@@ -140,7 +98,7 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_model, con
     assert last < 0.7 * first, (first, last)
 
 
-def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_model, constitution_file, queries_file, tmp_path):
+def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_loop, tmp_path):
     """--grad-accumulation (and ranks, which split groups the same way) must not change the step, even
     when groups hold responses of different lengths: the KL terms average over the whole step's tokens."""
     rng = np.random.default_rng(2)
@@ -155,21 +113,17 @@ def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_model, consti
     ]
 
     def steps(ga: int):
-        cfg = TrainConfig(
-            model=str(tiny_model),
-            constitution=str(constitution_file),
-            queries=str(queries_file),
+        loop = tiny_loop(
             learning_rate=3e-3,
             lora_rank=8,
             lora_layers=-1,
             kl_beta=0.5,
             anchor_beta=0.5,
+            queries_per_step=3,
             grad_accumulation=ga,
-            out=str(tmp_path / f"ga-{ga}"),
-        ).resolved()
-        model, tokenizer, _ = load_model(cfg.model)
-        loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp_path, lambda e: None)
-        model.train()
+            out=tmp_path / f"ga-{ga}",
+        )
+        loop.model.train()
         return [loop.train_step(groups, random.Random(k)) for k in range(3)]
 
     one, three = steps(1), steps(3)
@@ -179,9 +133,9 @@ def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_model, consti
             assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-4, abs=1e-6), key
 
 
-def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constitution_file, queries_file, tmp_path):
+def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, tiny_config, tiny_flags, tmp_path):
     cli_run = tmp_path / "cli"
-    assert main(run_flags(tiny_model, constitution_file, queries_file, cli_run)) == 0
+    assert main(tiny_flags(TRAINED, out=cli_run)) == 0
 
     for name in ["config.yaml", "metrics.jsonl", "state.json", "adapters.safetensors", "adapter_config.json"]:
         assert (cli_run / name).is_file(), name
@@ -193,21 +147,7 @@ def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constituti
 
     # The same config through the Python API gives the same adapters, and its in-memory model
     # is what mlx_lm.load rebuilds from the CLI's run directory.
-    cfg = TrainConfig(
-        model=str(tiny_model),
-        constitution=str(constitution_file),
-        queries=str(queries_file),
-        iterations=2,
-        steps=1,
-        queries_per_step=2,
-        max_tokens=8,
-        temperature=1.0,
-        learning_rate=1e-3,
-        seed=3,
-        max_ppl_ratio=None,
-        out=str(tmp_path / "api"),
-    )
-    result = train(cfg)
+    result = train(tiny_config(TRAINED, out=tmp_path / "api"))
     a = mx.load(str(cli_run / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "api" / "adapters.safetensors"))
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
@@ -225,23 +165,10 @@ def test_cli_run_reloads_in_mlx_lm_with_identical_outputs(tiny_model, constituti
     assert all(mx.array_equal(a[k], a_kept[k]).item() for k in a)
 
 
-def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_path):
+def test_events_in_metrics_log(tiny_config, tmp_path):
     out = tmp_path / "run"
     seen = []
-    cfg = TrainConfig(
-        model=str(tiny_model),
-        constitution=str(constitution_file),
-        queries=str(queries_file),
-        iterations=3,
-        steps=1,
-        queries_per_step=2,
-        max_tokens=6,
-        temperature=1.0,
-        variants="grid",
-        max_ppl_ratio=None,
-        out=str(out),
-    )
-    train(cfg, callbacks=[seen.append])
+    train(tiny_config(iterations=3, variants="grid", out=out), callbacks=[seen.append])
     rows = read_jsonl(out / "metrics.jsonl")
     names = [r["event"] for r in rows]
     assert names[0] == "RunStarted" and names[-1] == "RunCompleted"
@@ -265,58 +192,24 @@ def test_events_in_metrics_log(tiny_model, constitution_file, queries_file, tmp_
     assert not queries_of(3) & queries_of(2)
 
 
-def test_continue_schedule_keeps_steps_constant(tiny_model, constitution_file, queries_file, tmp_path):
+def test_continue_schedule_keeps_steps_constant(tiny_flags, tmp_path):
     out = tmp_path / "run"
-    assert (
-        main(
-            run_flags(
-                tiny_model,
-                constitution_file,
-                queries_file,
-                out,
-                "--schedule",
-                "continue",
-                "--iterations",
-                "3",
-                "--steps",
-                "2",
-            )
-        )
-        == 0
-    )
+    assert main(tiny_flags(TRAINED, schedule="continue", iterations=3, steps=2, out=out)) == 0
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
     assert [r["steps"] for r in steps] == [2] * 6
 
 
-def test_kl_to_base_is_logged_and_grows_from_zero(tiny_model, constitution_file, queries_file, tmp_path):
+def test_kl_to_base_is_logged_and_grows_from_zero(tiny_flags, tmp_path):
     out = tmp_path / "run"
-    assert (
-        main(
-            run_flags(
-                tiny_model,
-                constitution_file,
-                queries_file,
-                out,
-                "--kl-beta",
-                "0.5",
-                "--iterations",
-                "1",
-                "--steps",
-                "3",
-                "--learning-rate",
-                "5e-3",
-            )
-        )
-        == 0
-    )
+    assert main(tiny_flags(TRAINED, kl_beta=0.5, iterations=1, steps=3, learning_rate=5e-3, out=out)) == 0
     kls = [r["kl"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
     assert kls[0] == pytest.approx(0.0, abs=1e-6)  # adapters start as the identity
     assert kls[-1] > 1e-6
 
 
-def test_fuse_works_on_a_run(tiny_model, constitution_file, queries_file, tmp_path):
+def test_fuse_works_on_a_run(tiny_model, tiny_flags, tmp_path):
     out = tmp_path / "run"
-    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1")) == 0
+    assert main(tiny_flags(TRAINED, iterations=1, out=out)) == 0
     fused = tmp_path / "fused"
     subprocess.run(
         [
@@ -339,30 +232,14 @@ def test_fuse_works_on_a_run(tiny_model, constitution_file, queries_file, tmp_pa
     assert np.abs(logits_of(adapted, tokenizer) - logits_of(fused_model, tokenizer)).max() < 1e-4
 
 
-def test_qlora_on_a_quantized_model(tiny_model, constitution_file, queries_file, tmp_path):
+def test_qlora_on_a_quantized_model(tiny_model, tiny_flags, tmp_path):
     from mlx_lm import convert
 
     qdir = tmp_path / "tiny-4bit"
     convert(str(tiny_model), mlx_path=str(qdir), quantize=True, q_group_size=32, q_bits=4)
     assert json.loads((qdir / "config.json").read_text())["quantization"]["bits"] == 4
     out = tmp_path / "run"
-    assert (
-        main(
-            run_flags(
-                qdir,
-                constitution_file,
-                queries_file,
-                out,
-                "--iterations",
-                "1",
-                "--learning-rate",
-                "5e-3",
-                "--steps",
-                "2",
-            )
-        )
-        == 0
-    )
+    assert main(tiny_flags(TRAINED, model=qdir, iterations=1, learning_rate=5e-3, steps=2, out=out)) == 0
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
     assert all(math.isfinite(r["loss"]) for r in steps)
     adapted, tokenizer = mlx_lm.load(str(qdir), adapter_path=str(out))
@@ -378,35 +255,28 @@ def test_qlora_on_a_quantized_model(tiny_model, constitution_file, queries_file,
         ["--chat-template", "--count-eos", "--variants", "3"],
     ],
 )
-def test_training_options_run_and_reload(tiny_model, constitution_file, queries_file, tmp_path, flags):
+def test_training_options_run_and_reload(tiny_model, tiny_flags, tmp_path, flags):
     out = tmp_path / "run"
-    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1", *flags)) == 0
+    assert main([*tiny_flags(TRAINED, iterations=1, out=out), *flags]) == 0
     adapted, tokenizer = mlx_lm.load(str(tiny_model), adapter_path=str(out))
     assert np.isfinite(logits_of(adapted, tokenizer)).all()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == ("dora" if "--dora" in flags else "lora")
 
 
-def test_same_seed_same_adapters_different_seed_different(tiny_model, constitution_file, queries_file, tmp_path):
+def test_same_seed_same_adapters_different_seed_different(tiny_flags, tmp_path):
     runs = {}
-    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
-        assert (
-            main(
-                run_flags(
-                    tiny_model, constitution_file, queries_file, tmp_path / name, "--iterations", "1", "--seed", seed
-                )
-            )
-            == 0
-        )
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert main(tiny_flags(TRAINED, iterations=1, seed=seed, out=tmp_path / name)) == 0
         runs[name] = mx.load(str(tmp_path / name / "adapters.safetensors"))
     assert all(mx.array_equal(runs["a"][k], runs["b"][k]).item() for k in runs["a"])
     assert not all(mx.array_equal(runs["a"][k], runs["c"][k]).item() for k in runs["a"])
 
 
-def test_run_dir_with_a_run_is_refused(tiny_model, constitution_file, queries_file, tmp_path, capsys):
+def test_run_dir_with_a_run_is_refused(tiny_flags, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1")) == 0
+    assert main(tiny_flags(TRAINED, iterations=1, out=out)) == 0
     before = {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
-    assert main(run_flags(tiny_model, constitution_file, queries_file, out, "--iterations", "1")) == 2
+    assert main(tiny_flags(TRAINED, iterations=1, out=out)) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert before == {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}

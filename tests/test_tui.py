@@ -5,7 +5,6 @@ Includes a real SAMI run of the tiny model from the Run screen and a chat with i
 
 import ast
 import asyncio
-import functools
 import io
 import json
 import re
@@ -32,16 +31,6 @@ from tui.widgets import PrincipleCard
 
 SIZE = (160, 50)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pilot_test(fn):
-    """Run an async Pilot test in its own event loop (no asyncio plugin needed)."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        asyncio.run(fn(*args, **kwargs))
-
-    return run
 
 
 @pytest.fixture
@@ -81,7 +70,6 @@ def card_values(app) -> list[dict]:
 # ---- Constitution screen ---------------------------------------------------------------------
 
 
-@pilot_test
 async def test_edit_validate_reorder_delete_and_save(workdir, constitution_file):
     app = SamiApp(constitution=str(constitution_file))
     async with app.run_test(size=SIZE) as pilot:
@@ -130,7 +118,6 @@ async def test_edit_validate_reorder_delete_and_save(workdir, constitution_file)
     assert not list(workdir.glob(".constitution.yaml.*"))  # the atomic write left no temp file
 
 
-@pilot_test
 async def test_a_file_with_mistakes_opens_flagged_and_is_saved_only_once_fixed(workdir):
     broken = workdir / "broken.yaml"
     broken.write_text(
@@ -156,7 +143,6 @@ async def test_a_file_with_mistakes_opens_flagged_and_is_saved_only_once_fixed(w
     assert yaml.safe_load(broken.read_text())["principles"][0]["negative"] == "Rude."
 
 
-@pilot_test
 async def test_unsaved_changes_guard_on_quit(workdir, constitution_file):
     before = constitution_file.read_text()
     app = SamiApp(constitution=str(constitution_file))
@@ -183,7 +169,6 @@ async def test_unsaved_changes_guard_on_quit(workdir, constitution_file):
     assert yaml.safe_load(constitution_file.read_text())["principles"][0]["name"] == "brief-x"
 
 
-@pilot_test
 async def test_new_file_save_as_and_open_with_preview(workdir, constitution_file):
     app = SamiApp()  # no file: a blank principle to fill in
     async with app.run_test(size=SIZE) as pilot:
@@ -212,7 +197,6 @@ async def test_new_file_save_as_and_open_with_preview(workdir, constitution_file
     assert data["principles"] == [{"name": "brief", "positive": "Be brief.", "negative": "Ramble."}]
 
 
-@pilot_test
 async def test_draft_principles_with_the_writer(workdir, tiny_model, constitution_file, monkeypatch):
     from sami_mlx import writer
     from sami_mlx.inputs.constitution import Constitution, Principle
@@ -255,7 +239,6 @@ async def fill_tiny_settings(pilot, queries: str) -> None:
     await type_into(pilot, "#set-out", "runs/tiny")  # instead of a new runs/<date-time>
 
 
-@pilot_test
 async def test_real_run_to_completion_then_chat_with_its_checkpoint(
     workdir, tiny_model, constitution_file, queries_file
 ):
@@ -335,7 +318,6 @@ class GatedTrainer:
     resume = staticmethod(trainer.resume)
 
 
-@pilot_test
 async def test_stop_mid_run_leaves_a_resumable_run_and_resume_finishes_it(
     workdir, tiny_model, constitution_file, queries_file
 ):
@@ -391,7 +373,6 @@ async def test_stop_mid_run_leaves_a_resumable_run_and_resume_finishes_it(
     assert steps == [1, 2, 3]
 
 
-@pilot_test
 async def test_bad_settings_and_a_failing_run_show_errors_not_crashes(workdir, constitution_file):
     app = SamiApp(model="no/such/model/dir", constitution=constitution_file.name)
     async with app.run_test(size=SIZE) as pilot:
@@ -412,156 +393,9 @@ async def test_bad_settings_and_a_failing_run_show_errors_not_crashes(workdir, c
         assert app.screen.view.status == "failed" and not app.screen.running
 
 
-def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Path:
-    """A run directory as `sami-mlx train` leaves it (metrics and samples; fixed numbers)."""
-    run = root / name
-    (run / "iter-01").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": "models/tiny", "constitution": "constitution.yaml"}))
-    rows = [
-        {
-            "event": "RunStarted",
-            "run_dir": str(run),
-            "config": {"model": "models/tiny", "constitution": "constitution.yaml", "iterations": 2},
-            "iterations": 2,
-            "total_steps": 3,
-            "num_variants": 2,
-            "trainable_parameters": 16384,
-            "base_ppl": 52.5,
-        },
-        {"event": "IterationStarted", "iteration": 1, "steps": 1, "queries": 2},
-        {
-            "event": "SamplesReady",
-            "iteration": 1,
-            "groups": 2,
-            "dropped_empty": 0,
-            "dropped_identical": 0,
-            "dropped_banned": 0,
-            "mean_length": 5.5,
-            "no_eos_rate": 0.5,
-            "distinct_2": 0.9,
-            "tokens_per_sec": 800.0,
-            "examples": [],
-        },
-    ]
-    scores = [[-2.0, -3.5], [-3.0, -1.5]]
-    for step, (loss, mi) in enumerate([(0.69, 0.003), (0.52, 0.17), (0.31, 0.38)], start=1):
-        it = 1 if step == 1 else 2
-        if step == 2:
-            rows.append(
-                {
-                    "event": "MonitorChecked",
-                    "iteration": 1,
-                    "step": 1,
-                    "drift_prompted": 1.04,
-                    "drift_plain": 1.01,
-                    "healthy": True,
-                    "limit": 1.5,
-                    "heldout_mi": 0.021,
-                    "mean_length": 5.5,
-                    "limit_rate": 0.25,
-                    "distinct_2": 0.9,
-                    "repetition": 0.0,
-                }
-            )
-            rows.append(
-                {
-                    "event": "IterationCompleted",
-                    "iteration": 1,
-                    "loss": 0.69,
-                    "mi_bound": 0.003,
-                    "row_accuracy": 0.5,
-                    "column_accuracy": 0.5,
-                    "drift_prompted": 1.04,
-                    "drift_plain": 1.01,
-                    "heldout_mi": 0.021,
-                    "healthy": True,
-                    "adapter_dir": str(run / "iter-01"),
-                }
-            )
-            rows.append({"event": "IterationStarted", "iteration": 2, "steps": 2, "queries": 4})
-        rows.append(
-            {
-                "event": "StepCompleted",
-                "iteration": it,
-                "step": 1 if step < 3 else 2,
-                "steps": 1 if it == 1 else 2,
-                "global_step": step,
-                "loss": loss,
-                "mi_bound": mi,
-                "row_accuracy": 0.5 + step / 6,
-                "column_accuracy": 0.5 + step / 6,
-                "kl": 0.0,
-                "learning_rate": 1e-3,
-                "grad_norm": 1.0,
-                "tokens_per_sec": 1000.0 * step,
-                "peak_memory_gb": 0.25,
-                "scores": scores,
-            }
-        )
-    if finished:
-        rows.append(
-            {
-                "event": "MonitorChecked",
-                "iteration": 2,
-                "step": 2,
-                "drift_prompted": 1.87,
-                "drift_plain": 1.12,
-                "healthy": False,
-                "limit": 1.5,
-                "heldout_mi": 0.31,
-                "mean_length": 31.0,
-                "limit_rate": 0.75,
-                "distinct_2": 0.4,
-                "repetition": 0.35,
-            }
-        )
-        rows.append(
-            {
-                "event": "IterationCompleted",
-                "iteration": 2,
-                "loss": 0.41,
-                "mi_bound": 0.28,
-                "row_accuracy": 1.0,
-                "column_accuracy": 1.0,
-                "drift_prompted": 1.87,
-                "drift_plain": 1.12,
-                "heldout_mi": 0.31,
-                "healthy": False,
-                "adapter_dir": str(run / "iter-02"),
-            }
-        )
-        rows.append(
-            {
-                "event": "RunCompleted",
-                "run_dir": str(run),
-                "seconds": 12.0,
-                "stopped_early": False,
-                "adapters": "iter-01",
-                "kept": "no later iteration was healthy",
-            }
-        )
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    samples = [
-        {
-            "query": "How do I bake bread?",
-            "variants": ["++", "-+"],
-            "responses": ["Mix flour, water and yeast.", "Bread is a long story. It all began"],
-            "kept": True,
-        },
-        {"query": "Name a colour.", "variants": ["++", "+-"], "responses": ["Blue.", "Blue."], "kept": False},
-    ]
-    (run / "iter-01" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    for it in ["iter-01", "iter-02"] if finished else ["iter-01"]:
-        (run / it).mkdir(exist_ok=True)
-        (run / it / "adapters.safetensors").write_bytes(b"")
-        (run / it / "adapter_config.json").write_text("{}")
-    return run
-
-
-@pilot_test
-async def test_browse_past_runs_from_metrics_and_samples(workdir):
-    write_past_run(workdir / "runs", "a-finished")
-    write_past_run(workdir / "runs", "b-killed", finished=False)
+async def test_browse_past_runs_from_metrics_and_samples(workdir, past_run):
+    past_run(workdir / "runs", "a-finished")
+    past_run(workdir / "runs", "b-killed", finished=False)
     app = SamiApp()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f2", "ctrl+o")
@@ -596,8 +430,8 @@ async def test_browse_past_runs_from_metrics_and_samples(workdir):
 # ---- pieces with no screen -------------------------------------------------------------------
 
 
-def test_run_view_replays_metrics(workdir):
-    view = load_run(write_past_run(workdir, "r", finished=False))
+def test_run_view_replays_metrics(workdir, past_run):
+    view = load_run(past_run(workdir, "r", finished=False))
     assert view.status == "incomplete" and view.iterations == 2 and view.total_steps == 3
     assert view.series("loss") == [0.69, 0.52, 0.31] and view.completed_iterations == 1
     assert view.last_step["scores"] == [[-2.0, -3.5], [-3.0, -1.5]]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import pytest_textual_snapshot
-from test_tui import write_past_run
 from textual.widgets import Input
 
 from tui.app import SamiApp
@@ -30,9 +29,9 @@ def snapshots_folder(monkeypatch):
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, constitution_file):
+def workdir(tmp_path, monkeypatch, constitution_file, past_run):
     monkeypatch.chdir(tmp_path)
-    write_past_run(tmp_path / "runs", "demo")
+    past_run(tmp_path / "runs", "demo")
     return tmp_path
 
 
@@ -69,8 +68,8 @@ def test_run_screen_with_a_past_run(workdir, snap_compare):
     assert snap_compare(app, terminal_size=SIZE, run_before=steady)
 
 
-def test_run_picker(workdir, snap_compare):
-    write_past_run(workdir / "runs", "older", finished=False)
+def test_run_picker(workdir, snap_compare, past_run):
+    past_run(workdir / "runs", "older", finished=False)
 
     async def open_picker(pilot):
         await pilot.press("f2", "ctrl+o")
