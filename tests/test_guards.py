@@ -1,5 +1,5 @@
 """Numerical guards: a non-finite loss skips the step (counted, warned once); three in a row stop
-the run with a clear message and the last good checkpoint kept."""
+the run with a clear message and the last good step state kept."""
 
 import json
 

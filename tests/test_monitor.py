@@ -72,7 +72,7 @@ def test_rollback_restores_exactly_the_last_healthy_step(tiny_config, tmp_path, 
     """Force the drift past the limit at the third check: RUN/adapters.safetensors then holds, bit
     for bit, the adapters the run had at the second check (step 2 of iteration 1)."""
     snapshots, checks = {}, []
-    real_drift, real_checkpoint = health.drift, trainer.SamiLoop.checkpoint
+    real_drift, real_checkpoint = health.drift, trainer.SamiLoop.save_step_state
 
     def forced(model, probe):
         checks.append(1)
@@ -84,7 +84,7 @@ def test_rollback_restores_exactly_the_last_healthy_step(tiny_config, tmp_path, 
         real_checkpoint(self, state)
 
     monkeypatch.setattr(health, "drift", forced)
-    monkeypatch.setattr(trainer.SamiLoop, "checkpoint", checkpoint)
+    monkeypatch.setattr(trainer.SamiLoop, "save_step_state", checkpoint)
     out = tmp_path / "run"
     seen = []
     result = trainer.train(

@@ -1,4 +1,8 @@
-"""What a run directory remembers between processes: the schedule position, checkpoints, a lock."""
+"""What a run directory remembers between processes: the schedule position, the step state it resumes
+from (adapters and optimizer state after each optimizer step, in RUN/checkpoints/), a lock.
+
+"Checkpoints" elsewhere (sami_mlx.checkpoints) are the per-iteration adapters people chat with and
+evaluate; the step state is only for --resume."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ STATE_VERSION = 1
 
 @dataclass
 class RunState:
-    """The schedule position; `checkpoint` names the folder holding adapters and optimizer state."""
+    """The schedule position; `checkpoint` names the folder holding the step state (adapters and optimizer state)."""
 
     iteration: int = 0  # 0-based: the iteration in progress, or next to start
     phase: str = "sampling"  # "sampling" (its data not drawn yet) or "training"
@@ -59,10 +63,10 @@ class RunState:
             raise SamiError(f"{path}: unreadable run state ({type(e).__name__}); the run cannot be resumed") from None
 
 
-def save_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
+def save_step_state(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
     """Write adapters + optimizer state to a new folder, point state.json at it, drop older folders.
 
-    A kill at any moment leaves state.json naming a complete checkpoint.
+    A kill at any moment leaves state.json naming a complete step state.
     """
     state.saves += 1
     name = f"checkpoints/{state.saves:06d}"
@@ -79,14 +83,14 @@ def save_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: opt
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
-    """Restore adapters and optimizer state saved by save_checkpoint."""
+def load_step_state(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
+    """Restore adapters and optimizer state saved by save_step_state."""
     folder = out / state.checkpoint
     try:
         adapters = mx.load(str(folder / "adapters.safetensors"))
         opt_state = mx.load(str(folder / "optimizer.safetensors"))
     except Exception as e:
-        raise SamiError(f"{folder}: checkpoint unreadable ({str(e)[:80]}); the run cannot be resumed") from None
+        raise SamiError(f"{folder}: step state unreadable ({str(e)[:80]}); the run cannot be resumed") from None
     expected = adapter_weights(model)
     if adapters.keys() != expected.keys() or any(adapters[k].shape != expected[k].shape for k in adapters):
         raise SamiError(

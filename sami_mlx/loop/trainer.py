@@ -1,4 +1,4 @@
-"""The SAMI loop: sample -> score -> train -> checkpoint, reporting only through events.
+"""The SAMI loop: sample -> score -> train -> save the step state, reporting only through events.
 
 This module holds the entry points (train, resume) and the schedule; SamiLoop's other parts live
 beside it: sampling.py (the groups), update.py (one optimizer step, whose maths is step.py) and
@@ -22,7 +22,7 @@ import yaml
 from mlx.utils import tree_flatten
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig, config_from_file
+from sami_mlx.config import TrainConfig, load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from sami_mlx.inputs.constitution import variant_strategy
@@ -40,7 +40,7 @@ from sami_mlx.loop.prepare import (
     prepare_inputs,
     prepare_run_dir,
 )
-from sami_mlx.loop.runstate import RunLock, RunState, load_checkpoint, save_checkpoint
+from sami_mlx.loop.runstate import RunLock, RunState, load_step_state, save_step_state
 from sami_mlx.loop.sampling import Sampling, derived_seed
 from sami_mlx.loop.scoring import shared_scoring_supported
 from sami_mlx.loop.step import StepSettings, step_function
@@ -92,7 +92,7 @@ def train(
     """Run SAMI as configured; every event goes to metrics.jsonl and then to each callback.
 
     `should_stop` is polled after every optimizer step; when it returns True the run stops there,
-    checkpointed and resumable. Started by mlx.launch, each process is one rank of a data-parallel
+    saved and resumable. Started by mlx.launch, each process is one rank of a data-parallel
     run (`ranks`, by default the launcher's group): only rank 0 writes the run directory and calls
     the callbacks.
     """
@@ -135,7 +135,7 @@ def resume(
             else "; is this a run directory?"
         )
         raise SamiError(f"--resume {out}: no config.yaml there{where}")
-    cfg = TrainConfig(**config_from_file(str(out / "config.yaml"))).resolved()
+    cfg = load_run_config(out, "--resume").resolved()
     for key, value in (overrides or {}).items():
         if key != "out" and getattr(cfg, key) != value:
             raise SamiError(
@@ -243,7 +243,7 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
         total_steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         if state.checkpoint:
-            load_checkpoint(self.out, state, model, self.optimizer)
+            load_step_state(self.out, state, model, self.optimizer)
         # Every rank has read the run directory before rank 0 writes to it again.
         self.ranks.barrier("starting the run")
         self.probe = self.start_monitor()
@@ -307,7 +307,7 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                 set_adapter_weights(self.model, self.initial_adapters)
                 self.optimizer = self._make_optimizer()
             state.phase, state.step = "training", 0
-            self.checkpoint(state)
+            self.save_step_state(state)
         else:
             groups = self.load_samples(it)
         random.Random(f"train-{cfg.seed}-{it}").shuffle(groups)
@@ -338,13 +338,13 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                 )
             )
             if self.probe and cfg.monitor_every and state.step % cfg.monitor_every == 0 and state.step < steps:
-                # Checked before the step is checkpointed, so that a resumed run repeats the check.
+                # Checked before the step state is saved, so that a resumed run repeats the check.
                 if not self.mid_iteration_check(state):
                     if completed is not None:
                         self.emit(completed)
                     self.roll_back(state, it + 1, state.step)
                     return "degenerated"
-            self.checkpoint(state)
+            self.save_step_state(state)
             if completed is not None:
                 self.emit(completed)
             if self.stop_requested() and state.step < steps:
@@ -372,14 +372,14 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
             return "degenerated"
         state.healthy = {"iteration": it + 1, "step": steps}
         self.keep_adapters(state)  # the best so far, so that a kill leaves it in place
-        self.checkpoint(state)
+        self.save_step_state(state)
         self.emit(event)
         return "done" if not self.stop_requested() or state.iteration == cfg.iterations else "cancelled"
 
-    def checkpoint(self, state: RunState) -> None:
+    def save_step_state(self, state: RunState) -> None:
         """Rank 0 saves adapters, optimizer state and the schedule position; the others hold the same."""
         if self.ranks.primary:
-            save_checkpoint(self.out, state, self.model, self.optimizer)
+            save_step_state(self.out, state, self.model, self.optimizer)
 
     def stop_requested(self) -> bool:
         """Poll should_stop; with several ranks, a stop seen by any rank stops them all at the same step."""

@@ -211,7 +211,7 @@ class Stepping:
             self.emit(ev.RunWarning(f"loss {loss} is not finite: step skipped (counted as skipped_steps)"))
         if self.bad_steps >= MAX_BAD_STEPS:
             raise RunAborted(
-                f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; the last good checkpoint is kept "
+                f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; the last good step state is kept "
                 f"in {self.out}; lower --learning-rate and resume, or start again"
             )
         return None
