@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rich.text import Text
@@ -19,9 +17,11 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from sami_mlx import events as ev
-from sami_mlx.config import FIELDS, TrainConfig
+from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
+from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text
+from tui.run_settings import DEFAULTS, SETTINGS, form_values, hidden_settings, plan_text, setting_text
 from tui.runlog import (
     RunView,
     is_resumable,
@@ -34,41 +34,6 @@ from tui.threads import in_fresh_thread
 from tui.widgets import MetricPlot, NavTabs, ScoreHeatmap, samples_text
 
 FRAME = 1 / 15  # the dashboard redraws at most 15 times a second
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One field of the settings form: the TrainConfig field it sets and how to read it."""
-
-    field: str
-    label: str
-    kind: type = str
-    placeholder: str = ""
-
-
-SETTINGS = [
-    Setting("model", "Model", str, "hub id or model directory"),
-    Setting("constitution", "Constitution", str, "constitution file (.yaml/.json)"),
-    Setting("queries", "Queries", str, "dialogue, summarization or a file"),
-    Setting("iterations", "Iterations", int),
-    Setting("steps", "Steps (first iteration)", int),
-    Setting("queries_per_step", "Queries per step", int),
-    Setting("variants", "Variants", str, "auto, paper, grid or a number"),
-    Setting("temperature", "Temperature", float),
-    Setting("learning_rate", "Learning rate", float),
-    Setting("lora_rank", "LoRA rank", int),
-    Setting("max_tokens", "Max tokens", int),
-    Setting("out", "Run directory", str, "blank: a new one in the runs folder"),
-]
-DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def setting_text(value: object) -> str:
-    return "" if value is None else str(value)
 
 
 class RunScreen(Screen):
@@ -118,11 +83,10 @@ class RunScreen(Screen):
             with VerticalScroll(id="settings"):
                 for s in SETTINGS:
                     yield Label(s.label, classes="field-label")
-                    kind = {int: "integer", float: "number"}.get(s.kind, "text")
                     yield Input(
                         setting_text(DEFAULTS[s.field]),
                         placeholder=s.placeholder,
-                        type=kind,
+                        type=s.input_type,
                         id=f"set-{s.field}",
                         classes="setting",
                         compact=True,
@@ -155,7 +119,7 @@ class RunScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#iterations-table", DataTable)
-        table.add_columns("it", "loss", "MI", "row", "col", "drift×", "MI held", "groups", "len", "no EOS", "dist-2")
+        table.add_columns(*ITERATION_COLUMNS)
         app = self.app
         if app.config:
             self.use_config(app.config, keep_out=True)
@@ -182,26 +146,15 @@ class RunScreen(Screen):
 
     def settings(self) -> TrainConfig:
         """The form as a resolved TrainConfig; raises SamiError naming the field to fix."""
-        values = dict(self.base_config)
-        values.pop("out", None)
-        for s in SETTINGS:
-            raw = self.query_one(f"#set-{s.field}", Input).value.strip()
-            if s.kind is str:
-                if raw:
-                    values[s.field] = raw
-                continue
-            try:
-                values[s.field] = s.kind(raw)
-            except ValueError:
-                kind = "a whole number" if s.kind is int else "a number"
-                raise SamiError(f"{s.label}: {raw!r} is not {kind}") from None
+        typed = {s.field: self.query_one(f"#set-{s.field}", Input).value for s in SETTINGS}
+        values = form_values(self.base_config, typed)
         if "out" not in values:
             values["out"] = str(self.new_run_dir())
         return TrainConfig(**values).resolved()
 
     def use_config(self, config: dict, keep_out: bool = False) -> None:
         """Settings from a config file or a past run: the form shows the main ones, the rest ride along."""
-        self.base_config = {k: v for k, v in config.items() if k in FIELDS and (keep_out or k != "out")}
+        self.base_config = hidden_settings(config, keep_out)
         for s in SETTINGS:
             if (keep_out or s.field != "out") and config.get(s.field) is not None:
                 self.query_one(f"#set-{s.field}", Input).value = setting_text(config[s.field])
@@ -223,12 +176,7 @@ class RunScreen(Screen):
         except SamiError as e:
             text = Text(str(e), style="red")
         else:
-            steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
-            text = Text(
-                f"{plural(cfg.iterations, 'iteration')}, {plural(steps, 'optimizer step')}, "
-                f"{plural(cfg.queries_per_step, 'query group')} per step",
-                style="dim",
-            )
+            text = plan_text(cfg)
         status = self.query_one("#settings-status", Static)
         if text != status.content:
             status.update(text)
@@ -394,7 +342,7 @@ class RunScreen(Screen):
         self.query_one("#sampling-label", Label).update(
             f"sampling {done}/{total} responses" if v.sampling else "sampling: idle"
         )
-        self.query_one("#run-stats", Static).update(self.stats_text())
+        self.query_one("#run-stats", Static).update(stats_text(v))
         per_it = [v.per_iteration[i] for i in sorted(v.per_iteration)]
         self.query_one("#loss-plot", MetricPlot).show(v.series("loss"), [r["loss"] for r in per_it if "loss" in r])
         self.query_one("#mi-plot", MetricPlot).show(
@@ -406,112 +354,15 @@ class RunScreen(Screen):
 
     def render_title(self) -> None:
         v = self.view
-        styles = {
-            "running": "bold yellow",
-            "starting": "bold yellow",
-            "resuming": "bold yellow",
-            "finished": "bold green",
-            "stopped": "bold magenta",
-            "failed": "bold red",
-            "incomplete": "bold magenta",
-            "idle": "dim",
-        }
-        title = Text()
-        if v.run_dir:
-            title.append("Run ", style="bold")
-            title.append(short_path(v.run_dir))
-            status = v.status
-            if self.running and self.stop_requested.is_set():
-                status = "stopping"
-            title.append(f"  {status}", style=styles.get(v.status, "bold"))
-            if v.reason:
-                title.append(f"  ({v.reason})", style="dim")
-        else:
-            title.append(
-                "No run yet: fill in the settings and press ctrl+r, or open a past run with ctrl+o", style="dim"
-            )
-        self.query_one("#run-title", Static).update(title)
+        stopping = self.running and self.stop_requested.is_set()
+        self.query_one("#run-title", Static).update(title_text(v, stopping))
         self.sub_title = short_path(v.run_dir) if v.run_dir else ""
-
-    def stats_text(self) -> Text:
-        v, s = self.view, self.view.last_step
-        out = Text()
-        if s is None:
-            out.append("no optimizer steps yet", style="dim")
-        else:
-            n = max(v.num_variants, 1)
-            out.append("loss ", style="dim").append(f"{s['loss']:.4f}")
-            out.append("   MI ≥ ", style="dim").append(f"{s['mi_bound']:.4f}")
-            out.append(f" of log {n} = {math.log(n):.3f} nats", style="dim")
-            out.append("   row acc ", style="dim").append(f"{s['row_accuracy']:.0%}")
-            out.append("   col acc ", style="dim").append(f"{s['column_accuracy']:.0%}")
-            out.append("\ntraining ", style="dim").append(f"{s['tokens_per_sec']:,.0f} tok/s")
-            out.append("   peak memory ", style="dim").append(f"{s['peak_memory_gb']:.2f} GiB")
-            if s.get("kl"):
-                out.append("   KL ", style="dim").append(f"{s['kl']:.4f}")
-            if s.get("anchor_kl"):
-                out.append("   KL without constitution ", style="dim").append(f"{s['anchor_kl']:.4f}")
-        last_samples = v.per_iteration.get(v.iteration, {})
-        if last_samples.get("sampling_tokens_per_sec"):
-            out.append("   sampling ", style="dim").append(f"{last_samples['sampling_tokens_per_sec']:,.0f} tok/s")
-        if v.base_ppl:
-            out.append("   base ppl ", style="dim").append(f"{v.base_ppl:.2f}")
-        out.append_text(self.monitor_text())
-        for w in v.warnings[-2:]:
-            out.append(f"\n⚠ {w}", style="yellow")
-        return out
-
-    def monitor_text(self) -> Text:
-        """The degeneration monitor's last reading: drift with and without the constitution against
-        the limit, the held-out MI bound, and which adapters the run kept."""
-        v, m, out = self.view, self.view.monitor, Text()
-        if m is None and not v.kept:
-            if v.monitor_queries:
-                out.append(f"\nmonitor: {v.monitor_queries} held-out queries, no reading yet", style="dim")
-            return out
-        out.append("\nmonitor ", style="dim")
-        if m is not None and m.get("drift_prompted") is not None:
-            style = "green" if m["healthy"] else "bold red"
-            out.append(f"drift {m['drift_prompted']:.2f}× / {m['drift_plain']:.2f}×", style=style)
-            out.append(" with / without constitution", style="dim")
-            limit = m.get("limit")
-            out.append(f" (limit {limit:g}×)" if limit else " (guard off)", style="dim")
-            out.append(f" at iter {m['iteration']} step {m['step']}", style="dim")
-            if m.get("heldout_mi") is not None:
-                out.append("   held-out MI ", style="dim").append(f"{m['heldout_mi']:+.3f}")
-            if m.get("mean_length") is not None:
-                out.append("   answers ", style="dim").append(f"{m['mean_length']:.1f} tok")
-                out.append(f", {m['limit_rate']:.0%} at limit, rep {m['repetition']:.2f}", style="dim")
-        if v.kept:
-            out.append("   kept ", style="dim").append(v.kept, style="bold")
-        return out
 
     def render_table(self) -> None:
         table = self.query_one("#iterations-table", DataTable)
         table.clear()
-
-        def f(row: dict, key: str, spec: str) -> str:
-            value = row.get(key)
-            return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
-
-        for it in sorted(self.view.per_iteration):
-            r = self.view.per_iteration[it]
-            drift = "–"
-            if isinstance(r.get("drift_prompted"), (int, float)):
-                drift = f"{r['drift_prompted']:.2f}/{r['drift_plain']:.2f}" + ("" if r.get("healthy", True) else " ✗")
-            table.add_row(
-                str(it),
-                f(r, "loss", ".4f"),
-                f(r, "mi_bound", ".4f"),
-                f(r, "row_accuracy", ".0%"),
-                f(r, "column_accuracy", ".0%"),
-                drift,
-                f(r, "heldout_mi", "+.3f"),
-                f(r, "groups", "d"),
-                f(r, "mean_length", ".1f"),
-                f(r, "no_eos_rate", ".0%"),
-                f(r, "distinct_2", ".2f"),
-            )
+        for row in iteration_rows(self.view):
+            table.add_row(*row)
 
     def render_samples(self) -> None:
         v = self.view
