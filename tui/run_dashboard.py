@@ -98,7 +98,7 @@ def _cell(row: dict, key: str, spec: str) -> str:
 
 def iteration_rows(v: RunView) -> list[tuple[str, ...]]:
     """One row per iteration, in ITERATION_COLUMNS order; "–" where a value is missing."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for it in sorted(v.per_iteration):
         r = v.per_iteration[it]
         drift = "–"

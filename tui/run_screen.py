@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -20,6 +21,7 @@ from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
+from tui.constitution_screen import ConstitutionScreen
 from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text
 from tui.run_settings import DEFAULTS, SETTINGS, form_values, hidden_settings, plan_text, setting_text
 from tui.runlog import (
@@ -33,11 +35,17 @@ from tui.runlog import (
 from tui.threads import in_fresh_thread
 from tui.widgets import MetricPlot, NavTabs, ScoreHeatmap, samples_text
 
+if TYPE_CHECKING:
+    from tui.app import SamiApp
+
 FRAME = 1 / 15  # the dashboard redraws at most 15 times a second
 
 
-class RunScreen(Screen):
+class RunScreen(Screen[None]):
     """Settings on the left; progress, plots, score matrix and samples of the shown run on the right."""
+
+    if TYPE_CHECKING:
+        app = getters.app(SamiApp)
 
     AUTO_FOCUS = "#set-model"
 
@@ -65,7 +73,7 @@ class RunScreen(Screen):
     def __init__(self) -> None:
         super().__init__(id="run-screen")
         self.view = RunView()
-        self.base_config: dict = {}  # settings the form does not show, from a config file or past run
+        self.base_config: dict[str, Any] = {}  # settings the form does not show, from a config file or past run
         self.running = False
         self.quit_when_stopped = False
         self.stop_requested = threading.Event()
@@ -73,7 +81,7 @@ class RunScreen(Screen):
         self._samples_iteration: int | None = None
         self._sample_options: list[int] = []
         self._samples_key: tuple | None = None
-        self._principles: dict[str, list[str]] = {}
+        self._principles: dict[str | None, list[str]] = {}
         self._synced: str | None = None  # the editor's file, as last copied into the form
 
     def compose(self) -> ComposeResult:
@@ -198,7 +206,7 @@ class RunScreen(Screen):
         except SamiError as e:
             self.app.report_error(e, "Cannot start the run")
             return
-        editor = self.app.get_screen("constitution")
+        editor = self.app.get_screen("constitution", ConstitutionScreen)
         if editor.dirty and editor.path and Path(cfg.constitution).resolve() == editor.path.resolve():
             self.app.report_error(
                 SamiError(
@@ -378,19 +386,13 @@ class RunScreen(Screen):
             with select.prevent(Select.Changed):
                 select.value = it
         samples = Path(v.run_dir) / f"iter-{it:02d}" / "samples.jsonl" if v.run_dir and it else None
-        key = (
-            v.run_dir,
-            it,
-            samples.stat().st_mtime_ns if samples and samples.is_file() else None,
-            len(v.examples.get(it, [])),
-        )
+        examples = v.examples.get(it, []) if it is not None else []
+        key = (v.run_dir, it, samples.stat().st_mtime_ns if samples and samples.is_file() else None, len(examples))
         if key == self._samples_key:  # redraw (and reread the file) only when something changed
             return
         self._samples_key = key
-        groups = read_samples(v.run_dir, it) if samples else []
-        self.query_one("#samples", Static).update(
-            samples_text(groups or v.examples.get(it, []), self.principle_names())
-        )
+        groups = read_samples(v.run_dir, it) if samples and it else []
+        self.query_one("#samples", Static).update(samples_text(groups or examples, self.principle_names()))
 
     def principle_names(self) -> list[str]:
         """The run's principle names, which the variant labels' signs follow."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 from rich.text import Text
 
@@ -52,12 +52,12 @@ def setting_text(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def hidden_settings(config: Mapping[str, object], keep_out: bool) -> dict[str, object]:
+def hidden_settings(config: Mapping[str, Any], keep_out: bool) -> dict[str, Any]:
     """The TrainConfig fields of a config file or past run, which ride along with the form."""
     return {k: v for k, v in config.items() if k in FIELDS and (keep_out or k != "out")}
 
 
-def form_values(base: Mapping[str, object], typed: Mapping[str, str]) -> dict[str, object]:
+def form_values(base: Mapping[str, Any], typed: Mapping[str, str]) -> dict[str, Any]:
     """The form's fields (as typed, by field name) over `base`, without a run directory unless one
     was typed; raises SamiError naming the field to fix."""
     values = dict(base)
