@@ -138,7 +138,7 @@ class RunCompleted(Event):
     kept: str = ""  # why: "best held-out MI bound +0.41", "last healthy"
 
 
-ALL_EVENTS = {
+ALL_EVENTS: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
         RunStarted,

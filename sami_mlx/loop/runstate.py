@@ -8,6 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -80,11 +81,13 @@ def save_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: opt
 
 
 def load_checkpoint(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
-    """Restore adapters and optimizer state saved by save_checkpoint."""
+    """Restore adapters and optimizer state saved by save_checkpoint (`state.checkpoint` names them)."""
+    assert state.checkpoint is not None, "load_checkpoint needs a state that names a checkpoint"
     folder = out / state.checkpoint
     try:
-        adapters = mx.load(str(folder / "adapters.safetensors"))
-        opt_state = mx.load(str(folder / "optimizer.safetensors"))
+        # A .safetensors file loads as a dict of arrays; mx.load's annotation covers every format.
+        adapters = cast("dict[str, mx.array]", mx.load(str(folder / "adapters.safetensors")))
+        opt_state = cast("dict[str, mx.array]", mx.load(str(folder / "optimizer.safetensors")))
     except Exception as e:
         raise SamiError(f"{folder}: checkpoint unreadable ({str(e)[:80]}); the run cannot be resumed") from None
     expected = adapter_weights(model)
