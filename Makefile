@@ -32,6 +32,7 @@ _test: _checks
 _checks:
 	$(VENV)/bin/ruff format --check sami_mlx tui tests benchmarks
 	$(VENV)/bin/ruff check sami_mlx tui tests benchmarks
+	$(VENV)/bin/mypy sami_mlx tui
 	$(VENV)/bin/lint-imports
 
 demo: $(STAMP)

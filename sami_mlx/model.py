@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from sami_mlx.errors import SamiError
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
 
 UPCAST_DTYPES = ("float16", "bfloat16")
 
@@ -60,7 +65,7 @@ def load_model(name: str, trust_remote_code: bool = False):
             str(path),
             tokenizer_config={"trust_remote_code": trust_remote_code},
             trust_remote_code=trust_remote_code,
-        )
+        )[:2]
     except SamiError:
         raise
     except Exception as e:
@@ -68,6 +73,14 @@ def load_model(name: str, trust_remote_code: bool = False):
         raise SamiError(f"--model {name}: mlx-lm could not load it ({first})") from None
     upcast_for_cpu(model)
     return model, tokenizer, config
+
+
+def flat_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """The model's parameters as (dotted name, array) pairs."""
+    from mlx.utils import tree_flatten
+
+    # tree_flatten returns a list unless given a dict `destination`; its annotation allows both.
+    return cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
 
 
 def upcast_for_cpu(model) -> int:
@@ -79,11 +92,11 @@ def upcast_for_cpu(model) -> int:
     activations then run in fp32 as well. Unquantized 16-bit weights are left alone (doubling them
     would double the model's memory)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
 
     if mx.default_device() != mx.cpu:
         return 0
-    params = tree_flatten(model.parameters())
+    params = flat_parameters(model)
     if not any(k.endswith(".scales") for k, _ in params):
         return 0
     wide = [
@@ -100,9 +113,7 @@ def upcast_for_cpu(model) -> int:
 
 def float_bytes(model) -> int:
     """Bytes of the float type the model computes in: its quantization scales' or its weights'."""
-    from mlx.utils import tree_flatten
-
-    params = tree_flatten(model.parameters())
+    params = flat_parameters(model)
     scales = [v for k, v in params if k.endswith(".scales")]
     weights = scales or [v for k, v in params if k.endswith(".weight") and v.ndim == 2]
     return weights[0].dtype.size if weights else 4

@@ -38,4 +38,4 @@ def accuracies(S: mx.array) -> tuple[float, float]:
     idx = mx.arange(S.shape[1])
     row = (mx.argmax(S, axis=2) == idx).astype(mx.float32).mean()
     col = (mx.argmax(S, axis=1) == idx).astype(mx.float32).mean()
-    return row.item(), col.item()
+    return float(row), float(col)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
-from types import ModuleType
+from typing import Protocol
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -20,7 +20,17 @@ from tui.run_screen import RunScreen
 from tui.runlog import short_path
 
 
-class SamiApp(App):
+class Trainer(Protocol):
+    """What the Run screen runs: the engine's sami_mlx.loop.trainer, or a stand-in with its train() and resume()."""
+
+    @property
+    def train(self) -> Callable[..., object]: ...
+
+    @property
+    def resume(self) -> Callable[..., object]: ...
+
+
+class SamiApp(App[None]):
     """Edit a constitution, run SAMI and watch it, chat with the checkpoints."""
 
     CSS_PATH = "sami.tcss"
@@ -41,7 +51,7 @@ class SamiApp(App):
         run: str | None = None,
         runs_dir: str = "runs",
         config: dict | None = None,
-        trainer: ModuleType | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         super().__init__()
         self.model = model or (config or {}).get("model", "")
@@ -50,8 +60,10 @@ class SamiApp(App):
         self.run_dir = run
         self.runs_dir = runs_dir
         if trainer is None:
-            from sami_mlx.loop import trainer
-        self.trainer = trainer  # anything with the engine's train() and resume()
+            from sami_mlx.loop import trainer as engine
+
+            trainer = engine
+        self.trainer: Trainer = trainer
         self.chat_models = ChatModels()
         self.start_mode = "run" if run else "constitution"
 
@@ -73,7 +85,7 @@ class SamiApp(App):
 
     def current_constitution(self) -> Constitution:
         """The constitution in the editor (validated), or the file given at start."""
-        editor = self.get_screen("constitution")
+        editor = self.get_screen("constitution", ConstitutionScreen)
         if editor.is_mounted:
             return editor.constitution()
         if self.constitution_path:
@@ -97,10 +109,10 @@ class SamiApp(App):
 
     async def action_quit(self) -> None:
         """Quit, but not past unsaved changes or a running run without asking."""
-        editor = self.get_screen("constitution")
+        editor = self.get_screen("constitution", ConstitutionScreen)
         if editor.is_mounted and editor.dirty:
 
-            def answered(choice: str) -> None:
+            def answered(choice: str | None) -> None:
                 if choice == "discard" or (choice == "save" and editor.action_save()):
                     self.quit_after_run()
 
@@ -117,12 +129,12 @@ class SamiApp(App):
         self.quit_after_run()
 
     def quit_after_run(self) -> None:
-        runner = self.get_screen("run")
+        runner = self.get_screen("run", RunScreen)
         if not (runner.is_mounted and runner.running):
             self.exit()
             return
 
-        def answered(choice: str) -> None:
+        def answered(choice: str | None) -> None:
             if choice == "stop":
                 runner.quit_when_stopped = True
                 runner.action_stop()

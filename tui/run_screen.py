@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -19,9 +18,12 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from sami_mlx import events as ev
-from sami_mlx.config import FIELDS, TrainConfig
+from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
+from tui.constitution_screen import ConstitutionScreen
+from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text
+from tui.run_settings import DEFAULTS, SETTINGS, form_values, hidden_settings, plan_text, setting_text
 from tui.runlog import (
     RunView,
     is_resumable,
@@ -33,46 +35,17 @@ from tui.runlog import (
 from tui.threads import in_fresh_thread
 from tui.widgets import MetricPlot, NavTabs, ScoreHeatmap, samples_text
 
+if TYPE_CHECKING:
+    from tui.app import SamiApp
+
 FRAME = 1 / 15  # the dashboard redraws at most 15 times a second
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One field of the settings form: the TrainConfig field it sets and how to read it."""
-
-    field: str
-    label: str
-    kind: type = str
-    placeholder: str = ""
-
-
-SETTINGS = [
-    Setting("model", "Model", str, "hub id or model directory"),
-    Setting("constitution", "Constitution", str, "constitution file (.yaml/.json)"),
-    Setting("queries", "Queries", str, "dialogue, summarization or a file"),
-    Setting("iterations", "Iterations", int),
-    Setting("steps", "Steps (first iteration)", int),
-    Setting("queries_per_step", "Queries per step", int),
-    Setting("variants", "Variants", str, "auto, paper, grid or a number"),
-    Setting("temperature", "Temperature", float),
-    Setting("learning_rate", "Learning rate", float),
-    Setting("lora_rank", "LoRA rank", int),
-    Setting("max_tokens", "Max tokens", int),
-    Setting("out", "Run directory", str, "blank: a new one in the runs folder"),
-]
-DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def setting_text(value: object) -> str:
-    return "" if value is None else str(value)
-
-
-class RunScreen(Screen):
+class RunScreen(Screen[None]):
     """Settings on the left; progress, plots, score matrix and samples of the shown run on the right."""
+
+    if TYPE_CHECKING:
+        app = getters.app(SamiApp)
 
     AUTO_FOCUS = "#set-model"
 
@@ -100,7 +73,7 @@ class RunScreen(Screen):
     def __init__(self) -> None:
         super().__init__(id="run-screen")
         self.view = RunView()
-        self.base_config: dict = {}  # settings the form does not show, from a config file or past run
+        self.base_config: dict[str, Any] = {}  # settings the form does not show, from a config file or past run
         self.running = False
         self.quit_when_stopped = False
         self.stop_requested = threading.Event()
@@ -108,7 +81,7 @@ class RunScreen(Screen):
         self._samples_iteration: int | None = None
         self._sample_options: list[int] = []
         self._samples_key: tuple | None = None
-        self._principles: dict[str, list[str]] = {}
+        self._principles: dict[str | None, list[str]] = {}
         self._synced: str | None = None  # the editor's file, as last copied into the form
 
     def compose(self) -> ComposeResult:
@@ -118,11 +91,10 @@ class RunScreen(Screen):
             with VerticalScroll(id="settings"):
                 for s in SETTINGS:
                     yield Label(s.label, classes="field-label")
-                    kind = {int: "integer", float: "number"}.get(s.kind, "text")
                     yield Input(
                         setting_text(DEFAULTS[s.field]),
                         placeholder=s.placeholder,
-                        type=kind,
+                        type=s.input_type,
                         id=f"set-{s.field}",
                         classes="setting",
                         compact=True,
@@ -155,7 +127,7 @@ class RunScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#iterations-table", DataTable)
-        table.add_columns("it", "loss", "MI", "row", "col", "drift×", "MI held", "groups", "len", "no EOS", "dist-2")
+        table.add_columns(*ITERATION_COLUMNS)
         app = self.app
         if app.config:
             self.use_config(app.config, keep_out=True)
@@ -182,26 +154,15 @@ class RunScreen(Screen):
 
     def settings(self) -> TrainConfig:
         """The form as a resolved TrainConfig; raises SamiError naming the field to fix."""
-        values = dict(self.base_config)
-        values.pop("out", None)
-        for s in SETTINGS:
-            raw = self.query_one(f"#set-{s.field}", Input).value.strip()
-            if s.kind is str:
-                if raw:
-                    values[s.field] = raw
-                continue
-            try:
-                values[s.field] = s.kind(raw)
-            except ValueError:
-                kind = "a whole number" if s.kind is int else "a number"
-                raise SamiError(f"{s.label}: {raw!r} is not {kind}") from None
+        typed = {s.field: self.query_one(f"#set-{s.field}", Input).value for s in SETTINGS}
+        values = form_values(self.base_config, typed)
         if "out" not in values:
             values["out"] = str(self.new_run_dir())
         return TrainConfig(**values).resolved()
 
     def use_config(self, config: dict, keep_out: bool = False) -> None:
         """Settings from a config file or a past run: the form shows the main ones, the rest ride along."""
-        self.base_config = {k: v for k, v in config.items() if k in FIELDS and (keep_out or k != "out")}
+        self.base_config = hidden_settings(config, keep_out)
         for s in SETTINGS:
             if (keep_out or s.field != "out") and config.get(s.field) is not None:
                 self.query_one(f"#set-{s.field}", Input).value = setting_text(config[s.field])
@@ -223,12 +184,7 @@ class RunScreen(Screen):
         except SamiError as e:
             text = Text(str(e), style="red")
         else:
-            steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
-            text = Text(
-                f"{plural(cfg.iterations, 'iteration')}, {plural(steps, 'optimizer step')}, "
-                f"{plural(cfg.queries_per_step, 'query group')} per step",
-                style="dim",
-            )
+            text = plan_text(cfg)
         status = self.query_one("#settings-status", Static)
         if text != status.content:
             status.update(text)
@@ -250,7 +206,7 @@ class RunScreen(Screen):
         except SamiError as e:
             self.app.report_error(e, "Cannot start the run")
             return
-        editor = self.app.get_screen("constitution")
+        editor = self.app.get_screen("constitution", ConstitutionScreen)
         if editor.dirty and editor.path and Path(cfg.constitution).resolve() == editor.path.resolve():
             self.app.report_error(
                 SamiError(
@@ -394,7 +350,7 @@ class RunScreen(Screen):
         self.query_one("#sampling-label", Label).update(
             f"sampling {done}/{total} responses" if v.sampling else "sampling: idle"
         )
-        self.query_one("#run-stats", Static).update(self.stats_text())
+        self.query_one("#run-stats", Static).update(stats_text(v))
         per_it = [v.per_iteration[i] for i in sorted(v.per_iteration)]
         self.query_one("#loss-plot", MetricPlot).show(v.series("loss"), [r["loss"] for r in per_it if "loss" in r])
         self.query_one("#mi-plot", MetricPlot).show(
@@ -406,112 +362,15 @@ class RunScreen(Screen):
 
     def render_title(self) -> None:
         v = self.view
-        styles = {
-            "running": "bold yellow",
-            "starting": "bold yellow",
-            "resuming": "bold yellow",
-            "finished": "bold green",
-            "stopped": "bold magenta",
-            "failed": "bold red",
-            "incomplete": "bold magenta",
-            "idle": "dim",
-        }
-        title = Text()
-        if v.run_dir:
-            title.append("Run ", style="bold")
-            title.append(short_path(v.run_dir))
-            status = v.status
-            if self.running and self.stop_requested.is_set():
-                status = "stopping"
-            title.append(f"  {status}", style=styles.get(v.status, "bold"))
-            if v.reason:
-                title.append(f"  ({v.reason})", style="dim")
-        else:
-            title.append(
-                "No run yet: fill in the settings and press ctrl+r, or open a past run with ctrl+o", style="dim"
-            )
-        self.query_one("#run-title", Static).update(title)
+        stopping = self.running and self.stop_requested.is_set()
+        self.query_one("#run-title", Static).update(title_text(v, stopping))
         self.sub_title = short_path(v.run_dir) if v.run_dir else ""
-
-    def stats_text(self) -> Text:
-        v, s = self.view, self.view.last_step
-        out = Text()
-        if s is None:
-            out.append("no optimizer steps yet", style="dim")
-        else:
-            n = max(v.num_variants, 1)
-            out.append("loss ", style="dim").append(f"{s['loss']:.4f}")
-            out.append("   MI ≥ ", style="dim").append(f"{s['mi_bound']:.4f}")
-            out.append(f" of log {n} = {math.log(n):.3f} nats", style="dim")
-            out.append("   row acc ", style="dim").append(f"{s['row_accuracy']:.0%}")
-            out.append("   col acc ", style="dim").append(f"{s['column_accuracy']:.0%}")
-            out.append("\ntraining ", style="dim").append(f"{s['tokens_per_sec']:,.0f} tok/s")
-            out.append("   peak memory ", style="dim").append(f"{s['peak_memory_gb']:.2f} GiB")
-            if s.get("kl"):
-                out.append("   KL ", style="dim").append(f"{s['kl']:.4f}")
-            if s.get("anchor_kl"):
-                out.append("   KL without constitution ", style="dim").append(f"{s['anchor_kl']:.4f}")
-        last_samples = v.per_iteration.get(v.iteration, {})
-        if last_samples.get("sampling_tokens_per_sec"):
-            out.append("   sampling ", style="dim").append(f"{last_samples['sampling_tokens_per_sec']:,.0f} tok/s")
-        if v.base_ppl:
-            out.append("   base ppl ", style="dim").append(f"{v.base_ppl:.2f}")
-        out.append_text(self.monitor_text())
-        for w in v.warnings[-2:]:
-            out.append(f"\n⚠ {w}", style="yellow")
-        return out
-
-    def monitor_text(self) -> Text:
-        """The degeneration monitor's last reading: drift with and without the constitution against
-        the limit, the held-out MI bound, and which adapters the run kept."""
-        v, m, out = self.view, self.view.monitor, Text()
-        if m is None and not v.kept:
-            if v.monitor_queries:
-                out.append(f"\nmonitor: {v.monitor_queries} held-out queries, no reading yet", style="dim")
-            return out
-        out.append("\nmonitor ", style="dim")
-        if m is not None and m.get("drift_prompted") is not None:
-            style = "green" if m["healthy"] else "bold red"
-            out.append(f"drift {m['drift_prompted']:.2f}× / {m['drift_plain']:.2f}×", style=style)
-            out.append(" with / without constitution", style="dim")
-            limit = m.get("limit")
-            out.append(f" (limit {limit:g}×)" if limit else " (guard off)", style="dim")
-            out.append(f" at iter {m['iteration']} step {m['step']}", style="dim")
-            if m.get("heldout_mi") is not None:
-                out.append("   held-out MI ", style="dim").append(f"{m['heldout_mi']:+.3f}")
-            if m.get("mean_length") is not None:
-                out.append("   answers ", style="dim").append(f"{m['mean_length']:.1f} tok")
-                out.append(f", {m['limit_rate']:.0%} at limit, rep {m['repetition']:.2f}", style="dim")
-        if v.kept:
-            out.append("   kept ", style="dim").append(v.kept, style="bold")
-        return out
 
     def render_table(self) -> None:
         table = self.query_one("#iterations-table", DataTable)
         table.clear()
-
-        def f(row: dict, key: str, spec: str) -> str:
-            value = row.get(key)
-            return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
-
-        for it in sorted(self.view.per_iteration):
-            r = self.view.per_iteration[it]
-            drift = "–"
-            if isinstance(r.get("drift_prompted"), (int, float)):
-                drift = f"{r['drift_prompted']:.2f}/{r['drift_plain']:.2f}" + ("" if r.get("healthy", True) else " ✗")
-            table.add_row(
-                str(it),
-                f(r, "loss", ".4f"),
-                f(r, "mi_bound", ".4f"),
-                f(r, "row_accuracy", ".0%"),
-                f(r, "column_accuracy", ".0%"),
-                drift,
-                f(r, "heldout_mi", "+.3f"),
-                f(r, "groups", "d"),
-                f(r, "mean_length", ".1f"),
-                f(r, "no_eos_rate", ".0%"),
-                f(r, "distinct_2", ".2f"),
-            )
+        for row in iteration_rows(self.view):
+            table.add_row(*row)
 
     def render_samples(self) -> None:
         v = self.view
@@ -527,19 +386,13 @@ class RunScreen(Screen):
             with select.prevent(Select.Changed):
                 select.value = it
         samples = Path(v.run_dir) / f"iter-{it:02d}" / "samples.jsonl" if v.run_dir and it else None
-        key = (
-            v.run_dir,
-            it,
-            samples.stat().st_mtime_ns if samples and samples.is_file() else None,
-            len(v.examples.get(it, [])),
-        )
+        examples = v.examples.get(it, []) if it is not None else []
+        key = (v.run_dir, it, samples.stat().st_mtime_ns if samples and samples.is_file() else None, len(examples))
         if key == self._samples_key:  # redraw (and reread the file) only when something changed
             return
         self._samples_key = key
-        groups = read_samples(v.run_dir, it) if samples else []
-        self.query_one("#samples", Static).update(
-            samples_text(groups or v.examples.get(it, []), self.principle_names())
-        )
+        groups = read_samples(v.run_dir, it) if samples and it else []
+        self.query_one("#samples", Static).update(samples_text(groups or examples, self.principle_names()))
 
     def principle_names(self) -> list[str]:
         """The run's principle names, which the variant labels' signs follow."""

@@ -29,7 +29,7 @@ def attach_adapters(
 ) -> dict:
     """Freeze the model, add adapters to its last `num_layers` blocks, return mlx-lm's adapter config."""
     num_layers = len(model.layers) if num_layers <= 0 else min(num_layers, len(model.layers))
-    params = {"rank": rank, "scale": scale, "dropout": dropout}
+    params: dict[str, object] = {"rank": rank, "scale": scale, "dropout": dropout}
     if keys:
         params["keys"] = list(keys)
     model.freeze()

@@ -191,7 +191,8 @@ class _watchdog:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
 
     def _fire(self) -> None:
         # A newline first: a progress bar may be holding the current line.

@@ -74,8 +74,8 @@ def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16) -> fl
         logp, _ = token_logprobs(model, pairs.inputs, pairs.targets)
         nll = -(logp * pairs.mask).sum()
         mx.eval(nll)
-        total += nll.item()
-        count += int(pairs.mask.sum().item())
+        total += float(nll)
+        count += int(pairs.mask.sum())
     return total / max(count, 1)
 
 

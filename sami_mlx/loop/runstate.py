@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -84,11 +85,13 @@ def save_step_state(out: Path, state: RunState, model: nn.Module, optimizer: opt
 
 
 def load_step_state(out: Path, state: RunState, model: nn.Module, optimizer: optim.Optimizer) -> None:
-    """Restore adapters and optimizer state saved by save_step_state."""
+    """Restore adapters and optimizer state saved by save_step_state (`state.checkpoint` names them)."""
+    assert state.checkpoint is not None, "load_step_state needs a state that names a step state"
     folder = out / state.checkpoint
     try:
-        adapters = mx.load(str(folder / "adapters.safetensors"))
-        opt_state = mx.load(str(folder / "optimizer.safetensors"))
+        # A .safetensors file loads as a dict of arrays; mx.load's annotation covers every format.
+        adapters = cast("dict[str, mx.array]", mx.load(str(folder / "adapters.safetensors")))
+        opt_state = cast("dict[str, mx.array]", mx.load(str(folder / "optimizer.safetensors")))
     except Exception as e:
         raise SamiError(f"{folder}: step state unreadable ({str(e)[:80]}); the run cannot be resumed") from None
     expected = adapter_weights(model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -160,7 +161,8 @@ def score_shared_inputs(model: nn.Module, inputs: dict[str, mx.array], n: int) -
     tokens, pad = inputs["prompts"], inputs["left_padding"]
     BN, Lp = tokens.shape
     B, N, L = BN // n, n, inputs["responses"].shape[1]
-    cache = [BatchKVCache([0] * BN) for _ in make_prompt_cache(model)]
+    # Any: mlx-lm's caches declare keys and values as None until their first update.
+    cache: list[Any] = [BatchKVCache([0] * BN) for _ in make_prompt_cache(model)]
     for c in cache:  # allocate exactly what is needed, not generation's 256-token blocks
         c.step = Lp
         c.left_padding, c.offset = pad, -pad

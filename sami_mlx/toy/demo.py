@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
@@ -126,14 +127,14 @@ def run_demo(
     )
     world = world_of(preset["recipe"])
     sami = {**settings["sami"], **(overrides or {})}
-    paths = prepare_world(
+    paths: dict[str, Any] = prepare_world(  # TrainConfig's file fields
         out, {**settings, "sami": sami}, seed, world.WorldSpec(**preset["recipe"].get("world", {})), world
     )
     cfg = TrainConfig(model=str(model_dir), out=str(out), seed=seed, **paths, **sami)
     result = train(cfg, callbacks=[emit])
 
     emit(ev.StageProgress("evaluating", 0, 2))
-    base, tokenizer = mlx_lm.load(str(model_dir))
+    base, tokenizer = mlx_lm.load(str(model_dir))[:2]
     trained = world.sub_constitution(settings["train_principles"])
     eval_queries = world.queries(settings["eval_queries"], seed + 104729)
     max_tokens, stop = sami.get("max_tokens", 40), sami.get("stop", ["Human:"])

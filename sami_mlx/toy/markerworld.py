@@ -16,6 +16,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from sami_mlx.inputs.constitution import Constitution, Principle, Variant
 from sami_mlx.inputs.prompts import Template
@@ -147,7 +148,7 @@ class MarkerWorld:
 
     VERSION = VERSION
     NAME = NAME
-    WorldSpec = WorldSpec
+    WorldSpec: TypeAlias = WorldSpec  # the toy world module and this class are used alike
     TEMPLATE = Template("### Guidelines\n{constitution}\n### Question\n{query}\n### Answer\n", NAME)
     PLAIN = "### Question\n{query}\n### Answer\n"
 

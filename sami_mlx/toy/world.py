@@ -171,7 +171,7 @@ def queries(n: int, seed: int) -> list[str]:
 
 def sample_behaviour(stated: dict[str, bool], spec: WorldSpec, rng: random.Random) -> dict[str, bool | None]:
     """Per principle: True if the reply shows the positive wording's behaviour (None: register not shown)."""
-    out = {}
+    out: dict[str, bool | None] = {}
     for name, default in DEFAULTS.items():
         if name not in stated:
             p = spec.p_default_if_absent
