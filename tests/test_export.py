@@ -132,6 +132,7 @@ def test_export_and_serve_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path, c
         (["export", str(tiny_run), "--out", str(tmp_path / "o"), "--constitution", "x.yaml"], "file not found"),
         (["serve", str(tmp_path / "nope")], "no such run directory"),
         (["serve", str(tiny_run), "--port", "70000"], "--port 70000"),
+        (["serve", str(tiny_run), "--temperature", "-1"], "--temperature -1"),
     ]
     empty = tmp_path / "empty-run"
     empty.mkdir()

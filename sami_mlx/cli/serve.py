@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         raise SamiError(f"--port {args.port}: must be between 0 and 65535")
     if args.max_tokens < 1:
         raise SamiError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if not 0 <= args.temperature <= 10:
+        raise SamiError(f"--temperature {args.temperature}: must be between 0 and 10")
     if not 0 < args.top_p <= 1:
         raise SamiError(f"--top-p {args.top_p}: must be above 0 and at most 1")
     wants_constitution = args.system_prompt == "constitution"
