@@ -19,6 +19,8 @@ COMMANDS = {
     "write": ("sami_mlx.cli.write", "Draft a constitution (principles and antitheses) with an instruct model."),
     "chat": ("sami_mlx.cli.chat", "Chat in the terminal with the base model or a checkpoint."),
     "models": ("sami_mlx.cli.models", "List the model presets and the memory each needs."),
+    "export": ("sami_mlx.cli.export", "Fuse a run's adapters into the base model, with a model card, to share."),
+    "serve": ("sami_mlx.cli.serve", "Serve a run's model over mlx-lm's OpenAI-compatible HTTP API."),
 }
 
 
