@@ -299,3 +299,15 @@ def test_the_progress_bar_shows_slow_rates_and_says_why_every_group_was_empty(tm
     assert "mean length 5.0 tokens, 0.31 tok/s" in lines[0] and "every response was empty" not in lines[0]
     assert "; every response was empty: the model ended (EOS, or a --stop string) before writing" in lines[1]
     assert "every response was empty" not in lines[2]  # some groups were dropped for another reason
+
+
+def test_a_resumed_runs_bar_starts_where_it_stopped(tmp_path):
+    stream = (tmp_path / "bar.txt").open("w")
+    bar = ProgressBar(stream=stream)
+    bar(ev.RunStarted("run", {}, 2, 6, 2, 10, None, resumed_at_step=3))
+    bar(ev.StepCompleted(2, 2, 4, 4, 1.5, 0.1, 0.5, 0.5, 0.0, 1e-3, 1.0, 0.31, 0.04, []))
+    bar.close()
+    stream.close()
+    text = (tmp_path / "bar.txt").read_text()
+    assert "6 steps (resumed after step 3)" in text
+    assert "4/6 steps" in text and "1/6 steps" not in text and "0.31 tok/s" in text

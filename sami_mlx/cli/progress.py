@@ -32,14 +32,16 @@ class ProgressBar:
             self.iterations = event.iterations
             self.bar = tqdm(
                 total=event.total_steps,
+                initial=event.resumed_at_step,  # a resumed run continues where it stopped
                 unit="step",
                 file=self.stream,
                 dynamic_ncols=True,
                 bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}",
             )
             self.write(
-                f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
-                f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters"
+                f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps"
+                + (f" (resumed after step {event.resumed_at_step})" if event.resumed_at_step else "")
+                + f", N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters"
                 + (
                     f", monitor on {event.monitor_queries} held-out queries (base MI bound "
                     f"{_signed(event.base_heldout_mi)})"
