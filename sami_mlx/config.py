@@ -315,10 +315,34 @@ def parse_report_to(text: str) -> str:
     return ",".join(dict.fromkeys(trackers))
 
 
+# Settings that may name a file (or, for `model`, a directory) relative to the config that sets them.
+PATH_SETTINGS = "model constitution queries template generation_template training_template anchor_template".split()
+PATH_SETTINGS += ["judge_template", "heldout"]
+
+
+def resolve_paths(values: dict, folder: Path, data_dir: Path | None = None) -> dict:
+    """`values` with each relative path in PATH_SETTINGS made absolute where it exists next to the config
+    (`folder`), else in the package's data folder (`data_dir`); any other value (a built-in name, a hub
+    id or dataset, a path from the working directory) is left as written. A run's config.yaml keeps the
+    absolute paths, so the run resumes from any directory."""
+    out = dict(values)
+    for key in PATH_SETTINGS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        for base in (folder, data_dir):
+            candidate = base / value if base is not None else None
+            if candidate is not None and (candidate.is_dir() if key == "model" else candidate.is_file()):
+                out[key] = str(candidate.absolute())
+                break
+    return out
+
+
 def config_from_file(path: str) -> dict:
     """Read a YAML config whose keys are TrainConfig fields (dashes or underscores), or a recipe
-    shipped with the package by name (sami_mlx/data/recipes; see sami_mlx.presets.find_recipe)."""
-    from sami_mlx.presets import find_recipe
+    shipped with the package by name (sami_mlx/data/recipes; see sami_mlx.presets.find_recipe).
+    Relative paths in it are found next to the file first, then in the package's data folder."""
+    from sami_mlx.presets import find_recipe, recipe_dir
 
     recipe = find_recipe(path)
     data = recipe if recipe is not None else read_structured(path, "config file")
@@ -332,7 +356,8 @@ def config_from_file(path: str) -> dict:
         if name not in FIELDS:
             raise SamiError(f"{path}: unknown setting '{key}'; see `sami-mlx train --help` for the names")
         out[name] = _coerce(name, value, f"{path}: setting '{key}'")
-    return out
+    folder = recipe_dir() if recipe is not None else Path(path).expanduser().absolute().parent
+    return resolve_paths(out, folder, recipe_dir().parent)
 
 
 def _kind(f: dataclasses.Field) -> tuple[str, bool]:

@@ -72,6 +72,7 @@ def load_model(name: str, trust_remote_code: bool = False):
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise SamiError(f"--model {name}: mlx-lm could not load it ({first})") from None
     upcast_for_cpu(model)
+    check_vocabulary(model, tokenizer, config, name)
     return model, tokenizer, config
 
 
@@ -81,6 +82,42 @@ def flat_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
 
     # tree_flatten returns a list unless given a dict `destination`; its annotation allows both.
     return cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+
+
+# Next-token probability on ids past the tokenizer's vocabulary above which samples come out broken. A
+# trained model whose rows are padded (Qwen pads to a multiple of 128) puts about 0 there.
+UNDECODABLE_LIMIT = 0.01
+
+
+def check_vocabulary(model, tokenizer, config: dict, name: str) -> None:
+    """Refuse a tokenizer that does not belong to the weights: one whose ordinary tokens have no row in
+    the model's embedding (MLX reads past the table without an error, and the model sees noise), or a
+    model that gives its tokenizer's unknown ids enough probability to sample them (they decode to
+    nothing: responses come out empty or torn). Rows padded beyond the tokenizer are normal."""
+    import mlx.core as mx
+
+    known = len(tokenizer)
+    base = int(getattr(tokenizer, "vocab_size", known) or known)  # without added (special) tokens
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    fix = "use the tokenizer files saved with these weights (or fix vocab_size in config.json)"
+    if rows and int(rows) < base:
+        raise SamiError(
+            f"--model {name}: its tokenizer has {base} tokens but the model's embedding only {rows} rows, so "
+            f"token ids {rows}-{base - 1} read past it and the model sees noise; {fix}"
+        )
+    if rows is not None and int(rows) <= known:
+        return
+    ids = [i for i in tokenizer.encode("The") if i < base] or [0]
+    logits = model(mx.array([ids]))[0, -1].astype(mx.float32)
+    if logits.shape[-1] <= known:
+        return
+    mass = mx.softmax(logits)[known:].sum().item()
+    if mass > UNDECODABLE_LIMIT:
+        raise SamiError(
+            f"--model {name}: the model has {logits.shape[-1]} output rows but its tokenizer decodes only "
+            f"{known} ids, and it puts {mass:.0%} of its next-token probability on ids {known}-"
+            f"{logits.shape[-1] - 1}, which decode to nothing (samples would come out empty); {fix}"
+        )
 
 
 def upcast_for_cpu(model) -> int:

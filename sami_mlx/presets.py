@@ -1,23 +1,19 @@
-"""Model presets (models/*.yaml), the recipes shipped in sami_mlx/data/recipes, and what `--dry-run`
-prints; the memory estimate behind the presets and the dry run is in sami_mlx.memory."""
+"""Model presets (models/*.yaml) and the recipes shipped in sami_mlx/data/recipes; what `--dry-run`
+prints is in sami_mlx.plan, the memory estimate behind both in sami_mlx.memory."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_structured
-from sami_mlx.memory import MemoryEstimate, ModelShape, RunShape, dry_run_memory, estimate_memory
+from sami_mlx.memory import MemoryEstimate, ModelShape, RunShape, estimate_memory
 
 PRESET_PACKAGE = "sami_mlx.data.models"  # models/ installs here (pyproject's package-dir)
 RECIPE_PACKAGE = "sami_mlx.data.recipes"
-CHARS_PER_TOKEN = 3.5  # English with a 32k-150k BPE vocabulary is 3.5-4.5; the low end overestimates tokens
-RECIPE_DATA_KEYS = ("constitution", "heldout", "template", "generation_template", "training_template")
 KINDS = ("base", "instruct")
 
 
@@ -159,7 +155,9 @@ def model_shape(model: str) -> tuple[ModelShape | None, str]:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(model, "config.json")
+            from sami_mlx.inputs.datasets import hub_cache_dir
+
+            cached = try_to_load_from_cache(model, "config.json", cache_dir=hub_cache_dir())
             config_path = Path(cached) if isinstance(cached, str) else config_path
         except Exception:  # an id the cache cannot even look up: no estimate, not an error
             pass
@@ -190,7 +188,7 @@ def find_recipe(name: str) -> dict | None:
     """The settings of shipped recipe `name`, with its data files resolved; None if `name` is a file.
 
     Paths in a shipped recipe are relative to the package's data folder (sami_mlx/data), so a
-    recipe runs from any working directory.
+    recipe runs from any working directory (and so does a copy of it: see config.resolve_paths).
     """
     if Path(name).expanduser().exists():
         return None
@@ -206,20 +204,14 @@ def find_recipe(name: str) -> dict | None:
     data = read_structured(path, "recipe")
     if not isinstance(data, dict):
         raise SamiError(f"{path}: a recipe must be a mapping of settings")
-    data_dir = recipe_dir().parent
-    for key in RECIPE_DATA_KEYS:
-        value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and (data_dir / value).is_file():
-            data[key] = str(data_dir / value)
-    return data
+    from sami_mlx.config import resolve_paths
 
-
-# ---- what --dry-run prints -------------------------------------------------------------------
+    return resolve_paths(data, recipe_dir(), recipe_dir().parent)
 
 
 def model_dir_at_hand(model: str) -> Path | None:
-    """A local directory with `model`'s files (a directory, a built toy model, a cached hub snapshot),
-    found without downloading or building anything; None if there is none."""
+    """A local directory with `model`'s files (a directory, a built toy model, a cached hub snapshot,
+    perhaps without its weights), found without downloading or building anything; None if there is none."""
     if model in preset_names():
         preset = get_preset(model)
         if preset.source == "local-recipe":
@@ -236,100 +228,15 @@ def model_dir_at_hand(model: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.model", "*.txt"]))
+        from sami_mlx.inputs.datasets import hub_cache_dir
+
+        return Path(
+            snapshot_download(
+                model,
+                cache_dir=hub_cache_dir(),
+                local_files_only=True,
+                allow_patterns=["*.json", "*.model", "*.txt"],
+            )
+        )
     except Exception:  # not cached: the estimate falls back to characters
         return None
-
-
-def tokenizer_at_hand(model: str):
-    """`model`'s tokenizer if its files are on this machine, else None (never downloads)."""
-    path = model_dir_at_hand(model)
-    if path is None or not any(path.glob("tokenizer*")):
-        return None
-    try:
-        from mlx_lm.utils import load_tokenizer
-
-        return load_tokenizer(path)
-    except Exception:  # an unreadable tokenizer: the estimate falls back to characters
-        return None
-
-
-def prompt_tokens(inputs: Any, tokenizer: Any = None, chat_template: bool = False) -> tuple[int, int]:
-    """Typical (median) and longest prompt length in tokens: counted with `tokenizer` when given (as
-    the run counts them before its memory check), else estimated from characters.
-
-    Each query's prompt is its longest under the run's templates with every principle in its
-    longer wording, as `trainer.check_context` measures it."""
-    from sami_mlx.inputs.constitution import Constitution, Principle
-    from sami_mlx.inputs.prompts import encode_prompt
-
-    c = inputs.constitution
-    longest = Constitution(
-        c.name, tuple(Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles)
-    )
-    text = longest.render(longest.positive_variant)
-    templates = {inputs.generation_template, inputs.training_template, getattr(inputs, "anchor_template", None)}
-    templates.discard(None)
-    if tokenizer is not None:
-        lengths = sorted(
-            max(len(encode_prompt(tokenizer, t.fill(text, q), chat_template)) for t in templates)
-            for q in inputs.queries
-        )
-        return lengths[len(lengths) // 2], lengths[-1]
-    lengths = sorted(max(len(t.fill(text, q)) for t in templates) for q in inputs.queries)
-    return (math.ceil(lengths[len(lengths) // 2] / CHARS_PER_TOKEN), math.ceil(lengths[-1] / CHARS_PER_TOKEN))
-
-
-def dry_run_report(cfg: Any, inputs: Any, total_gb: float | None = None) -> str:
-    """What a run would do and the memory it needs, as '# ' comment lines."""
-    its = range(cfg.iterations)
-    steps = [cfg.steps_in_iteration(t) for t in its]
-    schedule = (
-        "paper schedule: adapters re-initialised from the base model each iteration"
-        if cfg.schedule == "paper"
-        else "continue schedule: one set of adapters trained throughout"
-    )
-    sampling = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
-    halves = ", alternating two disjoint halves of them" if cfg.schedule == "paper" else ""
-    micro = math.ceil(cfg.queries_per_step / cfg.grad_accumulation)
-    lines = [
-        f"plan: {cfg.iterations} iterations, {schedule}; {' + '.join(map(str, steps))} = {sum(steps)} optimizer steps",
-        f"sampling: {' / '.join(str(s * cfg.queries_per_step) for s in steps)} queries per iteration × "
-        f"{inputs.num_variants} variants ({sampling}, up to {cfg.max_tokens} new tokens) from "
-        f"{len(inputs.queries)} queries{halves}",
-        f"training: {cfg.queries_per_step} query groups per step ({inputs.num_variants}×{inputs.num_variants} "
-        f"score matrices) in {cfg.grad_accumulation} micro-batch(es) of {micro}; {cfg.optimizer}, "
-        f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on {{blocks}}",
-    ]
-    # Iteration t reads [(t // 2) * count, (t // 2 + 1) * count) of its half (trainer.queries_for_iteration).
-    counts = [s * cfg.queries_per_step for s in steps]
-    if cfg.schedule == "paper":
-        need = 2 * max((t // 2 + 1) * c for t, c in enumerate(counts))
-    else:
-        need = sum(counts)
-    if len(inputs.queries) < need:
-        lines.append(
-            f"note: {len(inputs.queries)} queries are fewer than the {need} this schedule samples, "
-            f"so queries repeat across iterations; give at least {need} for none to repeat"
-        )
-    shape, label = model_shape(cfg.model)
-    if shape is not None:
-        adapted = shape.layers if cfg.lora_layers <= 0 else min(cfg.lora_layers, shape.layers)
-        blocks = f"{adapted} of the model's {shape.layers} blocks"
-    else:
-        blocks = "all blocks" if cfg.lora_layers <= 0 else f"the last {cfg.lora_layers} blocks"
-    lines[2] = lines[2].replace("{blocks}", blocks)
-    tokenizer = tokenizer_at_hand(cfg.model)
-    typical, longest = prompt_tokens(inputs, tokenizer, cfg.chat_template)
-    how = (
-        "counted with the model's tokenizer"
-        if tokenizer is not None
-        else "estimated from characters: the model's tokenizer is not on this machine yet"
-    )
-    lines.append(f"prompts: {typical} tokens typically, the longest {longest} ({how})")
-    if shape is None:
-        lines.append(f"model: {label}; memory: unknown offline (no preset and no cached config.json for it)")
-        return "\n".join("# " + line for line in lines)
-    run = RunShape.from_config(cfg, inputs.num_variants, longest)
-    lines += dry_run_memory(shape, label, run, model_dir_at_hand(cfg.model), total_gb)
-    return "\n".join("# " + line for line in lines)

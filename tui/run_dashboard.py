@@ -48,7 +48,7 @@ def stats_text(v: RunView) -> Text:
         out.append(f" of log {n} = {math.log(n):.3f} nats", style="dim")
         out.append("   row acc ", style="dim").append(f"{s['row_accuracy']:.0%}")
         out.append("   col acc ", style="dim").append(f"{s['column_accuracy']:.0%}")
-        out.append("\ntraining ", style="dim").append(f"{s['tokens_per_sec']:,.0f} tok/s")
+        out.append("\ntraining ", style="dim").append(format_rate(s["tokens_per_sec"]))
         out.append("   peak memory ", style="dim").append(f"{s['peak_memory_gb']:.2f} GiB")
         if s.get("kl"):
             out.append("   KL ", style="dim").append(f"{s['kl']:.4f}")
@@ -56,7 +56,7 @@ def stats_text(v: RunView) -> Text:
             out.append("   KL without constitution ", style="dim").append(f"{s['anchor_kl']:.4f}")
     last_samples = v.per_iteration.get(v.iteration, {})
     if last_samples.get("sampling_tokens_per_sec"):
-        out.append("   sampling ", style="dim").append(f"{last_samples['sampling_tokens_per_sec']:,.0f} tok/s")
+        out.append("   sampling ", style="dim").append(format_rate(last_samples["sampling_tokens_per_sec"]))
     if v.base_ppl:
         out.append("   base ppl ", style="dim").append(f"{v.base_ppl:.2f}")
     out.append_text(monitor_text(v))

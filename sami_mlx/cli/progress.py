@@ -7,6 +7,7 @@ import sys
 from tqdm import tqdm
 
 from sami_mlx import events as ev
+from sami_mlx.rates import format_rate
 
 
 class ProgressBar:
@@ -31,14 +32,16 @@ class ProgressBar:
             self.iterations = event.iterations
             self.bar = tqdm(
                 total=event.total_steps,
+                initial=event.resumed_at_step,  # a resumed run continues where it stopped
                 unit="step",
                 file=self.stream,
                 dynamic_ncols=True,
                 bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}",
             )
             self.write(
-                f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps, "
-                f"N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters"
+                f"run {event.run_dir}: {event.iterations} iterations, {event.total_steps} steps"
+                + (f" (resumed after step {event.resumed_at_step})" if event.resumed_at_step else "")
+                + f", N={event.num_variants} variants, {event.trainable_parameters:,} adapter parameters"
                 + (
                     f", monitor on {event.monitor_queries} held-out queries (base MI bound "
                     f"{_signed(event.base_heldout_mi)})"
@@ -71,14 +74,14 @@ class ProgressBar:
                 f"iter {event.iteration}: {event.groups} groups kept, {dropped} dropped "
                 f"(empty {event.dropped_empty}, identical {event.dropped_identical}, banned {event.dropped_banned}, "
                 f"truncated {event.dropped_truncated}, no sentence end {event.dropped_unfinished}); "
-                f"mean length {event.mean_length:.1f} tokens, {event.tokens_per_sec:.0f} tok/s"
+                f"mean length {event.mean_length:.1f} tokens, {format_rate(event.tokens_per_sec)}" + _why_empty(event)
             )
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} training")
         elif isinstance(event, ev.StepCompleted):
             self.bar.set_description(f"iter {event.iteration}/{self.iterations} step {event.step}/{event.steps}")
             self.bar.set_postfix_str(
                 f"loss {event.loss:.3f} MI {event.mi_bound:+.3f} acc {event.row_accuracy:.2f} "
-                f"{event.tokens_per_sec:.0f} tok/s {event.peak_memory_gb:.2f} GiB{self.drift}",
+                f"{format_rate(event.tokens_per_sec)} {event.peak_memory_gb:.2f} GiB{self.drift}",
                 refresh=False,
             )
             self.bar.update(1)
@@ -149,3 +152,13 @@ def _drift(event: ev.MonitorChecked | ev.IterationCompleted) -> str:
 
 def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _why_empty(event: ev.SamplesReady) -> str:
+    """When every sampled group was dropped as empty, what that means and what to change."""
+    if event.groups or not event.dropped_empty or event.dropped_empty < event.queries_sampled:
+        return ""
+    return (
+        "; every response was empty: the model ended (EOS, or a --stop string) before writing anything, "
+        "so look at where the prompt ends (--template, --response-prefix) and at --stop, or try --temperature 0.7"
+    )

@@ -58,18 +58,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def dry_run(cfg: config.TrainConfig) -> int:
-    """Print the resolved configuration and what it will train on."""
-    from sami_mlx.loop.trainer import prepare_inputs
+    """Print the resolved configuration, what it will train on and the memory it needs; reads only what is
+    on this machine (sami_mlx.plan), so it works offline before anything is downloaded."""
+    from sami_mlx.plan import dry_run_report, plan_inputs
 
-    inputs = prepare_inputs(cfg)
+    plan = plan_inputs(cfg)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    if plan.missing:
+        count = "an unknown number of" if plan.query_count is None else f"up to {plan.query_count}"
+        queries = f"{count} queries ({cfg.queries}: not downloaded yet)"
+    else:
+        queries = f"{plan.query_count} queries"
     print(
-        f"# {len(inputs.queries)} queries, {len(inputs.constitution.principles)} principles, "
-        f"{inputs.num_variants} variants per query"
+        f"# {queries}, {len(plan.inputs.constitution.principles)} principles, "
+        f"{plan.inputs.num_variants} variants per query"
     )
-    from sami_mlx.presets import dry_run_report  # the plan and its memory estimate
-
-    print(dry_run_report(cfg, inputs))
+    print(dry_run_report(cfg, plan))
     return 0
 
 

@@ -188,9 +188,25 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def download_command(source: DatasetSource, split: str) -> str:
+    """The `hf download` command that puts a split's file into the hub cache."""
+    revision = f" --revision {source.revision}" if source.revision else ""
+    return f"hf download {source.repo_id} {source.files[split]} --repo-type dataset{revision}"
+
+
+def cached_file(source: DatasetSource, split: str) -> Path | None:
+    """A split's file if it is in the hub cache, else None; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(
+        source.repo_id, source.files[split], cache_dir=hub_cache_dir(), revision=source.revision, repo_type="dataset"
+    )
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def fetch_file(source: DatasetSource, split: str) -> Path:
     """The local path of a split's file: from the hub cache, downloaded into it first if need be."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         LocalEntryNotFoundError,
@@ -198,16 +214,11 @@ def fetch_file(source: DatasetSource, split: str) -> Path:
         RevisionNotFoundError,
     )
 
-    filename, cache = source.files[split], hub_cache_dir()
-    fill = f"hf download {source.repo_id} {filename} --repo-type dataset" + (
-        f" --revision {source.revision}" if source.revision else ""
-    )
+    filename, cache, fill = source.files[split], hub_cache_dir(), download_command(source, split)
     # A cached copy is used as it is: no network round trip, and the same queries on every run.
-    cached = try_to_load_from_cache(
-        source.repo_id, filename, cache_dir=cache, revision=source.revision, repo_type="dataset"
-    )
-    if isinstance(cached, str):
-        return Path(cached)
+    cached = cached_file(source, split)
+    if cached is not None:
+        return cached
     try:
         return Path(
             hf_hub_download(
@@ -291,3 +302,22 @@ def load_dataset_queries(text: str, fetch: Callable[[DatasetSource, str], Path] 
             )
         queries.extend(available[sel.start : sel.stop])
     return queries
+
+
+def cached_dataset_queries(text: str) -> tuple[list[str], int | None, list[Selection]]:
+    """What a --queries value gives without downloading (for --dry-run): the queries of its parts whose
+    files are in the hub cache, how many queries it names in all (None when a part not yet downloaded has
+    no end), and the parts whose files are not there."""
+    queries: list[str] = []
+    count: int | None = 0
+    missing: list[Selection] = []
+    for sel in parse_spec(text):
+        path = cached_file(sel.source, sel.split)
+        if path is None:
+            missing.append(sel)
+            count = None if count is None or sel.stop is None else count + sel.stop - sel.start
+            continue
+        part = load_dataset_queries(str(sel), fetch=lambda source, split, path=path: path)
+        queries.extend(part)
+        count = None if count is None else count + len(part)
+    return queries, count, missing

@@ -1,0 +1,211 @@
+"""What `sami-mlx train --dry-run` prints: the plan, the prompts' length and the memory estimate, made
+from what is on this machine. Nothing is downloaded or built: a model or dataset that is not here yet is
+listed with its size where the hub cache knows it, and the estimate says what it had to assume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sami_mlx.memory import GiB, ModelShape, RunShape, dry_run_memory
+from sami_mlx.presets import get_preset, model_dir_at_hand, model_shape, preset_names
+
+CHARS_PER_TOKEN = 3.5  # English with a 32k-150k BPE vocabulary is 3.5-4.5; the low end overestimates tokens
+# The longest query assumed while a hub dataset is not downloaded: summarize-from-feedback's posts were
+# chosen to fit 512 tokens, and HH-RLHF's first human turns are mostly far shorter, so this errs high.
+ASSUMED_QUERY_TOKENS = 512
+
+
+@dataclass
+class Plan:
+    """A run's inputs as far as this machine holds them."""
+
+    inputs: Any  # sami_mlx.loop.trainer.RunInputs; its queries are those at hand
+    query_count: int | None  # the queries the run will have; None: unknown until the dataset is downloaded
+    missing: list = field(default_factory=list)  # sami_mlx.inputs.datasets.Selection parts not in the cache
+
+
+def plan_inputs(cfg: Any) -> Plan:
+    """The run's inputs, checked as the run checks them, with hub datasets read from the cache only."""
+    from sami_mlx.inputs.datasets import cached_dataset_queries, is_dataset_spec
+    from sami_mlx.loop.trainer import prepare_inputs
+
+    if not is_dataset_spec(cfg.queries) or Path(cfg.queries).exists():
+        inputs = prepare_inputs(cfg)
+        return Plan(inputs, len(inputs.queries))
+    queries, count, missing = cached_dataset_queries(cfg.queries)
+    if not missing:
+        inputs = prepare_inputs(cfg)
+        return Plan(inputs, len(inputs.queries))
+    # The constitution, templates and held-out text are checked all the same: a built-in query set
+    # stands in for the dataset while they load, then the queries at hand replace it.
+    inputs = prepare_inputs(dataclasses.replace(cfg, queries="dialogue"))
+    return Plan(dataclasses.replace(inputs, queries=queries, monitor_ids=[], train_ids=[]), count, missing)
+
+
+# ---- what is on this machine -----------------------------------------------------------------
+
+
+def tokenizer_at_hand(model: str):
+    """`model`'s tokenizer if its files are on this machine, else None (never downloads)."""
+    path = model_dir_at_hand(model)
+    if path is None or not any(path.glob("tokenizer*")):
+        return None
+    try:
+        from mlx_lm.utils import load_tokenizer
+
+        return load_tokenizer(path)
+    except Exception:  # an unreadable tokenizer: the estimate falls back to characters
+        return None
+
+
+def missing_model(model: str, shape: ModelShape | None) -> str | None:
+    """What the run will fetch or build for `model` before it starts, with the download's size where the
+    cache (or the architecture) tells it; None when the weights are here."""
+    if model in preset_names() and get_preset(model).source == "local-recipe":
+        if model_dir_at_hand(model) is None:
+            return f"model {model}: built from its recipe on the first run (nothing to download)"
+        return None
+    hub_id = get_preset(model).model if model in preset_names() else model
+    if Path(hub_id).expanduser().exists() or hub_id.count("/") != 1:
+        return None  # a local directory (or a path the run will refuse with its own message)
+    local = model_dir_at_hand(hub_id)
+    if local is not None and any(local.glob("*.safetensors")):
+        return None
+    size = ""
+    index = local / "model.safetensors.index.json" if local is not None else None
+    if index is not None and index.is_file():
+        try:
+            total = json.loads(index.read_text())["metadata"]["total_size"]
+            size = f"{total / GiB:.1f} GiB of weights (from its cached {index.name})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if not size and shape is not None:
+        size = f"about {shape.weight_bytes / GiB:.1f} GiB of weights (estimated from its architecture)"
+    return f"model {hub_id}: {size or 'size unknown offline'}; `hf download {hub_id}` fetches it"
+
+
+def missing_lines(cfg: Any, plan: Plan, shape: ModelShape | None) -> list[str]:
+    """The lines naming what a run will download that is not on this machine yet."""
+    from sami_mlx.inputs.datasets import download_command
+
+    items = [m for m in [missing_model(cfg.model, shape)] if m]
+    for sel in plan.missing:
+        file = f"{sel.source.files[sel.split]} of {sel.source.repo_id}"
+        items.append(f"dataset {sel}: {file}, size unknown offline; `{download_command(sel.source, sel.split)}`")
+    if not items:
+        return []
+    return ["not on this machine yet (the run downloads it; --dry-run downloads nothing):"] + [
+        f"  {item}" for item in items
+    ]
+
+
+# ---- prompts ---------------------------------------------------------------------------------
+
+
+def prompt_tokens(
+    inputs: Any, tokenizer: Any = None, chat_template: bool = False, queries: list[str] | None = None
+) -> tuple[int, int]:
+    """Typical (median) and longest prompt length in tokens of `queries` (default: the inputs'): counted
+    with `tokenizer` when given (as the run counts them before its memory check), else estimated from
+    characters.
+
+    Each query's prompt is its longest under the run's templates with every principle in its
+    longer wording, as `trainer.check_context` measures it."""
+    from sami_mlx.inputs.constitution import Constitution, Principle
+    from sami_mlx.inputs.prompts import encode_prompt
+
+    c = inputs.constitution
+    longest = Constitution(
+        c.name, tuple(Principle(p.name, *(2 * [max(p.positive, p.negative, key=len)])) for p in c.principles)
+    )
+    text = longest.render(longest.positive_variant)
+    templates = {inputs.generation_template, inputs.training_template, getattr(inputs, "anchor_template", None)}
+    templates.discard(None)
+    queries = inputs.queries if queries is None else queries
+    if tokenizer is not None:
+        lengths = sorted(
+            max(len(encode_prompt(tokenizer, t.fill(text, q), chat_template)) for t in templates) for q in queries
+        )
+        return lengths[len(lengths) // 2], lengths[-1]
+    lengths = sorted(max(len(t.fill(text, q)) for t in templates) for q in queries)
+    return (math.ceil(lengths[len(lengths) // 2] / CHARS_PER_TOKEN), math.ceil(lengths[-1] / CHARS_PER_TOKEN))
+
+
+def prompt_line(cfg: Any, plan: Plan, tokenizer: Any) -> tuple[str, int]:
+    """The `prompts:` line and the longest prompt the memory estimate plans for."""
+    how = (
+        "counted with the model's tokenizer"
+        if tokenizer is not None
+        else "estimated from characters: the model's tokenizer is not on this machine yet"
+    )
+    if not plan.missing:
+        typical, longest = prompt_tokens(plan.inputs, tokenizer, cfg.chat_template)
+        return f"prompts: {typical} tokens typically, the longest {longest} ({how})", longest
+    _, frame = prompt_tokens(plan.inputs, tokenizer, cfg.chat_template, queries=[""])
+    longest = frame + ASSUMED_QUERY_TOKENS
+    parts = " + ".join(str(sel) for sel in plan.missing)
+    line = (
+        f"prompts: the longest taken as {longest} tokens: {frame} for the templates and constitution ({how}) "
+        f"+ {ASSUMED_QUERY_TOKENS} assumed for a query, as {parts} is not downloaded yet"
+    )
+    if plan.inputs.queries:
+        typical, at_hand = prompt_tokens(plan.inputs, tokenizer, cfg.chat_template)
+        longest = max(longest, at_hand)
+        line += f"; the queries at hand: {typical} tokens typically, the longest {at_hand}"
+    return line, longest
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+
+def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None) -> str:
+    """What a run would do and the memory it needs, as '# ' comment lines."""
+    inputs, count = plan.inputs, plan.query_count
+    steps = [cfg.steps_in_iteration(t) for t in range(cfg.iterations)]
+    schedule = (
+        "paper schedule: adapters re-initialised from the base model each iteration"
+        if cfg.schedule == "paper"
+        else "continue schedule: one set of adapters trained throughout"
+    )
+    sampling = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
+    halves = ", alternating two disjoint halves of them" if cfg.schedule == "paper" else ""
+    micro = math.ceil(cfg.queries_per_step / cfg.grad_accumulation)
+    source = f"{count} queries" if count is not None else f"the queries of {cfg.queries}"
+    if count is not None and plan.missing:
+        source = f"up to {count} queries"
+    shape, label = model_shape(cfg.model)
+    if shape is not None:
+        adapted = shape.layers if cfg.lora_layers <= 0 else min(cfg.lora_layers, shape.layers)
+        blocks = f"{adapted} of the model's {shape.layers} blocks"
+    else:
+        blocks = "all blocks" if cfg.lora_layers <= 0 else f"the last {cfg.lora_layers} blocks"
+    lines = [
+        f"plan: {cfg.iterations} iterations, {schedule}; {' + '.join(map(str, steps))} = {sum(steps)} optimizer steps",
+        f"sampling: {' / '.join(str(s * cfg.queries_per_step) for s in steps)} queries per iteration × "
+        f"{inputs.num_variants} variants ({sampling}, up to {cfg.max_tokens} new tokens) from {source}{halves}",
+        f"training: {cfg.queries_per_step} query groups per step ({inputs.num_variants}×{inputs.num_variants} "
+        f"score matrices) in {cfg.grad_accumulation} micro-batch(es) of {micro}; {cfg.optimizer}, "
+        f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on {blocks}",
+    ]
+    # Iteration t reads [(t // 2) * count, (t // 2 + 1) * count) of its half (trainer.queries_for_iteration).
+    counts = [s * cfg.queries_per_step for s in steps]
+    need = 2 * max((t // 2 + 1) * c for t, c in enumerate(counts)) if cfg.schedule == "paper" else sum(counts)
+    if count is not None and count < need:
+        lines.append(
+            f"note: {count} queries are fewer than the {need} this schedule samples, "
+            f"so queries repeat across iterations; give at least {need} for none to repeat"
+        )
+    lines += missing_lines(cfg, plan, shape)
+    prompts, longest = prompt_line(cfg, plan, tokenizer_at_hand(cfg.model))
+    lines.append(prompts)
+    if shape is None:
+        lines.append(f"model: {label}; memory: unknown offline (no preset and no cached config.json for it)")
+    else:
+        run = RunShape.from_config(cfg, inputs.num_variants, longest)
+        lines += dry_run_memory(shape, label, run, model_dir_at_hand(cfg.model), total_gb)
+    return "\n".join("# " + line for line in lines)
