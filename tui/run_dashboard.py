@@ -7,6 +7,7 @@ import math
 
 from rich.text import Text
 
+from sami_mlx.rates import format_rate
 from tui.runlog import RunView, short_path
 
 STATUS_STYLES = {
