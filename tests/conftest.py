@@ -347,17 +347,20 @@ def offline_hub(tmp_path, monkeypatch) -> Callable[..., Path]:
     return fill
 
 
+@pytest.fixture(scope="session")
+def hh_rlhf_files() -> dict[str, bytes]:
+    """HH-RLHF's files as the hub holds them (gzipped JSONL of chosen/rejected transcripts), by path."""
+    return {
+        "helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL),
+        "helpful-base/test.jsonl.gz": gz_jsonl(HELPFUL_TEST),
+        "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS),
+    }
+
+
 @pytest.fixture
-def hub_cache(offline_hub) -> Path:
+def hub_cache(offline_hub, hh_rlhf_files) -> Path:
     """An offline Hugging Face cache holding HH-RLHF files shaped like the real ones."""
-    return offline_hub(
-        "Anthropic/hh-rlhf",
-        {
-            "helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL),
-            "helpful-base/test.jsonl.gz": gz_jsonl(HELPFUL_TEST),
-            "harmless-base/train.jsonl.gz": gz_jsonl(HARMLESS),
-        },
-    )
+    return offline_hub("Anthropic/hh-rlhf", hh_rlhf_files)
 
 
 # ---- a past run, as the UI reads it ---------------------------------------------------------

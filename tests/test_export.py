@@ -19,7 +19,6 @@ import mlx_lm
 import numpy as np
 import pytest
 import yaml
-from conftest import make_tiny_run
 
 from sami_mlx.cli.main import main
 from sami_mlx.cli.serve import make_server, server_args, stop_server
@@ -30,8 +29,8 @@ TEXT = "Human: How do I bake bread? Assistant:"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("shiprun"), tiny_model, iterations=2) / "run"
+def tiny_run(trained_run) -> Path:
+    return trained_run(iterations=2) / "run"
 
 
 def logits(model_dir, adapter_path=None) -> np.ndarray:

@@ -15,8 +15,6 @@ import mlx.core as mx
 import pytest
 import yaml
 from mlx.utils import tree_flatten
-from test_datasets import HELPFUL, fill_cache, gz_jsonl
-from tiny import build_tiny_model
 
 from sami_mlx import events as ev
 from sami_mlx.cli.main import main as cli
@@ -39,13 +37,11 @@ RECIPES = {  # recipe -> (hub model, the dataset files the run downloads, as `hf
 
 
 @pytest.fixture
-def empty_hub(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face cache, offline."""
-    cache = tmp_path / "hf" / "hub"
+def empty_hub(offline_hub, tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache (conftest's offline_hub, nothing laid out yet), offline."""
+    cache = tmp_path / "hub"
     cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     return cache
 
 
@@ -92,8 +88,10 @@ def test_dry_run_in_a_fresh_process_with_an_empty_cache_exits_0(tmp_path):
     assert done.stderr.strip() == ""
 
 
-def test_dry_run_uses_the_queries_at_hand_when_a_dataset_is_partly_cached(empty_hub, tmp_path, capsys):
-    fill_cache(empty_hub, "Anthropic/hh-rlhf", {"helpful-base/train.jsonl.gz": gz_jsonl(HELPFUL)})
+def test_dry_run_uses_the_queries_at_hand_when_a_dataset_is_partly_cached(
+    empty_hub, offline_hub, hh_rlhf_files, tmp_path, capsys
+):
+    offline_hub("Anthropic/hh-rlhf", {"helpful-base/train.jsonl.gz": hh_rlhf_files["helpful-base/train.jsonl.gz"]})
     assert cli(["train", "-c", "hh-rlhf-mistral-7b", "--dry-run", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     # 3 unique helpful first turns are here; the harmless range names 1600 more.
@@ -154,13 +152,13 @@ def test_a_copied_recipe_finds_its_own_files_then_the_packages(empty_hub, tmp_pa
     assert Path(printed["constitution"]) == recipe_dir().parent / "constitutions" / "hh_rlhf.yaml"
 
 
-def test_a_run_keeps_the_resolved_paths_so_it_resumes_from_anywhere(tiny_model, tmp_path, monkeypatch):
-    from conftest import CONSTITUTION, QUERIES
-
+def test_a_run_keeps_the_resolved_paths_so_it_resumes_from_anywhere(
+    tiny_model, constitution_file, queries_file, tmp_path, monkeypatch
+):
     folder = tmp_path / "configs"
     folder.mkdir()
-    (folder / "c.yaml").write_text(CONSTITUTION)
-    (folder / "q.txt").write_text("\n".join(QUERIES[:4]) + "\n")
+    (folder / "c.yaml").write_text(constitution_file.read_text())
+    (folder / "q.txt").write_text("\n".join(queries_file.read_text().splitlines()[:4]) + "\n")
     (folder / "run.yaml").write_text(
         f"model: {tiny_model}\nconstitution: c.yaml\nqueries: q.txt\niterations: 1\nsteps: 1\n"
         "queries_per_step: 2\nmax_tokens: 4\ntemperature: 1.0\nmonitor_queries: 0\nmax_ppl_ratio: off\n"
@@ -179,7 +177,13 @@ def test_a_run_keeps_the_resolved_paths_so_it_resumes_from_anywhere(tiny_model, 
 # ---- a tokenizer that does not belong to its model -------------------------------------------
 
 
-def with_vocabulary(path: Path, rows: int, scale_known: float = 1.0) -> Path:
+@pytest.fixture
+def with_vocabulary(model_builder):
+    """`with_vocabulary(path, rows, scale_known=1.0)`: see `rebuilt_with_vocabulary`."""
+    return lambda path, rows, scale_known=1.0: rebuilt_with_vocabulary(model_builder, path, rows, scale_known)
+
+
+def rebuilt_with_vocabulary(build_tiny_model, path: Path, rows: int, scale_known: float = 1.0) -> Path:
     """The tiny model rebuilt with `rows` embedding and output rows (its tokenizer keeps 384 tokens);
     `scale_known` multiplies the output rows of the tokenizer's ids, so that padding rows get ~0 probability."""
     build_tiny_model(path, seed=0)
@@ -198,7 +202,7 @@ def with_vocabulary(path: Path, rows: int, scale_known: float = 1.0) -> Path:
     return path
 
 
-def test_a_model_that_samples_ids_its_tokenizer_cannot_decode_is_refused(tmp_path, capsys):
+def test_a_model_that_samples_ids_its_tokenizer_cannot_decode_is_refused(with_vocabulary, tmp_path, capsys):
     """Reproduced: a random 1000-row model with a 384-token tokenizer samples ids 384-999 more often than
     not; they decode to nothing, so responses came out empty and every group was dropped as 'empty'."""
     model_dir = with_vocabulary(tmp_path / "wide", 1000)
@@ -211,12 +215,12 @@ def test_a_model_that_samples_ids_its_tokenizer_cannot_decode_is_refused(tmp_pat
     assert "use the tokenizer files saved with these weights" in err
 
 
-def test_a_tokenizer_with_more_tokens_than_the_embedding_is_refused(tmp_path):
+def test_a_tokenizer_with_more_tokens_than_the_embedding_is_refused(with_vocabulary, tmp_path):
     with pytest.raises(SamiError, match=r"384 tokens but the model's embedding only 200 rows, so token ids 200-383"):
         load_model(str(with_vocabulary(tmp_path / "narrow", 200)))
 
 
-def test_rows_padded_past_the_tokenizer_are_normal(tmp_path):
+def test_rows_padded_past_the_tokenizer_are_normal(with_vocabulary, tmp_path):
     """Hub models pad their vocabulary (Qwen to a multiple of 128): rows the model never predicts are fine."""
     from sami_mlx.loop.rollout import generate_batch
 

@@ -244,11 +244,9 @@ def test_offline_run_writes_wandb_and_swanlab_files_with_the_logged_keys(
     assert texts & responses
 
 
-def test_resume_may_report_elsewhere_than_the_run_did(fakes, tiny_model, tmp_path, capsys):
+def test_resume_may_report_elsewhere_than_the_run_did(fakes, trained_run, capsys):
     """Where a run reports is no part of what it trains: --resume takes --report-to without calling it a change."""
-    from conftest import make_tiny_run
-
-    run = make_tiny_run(tmp_path, tiny_model, iterations=1) / "run"
+    run = trained_run(iterations=1) / "run"
     assert main(["--resume", str(run), "--report-to", "wandb"]) == 2
     assert "already finished" in capsys.readouterr().err
     assert main(["--resume", str(run), "--learning-rate", "0.5"]) == 2
