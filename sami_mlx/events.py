@@ -81,6 +81,7 @@ class StepCompleted(Event):
     peak_memory_gb: float
     scores: list  # the first group's N x N score matrix
     anchor_kl: float = 0.0  # KL to the base after prompts with no constitution (--anchor-beta)
+    variants: list = field(default_factory=list)  # that group's variant labels ("+-"): the rows and columns of scores
 
 
 @dataclass

@@ -9,24 +9,30 @@ import io
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from rich.console import Console
 from textual import events
-from textual.widgets import DataTable, Input, OptionList
+from textual.widgets import Checkbox, DataTable, Input, OptionList, Select
 
-from sami_mlx.config import config_from_file
+from sami_mlx import events as ev
+from sami_mlx.cli.train import make_parser
+from sami_mlx.config import TrainConfig, build_config, config_from_file
 from sami_mlx.events import StepCompleted
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop import trainer
 from tui.app import SamiApp
 from tui.chat_screen import ChatScreen
 from tui.constitution_screen import ConstitutionScreen
+from tui.eta import Eta, eta_text
+from tui.heatmap import HeatTable, variant_labels
 from tui.modals import ChoiceModal, ErrorModal, RunPicker
 from tui.run_screen import RunScreen
-from tui.runlog import load_run, printable
+from tui.runlog import RunView, load_run, printable
+from tui.settings_form import SettingsForm
 from tui.widgets import PrincipleCard
 
 SIZE = (160, 50)
@@ -46,8 +52,15 @@ async def paste(pilot, text: str) -> None:
     await pilot.pause()
 
 
+async def scroll_to(pilot, selector: str) -> None:
+    """Scroll a field into view (the settings form is taller than the screen), as a user would."""
+    pilot.app.screen.query_one(selector).scroll_visible(animate=False, immediate=True)
+    await pilot.pause()
+
+
 async def type_into(pilot, selector: str, text: str) -> None:
     """Click a field, clear it and type `text` (paste it, when long), as a user would."""
+    await scroll_to(pilot, selector)
     await pilot.click(selector)
     await pilot.press("end", "ctrl+u")
     if len(text) > 4:
@@ -61,6 +74,10 @@ def shown(widget) -> str:
     console = Console(width=200, file=io.StringIO(), record=True)
     console.print(widget.content)
     return console.export_text()
+
+
+def shown_text(text) -> str:
+    return text.plain
 
 
 def card_values(app) -> list[dict]:
@@ -264,7 +281,13 @@ async def test_real_run_to_completion_then_chat_with_its_checkpoint(
         assert "finished" in shown(run.query_one("#run-title"))
         assert re.search(r"loss \d\.\d{4} ", shown(run.query_one("#run-stats")))
         assert run.query_one("#iterations-table", DataTable).row_count == 1
-        assert "c2" in shown(run.query_one("#heatmap"))
+        # The score matrix's rows and columns: the variants of the group it scored (2 principles, all 4).
+        assert [r.label.plain for r in run.query_one(HeatTable).ordered_rows] == ["++", "+−", "−+", "−−"]
+        # The monitor's drift at the iteration's end, in the table and the stats.
+        assert re.fullmatch(
+            r"\d+\.\d\d/\d+\.\d\d( ✗)?", str(run.query_one("#iterations-table", DataTable).get_row_at(0)[5])
+        )
+        assert re.search(r"drift \d+\.\d\d× / \d+\.\d\d×", shown(run.query_one("#run-stats")))
         assert "Q: " in shown(run.query_one("#samples"))
         assert app.run_dir == "runs/tiny"
 
@@ -427,6 +450,152 @@ async def test_browse_past_runs_from_metrics_and_samples(workdir, past_run):
         assert [c.name for c in app.screen.checkpoints] == ["base", "iter-01", "iter-02"]
 
 
+# ---- Run screen: the settings form, its YAML file, the live dashboard ---------------------------
+
+
+async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(workdir, constitution_file):
+    app = SamiApp(model="models/tiny", constitution=constitution_file.name)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        form = app.screen.query_one(SettingsForm)
+        await type_into(pilot, "#set-steps", "5")
+        await type_into(pilot, "#set-kl_beta", "0.125")
+        await type_into(pilot, "#set-stop", "User:, ###")
+        await type_into(pilot, "#set-generation_template", "chat")
+        form.query_one("#set-schedule", Select).value = "continue"
+        await scroll_to(pilot, "#more-settings CollapsibleTitle")
+        await pilot.click("#more-settings CollapsibleTitle")  # the rest of TrainConfig, generated from FIELDS
+        await pilot.pause()
+        await scroll_to(pilot, "#set-dora")
+        await pilot.click("#set-dora")
+        await type_into(pilot, "#set-max_ppl_ratio", "off")
+        await type_into(pilot, "#set-seed", "9")
+        await type_into(pilot, "#set-sentence_end_marks", '[".", "…"]')
+        assert form.query_one("#set-dora", Checkbox).value is True
+        settings = form.values()
+        assert settings["stop"] == ["User:", "###"] and settings["max_ppl_ratio"] is None
+        assert settings["schedule"] == "continue" and settings["seed"] == 9 and "out" not in settings
+
+        await pilot.press("ctrl+s", "end", "ctrl+u")
+        await paste(pilot, "mine.yaml")
+        await pilot.press("enter")
+        assert (workdir / "mine.yaml").is_file()
+
+        # Change the form, then load the file back: the settings are what was saved.
+        await type_into(pilot, "#set-steps", "7")
+        await scroll_to(pilot, "#set-dora")
+        await pilot.click("#set-dora")
+        await type_into(pilot, "#set-model", "other/model")
+        assert form.values() != settings
+        await pilot.press("ctrl+l", "end", "ctrl+u")
+        await paste(pilot, "mine.yaml")
+        await pilot.press("enter")
+        assert form.values() == settings
+
+        # A file the CLI would refuse is refused on load, in the error dialog; the form keeps its settings.
+        (workdir / "bad.yaml").write_text("steps: 3\nwarp_speed: 9\n")
+        await pilot.press("ctrl+l", "end", "ctrl+u")
+        await paste(pilot, "bad.yaml")
+        await pilot.press("enter")
+        assert isinstance(app.screen, ErrorModal) and "unknown setting 'warp_speed'" in app.screen.message
+        await pilot.press("enter")
+        assert form.values() == settings
+
+    # `sami-mlx train -c mine.yaml` reads the same settings (no training: only the parser and the config).
+    cfg = build_config(make_parser().parse_args(["-c", str(workdir / "mine.yaml")]))
+    expected = TrainConfig(**settings, out=cfg.out).resolved()
+    assert cfg == expected
+    assert (cfg.steps, cfg.kl_beta, cfg.dora, cfg.seed, cfg.schedule) == (5, 0.125, True, 9, "continue")
+    assert (cfg.generation_template, cfg.training_template) == ("chat", "dialogue")
+    assert cfg.sentence_end_marks == [".", "…"] and cfg.max_ppl_ratio is None
+
+
+async def test_a_bad_setting_is_marked_in_the_form_and_saving_it_is_refused(workdir, constitution_file):
+    app = SamiApp(model="models/tiny", constitution=constitution_file.name)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        form = app.screen.query_one(SettingsForm)
+        await type_into(pilot, "#set-kl_beta", "-1")
+        assert "--kl-beta -1.0: must be between 0 and 1000000.0" in shown(form.query_one("#settings-status"))
+        assert form.query_one("#set-kl_beta").has_class("invalid")
+        assert not form.query_one("#set-steps").has_class("invalid")
+        await pilot.press("ctrl+s", "end", "ctrl+u")
+        await paste(pilot, "bad.yaml")
+        await pilot.press("enter")
+        assert isinstance(app.screen, ErrorModal) and "--kl-beta" in app.screen.message
+        assert not (workdir / "bad.yaml").exists()
+        await pilot.press("enter")
+        await type_into(pilot, "#set-kl_beta", "0.5")
+        assert not form.query_one("#set-kl_beta").has_class("invalid")
+
+
+LABELS = ["++", "+-", "-+", "--"]
+SCORES = [[-1.0, -2.0, -3.0, -4.0], [-2.5, -1.5, -2.25, -3.5], [-3.0, -2.75, -0.5, -2.0], [-4.0, -3.0, -2.0, -1.25]]
+
+
+class ScriptedTrainer:
+    """A run's first events at a measured pace (no model), held after its first step until released."""
+
+    def __init__(self):
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def train(self, cfg, callbacks=(), should_stop=None):
+        def emit(event):
+            for callback in callbacks:
+                callback(event)
+
+        emit(ev.RunStarted(cfg.out, cfg.to_dict(), cfg.iterations, 6, 4, 100, None))
+        emit(ev.IterationStarted(1, 2, 4))
+        time.sleep(0.1)
+        emit(ev.SamplingProgress(1, 16, 16))
+        emit(ev.SamplesReady(1, 4, 0, 1, 0, 5.0, 0.0, 0.5, 10.0, dropped_truncated=2, dropped_unfinished=1))
+        time.sleep(0.2)
+        metrics = dict(loss=0.6, mi_bound=0.1, row_accuracy=0.5, column_accuracy=0.5, kl=0.0, learning_rate=1e-3)
+        metrics.update(grad_norm=1.0, tokens_per_sec=10.0, peak_memory_gb=0.1, scores=SCORES, variants=LABELS)
+        emit(ev.StepCompleted(iteration=1, step=1, steps=2, global_step=1, **metrics))
+        self.reached.set()
+        self.release.wait(30)
+        emit(ev.RunCompleted(cfg.out, 1.0, stopped_early=True, reason="stopped"))
+
+
+async def test_live_run_shows_eta_drops_and_a_labelled_heat_map(workdir, constitution_file):
+    engine = ScriptedTrainer()
+    config = {"iterations": 2, "steps": 2, "queries_per_step": 2, "out": "runs/live"}
+    app = SamiApp(model="models/tiny", constitution=constitution_file.name, config=config, trainer=engine)
+    async with app.run_test(size=(120, 45)) as pilot:
+        await pilot.press("f2", "ctrl+r")
+        for _ in range(200):
+            if engine.reached.is_set():
+                break
+            await asyncio.sleep(0.05)
+        await pilot.pause(0.2)
+        run = app.screen
+        assert re.search(r"ETA iteration 1: \d+s   run: \d+s", shown(run.query_one("#run-eta")))
+        assert "dropped 1 identical, 2 truncated, 1 no sentence end" in shown(run.query_one("#run-stats"))
+
+        # Rows (prompts) and columns (responses) are labelled by their variants' signs; colour carries the
+        # value, and the cell under the cursor shows its number.
+        table = run.query_one(HeatTable)
+        signs = ["++", "+−", "−+", "−−"]
+        assert [c.label.plain for c in table.ordered_columns] == signs
+        assert [r.label.plain for r in table.ordered_rows] == signs
+        value = run.query_one("#heatmap .heat-value")
+        assert "c ++ × y ++  -1.000  (own response)" in shown(value)
+        table.focus()
+        await pilot.press("down", "right", "right")
+        assert "c +− × y −+  -2.250" in shown(value)
+        assert "-4.00" in shown(run.query_one("#heatmap .heat-title"))  # the colour scale's range
+        await pilot.hover(HeatTable, offset=(2 + 3 * 3 + 1, 1 + 3))  # past the row labels and the header
+        assert "c −− × y −−  -1.250" in shown(value)
+
+        engine.release.set()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not shown(run.query_one("#run-eta")).strip()  # no ETA once the run has ended
+        table = run.query_one("#iterations-table", DataTable)
+        assert str(table.get_row_at(0)[8]) == "4"  # dropped groups of the iteration, in all
+
+
 # ---- pieces with no screen -------------------------------------------------------------------
 
 
@@ -435,6 +604,47 @@ def test_run_view_replays_metrics(workdir, past_run):
     assert view.status == "incomplete" and view.iterations == 2 and view.total_steps == 3
     assert view.series("loss") == [0.69, 0.52, 0.31] and view.completed_iterations == 1
     assert view.last_step["scores"] == [[-2.0, -3.5], [-3.0, -1.5]]
+
+
+def test_eta_from_the_rates_seen_so_far():
+    events = [
+        (0, {"event": "RunStarted", "run_dir": "r", "iterations": 2, "total_steps": 6, "num_variants": 2,
+             "config": {"steps": 2, "queries_per_step": 2, "schedule": "paper"}}),
+        (0, {"event": "IterationStarted", "iteration": 1, "steps": 2, "queries": 4}),
+        (4, {"event": "SamplingProgress", "iteration": 1, "done": 4, "total": 8}),
+    ]  # fmt: skip
+    eta, view = Eta(), RunView()
+    for now, e in events:
+        view.apply(e)
+        eta.observe(e, now)
+    assert shown_text(eta_text(eta, view, 4)) == "ETA measuring the first optimizer step…"
+    for now, e in [
+        (8, {"event": "SamplesReady", "iteration": 1, "groups": 4}),  # 8 responses in 8 s
+        (18, {"event": "StepCompleted", "iteration": 1, "step": 1, "steps": 2, "global_step": 1}),  # 10 s a step
+    ]:
+        view.apply(e)
+        eta.observe(e, now)
+    # This iteration: 1 step (10 s). The next, paper schedule: 4 steps (40 s) on 4 x 2 x 2 = 16 responses (16 s).
+    assert shown_text(eta_text(eta, view, 18)) == "ETA iteration 1: 10s   run: 1m 06s   (from the rates so far)"
+    assert "iteration 1: 5s   run: 1m 01s" in shown_text(eta_text(eta, view, 23))  # counts down between events
+    view.apply({"event": "RunCompleted", "run_dir": "r"})
+    assert shown_text(eta_text(eta, view, 30)) == ""
+
+
+async def test_heat_map_of_a_run_logged_without_variant_labels(workdir, past_run):
+    past_run(workdir / "runs", "old")  # StepCompleted without `variants`, 2 variants drawn per group
+    app = SamiApp(run="runs/old")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        table = app.screen.query_one(HeatTable)
+        assert [r.label.plain for r in table.ordered_rows] == ["v1", "v2"]
+        assert "c v1 × y v1  -2.000  (own response)" in shown(app.screen.query_one("#heatmap .heat-value"))
+
+
+def test_heat_map_labels_of_runs_logged_without_them():
+    assert variant_labels(4, {"variants": "auto"}, 2) == ["++", "+-", "-+", "--"]  # all 2^k, in order
+    assert variant_labels(2, {"variants": "paper"}, 2) == ["v1", "v2"]  # drawn per group: unknown
+    assert variant_labels(2, {}, 2) == ["v1", "v2"]
 
 
 def test_model_output_is_made_printable():

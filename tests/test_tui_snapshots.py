@@ -4,6 +4,7 @@ Deterministic by construction: fixed terminal size, relative paths (each test ru
 folder), fixed numbers in the past run, no clock, and no blinking cursors.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,44 @@ def test_chat_screen_side_by_side(workdir, snap_compare):
 
     app = SamiApp(constitution="constitution.yaml", run="runs/demo")
     assert snap_compare(app, terminal_size=SIZE, run_before=chat)
+
+
+def test_run_screen_at_120_columns_heat_map_and_drops(workdir, snap_compare):
+    """The 8x8 score matrix of a 3-principle run stays readable at 120 columns: colour per cell, the
+    variants' signs on rows and columns, the cursor's cell as a number; drop counts by reason."""
+    labels = ["+++", "++-", "+-+", "+--", "-++", "-+-", "--+", "---"]
+    scores = [[round(-1.0 - ((3 * i + 5 * j) % 8) / 3 - (0 if i == j else 0.5), 3) for j in range(8)] for i in range(8)]
+    rows = [
+        {"event": "SamplesReady", "iteration": 2, "groups": 3, "dropped_empty": 0, "dropped_identical": 1,
+         "dropped_banned": 0, "dropped_truncated": 2, "dropped_unfinished": 1, "mean_length": 6.0,
+         "no_eos_rate": 0.25, "distinct_2": 0.8, "tokens_per_sec": 900.0, "examples": []},
+        {"event": "StepCompleted", "iteration": 2, "step": 2, "steps": 2, "global_step": 4, "loss": 0.25,
+         "mi_bound": 0.5, "row_accuracy": 0.75, "column_accuracy": 0.75, "kl": 0.01, "learning_rate": 1e-3,
+         "grad_norm": 1.0, "tokens_per_sec": 1000.0, "peak_memory_gb": 0.25, "scores": scores, "variants": labels},
+    ]  # fmt: skip
+    with (workdir / "runs" / "demo" / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    async def select_a_cell(pilot):
+        pilot.app.screen.query_one("HeatTable").focus()
+        await pilot.press("down", "down", "right")
+        await steady(pilot)
+
+    app = SamiApp(model="models/tiny", constitution="constitution.yaml", run="runs/demo")
+    assert snap_compare(app, terminal_size=(120, 45), run_before=select_a_cell)
+
+
+def test_run_settings_with_more_settings_open(workdir, snap_compare):
+    async def open_more(pilot):
+        await pilot.press("f2")
+        title = pilot.app.screen.query_one("#more-settings CollapsibleTitle")
+        title.scroll_visible(animate=False, immediate=True)
+        await pilot.pause()
+        await pilot.click(title)
+        await pilot.pause()
+        title.scroll_visible(animate=False, top=True, immediate=True)
+        await steady(pilot)
+
+    assert snap_compare(
+        SamiApp(model="models/tiny", constitution="constitution.yaml"), terminal_size=SIZE, run_before=open_more
+    )

@@ -20,7 +20,28 @@ STATUS_STYLES = {
     "incomplete": "bold magenta",
     "idle": "dim",
 }
-ITERATION_COLUMNS = ("it", "loss", "MI", "row", "col", "drift×", "MI held", "groups", "len", "no EOS", "dist-2")
+ITERATION_COLUMNS = (
+    "it",
+    "loss",
+    "MI",
+    "row",
+    "col",
+    "drift×",
+    "MI held",
+    "groups",
+    "dropped",
+    "len",
+    "no EOS",
+    "dist-2",
+)
+# SamplesReady's counts of query groups dropped before training, and why.
+DROPS = (
+    ("dropped_empty", "empty"),
+    ("dropped_identical", "identical"),
+    ("dropped_banned", "banned"),
+    ("dropped_truncated", "truncated"),
+    ("dropped_unfinished", "no sentence end"),
+)
 
 
 def title_text(v: RunView, stopping: bool = False) -> Text:
@@ -58,6 +79,8 @@ def stats_text(v: RunView) -> Text:
     last_samples = v.per_iteration.get(v.iteration, {})
     if last_samples.get("sampling_tokens_per_sec"):
         out.append("   sampling ", style="dim").append(format_rate(last_samples["sampling_tokens_per_sec"]))
+    if drops_text(last_samples):
+        out.append("   dropped ", style="dim").append(drops_text(last_samples))
     if v.base_ppl:
         out.append("   base ppl ", style="dim").append(f"{v.base_ppl:.2f}")
     out.append_text(monitor_text(v))
@@ -92,6 +115,16 @@ def monitor_text(v: RunView) -> Text:
     return out
 
 
+def drops_text(row: dict) -> str:
+    """The groups an iteration dropped, by reason ("2 identical, 1 truncated"); "" for none."""
+    return ", ".join(f"{row[k]} {why}" for k, why in DROPS if isinstance(row.get(k), int) and row[k] > 0)
+
+
+def _dropped(row: dict) -> str:
+    counts = [row[k] for k, _ in DROPS if isinstance(row.get(k), int)]
+    return str(sum(counts)) if counts else "–"
+
+
 def _cell(row: dict, key: str, spec: str) -> str:
     value = row.get(key)
     return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
@@ -115,6 +148,7 @@ def iteration_rows(v: RunView) -> list[tuple[str, ...]]:
                 drift,
                 _cell(r, "heldout_mi", "+.3f"),
                 _cell(r, "groups", "d"),
+                _dropped(r),
                 _cell(r, "mean_length", ".1f"),
                 _cell(r, "no_eos_rate", ".0%"),
                 _cell(r, "distinct_2", ".2f"),

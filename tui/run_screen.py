@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import getters, on, work
@@ -15,15 +15,17 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
+from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
 from tui.constitution_screen import ConstitutionScreen
+from tui.eta import Eta, eta_text
+from tui.heatmap import ScoreHeatmap, variant_labels
 from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text
-from tui.run_settings import DEFAULTS, SETTINGS, form_values, hidden_settings, plan_text, setting_text
+from tui.run_settings import plan_text
 from tui.runlog import (
     RunView,
     is_resumable,
@@ -32,8 +34,9 @@ from tui.runlog import (
     sample_iterations,
     short_path,
 )
+from tui.settings_form import SettingsForm
 from tui.threads import in_fresh_thread
-from tui.widgets import MetricPlot, NavTabs, ScoreHeatmap, samples_text
+from tui.widgets import MetricPlot, NavTabs, samples_text
 
 if TYPE_CHECKING:
     from tui.app import SamiApp
@@ -54,6 +57,8 @@ class RunScreen(Screen[None]):
         Binding("ctrl+t", "stop", "Stop run", tooltip="Stop after the current optimizer step (resumable)"),
         Binding("ctrl+y", "resume", "Resume run", tooltip="Continue the shown run from its last step"),
         Binding("ctrl+o", "open_run", "Open run", tooltip="Browse a past run from the runs folder"),
+        Binding("ctrl+l", "load_settings", "Load settings", tooltip="Read the settings from a YAML config file"),
+        Binding("ctrl+s", "save_settings", "Save settings", tooltip="Write the settings to a YAML config file"),
     ]
 
     class RunEvent(Message, bubble=False):
@@ -73,7 +78,7 @@ class RunScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__(id="run-screen")
         self.view = RunView()
-        self.base_config: dict[str, Any] = {}  # settings the form does not show, from a config file or past run
+        self.eta = Eta()
         self.running = False
         self.quit_when_stopped = False
         self.stop_requested = threading.Event()
@@ -88,18 +93,7 @@ class RunScreen(Screen[None]):
         yield Header()
         yield NavTabs("run")
         with Horizontal(id="run-body"):
-            with VerticalScroll(id="settings"):
-                for s in SETTINGS:
-                    yield Label(s.label, classes="field-label")
-                    yield Input(
-                        setting_text(DEFAULTS[s.field]),
-                        placeholder=s.placeholder,
-                        type=s.input_type,
-                        id=f"set-{s.field}",
-                        classes="setting",
-                        compact=True,
-                    )
-                yield Static("", id="settings-status")
+            yield SettingsForm(id="settings")
             with Vertical(id="dashboard"):
                 yield Static("", id="run-title")
                 with Horizontal(id="progress-row"):
@@ -112,6 +106,7 @@ class RunScreen(Screen[None]):
                     with Vertical(classes="progress-box"):
                         yield Label("sampling", id="sampling-label")
                         yield ProgressBar(show_eta=False, id="sampling-progress")
+                yield Static("", id="run-eta")
                 yield Static("", id="run-stats")
                 with Horizontal(id="plots"):
                     yield MetricPlot("loss", id="loss-plot")
@@ -130,10 +125,14 @@ class RunScreen(Screen[None]):
         table.add_columns(*ITERATION_COLUMNS)
         app = self.app
         if app.config:
-            self.use_config(app.config, keep_out=True)
+            try:
+                self.use_config(app.config, keep_out=True)
+            except SamiError as e:
+                app.report_error(e, "Cannot use the settings")
         if app.model:
             self.query_one("#set-model", Input).value = app.model
         self.sync_constitution(force=True)
+        self.set_interval(1, self.render_eta)  # the ETA counts down between events
         run = app.run_dir
         if run:
             self.open_run(Path(run))
@@ -152,20 +151,17 @@ class RunScreen(Screen[None]):
 
     # ---- settings -------------------------------------------------------------------------
 
+    @property
+    def form(self) -> SettingsForm:
+        return self.query_one(SettingsForm)
+
     def settings(self) -> TrainConfig:
         """The form as a resolved TrainConfig; raises SamiError naming the field to fix."""
-        typed = {s.field: self.query_one(f"#set-{s.field}", Input).value for s in SETTINGS}
-        values = form_values(self.base_config, typed)
-        if "out" not in values:
-            values["out"] = str(self.new_run_dir())
-        return TrainConfig(**values).resolved()
+        return self.form.config(str(self.new_run_dir()))
 
     def use_config(self, config: dict, keep_out: bool = False) -> None:
-        """Settings from a config file or a past run: the form shows the main ones, the rest ride along."""
-        self.base_config = hidden_settings(config, keep_out)
-        for s in SETTINGS:
-            if (keep_out or s.field != "out") and config.get(s.field) is not None:
-                self.query_one(f"#set-{s.field}", Input).value = setting_text(config[s.field])
+        """Settings from a config file or a past run into the form (a past run's directory left out)."""
+        self.form.show({k: v for k, v in config.items() if keep_out or k != "out"})
 
     def new_run_dir(self) -> Path:
         root = Path(self.app.runs_dir)
@@ -177,17 +173,24 @@ class RunScreen(Screen[None]):
         return out
 
     @on(Input.Changed, ".setting")
+    @on(Select.Changed, ".setting")
+    @on(Checkbox.Changed, ".setting")
     def setting_changed(self) -> None:
-        """Check the form as it is typed: the engine's own message, or what the run will do."""
+        """Check the form as it is changed: the engine's own message (its field marked), or the plan."""
         try:
             cfg = self.settings()
         except SamiError as e:
-            text = Text(str(e), style="red")
+            self.form.flag(e)
+            self.form.show_status(Text(str(e), style="red"))
         else:
-            text = plan_text(cfg)
-        status = self.query_one("#settings-status", Static)
-        if text != status.content:
-            status.update(text)
+            self.form.flag(None)
+            self.form.show_status(plan_text(cfg))
+
+    def action_load_settings(self) -> None:
+        self.form.ask_load()
+
+    def action_save_settings(self) -> None:
+        self.form.ask_save()
 
     # ---- actions --------------------------------------------------------------------------
 
@@ -255,12 +258,16 @@ class RunScreen(Screen[None]):
         self.view.run_dir = str(path)
         self._samples_iteration = None
         self.app.run_dir = str(path)
-        self.use_config(self.view.config)
+        try:
+            self.use_config(self.view.config)
+        except SamiError as e:
+            self.app.report_error(e, "Cannot show the run's settings")
         self.refresh_bindings()
         self.render_view()
 
     def begin(self, view: RunView) -> None:
         self.view, self.running, self._samples_iteration = view, True, None
+        self.eta = Eta()
         self.stop_requested.clear()
         self.refresh_bindings()
         self.render_view()
@@ -299,6 +306,7 @@ class RunScreen(Screen[None]):
     def run_event(self, message: RunEvent) -> None:
         e = message.event
         self.view.apply(e)
+        self.eta.observe(e, time.monotonic())
         if e["event"] == "RunWarning":
             self.notify(e["message"], title="Run warning", severity="warning", timeout=10)
         self.schedule_render()
@@ -357,7 +365,8 @@ class RunScreen(Screen[None]):
             v.series("mi_bound"), [r["mi_bound"] for r in per_it if "mi_bound" in r]
         )
         self.render_table()
-        self.query_one("#heatmap", ScoreHeatmap).show(v.last_step["scores"] if v.last_step else None)
+        self.render_eta()
+        self.render_heatmap()
         self.render_samples()
 
     def render_title(self) -> None:
@@ -365,6 +374,22 @@ class RunScreen(Screen[None]):
         stopping = self.running and self.stop_requested.is_set()
         self.query_one("#run-title", Static).update(title_text(v, stopping))
         self.sub_title = short_path(v.run_dir) if v.run_dir else ""
+
+    def render_eta(self) -> None:
+        box = self.query_one("#run-eta", Static)
+        text = eta_text(self.eta, self.view, time.monotonic()) if self.running else Text("")
+        if text != box.content:
+            box.update(text)
+        box.display = bool(text)
+
+    def render_heatmap(self) -> None:
+        """The last step's score matrix, rows and columns labelled by its variants' signs."""
+        step = self.view.last_step
+        scores = step["scores"] if step else []
+        labels = step.get("variants") if step else None
+        if not labels:
+            labels = variant_labels(len(scores), self.view.config, len(self.principle_names()))
+        self.query_one("#heatmap", ScoreHeatmap).show(scores, labels)
 
     def render_table(self) -> None:
         table = self.query_one("#iterations-table", DataTable)

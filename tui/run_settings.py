@@ -1,79 +1,162 @@
-"""The Run screen's settings form: the TrainConfig fields it shows and how it reads them."""
+"""The Run screen's settings form: which TrainConfig fields it shows, how it writes and reads them,
+and the YAML file it saves (the same names `sami-mlx train -c FILE` reads)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass
 from typing import Any, Literal
 
 from rich.text import Text
 
-from sami_mlx.config import FIELDS, TrainConfig
+from sami_mlx.config import FIELDS, OFF, TrainConfig
 from sami_mlx.errors import SamiError
+from sami_mlx.fileio import dump_yaml
+
+# Settings with a fixed set of values (TrainConfig.resolved checks them): a Select, not an Input.
+CHOICES = {
+    "schedule": ("paper", "continue"),
+    "optimizer": ("adamw", "rmsprop"),
+    "scoring": ("shared", "naive"),
+    "keep": ("best", "last"),
+    "sentence_end": ("off", "positive", "all"),
+}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One field of the settings form: the TrainConfig field it sets and how to read it."""
+    """One field of the settings form: the TrainConfig field it sets, its label and placeholder."""
 
     field: str
-    label: str
-    kind: type = str
+    label: str = ""
     placeholder: str = ""
 
     @property
+    def kind(self) -> str:
+        """The field's base type: 'str', 'int', 'float', 'bool' or 'list[str]'."""
+        return str(FIELDS[self.field].type).split("|")[0].strip()
+
+    @property
+    def optional(self) -> bool:
+        """None is allowed (shown as a blank field, or 'off' for a number)."""
+        return "None" in str(FIELDS[self.field].type)
+
+    @property
+    def help(self) -> str:
+        return str(FIELDS[self.field].metadata["help"])
+
+    @property
+    def default(self) -> Any:
+        f = FIELDS[self.field]
+        return f.default_factory() if f.default is MISSING else f.default  # type: ignore[operator]
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        return CHOICES.get(self.field)
+
+    @property
     def input_type(self) -> Literal["integer", "number", "text"]:
-        """The Input's `type`, which restricts what can be typed."""
-        return "integer" if self.kind is int else "number" if self.kind is float else "text"
+        """The Input's `type`, which restricts what can be typed ('off' needs text)."""
+        if self.optional or self.kind not in ("int", "float"):
+            return "text"
+        return "integer" if self.kind == "int" else "number"
 
 
-SETTINGS = [
-    Setting("model", "Model", str, "hub id or model directory"),
-    Setting("constitution", "Constitution", str, "constitution file (.yaml/.json)"),
-    Setting("queries", "Queries", str, "dialogue, summarization or a file"),
-    Setting("iterations", "Iterations", int),
-    Setting("steps", "Steps (first iteration)", int),
-    Setting("queries_per_step", "Queries per step", int),
-    Setting("variants", "Variants", str, "auto, paper, grid or a number"),
-    Setting("temperature", "Temperature", float),
-    Setting("learning_rate", "Learning rate", float),
-    Setting("lora_rank", "LoRA rank", int),
-    Setting("max_tokens", "Max tokens", int),
-    Setting("out", "Run directory", str, "blank: a new one in the runs folder"),
+# The settings every run needs, always on screen; the rest of TrainConfig under "more settings".
+MAIN = [
+    Setting("model", "Model", "hub id or model directory"),
+    Setting("constitution", "Constitution", "constitution file (.yaml/.json)"),
+    Setting("queries", "Queries", "dialogue, summarization or a file"),
+    Setting("template", "Template", "dialogue, summarization, chat or a file"),
+    Setting("generation_template", "↳ generation", "blank: the template"),
+    Setting("training_template", "↳ training", "blank: the template"),
+    Setting("variants", "Variants", "auto, paper, grid or a number"),
+    Setting("schedule", "Schedule"),
+    Setting("iterations", "Iterations"),
+    Setting("steps", "Steps (1st iter.)"),
+    Setting("queries_per_step", "Queries per step"),
+    Setting("kl_beta", "KL β"),
+    Setting("anchor_beta", "Anchor β"),
+    Setting("stop", "Stop strings", 'comma-separated, or ["a", "b"]'),
+    Setting("temperature", "Temperature"),
+    Setting("max_tokens", "Max tokens"),
+    Setting("learning_rate", "Learning rate"),
+    Setting("lora_rank", "LoRA rank"),
+    Setting("out", "Run directory", "blank: a new one in the runs folder"),
 ]
-DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_shown = {s.field for s in MAIN}
+MORE = [Setting(name, name.replace("_", " "), "blank: none" if FIELDS[name].default is None else "") for name in FIELDS]
+MORE = [s for s in MORE if s.field not in _shown]
+SETTINGS = MAIN + MORE
+BY_FIELD = {s.field: s for s in SETTINGS}
+DEFAULTS = {s.field: s.default for s in SETTINGS}
 
 
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def setting_text(value: object) -> str:
-    return "" if value is None else str(value)
+def setting_text(s: Setting, value: object) -> str:
+    """A value as its Input shows it: lists as JSON, a guard turned off as 'off', None as blank."""
+    if value is None:
+        return "off" if s.optional and s.kind in ("int", "float") else ""
+    if s.kind == "list[str]":
+        return json.dumps(list(value), ensure_ascii=False) if value else ""  # type: ignore[call-overload]
+    return str(value)
 
 
-def hidden_settings(config: Mapping[str, Any], keep_out: bool) -> dict[str, Any]:
-    """The TrainConfig fields of a config file or past run, which ride along with the form."""
-    return {k: v for k, v in config.items() if k in FIELDS and (keep_out or k != "out")}
-
-
-def form_values(base: Mapping[str, Any], typed: Mapping[str, str]) -> dict[str, Any]:
-    """The form's fields (as typed, by field name) over `base`, without a run directory unless one
-    was typed; raises SamiError naming the field to fix."""
-    values = dict(base)
-    values.pop("out", None)
-    for s in SETTINGS:
-        raw = typed[s.field].strip()
-        if s.kind is str:
-            if raw:
-                values[s.field] = raw
-            continue
+def parse_setting(s: Setting, raw: str | bool) -> Any:
+    """A field's value from its widget (text, a choice or a checkbox); raises SamiError naming the field."""
+    if s.kind == "bool" or isinstance(raw, bool):
+        return bool(raw)
+    text = raw.strip()
+    if s.kind == "list[str]":
+        if not text:
+            return None if s.optional else []
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                items = None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise SamiError(f'{s.label}: {text} is not a list of strings; write a, b or ["a", "b"]')
+            return items
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if s.kind in ("int", "float"):
+        if s.optional and (not text or text.lower() in OFF):
+            return None
         try:
-            values[s.field] = s.kind(raw)
+            return int(text) if s.kind == "int" else float(text)
         except ValueError:
-            kind = "a whole number" if s.kind is int else "a number"
-            raise SamiError(f"{s.label}: {raw!r} is not {kind}") from None
+            kind = "a whole number" if s.kind == "int" else "a number"
+            raise SamiError(f"{s.label}: {text!r} is not {kind}" + (" (or off)" if s.optional else "")) from None
+    if not text:
+        return None if s.optional else s.default
+    return raw if s.field == "response_prefix" else text  # a prefix's leading space counts
+
+
+def form_values(typed: Mapping[str, str | bool]) -> dict[str, Any]:
+    """Every TrainConfig field from the form's widgets (by field name), without a run directory unless
+    one was typed; raises SamiError naming the field to fix."""
+    values = {s.field: parse_setting(s, typed[s.field]) for s in SETTINGS if s.field in typed}
+    if not values.get("out"):
+        values.pop("out", None)
     return values
+
+
+def config_yaml(values: Mapping[str, Any]) -> str:
+    """The settings as a YAML config with TrainConfig's names, in its order (`sami-mlx train -c FILE`)."""
+    data = {name: values[name] for name in FIELDS if name in values}
+    head = "# sami-mlx training settings: sami-mlx train -c THIS_FILE (flags override them)\n"
+    return head + dump_yaml(data)
+
+
+def check_choices(values: Mapping[str, Any], where: str) -> None:
+    """Values a Select cannot show are refused with the choices."""
+    for name, choices in CHOICES.items():
+        if name in values and values[name] not in choices:
+            raise SamiError(f"{where}: setting '{name}' is {values[name]!r}; use one of {', '.join(choices)}")
 
 
 def plan_text(cfg: TrainConfig) -> Text:

@@ -73,6 +73,8 @@ class RunView:
             "dropped_empty",
             "dropped_identical",
             "dropped_banned",
+            "dropped_truncated",
+            "dropped_unfinished",
         ):
             row[key] = e.get(key)
         row["sampling_tokens_per_sec"] = e.get("tokens_per_sec")

@@ -1,13 +1,10 @@
-"""Widgets the screens share: a principle card, metric plots, the score heat map, sample groups."""
+"""Widgets the screens share: a principle card, metric plots, sample groups (the heat map: tui/heatmap.py)."""
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
-from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -96,42 +93,6 @@ class MetricPlot(Vertical):
         self.query_one(".plot-iterations", Static).update(
             Text(f"per iteration: {its}" if its else "", no_wrap=True, overflow="ellipsis")
         )
-
-
-class ScoreHeatmap(Static):
-    """The latest N×N score matrix S[i, j] = mean log π(y_j | c_i, x), coloured per matrix."""
-
-    MAX_SIDE = 8
-
-    def show(self, scores: Sequence[Sequence[float]] | None) -> None:
-        if not scores:
-            self.update(Text("score matrix: waiting for the first step", style="dim"))
-            return
-        n = len(scores)
-        k = min(n, self.MAX_SIDE)
-        flat = [v for row in scores[:k] for v in row[:k] if math.isfinite(v)]
-        lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
-        table = Table(box=None, padding=(0, 1), show_edge=False)
-        table.add_column("")
-        for j in range(k):
-            table.add_column(f"y{j + 1}", justify="right")
-        for i in range(k):
-            cells = [Text(f"c{i + 1}", style="bold")]
-            for j in range(k):
-                cells.append(_heat_cell(scores[i][j], lo, hi, diagonal=i == j))
-            table.add_row(*cells)
-        title = Text("score matrix: mean log π(y_j | c_i, x)", style="bold", no_wrap=True, overflow="ellipsis")
-        if n > k:
-            title.append(f"  (first {k} of {n})", style="dim")
-        self.update(Group(title, table))
-
-
-def _heat_cell(value: float, lo: float, hi: float, diagonal: bool) -> Text:
-    t = 0.5 if hi <= lo or not math.isfinite(value) else (value - lo) / (hi - lo)
-    # Low scores dark blue, high scores bright orange; the diagonal (own response) underlined.
-    r, g, b = int(30 + 200 * t), int(40 + 100 * t), int(120 - 100 * t)
-    style = f"{'bold underline ' if diagonal else ''}#ffffff on rgb({r},{g},{b})"
-    return Text(f"{value:7.3f}", style=style)
 
 
 def samples_text(groups: Sequence[dict], principles: Sequence[str] = (), limit: int = 30) -> Text:

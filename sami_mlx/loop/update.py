@@ -43,6 +43,7 @@ class StepResult:
     tokens_per_sec: float
     peak_memory_gb: float
     scores: list  # the first group's N x N score matrix
+    variants: list = field(default_factory=list)  # that group's variant labels, e.g. "+-"
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Stepping:
         # Principle orders are drawn for every group, in one process's order, before taking a share.
         orders = {n: principle_order(k, rng, cfg.shuffle_principles) for part in parts for n in part}
         mine = set(ranks.shard(len(groups)))
+        first = next((n for part in parts for n in part if n in mine), None)  # whose matrix `scores` is
         # The KL terms average over all the step's response tokens: each part divides its sum by that
         # count over its weight, so the weighted parts (and ranks) add up to one process's mean.
         step_tokens = sum(len(r) for g in groups for r in self.response_ids(g))
@@ -190,6 +192,7 @@ class Stepping:
             tokens_per_sec=totals.tokens / max(seconds, 1e-9),
             peak_memory_gb=peak,
             scores=totals.scores[0][0].tolist() if totals.scores else [],
+            variants=[v.label for v in groups[first].variants] if totals.scores and first is not None else [],
         )
 
     def micro_batch(self, groups: list[Group], orders: list[list[int]], w: float, step_tokens: int) -> StepTotals:

@@ -1,0 +1,193 @@
+"""The Run screen's settings form: a widget per TrainConfig field, the main ones first and the rest
+under a collapsible "more settings"; it loads from and saves to a YAML config file."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual import getters
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Checkbox, Collapsible, Input, Label, Select, Static
+
+from sami_mlx.config import FIELDS, TrainConfig, config_from_file
+from sami_mlx.errors import SamiError
+from sami_mlx.fileio import atomic_write_text
+from tui.run_settings import (
+    BY_FIELD,
+    DEFAULTS,
+    MAIN,
+    MORE,
+    SETTINGS,
+    Setting,
+    check_choices,
+    config_yaml,
+    form_values,
+    setting_text,
+)
+from tui.runlog import short_path
+
+if TYPE_CHECKING:
+    from tui.app import SamiApp
+
+_FLAG = re.compile(r"--([a-z0-9-]+)")
+
+
+def setting_widget(s: Setting) -> Widget:
+    """A checkbox for a switch, a choice list for a fixed set of values, else a text field."""
+    wid, tip = f"set-{s.field}", s.help
+    widget: Widget
+    if s.kind == "bool":
+        widget = Checkbox(s.label, bool(s.default), id=wid, classes="setting", compact=True)
+    elif s.choices:
+        options = [(c, c) for c in s.choices]
+        widget = Select(options, value=s.default, allow_blank=False, id=wid, classes="setting", compact=True)
+    else:
+        text = setting_text(s, s.default)
+        widget = Input(text, placeholder=s.placeholder, type=s.input_type, id=wid, classes="setting", compact=True)
+    widget.tooltip = tip
+    return widget
+
+
+class SettingsForm(VerticalScroll):
+    """Every setting of a run, by TrainConfig field name; `#set-<field>` is each field's widget."""
+
+    if TYPE_CHECKING:
+        app = getters.app(SamiApp)
+
+    file = "sami.yaml"  # where ctrl+s saves and ctrl+l loads, as last chosen
+
+    def compose(self) -> ComposeResult:
+        yield from self._rows(MAIN)
+        with Collapsible(title="More settings", collapsed=True, id="more-settings"):
+            yield from self._rows(MORE)
+        yield Static("", id="settings-status")
+
+    def _rows(self, settings: list[Setting]) -> ComposeResult:
+        for s in settings:
+            if s.kind == "bool":
+                yield setting_widget(s)
+                continue
+            with Horizontal(classes="setting-row"):
+                yield Label(s.label, classes="setting-label").with_tooltip(s.help)
+                yield setting_widget(s)
+
+    def widget(self, field: str) -> Widget:
+        return self.query_one(f"#set-{field}")
+
+    def typed(self) -> dict[str, str | bool]:
+        """What each widget holds, by field name."""
+        out: dict[str, str | bool] = {}
+        for s in SETTINGS:
+            w = self.widget(s.field)
+            if isinstance(w, Checkbox):
+                out[s.field] = w.value
+            elif isinstance(w, Select):
+                out[s.field] = str(w.value)
+            else:
+                out[s.field] = w.value  # type: ignore[attr-defined]
+        return out
+
+    def values(self) -> dict[str, Any]:
+        """The settings as TrainConfig keyword arguments; raises SamiError naming the field to fix."""
+        return form_values(self.typed())
+
+    def config(self, new_run_dir: str) -> TrainConfig:
+        """The form as a resolved TrainConfig (a new run directory unless one was typed)."""
+        values = self.values()
+        values.setdefault("out", new_run_dir)
+        return TrainConfig(**values).resolved()
+
+    def show(self, values: Mapping[str, Any]) -> None:
+        """Put settings (TrainConfig names) into the form; fields not given keep what they show."""
+        check_choices(values, "settings")
+        for name, value in values.items():
+            if name not in BY_FIELD:
+                continue
+            s, w = BY_FIELD[name], self.widget(name)
+            if isinstance(w, Checkbox):
+                w.value = bool(value)
+            elif isinstance(w, Select):
+                w.value = value
+            else:
+                w.value = setting_text(s, value)  # type: ignore[attr-defined]
+
+    def flag(self, error: SamiError | None) -> None:
+        """Mark the field an error names (by its --flag or label), clear the others."""
+        message = str(error) if error else ""
+        named = {m.replace("-", "_") for m in _FLAG.findall(message)}
+        for s in SETTINGS:
+            bad = bool(message) and (s.field in named or message.startswith(f"{s.label}:"))
+            self.widget(s.field).set_class(bad, "invalid")
+
+    def show_status(self, text: Text) -> None:
+        status = self.query_one("#settings-status", Static)
+        if text != status.content:
+            status.update(text)
+
+    # ---- files ------------------------------------------------------------------------------
+
+    def load(self, path: str) -> None:
+        """Settings from a YAML config (or a shipped recipe): the file's settings over the defaults;
+        model, constitution and run directory stay as they are unless the file names them."""
+        values = config_from_file(path)
+        check_choices(values, path)
+        keep = {k: v for k, v in self.typed().items() if k in ("model", "constitution", "out") and k not in values}
+        self.show({**DEFAULTS, **values})
+        for name, text in keep.items():
+            self.widget(name).value = text  # type: ignore[attr-defined]
+
+    def save(self, path: str) -> Path:
+        """Write the settings to a YAML config `sami-mlx train -c` accepts; refuses settings it would refuse."""
+        values = self.values()
+        TrainConfig(**values).resolved()  # what the CLI would refuse is refused here, with its message
+        target = Path(path).expanduser()
+        if target.suffix.lower() not in (".yaml", ".yml"):
+            raise SamiError(f"{path}: save settings as a .yaml file")
+        atomic_write_text(target, config_yaml({k: v for k, v in values.items() if k in FIELDS}))
+        return target
+
+    def ask_load(self) -> None:
+        """Ask for a YAML file and load it; a bad file is reported in the error dialog."""
+        from tui.modals import PathModal
+
+        def chosen(path: str | None) -> None:
+            if path is None:
+                return
+            try:
+                self.load(path)
+            except SamiError as e:
+                self.report(e, "Cannot load the settings")
+                return
+            self.file = path
+            self.notify(f"settings loaded from {path}")
+
+        self.app.push_screen(PathModal("Load settings from a YAML file", self.file), chosen)
+
+    def ask_save(self) -> None:
+        """Ask where, then save; settings the CLI would refuse are reported instead."""
+        from tui.modals import PathModal
+
+        def chosen(path: str | None) -> None:
+            if path is None:
+                return
+            try:
+                saved = self.save(path)
+            except SamiError as e:
+                self.report(e, "Cannot save the settings")
+                return
+            except OSError as e:
+                self.report(SamiError(f"{path}: {e.strerror or e}"), "Cannot save the settings")
+                return
+            self.file = path
+            self.notify(f"settings saved to {short_path(saved)}; `sami-mlx train -c {short_path(saved)}` runs them")
+
+        self.app.push_screen(PathModal("Save settings to a YAML file", self.file), chosen)
+
+    def report(self, error: SamiError, title: str) -> None:
+        self.app.report_error(error, title)
