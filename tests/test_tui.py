@@ -32,7 +32,7 @@ from tui.heatmap import HeatTable, variant_labels
 from tui.modals import ChoiceModal, ErrorModal, RunPicker
 from tui.run_screen import RunScreen
 from tui.runlog import RunView, load_run, printable
-from tui.settings_form import SettingsForm
+from tui.settings_form import SettingsForm, absolute_paths
 from tui.widgets import PrincipleCard
 
 SIZE = (160, 50)
@@ -490,7 +490,9 @@ async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(w
         await pilot.press("ctrl+l", "end", "ctrl+u")
         await paste(pilot, "mine.yaml")
         await pilot.press("enter")
-        assert form.values() == settings
+        # Files are saved by absolute path (a config finds relative paths next to itself, not here).
+        assert form.values() == absolute_paths(settings)
+        assert Path(form.values()["constitution"]).is_absolute()
 
         # A file the CLI would refuse is refused on load, in the error dialog; the form keeps its settings.
         (workdir / "bad.yaml").write_text("steps: 3\nwarp_speed: 9\n")
@@ -499,11 +501,11 @@ async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(w
         await pilot.press("enter")
         assert isinstance(app.screen, ErrorModal) and "unknown setting 'warp_speed'" in app.screen.message
         await pilot.press("enter")
-        assert form.values() == settings
+        assert form.values() == absolute_paths(settings)
 
     # `sami-mlx train -c mine.yaml` reads the same settings (no training: only the parser and the config).
     cfg = build_config(make_parser().parse_args(["-c", str(workdir / "mine.yaml")]))
-    expected = TrainConfig(**settings, out=cfg.out).resolved()
+    expected = TrainConfig(**absolute_paths(settings), out=cfg.out).resolved()
     assert cfg == expected
     assert (cfg.steps, cfg.kl_beta, cfg.dora, cfg.seed, cfg.schedule) == (5, 0.125, True, 9, "continue")
     assert (cfg.generation_template, cfg.training_template) == ("chat", "dialogue")

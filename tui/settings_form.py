@@ -15,7 +15,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Input, Label, Select, Static
 
-from sami_mlx.config import FIELDS, TrainConfig, config_from_file
+from sami_mlx.config import FIELDS, PATH_SETTINGS, TrainConfig, config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import atomic_write_text
 from tui.run_settings import (
@@ -149,7 +149,7 @@ class SettingsForm(VerticalScroll):
         target = Path(path).expanduser()
         if target.suffix.lower() not in (".yaml", ".yml"):
             raise SamiError(f"{path}: save settings as a .yaml file")
-        atomic_write_text(target, config_yaml({k: v for k, v in values.items() if k in FIELDS}))
+        atomic_write_text(target, config_yaml(absolute_paths({k: v for k, v in values.items() if k in FIELDS})))
         return target
 
     def ask_load(self) -> None:
@@ -191,3 +191,16 @@ class SettingsForm(VerticalScroll):
 
     def report(self, error: SamiError, title: str) -> None:
         self.app.report_error(error, title)
+
+
+def absolute_paths(values: dict) -> dict:
+    """`values` with each relative path that exists from the working directory made absolute: a config file
+    finds relative paths next to itself, so a saved file names the files the form meant wherever it lies."""
+    out = dict(values)
+    for key in PATH_SETTINGS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            path = Path(value).expanduser()
+            if path.exists():
+                out[key] = str(path.absolute())
+    return out
