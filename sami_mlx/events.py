@@ -44,6 +44,22 @@ class SamplingProgress(Event):
 
 
 @dataclass
+class GroupSampled(Event):
+    """One query's responses, one per variant, as soon as the last of them ends (or, with `resumed`,
+    read back from RUN/iter-NN/samples.partial.jsonl by a resumed run). Not logged to metrics.jsonl:
+    the responses are in the samples files, and SamplesReady has the counts."""
+
+    iteration: int
+    query: str
+    variants: list  # labels such as "+-"
+    responses: list  # texts, one per variant
+    finish: list  # "eos", "stop" or "length", one per variant
+    done: int  # groups sampled so far in this iteration, this one included (dropped ones too)
+    total: int  # usable groups the iteration needs (more are sampled to replace dropped ones)
+    resumed: bool = False
+
+
+@dataclass
 class SamplesReady(Event):
     """The iteration's rollouts, after degenerate groups were dropped."""
 

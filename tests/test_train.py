@@ -181,8 +181,11 @@ def test_events_in_metrics_log(tiny_config, tmp_path):
     assert first["mi_bound"] == pytest.approx(math.log(4) - first["loss"], abs=1e-6)
     ready = [r for r in rows if r["event"] == "SamplesReady"]
     assert all(r["groups"] + r["dropped_empty"] + r["dropped_identical"] + r["dropped_banned"] > 0 for r in ready)
-    # The callback saw the same stream, plus sampling progress that the log leaves out.
-    assert [type(e).__name__ for e in seen if type(e).__name__ not in ("SamplingProgress", "StageProgress")] == names
+    # The callback saw the same stream, plus sampling progress and live groups that the log leaves out.
+    progress = ("SamplingProgress", "StageProgress", "GroupSampled")
+    assert [type(e).__name__ for e in seen if type(e).__name__ not in progress] == names
+    ready_groups = sum(r["queries_sampled"] for r in ready)
+    assert sum(type(e).__name__ == "GroupSampled" for e in seen) == ready_groups  # one per sampled group
 
     # Alternating disjoint query splits: iterations 1 and 2 never share a query; 3 reuses 1's split.
     def queries_of(it):

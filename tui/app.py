@@ -142,7 +142,7 @@ class SamiApp(App[None]):
         self.push_screen(
             ChoiceModal(
                 "A run is in progress",
-                "Stop it after the current optimizer step (it stays resumable) and quit when it has stopped?",
+                "Stop it (within seconds, mid-sampling too; it stays resumable) and quit when it has stopped?",
                 [("stop", "Stop and quit"), ("cancel", "Keep running")],
             ),
             answered,

@@ -54,7 +54,7 @@ class RunScreen(Screen[None]):
 
     BINDINGS = [
         Binding("ctrl+r", "start", "Start run", tooltip="Start a run with these settings"),
-        Binding("ctrl+t", "stop", "Stop run", tooltip="Stop after the current optimizer step (resumable)"),
+        Binding("ctrl+t", "stop", "Stop run", tooltip="Stop within seconds, mid-sampling too (resumable)"),
         Binding("ctrl+y", "resume", "Resume run", tooltip="Continue the shown run from its last step"),
         Binding("ctrl+o", "open_run", "Open run", tooltip="Browse a past run from the runs folder"),
         Binding("ctrl+l", "load_settings", "Load settings", tooltip="Read the settings from a YAML config file"),
@@ -235,7 +235,7 @@ class RunScreen(Screen[None]):
 
     def action_stop(self) -> None:
         self.stop_requested.set()
-        self.notify("stopping after the current optimizer step…")
+        self.notify("stopping… (the run stays resumable)")
         self.refresh_bindings()
         self.render_view()
 
@@ -417,7 +417,9 @@ class RunScreen(Screen[None]):
             return
         self._samples_key = key
         groups = read_samples(v.run_dir, it) if samples and it else []
-        self.query_one("#samples", Static).update(samples_text(groups or examples, self.principle_names()))
+        live = v.sampled_groups is not None and it == v.iteration  # sampling now: newest groups first
+        shown = (groups or examples)[::-1] if live else groups or examples
+        self.query_one("#samples", Static).update(samples_text(shown, self.principle_names()))
 
     def principle_names(self) -> list[str]:
         """The run's principle names, which the variant labels' signs follow."""

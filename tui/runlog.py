@@ -10,6 +10,7 @@ from pathlib import Path
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop.runstate import RunState
+from sami_mlx.loop.sampling import PARTIAL
 
 
 @dataclass
@@ -29,7 +30,8 @@ class RunView:
     sampling: tuple[int, int] | None = None  # (done, total) while sampling
     steps: dict[int, dict] = field(default_factory=dict)  # global step -> StepCompleted
     per_iteration: dict[int, dict] = field(default_factory=dict)  # SamplesReady + IterationCompleted
-    examples: dict[int, list[dict]] = field(default_factory=dict)  # iteration -> sample groups
+    examples: dict[int, list[dict]] = field(default_factory=dict)  # iteration -> sample groups (live: all so far)
+    sampled_groups: tuple[int, int] | None = None  # (done, total) groups of the sampling in progress
     warnings: list[str] = field(default_factory=list)
     status: str = "idle"  # idle, running, finished, stopped, failed, incomplete
     reason: str = ""
@@ -57,13 +59,22 @@ class RunView:
     def _on_IterationStarted(self, e: dict) -> None:
         self.iteration, self.iteration_steps, self.step = e["iteration"], e["steps"], 0
         self.sampling = (0, e["queries"] * max(self.num_variants, 1))
+        self.examples.pop(e["iteration"], None)  # a resumed sampling reports its groups again
+        self.sampled_groups = None
+
+    def _on_GroupSampled(self, e: dict) -> None:
+        """A group finished during sampling: the samples panel shows it before the iteration's file exists."""
+        self.examples.setdefault(e["iteration"], []).append(
+            {"query": e["query"], "variants": e["variants"], "responses": e["responses"]}
+        )
+        self.sampled_groups = (e["done"], e["total"])
 
     def _on_SamplingProgress(self, e: dict) -> None:
         self.iteration = e["iteration"]
         self.sampling = (e["done"], e["total"])
 
     def _on_SamplesReady(self, e: dict) -> None:
-        self.sampling = None
+        self.sampling, self.sampled_groups = None, None
         row = self.per_iteration.setdefault(e["iteration"], {})
         for key in (
             "groups",
@@ -189,16 +200,20 @@ def list_runs(runs_dir: str | Path) -> list[RunSummary]:
 
 
 def read_samples(run_dir: str | Path, iteration: int) -> list[dict]:
-    """The rollouts of one iteration (iter-NN/samples.jsonl): query, variants, responses, kept."""
-    return read_jsonl(Path(run_dir).expanduser() / f"iter-{iteration:02d}" / "samples.jsonl")
+    """The rollouts of one iteration (iter-NN/samples.jsonl): query, variants, responses, kept; for a
+    run stopped during that iteration's sampling, the groups it had sampled (samples.partial.jsonl)."""
+    folder = Path(run_dir).expanduser() / f"iter-{iteration:02d}"
+    if (folder / "samples.jsonl").is_file():
+        return read_jsonl(folder / "samples.jsonl")
+    return [row for row in read_jsonl(folder / PARTIAL) if "slot" in row]
 
 
 def sample_iterations(run_dir: str | Path) -> list[int]:
-    """Iterations (1-based) whose samples.jsonl exists."""
+    """Iterations (1-based) with samples: samples.jsonl, or the partial file of a stopped sampling."""
     run = Path(run_dir).expanduser()
     found = []
     for d in run.glob("iter-*"):
-        if (d / "samples.jsonl").is_file() and d.name[5:].isdigit():
+        if ((d / "samples.jsonl").is_file() or (d / PARTIAL).is_file()) and d.name[5:].isdigit():
             found.append(int(d.name[5:]))
     return sorted(found)
 

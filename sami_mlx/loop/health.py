@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +86,7 @@ class HealthChecks:
     probe: Probe | None
     problem: str
     snapshots: dict[str, dict]
+    should_stop: Callable[[], bool]
 
     def heldout_ppl(self) -> float:
         """Perplexity of the --heldout text as the model stands; ranks split the texts and add up the losses."""
@@ -151,6 +152,7 @@ class HealthChecks:
             cfg.top_p,
             cfg.stop,
             cfg.gen_batch_size,
+            should_stop=self.should_stop if self.ranks.size == 1 else None,  # a stop here is not agreed across ranks
         )
 
     def heldout_mi(self, probe: Probe, gens: list[Generation]) -> float | None:

@@ -58,6 +58,11 @@ class SampleStats:
     repetition: float = 0.0  # mean share of a response's trigrams that repeat an earlier one
 
 
+class StopRequested(Exception):
+    """`should_stop` answered True while sampling: the responses finished so far were reported to
+    `on_finished`; the others are lost."""
+
+
 def generate_batch(
     model: nn.Module,
     tokenizer,
@@ -68,8 +73,14 @@ def generate_batch(
     stop_strings: Sequence[str] = (),
     batch_size: int = 32,
     on_progress: Callable[[int, int], None] | None = None,
+    on_finished: Callable[[int, Generation], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Generation]:
-    """Sample a response for every prompt in one BatchGenerator, cutting at EOS and stop strings."""
+    """Sample a response for every prompt in one BatchGenerator, cutting at EOS and stop strings.
+
+    `on_finished(i, generation)` hears of each response (of `prompts[i]`) as soon as it ends;
+    `should_stop` is polled between decode steps and raises StopRequested when it returns True.
+    """
     sampler = make_sampler(temp=temperature, top_p=top_p)
     gen = BatchGenerator(
         model,
@@ -80,37 +91,43 @@ def generate_batch(
         prefill_batch_size=min(batch_size, 8),
     )
     uids = gen.insert([list(p) for p in prompts])
+    index = {u: i for i, u in enumerate(uids)}
     tokens: dict[int, list[int]] = {u: [] for u in uids}
     watch = {u: StopWatch(tokenizer, stop_strings) for u in uids} if stop_strings else {}
-    finish: dict[int, str] = {}
+    done: dict[int, Generation] = {}
+
+    def finish(uid: int, reason: str) -> None:
+        toks = tokens[uid]
+        if reason == "stop":
+            toks = cut_at_stop(tokenizer, toks, stop_strings)
+        done[uid] = Generation(toks, tokenizer.decode(toks), reason)
+        if on_finished:
+            on_finished(index[uid], done[uid])
+
     try:
         while responses := gen.next_generated():
             fault_point("sampling")
             cut = []
             for r in responses:
                 if r.finish_reason == "stop":  # only EOS tokens are stop sequences here
-                    finish[r.uid] = "eos"
+                    finish(r.uid, "eos")
                     continue
                 tokens[r.uid].append(r.token)
                 if watch and watch[r.uid].add(r.token):
-                    finish[r.uid] = "stop"
+                    finish(r.uid, "stop")
                     if r.finish_reason is None:
                         cut.append(r.uid)
                 elif r.finish_reason == "length":
-                    finish[r.uid] = "length"
+                    finish(r.uid, "length")
             if cut:
                 gen.remove(cut)
             if on_progress and (cut or any(r.finish_reason for r in responses)):
-                on_progress(len(finish), len(uids))
+                on_progress(len(done), len(uids))
+            if should_stop and len(done) < len(uids) and should_stop():
+                raise StopRequested
     finally:
         gen.close()
-    out = []
-    for u in uids:
-        toks = tokens[u]
-        if finish[u] == "stop":
-            toks = cut_at_stop(tokenizer, toks, stop_strings)
-        out.append(Generation(toks, tokenizer.decode(toks), finish[u]))
-    return out
+    return [done[u] for u in uids]
 
 
 class StopWatch:

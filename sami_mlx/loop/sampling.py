@@ -10,6 +10,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +18,7 @@ import mlx.core as mx
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import RunAborted, SamiError
-from sami_mlx.fileio import atomic_write_text, read_jsonl
+from sami_mlx.fileio import append_jsonl, atomic_write_text, read_jsonl
 from sami_mlx.inputs.constitution import Variant, principle_order, sample_variants
 from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix
 from sami_mlx.loop.distributed import Ranks
@@ -41,7 +42,8 @@ class Sampling:
     out: Path
     ranks: Ranks
     strategy: object
-    emit: object
+    emit: Callable[[ev.Event], None]
+    should_stop: Callable[[], bool]
 
     def generation_ids(self, variant: Variant, query: str, order: list[int] | None = None) -> tuple[list, list]:
         """The generation prompt's ids and the --response-prefix ids that follow it."""
@@ -70,12 +72,17 @@ class Sampling:
         """`count` usable groups for iteration `it`: queries are taken in turn from the iteration's
         split (or the given `split` of query ids), and degenerate groups (dropped) are replaced by
         sampling more queries, as the reference does, until the split runs out; only then do groups
-        repeat (and the run says so)."""
+        repeat (and the run says so).
+
+        With a `state` (the loop's own sampling), every group is appended to
+        RUN/iter-NN/samples.partial.jsonl as it finishes, and groups found there are not sampled again.
+        """
         cfg = self.cfg
         split_no, offset = 0, 0
         if split is None:
             split_no, split = self.query_split(it)
             offset = state.split_offsets[split_no] % len(split) if state else 0
+        partial = self.partial_samples(it, count, split_no, offset, split) if state is not None else None
         rng = random.Random(f"variants-{cfg.seed}-{it}")
         order_rng = random.Random(f"generation-order-{cfg.seed}-{it}")
         mx.random.seed(self.ranks.seed(cfg.seed * 1009 + it))
@@ -89,16 +96,13 @@ class Sampling:
             rate = len(kept) / len(groups) if groups else 1.0
             wave = min(len(split) - len(groups), math.ceil(need / max(rate, 0.1)))
             ids = [split[(offset + len(groups) + n) % len(split)] for n in range(wave)]
-            new, prefixes = self.sample_groups(it, ids, rng, order_rng, len(groups), count)
+            new, prefixes = self.sample_groups(it, ids, rng, order_rng, len(groups), count, partial)
             new_kept, new_drops = filter_groups(
                 new, cfg.banned, cfg.drop_truncated, cfg.sentence_end, cfg.sentence_end_marks
             )
             if cfg.response_prefix:  # filtered on what the model wrote; scored and judged with the forced start
                 for slot, g in enumerate(new):
-                    toks = [prefixes[slot, j] + x.tokens for j, x in enumerate(g.generations)]
-                    g.generations = [
-                        Generation(t, self.tokenizer.decode(t), x.finish) for t, x in zip(toks, g.generations)
-                    ]
+                    g.generations = self.with_prefix(g.generations, prefixes, slot)
             groups += new
             kept += new_kept
             drops = _add_counts(drops, new_drops)
@@ -145,27 +149,70 @@ class Sampling:
             )
         return kept
 
+    def partial_samples(self, it: int, count: int, split_no: int, offset: int, split: list[int]) -> PartialSamples:
+        """The groups an earlier process sampled for this iteration (if it sampled with the same plan)."""
+        split_hash = hashlib.sha256(repr(split).encode()).hexdigest()[:16]
+        plan = {"iteration": it + 1, "seed": self.cfg.seed, "split": split_no, "offset": offset, "count": count}
+        partial = PartialSamples(self.out / f"iter-{it + 1:02d}" / PARTIAL, {**plan, "queries": split_hash})
+        partial.write = self.ranks.primary
+        # Every rank has read the file before rank 0 starts a new one in its place.
+        if self.ranks.size > 1:
+            self.ranks.barrier("reading the partial samples")
+        return partial
+
+    def with_prefix(self, gens: list[Generation], prefixes: dict, slot: int) -> list[Generation]:
+        """A group's responses with the forced --response-prefix put back in front."""
+        toks = [prefixes[slot, j] + x.tokens for j, x in enumerate(gens)]
+        return [Generation(t, self.tokenizer.decode(t), x.finish) for t, x in zip(toks, gens)]
+
     def sample_groups(
-        self, it: int, query_ids: list[int], rng: random.Random, order_rng: random.Random, done: int, target: int
+        self,
+        it: int,
+        query_ids: list[int],
+        rng: random.Random,
+        order_rng: random.Random,
+        done: int,
+        target: int,
+        partial: PartialSamples | None = None,
     ) -> tuple[list[Group], dict]:
         """A response per (query, variant), and the --response-prefix ids of each (slot, variant).
         Each rank samples its share of the queries and all ranks end with every group, so filtering
-        and the step batches are the same everywhere."""
+        and the step batches are the same everywhere. Groups found in `partial` are not sampled again;
+        the others are added to it, and reported (GroupSampled), each as soon as it is complete."""
         cfg, inputs = self.cfg, self.inputs
-        k = len(inputs.constitution.principles)
+        k, n = len(inputs.constitution.principles), inputs.num_variants
         specs = [(qi, sample_variants(self.strategy, k, rng)) for qi in query_ids]
         # File order, or (--shuffle-generation) one order per query group shared by its variants, drawn
         # for every slot in one process's order so that ranks and a resumed run draw the same.
         orders = [principle_order(k, order_rng, cfg.shuffle_generation) for _ in specs]
-        mine = set(self.ranks.shard(len(specs)))
-        prompts, prefixes = [], {}  # prefixes: every slot's, as every rank keeps every group
-        for slot in range(len(specs)) if cfg.response_prefix else sorted(mine):
+        restored = {}
+        for slot, (qi, variants) in enumerate(specs):
+            found = partial.restored(done + slot, qi, [v.label for v in variants]) if partial else None
+            if found is not None:
+                restored[slot] = found
+        todo = [slot for slot in range(len(specs)) if slot not in restored]
+        mine = [todo[i] for i in self.ranks.shard(len(todo))]
+        mine_set = set(mine)
+        prompts, prefixes, owner = [], {}, []  # prefixes: every slot's, as every rank keeps every group
+        for slot in range(len(specs)) if cfg.response_prefix else mine:
             qi, variants = specs[slot]
             for j, v in enumerate(variants):
                 ids, prefixes[slot, j] = self.generation_ids(v, inputs.queries[qi], orders[slot])
-                if slot in mine:
+                if slot in mine_set:
                     prompts.append(ids + prefixes[slot, j])
-        n = inputs.num_variants
+                    owner.append((slot, j))
+        report = GroupReporter(self, it, specs, prefixes, done, target, partial)
+        for slot, gens in restored.items():
+            report.complete(slot, gens, resumed=True)
+        pending: dict[int, dict[int, Generation]] = {}
+
+        def finished(i: int, gen: Generation) -> None:
+            slot, j = owner[i]
+            got = pending.setdefault(slot, {})
+            got[j] = gen
+            if len(got) == n:
+                report.complete(slot, [got[j] for j in range(n)])
+
         gens = generate_batch(
             self.model,
             self.tokenizer,
@@ -178,16 +225,23 @@ class Sampling:
             # Progress over the iteration's slots; waves that replace dropped groups push the total up.
             on_progress=lambda d, t: self.emit(
                 ev.SamplingProgress(
-                    it + 1, (done * n + d * self.ranks.size), max(target * n, (done * n + t * self.ranks.size))
+                    it + 1,
+                    (done + len(restored)) * n + d * self.ranks.size,
+                    max(target * n, (done + len(restored)) * n + t * self.ranks.size),
                 )
             ),
+            on_finished=finished,
+            # A stop inside the sampling is not agreed across ranks: only a single process polls it.
+            should_stop=self.should_stop if self.ranks.size == 1 else None,
         )
-        gens = self.gather_generations(gens, len(specs))
-        groups = [Group(qi, inputs.queries[qi], vs, gens[g * n : (g + 1) * n]) for g, (qi, vs) in enumerate(specs)]
+        gens = self.gather_generations(gens, todo)
+        for pos, slot in enumerate(todo):  # every rank's groups (and any not reported yet), in slot order
+            report.complete(slot, gens[pos * n : (pos + 1) * n])
+        groups = [Group(qi, inputs.queries[qi], vs, report.groups[g]) for g, (qi, vs) in enumerate(specs)]
         return groups, prefixes
 
-    def gather_generations(self, gens: list[Generation], slots: int) -> list[Generation]:
-        """Every rank's generations (its shard of `slots`, N each) in slot order, on every rank."""
+    def gather_generations(self, gens: list[Generation], todo: list[int]) -> list[Generation]:
+        """Every rank's generations (its shard of the `todo` slots, N each) in `todo` order, on every rank."""
         ranks = self.ranks
         if ranks.size == 1:
             return gens
@@ -195,8 +249,8 @@ class Sampling:
         rows = [[finish_codes.index(g.finish), *g.tokens] for g in gens]
         per_rank = ranks.gather_lists(rows, "sharing the sampled responses")
         n, out = self.inputs.num_variants, []
-        for slot in range(slots):
-            rank, local = slot % ranks.size, slot // ranks.size
+        for pos in range(len(todo)):
+            rank, local = pos % ranks.size, pos // ranks.size
             for code, *tokens in per_rank[rank][local * n : (local + 1) * n]:
                 out.append(Generation(tokens, self.tokenizer.decode(tokens), finish_codes[code]))
         return out
@@ -231,6 +285,83 @@ class Sampling:
         if not groups:
             raise SamiError(f"{path}: no sampled groups to resume from; the run directory is incomplete")
         return groups
+
+
+PARTIAL = "samples.partial.jsonl"
+
+
+class PartialSamples:
+    """RUN/iter-NN/samples.partial.jsonl: an iteration's groups appended (and synced) as each one
+    finishes, so that a stopped or killed run resumes its sampling where it was. The first line is
+    the sampling plan (iteration, seed, query split and where in it the iteration starts); a file
+    made under another plan is ignored and replaced. Each further line is one group under its slot
+    (its place in the order the iteration samples queries) with the tokens the model wrote (before
+    --response-prefix is put back)."""
+
+    def __init__(self, path: Path, plan: dict):
+        self.path, self.plan, self.write = path, plan, True
+        rows = read_jsonl(path) if path.is_file() else []
+        self.started = bool(rows) and rows[0].get("plan") == plan
+        self.rows = {r["slot"]: r for r in rows[1:] if isinstance(r.get("slot"), int)} if self.started else {}
+
+    def restored(self, slot: int, query_index: int, labels: list[str]) -> list[Generation] | None:
+        """The responses saved for `slot`, if it holds that query under those variants."""
+        row = self.rows.get(slot)
+        if row is None or row.get("query_index") != query_index or row.get("variants") != labels:
+            return None
+        return [Generation(t, text, f) for t, text, f in zip(row["tokens"], row["responses"], row["finish"])]
+
+    def add(self, slot: int, group: Group) -> None:
+        if not self.write:
+            return
+        if not self.started:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"plan": self.plan}) + "\n")
+            self.started = True
+        gens = group.generations
+        append_jsonl(
+            self.path,
+            {
+                "slot": slot,
+                **_example(group),
+                "query_index": group.query_index,
+                "tokens": [g.tokens for g in gens],
+                "finish": [g.finish for g in gens],
+            },
+        )
+
+
+class GroupReporter:
+    """A wave's groups as they complete: each is saved to the partial samples file (unless it came
+    from there) and reported as GroupSampled, once, when the last of its responses is in."""
+
+    def __init__(self, loop: Sampling, it: int, specs: list, prefixes: dict, done: int, target: int, partial):
+        self.loop, self.it, self.specs, self.prefixes = loop, it, specs, prefixes
+        self.done, self.target, self.partial = done, target, partial
+        self.groups: dict[int, list[Generation]] = {}
+
+    def complete(self, slot: int, gens: list[Generation], resumed: bool = False) -> None:
+        if slot in self.groups:
+            return
+        self.groups[slot] = gens
+        loop = self.loop
+        qi, variants = self.specs[slot]
+        group = Group(qi, loop.inputs.queries[qi], variants, gens)
+        if self.partial is not None and not resumed:
+            self.partial.add(self.done + slot, group)
+        shown = loop.with_prefix(gens, self.prefixes, slot) if loop.cfg.response_prefix else gens
+        loop.emit(
+            ev.GroupSampled(
+                iteration=self.it + 1,
+                query=group.query,
+                variants=[v.label for v in variants],
+                responses=[g.text for g in shown],
+                finish=[g.finish for g in gens],
+                done=self.done + len(self.groups),
+                total=self.target,
+                resumed=resumed,
+            )
+        )
 
 
 def _example(g: Group) -> dict:

@@ -40,8 +40,9 @@ from sami_mlx.loop.prepare import (
     prepare_inputs,
     prepare_run_dir,
 )
+from sami_mlx.loop.rollout import StopRequested
 from sami_mlx.loop.runstate import RunLock, RunState, load_step_state, save_step_state
-from sami_mlx.loop.sampling import Sampling, derived_seed
+from sami_mlx.loop.sampling import PARTIAL, Sampling, derived_seed
 from sami_mlx.loop.scoring import shared_scoring_supported
 from sami_mlx.loop.step import StepSettings, step_function
 from sami_mlx.loop.update import MAX_BAD_STEPS, Stepping
@@ -91,10 +92,11 @@ def train(
 ) -> TrainResult:
     """Run SAMI as configured; every event goes to metrics.jsonl and then to each callback.
 
-    `should_stop` is polled after every optimizer step; when it returns True the run stops there,
-    saved and resumable. Started by mlx.launch, each process is one rank of a data-parallel
-    run (`ranks`, by default the launcher's group): only rank 0 writes the run directory and calls
-    the callbacks.
+    `should_stop` is polled after every optimizer step, and (in a single process) between decode
+    steps of the sampling and the monitor's generation; when it returns True the run stops there,
+    saved and resumable (the groups already sampled are kept in RUN/iter-NN/samples.partial.jsonl).
+    Started by mlx.launch, each process is one rank of a data-parallel run (`ranks`, by default the
+    launcher's group): only rank 0 writes the run directory and calls the callbacks.
     """
     cfg = cfg.resolved()
     ranks = ranks or Ranks.world()
@@ -162,7 +164,8 @@ def resume(
 
 def _emitter(out: Path, callbacks: Sequence[Callback]) -> Callback:
     def emit(event: ev.Event) -> None:
-        if not isinstance(event, (ev.SamplingProgress, ev.StageProgress)):  # progress only, not metrics
+        # Progress only, not metrics; GroupSampled's responses are in the samples files already.
+        if not isinstance(event, (ev.SamplingProgress, ev.StageProgress, ev.GroupSampled)):
             append_jsonl(out / "metrics.jsonl", event.to_dict())
         for cb in callbacks:
             cb(event)
@@ -246,32 +249,11 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
             load_step_state(self.out, state, model, self.optimizer)
         # Every rank has read the run directory before rank 0 writes to it again.
         self.ranks.barrier("starting the run")
-        self.probe = self.start_monitor()
-        if self.inputs.heldout and state.base_ppl is None:
-            state.base_ppl = self.heldout_ppl()
-        probe = self.probe
-        self.emit(
-            ev.RunStarted(
-                str(self.out),
-                cfg.to_dict(),
-                cfg.iterations,
-                total_steps,
-                self.inputs.num_variants,
-                trainable,
-                state.base_ppl,
-                resumed_at_step=state.global_step,
-                memory_estimate_gb=self.memory_estimate_gb,
-                monitor_queries=len(probe.query_ids) if probe else 0,
-                base_heldout_mi=probe.base_mi if probe else None,
-            )
-        )
         result = TrainResult(self.out, model, self.tokenizer)
-        while state.iteration < cfg.iterations:
-            outcome = self.iteration(state)
-            if outcome != "done":
-                result.stopped_early = True
-                result.reason = "cancelled" if outcome == "cancelled" else state.stopped
-                break
+        outcome = self.schedule(state, total_steps, trainable)
+        if outcome != "done":
+            result.stopped_early = True
+            result.reason = "cancelled" if outcome == "cancelled" else state.stopped
         else:
             state.finished = True
             self.keep_adapters(state)
@@ -292,6 +274,40 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
         )
         return result
 
+    def schedule(self, state: RunState, total_steps: int, trainable: int) -> str:
+        """The monitor's start, then the iterations: 'done', 'cancelled' or 'degenerated'."""
+        cfg = self.cfg
+        try:
+            self.probe = probe = self.start_monitor()
+            if self.inputs.heldout and state.base_ppl is None:
+                state.base_ppl = self.heldout_ppl()
+            self.emit(
+                ev.RunStarted(
+                    str(self.out),
+                    cfg.to_dict(),
+                    cfg.iterations,
+                    total_steps,
+                    self.inputs.num_variants,
+                    trainable,
+                    state.base_ppl,
+                    resumed_at_step=state.global_step,
+                    memory_estimate_gb=self.memory_estimate_gb,
+                    monitor_queries=len(probe.query_ids) if probe else 0,
+                    base_heldout_mi=probe.base_mi if probe else None,
+                )
+            )
+            while state.iteration < cfg.iterations:
+                outcome = self.iteration(state)
+                if outcome != "done":
+                    return outcome
+        except StopRequested:
+            # Stopped inside the sampling or the monitor's generation: the last saved state stands (the
+            # groups sampled so far are in samples.partial.jsonl); a run stopped before it saved one gets one.
+            if self.ranks.primary and not (self.out / "state.json").exists():
+                atomic_write_json(self.out / "state.json", state.to_dict())
+            return "cancelled"
+        return "done"
+
     def iteration(self, state: RunState) -> str:
         """Run (or finish) iteration `state.iteration`: 'done', 'cancelled' (should_stop), or
         'degenerated' (the monitor tripped: the run ended with the last healthy adapters kept)."""
@@ -308,6 +324,8 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                 self.optimizer = self._make_optimizer()
             state.phase, state.step = "training", 0
             self.save_step_state(state)
+            if self.ranks.primary:  # samples.jsonl holds them all now
+                (self.out / f"iter-{it + 1:02d}" / PARTIAL).unlink(missing_ok=True)
         else:
             groups = self.load_samples(it)
         random.Random(f"train-{cfg.seed}-{it}").shuffle(groups)
