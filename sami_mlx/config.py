@@ -404,16 +404,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         base, optional = _kind(f)
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = f.default_factory() if callable(f.default_factory) else f.default
         help_text = f.metadata["help"] + (f" (default: {default})" if default not in ("", None, []) else "")
         if base == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif base == "list[str]":
             parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(base, str)
-            if optional and base in ("int", "float"):
-                kind = _or_off(kind)
+            convert: type = {"int": int, "float": float}.get(base, str)
+            kind = _or_off(convert) if optional and base in ("int", "float") else convert
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 

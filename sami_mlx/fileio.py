@@ -136,7 +136,7 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL log, skipping a torn final line left by a crash."""
-    rows = []
+    rows: list[dict] = []
     p = Path(path)
     if not p.exists():
         return rows

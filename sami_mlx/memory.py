@@ -264,7 +264,7 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         kept = g * (tokens * adapted * CHECKPOINT_KEPT * h * a + rebuilt * (tokens * per_token_layer + scores))
     else:
         kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
-    training = kept + g * (logits + caches)
+    training: float = kept + g * (logits + caches)
     # The KL terms run N sequences once more, with and without adapters (counted at full prompt length):
     # the logits of both passes, and the activations the policy pass keeps for the backward pass.
     kl_tokens = (run.kl + run.anchor) * g * N * (P + R)

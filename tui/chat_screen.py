@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
@@ -25,22 +27,28 @@ from tui.runlog import short_path
 from tui.threads import in_fresh_thread
 from tui.widgets import ChatBubble, NavTabs
 
+if TYPE_CHECKING:
+    from tui.app import SamiApp
+
 FRAME = 1 / 15  # streamed text is redrawn at most 15 times a second
 
 
 class ChatScreen(Screen):
     """A transcript per model (one, or base and checkpoint side by side) and a message box."""
 
+    if TYPE_CHECKING:
+        app = getters.app(SamiApp)
+
     AUTO_FOCUS = "#message"
 
     BINDINGS = [
         Binding(
             "ctrl+t",
-            "toggle('use-constitution')",
+            "toggle_box('use-constitution')",
             "Constitution on/off",
             tooltip="Put the constitution in the prompt, or leave it out",
         ),
-        Binding("ctrl+b", "toggle('side-by-side')", "Side by side", tooltip="Base model next to the checkpoint"),
+        Binding("ctrl+b", "toggle_box('side-by-side')", "Side by side", tooltip="Base model next to the checkpoint"),
         Binding("ctrl+l", "clear", "Clear"),
         Binding("ctrl+o", "open_run", "Open run"),
         Binding("escape", "stop_reply", "Stop reply"),
@@ -152,7 +160,7 @@ class ChatScreen(Screen):
 
     # ---- actions --------------------------------------------------------------------------
 
-    def action_toggle(self, checkbox: str) -> None:
+    def action_toggle_box(self, checkbox: str) -> None:
         box = self.query_one(f"#{checkbox}", Checkbox)
         box.value = not box.value
 
@@ -325,7 +333,8 @@ class ChatScreen(Screen):
         if widget is None:
             return
         widget.show(message.text, done=message.done)
-        widget.parent.scroll_end(animate=False)
+        if isinstance(widget.parent, Widget):  # the side's transcript
+            widget.parent.scroll_end(animate=False)
         if message.done:
             self.history[message.side].append({"role": "assistant", "content": message.text})
             del self.pending[message.side]

@@ -6,9 +6,13 @@ from __future__ import annotations
 import threading
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.loop.adapters import adapters_disabled
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
 
 
 class ChatModels:
@@ -16,7 +20,8 @@ class ChatModels:
 
     def __init__(self) -> None:
         self.key: tuple[str, str] | None = None
-        self.model = self.tokenizer = None
+        self.model: nn.Module | None = None
+        self.tokenizer: Any = None
         self.lock = threading.Lock()
 
     def load(self, model: str, checkpoint: Checkpoint):
@@ -24,17 +29,22 @@ class ChatModels:
         key = (model, str(checkpoint.adapter_path or ""))
         if key != self.key:
             self.model = self.tokenizer = self.key = None  # free the old weights before loading
-            self.model, self.tokenizer = load_checkpoint_model(model, checkpoint)
+            loaded, self.tokenizer = load_checkpoint_model(model, checkpoint)
+            self.model = loaded
             import mlx.core as mx
 
             # Materialise every weight now: the loading thread's streams are gone when it ends.
-            mx.eval(self.model.parameters())
+            mx.eval(loaded.parameters())
             self.key = key
         return self.model, self.tokenizer
 
     def base_of(self, checkpoint: Checkpoint):
         """A context in which the loaded model runs as the base model (adapters switched off)."""
-        return adapters_disabled(self.model) if checkpoint.adapter_path else nullcontext()
+        if not checkpoint.adapter_path:
+            return nullcontext()
+        if self.model is None:
+            raise RuntimeError("base_of: no model is loaded")
+        return adapters_disabled(self.model)
 
 
 def checkpoint_label(checkpoint: Checkpoint) -> str:

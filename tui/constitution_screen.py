@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.dom import DOMNode
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Static
@@ -33,6 +35,9 @@ from tui.runlog import short_path
 from tui.threads import in_fresh_thread
 from tui.widgets import NavTabs, PrincipleCard
 
+if TYPE_CHECKING:
+    from tui.app import SamiApp
+
 PREVIEW_LIMIT = 8
 
 
@@ -47,6 +52,9 @@ def principle_notes(problems: list[Problem], count: int) -> list[list[str]]:
 
 class ConstitutionScreen(Screen):
     """The principles as cards (name, + wording, − wording); save writes the file atomically."""
+
+    if TYPE_CHECKING:
+        app = getters.app(SamiApp)
 
     AUTO_FOCUS = ".principle-name"
 
@@ -134,6 +142,7 @@ class ConstitutionScreen(Screen):
 
     async def load(self, path: Path) -> None:
         """Open a file; one with mistakes the editor can show (an empty wording, a duplicate) opens too."""
+        doc: dict | None
         try:
             doc = load_constitution(path).to_dict()
         except SamiError as e:
@@ -220,7 +229,7 @@ class ConstitutionScreen(Screen):
     # ---- actions --------------------------------------------------------------------------
 
     def focused_card(self) -> PrincipleCard | None:
-        node = self.focused
+        node: DOMNode | None = self.focused
         while node is not None and not isinstance(node, PrincipleCard):
             node = node.parent
         return node
@@ -307,7 +316,7 @@ class ConstitutionScreen(Screen):
             except SamiError as e:
                 self.app.report_error(e, "Could not open the constitution")
 
-        def ask_path(answer: str = "discard") -> None:
+        def ask_path(answer: str | None = "discard") -> None:
             if answer == "save" and not self.action_save():
                 return
             if answer in ("save", "discard"):
@@ -387,12 +396,13 @@ class ConstitutionScreen(Screen):
         if message.error is not None:
             self.app.report_error(message.error, "The writer could not draft principles")
             return
+        assert message.constitution is not None  # Drafted carries the principles or the error
         drafted = [
             {"name": p.name, "positive": p.positive, "negative": p.negative} for p in message.constitution.principles
         ]
         current = [p for p in self.document()["principles"] if any(v.strip() for v in p.values())]
 
-        async def apply(choice: str = "replace") -> None:
+        async def apply(choice: str | None = "replace") -> None:
             if choice not in ("replace", "append"):
                 return
             doc = self.document()

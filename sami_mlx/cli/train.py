@@ -79,7 +79,7 @@ def dry_run(cfg: config.TrainConfig) -> int:
 
 def _train(args: argparse.Namespace, ranks) -> int:
     from sami_mlx.cli.progress import ProgressBar
-    from sami_mlx.loop.trainer import resume, train
+    from sami_mlx.loop.trainer import Callback, resume, train
 
     if args.resume:
         given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
@@ -93,7 +93,7 @@ def _train(args: argparse.Namespace, ranks) -> int:
     # Rank 0 alone reports; the tracker starts its runs at RunStarted, before the bar is drawn.
     tracker = Tracker(report_to) if report_to and ranks.primary else None
     bar = ProgressBar(ranks=ranks.size)
-    callbacks = [tracker, bar] if tracker else [bar]
+    callbacks: list[Callback] = [tracker, bar] if tracker else [bar]
     try:  # an error message must not land on the progress bar's line
         if args.resume:
             resume(args.resume, callbacks=callbacks, overrides=given, ranks=ranks)

@@ -142,7 +142,7 @@ def intrinsic_metric(
     batch = scoring_batch(tokenizer, cfg, c, setup.training_template, scored, orders)
     prompts, responses = batch.prompts, batch.responses
     n = len(groups[0][1]) if groups else 0
-    result = {
+    result: dict[str, float | int | None] = {
         "mi_bound": None,
         "loss": None,
         "row_accuracy": None,
@@ -166,7 +166,7 @@ def intrinsic_metric(
         scores.append(S)
         progress(min(i + SCORING_BATCH, len(prompts)), len(prompts))
     S = mx.concatenate(scores, axis=0)
-    loss = sami_loss(S).item()
+    loss = float(sami_loss(S))
     row, col = accuracies(S)
     result.update(mi_bound=mi_lower_bound(loss, n), loss=loss, row_accuracy=row, column_accuracy=col)
     return result

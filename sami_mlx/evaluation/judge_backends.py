@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Any
 
 from sami_mlx.errors import SamiError
 from sami_mlx.evaluation.judge import DEFAULT_JUDGE_MAX_TOKENS, JudgeFatal, JudgeReply, Progress
@@ -37,7 +38,7 @@ class LocalJudge:
     ):
         self.model_name, self.max_tokens, self.chat_template = model, max_tokens, chat_template
         self.batch_size, self.trust_remote_code = batch_size, trust_remote_code
-        self._loaded = None
+        self._loaded: tuple[Any, Any] | None = None  # (model, tokenizer), loaded on first use
 
     def describe(self) -> dict:
         return {"kind": self.kind, "model": self.model_name, "max_tokens": self.max_tokens}
@@ -330,8 +331,8 @@ def make_judge(judge: str | None, url: str | None, model: str | None, **options)
             "--judge-url URL --judge-model NAME for an HTTP one"
         )
     if url:
-        keys = ("api_key_env", "concurrency", "timeout", "retries", "max_tokens", "temperature", "backoff")
-        return HTTPJudge(url, model or "", **{k: v for k, v in options.items() if k in keys})
+        http_keys = ("api_key_env", "concurrency", "timeout", "retries", "max_tokens", "temperature", "backoff")
+        return HTTPJudge(url, model or "", **{k: v for k, v in options.items() if k in http_keys})
     if not judge:
         raise SamiError("no judge: pass --judge MODEL (a local mlx-lm model) or --judge-url URL --judge-model NAME")
     from sami_mlx.model import resolve_model_path

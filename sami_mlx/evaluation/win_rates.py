@@ -11,7 +11,12 @@ from sami_mlx.stats import Z95, wilson_interval
 
 
 def mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    return average(values) if values else None
+
+
+def average(values: Sequence[float]) -> float:
+    """The mean of a non-empty sequence."""
+    return sum(values) / len(values)
 
 
 def length_controlled_win_rate(
@@ -29,7 +34,7 @@ def length_controlled_win_rate(
         strata["longer" if mine > theirs else "shorter" if mine < theirs else "equal"].append(s)
     summary = {k: {"n": len(v), "win_rate": mean(v)} for k, v in strata.items()}
     if strata["longer"] and strata["shorter"]:
-        return 0.5 * (mean(strata["longer"]) + mean(strata["shorter"])), summary
+        return 0.5 * (average(strata["longer"]) + average(strata["shorter"])), summary
     if not strata["longer"] and not strata["shorter"]:
         return mean(strata["equal"]), summary
     return None, summary
@@ -56,7 +61,7 @@ def summarize(outcomes: Sequence[Outcome], checkpoint_lengths: Sequence[int], ba
     """Win rate with its 95% interval, the length-controlled win rate with its interval and the
     equal-length pairs it left out, and the counts behind them."""
     scored = [o for o in outcomes if o.score is not None]
-    scores = [o.score for o in scored]
+    scores = [o.score for o in scored if o.score is not None]
     rate = mean(scores)
     lc, strata = length_controlled_win_rate(
         scores, [checkpoint_lengths[o.query_index] for o in scored], [base_lengths[o.query_index] for o in scored]

@@ -192,6 +192,8 @@ def num_variants(strategy: str | int, num_principles: int) -> int:
                 f"use an integer number of variants instead"
             )
         return total
+    if not isinstance(strategy, int):
+        raise SamiError(f"--variants {strategy!r}: use 'auto', 'paper', 'grid' or an integer >= 2")
     if strategy > total:
         raise SamiError(
             f"--variants {strategy}: a constitution with {num_principles} principle(s) has only "

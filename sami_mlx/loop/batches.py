@@ -13,7 +13,7 @@ from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.scoring import ScoringBatch
 
 
-def response_ids(generations: Sequence[Generation], eos_token_id: int | None, count_eos: bool) -> list[list[int]]:
+def response_ids(generations: Sequence[Generation], eos_token_id: int, count_eos: bool) -> list[list[int]]:
     """The token ids each response is scored on (with its EOS under --count-eos)."""
     return [gen.tokens + ([eos_token_id] if count_eos and gen.finish == "eos" else []) for gen in generations]
 
@@ -30,7 +30,12 @@ def training_orders(
     it, as the reference shuffles each separately."""
     out = []
     for n, g in enumerate(groups):
-        order = orders[n] if orders is not None else principle_order(num_principles, rng, cfg.shuffle_principles)
+        if orders is not None:
+            order = orders[n]
+        elif rng is not None:
+            order = principle_order(num_principles, rng, cfg.shuffle_principles)
+        else:
+            raise ValueError("training_orders needs an rng or the orders")
         out.append(variant_orders(order, len(g.variants), f"{cfg.seed}-{g.query_index}", cfg.shuffle_principles))
     return out
 

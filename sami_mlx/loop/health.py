@@ -11,13 +11,15 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import atomic_write_bytes, atomic_write_json
-from sami_mlx.inputs.constitution import sample_variants
+from sami_mlx.inputs.constitution import Variant, sample_variants
 from sami_mlx.loop.adapters import (
     adapter_weights,
     adapters_disabled,
@@ -75,18 +77,24 @@ class HealthChecks:
 
     cfg: TrainConfig
     inputs: RunInputs
-    model: object
-    tokenizer: object
+    model: nn.Module
+    tokenizer: Any  # mlx-lm's TokenizerWrapper
     out: Path
     ranks: Ranks
-    strategy: object
-    emit: object
+    strategy: str | int
+    emit: Callable[[ev.Event], None]
     adapter_config: dict
-    initial_adapters: dict
+    initial_adapters: dict[str, mx.array]
     probe: Probe | None
     problem: str
-    snapshots: dict[str, dict]
+    snapshots: dict[str, dict[str, mx.array]]
     should_stop: Callable[[], bool]
+
+    if TYPE_CHECKING:  # Sampling's prompts
+
+        def generation_prompt(self, variant: Variant, query: str) -> list[int]: ...
+
+        def plain_prompt(self, query: str) -> list[int]: ...
 
     def heldout_ppl(self) -> float:
         """Perplexity of the --heldout text as the model stands; ranks split the texts and add up the losses."""
@@ -94,8 +102,8 @@ class HealthChecks:
         if ranks.size == 1:
             return heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
         nll, count = heldout_nll(self.model, self.tokenizer, self.inputs.heldout[ranks.rank :: ranks.size])
-        nll, count = ranks.sum([nll, count], "measuring held-out perplexity")
-        return math.exp(nll / max(count, 1))
+        total_nll, total_count = ranks.sum([nll, count], "measuring held-out perplexity")
+        return math.exp(total_nll / max(total_count, 1))
 
     def start_monitor(self) -> Probe | None:
         """The base model's answers to the held-out queries: read back from RUN/monitor.json on
@@ -170,7 +178,7 @@ class HealthChecks:
         per_variant = training_orders(groups, self.cfg, len(c.principles), orders=[order] * len(groups))
         batch = scoring_batch(self.tokenizer, self.cfg, c, self.inputs.training_template, groups, per_variant)
         S = score_matrix(self.model, batch, shared=self.cfg.scoring == "shared")
-        return mi_lower_bound(sami_loss(S).item(), n)
+        return mi_lower_bound(float(sami_loss(S)), n)
 
     def verdict(self, drifts: dict[str, float], ppl_ratio: float | None) -> str:
         """'' when healthy, else what went past --max-ppl-ratio, in words; every rank agrees."""
@@ -180,11 +188,12 @@ class HealthChecks:
         # --max-ppl-ratio off turns both guards off.
         limits = {"plain": limit, "prompted": cfg.max_prompted_ratio if limit is not None else None}
         for kind, value in drifts.items():
-            if limits[kind] is not None and not (math.isfinite(value) and value <= limits[kind]):
+            bound = limits[kind]
+            if bound is not None and not (math.isfinite(value) and value <= bound):
                 where = "with the constitution" if kind == "prompted" else "without a constitution"
                 problem = problem or (
                     f"the base model's held-out answers ({where}) became {value:.2f}x less "
-                    f"likely (perplexity ratio; limit {limits[kind]:g}x)"
+                    f"likely (perplexity ratio; limit {bound:g}x)"
                 )
         if limit is not None:
             if ppl_ratio is not None and not (math.isfinite(ppl_ratio) and ppl_ratio <= limit):
@@ -195,6 +204,7 @@ class HealthChecks:
     def mid_iteration_check(self, state: RunState) -> bool:
         """Drift only (forward passes, no sampling); a healthy step becomes the one to roll back to."""
         self.model.eval()
+        assert self.probe is not None  # the loop checks only with the monitor on
         drifts = drift(self.model, self.probe)
         self.problem = self.verdict(drifts, None)
         it, step = state.iteration + 1, state.step
@@ -224,8 +234,9 @@ class HealthChecks:
         check = FullCheck()
         if self.inputs.heldout:
             check.heldout_ppl = ppl = self.heldout_ppl()
+            assert state.base_ppl is not None  # measured when the run started
             check.ppl_ratio = ppl / state.base_ppl
-        drifts = {}
+        drifts: dict[str, float] = {}
         if self.probe:
             probe = self.probe
             prompts = [a.prompt for a in probe.prompted] + [a.prompt for a in probe.plain]
@@ -289,21 +300,23 @@ class HealthChecks:
         if weights is not None:  # else a rank on another Mac, resumed: its returned model is not the kept one
             set_adapter_weights(self.model, weights)
 
-    def snapshot(self, source: str) -> dict | None:
+    def snapshot(self, source: str) -> dict[str, mx.array] | None:
         """Adapters saved in RUN/<source>, from memory (this process saved them) or from disk."""
         if source in self.snapshots:
             return self.snapshots[source]
         path = self.out / source / "adapters.safetensors"
-        return dict(mx.load(str(path))) if path.is_file() else None
+        # a .safetensors file loads as a dict (mlx annotates mx.load with every format's result)
+        return dict(cast(dict, mx.load(str(path)))) if path.is_file() else None
 
     def roll_back(self, state: RunState, iteration: int, step: int) -> None:
         """The monitor tripped at `step` of `iteration`: end the run with the best healthy adapters,
         a healthy step of this iteration among them (measured in full first, as an iteration's end)."""
         self.model.eval()
-        h = state.healthy
+        h = state.healthy or {}
         weights = self.snapshot(HEALTHY) if h and h["iteration"] == iteration and h["step"] < step else None
         # The full check talks to the other ranks: all of them measure the healthy step, or none does.
-        if not self.ranks.any(weights is None, "agreeing on the step to roll back to"):
+        missing = self.ranks.any(weights is None, "agreeing on the step to roll back to")
+        if weights is not None and not missing:
             set_adapter_weights(self.model, weights)
             problem = self.problem
             partial = {
@@ -316,9 +329,11 @@ class HealthChecks:
             state.iterations.append(partial)
             self.problem = problem
         self.keep_adapters(state)
+        kept = state.kept
+        assert kept is not None  # keep_adapters() set it
         state.stopped = (
             f"stopped at iteration {iteration}, step {step}: {self.problem}; RUN/adapters.safetensors "
-            f"holds {state.kept['name']}{describe_kept(state.kept, ' (', ')')}. Lower --learning-rate "
+            f"holds {kept['name']}{describe_kept(kept, ' (', ')')}. Lower --learning-rate "
             "or raise --kl-beta / --anchor-beta"
         )
         state.finished = True

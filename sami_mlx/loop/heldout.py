@@ -62,6 +62,6 @@ def heldout_nll(
             pos < mx.array([len(ids) for ids, _ in chunk])[:, None]
         )
         ce = nn.losses.cross_entropy(model(arr[:, :-1]).astype(mx.float32), arr[:, 1:]) * mask
-        nll += ce.sum().item()
-        count += int(mask.sum().item())
+        nll += float(ce.sum())
+        count += int(mask.sum())
     return nll, count

@@ -43,14 +43,14 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     order = list(range(len(queries)))
     random.Random(f"splits-{cfg.seed}").shuffle(order)
     held = min(cfg.monitor_queries, len(queries) // 4)  # three in four queries at least stay for training
-    training = load_template(cfg.training_template)
+    training = load_template(cfg.training_template or cfg.template)  # resolve() sets both templates
     anchor = None
     if cfg.anchor_beta > 0:  # filled with an empty constitution, so the training template serves too
         anchor = load_template(cfg.anchor_template, required=("{query}",)) if cfg.anchor_template else training
     return RunInputs(
         constitution,
         queries,
-        load_template(cfg.generation_template),
+        load_template(cfg.generation_template or cfg.template),
         training,
         heldout[:HELDOUT_TEXTS],
         n,
@@ -69,7 +69,8 @@ def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int |
     )
     text = longest.render(longest.positive_variant)
     biggest = 0
-    for template in {inputs.generation_template, inputs.training_template, inputs.anchor_template} - {None}:
+    templates = (inputs.generation_template, inputs.training_template, inputs.anchor_template)
+    for template in {t for t in templates if t is not None}:
         for n, query in enumerate(inputs.queries, start=1):
             size = len(encode_prompt(tokenizer, template.fill(text, query), cfg.chat_template))
             biggest = max(biggest, size)

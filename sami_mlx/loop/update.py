@@ -6,9 +6,13 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
@@ -76,14 +80,14 @@ class StepTotals:
         step's number of (prompt, response) rows. The score matrices stay this rank's own."""
         grads = self.grads if self.grads is not None else tree_map(mx.zeros_like, params)
         grads = ranks.sum_gradients(grads, "summing gradients")
-        rows = cols = 0
+        row_hits = col_hits = 0
         if self.scores:
             S = mx.concatenate(self.scores, axis=0)
             idx = mx.arange(S.shape[1])
-            rows = (mx.argmax(S, axis=2) == idx).sum().item()
-            cols = (mx.argmax(S, axis=1) == idx).sum().item()
+            row_hits = int((mx.argmax(S, axis=2) == idx).sum())
+            col_hits = int((mx.argmax(S, axis=1) == idx).sum())
         per_rank = ranks.gather(
-            [self.loss, self.kl, self.anchor, self.tokens, rows, cols, mx.get_peak_memory() / 2**30],
+            [self.loss, self.kl, self.anchor, self.tokens, row_hits, col_hits, mx.get_peak_memory() / 2**30],
             "summing step metrics",
         )
         loss, kl, anchor, tokens, rows, cols = (sum(r[i] for r in per_rank) for i in range(6))
@@ -103,15 +107,15 @@ class Stepping:
 
     cfg: TrainConfig
     inputs: RunInputs
-    model: object
-    tokenizer: object
+    model: nn.Module
+    tokenizer: Any  # mlx-lm's TokenizerWrapper
     ranks: Ranks
     optimizer: optim.Optimizer
     settings: StepSettings
-    step_fn: object
+    step_fn: Callable  # step.step_function: (inputs, n, kl_tokens, training) -> ((loss, S, kl, anchor), grads)
     bad_steps: int
-    emit: object
-    out: object
+    emit: Callable[[ev.Event], None]
+    out: Path
 
     def scoring_batch(
         self, groups: list[Group], rng: random.Random | None = None, orders: list[list[int]] | None = None
@@ -168,11 +172,13 @@ class Stepping:
             pairs = len(groups) * self.inputs.num_variants
             totals = totals.reduce(ranks, self.model.trainable_parameters(), pairs)
         grads, grad_norm = totals.grads, 0.0
+        assert grads is not None  # every step scores a group on some rank, and reduce() fills in the others
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            grad_norm = norm.item()
+            grad_norm = float(norm)
         if not (math.isfinite(totals.loss) and math.isfinite(grad_norm)):
-            return self._skip_step(totals.loss)
+            self._skip_step(totals.loss)
+            return None
         self.bad_steps = 0
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
@@ -191,7 +197,8 @@ class Stepping:
             grad_norm=grad_norm,
             tokens_per_sec=totals.tokens / max(seconds, 1e-9),
             peak_memory_gb=peak,
-            scores=totals.scores[0][0].tolist() if totals.scores else [],
+            # a 2-D array's tolist() is a list of lists (mlx annotates any tolist() as list or scalar)
+            scores=cast(list, totals.scores[0][0].tolist()) if totals.scores else [],
             variants=[v.label for v in groups[first].variants] if totals.scores and first is not None else [],
         )
 
@@ -205,7 +212,7 @@ class Stepping:
         fault_point("scoring")
         g = tree_map(lambda x: x * w, g)
         mx.eval(g, loss, S, kl, anchor)
-        return StepTotals(g, loss.item() * w, kl.item() * w, anchor.item() * w, batch.num_tokens, [S])
+        return StepTotals(g, float(loss) * w, float(kl) * w, float(anchor) * w, batch.num_tokens, [S])
 
     def _skip_step(self, loss: float) -> None:
         """A NaN/inf loss or gradient: skip the update; several in a row end the run."""
@@ -217,4 +224,3 @@ class Stepping:
                 f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; the last good step state is kept "
                 f"in {self.out}; lower --learning-rate and resume, or start again"
             )
-        return None

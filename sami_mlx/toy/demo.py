@@ -67,9 +67,9 @@ def evaluate(
     )
 
 
-def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float, list[float]]:
+def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float | None, list[float] | None]:
     """Share of paired prompts where the aligned reply follows more principles (ties 0.5), with its 95%
-    interval (sami_mlx.stats: the same Wilson interval `sami-mlx eval` reports)."""
+    interval (sami_mlx.stats: the same Wilson interval `sami-mlx eval` reports); None, None with no pairs."""
     outcomes = []
     for a, b in zip(aligned.scores, base.scores):
         sa, sb = sum(a.values()), sum(b.values())
@@ -164,7 +164,7 @@ def run_demo(
         "kept": result.kept,
         "stopped": result.reason if result.stopped_early else "",
         "win_rate": wr,
-        "win_rate_ci": list(ci),
+        "win_rate_ci": ci,
         "mi_bound": [it["mi_bound"] for it in result.iterations if "mi_bound" in it],  # not a rolled-back step's
         "ppl_base": ppl_base,
         "ppl_sami": ppl_sami,
