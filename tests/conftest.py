@@ -261,6 +261,27 @@ def trained_run(tiny_config) -> Callable[..., Path]:
     return make
 
 
+def cli_flags(**options) -> list[str]:
+    """Keywords as command-line flags: judge_url="u" is `--judge-url u`, True `--flag`, False `--no-flag`."""
+    argv: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
+    return argv
+
+
+@pytest.fixture(scope="session")
+def eval_cli() -> Callable[..., int]:
+    """`eval_cli(run, queries, *flags, **options) -> exit code`: `sami-mlx eval --run RUN --queries QUERIES`
+    in this process, then `flags` as given and `options` as `cli_flags` writes them."""
+    from sami_mlx.cli.main import main
+
+    def run(run: Path | str, queries: Path | str, *flags: str, **options) -> int:
+        return main(["eval", "--run", str(run), "--queries", str(queries), *flags, *cli_flags(**options)])
+
+    return run
+
+
 # ---- an offline Hugging Face cache ----------------------------------------------------------
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
