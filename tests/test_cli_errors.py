@@ -225,3 +225,25 @@ def test_in_process_main_returns_2_with_one_line(tmp_path, tiny_flags, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2
     assert all(line.startswith("error: ") and "nope.yaml" in line for line in err)
+
+
+# Ctrl-C in a command with no run to resume: one line saying what was not written, exit code 130.
+INTERRUPTED = {
+    "eval": ("--run r --queries q.txt", "sami_mlx.evaluation.run_setup.load_run_setup", "no results written"),
+    "write": ("--task t --writer w --out p.yaml", "sami_mlx.model.load_model", "nothing written"),
+}
+
+
+@pytest.mark.parametrize("command", list(INTERRUPTED))
+def test_ctrl_c_in_eval_or_write_says_what_was_not_written(command, tmp_path, monkeypatch, capsys):
+    from sami_mlx.cli import main as cli
+
+    flags, where, said = INTERRUPTED[command]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupt)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([command, *flags.split()]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted; {said}"
