@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 SIZES = {
     # name: (hidden, layers, heads, intermediate)
@@ -55,6 +57,15 @@ def parameters(model) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
+def randomise_lora_b(model, std: float) -> None:
+    """Draw every adapter's B matrix (zero when attached) from N(0, std²): adapters that change the output."""
+
+    def draw(path: str, value: mx.array) -> mx.array:
+        return mx.random.normal(value.shape) * std if path.endswith("lora_b") else value
+
+    model.update(tree_map_with_path(draw, model.trainable_parameters()))
+
+
 def random_ids(n: int, vocab: int, rng: random.Random) -> list[int]:
     return [rng.randrange(5, vocab) for _ in range(n)]
 
@@ -81,6 +92,14 @@ def timed(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
 def report(name: str, **fields) -> None:
     """The closing JSON line every benchmark prints."""
     print(json.dumps({"benchmark": name, **fields}))
+
+
+def main_by_size(name: str, run: Callable[[str], dict], description: str | None) -> None:
+    """The command line of a benchmark `run` once per model size (`--sizes`, default all): a report line each."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
+    for size in parser.parse_args().sizes:
+        report(f"{name}/{size}", **run(size))
 
 
 # Training-step benchmarks: N=4 variants, prompt:response 4:1, sized to run in minutes on a CPU.

@@ -4,13 +4,12 @@ of new tokens and the same batch sizes. Prints throughput and peak memory; ends 
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
 import mlx.core as mx
 import mlx_lm
-from common import SIZES, build_model, parameters, random_ids, report
+from common import build_model, main_by_size, parameters, random_ids
 
 from sami_mlx.loop.rollout import generate_batch
 
@@ -65,11 +64,7 @@ def run(size: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
-    args = parser.parse_args()
-    for size in args.sizes:
-        report(f"rollouts_vs_batch_generate/{size}", **run(size))
+    main_by_size("rollouts_vs_batch_generate", run, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-from common import SIZES, STEP_SETTINGS, build_model, parameters, report, timed
-from mlx.utils import tree_flatten, tree_unflatten
+from common import SIZES, STEP_SETTINGS, build_model, parameters, randomise_lora_b, report, timed
 
 from sami_mlx.config import TrainConfig
 from sami_mlx.inputs.constitution import Variant
@@ -78,15 +77,7 @@ def run(size: str, arch: str) -> dict:
         loop = make_loop(model_dir, Path(tempfile.mkdtemp()), **kw)
         if start is None:  # non-zero adapters, the same for every variant of the step
             mx.random.seed(0)
-            loop.model.update(
-                tree_unflatten(
-                    [
-                        (k, mx.random.normal(v.shape) * 0.01)
-                        for k, v in tree_flatten(loop.model.trainable_parameters())
-                        if k.endswith("lora_b")
-                    ]
-                )
-            )
+            randomise_lora_b(loop.model, 0.01)
             start = adapter_weights(loop.model)
         set_adapter_weights(loop.model, start)
         groups = make_groups(loop, s)

@@ -7,12 +7,10 @@ pairs with prefix sharing and takes the SAMI loss. Same model, adapters and opti
 
 from __future__ import annotations
 
-import argparse
-
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from common import SIZES, parameters, report, step_setup, timed
+from common import main_by_size, parameters, step_setup, timed
 from mlx_lm.tuner.trainer import default_loss
 
 from sami_mlx.loop.scoring import score_shared
@@ -50,11 +48,7 @@ def run(size: str, n: int = 4) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
-    args = parser.parse_args()
-    for size in args.sizes:
-        report(f"vs_sft_step/{size}", **run(size))
+    main_by_size("vs_sft_step", run, __doc__)
 
 
 if __name__ == "__main__":

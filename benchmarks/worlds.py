@@ -67,36 +67,52 @@ def one(job: tuple[str, str, int, str, dict]) -> dict:
     }
 
 
+COLUMNS = (
+    "world",
+    "settings",
+    "seeds",
+    "adherence (T=1)",
+    "greedy adherence",
+    "perplexity vs base",
+    "win rate",
+    "stopped itself",
+    "kept",
+)
+
+
+def span(rs: list[dict], key: str, fmt: str) -> str:
+    """The mean of `key` over the seeds' runs, with its range when there are several."""
+    vals = [r[key] for r in rs]
+    text = format(statistics.mean(vals), fmt)
+    return text if len(vals) == 1 else f"{text} ({format(min(vals), fmt)}–{format(max(vals), fmt)})"
+
+
 def table(rows: list[dict]) -> str:
-    out = [
-        "| world | settings | seeds | adherence (T=1) | greedy adherence | perplexity vs base | win rate | "
-        "stopped itself | kept |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    """Markdown: per world, the base model, then each setting's means over seeds."""
+    out = [COLUMNS, ["---"] * len(COLUMNS)]
     for world in WORLDS:
         base = [r for r in rows if r["world"] == world]
         if not base:
             continue
-        out.append(
-            f"| {world} | base model | | {statistics.mean(r['base_adherence'] for r in base):.2f} | "
-            f"{statistics.mean(r['base_greedy'] for r in base):.2f} | 1.00× | | | |"
-        )
+        adherence, greedy = (f"{statistics.mean(r[k] for r in base):.2f}" for k in ("base_adherence", "base_greedy"))
+        out.append([world, "base model", "", adherence, greedy, "1.00×", "", "", ""])
         for setting in SETTINGS:
             rs = [r for r in base if r["setting"] == setting]
-            if not rs:
-                continue
-
-            def span(key: str, fmt: str, rs=rs) -> str:
-                vals = [r[key] for r in rs]
-                text = format(statistics.mean(vals), fmt)
-                return text if len(vals) == 1 else f"{text} ({format(min(vals), fmt)}–{format(max(vals), fmt)})"
-
-            out.append(
-                f"| {world} | {setting} | {len(rs)} | {span('adherence', '.2f')} | {span('greedy', '.2f')} | "
-                f"{span('ppl_ratio', '.2f')}× | {span('win_rate', '.0%')} | "
-                f"{sum(r['stopped'] for r in rs)}/{len(rs)} | {', '.join(str(r['kept']) for r in rs)} |"
-            )
-    return "\n".join(out)
+            if rs:
+                out.append(
+                    [
+                        world,
+                        setting,
+                        str(len(rs)),
+                        span(rs, "adherence", ".2f"),
+                        span(rs, "greedy", ".2f"),
+                        span(rs, "ppl_ratio", ".2f") + "×",
+                        span(rs, "win_rate", ".0%"),
+                        f"{sum(r['stopped'] for r in rs)}/{len(rs)}",
+                        ", ".join(str(r["kept"]) for r in rs),
+                    ]
+                )
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in out)
 
 
 def main() -> None:

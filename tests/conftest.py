@@ -14,11 +14,13 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import yaml
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from sami_mlx.config import TrainConfig
+from sami_mlx.errors import SamiError
 from sami_mlx.loop.trainer import SamiLoop, prepare_inputs, train
 from sami_mlx.model import load_model
+from sami_mlx.toy.pretrain import SPECIALS, train_tokenizer
 
 CONSTITUTION = """\
 name: test
@@ -64,35 +66,11 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(out: Path, vocab_size: int = 384) -> dict:
-    """Train a byte-level BPE on a fixed corpus and write tokenizer files; returns special ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "pad_token": "<pad>",
-                "chat_template": CHAT_TEMPLATE,
-                "model_max_length": 512,
-            }
-        )
-    )
-    return {"bos": bos, "eos": eos, "vocab_size": tok.get_vocab_size()}
+    """Train a byte-level BPE (the toy models' own, with chat roles and a chat template) on a fixed
+    corpus and write tokenizer files; returns special ids."""
+    specials = [*SPECIALS, "<|user|>", "<|assistant|>"]
+    tok = train_tokenizer(CORPUS, vocab_size, out, specials, chat_template=CHAT_TEMPLATE, model_max_length=512)
+    return {"bos": tok.token_to_id("<s>"), "eos": tok.token_to_id("</s>"), "vocab_size": tok.get_vocab_size()}
 
 
 def build_tiny_model(
@@ -144,6 +122,16 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", seed=0, model_type="qwen2")
 
 
+def randomise_lora_b(model, std: float = 0.05) -> None:
+    """Draw every adapter's B matrix (zero when attached) from N(0, std²) with MLX's generator, so that
+    the adapters change the model's output and gradients reach every adapter matrix."""
+
+    def draw(path: str, value: mx.array) -> mx.array:
+        return mx.random.normal(value.shape) * std if path.endswith("lora_b") else value
+
+    model.update(tree_map_with_path(draw, model.trainable_parameters()))
+
+
 @pytest.fixture(scope="session")
 def model_builder() -> Callable[..., Path]:
     """`model_builder(out, hidden=..., layers=..., model_type=...)`: a random-weight model of another size."""
@@ -151,6 +139,17 @@ def model_builder() -> Callable[..., Path]:
 
 
 # ---- inputs and configurations --------------------------------------------------------------
+
+
+def user_file_error(load: Callable[[str], object], path: Path, text: str) -> str:
+    """Write `text` to `path` and `load` it: the message of the SamiError it raises, checked to be one
+    line that names the file."""
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SamiError) as info:
+        load(str(path))
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message, message
+    return message
 
 
 @pytest.fixture
@@ -170,6 +169,10 @@ def queries_file(tmp_path) -> Path:
 # A short run of the tiny model: one step of two query groups, six tokens sampled at temperature 1
 # (the random model's greedy answers repeat one token), the perplexity guard off.
 TINY_RUN = dict(iterations=1, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0, max_ppl_ratio=None)
+# The monitor checking every step, with limits a random tiny model stays under.
+WATCHED = dict(monitor_every=1, max_ppl_ratio=1000.0, max_prompted_ratio=1000.0)
+# Two iterations of two steps with dropout, WATCHED: every piece of state a resume has to restore.
+RESUMABLE = dict(iterations=2, steps=2, learning_rate=5e-3, lora_dropout=0.1, **WATCHED)
 
 
 @pytest.fixture(scope="session")
@@ -259,6 +262,27 @@ def trained_run(tiny_config) -> Callable[..., Path]:
         return Path(cfg.out).parent
 
     return make
+
+
+def cli_flags(**options) -> list[str]:
+    """Keywords as command-line flags: judge_url="u" is `--judge-url u`, True `--flag`, False `--no-flag`."""
+    argv: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
+    return argv
+
+
+@pytest.fixture(scope="session")
+def eval_cli() -> Callable[..., int]:
+    """`eval_cli(run, queries, *flags, **options) -> exit code`: `sami-mlx eval --run RUN --queries QUERIES`
+    in this process, then `flags` as given and `options` as `cli_flags` writes them."""
+    from sami_mlx.cli.main import main
+
+    def run(run: Path | str, queries: Path | str, *flags: str, **options) -> int:
+        return main(["eval", "--run", str(run), "--queries", str(queries), *flags, *cli_flags(**options)])
+
+    return run
 
 
 # ---- an offline Hugging Face cache ----------------------------------------------------------

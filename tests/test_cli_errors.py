@@ -56,83 +56,58 @@ class Case:
     config: str | None = None  # text of a -c YAML config
 
 
+def bad_file(id: str, flag_and_file: str, content: str | bytes, *names: str) -> Case:
+    """`--flag FILE`, the file holding `content`: the error names the file and each of `names`."""
+    flag, name = flag_and_file.split()
+    return Case(id, files={name: content}, flags={flag: f"{{tmp}}/{name}"}, names=(f"{{tmp}}/{name}", *names))
+
+
 CASES = [
     Case("constitution-missing", flags={"--constitution": "{tmp}/nope.yaml"}, names=("{tmp}/nope.yaml", "not found")),
-    Case(
-        "constitution-bad-json",
-        files={"c.json": '{"name": "x", "principles": [\n'},
-        flags={"--constitution": "{tmp}/c.json"},
-        names=("{tmp}/c.json", "invalid JSON"),
-    ),
-    Case(
+    bad_file("constitution-bad-json", "--constitution c.json", '{"name": "x", "principles": [\n', "invalid JSON"),
+    bad_file(
         "constitution-bad-yaml",
-        files={"c.yaml": "name: x\nprinciples:\n  - {name: a, positive: [\n"},
-        flags={"--constitution": "{tmp}/c.yaml"},
-        names=("{tmp}/c.yaml", "invalid YAML"),
+        "--constitution c.yaml",
+        "name: x\nprinciples:\n  - {name: a, positive: [\n",
+        "invalid YAML",
     ),
-    Case(
-        "constitution-not-mapping",
-        files={"c.yaml": "- be kind\n- be brief\n"},
-        flags={"--constitution": "{tmp}/c.yaml"},
-        names=("{tmp}/c.yaml", "mapping"),
-    ),
-    Case(
-        "constitution-no-principles",
-        files={"c.yaml": "name: x\n"},
-        flags={"--constitution": "{tmp}/c.yaml"},
-        names=("{tmp}/c.yaml", "principles"),
-    ),
-    Case(
+    bad_file("constitution-not-mapping", "--constitution c.yaml", "- be kind\n- be brief\n", "mapping"),
+    bad_file("constitution-no-principles", "--constitution c.yaml", "name: x\n", "principles"),
+    bad_file(
         "constitution-empty-wording",
-        files={"c.yaml": "principles:\n  - {name: a, positive: Be kind., negative: ''}\n"},
-        flags={"--constitution": "{tmp}/c.yaml"},
-        names=("{tmp}/c.yaml", "principles[0].negative"),
+        "--constitution c.yaml",
+        "principles:\n  - {name: a, positive: Be kind., negative: ''}\n",
+        "principles[0].negative",
     ),
-    Case(
+    bad_file(
         "constitution-duplicate-names",
-        files={
-            "c.yaml": "principles:\n  - {name: brief, positive: Be brief., negative: Be long.}\n"
-            "  - {name: brief, positive: Be kind., negative: Be rude.}\n"
-        },
-        flags={"--constitution": "{tmp}/c.yaml"},
-        names=("{tmp}/c.yaml", "principles[1].name", "brief"),
+        "--constitution c.yaml",
+        "principles:\n  - {name: brief, positive: Be brief., negative: Be long.}\n"
+        "  - {name: brief, positive: Be kind., negative: Be rude.}\n",
+        "principles[1].name",
+        "brief",
     ),
-    Case(
-        "constitution-not-utf8",
-        files={"c.yaml": "name: caf\xe9\nprinciples: []\n".encode("latin-1")},
-        flags={"--constitution": "{tmp}/c.yaml"},
-        names=("{tmp}/c.yaml", "UTF-8"),
+    bad_file(
+        "constitution-not-utf8", "--constitution c.yaml", "name: caf\xe9\nprinciples: []\n".encode("latin-1"), "UTF-8"
     ),
     Case("queries-missing", flags={"--queries": "{tmp}/nope.jsonl"}, names=("{tmp}/nope.jsonl", "not found")),
-    Case(
-        "queries-empty",
-        files={"q.txt": "\n\n"},
-        flags={"--queries": "{tmp}/q.txt"},
-        names=("{tmp}/q.txt", "no queries"),
-    ),
-    Case(
-        "queries-bad-jsonl-line",
-        files={"q.jsonl": '{"query": "a"}\n{"query": "b"\n'},
-        flags={"--queries": "{tmp}/q.jsonl"},
-        names=("{tmp}/q.jsonl", "line 2"),
-    ),
-    Case(
-        "template-without-query",
-        files={"t.txt": "Principles:\n{constitution}\n\nAnswer:"},
-        flags={"--template": "{tmp}/t.txt"},
-        names=("{tmp}/t.txt", "{query}"),
-    ),
-    Case(
+    bad_file("queries-empty", "--queries q.txt", "\n\n", "no queries"),
+    bad_file("queries-bad-jsonl-line", "--queries q.jsonl", '{"query": "a"}\n{"query": "b"\n', "line 2"),
+    bad_file("template-without-query", "--template t.txt", "Principles:\n{constitution}\n\nAnswer:", "{query}"),
+    bad_file(
         "template-typo-placeholder",
-        files={"t.txt": "Principles:\n{constitution}\n\nHuman: {query}\n({qeury})\nAssistant:"},
-        flags={"--template": "{tmp}/t.txt"},
-        names=("{tmp}/t.txt", "unknown placeholder {qeury}", "did you mean {query}", "{{"),
+        "--template t.txt",
+        "Principles:\n{constitution}\n\nHuman: {query}\n({qeury})\nAssistant:",
+        "unknown placeholder {qeury}",
+        "did you mean {query}",
+        "{{",
     ),
-    Case(
+    bad_file(
         "generation-template-unknown-placeholder",
-        files={"g.txt": "{constitution}\n{query}\n{foo}"},
-        flags={"--generation-template": "{tmp}/g.txt"},
-        names=("{tmp}/g.txt", "unknown placeholder {foo}", "{constitution}, {query}"),
+        "--generation-template g.txt",
+        "{constitution}\n{query}\n{foo}",
+        "unknown placeholder {foo}",
+        "{constitution}, {query}",
     ),
     Case("sentence-end-unknown", flags={"--sentence-end": "first"}, names=("--sentence-end 'first'", "positive")),
     Case(
@@ -250,3 +225,25 @@ def test_in_process_main_returns_2_with_one_line(tmp_path, tiny_flags, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2
     assert all(line.startswith("error: ") and "nope.yaml" in line for line in err)
+
+
+# Ctrl-C in a command with no run to resume: one line saying what was not written, exit code 130.
+INTERRUPTED = {
+    "eval": ("--run r --queries q.txt", "sami_mlx.evaluation.run_setup.load_run_setup", "no results written"),
+    "write": ("--task t --writer w --out p.yaml", "sami_mlx.model.load_model", "nothing written"),
+}
+
+
+@pytest.mark.parametrize("command", list(INTERRUPTED))
+def test_ctrl_c_in_eval_or_write_says_what_was_not_written(command, tmp_path, monkeypatch, capsys):
+    from sami_mlx.cli import main as cli
+
+    flags, where, said = INTERRUPTED[command]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupt)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([command, *flags.split()]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted; {said}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import user_file_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,14 +28,18 @@ from sami_mlx.inputs.constitution import (
     save_constitution,
 )
 
-THREE = {
-    "name": "three",
-    "principles": [
-        {"name": "brief", "positive": "Be brief.", "negative": "Be long-winded."},
-        {"name": "kind", "positive": "Be kind.", "negative": "Be rude."},
-        {"name": "true", "positive": "Tell the truth.", "negative": "Make things up."},
-    ],
-}
+
+def as_file(name: str, *principles: tuple[str, str, str]) -> dict:
+    """A constitution as its file holds it, from its name and (name, positive, negative) principles."""
+    return {"name": name, "principles": [{"name": n, "positive": p, "negative": q} for n, p, q in principles]}
+
+
+THREE = as_file(
+    "three",
+    ("brief", "Be brief.", "Be long-winded."),
+    ("kind", "Be kind.", "Be rude."),
+    ("true", "Tell the truth.", "Make things up."),
+)
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -83,10 +88,7 @@ principles:
 
 
 def test_loader_collapses_whitespace_in_wording(tmp_path):
-    data = {
-        "name": "ws",
-        "principles": [{"name": " p ", "positive": "  Be\n  calm\tand  clear. ", "negative": "Shout."}],
-    }
+    data = as_file("ws", (" p ", "  Be\n  calm\tand  clear. ", "Shout."))
     c = load_constitution(write(tmp_path / "c.json", json.dumps(data)))
     assert c.principles[0].name == "p"
     assert c.principles[0].positive == "Be calm and clear."
@@ -234,25 +236,17 @@ BAD = [
 
 @pytest.mark.parametrize(("filename", "text", "field"), BAD, ids=[b[0] for b in BAD])
 def test_validation_errors_name_file_and_field(tmp_path, filename, text, field):
-    path = write(tmp_path / filename, text)
-    with pytest.raises(SamiError) as info:
-        load_constitution(path)
-    message = str(info.value)
-    assert str(path) in message
-    assert field in message
-    assert "\n" not in message
+    assert field in user_file_error(load_constitution, tmp_path / filename, text)
 
 
 def test_problems_list_every_mistake_for_the_editor_and_the_first_is_the_loaders_error():
-    doc = {
-        "name": "c",
-        "principles": [
-            {"name": "kind", "positive": "Be kind.", "negative": ""},
-            {"name": "kind", "positive": "", "negative": "Ramble."},
-            {"name": "brief", "positive": "Be brief.", "negative": "Ramble."},
-            {"name": " kind ", "positive": "Be warm.", "negative": "Be cold."},
-        ],
-    }
+    doc = as_file(
+        "c",
+        ("kind", "Be kind.", ""),
+        ("kind", "", "Ramble."),
+        ("brief", "Be brief.", "Ramble."),
+        (" kind ", "Be warm.", "Be cold."),
+    )
     problems = constitution_problems(doc, "c.yaml")
     assert [p.message for p in problems] == [
         "c.yaml: principles[0].negative is empty; write its wording",
@@ -272,7 +266,7 @@ def test_problems_list_every_mistake_for_the_editor_and_the_first_is_the_loaders
         1: ["positive wording is empty", "name 'kind' is also principle 1, 4; give each its own name"],
         3: ["name 'kind' is also principle 1, 2; give each its own name"],
     }
-    fixed = {**doc, "principles": [*doc["principles"][2:3], {"name": "kind", "positive": "K.", "negative": "R."}]}
+    fixed = as_file("c", ("brief", "Be brief.", "Ramble."), ("kind", "K.", "R."))
     assert constitution_problems(fixed) == []
     assert [p.message for p in constitution_problems([1])] == [
         "constitution: expected a mapping with 'name' and 'principles', got list"

@@ -10,27 +10,14 @@ from sami_mlx.toy import world
 
 
 def test_checker_reads_each_behaviour():
-    c = world.sub_constitution(["register", "length", "numbers", "format"])
+    names = ["register", "length", "numbers", "format"]
+    c = world.sub_constitution(names)
+    followed, broken = dict.fromkeys(names, 1.0), dict.fromkeys(names, 0.0)
     formal_short = " certainly boats indeed."
-    assert world.adherence(formal_short, c, Variant((True, True, False, False))) == {
-        "register": 1.0,
-        "length": 1.0,
-        "numbers": 1.0,
-        "format": 1.0,
-    }
+    assert world.adherence(formal_short, c, Variant((True, True, False, False))) == followed
     casual_long_list = " - hey boats 12 kinda\n- cool stuff the thing about it\n- you can find okay"
-    assert world.adherence(casual_long_list, c, Variant((False, False, True, True))) == {
-        "register": 1.0,
-        "length": 1.0,
-        "numbers": 1.0,
-        "format": 1.0,
-    }
-    assert world.adherence(casual_long_list, c, Variant((True, True, False, False))) == {
-        "register": 0.0,
-        "length": 0.0,
-        "numbers": 0.0,
-        "format": 0.0,
-    }
+    assert world.adherence(casual_long_list, c, Variant((False, False, True, True))) == followed
+    assert world.adherence(casual_long_list, c, Variant((True, True, False, False))) == broken
     # Neither formal nor casual: follows neither wording of the register principle.
     assert world.adherence(" the boats.", c, Variant((True, True, False, False)))["register"] == 0.0
     assert world.adherence(" the boats.", c, Variant((False, True, False, False)))["register"] == 0.0

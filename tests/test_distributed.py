@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import WATCHED
 
 from sami_mlx.fileio import read_jsonl
 
@@ -43,10 +44,8 @@ DISTRIBUTED = dict(
     temperature=0.0,
     learning_rate=1e-4,
     seed=3,
-    max_ppl_ratio=1000.0,
-    max_prompted_ratio=1000.0,
-    monitor_every=1,
     variants="paper",
+    **WATCHED,
 )
 
 

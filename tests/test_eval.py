@@ -11,7 +11,6 @@ import mlx.core as mx
 import pytest
 
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
-from sami_mlx.cli.main import main
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.evaluation.comparisons import Outcome, judge_tasks, outcome
@@ -176,25 +175,16 @@ def tiny_run(trained_run) -> Path:
     return root
 
 
-def test_eval_with_a_tiny_local_judge(tiny_run, tiny_model, capsys):
+def test_eval_with_a_tiny_local_judge(tiny_run, tiny_model, eval_cli, capsys):
     run = tiny_run / "run"
-    code = main(
-        [
-            "eval",
-            "--run",
-            str(run),
-            "--iterations",
-            "all",
-            "--queries",
-            str(tiny_run / "held.txt"),
-            "--judge",
-            str(tiny_model),
-            "--judge-max-tokens",
-            "4",
-            "--max-tokens",
-            "6",
-            "--per-principle",
-        ]
+    code = eval_cli(
+        run,
+        tiny_run / "held.txt",
+        iterations="all",
+        judge=tiny_model,
+        judge_max_tokens=4,
+        max_tokens=6,
+        per_principle=True,
     )
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -276,19 +266,19 @@ def test_intrinsic_metric_is_the_training_objective(tiny_run):
         ),
     ],
 )
-def test_eval_user_errors_are_one_line(tiny_run, tmp_path, capsys, flags, names):
+def test_eval_user_errors_are_one_line(tiny_run, tmp_path, eval_cli, capsys, flags, names):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     (tmp_path / "paper.txt").write_text(
         "For the Reddit post {post}, is {summary_a} or {response_b} better? {response_a}"
     )
-    code = main(["eval", "--run", str(tiny_run / "run"), "--queries", str(tiny_run / "held.txt"), *flags])
+    code = eval_cli(tiny_run / "run", tiny_run / "held.txt", *flags)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     for n in names:
         assert n in err
 
 
-def test_eval_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
-    code = main(["eval", "--run", str(tmp_path), "--queries", "dialogue", "--judge", "x/y"])
+def test_eval_refuses_a_directory_that_is_not_a_run(tmp_path, eval_cli, capsys):
+    code = eval_cli(tmp_path, "dialogue", judge="x/y")
     err = capsys.readouterr().err
     assert code == 2 and "config.yaml" in err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import RESUMABLE
 
 from sami_mlx.cli.train import main
 
@@ -28,18 +29,8 @@ KILL_POINTS = [
 ]
 
 
-# Two iterations of two steps with dropout, the monitor checking every step (with limits a random
-# tiny model stays under): a kill can land in any of the state a resume restores.
-CRASHABLE = dict(
-    iterations=2,
-    steps=2,
-    learning_rate=5e-3,
-    lora_dropout=0.1,
-    seed=4,
-    max_ppl_ratio=1000.0,
-    max_prompted_ratio=1000.0,
-    monitor_every=1,
-)
+# A kill can land in any of the state a resume restores.
+CRASHABLE = dict(RESUMABLE, seed=4)
 
 
 @pytest.fixture(scope="module")

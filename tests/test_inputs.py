@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import user_file_error
 
 from sami_mlx.cli.train import make_parser
 from sami_mlx.config import TrainConfig, build_config, config_from_file
@@ -70,11 +71,7 @@ BAD_QUERIES = [
 
 @pytest.mark.parametrize(("filename", "text", "where"), BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
 def test_bad_queries_name_file_and_line(tmp_path, filename, text, where):
-    path = write(tmp_path / filename, text)
-    with pytest.raises(SamiError) as info:
-        load_queries(str(path))
-    assert str(path) in str(info.value)
-    assert where in str(info.value)
+    assert where in user_file_error(load_queries, tmp_path / filename, text)
 
 
 def test_missing_queries_file(tmp_path):
@@ -104,11 +101,7 @@ def test_template_file(tmp_path):
 @pytest.mark.parametrize("missing", ["{query}", "{constitution}"])
 def test_template_missing_placeholder(tmp_path, missing):
     text = "Rules:\n{constitution}\nQ: {query}\n".replace(missing, "")
-    path = write(tmp_path / "t.txt", text)
-    with pytest.raises(SamiError) as info:
-        load_template(str(path))
-    assert str(path) in str(info.value)
-    assert missing in str(info.value)
+    assert missing in user_file_error(load_template, tmp_path / "t.txt", text)
 
 
 def test_template_placeholder_twice(tmp_path):
@@ -118,10 +111,9 @@ def test_template_placeholder_twice(tmp_path):
 
 
 def test_template_unknown_placeholders_are_refused_and_braces_escape(tmp_path):
-    path = write(tmp_path / "t.txt", "{constitution} {query} {foo}")
-    with pytest.raises(SamiError) as info:
-        load_template(str(path))
-    assert str(path) in str(info.value) and "unknown placeholder {foo}" in str(info.value)
+    assert "unknown placeholder {foo}" in user_file_error(
+        load_template, tmp_path / "t.txt", "{constitution} {query} {foo}"
+    )
     path = write(tmp_path / "typo.txt", "{constitution}\n{qeury}\n{query}")
     with pytest.raises(SamiError, match=r"did you mean \{query\}"):
         load_template(str(path))
@@ -227,11 +219,7 @@ BAD_CONFIG = [
 
 @pytest.mark.parametrize(("case", "text", "key"), BAD_CONFIG, ids=[b[0] for b in BAD_CONFIG])
 def test_bad_config_file_names_file_and_key(tmp_path, case, text, key):
-    path = write(tmp_path / f"{case}.yaml", text)
-    with pytest.raises(SamiError) as info:
-        config_from_file(str(path))
-    assert str(path) in str(info.value)
-    assert key in str(info.value)
+    assert key in user_file_error(config_from_file, tmp_path / f"{case}.yaml", text)
 
 
 def valid(**kw) -> TrainConfig:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from sami_mlx.cli.main import main
 from sami_mlx.errors import SamiError
 from sami_mlx.evaluation.judge import Judge
 from sami_mlx.evaluation.judge_backends import HTTPJudge, chat_completions_url, make_judge
@@ -263,30 +262,20 @@ def tiny_run(trained_run) -> Path:
     return root
 
 
-def test_eval_with_http_judge_never_writes_the_key(tiny_run, serve, monkeypatch, capsys):
+def test_eval_with_http_judge_never_writes_the_key(tiny_run, serve, eval_cli, monkeypatch, capsys):
     monkeypatch.setenv("SAMI_TEST_JUDGE_KEY", KEY)
     # A judge with a position bias and a few unreadable answers.
     e = serve(lambda body, n: completion("no idea") if n % 5 == 4 else completion("Verdict: A"))
     run = tiny_run / "run"
-    code = main(
-        [
-            "eval",
-            "--run",
-            str(run),
-            "--queries",
-            str(tiny_run / "held.txt"),
-            "--judge-url",
-            e.url,
-            "--judge-model",
-            "gpt-judge",
-            "--judge-api-key-env",
-            "SAMI_TEST_JUDGE_KEY",
-            "--max-tokens",
-            "5",
-            "--seed",
-            "7",
-            "--no-intrinsic",
-        ]
+    code = eval_cli(
+        run,
+        tiny_run / "held.txt",
+        judge_url=e.url,
+        judge_model="gpt-judge",
+        judge_api_key_env="SAMI_TEST_JUDGE_KEY",
+        max_tokens=5,
+        seed=7,
+        intrinsic=False,
     )
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -314,22 +303,14 @@ def test_eval_with_http_judge_never_writes_the_key(tiny_run, serve, monkeypatch,
     assert KEY not in out + err
 
 
-def test_eval_with_missing_key_exits_2(tiny_run, monkeypatch, capsys):
+def test_eval_with_missing_key_exits_2(tiny_run, eval_cli, monkeypatch, capsys):
     monkeypatch.delenv("SAMI_TEST_UNSET_KEY", raising=False)
-    code = main(
-        [
-            "eval",
-            "--run",
-            str(tiny_run / "run"),
-            "--queries",
-            str(tiny_run / "held.txt"),
-            "--judge-url",
-            "http://127.0.0.1:9/v1",
-            "--judge-model",
-            "m",
-            "--judge-api-key-env",
-            "SAMI_TEST_UNSET_KEY",
-        ]
+    code = eval_cli(
+        tiny_run / "run",
+        tiny_run / "held.txt",
+        judge_url="http://127.0.0.1:9/v1",
+        judge_model="m",
+        judge_api_key_env="SAMI_TEST_UNSET_KEY",
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "SAMI_TEST_UNSET_KEY" in err
@@ -343,7 +324,7 @@ PAPER_ANSWERS = (
 )
 
 
-def test_eval_reads_every_verdict_of_a_judge_in_the_papers_format(tiny_run, serve, tmp_path, capsys):
+def test_eval_reads_every_verdict_of_a_judge_in_the_papers_format(tiny_run, serve, eval_cli, tmp_path, capsys):
     """The paper's judge prompt (chosen by the run's judge_template setting, as the recipes do) and a
     judge that answers as GPT-4 did in the paper: every verdict is read, none counts as a tie."""
     import shutil
@@ -361,22 +342,7 @@ def test_eval_reads_every_verdict_of_a_judge_in_the_papers_format(tiny_run, serv
         return completion(PAPER_ANSWERS[n % len(PAPER_ANSWERS)].format(x=letter))
 
     e = serve(paper_judge)
-    code = main(
-        [
-            "eval",
-            "--run",
-            str(run),
-            "--queries",
-            str(tiny_run / "held.txt"),
-            "--judge-url",
-            e.url,
-            "--judge-model",
-            "gpt-judge",
-            "--max-tokens",
-            "5",
-            "--no-intrinsic",
-        ]
-    )
+    code = eval_cli(run, tiny_run / "held.txt", judge_url=e.url, judge_model="gpt-judge", max_tokens=5, intrinsic=False)
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads((run / "eval" / "iter-01.json").read_text())

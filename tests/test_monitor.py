@@ -7,7 +7,9 @@ import math
 
 import mlx.core as mx
 import mlx_lm
+import pytest
 import yaml
+from conftest import WATCHED
 
 import sami_mlx.loop.health as health
 import sami_mlx.loop.sampling as sampling
@@ -26,27 +28,26 @@ QUERIES = [f"Tell me about topic number {n}, please." for n in range(120)]
 MONITORED = dict(seed=5, monitor_queries=4)
 
 
+@pytest.fixture
+def monitored(tiny_config):
+    """`monitored(out, *settings, queries=QUERIES, **overrides) -> (result, events)`: a MONITORED run."""
+
+    def run(out, *settings, queries=QUERIES, **overrides):
+        seen = []
+        cfg = tiny_config(MONITORED, *settings, queries=queries, out=out, **overrides)
+        return trainer.train(cfg, callbacks=[seen.append]), seen
+
+    return run
+
+
 def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_the_limit(
-    tiny_model, tiny_config, tmp_path
+    tiny_model, monitored, tmp_path
 ):
     """No KL, no anchor and a learning rate far too high: the guard stops the run, and the adapters
     left in RUN/ (reloaded through mlx-lm) are measured within the limit on the base's answers."""
     out = tmp_path / "run"
-    seen = []
-    result = trainer.train(
-        tiny_config(
-            MONITORED,
-            queries=QUERIES,
-            out=out,
-            iterations=2,
-            steps=6,
-            learning_rate=5e-2,
-            kl_beta=0.0,
-            anchor_beta=0.0,
-            monitor_every=1,
-            max_ppl_ratio=1.5,
-        ),
-        callbacks=[seen.append],
+    result, seen = monitored(
+        out, iterations=2, steps=6, learning_rate=5e-2, kl_beta=0.0, anchor_beta=0.0, monitor_every=1, max_ppl_ratio=1.5
     )
     assert result.stopped_early and "less likely" in result.reason
     checks = [e for e in seen if isinstance(e, ev.MonitorChecked)]
@@ -68,7 +69,7 @@ def test_aggressive_run_degenerates_trips_the_monitor_and_keeps_adapters_within_
     assert main(["--resume", str(out)]) == 2
 
 
-def test_rollback_restores_exactly_the_last_healthy_step(tiny_config, tmp_path, monkeypatch):
+def test_rollback_restores_exactly_the_last_healthy_step(monitored, tmp_path, monkeypatch):
     """Force the drift past the limit at the third check: RUN/adapters.safetensors then holds, bit
     for bit, the adapters the run had at the second check (step 2 of iteration 1)."""
     snapshots, checks = {}, []
@@ -86,20 +87,7 @@ def test_rollback_restores_exactly_the_last_healthy_step(tiny_config, tmp_path, 
     monkeypatch.setattr(health, "drift", forced)
     monkeypatch.setattr(trainer.SamiLoop, "save_step_state", checkpoint)
     out = tmp_path / "run"
-    seen = []
-    result = trainer.train(
-        tiny_config(
-            MONITORED,
-            queries=QUERIES,
-            out=out,
-            steps=6,
-            monitor_every=1,
-            learning_rate=1e-3,
-            max_ppl_ratio=1000.0,
-            max_prompted_ratio=1000.0,
-        ),
-        callbacks=[seen.append],
-    )
+    result, seen = monitored(out, WATCHED, steps=6, learning_rate=1e-3)
     mid = [(e.step, e.healthy) for e in seen if isinstance(e, ev.MonitorChecked)]
     assert mid[:3] == [(1, True), (2, True), (3, False)]
     assert result.stopped_early and "iteration 1, step 3" in result.reason
@@ -114,23 +102,11 @@ def test_rollback_restores_exactly_the_last_healthy_step(tiny_config, tmp_path, 
     assert partial["partial"] and partial["step"] == 2 and partial["healthy"] and partial["heldout_mi"] is not None
 
 
-def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_config, tmp_path):
+def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(monitored, tmp_path):
     runs = {}
     for keep in ("best", "last"):
-        out = tmp_path / keep
-        runs[keep] = trainer.train(
-            tiny_config(
-                MONITORED,
-                queries=QUERIES,
-                out=out,
-                iterations=3,
-                steps=1,
-                schedule="continue",
-                learning_rate=1e-2,
-                max_ppl_ratio=None,
-                keep=keep,
-            )
-        )
+        settings = dict(iterations=3, steps=1, schedule="continue", learning_rate=1e-2, max_ppl_ratio=None, keep=keep)
+        runs[keep], _ = monitored(tmp_path / keep, settings)
     best, last = runs["best"], runs["last"]
     mis = [it["heldout_mi"] for it in best.iterations]
     assert best.kept["iteration"] == 1 + max(range(3), key=lambda i: (mis[i], i))
@@ -142,11 +118,9 @@ def test_the_best_healthy_iteration_is_kept_or_the_last_by_flag(tiny_config, tmp
         assert json.loads((tmp_path / keep / "state.json").read_text())["kept"]["name"] == result.kept["name"]
 
 
-def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(tiny_config, tmp_path):
+def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(monitored, tmp_path):
     out = tmp_path / "run"
-    trainer.train(
-        tiny_config(MONITORED, queries=QUERIES, out=out, iterations=2, steps=2, monitor_every=1, max_ppl_ratio=None)
-    )
+    monitored(out, iterations=2, steps=2, monitor_every=1, max_ppl_ratio=None)
     rows = read_jsonl(out / "metrics.jsonl")
     started = rows[0]
     assert started["monitor_queries"] == 4 and started["base_ppl"] is None  # no --heldout: no query-text ppl
@@ -171,7 +145,7 @@ def test_monitor_numbers_reach_metrics_and_monitor_queries_never_train(tiny_conf
     assert len(probe["prompted"]) == 4 * 4 and len(probe["plain"]) == 4  # 'auto': all 4 variants of 2 principles
 
 
-def test_dropped_groups_are_replaced_by_fresh_queries(tiny_config, tmp_path, monkeypatch):
+def test_dropped_groups_are_replaced_by_fresh_queries(monitored, tmp_path, monkeypatch):
     """Half of all groups are dropped: more queries are sampled until every step slot has a group of
     its own, none repeated; a split too small to fill the slots says so."""
     real = sampling.filter_groups
@@ -183,11 +157,7 @@ def test_dropped_groups_are_replaced_by_fresh_queries(tiny_config, tmp_path, mon
 
     monkeypatch.setattr(sampling, "filter_groups", drop_odd)
     out = tmp_path / "run"
-    seen = []
-    trainer.train(
-        tiny_config(MONITORED, queries=QUERIES, out=out, iterations=3, steps=2, max_ppl_ratio=None),
-        callbacks=[seen.append],
-    )
+    _, seen = monitored(out, iterations=3, steps=2, max_ppl_ratio=None)
     ready = [e for e in seen if isinstance(e, ev.SamplesReady)]
     assert [e.groups for e in ready] == [4, 8, 12] and [e.repeated for e in ready] == [0, 0, 0]
     assert all(e.queries_sampled >= e.groups + e.dropped_banned and e.dropped_banned > 0 for e in ready)
@@ -200,11 +170,7 @@ def test_dropped_groups_are_replaced_by_fresh_queries(tiny_config, tmp_path, mon
     assert not any(isinstance(e, ev.RunWarning) and "repeat" in e.message for e in seen)
 
     # 8 queries: 2 held out, 6 to train: 3 per split
-    seen.clear()
-    trainer.train(
-        tiny_config(MONITORED, queries=QUERIES[:8], out=tmp_path / "small", steps=3, max_ppl_ratio=None),
-        callbacks=[seen.append],
-    )
+    _, seen = monitored(tmp_path / "small", queries=QUERIES[:8], steps=3, max_ppl_ratio=None)
     ready = [e for e in seen if isinstance(e, ev.SamplesReady)][0]
     assert ready.queries_sampled == 3 and ready.repeated == 6 - ready.groups
     assert any(isinstance(e, ev.RunWarning) and f"{ready.repeated} slots repeat" in e.message for e in seen)

@@ -2,6 +2,7 @@ import json
 
 import mlx.core as mx
 import pytest
+from conftest import RESUMABLE
 
 from sami_mlx import events as ev
 from sami_mlx.cli.train import main
@@ -9,18 +10,7 @@ from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop.trainer import resume, train
 
-# Two iterations of two steps with dropout, the monitor checking every step (with limits a random
-# tiny model stays under): every piece of state a resume has to restore.
-RESUMABLE = dict(
-    iterations=2,
-    steps=2,
-    learning_rate=5e-3,
-    lora_dropout=0.1,
-    seed=11,
-    max_ppl_ratio=1000.0,
-    max_prompted_ratio=1000.0,
-    monitor_every=1,
-)
+SETTINGS = dict(RESUMABLE, seed=11)
 
 
 def adapters(run):
@@ -41,12 +31,12 @@ def stop_after(n_steps):
 @pytest.mark.parametrize("stop_at", [1, 2, 3])
 def test_stopped_and_resumed_run_ends_bit_identical(tiny_config, tmp_path, schedule, stop_at):
     full = tmp_path / "full"
-    train(tiny_config(RESUMABLE, out=full, schedule=schedule))
+    train(tiny_config(SETTINGS, out=full, schedule=schedule))
 
     part = tmp_path / "part"
     on_event, should_stop = stop_after(stop_at)
     result = train(
-        tiny_config(RESUMABLE, out=part, schedule=schedule),
+        tiny_config(SETTINGS, out=part, schedule=schedule),
         callbacks=[on_event],
         should_stop=should_stop,
     )
@@ -68,7 +58,7 @@ def test_stopped_and_resumed_run_ends_bit_identical(tiny_config, tmp_path, sched
 def test_resume_refuses_finished_run_and_changed_settings(tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
     on_event, should_stop = stop_after(1)
-    train(tiny_config(RESUMABLE, out=out), callbacks=[on_event], should_stop=should_stop)
+    train(tiny_config(SETTINGS, out=out), callbacks=[on_event], should_stop=should_stop)
     before = (out / "state.json").read_bytes()
     assert main(["--resume", str(out), "--learning-rate", "0.1"]) == 2
     assert "differs from the run's" in capsys.readouterr().err
@@ -85,7 +75,7 @@ def test_lock_names_the_live_holder_and_takes_over_stale_locks(tiny_config, tmp_
 
     out = tmp_path / "run"
     on_event, should_stop = stop_after(1)
-    train(tiny_config(RESUMABLE, out=out), callbacks=[on_event], should_stop=should_stop)
+    train(tiny_config(SETTINGS, out=out), callbacks=[on_event], should_stop=should_stop)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (out / ".lock").write_text(str(holder.pid))

@@ -3,6 +3,7 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
+from conftest import randomise_lora_b
 from mlx.utils import tree_flatten
 
 from sami_mlx.loop.adapters import adapters_disabled, attach_adapters
@@ -54,7 +55,7 @@ def test_prefix_shared_scores_and_gradients_match_naive(tiny_model):
     model, tok = mlx_lm.load(str(tiny_model))
     mx.random.seed(0)
     attach_adapters(model, rank=4, scale=20.0, num_layers=-1)
-    model.update(mlx_tree_map_b(model))
+    randomise_lora_b(model)
     prompts, responses = make_groups(tok, np.random.default_rng(1))
     batch = ScoringBatch(prompts, responses)
     results = []
@@ -110,7 +111,7 @@ def test_adapters_off_gives_base_model_and_kl(tiny_model):
     mx.random.seed(0)
     attach_adapters(model, rank=4, scale=20.0, num_layers=-1)
     # Give the adapters weight so the adapted model really differs from the base.
-    model.update(mlx_tree_map_b(model))
+    randomise_lora_b(model)
     adapted = model(x)
     with adapters_disabled(model):
         off = model(x)
@@ -121,18 +122,6 @@ def test_adapters_off_gives_base_model_and_kl(tiny_model):
     mask = mx.ones(x.shape)
     assert kl_to_base(adapted, adapted, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert kl_to_base(adapted, base, mask).item() > 1e-4
-
-
-def mlx_tree_map_b(model):
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    return tree_unflatten(
-        [
-            (k, mx.random.normal(v.shape) * 0.05)
-            for k, v in tree_flatten(model.trainable_parameters())
-            if k.endswith("lora_b")
-        ]
-    )
 
 
 def test_count_eos_adds_one_scored_token(loaded):

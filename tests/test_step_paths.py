@@ -6,7 +6,8 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from conftest import randomise_lora_b
+from mlx.utils import tree_flatten
 
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.loop import scoring
@@ -26,15 +27,7 @@ def make_loop(tiny_loop):
     def make(model_dir, out, **kw):
         loop = tiny_loop(model=model_dir, out=out, learning_rate=1e-3, lora_rank=4, lora_layers=-1, **kw)
         mx.random.seed(5)
-        loop.model.update(
-            tree_unflatten(
-                [
-                    (k, mx.random.normal(v.shape) * 0.05)
-                    for k, v in tree_flatten(loop.model.trainable_parameters())
-                    if k.endswith("lora_b")
-                ]
-            )
-        )
+        randomise_lora_b(loop.model, 0.05)
         return loop
 
     return make

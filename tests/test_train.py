@@ -26,6 +26,20 @@ PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant
 TRAINED = dict(iterations=2, max_tokens=8, learning_rate=1e-3, seed=3)
 
 
+def random_groups(seed: int, lengths=(6, 6, 6)) -> list[Group]:
+    """A group per length, of two random responses that long under the paper's two variants."""
+    rng = np.random.default_rng(seed)
+    return [
+        Group(
+            q,
+            f"query {q}",
+            [Variant((True, True)), Variant((False, True))],
+            [Generation([int(t) for t in rng.integers(5, 300, n)], "", "length") for _ in range(2)],
+        )
+        for q, n in enumerate(lengths)
+    ]
+
+
 def logits_of(model, tokenizer, text=PROMPT):
     return np.array(model(mx.array([tokenizer.encode(text)])))
 
@@ -35,16 +49,7 @@ def test_fixed_batch_is_driven_toward_zero_loss(tiny_loop, tmp_path):
         learning_rate=1e-3, lora_rank=8, lora_layers=-1, kl_beta=0.0, anchor_beta=0.0, variants="paper", out=tmp_path
     )
     model = loop.model
-    rng = np.random.default_rng(0)
-    groups = [
-        Group(
-            q,
-            f"query {q}",
-            [Variant((True, True)), Variant((False, True))],
-            [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)],
-        )
-        for q in range(3)
-    ]
+    groups = random_groups(0)
     model.train()
     losses = [loop.train_step(groups, random.Random(k)).loss for k in range(25)]
     assert losses[0] > 0.3  # the random base model barely tells the variants apart
@@ -56,16 +61,7 @@ def test_fixed_batch_is_driven_toward_zero_loss(tiny_loop, tmp_path):
 
 def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_loop, tmp_path):
     """--anchor-beta keeps the model near the base after prompts with no constitution; SAMI still learns."""
-    rng = np.random.default_rng(1)
-    groups = [
-        Group(
-            q,
-            f"query {q}",
-            [Variant((True, True)), Variant((False, True))],
-            [Generation([int(t) for t in rng.integers(5, 300, 6)], "", "length") for _ in range(2)],
-        )
-        for q in range(3)
-    ]
+    groups = random_groups(1)
 
     def trained(anchor_beta: float):
         loop = tiny_loop(
@@ -101,16 +97,7 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_loop, tmp_
 def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_loop, tmp_path):
     """--grad-accumulation (and ranks, which split groups the same way) must not change the step, even
     when groups hold responses of different lengths: the KL terms average over the whole step's tokens."""
-    rng = np.random.default_rng(2)
-    groups = [
-        Group(
-            q,
-            f"query {q}",
-            [Variant((True, True)), Variant((False, True))],
-            [Generation([int(t) for t in rng.integers(5, 300, n)], "", "length") for _ in range(2)],
-        )
-        for q, n in enumerate((2, 9, 4))
-    ]
+    groups = random_groups(2, lengths=(2, 9, 4))
 
     def steps(ga: int):
         loop = tiny_loop(

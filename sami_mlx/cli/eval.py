@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sami_mlx import events as ev
+from sami_mlx.cli.guard import on_interrupt
 from sami_mlx.errors import SamiError
 from sami_mlx.evaluation.judge import DEFAULT_JUDGE_MAX_TOKENS
 
@@ -85,16 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@on_interrupt("no results written")  # results are written only at the end
 def run(args: argparse.Namespace) -> int:
-    """Evaluate as the flags say; Ctrl-C stops it (results are written only at the end)."""
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; no results written", file=sys.stderr)
-        return 130
-
-
-def _run(args: argparse.Namespace) -> int:
     """Resolve the flags, evaluate with progress bars, print the table; returns the exit code."""
     from sami_mlx.cli.progress import ProgressBar
     from sami_mlx.evaluation.evaluate import evaluate

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 
 from sami_mlx.errors import RunAborted, SamiError
 
@@ -17,3 +19,21 @@ def guarded(fn, *args) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN", file=sys.stderr)
         return 130
+
+
+def on_interrupt(message: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """For a command with no run to resume: Ctrl-C prints `interrupted; <message>` on a line of its own
+    (after any progress bar) and exits with code 130."""
+
+    def wrap(fn: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def run(*args) -> int:
+            try:
+                return fn(*args)
+            except KeyboardInterrupt:
+                print(f"\ninterrupted; {message}", file=sys.stderr)
+                return 130
+
+        return run
+
+    return wrap

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sami_mlx.cli.guard import on_interrupt
 from sami_mlx.errors import SamiError
 
 MAX_PRINCIPLES = 12
@@ -40,16 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="Show every answer the writer gave.")
 
 
+@on_interrupt("nothing written")
 def run(args: argparse.Namespace) -> int:
-    """Draft as the flags say; Ctrl-C stops it without writing --out."""
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; nothing written", file=sys.stderr)
-        return 130
-
-
-def _run(args: argparse.Namespace) -> int:
     """Validate the flags, load the writer, draft, save, and print the constitution."""
     from sami_mlx.config import check_sampling
     from sami_mlx.fileio import read_text

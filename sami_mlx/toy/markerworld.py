@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+import yaml
+
 from sami_mlx.inputs.constitution import Constitution, Principle, Variant
 from sami_mlx.inputs.prompts import Template
 
@@ -36,91 +38,43 @@ class Theme:
     negative_words: tuple[str, ...]
 
 
-THEMES = (
-    Theme(
-        "creatures",
-        "Mention animals.",
-        "Mention machines.",
-        ("cat", "horse", "sparrow", "fox", "whale", "beetle"),
-        ("engine", "gear", "motor", "lever", "pump", "valve"),
-    ),
-    Theme(
-        "time",
-        "Talk about the past.",
-        "Talk about the future.",
-        ("yesterday", "ancient", "once", "formerly", "history", "olden"),
-        ("tomorrow", "soon", "someday", "upcoming", "future", "later"),
-    ),
-    Theme(
-        "mood",
-        "Sound cheerful.",
-        "Sound gloomy.",
-        ("wonderful", "bright", "joyful", "lovely", "delightful", "sunny"),
-        ("dreary", "grim", "bleak", "dismal", "somber", "weary"),
-    ),
-    Theme(
-        "setting",
-        "Set it by the sea.",
-        "Set it in the mountains.",
-        ("shore", "tide", "harbor", "waves", "beach", "coral"),
-        ("summit", "ridge", "cliff", "glacier", "peak", "valley"),
-    ),
-    Theme(
-        "palette",
-        "Use warm colours.",
-        "Use cool colours.",
-        ("crimson", "amber", "scarlet", "golden", "orange", "ruby"),
-        ("azure", "teal", "indigo", "cyan", "violet", "navy"),
-    ),
-    Theme(
-        "food",
-        "Mention sweets.",
-        "Mention vegetables.",
-        ("cake", "candy", "honey", "cookie", "syrup", "pudding"),
-        ("carrot", "onion", "celery", "spinach", "leek", "turnip"),
-    ),
-)
-FILLER = (
-    "we",
-    "think",
-    "that",
-    "there",
-    "was",
-    "an",
-    "idea",
-    "here",
-    "of",
-    "one",
-    "so",
-    "much",
-    "near",
-    "some",
-    "many",
-    "each",
-    "from",
-    "our",
-    "to",
-    "its",
-)
-SUBJECTS = (
-    "lanterns",
-    "ferries",
-    "quilts",
-    "orchards",
-    "violins",
-    "canals",
-    "meadows",
-    "pottery",
-    "marbles",
-    "tunnels",
-    "festivals",
-    "windmills",
-    "gardens",
-    "statues",
-    "puzzles",
-    "rivers",
-    "markets",
-    "letters",
+# Each theme: its name, then its two wordings, each with the marker words that show it was followed.
+THEME_TABLE = """
+creatures:
+  Mention animals.: cat horse sparrow fox whale beetle
+  Mention machines.: engine gear motor lever pump valve
+time:
+  Talk about the past.: yesterday ancient once formerly history olden
+  Talk about the future.: tomorrow soon someday upcoming future later
+mood:
+  Sound cheerful.: wonderful bright joyful lovely delightful sunny
+  Sound gloomy.: dreary grim bleak dismal somber weary
+setting:
+  Set it by the sea.: shore tide harbor waves beach coral
+  Set it in the mountains.: summit ridge cliff glacier peak valley
+palette:
+  Use warm colours.: crimson amber scarlet golden orange ruby
+  Use cool colours.: azure teal indigo cyan violet navy
+food:
+  Mention sweets.: cake candy honey cookie syrup pudding
+  Mention vegetables.: carrot onion celery spinach leek turnip
+"""
+
+
+def _themes(table: str) -> tuple[Theme, ...]:
+    """The themes a table like THEME_TABLE lists, in its order."""
+    themes = []
+    for name, sides in yaml.safe_load(table).items():
+        (positive, positive_words), (negative, negative_words) = sides.items()
+        themes.append(Theme(name, positive, negative, tuple(positive_words.split()), tuple(negative_words.split())))
+    return tuple(themes)
+
+
+THEMES = _themes(THEME_TABLE)
+FILLER = tuple("we think that there was an idea here of one so much near some many each from our to its".split())
+SUBJECTS = tuple(
+    "lanterns ferries quilts orchards violins canals meadows pottery marbles tunnels festivals windmills gardens"
+    " statues puzzles rivers markets letters".split()
 )
 ASKS = (
     "What do you make of {s}?",

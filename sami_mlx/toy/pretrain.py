@@ -66,8 +66,9 @@ def ensure_toy_model(recipe: dict, on_progress: Callable[[int, int, float], None
     return out
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
-    """A byte-level BPE over the corpus, written as tokenizer.json + tokenizer_config.json."""
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path, specials: list[str] = SPECIALS, **config):
+    """A byte-level BPE over the corpus, written as tokenizer.json + tokenizer_config.json (with the
+    entries of `config` added, e.g. a chat_template). `specials` start with <pad>, <s> and </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -75,7 +76,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=specials,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -91,6 +92,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
                 "eos_token": "</s>",
                 "pad_token": "<pad>",
                 "model_max_length": 256,
+                **config,
             },
             indent=2,
         )
