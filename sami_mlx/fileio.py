@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def json_lines(text: str, source: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a user's JSONL file; a line that is not
+    JSON is a one-line SamiError naming `source` and the line."""
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SamiError(f"{source}: line {n} is not valid JSON ({e.msg}); fix or remove it") from None
 
 
 def _fsync_dir(directory: Path) -> None:

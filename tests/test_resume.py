@@ -53,6 +53,9 @@ def test_stopped_and_resumed_run_ends_bit_identical(tiny_config, tmp_path, sched
     steps = [r["global_step"] for r in read_jsonl(part / "metrics.jsonl") if r["event"] == "StepCompleted"]
     total = 2 + 4 if schedule == "paper" else 2 + 2
     assert steps == list(range(1, total + 1))  # every step logged once across both processes
+    # The resumed process reports its memory estimate, as the first did.
+    started = [r for r in read_jsonl(part / "metrics.jsonl") if r["event"] == "RunStarted"]
+    assert len(started) == 2 and all(r["memory_estimate_gb"] for r in started)
 
 
 def test_resume_refuses_finished_run_and_changed_settings(tiny_config, tmp_path, capsys):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
 from sami_mlx.errors import SamiError
-from sami_mlx.fileio import read_text
+from sami_mlx.fileio import json_lines, read_text
 
 BUILTIN_QUERY_SETS = ("dialogue", "summarization")
 
@@ -41,13 +40,7 @@ def load_queries(source: str) -> list[str]:
 
 def _parse_jsonl(text: str, source: str) -> list[str]:
     queries = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SamiError(f"{source}: line {n} is not valid JSON ({e.msg}); fix or remove it") from None
+    for n, row in json_lines(text, source):
         if not isinstance(row, dict) or "query" not in row:
             raise SamiError(f'{source}: line {n} has no \'query\' field; write {{"query": "..."}}')
         if not isinstance(row["query"], str) or not row["query"].strip():

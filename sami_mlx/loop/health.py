@@ -8,16 +8,13 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import atomic_write_bytes, atomic_write_json
 from sami_mlx.inputs.constitution import Variant, sample_variants
 from sami_mlx.loop.adapters import (
@@ -28,11 +25,10 @@ from sami_mlx.loop.adapters import (
     set_adapter_weights,
 )
 from sami_mlx.loop.batches import scoring_batch, training_orders
-from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.heldout import heldout_nll, heldout_perplexity
 from sami_mlx.loop.monitor import KINDS as MONITOR_KINDS
 from sami_mlx.loop.monitor import Answer, Probe, answer_of, answer_stats, drift, mean_nll
-from sami_mlx.loop.prepare import RunInputs
+from sami_mlx.loop.parts import LoopParts
 from sami_mlx.loop.rollout import Generation, Group, generate_batch
 from sami_mlx.loop.runstate import RunState
 from sami_mlx.loop.sampling import derived_seed, variant_from_label
@@ -72,23 +68,15 @@ class FullCheck:
         return out
 
 
-class HealthChecks:
-    """SamiLoop's monitor checks and keep/roll-back decisions (a mixin: SamiLoop sets the attributes below)."""
+class HealthChecks(LoopParts):
+    """SamiLoop's monitor checks and keep/roll-back decisions (a mixin: SamiLoop sets the attributes of
+    LoopParts and those below)."""
 
-    cfg: TrainConfig
-    inputs: RunInputs
-    model: nn.Module
-    tokenizer: Any  # mlx-lm's TokenizerWrapper
-    out: Path
-    ranks: Ranks
-    strategy: str | int
-    emit: Callable[[ev.Event], None]
     adapter_config: dict
     initial_adapters: dict[str, mx.array]
     probe: Probe | None
     problem: str
     snapshots: dict[str, dict[str, mx.array]]
-    should_stop: Callable[[], bool]
 
     if TYPE_CHECKING:  # Sampling's prompts
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from sami_mlx.errors import SamiError
-from sami_mlx.fileio import read_text
+from sami_mlx.fileio import json_lines, read_text
 
 
 def load_heldout(path: str) -> list[tuple[str, str]]:
@@ -18,13 +17,7 @@ def load_heldout(path: str) -> list[tuple[str, str]]:
     if not path.endswith(".jsonl"):
         return [("", p) for p in text.split("\n\n") if p.strip()]
     rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
+    for n, row in json_lines(text, path):
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             rows.append(("", row["text"]))
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):

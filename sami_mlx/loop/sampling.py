@@ -10,19 +10,16 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig
 from sami_mlx.errors import RunAborted, SamiError
 from sami_mlx.fileio import append_jsonl, atomic_write_text, read_jsonl
 from sami_mlx.inputs.constitution import Variant, principle_order, sample_variants
 from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix
-from sami_mlx.loop.distributed import Ranks
-from sami_mlx.loop.prepare import RunInputs
+from sami_mlx.loop.parts import LoopParts
 from sami_mlx.loop.rollout import DropCounts, Generation, Group, filter_groups, generate_batch, sample_stats
 from sami_mlx.loop.runstate import RunState
 
@@ -32,18 +29,8 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
-class Sampling:
-    """SamiLoop's sampling (a mixin: SamiLoop sets the attributes below)."""
-
-    cfg: TrainConfig
-    inputs: RunInputs
-    model: object
-    tokenizer: object
-    out: Path
-    ranks: Ranks
-    strategy: object
-    emit: Callable[[ev.Event], None]
-    should_stop: Callable[[], bool]
+class Sampling(LoopParts):
+    """SamiLoop's sampling (a mixin: SamiLoop sets the attributes of LoopParts)."""
 
     def generation_ids(self, variant: Variant, query: str, order: list[int] | None = None) -> tuple[list, list]:
         """The generation prompt's ids and the --response-prefix ids that follow it."""
@@ -134,11 +121,16 @@ class Sampling:
             )
         )
         if not kept:
+            why = (
+                "every response was empty: the model ended (EOS or a --stop string) before writing anything; "
+                "check the template's end, --response-prefix and --stop"
+                if drops.empty == len(groups)
+                else "try --temperature 0.7, other --stop strings or another template"
+            )
             raise RunAborted(
                 f"iteration {it + 1}: all {len(groups)} sampled groups were degenerate "
                 f"({drops.empty} empty, {drops.identical} identical, {drops.banned} banned, "
-                f"{drops.truncated} truncated, {drops.unfinished} without a sentence end); "
-                "try --temperature 0.7, other --stop strings or another template"
+                f"{drops.truncated} truncated, {drops.unfinished} without a sentence end); {why}"
             )
         if repeated:
             self.emit(

@@ -154,11 +154,14 @@ def resume(
     if state.finished:
         raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
     inputs = prepare_inputs(cfg)
-    model, tokenizer, _ = load_model(cfg.model, cfg.trust_remote_code)
+    model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
+    longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
+    memory_gb = check_memory(cfg, inputs, model_config, longest, float_bytes(model))
     if not ranks.primary:
         return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(state)
     with RunLock(out):
         loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
+        loop.memory_estimate_gb = memory_gb
         return loop.run(state)
 
 
@@ -280,7 +283,9 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
         try:
             self.probe = probe = self.start_monitor()
             if self.inputs.heldout and state.base_ppl is None:
+                self.emit(ev.StageProgress("base model: held-out perplexity", 0, 1))
                 state.base_ppl = self.heldout_ppl()
+                self.emit(ev.StageProgress("base model: held-out perplexity", 1, 1))
             self.emit(
                 ev.RunStarted(
                     str(self.out),

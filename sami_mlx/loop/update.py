@@ -8,22 +8,19 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig
 from sami_mlx.errors import RunAborted
 from sami_mlx.inputs.constitution import principle_order
 from sami_mlx.loop.batches import response_ids, scoring_batch, training_orders
 from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.faults import fault_point
-from sami_mlx.loop.prepare import RunInputs
+from sami_mlx.loop.parts import LoopParts
 from sami_mlx.loop.rollout import Group
 from sami_mlx.loop.scoring import ScoringBatch
 from sami_mlx.loop.step import StepInputs, StepSettings, step_inputs
@@ -102,20 +99,13 @@ class StepTotals:
         return row, col, mx.get_peak_memory() / 2**30  # GiB, as every memory figure
 
 
-class Stepping:
-    """SamiLoop's optimizer step (a mixin: SamiLoop sets the attributes below)."""
+class Stepping(LoopParts):
+    """SamiLoop's optimizer step (a mixin: SamiLoop sets the attributes of LoopParts and those below)."""
 
-    cfg: TrainConfig
-    inputs: RunInputs
-    model: nn.Module
-    tokenizer: Any  # mlx-lm's TokenizerWrapper
-    ranks: Ranks
     optimizer: optim.Optimizer
     settings: StepSettings
     step_fn: Callable  # step.step_function: (inputs, n, kl_tokens, training) -> ((loss, S, kl, anchor), grads)
     bad_steps: int
-    emit: Callable[[ev.Event], None]
-    out: Path
 
     def scoring_batch(
         self, groups: list[Group], rng: random.Random | None = None, orders: list[list[int]] | None = None
