@@ -13,7 +13,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
+from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution
 
@@ -33,7 +35,7 @@ class RunAdapters:
     why: str  # why these adapters, in words
     summary: dict | None  # the iteration's metrics from RUN/state.json
     config_text: str  # RUN/config.yaml as it is
-    config: object  # its TrainConfig
+    config: TrainConfig
     constitution: Constitution | None  # None only when not needed and not found
     constitution_source: str
     iterations: list  # every iteration's summary (RUN/state.json)
@@ -49,7 +51,7 @@ def find_run_adapters(
     """The kept adapters of RUN (RUN/adapters.safetensors), or iteration N's, and the run's (or the
     given) constitution; raises SamiError."""
     from sami_mlx.checkpoints import find_checkpoint
-    from sami_mlx.config import TrainConfig, config_from_file
+    from sami_mlx.config import load_run_config
     from sami_mlx.inputs.constitution import load_constitution
     from sami_mlx.loop.runstate import RunState
     from sami_mlx.loop.trainer import describe_kept
@@ -57,12 +59,8 @@ def find_run_adapters(
     run = Path(run).expanduser()
     if not run.is_dir():
         raise SamiError(f"{run}: no such run directory; pass a run made by `sami-mlx train`")
-    if not (run / "config.yaml").is_file():
-        raise SamiError(f"{run}: no config.yaml there; pass a run directory made by `sami-mlx train`")
+    cfg = load_run_config(run, flag="")
     config_text = (run / "config.yaml").read_text(encoding="utf-8")
-    cfg = TrainConfig(**config_from_file(str(run / "config.yaml")))
-    if not cfg.model:
-        raise SamiError(f"{run / 'config.yaml'}: no model named; is this a run directory?")
     state = RunState.load(run / "state.json") if (run / "state.json").is_file() else RunState()
     if iteration is None:
         if not _has_adapters(run):
@@ -79,6 +77,7 @@ def find_run_adapters(
         if str(iteration) == "base":
             raise SamiError(f"--iteration base: nothing to ship; the base model is {cfg.model}")
         checkpoint = find_checkpoint(run, iteration)
+        assert checkpoint.adapter_path is not None  # only the base checkpoint has none, refused above
         name, path, why = checkpoint.name, checkpoint.adapter_path, "chosen with --iteration"
         number = int(name.removeprefix("iter-"))
         summary = _summary_of(state.iterations, number, None)
@@ -152,8 +151,15 @@ def export_run(
     say = progress or (lambda _: None)
     say(f"fusing {adapters.name} ({adapters.why}) into {adapters.model}")
     try:
-        model, tokenizer, config = load(
-            str(src), adapter_path=str(adapters.adapter_path), return_config=True, trust_remote_code=trust_remote_code
+        # with return_config=True mlx_lm.load returns (model, tokenizer, config); its annotation says two
+        model, tokenizer, config = cast(
+            tuple,
+            load(
+                str(src),
+                adapter_path=str(adapters.adapter_path),
+                return_config=True,
+                trust_remote_code=trust_remote_code,
+            ),
         )
     except Exception as e:
         raise SamiError(
@@ -238,6 +244,7 @@ def model_card(adapters: RunAdapters, dequantized: bool = False, gguf: bool = Fa
     from sami_mlx import __version__
 
     c, s = adapters.constitution, adapters.summary or {}
+    assert c is not None  # export asks find_run_adapters for the constitution (need_constitution)
     base = _hub_id(adapters.model)
     data = ModelCardData(
         base_model=base, library_name="mlx", pipeline_tag="text-generation", tags=["mlx", "sami", "lora"]

@@ -111,7 +111,7 @@ def check_vocabulary(model, tokenizer, config: dict, name: str) -> None:
     logits = model(mx.array([ids]))[0, -1].astype(mx.float32)
     if logits.shape[-1] <= known:
         return
-    mass = mx.softmax(logits)[known:].sum().item()
+    mass = float(mx.softmax(logits)[known:].sum())
     if mass > UNDECODABLE_LIMIT:
         raise SamiError(
             f"--model {name}: the model has {logits.shape[-1]} output rows but its tokenizer decodes only "

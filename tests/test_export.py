@@ -137,6 +137,8 @@ def test_export_and_serve_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path, c
     empty.mkdir()
     shutil.copy(tiny_run / "config.yaml", empty)
     cases.append((["export", str(empty), "--out", str(tmp_path / "o")], "no adapters.safetensors yet"))
+    (tmp_path / "not-a-run").mkdir()
+    cases.append((["export", str(tmp_path / "not-a-run"), "--out", str(tmp_path / "o")], "no config.yaml there"))
     lost = run_copy(tiny_run, tmp_path / "lost", constitution=str(tmp_path / "gone.yaml"))
     cases.append((["export", str(lost), "--out", str(tmp_path / "o")], "pass --constitution FILE"))
     cases.append((["serve", str(lost), "--system-prompt", "constitution"], "pass --constitution FILE"))

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 from http.server import ThreadingHTTPServer
+from typing import Any
 
 from sami_mlx.errors import SamiError
 
@@ -102,7 +103,7 @@ def make_server(settings: argparse.Namespace, system_prompt: str | None = None):
                 self.loaded.set()
 
     fingerprint = get_system_fingerprint()
-    generator = None  # made below, once the port is ours
+    generator: Any = None  # made below, once the port is ours
     try:  # the address family from getaddrinfo, as mlx_lm.server does, so that IPv6 hosts work
         family, _, _, _, address = socket.getaddrinfo(
             settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -173,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code or bool(adapters.config.trust_remote_code),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
-    httpd, generator = make_server(settings, system_prompt(adapters.constitution) if wants_constitution else None)
+    httpd, generator = make_server(
+        settings, system_prompt(adapters.constitution) if wants_constitution and adapters.constitution else None
+    )
     host, port = httpd.server_address[:2]
     print(
         f"serving {adapters.model} + {adapters.name} at http://{host}:{port}/v1 (OpenAI API; system prompt: "

@@ -317,7 +317,11 @@ def cached_dataset_queries(text: str) -> tuple[list[str], int | None, list[Selec
             missing.append(sel)
             count = None if count is None or sel.stop is None else count + sel.stop - sel.start
             continue
-        part = load_dataset_queries(str(sel), fetch=lambda source, split, path=path: path)
+
+        def at_hand(source: DatasetSource, split: str, path: Path = path) -> Path:
+            return path
+
+        part = load_dataset_queries(str(sel), fetch=at_hand)
         queries.extend(part)
         count = None if count is None else count + len(part)
     return queries, count, missing

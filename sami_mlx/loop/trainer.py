@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -247,7 +248,7 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
         model = self.model
         model.eval()
         total_steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
-        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        trainable = sum(v.size for _, v in cast(list, tree_flatten(model.trainable_parameters())))
         if state.checkpoint:
             load_step_state(self.out, state, model, self.optimizer)
         # Every rank has read the run directory before rank 0 writes to it again.
