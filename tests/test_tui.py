@@ -5,6 +5,7 @@ Includes a real SAMI run of the tiny model from the Run screen and a chat with i
 
 import ast
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -453,11 +454,17 @@ async def test_browse_past_runs_from_metrics_and_samples(workdir, past_run):
 # ---- Run screen: the settings form, its YAML file, the live dashboard ---------------------------
 
 
-async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(workdir, constitution_file):
+@contextlib.asynccontextmanager
+async def settings_form(constitution_file):
+    """An app on the tiny model, opened on the Run screen: `(app, pilot, its settings form)`."""
     app = SamiApp(model="models/tiny", constitution=constitution_file.name)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f2")
-        form = app.screen.query_one(SettingsForm)
+        yield app, pilot, app.screen.query_one(SettingsForm)
+
+
+async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(workdir, constitution_file):
+    async with settings_form(constitution_file) as (app, pilot, form):
         await type_into(pilot, "#set-steps", "5")
         await type_into(pilot, "#set-kl_beta", "0.125")
         await type_into(pilot, "#set-stop", "User:, ###")
@@ -513,10 +520,7 @@ async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(w
 
 
 async def test_a_bad_setting_is_marked_in_the_form_and_saving_it_is_refused(workdir, constitution_file):
-    app = SamiApp(model="models/tiny", constitution=constitution_file.name)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f2")
-        form = app.screen.query_one(SettingsForm)
+    async with settings_form(constitution_file) as (app, pilot, form):
         await type_into(pilot, "#set-kl_beta", "-1")
         assert "--kl-beta -1.0: must be between 0 and 1000000.0" in shown(form.query_one("#settings-status"))
         assert form.query_one("#set-kl_beta").has_class("invalid")

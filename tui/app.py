@@ -111,20 +111,8 @@ class SamiApp(App[None]):
         """Quit, but not past unsaved changes or a running run without asking."""
         editor = self.get_screen("constitution", ConstitutionScreen)
         if editor.is_mounted and editor.dirty:
-
-            def answered(choice: str | None) -> None:
-                if choice == "discard" or (choice == "save" and editor.action_save()):
-                    self.quit_after_run()
-
             where = short_path(editor.path) if editor.path else "the new constitution"
-            self.push_screen(
-                ChoiceModal(
-                    "Unsaved changes",
-                    f"Save the changes to {where} before quitting?",
-                    [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")],
-                ),
-                answered,
-            )
+            editor.save_or_discard_then(f"Save the changes to {where} before quitting?", self.quit_after_run)
             return
         self.quit_after_run()
 

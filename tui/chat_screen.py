@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
     from tui.app import SamiApp
 
 FRAME = 1 / 15  # streamed text is redrawn at most 15 times a second
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What the reply worker needs from the controls."""
+
+    checkpoint: Checkpoint
+    constitution: str | None
+    style: PromptStyle
+    temperature: float
+    max_tokens: int
 
 
 class ChatScreen(Screen):
@@ -232,9 +244,9 @@ class ChatScreen(Screen):
             reply.show("", done=False)
         self.generating = True
         self.refresh_bindings()
-        self.reply(sides, {s: list(self.history[s]) for s in sides}, **request)
+        self.reply(sides, {s: list(self.history[s]) for s in sides}, request)
 
-    def request(self) -> dict:
+    def request(self) -> ChatRequest:
         """Everything the worker needs, read from the controls; raises SamiError for a bad one."""
         checkpoint = self.checkpoint()
         if not self.model or checkpoint is None:
@@ -254,61 +266,35 @@ class ChatScreen(Screen):
         except ValueError:
             raise SamiError("temp must be a number and max tokens a whole number") from None
         check_sampling(temperature, max_tokens=max_tokens, names=("temp", "top p", "max tokens"))
-        return {
-            "checkpoint": checkpoint,
-            "constitution": constitution,
-            "style": self.prompt_style,
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-        }
+        return ChatRequest(checkpoint, constitution, self.prompt_style, temperature, max_tokens)
 
     # ---- the worker -----------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="chat")
-    def reply(
-        self,
-        sides: list[str],
-        history: dict[str, list[dict]],
-        checkpoint: Checkpoint,
-        constitution: str | None,
-        style: PromptStyle,
-        temperature: float,
-        max_tokens: int,
-    ) -> None:
+    def reply(self, sides: list[str], history: dict[str, list[dict]], request: ChatRequest) -> None:
         """Load the checkpoint (once) and stream each side's reply, throttled to 15 Hz."""
         worker = get_current_worker()
         try:
-            in_fresh_thread(
-                self._generate, worker, sides, history, checkpoint, constitution, style, temperature, max_tokens
-            )
+            in_fresh_thread(self._generate, worker, sides, history, request)
         except Exception as e:  # a bad adapter, a missing model: shown in the app, not a crash
             self.post_message(self.ChatFailed(e))
         finally:
             self.post_message(self.Status(""))
 
-    def _generate(
-        self,
-        worker,
-        sides: list[str],
-        history: dict[str, list[dict]],
-        checkpoint: Checkpoint,
-        constitution: str | None,
-        style: PromptStyle,
-        temperature: float,
-        max_tokens: int,
-    ) -> None:
+    def _generate(self, worker, sides: list[str], history: dict[str, list[dict]], request: ChatRequest) -> None:
+        checkpoint, max_tokens, temperature = request.checkpoint, request.max_tokens, request.temperature
         models = self.app.chat_models
         with models.lock:
             self.post_message(self.Status(f"loading {checkpoint.name}…"))
             model, tokenizer = models.load(self.model, checkpoint)
-            fmt = PromptFormat.choose(tokenizer, style)
+            fmt = PromptFormat.choose(tokenizer, request.style)
             context = context_length(self.model)
             limit = context - max_tokens if context else None
             for side in sides:
                 who = checkpoint_label(checkpoint) if side == "main" else "base model"
                 self.post_message(self.Status(f"{who} is replying… (escape stops)"))
                 with models.base_of(checkpoint) if side == "base" else nullcontext():
-                    ids = fmt.encode(tokenizer, history[side], constitution, limit)
+                    ids = fmt.encode(tokenizer, history[side], request.constitution, limit)
                     flt, shown = fmt.stop_filter(), 0.0
                     for _ in stream_reply(
                         model, tokenizer, ids, flt, max_tokens, temperature, should_stop=lambda: worker.is_cancelled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -316,26 +317,26 @@ class ConstitutionScreen(Screen):
             except SamiError as e:
                 self.app.report_error(e, "Could not open the constitution")
 
-        def ask_path(answer: str | None = "discard") -> None:
-            if answer == "save" and not self.action_save():
-                return
-            if answer in ("save", "discard"):
-                self.app.push_screen(
-                    PathModal("Open constitution (.yaml or .json)", str(short_path(self.path)) if self.path else ""),
-                    chosen,
-                )
+        def ask_path() -> None:
+            default = str(short_path(self.path)) if self.path else ""
+            self.app.push_screen(PathModal("Open constitution (.yaml or .json)", default), chosen)
 
         if self.dirty:
-            self.app.push_screen(
-                ChoiceModal(
-                    "Unsaved changes",
-                    f"Save the changes to {short_path(self.path) if self.path else 'this constitution'} first?",
-                    [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")],
-                ),
-                ask_path,
-            )
+            where = short_path(self.path) if self.path else "this constitution"
+            self.save_or_discard_then(f"Save the changes to {where} first?", ask_path)
         else:
             ask_path()
+
+    def save_or_discard_then(self, question: str, then: Callable[[], object]) -> None:
+        """Ask `question` about the unsaved changes: `then()` once they are saved or discarded (not when
+        the user cancels, nor when saving fails)."""
+
+        def answered(choice: str | None) -> None:
+            if choice == "discard" or (choice == "save" and self.action_save()):
+                then()
+
+        choices = [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]
+        self.app.push_screen(ChoiceModal("Unsaved changes", question, choices), answered)
 
     # ---- the principle writer -------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sami_mlx.chat import ChatSession, PromptStyle
 from sami_mlx.checkpoints import Checkpoint, find_checkpoint
+from sami_mlx.cli.flags import add_sampling_arguments
 from sami_mlx.config import check_sampling, load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
@@ -37,9 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--run, when the tokenizer has one).",
     )
     parser.add_argument("--no-constitution", action="store_true", help="Start with the constitution off.")
-    parser.add_argument("--max-tokens", type=int, default=256, help="Maximum tokens per reply (default: 256).")
-    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (default: 1).")
+    add_sampling_arguments(parser, 256, "Maximum tokens per reply (default: 256).")
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own Python code to run.")
 

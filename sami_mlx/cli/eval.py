@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sami_mlx import events as ev
+from sami_mlx.cli.flags import add_sampling_arguments
 from sami_mlx.cli.guard import on_interrupt
 from sami_mlx.errors import SamiError
 from sami_mlx.evaluation.judge import DEFAULT_JUDGE_MAX_TOKENS
@@ -29,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="Use only the first N queries.")
     parser.add_argument("--constitution", help="Constitution file (default: the run's, from config.yaml).")
     parser.add_argument("--model", help="The base model, if it moved since training (default: the run's).")
-    parser.add_argument("--max-tokens", type=int, help="Maximum new tokens per response (default: the run's).")
-    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (default: 1).")
+    add_sampling_arguments(parser, None, "Maximum new tokens per response (default: the run's).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for A/B order, variants and sampling (default: 0).")
     parser.add_argument("--batch-size", type=int, help="Sequences decoded together (default: the run's).")
     parser.add_argument(

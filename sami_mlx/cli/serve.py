@@ -10,6 +10,7 @@ import threading
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from sami_mlx.cli.flags import add_sampling_arguments
 from sami_mlx.errors import SamiError
 
 SYSTEM_PROMPTS = ("none", "constitution")
@@ -31,9 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--constitution", help="Constitution file for --system-prompt (default: the run's).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080).")
-    parser.add_argument("--max-tokens", type=int, default=512, help="Default maximum tokens a reply (default: 512).")
-    parser.add_argument("--temperature", type=float, default=0.0, help="Default sampling temperature (default: 0).")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Default nucleus sampling threshold (default: 1).")
+    add_sampling_arguments(
+        parser,
+        512,
+        "Default maximum tokens a reply (default: 512).",
+        temperature_help="Default sampling temperature (default: 0).",
+        top_p_help="Default nucleus sampling threshold (default: 1).",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own Python code to run.")
 
 

@@ -29,7 +29,7 @@ from sami_mlx.loop.heldout import heldout_nll, heldout_perplexity
 from sami_mlx.loop.monitor import KINDS as MONITOR_KINDS
 from sami_mlx.loop.monitor import Answer, Probe, answer_of, answer_stats, drift, mean_nll
 from sami_mlx.loop.parts import LoopParts
-from sami_mlx.loop.rollout import Generation, Group, generate_batch
+from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.runstate import RunState
 from sami_mlx.loop.sampling import derived_seed, variant_from_label
 from sami_mlx.loop.scoring import score_matrix
@@ -78,11 +78,13 @@ class HealthChecks(LoopParts):
     problem: str
     snapshots: dict[str, dict[str, mx.array]]
 
-    if TYPE_CHECKING:  # Sampling's prompts
+    if TYPE_CHECKING:  # Sampling's prompts and sampler
 
         def generation_prompt(self, variant: Variant, query: str) -> list[int]: ...
 
         def plain_prompt(self, query: str) -> list[int]: ...
+
+        def generate(self, prompts: list[list[int]], **hooks) -> list[Generation]: ...
 
     def heldout_ppl(self) -> float:
         """Perplexity of the --heldout text as the model stands; ranks split the texts and add up the losses."""
@@ -137,19 +139,8 @@ class HealthChecks(LoopParts):
 
     def monitor_generate(self, prompts: list[list[int]], seed: int) -> list[Generation]:
         """The monitor's sampling: the run's settings, and a seed that is the same on every rank."""
-        cfg = self.cfg
         mx.random.seed(seed)
-        return generate_batch(
-            self.model,
-            self.tokenizer,
-            prompts,
-            cfg.max_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.stop,
-            cfg.gen_batch_size,
-            should_stop=self.should_stop if self.ranks.size == 1 else None,  # a stop here is not agreed across ranks
-        )
+        return self.generate(prompts)
 
     def heldout_mi(self, probe: Probe, gens: list[Generation]) -> float | None:
         """log N - SAMI loss of the model's own answers to the held-out queries (groups with an empty

@@ -47,6 +47,23 @@ class Sampling(LoopParts):
         template = self.inputs.anchor_template or self.inputs.training_template
         return encode_prompt(self.tokenizer, template.fill("", query), self.cfg.chat_template)
 
+    def generate(self, prompts: list[list[int]], **hooks) -> list[Generation]:
+        """Sample the prompts with the run's settings; `hooks`: generate_batch's on_progress and on_finished."""
+        cfg = self.cfg
+        return generate_batch(
+            self.model,
+            self.tokenizer,
+            prompts,
+            cfg.max_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.stop,
+            cfg.gen_batch_size,
+            **hooks,
+            # A stop inside the sampling is not agreed across ranks: only a single process polls it.
+            should_stop=self.should_stop if self.ranks.size == 1 else None,
+        )
+
     def query_split(self, it: int) -> tuple[int, list[int]]:
         """(split number, its query ids in order): the paper alternates two disjoint halves of the
         training queries; `continue` walks through all of them. Monitor queries are never in a split."""
@@ -205,15 +222,8 @@ class Sampling(LoopParts):
             if len(got) == n:
                 report.complete(slot, [got[j] for j in range(n)])
 
-        gens = generate_batch(
-            self.model,
-            self.tokenizer,
+        gens = self.generate(
             prompts,
-            cfg.max_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.stop,
-            cfg.gen_batch_size,
             # Progress over the iteration's slots; waves that replace dropped groups push the total up.
             on_progress=lambda d, t: self.emit(
                 ev.SamplingProgress(
@@ -223,8 +233,6 @@ class Sampling(LoopParts):
                 )
             ),
             on_finished=finished,
-            # A stop inside the sampling is not agreed across ranks: only a single process polls it.
-            should_stop=self.should_stop if self.ranks.size == 1 else None,
         )
         gens = self.gather_generations(gens, todo)
         for pos, slot in enumerate(todo):  # every rank's groups (and any not reported yet), in slot order
