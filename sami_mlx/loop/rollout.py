@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,10 @@ class DropCounts:
     @property
     def total(self) -> int:
         return self.empty + self.identical + self.banned + self.truncated + self.unfinished
+
+    def as_event_fields(self) -> dict[str, int]:
+        """The counts as SamplesReady's `dropped_<filter>` fields."""
+        return {f"dropped_{name}": count for name, count in dataclasses.asdict(self).items()}
 
 
 @dataclass

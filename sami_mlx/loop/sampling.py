@@ -122,11 +122,7 @@ class Sampling(LoopParts):
             ev.SamplesReady(
                 iteration=it + 1,
                 groups=len(kept),
-                dropped_empty=drops.empty,
-                dropped_identical=drops.identical,
-                dropped_banned=drops.banned,
-                dropped_truncated=drops.truncated,
-                dropped_unfinished=drops.unfinished,
+                **drops.as_event_fields(),
                 mean_length=stats.mean_length,
                 no_eos_rate=stats.no_eos_rate,
                 distinct_2=stats.distinct_2,
