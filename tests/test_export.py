@@ -203,12 +203,14 @@ def test_serve_command_puts_the_constitution_in_a_system_message(tiny_model, tin
                 port = int(found.group(1))
                 break
         assert port, "the server did not start"
+        # Keep reading its log (a request line each), so that a full pipe can never block the server.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
         user = [{"role": "user", "content": "Hello there!"}]
         injected = chat(port, user)
         own = [{"role": "system", "content": "Be terse."}, *user]
         kept = chat(port, own)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
