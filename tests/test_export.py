@@ -194,7 +194,14 @@ def test_server_answers_a_chat_request_with_the_run_adapters(tiny_model, tiny_ru
 def test_serve_command_puts_the_constitution_in_a_system_message(tiny_model, tiny_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "sami_mlx", "serve", str(tiny_run), "--port", "0", "--system-prompt", "constitution"]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C's default action: a test suite started in the background inherits SIGINT ignored.
+    proc = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         port = None
         for line in proc.stderr:

@@ -5,6 +5,7 @@ the groups already sampled stay in RUN/iter-NN/samples.partial.jsonl, and --resu
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -139,7 +140,12 @@ def test_sigint_mid_sampling_loses_no_finished_group(tiny_flags, greedy_model, u
     # steps here), delivered by the process itself so that a loaded machine cannot make it late.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMI_MLX_KILL_AT": "sampling:40:INT"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sami_mlx.train", *flags], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "sami_mlx.train", *flags],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C's default action: a test suite started in the background inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
