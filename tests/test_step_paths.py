@@ -10,7 +10,7 @@ from conftest import randomise_lora_b
 from mlx.utils import tree_flatten
 
 from sami_mlx.inputs.constitution import Variant
-from sami_mlx.loop import scoring
+from sami_mlx.loop import scoring, step
 from sami_mlx.loop.rollout import Generation, Group
 
 
@@ -56,9 +56,9 @@ def step_outputs(loop, groups, **kw):
 
 
 def spy(monkeypatch):
-    """Count calls of the two scoring paths."""
+    """Count calls of the two scoring paths the trainer's step takes."""
     calls = {"shared": 0, "naive": 0}
-    shared, naive = scoring.score_shared_inputs, scoring.score_pairs
+    shared, naive = step.shared_terms, scoring.score_pairs
 
     def count_shared(*a, **k):
         calls["shared"] += 1
@@ -68,7 +68,7 @@ def spy(monkeypatch):
         calls["naive"] += 1
         return naive(*a, **k)
 
-    monkeypatch.setattr(scoring, "score_shared_inputs", count_shared)
+    monkeypatch.setattr(step, "shared_terms", count_shared)
     monkeypatch.setattr(scoring, "score_pairs", count_naive)
     return calls
 
@@ -86,12 +86,12 @@ def assert_same(a, b, tol=1e-4):
 def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(arch_model, make_loop, tmp_path, monkeypatch):
     """llama's make_cache returns plain KVCaches: it must take the shared path, as qwen2 does."""
     calls = spy(monkeypatch)
-    shared = make_loop(arch_model, tmp_path / "s", kl_beta=0.3)
+    shared = make_loop(arch_model, tmp_path / "s", kl_beta=0.3, anchor_beta=0.2)
     assert shared.shared
     got = step_outputs(shared, make_groups())
     assert calls == {"shared": 1, "naive": 0}
 
-    naive = make_loop(arch_model, tmp_path / "n", kl_beta=0.3, scoring="naive")
+    naive = make_loop(arch_model, tmp_path / "n", kl_beta=0.3, anchor_beta=0.2, scoring="naive")
     assert not naive.shared
     assert_same(got, step_outputs(naive, make_groups()))
     assert calls == {"shared": 1, "naive": 1}
@@ -101,6 +101,9 @@ def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(arch_model, m
     b = naive.train_step(make_groups(), random.Random(1))
     assert a.loss == pytest.approx(b.loss, abs=1e-5)
     assert np.abs(np.array(a.scores) - np.array(b.scores)).max() < 1e-4
+    # The shared pass's KL terms (its own diagonal against the base's) equal the naive full-sequence ones.
+    assert a.kl == pytest.approx(b.kl, abs=1e-6) and a.kl > 1e-4
+    assert a.anchor_kl == pytest.approx(b.anchor_kl, abs=1e-6) and a.anchor_kl > 1e-4
     assert calls == {"shared": 2, "naive": 2}
 
 
@@ -137,7 +140,8 @@ def test_bucket_padding_does_not_change_scores(tiny_model):
         exact = scoring.scores_from_inputs(model, scoring.scoring_inputs(batch, shared), 2, shared)
         inputs = scoring.scoring_inputs(batch, shared, bucketed=True)
         padded = scoring.scores_from_inputs(model, inputs, 2, shared)
-        assert max(a.shape[-1] for a in inputs.values() if a.ndim == 2) >= 16  # really padded
+        arrays = [inputs["prompts"], *(c["responses"] for c in inputs["chunks"])] if shared else inputs.values()
+        assert max(a.shape[-1] for a in arrays if a.ndim == 2) >= 16  # really padded
         assert np.abs(np.array(exact) - np.array(padded)).max() < 1e-5
 
 

@@ -67,7 +67,8 @@ def answer_of(gen: Generation, eos: int) -> list[int]:
 def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16) -> float:
     """Per-token negative log-likelihood of the answers after their prompts (prompt tokens excluded)."""
     total, count = 0.0, 0
-    rows = [a for a in answers if a.answer]
+    # By length, so that a batch pads its rows to about the same length (the sum does not care).
+    rows = sorted((a for a in answers if a.answer), key=lambda a: len(a.prompt) + len(a.answer))
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         pairs = build_pairs([[a.prompt] for a in chunk], [[a.answer] for a in chunk])

@@ -2,7 +2,9 @@
 
 Two ways to compute it, with the same values and gradients:
 - `score_shared` (the default) runs each prompt once into a KV cache, repeats the cache to the
-  group's N responses and scores them all against it: N prompt passes instead of N², batched.
+  group's N responses and scores them all against it: N prompt passes instead of N², batched, the
+  responses in a few batches of similar length so that short ones are not padded to the longest.
+  The training step's KL terms come from the same pass (`shared_terms`).
 - `score_naive` runs all N² (prompt, response) sequences as one padded batch; it is the oracle.
 
 Both also take their inputs as a dict of padded arrays (`scoring_inputs`, then `scores_from_inputs`),
@@ -24,6 +26,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+
+from sami_mlx.loop.adapters import adapters_disabled
 
 Ids = list[int]
 
@@ -132,57 +136,138 @@ def score_pairs(model: nn.Module, pairs: PairBatch) -> mx.array:
     return scores_from_logprobs(logp, pairs)
 
 
-def shared_inputs(batch: ScoringBatch, bucketed: bool = False) -> dict[str, mx.array]:
-    """The prefix-shared pass's arrays: the B·N prompts left-padded (row b·N + i) with their padding,
-    and the B·N responses right-padded (row b·N + j) with their lengths."""
+CHUNKS = 4  # the shared pass scores responses in this many groups of similar length
+
+
+def shared_inputs(
+    batch: ScoringBatch, bucketed: bool = False, diagonal: bool = False, anchored: bool = False
+) -> dict[str, Any]:
+    """The prefix-shared pass's arrays. "prompts": the B·N prompts (row b·N + i; with `anchored`, then
+    the B prompts with no constitution, row B·N + b) left-padded, with their "left_padding". The
+    responses, sorted by length, in up to CHUNKS "chunks" padded to their own longest: each holds
+    "responses" and "lengths" (one row per response b·N + j), "rows" (the prompt row of each scoring
+    row: response j under every prompt i of its group), with `diagonal` "diagonal" (each response's
+    own prompt row, and its scoring row among "rows"), with `anchored` "anchors". "order" puts the
+    scores of the chunks back in (b, i, j) order. Sorting wastes few tokens on padding: responses
+    of 3 and 40 tokens no longer run as 40 each."""
+    B, N = batch.shape
     prompts = [list(p) for group in batch.prompts for p in group]
+    if anchored:
+        assert batch.anchors is not None, "a batch built without anchor prompts"
+        prompts += [list(a) for a in batch.anchors]
     responses = [list(r) for group in batch.responses for r in group]
     Lp = max(len(p) for p in prompts)
-    L = max(len(r) for r in responses)
-    if bucketed:
-        Lp, L = bucket(Lp), bucket(L)
+    Lp = bucket(Lp) if bucketed else Lp
     pad = [Lp - len(p) for p in prompts]
+    by_length = sorted(range(B * N), key=lambda r: len(responses[r]))
+    size = -(-len(by_length) // CHUNKS)
+    chunks, flat = [], []
+    for part in (by_length[k : k + size] for k in range(0, len(by_length), size)):
+        L = max(len(responses[r]) for r in part)
+        L = bucket(L) if bucketed else L
+        chunk = {
+            "responses": mx.array([responses[r] + [0] * (L - len(responses[r])) for r in part], dtype=mx.int32),
+            "lengths": mx.array([len(responses[r]) for r in part], dtype=mx.int32),
+            "rows": mx.array([r // N * N + i for r in part for i in range(N)], dtype=mx.int32),
+        }
+        if diagonal:  # response b·N + j was sampled for prompt b·N + j: scoring row k·N + j of the chunk
+            chunk["diagonal"] = mx.array(part, dtype=mx.int32)
+            chunk["diagonal_rows"] = mx.array([k * N + r % N for k, r in enumerate(part)], dtype=mx.int32)
+        if anchored:
+            chunk["anchors"] = mx.array([B * N + r // N for r in part], dtype=mx.int32)
+        chunks.append(chunk)
+        flat += [r // N * N * N + i * N + r % N for r in part for i in range(N)]
     return {
         "prompts": mx.array([[0] * k + p for k, p in zip(pad, prompts)], dtype=mx.int32),
         "left_padding": mx.array(pad, dtype=mx.int32),
-        "responses": mx.array([r + [0] * (L - len(r)) for r in responses], dtype=mx.int32),
-        "lengths": mx.array([len(r) for r in responses], dtype=mx.int32),
+        "chunks": chunks,
+        "order": mx.array(sorted(range(len(flat)), key=flat.__getitem__), dtype=mx.int32),
     }
 
 
 def score_shared(model: nn.Module, batch: ScoringBatch) -> mx.array:
-    """S as [B, N, N]: all B·N prompts run once (left-padded, batched) into a KV cache, which is
-    repeated N times so that each prompt scores its group's N responses in one batched pass."""
+    """S as [B, N, N]: all B·N prompts run once (left-padded, batched) into a KV cache, and each
+    prompt scores its group's N responses against that cache, in batches of similar length."""
     return score_shared_inputs(model, shared_inputs(batch), batch.shape[1])
 
 
-def score_shared_inputs(model: nn.Module, inputs: dict[str, mx.array], n: int) -> mx.array:
+def score_shared_inputs(model: nn.Module, inputs: dict[str, Any], n: int) -> mx.array:
     """`score_shared` on the arrays of `shared_inputs`, for groups of `n` variants."""
-    tokens, pad = inputs["prompts"], inputs["left_padding"]
-    BN, Lp = tokens.shape
-    B, N, L = BN // n, n, inputs["responses"].shape[1]
-    # Any: mlx-lm's caches declare keys and values as None until their first update.
-    cache: list[Any] = [BatchKVCache([0] * BN) for _ in make_prompt_cache(model)]
-    for c in cache:  # allocate exactly what is needed, not generation's 256-token blocks
-        c.step = Lp
-        c.left_padding, c.offset = pad, -pad
-    # Left padding: every prompt ends at the last position, whose logits predict response token 0.
-    last = model(tokens, cache=cache)[:, -1:, :]
-    for c in cache:  # row (b, i) -> rows (b, i, j) for the N responses j
-        c.keys = mx.repeat(c.keys[..., : c._idx, :], N, axis=0)
-        c.values = mx.repeat(c.values[..., : c._idx, :], N, axis=0)
-        c.offset = mx.repeat(c.offset, N)
-        c.left_padding = mx.repeat(c.left_padding, N)
-        c.step = max(L - 1, 1)
-    # Row (b, i, j) scores response (b, j): the group's N responses repeat for each of its N prompts.
-    resp = mx.broadcast_to(inputs["responses"].reshape(B, 1, N, L), (B, N, N, L)).reshape(B * N * N, L)
-    lengths = mx.broadcast_to(inputs["lengths"].reshape(B, 1, N), (B, N, N)).reshape(-1)
-    mask = (mx.arange(L)[None, :] < lengths[:, None]).astype(mx.float32)
-    logits = mx.repeat(last, N, axis=0)
-    if L > 1:  # right padding at the end of a response is harmless under the causal mask
-        logits = mx.concatenate([logits, model(resp[:, :-1], cache=cache)], axis=1)
-    logp = -nn.losses.cross_entropy(logits.astype(mx.float32), resp)
-    return ((logp * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1)).reshape(B, N, N)
+    return shared_terms(model, inputs, n)[0]
+
+
+@dataclass
+class Prefill:
+    """Prompts run once: the logits at their last position and each layer's keys and values."""
+
+    last: mx.array  # [P, 1, V]
+    kv: list[tuple[mx.array, mx.array]]
+    left_padding: mx.array  # [P]
+
+    @classmethod
+    def run(cls, model: nn.Module, tokens: mx.array, left_padding: mx.array) -> Prefill:
+        P, Lp = tokens.shape
+        # Any: mlx-lm's caches declare keys and values as None until their first update.
+        cache: list[Any] = [BatchKVCache([0] * P) for _ in make_prompt_cache(model)]
+        for c in cache:  # allocate exactly what is needed, not generation's 256-token blocks
+            c.step = Lp
+            c.left_padding, c.offset = left_padding, -left_padding
+        # Left padding: every prompt ends at the last position, whose logits predict response token 0.
+        last = model(tokens, cache=cache)[:, -1:, :]
+        return cls(last, [(c.keys[..., : c._idx, :], c.values[..., : c._idx, :]) for c in cache], left_padding)
+
+    def continue_with(self, model: nn.Module, rows: mx.array, responses: mx.array) -> mx.array:
+        """Float32 logits [R, L, V] predicting each of `responses` (right-padded [R, L]) after prompt
+        `rows[r]`; right padding at the end of a response is harmless under the causal mask."""
+        L, Lp = responses.shape[1], self.kv[0][0].shape[2]
+        logits = mx.take(self.last, rows, axis=0)
+        if L > 1:
+            cache: list[Any] = []
+            for keys, values in self.kv:
+                c = BatchKVCache([0] * rows.shape[0])
+                c.keys, c.values = mx.take(keys, rows, axis=0), mx.take(values, rows, axis=0)
+                c._idx, c.step = Lp, L - 1
+                c.left_padding = mx.take(self.left_padding, rows)
+                c.offset = Lp - c.left_padding
+                cache.append(c)
+            logits = mx.concatenate([logits, model(responses[:, :-1], cache=cache)], axis=1)
+        return logits.astype(mx.float32)
+
+
+def shared_terms(model: nn.Module, inputs: dict[str, Any], n: int) -> tuple[mx.array, mx.array | None, mx.array | None]:
+    """(S [B, N, N], KL sum, anchor KL sum) from `shared_inputs`' arrays: each KL term is summed over
+    the response tokens (None when the inputs were built without it). The KL's policy side is the
+    scoring pass's own diagonal; the base (adapters off) runs the same prompts and responses."""
+    chunks = inputs["chunks"]
+    policy = Prefill.run(model, inputs["prompts"], inputs["left_padding"])
+    kl_on, anchor_on = "diagonal" in chunks[0], "anchors" in chunks[0]
+    base = None
+    if kl_on or anchor_on:
+        with adapters_disabled(model):
+            base = Prefill.run(model, inputs["prompts"], inputs["left_padding"])
+    scores, kl, anchor = [], mx.array(0.0), mx.array(0.0)
+    for chunk in chunks:
+        resp, m = chunk["responses"], chunk["responses"].shape[0]
+        mask = (mx.arange(resp.shape[1])[None, :] < chunk["lengths"][:, None]).astype(mx.float32)
+        rows, repeated = chunk["rows"], mx.repeat(resp, n, axis=0)  # row k·N + i: response k under prompt i
+        if anchor_on:
+            rows, repeated = mx.concatenate([rows, chunk["anchors"]]), mx.concatenate([repeated, resp])
+        logits = policy.continue_with(model, rows, repeated)
+        logp = -nn.losses.cross_entropy(logits[: m * n], repeated[: m * n])
+        row_mask = mx.repeat(mask, n, axis=0)
+        scores.append((logp * row_mask).sum(axis=1) / mx.maximum(row_mask.sum(axis=1), 1))
+        if base is None:
+            continue
+        base_rows = [chunk[k] for k, on in (("diagonal", kl_on), ("anchors", anchor_on)) if on]
+        with adapters_disabled(model):
+            base_logits = base.continue_with(model, mx.concatenate(base_rows), mx.concatenate([resp] * len(base_rows)))
+        base_logits = mx.stop_gradient(base_logits)
+        if kl_on:
+            kl = kl + kl_sum(mx.take(logits, chunk["diagonal_rows"], axis=0), base_logits[:m], mask)
+        if anchor_on:
+            anchor = anchor + kl_sum(logits[m * n :], base_logits[-m:], mask)
+    S = mx.take(mx.concatenate(scores), inputs["order"]).reshape(-1, n, n)
+    return S, kl if kl_on else None, anchor if anchor_on else None
 
 
 def shared_scoring_supported(model: nn.Module) -> bool:
@@ -193,12 +278,12 @@ def shared_scoring_supported(model: nn.Module) -> bool:
     return bool(caches) and all(type(c) is KVCache for c in caches)
 
 
-def scoring_inputs(batch: ScoringBatch, shared: bool, bucketed: bool = False) -> dict[str, mx.array]:
+def scoring_inputs(batch: ScoringBatch, shared: bool, bucketed: bool = False) -> dict[str, Any]:
     """The arrays `scores_from_inputs` takes: the shared pass's or the naive batch's."""
     return shared_inputs(batch, bucketed) if shared else batch.pairs(bucketed).arrays()
 
 
-def scores_from_inputs(model: nn.Module, inputs: dict[str, mx.array], n: int, shared: bool) -> mx.array:
+def scores_from_inputs(model: nn.Module, inputs: dict[str, Any], n: int, shared: bool) -> mx.array:
     """S as [B, N, N] from `scoring_inputs`' arrays (`shared` as they were built)."""
     if shared:
         return score_shared_inputs(model, inputs, n)
@@ -218,7 +303,12 @@ def kl_to_base(
 ) -> mx.array:
     """Per-token KL(pi || pi_base) summed over masked positions and divided by `tokens` (default:
     their count, the mean); a part of a bigger batch passes the whole batch's count."""
+    total = kl_sum(logits, base_logits, mask)
+    return total / (mx.maximum(mask.sum(), 1) if tokens is None else mx.maximum(tokens, 1))
+
+
+def kl_sum(logits: mx.array, base_logits: mx.array, mask: mx.array) -> mx.array:
+    """Per-token KL(pi || pi_base) summed over the positions where `mask` is 1."""
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     base = base_logits - mx.logsumexp(base_logits, axis=-1, keepdims=True)
-    kl = (mx.exp(logp) * (logp - base)).sum(axis=-1)
-    return (kl * mask).sum() / (mx.maximum(mask.sum(), 1) if tokens is None else mx.maximum(tokens, 1))
+    return ((mx.exp(logp) * (logp - base)).sum(axis=-1) * mask).sum()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,12 +16,13 @@ from sami_mlx.loop.scoring import (
     ScoringBatch,
     kl_to_base,
     scores_from_inputs,
-    scoring_inputs,
+    shared_inputs,
+    shared_terms,
     token_logprobs,
 )
 from sami_mlx.objective import sami_loss
 
-StepInputs = dict[str, dict[str, mx.array]]
+StepInputs = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,11 @@ class StepSettings:
 
 
 def step_inputs(batch: ScoringBatch, settings: StepSettings) -> StepInputs:
-    """The padded arrays one micro-batch's loss reads."""
-    inputs = {"scores": scoring_inputs(batch, settings.shared, settings.bucketed)}
+    """The padded arrays one micro-batch's loss reads (the shared pass's carry the KL terms' too)."""
+    kl, anchor = settings.kl_beta > 0, settings.anchor_beta > 0
+    if settings.shared:
+        return {"scores": shared_inputs(batch, settings.bucketed, diagonal=kl, anchored=anchor)}
+    inputs = {"scores": batch.pairs(settings.bucketed).arrays()}
     if settings.kl_beta > 0:
         inputs["diagonal"] = batch.diagonal(settings.bucketed).arrays()
     if settings.anchor_beta > 0:
@@ -48,7 +53,13 @@ def step_loss(
 ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """(loss, S, kl, anchor kl): the SAMI loss of the score matrices S plus the weighted KL terms, each
     KL summed over the response tokens and divided by `kl_tokens`."""
-    S = scores_from_inputs(model, inputs["scores"], n, settings.shared)
+    if settings.shared:
+        S, kl_total, anchor_total = shared_terms(model, inputs["scores"], n)
+        loss, zero, tokens = sami_loss(S), mx.array(0.0), mx.maximum(kl_tokens, 1)
+        kl = zero if kl_total is None else kl_total / tokens
+        anchor = zero if anchor_total is None else anchor_total / tokens
+        return loss + settings.kl_beta * kl + settings.anchor_beta * anchor, S, kl, anchor
+    S = scores_from_inputs(model, inputs["scores"], n, shared=False)
     loss = sami_loss(S)
     kl = anchor = mx.array(0.0)
     if settings.kl_beta > 0:

@@ -51,13 +51,16 @@ def evaluate(
     world=toyworld,
     stop: Sequence[str] = ("Human:",),
     temperature: float = 1.0,
+    batch_size: int = 32,
 ) -> Evaluation:
     """Sample (at temperature 1 unless told) under every variant of `constitution` and check each reply."""
     variants = [Variant(s) for s in itertools.product((True, False), repeat=len(constitution.principles))]
     pairs = [(q, v) for q in queries for v in variants]
     prompts = [tokenizer.encode(world.TEMPLATE.fill(constitution.render(v), q)) for q, v in pairs]
     mx.random.seed(seed)
-    gens = generate_batch(model, tokenizer, prompts, max_tokens, temperature=temperature, stop_strings=list(stop))
+    gens = generate_batch(
+        model, tokenizer, prompts, max_tokens, temperature=temperature, stop_strings=list(stop), batch_size=batch_size
+    )
     texts = [g.text for g in gens]
     return Evaluation(
         constitution,
@@ -138,18 +141,22 @@ def run_demo(
     trained = world.sub_constitution(settings["train_principles"])
     eval_queries = world.queries(settings["eval_queries"], seed + 104729)
     max_tokens, stop = sami.get("max_tokens", 40), sami.get("stop", ["Human:"])
-    before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed, world, stop)
-    after = evaluate(result.model, tokenizer, trained, eval_queries, max_tokens, seed, world, stop)
-    greedy_before = evaluate(base, tokenizer, trained, eval_queries, max_tokens, seed, world, stop, temperature=0.0)
-    greedy_after = evaluate(
-        result.model, tokenizer, trained, eval_queries, max_tokens, seed, world, stop, temperature=0.0
-    )
+
+    def sample(model, constitution, queries, seed, temperature=1.0):
+        return evaluate(
+            model, tokenizer, constitution, queries, max_tokens, seed, world, stop, temperature, cfg.gen_batch_size
+        )
+
+    before = sample(base, trained, eval_queries, seed)
+    after = sample(result.model, trained, eval_queries, seed)
+    greedy_before = sample(base, trained, eval_queries, seed, temperature=0.0)
+    greedy_after = sample(result.model, trained, eval_queries, seed, temperature=0.0)
     emit(ev.StageProgress("evaluating", 1, 2))
     # The held-out principle never appeared in training prompts; it is shown only at evaluation.
     full = world.sub_constitution([*settings["train_principles"], settings["heldout_principle"]])
     h_queries = world.queries(settings["heldout_eval_queries"], seed + 1299709)
-    h_before = evaluate(base, tokenizer, full, h_queries, max_tokens, seed + 1, world, stop)
-    h_after = evaluate(result.model, tokenizer, full, h_queries, max_tokens, seed + 1, world, stop)
+    h_before = sample(base, full, h_queries, seed + 1)
+    h_after = sample(result.model, full, h_queries, seed + 1)
     emit(ev.StageProgress("evaluating", 2, 2))
 
     texts = load_heldout(paths["heldout"])
