@@ -265,11 +265,19 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     else:
         kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
     training: float = kept + g * (logits + caches)
-    # The KL terms run N sequences once more, with and without adapters (counted at full prompt length):
-    # the logits of both passes, and the activations the policy pass keeps for the backward pass.
-    kl_tokens = (run.kl + run.anchor) * g * N * (P + R)
     kl_kept = adapted * (CHECKPOINT_KEPT * h * a if run.grad_checkpoint else per_token_layer)
-    training += kl_tokens * (V * (a + LOGIT_BYTES) * 2 + kl_kept)
+    if run.naive:
+        # The KL terms run N sequences once more, with and without adapters (counted at full prompt
+        # length): the logits of both passes, and the activations the policy pass keeps for the backward.
+        kl_tokens = (run.kl + run.anchor) * g * N * (P + R)
+        training += kl_tokens * (V * (a + LOGIT_BYTES) * 2 + kl_kept)
+    else:
+        # The shared pass takes the KL's policy side from its own diagonal; the base (adapters off) runs
+        # the prompts once into caches and the N responses after them, and the anchor's N responses run
+        # once more with adapters (their activations kept for the backward pass).
+        base_rows = (run.kl + run.anchor) * g * N * R
+        training += base_rows * V * (a + LOGIT_BYTES) + (run.kl or run.anchor) * g * N * (P + R) * kv_token
+        training += run.anchor * g * N * R * (V * (a + LOGIT_BYTES) + kl_kept)
     prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
     sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
     if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32

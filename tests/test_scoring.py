@@ -130,3 +130,22 @@ def test_count_eos_adds_one_scored_token(loaded):
     plain = build_pairs(prompts, [[[50, 51], [60]]])
     with_eos = build_pairs(prompts, [[[50, 51, tok.eos_token_id], [60, tok.eos_token_id]]])
     assert (with_eos.mask.sum(axis=1) - plain.mask.sum(axis=1)).tolist() == [1, 1, 1, 1]
+
+
+def test_shared_pass_pads_each_length_group_to_its_own_longest(loaded):
+    """Responses are scored in groups of similar length: two 40-token replies do not make the six
+    2-token replies of the same step run as 40 tokens, and the scores still equal the naive oracle's."""
+    from sami_mlx.loop.scoring import length_groups, shared_inputs
+
+    model, tok = loaded
+    rng = np.random.default_rng(3)
+    lengths = [2, 40, 2, 2, 2, 40, 2, 2]  # one group of eight variants
+    responses = [[[int(t) for t in rng.integers(5, 300, n)] for n in lengths]]
+    prompts = [[tok.encode(f"{k}. Be brief.\nHuman: hi\nAssistant:") for k in range(8)]]
+    batch = ScoringBatch(prompts, responses)
+    inputs = shared_inputs(batch)
+    assert sorted(c["responses"].shape[1] for c in inputs["chunks"]) == [2, 40]
+    # Equal lengths make one batch; groups split only where the lengths jump.
+    assert length_groups([16] * 8) == [list(range(8))]
+    assert [len(g) for g in length_groups([3, 4, 8, 9, 20, 21, 40, 40])] == [2, 2, 2, 2]
+    assert np.abs(np.array(score_shared(model, batch)) - np.array(score_naive(model, batch))).max() < 1e-4

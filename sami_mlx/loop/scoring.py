@@ -136,7 +136,23 @@ def score_pairs(model: nn.Module, pairs: PairBatch) -> mx.array:
     return scores_from_logprobs(logp, pairs)
 
 
-CHUNKS = 4  # the shared pass scores responses in this many groups of similar length
+CHUNKS = 4  # the shared pass scores responses in at most this many groups of similar length
+MERGE = 1.25  # ... and runs two neighbouring groups as one when the longer is at most this much longer
+
+
+def length_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of `lengths` sorted by length, in up to CHUNKS groups of equal count; neighbours whose
+    longest lengths are within MERGE of each other run as one (one bigger batch beats two that would
+    save little padding, and equal lengths make one group, as before sorting)."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    size = -(-len(order) // CHUNKS)
+    groups: list[list[int]] = []
+    for part in (order[k : k + size] for k in range(0, len(order), size)):
+        if groups and lengths[part[-1]] <= MERGE * lengths[groups[-1][-1]]:
+            groups[-1] += part
+        else:
+            groups.append(part)
+    return groups
 
 
 def shared_inputs(
@@ -148,8 +164,8 @@ def shared_inputs(
     "responses" and "lengths" (one row per response b·N + j), "rows" (the prompt row of each scoring
     row: response j under every prompt i of its group), with `diagonal` "diagonal" (each response's
     own prompt row, and its scoring row among "rows"), with `anchored` "anchors". "order" puts the
-    scores of the chunks back in (b, i, j) order. Sorting wastes few tokens on padding: responses
-    of 3 and 40 tokens no longer run as 40 each."""
+    scores of the chunks back in (b, i, j) order. Grouping by length wastes few tokens on padding:
+    responses of 3 and 40 tokens no longer run as 40 each (`length_groups`)."""
     B, N = batch.shape
     prompts = [list(p) for group in batch.prompts for p in group]
     if anchored:
@@ -159,10 +175,8 @@ def shared_inputs(
     Lp = max(len(p) for p in prompts)
     Lp = bucket(Lp) if bucketed else Lp
     pad = [Lp - len(p) for p in prompts]
-    by_length = sorted(range(B * N), key=lambda r: len(responses[r]))
-    size = -(-len(by_length) // CHUNKS)
     chunks, flat = [], []
-    for part in (by_length[k : k + size] for k in range(0, len(by_length), size)):
+    for part in length_groups([len(r) for r in responses]):
         L = max(len(responses[r]) for r in part)
         L = bucket(L) if bucketed else L
         chunk = {
