@@ -147,3 +147,38 @@ def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
     # The run went through the engine: the usual run directory, loadable by mlx-lm.
     assert (tmp_path / "run" / "iter-03" / "adapters.safetensors").exists()
     assert list((tmp_path / "cache" / "models").glob("toy-world-*/model.safetensors"))
+
+
+def test_pretraining_loss_reads_only_the_reply_and_matches_mlx_lm():
+    """The toy model's loss runs only reply positions through the output layer, and equals mlx-lm's
+    `default_loss` with the reply masked in (the loss it replaced)."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.trainer import default_loss
+
+    from sami_mlx.toy.pretrain import batch_arrays, reply_loss
+
+    config = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    config |= dict(num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50)
+    config |= dict(rope_theta=10000.0, tie_word_embeddings=True)
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    rows = [(4, [1, 5, 6, 7, 8, 9, 2]), (2, [1, 5, 10, 11, 12, 13, 14, 2]), (6, [1, 3, 4, 5, 6, 7, 30, 2])]
+    ids, positions, mask = batch_arrays(rows)
+    assert positions.shape == (3, 6) and mask.sum().item() == 3 + 6 + 2  # each reply and its EOS
+    lengths = mx.array([[start, len(ids_) - 1] for start, ids_ in rows])
+    expected, _ = default_loss(model, ids, lengths)
+    assert reply_loss(model, ids, positions, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pretraining_batches_group_lengths_and_cover_every_document_once_an_epoch():
+    import random
+
+    from sami_mlx.toy.pretrain import GROUP, batch_plan
+
+    rng = random.Random(0)
+    docs = [(1, [0] * rng.randint(10, 80)) for _ in range(32 * GROUP)]
+    plan = batch_plan(docs, 32, GROUP, random.Random(1))
+    assert sorted(i for batch in plan for i in batch) == list(range(len(docs)))  # one epoch, each once
+    spread = [max(len(docs[i][1]) for i in b) - min(len(docs[i][1]) for i in b) for b in plan]
+    assert max(spread) < 20  # random batches of 32 from 10..80 would spread over ~60

@@ -9,19 +9,18 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.trainer import default_loss
 
 from sami_mlx.toy import world as toyworld
 from sami_mlx.toy.markerworld import MarkerWorld
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
+BUILD = 2  # bump when the training changes: cached toy models are keyed on it
 
 
 def cache_dir() -> Path:
@@ -42,7 +41,7 @@ def world_of(recipe: dict):
 
 def recipe_key(recipe: dict) -> str:
     """Cache key: the recipe and the version of the world that generates its corpus."""
-    keyed = {"recipe": recipe, "world": world_of(recipe).VERSION}
+    keyed = {"recipe": recipe, "world": world_of(recipe).VERSION, "build": BUILD}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -100,26 +99,50 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path, specials: list
     return tok
 
 
-def _batches(docs: list[tuple[int, list[int]]], size: int, count: int, rng: random.Random):
-    """`count` padded batches drawn by shuffled epochs, with (reply start, last target) per row."""
+GROUP = 8  # batches drawn together and sorted by length, so that a batch pads little
+
+
+def batch_plan(docs: list[tuple[int, list[int]]], size: int, count: int, rng: random.Random) -> list[list[int]]:
+    """`count` batches of `size` document indices, drawn by shuffled epochs: GROUP batches' worth at a
+    time, sorted by length and cut into batches (in shuffled order), so that rows of a batch have
+    about the same length and little compute goes to padding."""
     order: list[int] = []
-    for _ in range(count):
-        if len(order) < size:
+    plan: list[list[int]] = []
+    while len(plan) < count:
+        if len(order) < size * GROUP:
             order = list(range(len(docs)))
             rng.shuffle(order)
-        idx, order = order[:size], order[size:]
-        rows = [docs[i] for i in idx]
-        L = max(len(ids) for _, ids in rows)
-        yield (
-            mx.array([ids + [0] * (L - len(ids)) for _, ids in rows]),
-            mx.array([[start, len(ids) - 1] for start, ids in rows]),
-        )
+        drawn, order = sorted(order[: size * GROUP], key=lambda i: len(docs[i][1])), order[size * GROUP :]
+        batches = [drawn[k : k + size] for k in range(0, len(drawn), size)]
+        rng.shuffle(batches)
+        plan += batches
+    return plan[:count]
+
+
+def batch_arrays(rows: list[tuple[int, list[int]]]) -> tuple[mx.array, mx.array, mx.array]:
+    """(ids [B, L], positions [B, R], mask [B, R]): the padded rows, and for each row the positions
+    whose next token is a reply token (the reply and its EOS), as many as the longest reply has."""
+    L = max(len(ids) for _, ids in rows)
+    R = max(len(ids) - start for start, ids in rows)
+    padded = mx.array([ids + [0] * (L - len(ids)) for _, ids in rows])
+    # Position t predicts token t + 1: a reply starting at `start` is predicted from start - 1 on.
+    positions = mx.array([[min(start - 1 + k, L - 2) for k in range(R)] for start, _ in rows])
+    mask = mx.array([[float(k < len(ids) - start) for k in range(R)] for start, ids in rows])
+    return padded, positions, mask
+
+
+def reply_loss(model: nn.Module, ids: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    """Mean cross-entropy of the reply tokens: the constitution and query
+    are given, not predicted, so the model spends its capacity on how replies depend on them (the
+    latent link SAMI amplifies). Only the reply positions go through the output layer."""
+    hidden = mx.take_along_axis(model.model(ids[:, :-1]), positions[..., None], axis=1)
+    logits = model.model.embed_tokens.as_linear(hidden)  # the toy model ties its embeddings
+    targets = mx.take_along_axis(ids[:, 1:], positions, axis=1)
+    return (nn.losses.cross_entropy(logits, targets) * mask).sum() / mask.sum()
 
 
 def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
     """Generate the corpus, train tokenizer and model, and write an mlx_lm.load-able directory."""
-    from mlx_lm.models import llama
-
     out.mkdir(parents=True, exist_ok=True)
     seed = recipe["seed"]
     world = world_of(recipe)
@@ -131,11 +154,12 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
         (recipe["steps"] - recipe["curriculum"]["steps"], world.WorldSpec(**recipe.get("world", {}))),
     ]
     per_step = recipe["documents"] / recipe["steps"]
+    bs = recipe["batch_size"]
+    rng = random.Random(f"batches-{seed}")
     pairs = [world.corpus(max(1, round(n * per_step)), f"{seed}-{k}", spec) for k, (n, spec) in enumerate(phases)]
     tok = train_tokenizer([p + r for part in pairs for p, r in part], recipe["vocab_size"], out)
     eos = tok.token_to_id("</s>")
-    # The loss covers replies only: the constitution and query are given, not predicted, so the
-    # model spends its capacity on how replies depend on them (the latent link SAMI amplifies).
+    # (reply start, ids): the loss covers the reply only (reply_loss).
     data = [[(len(tok.encode(p).ids), tok.encode(p + r).ids + [eos]) for p, r in part] for part in pairs]
     config = {
         "model_type": "llama",
@@ -152,39 +176,39 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
         "bos_token_id": tok.token_to_id("<s>"),
         "eos_token_id": eos,
     }
-    mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    steps, bs = recipe["steps"], recipe["batch_size"]
-    schedule = optim.join_schedules(
-        [
-            optim.linear_schedule(0.0, recipe["learning_rate"], recipe["warmup"]),
-            optim.cosine_decay(recipe["learning_rate"], steps - recipe["warmup"], recipe["learning_rate"] * 0.05),
-        ],
-        [recipe["warmup"]],
-    )
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
-    loss_and_grad = nn.value_and_grad(model, default_loss)
-
-    state = [model.state, optimizer.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, lengths):
-        (loss, _), grads = loss_and_grad(model, batch, lengths)
-        optimizer.update(model, grads)
-        return loss
-
-    rng = random.Random(f"batches-{seed}")
-    n = 0
-    for (phase_steps, _), docs in zip(phases, data):
-        for batch, lengths in _batches(docs, bs, phase_steps, rng):
-            loss = step(batch, lengths)
-            mx.eval(loss, state)
-            n += 1
-            if on_progress and (n % 20 == 0 or n == steps):
-                on_progress(n, steps, loss.item())
-    if not math.isfinite(loss.item()):
+    plan = [(k, idx) for k, ((n, _), docs) in enumerate(zip(phases, data)) for idx in batch_plan(docs, bs, n, rng)]
+    trainer = Pretrainer(config, recipe)
+    for n, (k, idx) in enumerate(plan, 1):
+        loss = trainer.step([data[k][i] for i in idx])
+        if on_progress and (n % 20 == 0 or n == len(plan)):
+            on_progress(n, len(plan), loss)
+    model = trainer.model
+    if not math.isfinite(loss):
         raise RuntimeError("toy model pretraining diverged; lower the recipe's learning_rate")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
     return out
+
+
+class Pretrainer:
+    """The toy model and its optimizer, deterministic from the recipe's seed."""
+
+    def __init__(self, config: dict, recipe: dict):
+        from mlx_lm.models import llama
+
+        mx.random.seed(recipe["seed"])
+        self.model = llama.Model(llama.ModelArgs.from_dict(config))
+        steps, lr, warmup = recipe["steps"], recipe["learning_rate"], recipe["warmup"]
+        schedule = optim.join_schedules(
+            [optim.linear_schedule(0.0, lr, warmup), optim.cosine_decay(lr, steps - warmup, lr * 0.05)], [warmup]
+        )
+        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+        self.loss_and_grad = nn.value_and_grad(self.model, reply_loss)
+
+    def step(self, rows: list[tuple[int, list[int]]]) -> float:
+        """One optimizer step on the reply loss of `rows` (reply start, ids); returns the loss."""
+        loss, grads = self.loss_and_grad(self.model, *batch_arrays(rows))
+        self.optimizer.update(self.model, grads)
+        mx.eval(loss, self.model.parameters(), self.optimizer.state)
+        return loss.item()
