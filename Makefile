@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 PRELOAD := $(shell [ -f $(OPENBLAS) ] && echo LD_PRELOAD=$(OPENBLAS))
 RUN := $(PRELOAD) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2}
@@ -13,13 +14,18 @@ RUN := $(PRELOAD) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2}
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The project alone (what `make demo` and `make bench` need), then the test tools on top.
+$(BASE): pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	@if [ "$$(uname -s)" = Linux ] && [ ! -f $(OPENBLAS) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1 \
 		|| echo "note: OpenBLAS not installed; tests run on MLX's reference BLAS (slower)"; fi
+	@touch $(BASE)
+
+$(STAMP): $(BASE)
+	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -35,7 +41,7 @@ _checks:
 	$(VENV)/bin/mypy sami_mlx tui
 	$(VENV)/bin/lint-imports
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(MAKE) --no-print-directory _demo
 
 _demo:
@@ -43,10 +49,10 @@ _demo:
 
 # Ratio benchmarks against mlx-lm's own functions (see docs/PERFORMANCE.md).
 # `make bench` adds the CPU upcast and the 7B-width memory check (a few minutes more).
-bench: $(STAMP)
+bench: $(BASE)
 	$(MAKE) --no-print-directory _bench SIZES="tiny 100m" EXTRA="cpu_upcast memory"
 
-bench-quick: $(STAMP)
+bench-quick: $(BASE)
 	$(MAKE) --no-print-directory _bench SIZES=tiny EXTRA=
 
 _bench:
