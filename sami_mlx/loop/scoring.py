@@ -238,7 +238,7 @@ class Prefill:
         if L > 1:
             cache: list[Any] = []
             for keys, values in self.kv:
-                c = BatchKVCache([0] * rows.shape[0])
+                c: Any = BatchKVCache([0] * rows.shape[0])  # keys and values are declared None until set
                 c.keys, c.values = mx.take(keys, rows, axis=0), mx.take(values, rows, axis=0)
                 c._idx, c.step = Lp, L - 1
                 c.left_padding = mx.take(self.left_padding, rows)
