@@ -143,6 +143,8 @@ def reply_loss(model: nn.Module, ids: mx.array, positions: mx.array, mask: mx.ar
 
 def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
     """Generate the corpus, train tokenizer and model, and write an mlx_lm.load-able directory."""
+    from mlx_lm.models import llama
+
     out.mkdir(parents=True, exist_ok=True)
     seed = recipe["seed"]
     world = world_of(recipe)
@@ -177,38 +179,23 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
         "eos_token_id": eos,
     }
     plan = [(k, idx) for k, ((n, _), docs) in enumerate(zip(phases, data)) for idx in batch_plan(docs, bs, n, rng)]
-    trainer = Pretrainer(config, recipe)
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    lr, warmup = recipe["learning_rate"], recipe["warmup"]
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(0.0, lr, warmup), optim.cosine_decay(lr, len(plan) - warmup, lr * 0.05)], [warmup]
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    loss_and_grad = nn.value_and_grad(model, reply_loss)
     for n, (k, idx) in enumerate(plan, 1):
-        loss = trainer.step([data[k][i] for i in idx])
+        loss, grads = loss_and_grad(model, *batch_arrays([data[k][i] for i in idx]))
+        optimizer.update(model, grads)
+        mx.eval(loss, model.parameters(), optimizer.state)
         if on_progress and (n % 20 == 0 or n == len(plan)):
-            on_progress(n, len(plan), loss)
-    model = trainer.model
-    if not math.isfinite(loss):
+            on_progress(n, len(plan), loss.item())
+    if not math.isfinite(loss.item()):
         raise RuntimeError("toy model pretraining diverged; lower the recipe's learning_rate")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
     return out
-
-
-class Pretrainer:
-    """The toy model and its optimizer, deterministic from the recipe's seed."""
-
-    def __init__(self, config: dict, recipe: dict):
-        from mlx_lm.models import llama
-
-        mx.random.seed(recipe["seed"])
-        self.model = llama.Model(llama.ModelArgs.from_dict(config))
-        steps, lr, warmup = recipe["steps"], recipe["learning_rate"], recipe["warmup"]
-        schedule = optim.join_schedules(
-            [optim.linear_schedule(0.0, lr, warmup), optim.cosine_decay(lr, steps - warmup, lr * 0.05)], [warmup]
-        )
-        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
-        self.loss_and_grad = nn.value_and_grad(self.model, reply_loss)
-
-    def step(self, rows: list[tuple[int, list[int]]]) -> float:
-        """One optimizer step on the reply loss of `rows` (reply start, ids); returns the loss."""
-        loss, grads = self.loss_and_grad(self.model, *batch_arrays(rows))
-        self.optimizer.update(self.model, grads)
-        mx.eval(loss, self.model.parameters(), self.optimizer.state)
-        return loss.item()
