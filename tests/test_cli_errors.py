@@ -227,15 +227,17 @@ def test_in_process_main_returns_2_with_one_line(tmp_path, tiny_flags, capsys):
     assert all(line.startswith("error: ") and "nope.yaml" in line for line in err)
 
 
-# Ctrl-C in a command with no run to resume: one line saying what was not written, exit code 130.
+# Ctrl-C: one line saying what was not written, or how to go on; exit code 130.
 INTERRUPTED = {
     "eval": ("--run r --queries q.txt", "sami_mlx.evaluation.run_setup.load_run_setup", "no results written"),
     "write": ("--task t --writer w --out p.yaml", "sami_mlx.model.load_model", "nothing written"),
+    "export": ("r --out o", "sami_mlx.export.find_run_adapters", "nothing written"),
+    "train": ("--resume r", "sami_mlx.cli.train.resumed_report_to", "resume with --resume RUN"),
 }
 
 
 @pytest.mark.parametrize("command", list(INTERRUPTED))
-def test_ctrl_c_in_eval_or_write_says_what_was_not_written(command, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_says_what_was_not_written_or_how_to_go_on(command, tmp_path, monkeypatch, capsys):
     from sami_mlx.cli import main as cli
 
     flags, where, said = INTERRUPTED[command]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sami_mlx.cli.guard import on_interrupt
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The export flags."""
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own Python code to run.")
 
 
+@on_interrupt("nothing written")  # the export is moved into place only when complete
 def run(args: argparse.Namespace) -> int:
     """Fuse, save, write the card; one line per stage on stderr."""
     from sami_mlx.export import export_run, find_run_adapters

@@ -16,14 +16,14 @@ def guarded(fn, *args) -> int:
     except (SamiError, RunAborted) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN", file=sys.stderr)
+    except KeyboardInterrupt:  # commands that can say more wrap their run in on_interrupt
+        print("\ninterrupted", file=sys.stderr)
         return 130
 
 
 def on_interrupt(message: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """For a command with no run to resume: Ctrl-C prints `interrupted; <message>` on a line of its own
-    (after any progress bar) and exits with code 130."""
+    """Ctrl-C prints `interrupted; <message>` (what to do next, or what was not written) on a line of its
+    own (after any progress bar) and exits with code 130."""
 
     def wrap(fn: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(fn)

@@ -7,7 +7,7 @@ import argparse
 import yaml
 
 from sami_mlx import config
-from sami_mlx.cli.guard import guarded
+from sami_mlx.cli.guard import guarded, on_interrupt
 from sami_mlx.errors import RunAborted, SamiError
 from sami_mlx.tracking import Tracker, check_installed, resumed_report_to
 
@@ -36,6 +36,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@on_interrupt("resume with --resume RUN")  # every step is saved
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, then train (or resume) with a progress bar; returns the exit code."""
     from sami_mlx.loop.distributed import DEFAULT_TIMEOUT, Ranks
