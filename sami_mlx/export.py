@@ -163,7 +163,7 @@ def export_run(
         )
     except Exception as e:
         raise SamiError(
-            f"{adapters.adapter_path}: mlx-lm could not load the adapters onto {adapters.model} ({_first_line(e)})"
+            f"{adapters.adapter_path}: mlx-lm could not load the adapters onto {adapters.model} ({first_line(e)})"
         ) from None
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     if fused:
@@ -186,7 +186,7 @@ def export_run(
                     convert_to_gguf(tmp, weights, config, str(tmp / GGUF_NAME))
             except Exception as e:
                 raise SamiError(
-                    f"--gguf: mlx-lm could not write GGUF ({_first_line(e)}); export without --gguf"
+                    f"--gguf: mlx-lm could not write GGUF ({first_line(e)}); export without --gguf"
                 ) from None
         _replace(tmp, out)
     finally:
@@ -230,7 +230,7 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 

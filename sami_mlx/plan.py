@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sami_mlx.memory import GiB, ModelShape, RunShape, dry_run_memory
+from sami_mlx.model import looks_like_path
 from sami_mlx.presets import get_preset, model_dir_at_hand, model_shape, preset_names
 
 CHARS_PER_TOKEN = 3.5  # English with a 32k-150k BPE vocabulary is 3.5-4.5; the low end overestimates tokens
@@ -71,7 +72,7 @@ def missing_model(model: str, shape: ModelShape | None) -> str | None:
             return f"model {model}: built from its recipe on the first run (nothing to download)"
         return None
     hub_id = get_preset(model).model if model in preset_names() else model
-    if Path(hub_id).expanduser().exists() or hub_id.count("/") != 1:
+    if looks_like_path(hub_id):
         return None  # a local directory (or a path the run will refuse with its own message)
     local = model_dir_at_hand(hub_id)
     if local is not None and any(local.glob("*.safetensors")):
@@ -192,12 +193,16 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None) -> str:
         f"score matrices) in {cfg.grad_accumulation} micro-batch(es) of {micro}; {cfg.optimizer}, "
         f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on {blocks}",
     ]
-    # Iteration t reads [(t // 2) * count, (t // 2 + 1) * count) of its half (trainer.queries_for_iteration).
+    # Each iteration goes on where the last one of its half stopped (Sampling.query_split and the split
+    # offsets); the monitor's queries are held out of both halves (prepare.prepare_inputs).
     counts = [s * cfg.queries_per_step for s in steps]
-    need = 2 * max((t // 2 + 1) * c for t, c in enumerate(counts)) if cfg.schedule == "paper" else sum(counts)
+    per_half = [sum(counts[h::2]) for h in range(2)]
+    need = 2 * max(per_half) if cfg.schedule == "paper" else sum(counts)
+    if count is not None:
+        need += min(cfg.monitor_queries, count // 4)
     if count is not None and count < need:
         lines.append(
-            f"note: {count} queries are fewer than the {need} this schedule samples, "
+            f"note: {count} queries are fewer than the {need} this schedule samples (with the monitor's), "
             f"so queries repeat across iterations; give at least {need} for none to repeat"
         )
     lines += missing_lines(cfg, plan, shape)

@@ -82,6 +82,8 @@ def make_server(settings: argparse.Namespace, system_prompt: str | None = None):
     from mlx_lm.models.cache import LRUPromptCache
     from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator, get_system_fingerprint
 
+    from sami_mlx.export import first_line
+
     class Handler(APIHandler):
         """mlx-lm's handler; a chat request without a system message gets `system_prompt` as one."""
 
@@ -123,9 +125,9 @@ def make_server(settings: argparse.Namespace, system_prompt: str | None = None):
     if provider.error is not None:  # one line, not a dead generation thread
         generator.stop_and_join()
         httpd.server_close()
-        first = (str(provider.error).splitlines() or [type(provider.error).__name__])[0][:200]
         raise SamiError(
-            f"{settings.adapter_path}: mlx-lm could not load {settings.model} with these adapters ({first})"
+            f"{settings.adapter_path}: mlx-lm could not load {settings.model} with these adapters "
+            f"({first_line(provider.error)})"
         )
     return httpd, generator
 
@@ -155,17 +157,13 @@ def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C."""
     import logging
 
+    from sami_mlx.config import check_sampling
     from sami_mlx.export import find_run_adapters, system_prompt
     from sami_mlx.model import resolve_model_path
 
     if not 0 <= args.port <= 65535:
         raise SamiError(f"--port {args.port}: must be between 0 and 65535")
-    if args.max_tokens < 1:
-        raise SamiError(f"--max-tokens {args.max_tokens}: must be at least 1")
-    if not 0 <= args.temperature <= 10:
-        raise SamiError(f"--temperature {args.temperature}: must be between 0 and 10")
-    if not 0 < args.top_p <= 1:
-        raise SamiError(f"--top-p {args.top_p}: must be above 0 and at most 1")
+    check_sampling(args.temperature, args.top_p, args.max_tokens)
     wants_constitution = args.system_prompt == "constitution"
     adapters = find_run_adapters(args.run, args.iteration, args.constitution, need_constitution=wants_constitution)
     settings = server_args(
