@@ -168,7 +168,10 @@ def test_pretraining_loss_reads_only_the_reply_and_matches_mlx_lm():
     assert positions.shape == (3, 6) and mask.sum().item() == 3 + 6 + 2  # each reply and its EOS
     lengths = mx.array([[start, len(ids_) - 1] for start, ids_ in rows])
     expected, _ = default_loss(model, ids, lengths)
+    head, seen = model.model.embed_tokens.as_linear, []
+    model.model.embed_tokens.as_linear = lambda h: (seen.append(h.shape), head(h))[1]
     assert reply_loss(model, ids, positions, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert seen == [(3, 6, 32)]  # 6 reply positions a row go through the output layer, not all 7
 
 
 def test_pretraining_batches_group_lengths_and_cover_every_document_once_an_epoch():

@@ -102,8 +102,8 @@ def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(arch_model, m
     assert a.loss == pytest.approx(b.loss, abs=1e-5)
     assert np.abs(np.array(a.scores) - np.array(b.scores)).max() < 1e-4
     # The shared pass's KL terms (its own diagonal against the base's) equal the naive full-sequence ones.
-    assert a.kl == pytest.approx(b.kl, abs=1e-6) and a.kl > 1e-4
-    assert a.anchor_kl == pytest.approx(b.anchor_kl, abs=1e-6) and a.anchor_kl > 1e-4
+    assert a.kl == pytest.approx(b.kl, rel=1e-3) and a.kl > 1e-4
+    assert a.anchor_kl == pytest.approx(b.anchor_kl, rel=1e-3) and a.anchor_kl > 1e-4
     assert calls == {"shared": 2, "naive": 2}
 
 

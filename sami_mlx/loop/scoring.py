@@ -176,9 +176,10 @@ def shared_inputs(
     Lp = bucket(Lp) if bucketed else Lp
     pad = [Lp - len(p) for p in prompts]
     chunks, flat = [], []
-    for part in length_groups([len(r) for r in responses]):
-        L = max(len(responses[r]) for r in part)
-        L = bucket(L) if bucketed else L
+    # Bucketed (a compiled step), the groups are formed on the padded lengths: fewer distinct layouts.
+    padded = [bucket(len(r)) if bucketed else len(r) for r in responses]
+    for part in length_groups(padded):
+        L = max(padded[r] for r in part)
         chunk = {
             "responses": mx.array([responses[r] + [0] * (L - len(responses[r])) for r in part], dtype=mx.int32),
             "lengths": mx.array([len(responses[r]) for r in part], dtype=mx.int32),
