@@ -32,16 +32,14 @@ class Plan:
 
 def plan_inputs(cfg: Any) -> Plan:
     """The run's inputs, checked as the run checks them, with hub datasets read from the cache only."""
-    from sami_mlx.inputs.datasets import cached_dataset_queries, is_dataset_spec
+    from sami_mlx.inputs.datasets import cached_dataset_queries, cached_file, is_dataset_spec, parse_spec
     from sami_mlx.loop.trainer import prepare_inputs
 
-    if not is_dataset_spec(cfg.queries) or Path(cfg.queries).exists():
-        inputs = prepare_inputs(cfg)
+    local = not is_dataset_spec(cfg.queries) or Path(cfg.queries).exists()
+    if local or all(cached_file(sel.source, sel.split) for sel in parse_spec(cfg.queries)):
+        inputs = prepare_inputs(cfg)  # everything at hand: read once, as the run reads it
         return Plan(inputs, len(inputs.queries))
     queries, count, missing = cached_dataset_queries(cfg.queries)
-    if not missing:
-        inputs = prepare_inputs(cfg)
-        return Plan(inputs, len(inputs.queries))
     # The constitution, templates and held-out text are checked all the same: a built-in query set
     # stands in for the dataset while they load, then the queries at hand replace it.
     inputs = prepare_inputs(dataclasses.replace(cfg, queries="dialogue"))

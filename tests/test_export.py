@@ -19,6 +19,7 @@ import mlx_lm
 import numpy as np
 import pytest
 import yaml
+from mlx.utils import tree_flatten
 
 from sami_mlx.cli.main import main
 from sami_mlx.cli.serve import make_server, server_args, stop_server
@@ -181,6 +182,10 @@ def test_server_answers_a_chat_request_with_the_run_adapters(tiny_model, tiny_ru
     try:
         user = [{"role": "user", "content": "Hello there!"}]
         reply = chat(httpd.server_address[1], user)
+        # The model answering is the run's: mlx-lm's loader put the run's adapters on it.
+        served = dict(tree_flatten(generator.model_provider.model.parameters()))
+        adapters = mx.load(str(tiny_run / "adapters.safetensors"))
+        assert adapters and all(np.array_equal(np.array(served[k]), np.array(v)) for k, v in adapters.items())
     finally:
         httpd.shutdown()
         stop_server(httpd, generator)

@@ -160,9 +160,9 @@ def test_group_sampled_folds_into_live_samples():
     for n, q in enumerate(["a?", "b?"], start=1):
         view.apply(ev.GroupSampled(2, q, ["++", "+-"], [f"{q} yes", f"{q} no"], ["eos", "length"], n, 2).to_dict())
     assert [g["query"] for g in view.examples[2]] == ["a?", "b?"]
-    assert view.examples[2][1]["responses"] == ["b? yes", "b? no"] and view.sampled_groups == (2, 2)
+    assert view.examples[2][1]["responses"] == ["b? yes", "b? no"] and view.sampling is not None
     view.apply({"event": "SamplesReady", "iteration": 2, "groups": 2, "examples": []})
-    assert view.sampled_groups is None
+    assert view.sampling is None
 
 
 class SlowSampling:
@@ -201,6 +201,8 @@ async def test_the_tui_stops_a_run_mid_sampling_within_seconds(tiny_config, gree
         await pilot.press("ctrl+r")
         await asyncio.wait_for(engine.first_group.wait(), 60)
         assert run.running and run.view.sampling is not None
+        await pilot.pause(0.2)  # the sampling is held for 0.5 s after its first group
+        assert run.running and "Q: " in str(run.query_one("#samples").content)  # shown while sampling
         pressed = time.monotonic()
         await pilot.press("ctrl+t")
         await app.workers.wait_for_complete()

@@ -417,7 +417,7 @@ class RunScreen(Screen[None]):
             return
         self._samples_key = key
         groups = read_samples(v.run_dir, it) if samples and it else []
-        live = v.sampled_groups is not None and it == v.iteration  # sampling now: newest groups first
+        live = v.sampling is not None and it == v.iteration  # sampling now: newest groups first
         shown = (groups or examples)[::-1] if live else groups or examples
         self.query_one("#samples", Static).update(samples_text(shown, self.principle_names()))
 

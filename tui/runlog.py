@@ -31,7 +31,6 @@ class RunView:
     steps: dict[int, dict] = field(default_factory=dict)  # global step -> StepCompleted
     per_iteration: dict[int, dict] = field(default_factory=dict)  # SamplesReady + IterationCompleted
     examples: dict[int, list[dict]] = field(default_factory=dict)  # iteration -> sample groups (live: all so far)
-    sampled_groups: tuple[int, int] | None = None  # (done, total) groups of the sampling in progress
     warnings: list[str] = field(default_factory=list)
     status: str = "idle"  # idle, running, finished, stopped, failed, incomplete
     reason: str = ""
@@ -60,21 +59,19 @@ class RunView:
         self.iteration, self.iteration_steps, self.step = e["iteration"], e["steps"], 0
         self.sampling = (0, e["queries"] * max(self.num_variants, 1))
         self.examples.pop(e["iteration"], None)  # a resumed sampling reports its groups again
-        self.sampled_groups = None
 
     def _on_GroupSampled(self, e: dict) -> None:
         """A group finished during sampling: the samples panel shows it before the iteration's file exists."""
         self.examples.setdefault(e["iteration"], []).append(
             {"query": e["query"], "variants": e["variants"], "responses": e["responses"]}
         )
-        self.sampled_groups = (e["done"], e["total"])
 
     def _on_SamplingProgress(self, e: dict) -> None:
         self.iteration = e["iteration"]
         self.sampling = (e["done"], e["total"])
 
     def _on_SamplesReady(self, e: dict) -> None:
-        self.sampling, self.sampled_groups = None, None
+        self.sampling = None
         row = self.per_iteration.setdefault(e["iteration"], {})
         for key in (
             "groups",

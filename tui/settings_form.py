@@ -4,7 +4,7 @@ under a collapsible "more settings"; it loads from and saves to a YAML config fi
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,43 +154,40 @@ class SettingsForm(VerticalScroll):
 
     def ask_load(self) -> None:
         """Ask for a YAML file and load it; a bad file is reported in the error dialog."""
-        from tui.modals import PathModal
 
-        def chosen(path: str | None) -> None:
-            if path is None:
-                return
-            try:
-                self.load(path)
-            except SamiError as e:
-                self.report(e, "Cannot load the settings")
-                return
-            self.file = path
-            self.notify(f"settings loaded from {path}")
+        def loaded(path: str) -> str:
+            self.load(path)
+            return f"settings loaded from {path}"
 
-        self.app.push_screen(PathModal("Load settings from a YAML file", self.file), chosen)
+        self._ask("Load settings from a YAML file", loaded, "Cannot load the settings")
 
     def ask_save(self) -> None:
         """Ask where, then save; settings the CLI would refuse are reported instead."""
+
+        def saved(path: str) -> str:
+            where = short_path(self.save(path))
+            return f"settings saved to {where}; `sami-mlx train -c {where}` runs them"
+
+        self._ask("Save settings to a YAML file", saved, "Cannot save the settings")
+
+    def _ask(self, title: str, act: Callable[[str], str], failure: str) -> None:
+        """Ask for a path, `act` on it (returning what to tell the user), and remember it as the form's file;
+        a SamiError or OSError goes to the error dialog under `failure`."""
         from tui.modals import PathModal
 
         def chosen(path: str | None) -> None:
             if path is None:
                 return
             try:
-                saved = self.save(path)
-            except SamiError as e:
-                self.report(e, "Cannot save the settings")
-                return
-            except OSError as e:
-                self.report(SamiError(f"{path}: {e.strerror or e}"), "Cannot save the settings")
+                done = act(path)
+            except (SamiError, OSError) as e:
+                error = e if isinstance(e, SamiError) else SamiError(f"{path}: {e.strerror or e}")
+                self.app.report_error(error, failure)
                 return
             self.file = path
-            self.notify(f"settings saved to {short_path(saved)}; `sami-mlx train -c {short_path(saved)}` runs them")
+            self.notify(done)
 
-        self.app.push_screen(PathModal("Save settings to a YAML file", self.file), chosen)
-
-    def report(self, error: SamiError, title: str) -> None:
-        self.app.report_error(error, title)
+        self.app.push_screen(PathModal(title, self.file), chosen)
 
 
 def absolute_paths(values: dict) -> dict:

@@ -99,21 +99,7 @@ def train(
     Started by mlx.launch, each process is one rank of a data-parallel run (`ranks`, by default the
     launcher's group): only rank 0 writes the run directory and calls the callbacks.
     """
-    cfg = cfg.resolved()
-    ranks = ranks or Ranks.world()
-    inputs = prepare_inputs(cfg)
-    model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
-    longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
-    memory_gb = check_memory(cfg, inputs, model_config, longest, float_bytes(model))
-    if not ranks.primary:
-        out = Path(cfg.out).expanduser()
-        return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(RunState())
-    out = prepare_run_dir(cfg)
-    with RunLock(out):
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
-        loop.memory_estimate_gb = memory_gb
-        return loop.run(RunState())
+    return _run(cfg.resolved(), RunState(), None, callbacks, should_stop, ranks or Ranks.world())
 
 
 def resume(
@@ -154,13 +140,31 @@ def resume(
         )
     if state.finished:
         raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
+    return _run(cfg, state, out, callbacks, should_stop, ranks)
+
+
+def _run(
+    cfg: TrainConfig,
+    state: RunState,
+    out: Path | None,
+    callbacks: Sequence[Callback],
+    should_stop: StopCheck | None,
+    ranks: Ranks,
+) -> TrainResult:
+    """Load the inputs and the model, check that they fit, and run the loop from `state`. `out` None: a
+    new run, whose directory rank 0 prepares (with its config.yaml); else the run directory to resume."""
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
     longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
     memory_gb = check_memory(cfg, inputs, model_config, longest, float_bytes(model))
     if not ranks.primary:
-        return SamiLoop(cfg, inputs, model, tokenizer, out, _silent, should_stop, ranks).run(state)
+        where = out or Path(cfg.out).expanduser()
+        return SamiLoop(cfg, inputs, model, tokenizer, where, _silent, should_stop, ranks).run(state)
+    new = out is None
+    out = prepare_run_dir(cfg) if out is None else out
     with RunLock(out):
+        if new:
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
         loop.memory_estimate_gb = memory_gb
         return loop.run(state)
