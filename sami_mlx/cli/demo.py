@@ -4,20 +4,52 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
+from pathlib import Path
+
+from sami_mlx.errors import SamiError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="Run directory (default: runs/demo-<date-time>).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the world's queries and SAMI.")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        help="Processes on this machine that build the toy model and train together (data parallel). "
+        "Default: 2 where MLX computes on the CPU and 2 cores are free (an MLX CPU operation keeps to "
+        "one core), else 1. The outcome depends on it: each rank samples with its own seed.",
+    )
+
+
+def default_ranks() -> int:
+    import mlx.core as mx
+
+    from sami_mlx.loop.distributed import local_cores
+
+    return 2 if mx.default_device().type == mx.cpu and local_cores() >= 2 else 1
 
 
 def run(args: argparse.Namespace) -> int:
     from sami_mlx.cli.progress import ProgressBar
+    from sami_mlx.loop.distributed import launched, run_local_ranks
+    from sami_mlx.loop.prepare import refuse_existing_run
     from sami_mlx.toy.demo import format_report, run_demo
 
     out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    if not launched():  # started by a user, not as a rank: choose how many ranks to start
+        ranks = default_ranks() if args.ranks is None else args.ranks
+        if ranks < 1:
+            raise SamiError(f"--ranks {ranks}: give 1 or more processes")
+        if ranks > 1:
+            refuse_existing_run(Path(out))
+            Path(out).mkdir(parents=True, exist_ok=True)
+            argv = [sys.executable, "-m", "sami_mlx.cli.main", "demo", "--out", out, "--seed", str(args.seed)]
+            return run_local_ranks(argv, ranks, Path(out))
     report = run_demo(out, emit=ProgressBar(), seed=args.seed)
+    if report is None:  # a rank other than 0: rank 0 prints the table
+        return 0
     print(format_report(report))
     run_dir = shlex.quote(report["run"])
     print(f"""

@@ -113,9 +113,14 @@ def check_memory(
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Create the run directory, refusing one that already holds a run."""
     out = Path(cfg.out).expanduser()
+    refuse_existing_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A one-line error if `out` is a file or already holds a run (nothing there gets overwritten)."""
     if out.exists() and not out.is_dir():
         raise SamiError(f"--out {out}: is a file; choose a directory for the run")
     if (out / "metrics.jsonl").exists() or (out / "state.json").exists():
         raise SamiError(f"--out {out}: already holds a run; choose a new --out directory")
-    out.mkdir(parents=True, exist_ok=True)
-    return out

@@ -17,6 +17,8 @@ from sami_mlx import stats
 from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import atomic_write_json, atomic_write_text
 from sami_mlx.inputs.constitution import Constitution, Variant, save_constitution
+from sami_mlx.loop.distributed import Ranks
+from sami_mlx.loop.prepare import refuse_existing_run
 from sami_mlx.loop.rollout import generate_batch
 from sami_mlx.loop.trainer import heldout_perplexity, load_heldout, train
 from sami_mlx.presets import load_preset
@@ -70,6 +72,38 @@ def evaluate(
     )
 
 
+@dataclass
+class Measured:
+    """What the report shows of one model: its samples at temperature 1 (the adherence table and the
+    win rate), its greedy adherence, its adherence to the held-out principle, its held-out perplexity."""
+
+    sampled: Evaluation
+    greedy: float
+    heldout: float
+    ppl: float
+
+    EXAMPLES = 4  # replies the report shows
+
+    @classmethod
+    def share(cls, ranks: Ranks, mine: Measured | None, constitution: Constitution, queries: int) -> Measured:
+        """The one rank's `mine` (None on the others), on every rank: its numbers and shown replies
+        travel through the ranks' collectives (float32: checker scores are exact; perplexity to 7 digits)."""
+        names = [p.name for p in constitution.principles]
+        variants = [Variant(s) for s in itertools.product((True, False), repeat=len(names))]
+        width = 3 + queries * len(variants) * len(names)
+        row, texts = [0.0] * width, []
+        if mine is not None:
+            row = [mine.ppl, mine.greedy, mine.heldout, *(s[n] for s in mine.sampled.scores for n in names)]
+            texts = [list(t.encode()) for t in mine.sampled.texts[: cls.EXAMPLES]]
+        owner = next(r for r, values in enumerate(ranks.gather([float(mine is not None)], "evaluating")) if values[0])
+        values = ranks.gather(row, "evaluating")[owner]
+        shown = [bytes(t).decode() for t in ranks.gather_lists(texts, "evaluating")[owner]]
+        flat = iter(values[3:])
+        scores = [{n: next(flat) for n in names} for _ in range(queries * len(variants))]
+        pairs = [v for _ in range(queries) for v in variants]
+        return cls(Evaluation(constitution, pairs, shown, scores), values[1], values[2], values[0])
+
+
 def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float | None, list[float] | None]:
     """Share of paired prompts where the aligned reply follows more principles (ties 0.5), with its 95%
     interval (sami_mlx.stats: the same Wilson interval `sami-mlx eval` reports); None, None with no pairs."""
@@ -115,76 +149,91 @@ def run_demo(
     emit: Callback = lambda e: None,
     seed: int = 0,
     overrides: dict | None = None,
-) -> dict:
+    ranks: Ranks | None = None,
+) -> dict | None:
     """Build or load the world's base model, run SAMI with the engine (`overrides` on top of the preset's
-    settings), evaluate before/after; returns demo.json's content."""
+    settings), evaluate before/after; returns demo.json's content.
+
+    Started as one of several ranks (`ranks`, by default the launcher's group), the ranks build the
+    model and train together and rank 0 evaluates alone: the others return None after training."""
     import mlx_lm
 
     start = time.perf_counter()
+    ranks = ranks or Ranks.world()
+    if not ranks.primary:
+        emit = _quiet
     preset = preset or load_preset("toy-world")
     settings = preset["demo"]
     out = Path(out)
+    refuse_existing_run(out)  # before the demo writes its inputs there
     model_dir = ensure_toy_model(
         preset["recipe"],
         lambda n, total, loss: emit(ev.StageProgress("building toy model", n, total, f"loss {loss:.3f}")),
+        ranks,
     )
     world = world_of(preset["recipe"])
     sami = {**settings["sami"], **(overrides or {})}
     paths: dict[str, Any] = prepare_world(  # TrainConfig's file fields
         out, {**settings, "sami": sami}, seed, world.WorldSpec(**preset["recipe"].get("world", {})), world
     )
+    ranks.barrier("writing the demo's inputs")  # each rank wrote the same files; all are there now
     cfg = TrainConfig(model=str(model_dir), out=str(out), seed=seed, **paths, **sami)
-    result = train(cfg, callbacks=[emit])
+    result = train(cfg, callbacks=[emit], ranks=ranks)
 
     emit(ev.StageProgress("evaluating", 0, 2))
-    base, tokenizer = mlx_lm.load(str(model_dir))[:2]
     trained = world.sub_constitution(settings["train_principles"])
+    # The held-out principle never appeared in training prompts; it is shown only at evaluation.
+    h = settings["heldout_principle"]
+    full = world.sub_constitution([*settings["train_principles"], h])
     eval_queries = world.queries(settings["eval_queries"], seed + 104729)
+    h_queries = world.queries(settings["heldout_eval_queries"], seed + 1299709)
     max_tokens, stop = sami.get("max_tokens", 40), sami.get("stop", ["Human:"])
+    texts = load_heldout(paths["heldout"])
 
-    def sample(model, constitution, queries, seed, temperature=1.0):
-        return evaluate(
-            model, tokenizer, constitution, queries, max_tokens, seed, world, stop, temperature, cfg.gen_batch_size
+    def measure(model, tokenizer) -> Measured:
+        def sample(constitution, queries, seed, temperature=1.0):
+            return evaluate(
+                model, tokenizer, constitution, queries, max_tokens, seed, world, stop, temperature, cfg.gen_batch_size
+            )
+
+        return Measured(
+            sample(trained, eval_queries, seed),
+            sample(trained, eval_queries, seed, temperature=0.0).adherence()["overall"],
+            sample(full, h_queries, seed + 1).adherence()[h],
+            heldout_perplexity(model, tokenizer, texts),
         )
 
-    before = sample(base, trained, eval_queries, seed)
-    after = sample(result.model, trained, eval_queries, seed)
-    greedy_before = sample(base, trained, eval_queries, seed, temperature=0.0)
-    greedy_after = sample(result.model, trained, eval_queries, seed, temperature=0.0)
+    # Each evaluation seeds its own sampling, so who runs it does not change it: with several ranks
+    # rank 1 measures the base model while rank 0 measures the trained one.
+    base = measure(*mlx_lm.load(str(model_dir))[:2]) if ranks.rank == min(1, ranks.size - 1) else None
+    if not ranks.primary:
+        Measured.share(ranks, base, trained, len(eval_queries))
+        return None
+    after = measure(result.model, result.tokenizer)
     emit(ev.StageProgress("evaluating", 1, 2))
-    # The held-out principle never appeared in training prompts; it is shown only at evaluation.
-    full = world.sub_constitution([*settings["train_principles"], settings["heldout_principle"]])
-    h_queries = world.queries(settings["heldout_eval_queries"], seed + 1299709)
-    h_before = sample(base, full, h_queries, seed + 1)
-    h_after = sample(result.model, full, h_queries, seed + 1)
+    if ranks.size > 1:
+        base = Measured.share(ranks, None, trained, len(eval_queries))
+    assert base is not None
     emit(ev.StageProgress("evaluating", 2, 2))
-
-    texts = load_heldout(paths["heldout"])
-    ppl_base = heldout_perplexity(base, tokenizer, texts)
-    ppl_sami = heldout_perplexity(result.model, tokenizer, texts)
-    wr, ci = win_rate(after, before)
-    h = settings["heldout_principle"]
+    before = base.sampled
+    wr, ci = win_rate(after.sampled, before)
     report = {
         "base_adherence": before.adherence(),
-        "sami_adherence": after.adherence(),
-        "greedy_adherence": {"base": greedy_before.adherence()["overall"], "sami": greedy_after.adherence()["overall"]},
+        "sami_adherence": after.sampled.adherence(),
+        "greedy_adherence": {"base": base.greedy, "sami": after.greedy},
         "kept": result.kept,
         "stopped": result.reason if result.stopped_early else "",
         "win_rate": wr,
         "win_rate_ci": ci,
         "mi_bound": [it["mi_bound"] for it in result.iterations if "mi_bound" in it],  # not a rolled-back step's
-        "ppl_base": ppl_base,
-        "ppl_sami": ppl_sami,
-        "ppl_ratio": ppl_sami / ppl_base,
-        "heldout": {
-            "principle": h,
-            "base_adherence": h_before.adherence()[h],
-            "sami_adherence": h_after.adherence()[h],
-        },
-        "n_eval": len(after.scores),
+        "ppl_base": base.ppl,
+        "ppl_sami": after.ppl,
+        "ppl_ratio": after.ppl / base.ppl,
+        "heldout": {"principle": h, "base_adherence": base.heldout, "sami_adherence": after.heldout},
+        "n_eval": len(after.sampled.scores),
         "examples": [
             {"variant": v.label, "base": b, "sami": a}
-            for v, b, a in list(zip(after.variants, before.texts, after.texts))[:4]
+            for v, b, a in list(zip(after.sampled.variants, before.texts, after.sampled.texts))[:4]
         ],
         "model": str(model_dir),
         "run": str(out),
@@ -192,6 +241,10 @@ def run_demo(
     }
     atomic_write_json(out / "demo.json", report)
     return report
+
+
+def _quiet(event: ev.Event) -> None:
+    """Ranks other than 0 show no progress."""
 
 
 def format_report(r: dict) -> str:

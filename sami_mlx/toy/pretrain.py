@@ -16,6 +16,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from sami_mlx.loop.distributed import Ranks
 from sami_mlx.toy import world as toyworld
 from sami_mlx.toy.markerworld import MarkerWorld
 
@@ -49,14 +50,20 @@ def toy_model_dir(recipe: dict) -> Path:
     return cache_dir() / "models" / f"{world_of(recipe).NAME}-{recipe_key(recipe)}"
 
 
-def ensure_toy_model(recipe: dict, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
-    """The cached toy model for `recipe`, built first if missing (atomically: a kill leaves no half model)."""
+def ensure_toy_model(
+    recipe: dict, on_progress: Callable[[int, int, float], None] | None = None, ranks: Ranks | None = None
+) -> Path:
+    """The cached toy model for `recipe`, built first if missing (atomically: a kill leaves no half model).
+
+    With several `ranks` they build it together when any of them lacks it (each computes part of every
+    batch), and each writes it to its own cache (on one machine the first to finish keeps its copy)."""
+    ranks = ranks or Ranks()
     out = toy_model_dir(recipe)
-    if (out / "model.safetensors").exists():
+    if not ranks.any(not (out / "model.safetensors").exists(), "checking the toy model cache"):
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_toy_model(recipe, tmp, on_progress)
+    build_toy_model(recipe, tmp, on_progress, ranks)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out)
@@ -131,20 +138,29 @@ def batch_arrays(rows: list[tuple[int, list[int]]]) -> tuple[mx.array, mx.array,
     return padded, positions, mask
 
 
-def reply_loss(model: nn.Module, ids: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+def reply_loss(
+    model: nn.Module, ids: mx.array, positions: mx.array, mask: mx.array, count: int | None = None
+) -> mx.array:
     """Mean cross-entropy of the reply tokens: the constitution and query
     are given, not predicted, so the model spends its capacity on how replies depend on them (the
-    latent link SAMI amplifies). Only the reply positions go through the output layer."""
+    latent link SAMI amplifies). Only the reply positions go through the output layer. `count`: the
+    number of reply tokens to divide by when these rows are one rank's share of a batch."""
     hidden = mx.take_along_axis(model.model(ids[:, :-1]), positions[..., None], axis=1)
     logits = model.model.embed_tokens.as_linear(hidden)  # the toy model ties its embeddings
     targets = mx.take_along_axis(ids[:, 1:], positions, axis=1)
-    return (nn.losses.cross_entropy(logits, targets) * mask).sum() / mask.sum()
+    return (nn.losses.cross_entropy(logits, targets) * mask).sum() / (mask.sum() if count is None else count)
 
 
-def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, float], None] | None = None) -> Path:
-    """Generate the corpus, train tokenizer and model, and write an mlx_lm.load-able directory."""
+def build_toy_model(
+    recipe: dict, out: Path, on_progress: Callable[[int, int, float], None] | None = None, ranks: Ranks | None = None
+) -> Path:
+    """Generate the corpus, train tokenizer and model, and write an mlx_lm.load-able directory.
+
+    With several `ranks` (data parallel) each computes the gradient of its share of every batch's
+    rows and the shares are summed: the same update as one process, up to floating-point rounding."""
     from mlx_lm.models import llama
 
+    ranks = ranks or Ranks()
     out.mkdir(parents=True, exist_ok=True)
     seed = recipe["seed"]
     world = world_of(recipe)
@@ -162,7 +178,13 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
     tok = train_tokenizer([p + r for part in pairs for p, r in part], recipe["vocab_size"], out)
     eos = tok.token_to_id("</s>")
     # (reply start, ids): the loss covers the reply only (reply_loss).
-    data = [[(len(tok.encode(p).ids), tok.encode(p + r).ids + [eos]) for p, r in part] for part in pairs]
+    data = [
+        [
+            (len(prompt.ids), full.ids + [eos])
+            for prompt, full in zip(tok.encode_batch([p for p, _ in part]), tok.encode_batch([p + r for p, r in part]))
+        ]
+        for part in pairs
+    ]
     config = {
         "model_type": "llama",
         "hidden_size": recipe["hidden_size"],
@@ -188,12 +210,20 @@ def build_toy_model(recipe: dict, out: Path, on_progress: Callable[[int, int, fl
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     loss_and_grad = nn.value_and_grad(model, reply_loss)
     for n, (k, idx) in enumerate(plan, 1):
-        loss, grads = loss_and_grad(model, *batch_arrays([data[k][i] for i in idx]))
+        rows = [data[k][i] for i in idx]
+        if ranks.size == 1:
+            loss, grads = loss_and_grad(model, *batch_arrays(rows))
+        else:  # this rank's rows, over the whole batch's reply tokens; the ranks' sums make the mean
+            count = sum(len(ids) - start for start, ids in rows)
+            loss, grads = loss_and_grad(model, *batch_arrays(rows[ranks.rank :: ranks.size]), count)
+            grads = ranks.sum_gradients(grads, f"building the toy model (step {n})")
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
-        if on_progress and (n % 20 == 0 or n == len(plan)):
-            on_progress(n, len(plan), loss.item())
-    if not math.isfinite(loss.item()):
+        if n % 20 == 0 or n == len(plan):
+            shown = ranks.sum([loss.item()], "summing the toy model's loss")[0]
+            if on_progress:
+                on_progress(n, len(plan), shown)
+    if not math.isfinite(shown):
         raise RuntimeError("toy model pretraining diverged; lower the recipe's learning_rate")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
