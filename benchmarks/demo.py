@@ -1,6 +1,7 @@
-"""The toy-world demo as a benchmark: builds (or reuses) the toy base, runs SAMI, prints the table.
+"""The toy-world demo as a benchmark: `sami-mlx demo` itself (the toy base built or reused, SAMI on
+as many ranks as the demo chooses, the table), then its numbers as a JSON line.
 
-    python benchmarks/demo.py [--out DIR]
+    python benchmarks/demo.py [--out DIR] [--seed N] [--ranks N]
 
 Ends with one JSON line: {"benchmark": "demo", ...the numbers of demo.json...}.
 """
@@ -9,20 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
+from pathlib import Path
 
-from sami_mlx.cli.progress import ProgressBar
-from sami_mlx.toy.demo import format_report, run_demo
+from sami_mlx.cli.main import main as sami_mlx
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", help="Run directory (default: a temporary one).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks", help="As `sami-mlx demo --ranks` (default: the demo's choice).")
     args = parser.parse_args()
-    out = args.out or tempfile.mkdtemp(prefix="sami-demo-")
-    report = run_demo(out, emit=ProgressBar(), seed=args.seed)
-    print(format_report(report))
+    out = args.out or str(Path(tempfile.mkdtemp(prefix="sami-demo-")) / "run")
+    code = sami_mlx(["demo", "--out", out, "--seed", str(args.seed), *(["--ranks", args.ranks] if args.ranks else [])])
+    if code:
+        sys.exit(code)
+    report = json.loads((Path(out) / "demo.json").read_text())
     keys = (
         "base_adherence",
         "sami_adherence",
