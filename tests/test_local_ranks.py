@@ -85,13 +85,18 @@ def test_a_failed_rank_ends_the_others_at_once_with_its_last_line(tmp_path, capf
     assert not any(alive(p) for p in pids)
 
 
-def test_ctrl_c_ends_every_rank_within_seconds(tmp_path):
+def sleeping_ranks(tmp_path: Path) -> subprocess.Popen:
+    """A process (in a session of its own, like a terminal's job) running two ranks that sleep; each rank
+    writes RANKr.pid with its pid and whether it ignores Ctrl-C."""
     ranks = script(
         tmp_path,
         """
-        import os, time
+        import os, signal, time
         from pathlib import Path
-        Path(os.environ["MLX_HOSTFILE"]).parent.parent.joinpath(f"rank{os.environ['MLX_RANK']}.pid").write_text(str(os.getpid()))
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        Path(os.environ["MLX_HOSTFILE"]).parent.parent.joinpath(f"rank{os.environ['MLX_RANK']}.pid").write_text(
+            f"{os.getpid()} {ignored}"
+        )
         time.sleep(600)
         """,
     )
@@ -101,26 +106,72 @@ def test_ctrl_c_ends_every_rank_within_seconds(tmp_path):
         f"sys.exit(run_local_ranks({ranks!r}, 2, Path({str(tmp_path)!r})))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, str(supervisor)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
         # Ctrl-C's default action: a test suite started in the background inherits SIGINT ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def rank_pids(tmp_path: Path, proc: subprocess.Popen) -> list[tuple[int, str]]:
     pid_files = [tmp_path / "rank0.pid", tmp_path / "rank1.pid"]
     deadline = time.monotonic() + 60
     while not all(f.exists() and f.read_text() for f in pid_files):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.1)
-    pids = [int(f.read_text()) for f in pid_files]
+    return [(int(pid), ignored) for pid, ignored in (f.read_text().split() for f in pid_files)]
+
+
+def test_ctrl_c_ends_every_rank_within_seconds(tmp_path):
+    proc = sleeping_ranks(tmp_path)
+    ranks = rank_pids(tmp_path, proc)
+    assert [ignored for _, ignored in ranks] == ["True", "True"]  # only the supervisor answers Ctrl-C
     start = time.monotonic()
-    proc.send_signal(signal.SIGINT)  # what the terminal sends the supervisor (the ranks ignore it)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends its foreground job
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and time.monotonic() - start < 5
     assert err.strip().splitlines()[-1] == "interrupted"
-    assert not any(alive(p) for p in pids)
+    assert not any(alive(pid) for pid, _ in ranks)
+
+
+def test_sigterm_ends_every_rank_too(tmp_path):
+    proc = sleeping_ranks(tmp_path)
+    ranks = rank_pids(tmp_path, proc)
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not any(alive(pid) for pid, _ in ranks)
+
+
+def test_a_rank_lost_at_a_collective_is_reported_by_the_rank_that_failed(tmp_path, capfd, monkeypatch):
+    argv = script(
+        tmp_path,
+        """
+        import sys
+        from sami_mlx.cli.guard import guarded
+        from sami_mlx.loop.distributed import Ranks
+
+        def run():
+            ranks = Ranks.world()
+            if ranks.rank == 1:
+                print("error: rank 1 found no inputs")
+                sys.exit(3)
+            ranks.barrier("waiting for rank 1")  # rank 0 loses rank 1 here and stops first
+            return 0
+
+        sys.exit(guarded(run))
+        """,
+    )
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    start = time.monotonic()
+    assert run_local_ranks(argv, 2, tmp_path) == 3 and time.monotonic() - start < 30
+    err = capfd.readouterr().err
+    assert "rank 0: lost contact with the other ranks while waiting for rank 1" in err
+    assert err.strip().splitlines()[-1].startswith("error: rank 1 stopped (exit code 3): error: rank 1 found no inputs")
 
 
 TINY_RECIPE = {
@@ -133,10 +184,12 @@ TINY_RECIPE = {
 }
 
 
-def test_two_ranks_build_the_toy_model_one_process_builds(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ranks, batch_size", [(2, 16), (3, 2)])  # (3, 2): one rank has no rows to add
+def test_ranks_build_the_toy_model_one_process_builds(tmp_path, monkeypatch, ranks, batch_size):
     from sami_mlx.toy.pretrain import ensure_toy_model, toy_model_dir
 
-    (tmp_path / "recipe.json").write_text(json.dumps(TINY_RECIPE))
+    recipe = {**TINY_RECIPE, "batch_size": batch_size}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     argv = script(
         tmp_path,
         f"""
@@ -152,18 +205,18 @@ def test_two_ranks_build_the_toy_model_one_process_builds(tmp_path, monkeypatch)
     )
     monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "two"))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    assert run_local_ranks(argv, 2, tmp_path) == 0
-    two = toy_model_dir(TINY_RECIPE)
-    rank1_losses = json.loads((tmp_path / "rank1.log").read_text().split("losses ")[-1])
+    assert run_local_ranks(argv, ranks, tmp_path) == 0
+    two = toy_model_dir(recipe)
+    last_losses = json.loads((tmp_path / f"rank{ranks - 1}.log").read_text().split("losses ")[-1])
     # One model in the cache, no half-built copy left beside it.
     assert [p.name for p in two.parent.iterdir()] == [two.name]
 
     monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "one"))
     losses: list[float] = []
-    one = ensure_toy_model(TINY_RECIPE, lambda n, total, loss: losses.append(loss))
+    one = ensure_toy_model(recipe, lambda n, total, loss: losses.append(loss))
     assert one.name == two.name  # the same cache key: the same model, up to rounding
     # Every rank reports the whole batch's loss, and it is the one process's loss.
-    assert rank1_losses == pytest.approx(losses, rel=1e-4) and len(losses) == 2
+    assert last_losses == pytest.approx(losses, rel=1e-4) and len(losses) == 2
     a, b = mx.load(str(one / "model.safetensors")), mx.load(str(two / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -180,38 +233,63 @@ def tiny_demo_preset() -> dict:
     return preset
 
 
-def test_the_demo_runs_on_two_local_ranks(tmp_path, monkeypatch):
+# Loaded by every Python process started with this folder on PYTHONPATH: the demo's ranks then run
+# the tiny world, and each says which model it measured (with adapters: the trained one).
+SITECUSTOMIZE = """
+import json, os
+from mlx.utils import tree_flatten
+import sami_mlx.toy.demo as demo
+
+PRESET = json.loads(os.environ["TEST_DEMO_PRESET"])
+demo.load_preset = lambda name="toy-world": PRESET
+measure = demo.heldout_perplexity
+
+def heldout_perplexity(model, tokenizer, texts):
+    trained = any("lora" in k for k, _ in tree_flatten(model.parameters()))
+    print(f"rank {os.environ.get('MLX_RANK', '-')} measured the {'trained' if trained else 'base'} model")
+    return measure(model, tokenizer, texts)
+
+demo.heldout_perplexity = heldout_perplexity
+"""
+
+
+def test_sami_mlx_demo_runs_on_two_local_ranks(tmp_path, monkeypatch):
     from sami_mlx.toy.demo import run_demo
 
-    (tmp_path / "preset.json").write_text(json.dumps(tiny_demo_preset()))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     run = tmp_path / "run"
-    run.mkdir()
-    argv = script(
-        tmp_path,
-        f"""
-        import json
-        from pathlib import Path
-        from sami_mlx.toy.demo import run_demo
-        report = run_demo({str(run)!r}, json.loads(Path({str(tmp_path / "preset.json")!r}).read_text()))
-        print("report", json.dumps(report))
-        """,
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]),
+        "TEST_DEMO_PRESET": json.dumps(tiny_demo_preset()),
+        "SAMI_MLX_CACHE": str(tmp_path / "cache"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "sami_mlx.cli.main", "demo", "--out", str(run), "--ranks", "2"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    assert run_local_ranks(argv, 2, run) == 0
-    assert (run / "rank1.log").read_text().strip().endswith("report null")  # rank 1 trains, rank 0 evaluates
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SAMI on the toy principles world" in proc.stdout and "win rate vs base" in proc.stdout
+    # Rank 1 measured the base model while rank 0 measured the trained one; only rank 0 printed the table.
+    assert "rank 0 measured the trained model" in proc.stdout and "base model" not in proc.stdout.split("SAMI on")[0]
+    rank1 = (run / "rank1.log").read_text()
+    assert "rank 1 measured the base model" in rank1 and "SAMI on the toy" not in rank1
     report = json.loads((run / "demo.json").read_text())
-    assert report["n_eval"] == 2 * 4 and 0.0 <= report["sami_adherence"]["overall"] <= 1.0
-    assert (run / "iter-01" / "adapters.safetensors").exists()
-    # Rank 1 measured the base model (rank 0 the trained one): what reached rank 0 is what one
-    # process measures of the same base model (each evaluation seeds its own sampling).
+    assert report["n_eval"] == 2 * 4 and (run / "iter-01" / "adapters.safetensors").exists()
+    # What reached rank 0 is exactly what one process measures of the same base model (each
+    # evaluation seeds its own sampling).
+    monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
     one = run_demo(tmp_path / "one", tiny_demo_preset())
-    assert (
-        report["base_adherence"] == one["base_adherence"]
-        and report["heldout"]["base_adherence"] == one["heldout"]["base_adherence"]
-    )
+    assert report["base_adherence"] == one["base_adherence"]
+    assert report["ppl_base"] == pytest.approx(one["ppl_base"], rel=1e-12)
     assert report["greedy_adherence"]["base"] == one["greedy_adherence"]["base"]
-    assert report["ppl_base"] == pytest.approx(one["ppl_base"], rel=1e-6)
+    assert report["heldout"]["base_adherence"] == one["heldout"]["base_adherence"]
     assert [e["base"] for e in report["examples"]] == [e["base"] for e in one["examples"]]
 
 

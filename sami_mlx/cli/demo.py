@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ranks",
         type=int,
         help="Processes on this machine that build the toy model and train together (data parallel). "
-        "Default: 2 where MLX computes on the CPU and 2 cores are free (an MLX CPU operation keeps to "
-        "one core), else 1. The outcome depends on it: each rank samples with its own seed.",
+        "Default: 2 where MLX computes on the CPU and this process may use 2 cores or more (an MLX CPU "
+        "operation keeps to one core), else 1. The outcome depends on it: each rank samples with its own seed.",
     )
 
 
@@ -45,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
         if ranks > 1:
             refuse_existing_run(Path(out))
             Path(out).mkdir(parents=True, exist_ok=True)
-            argv = [sys.executable, "-m", "sami_mlx.cli.main", "demo", "--out", out, "--seed", str(args.seed)]
-            return run_local_ranks(argv, ranks, Path(out))
+            argv = [sys.executable, "-m", "sami_mlx.cli.main", "demo", f"--out={out}", f"--seed={args.seed}"]
+            code = run_local_ranks(argv, ranks, Path(out))
+            if code not in (0, 130, 143):  # a rank failed
+                print("(`sami-mlx demo --ranks 1` runs the demo in one process)", file=sys.stderr)
+            return code
     report = run_demo(out, emit=ProgressBar(), seed=args.seed)
     if report is None:  # a rank other than 0: rank 0 prints the table
         return 0

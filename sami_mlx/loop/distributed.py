@@ -194,63 +194,85 @@ def run_local_ranks(argv: Sequence[str], n: int, log_dir: Path, poll: float = 0.
     Rank 0 writes to this terminal; rank r > 0 to LOG_DIR/rank{r}.log. mlx.launch relays every rank's
     output through a polling loop that kept more than a core busy on a 2-core machine (a SAMI step
     took 2.2 s on two ranks against 1.15 s with the ranks started directly). Each rank gets an equal
-    share of the cores for its BLAS threads. The ranks ignore Ctrl-C: this process answers it by
-    ending them all at once (so none reports the others as lost), as it does when a rank other than
-    0 fails, with that rank's last line. A rank that would wait for one that failed to start is ended
-    the same way, not after the collectives' timeout.
+    share of the cores for its BLAS threads. The ranks ignore Ctrl-C: this process answers it (and
+    SIGTERM) by ending them all at once, so that none reports the others as lost. When a rank other
+    than 0 fails, the others are ended too (none waits for it at a collective until its timeout) and
+    its exit code is returned with its last line, the cause, even if rank 0 stopped first on losing it.
     """
     threads = str(max(1, local_cores() // n))
     ports = _free_ports(n)
     procs: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends the ranks too
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             hostfile = Path(tmp) / "hosts.json"
             hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
-            for rank in range(n):
-                env = {
-                    **os.environ,
-                    "MLX_HOSTFILE": str(hostfile),
-                    "MLX_RANK": str(rank),
-                    "OPENBLAS_NUM_THREADS": threads,
-                    "OMP_NUM_THREADS": threads,
-                }
-                log = None if rank == 0 else open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115
-                procs.append(
-                    subprocess.Popen(
-                        list(argv),
-                        env=env,
-                        stdin=None if rank == 0 else subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=None if rank == 0 else subprocess.STDOUT,
-                        preexec_fn=_ignore_ctrl_c,
-                    )
-                )
-                if log is not None:
-                    log.close()  # the child holds its own descriptor
-            while True:
-                if (code := procs[0].poll()) is not None:
-                    _end(procs[1:], grace=10.0)
-                    return code
-                for rank, proc in enumerate(procs[1:], 1):
-                    if (code := proc.poll()) not in (None, 0):
-                        _end(procs, grace=0.0)
-                        log_path = log_dir / f"rank{rank}.log"
-                        last = _last_line(log_path)
-                        print(
-                            f"\nerror: rank {rank} stopped (exit code {code}){': ' + last if last else ''}; "
-                            f"its output is in {log_path}",
-                            file=sys.stderr,
+            # Ignored signals stay ignored across exec: the ranks start with Ctrl-C ignored.
+            ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                for rank in range(n):
+                    env = {
+                        **os.environ,
+                        "MLX_HOSTFILE": str(hostfile),
+                        "MLX_RANK": str(rank),
+                        "OPENBLAS_NUM_THREADS": threads,
+                        "OMP_NUM_THREADS": threads,
+                    }
+                    if rank == 0:
+                        procs.append(subprocess.Popen(list(argv), env=env))
+                        continue
+                    with open(log_dir / f"rank{rank}.log", "w") as log:
+                        procs.append(
+                            subprocess.Popen(
+                                list(argv), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                            )
                         )
-                        return code if code > 0 else 1
+            finally:
+                signal.signal(signal.SIGINT, ctrl_c)
+            while True:
+                failed = [(r, p.returncode) for r, p in enumerate(procs) if r and p.poll() not in (None, 0)]
+                if failed:
+                    rank, code = failed[0]
+                    _end(procs, grace=0.0)
+                    log_path = log_dir / f"rank{rank}.log"
+                    last = _last_line(log_path)
+                    print(
+                        f"\nerror: rank {rank} stopped (exit code {code}){': ' + last if last else ''}; "
+                        f"its output is in {log_path}",
+                        file=sys.stderr,
+                    )
+                    return _exit_code(code)
+                if (code := procs[0].poll()) is not None:
+                    if code != 0:  # it may have stopped on losing another rank: name that one if so
+                        _end(procs[1:], grace=1.0, kill=False)
+                        if any(p.returncode not in (None, 0) for p in procs[1:]):
+                            continue
+                    _end(procs[1:], grace=10.0)
+                    return _exit_code(code)
                 time.sleep(poll)
     except KeyboardInterrupt:
         _end(procs, grace=0.0)
         print("\ninterrupted", file=sys.stderr)
         return 130
-    finally:
+    except _Terminated:
         _end(procs, grace=0.0)
+        return 128 + signal.SIGTERM
+    finally:
         signal.signal(signal.SIGTERM, previous)
+        _end(procs, grace=0.0)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the process that started the ranks."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _exit_code(code: int) -> int:
+    """A child's exit status as a shell reports it (killed by signal k: 128 + k)."""
+    return 128 - code if code < 0 else code
 
 
 def _free_ports(n: int) -> list[int]:
@@ -265,19 +287,16 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _ignore_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _end(procs: Sequence[subprocess.Popen], grace: float) -> None:
-    """Wait up to `grace` seconds for the processes to finish, then kill those still running."""
+def _end(procs: Sequence[subprocess.Popen], grace: float, kill: bool = True) -> None:
+    """Wait up to `grace` seconds for the processes to finish, then (with `kill`) kill those still running."""
     deadline = time.monotonic() + grace
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            if kill:
+                p.kill()
+                p.wait()
 
 
 def _last_line(path: Path) -> str:

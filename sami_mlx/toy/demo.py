@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import time
@@ -11,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from sami_mlx import events as ev
 from sami_mlx import stats
 from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import atomic_write_json, atomic_write_text
 from sami_mlx.inputs.constitution import Constitution, Variant, save_constitution
-from sami_mlx.loop.distributed import Ranks
+from sami_mlx.loop.distributed import RankLost, Ranks
 from sami_mlx.loop.prepare import refuse_existing_run
 from sami_mlx.loop.rollout import generate_batch
 from sami_mlx.loop.trainer import heldout_perplexity, load_heldout, train
@@ -56,8 +58,7 @@ def evaluate(
     batch_size: int = 32,
 ) -> Evaluation:
     """Sample (at temperature 1 unless told) under every variant of `constitution` and check each reply."""
-    variants = [Variant(s) for s in itertools.product((True, False), repeat=len(constitution.principles))]
-    pairs = [(q, v) for q in queries for v in variants]
+    pairs = [(q, v) for q in queries for v in variants_of(constitution)]
     prompts = [tokenizer.encode(world.TEMPLATE.fill(constitution.render(v), q)) for q, v in pairs]
     mx.random.seed(seed)
     gens = generate_batch(
@@ -74,34 +75,47 @@ def evaluate(
 
 @dataclass
 class Measured:
-    """What the report shows of one model: its samples at temperature 1 (the adherence table and the
-    win rate), its greedy adherence, its adherence to the held-out principle, its held-out perplexity."""
+    """What the report shows of one model: its replies at temperature 1 (the adherence table and the
+    win rate) and greedy, its replies under the constitution with the held-out principle, and its
+    held-out perplexity."""
 
     sampled: Evaluation
-    greedy: float
-    heldout: float
+    greedy: Evaluation
+    heldout: Evaluation
     ppl: float
 
     EXAMPLES = 4  # replies the report shows
 
     @classmethod
-    def share(cls, ranks: Ranks, mine: Measured | None, constitution: Constitution, queries: int) -> Measured:
-        """The one rank's `mine` (None on the others), on every rank: its numbers and shown replies
-        travel through the ranks' collectives (float32: checker scores are exact; perplexity to 7 digits)."""
-        names = [p.name for p in constitution.principles]
-        variants = [Variant(s) for s in itertools.product((True, False), repeat=len(names))]
-        width = 3 + queries * len(variants) * len(names)
-        row, texts = [0.0] * width, []
+    def share(cls, ranks: Ranks, mine: Measured | None, layout: Sequence[tuple[Constitution, int]]) -> Measured:
+        """The one rank's `mine` (None on the others) on every rank, through the ranks' collectives; `layout`
+        is each evaluation's constitution and number of queries. Checker scores (0 or 1) travel exactly
+        as float32 and the perplexity as two float32 parts (to about 14 digits), so the report is what one
+        process computes."""
+        evaluations = list(zip(("sampled", "greedy", "heldout"), layout))
+        row: list[float] = [0.0, 0.0] + [0.0] * sum(n * 2 ** len(c.principles) * len(c.principles) for c, n in layout)
+        texts: list[list[int]] = []
         if mine is not None:
-            row = [mine.ppl, mine.greedy, mine.heldout, *(s[n] for s in mine.sampled.scores for n in names)]
+            high = float(np.float32(mine.ppl))
+            row = [high, mine.ppl - high]
+            for name, (c, _) in evaluations:
+                row += [s[p.name] for s in getattr(mine, name).scores for p in c.principles]
             texts = [list(t.encode()) for t in mine.sampled.texts[: cls.EXAMPLES]]
-        owner = next(r for r, values in enumerate(ranks.gather([float(mine is not None)], "evaluating")) if values[0])
-        values = ranks.gather(row, "evaluating")[owner]
+        owner = next(r for r, flag in enumerate(ranks.gather([float(mine is not None)], "evaluating")) if flag[0])
+        values = iter(ranks.gather(row, "evaluating")[owner])
         shown = [bytes(t).decode() for t in ranks.gather_lists(texts, "evaluating")[owner]]
-        flat = iter(values[3:])
-        scores = [{n: next(flat) for n in names} for _ in range(queries * len(variants))]
-        pairs = [v for _ in range(queries) for v in variants]
-        return cls(Evaluation(constitution, pairs, shown, scores), values[1], values[2], values[0])
+        ppl = next(values) + next(values)
+        parts = {}
+        for name, (c, queries) in evaluations:
+            pairs = [v for _ in range(queries) for v in variants_of(c)]
+            scores = [{p.name: next(values) for p in c.principles} for _ in pairs]
+            parts[name] = Evaluation(c, pairs, shown if name == "sampled" else [], scores)
+        return cls(parts["sampled"], parts["greedy"], parts["heldout"], ppl)
+
+
+def variants_of(constitution: Constitution) -> list[Variant]:
+    """Every variant of `constitution`, in the order the evaluation samples them."""
+    return [Variant(s) for s in itertools.product((True, False), repeat=len(constitution.principles))]
 
 
 def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float | None, list[float] | None]:
@@ -143,6 +157,20 @@ def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworl
     return paths
 
 
+def _without_resume_advice(fn: Callable[..., dict | None]) -> Callable[..., dict | None]:
+    """A lost rank ends the demo with what happened; the engine's advice to resume does not apply."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs) -> dict | None:
+        try:
+            return fn(*args, **kwargs)
+        except RankLost as e:
+            raise RankLost(str(e).split(" The run directory keeps")[0]) from None
+
+    return run
+
+
+@_without_resume_advice
 def run_demo(
     out: str | Path,
     preset: dict | None = None,
@@ -155,7 +183,8 @@ def run_demo(
     settings), evaluate before/after; returns demo.json's content.
 
     Started as one of several ranks (`ranks`, by default the launcher's group), the ranks build the
-    model and train together and rank 0 evaluates alone: the others return None after training."""
+    model and train together, then rank 1 measures the base model while rank 0 measures the trained
+    one and writes the report; the others return None."""
     import mlx_lm
 
     start = time.perf_counter()
@@ -198,21 +227,25 @@ def run_demo(
 
         return Measured(
             sample(trained, eval_queries, seed),
-            sample(trained, eval_queries, seed, temperature=0.0).adherence()["overall"],
-            sample(full, h_queries, seed + 1).adherence()[h],
+            sample(trained, eval_queries, seed, temperature=0.0),
+            sample(full, h_queries, seed + 1),
             heldout_perplexity(model, tokenizer, texts),
         )
 
     # Each evaluation seeds its own sampling, so who runs it does not change it: with several ranks
     # rank 1 measures the base model while rank 0 measures the trained one.
-    base = measure(*mlx_lm.load(str(model_dir))[:2]) if ranks.rank == min(1, ranks.size - 1) else None
+    layout = [(trained, len(eval_queries)), (trained, len(eval_queries)), (full, len(h_queries))]
+    base = None
+    if ranks.rank == min(1, ranks.size - 1):
+        base = measure(*mlx_lm.load(str(model_dir))[:2])
+        emit(ev.StageProgress("evaluating", 1, 2))
     if not ranks.primary:
-        Measured.share(ranks, base, trained, len(eval_queries))
+        Measured.share(ranks, base, layout)
         return None
     after = measure(result.model, result.tokenizer)
-    emit(ev.StageProgress("evaluating", 1, 2))
     if ranks.size > 1:
-        base = Measured.share(ranks, None, trained, len(eval_queries))
+        emit(ev.StageProgress("evaluating", 1, 2))
+        base = Measured.share(ranks, None, layout)
     assert base is not None
     emit(ev.StageProgress("evaluating", 2, 2))
     before = base.sampled
@@ -220,7 +253,10 @@ def run_demo(
     report = {
         "base_adherence": before.adherence(),
         "sami_adherence": after.sampled.adherence(),
-        "greedy_adherence": {"base": base.greedy, "sami": after.greedy},
+        "greedy_adherence": {
+            "base": base.greedy.adherence()["overall"],
+            "sami": after.greedy.adherence()["overall"],
+        },
         "kept": result.kept,
         "stopped": result.reason if result.stopped_early else "",
         "win_rate": wr,
@@ -229,11 +265,15 @@ def run_demo(
         "ppl_base": base.ppl,
         "ppl_sami": after.ppl,
         "ppl_ratio": after.ppl / base.ppl,
-        "heldout": {"principle": h, "base_adherence": base.heldout, "sami_adherence": after.heldout},
+        "heldout": {
+            "principle": h,
+            "base_adherence": base.heldout.adherence()[h],
+            "sami_adherence": after.heldout.adherence()[h],
+        },
         "n_eval": len(after.sampled.scores),
         "examples": [
             {"variant": v.label, "base": b, "sami": a}
-            for v, b, a in list(zip(after.sampled.variants, before.texts, after.sampled.texts))[:4]
+            for v, b, a in list(zip(after.sampled.variants, before.texts, after.sampled.texts))[: Measured.EXAMPLES]
         ],
         "model": str(model_dir),
         "run": str(out),

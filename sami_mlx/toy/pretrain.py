@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from sami_mlx.loop.distributed import Ranks
 from sami_mlx.toy import world as toyworld
@@ -214,8 +214,11 @@ def build_toy_model(
         if ranks.size == 1:
             loss, grads = loss_and_grad(model, *batch_arrays(rows))
         else:  # this rank's rows, over the whole batch's reply tokens; the ranks' sums make the mean
-            count = sum(len(ids) - start for start, ids in rows)
-            loss, grads = loss_and_grad(model, *batch_arrays(rows[ranks.rank :: ranks.size]), count)
+            count, share = sum(len(ids) - start for start, ids in rows), rows[ranks.rank :: ranks.size]
+            if share:
+                loss, grads = loss_and_grad(model, *batch_arrays(share), count)
+            else:  # more ranks than rows
+                loss, grads = mx.array(0.0), tree_map(mx.zeros_like, model.trainable_parameters())
             grads = ranks.sum_gradients(grads, f"building the toy model (step {n})")
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
