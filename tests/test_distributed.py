@@ -17,6 +17,7 @@ import pytest
 from conftest import WATCHED
 
 from sami_mlx.fileio import read_jsonl
+from sami_mlx.loop.distributed import RankLost
 
 # The random tiny model repeats one token under greedy decoding; with the wording at the very end
 # of the prompt that token differs between variants often enough (not always: some groups are
@@ -234,7 +235,7 @@ def test_a_killed_rank_ends_the_other_with_a_message_and_the_run_resumes(flags, 
     argv = flags(REGULARISED, out=run)  # resumed, it must end as the reference run did
     with ranks_running(argv, tmp_path, env=({}, {"SAMI_MLX_KILL_AT": "update:3"})) as procs:
         codes = [p.wait(timeout=120) for p in procs]
-    assert codes == [1, -signal.SIGKILL], output(tmp_path, 0)[-3000:]
+    assert codes == [RankLost.exit_code, -signal.SIGKILL], output(tmp_path, 0)[-3000:]
     assert time.perf_counter() - started < 90
     err = output(tmp_path, 0)
     assert "error: rank 0: lost contact with the other ranks" in err and "iteration 2, step" in err, err[-3000:]
@@ -261,7 +262,7 @@ def test_a_frozen_rank_is_ended_by_the_watchdog(flags, tmp_path):
             time.sleep(0.02)
         os.kill(procs[1].pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        assert procs[0].wait(timeout=60) == 1
+        assert procs[0].wait(timeout=60) == RankLost.exit_code == 3
         assert time.monotonic() - stopped < 30  # 2 s plus twice a step's own work
     err = output(tmp_path, 0)
     assert "error: rank 0: waited" in err and "for the other ranks while" in err, err[-3000:]

@@ -39,7 +39,10 @@ DEFAULT_TIMEOUT = 300.0
 
 
 class RankLost(RunAborted):
-    """A collective failed: another rank stopped, crashed or lost its connection."""
+    """A collective failed: another rank stopped, crashed or lost its connection. Its exit code sets a
+    rank that only lost another apart from the rank that failed first."""
+
+    exit_code = 3
 
 
 class Ranks:
@@ -197,7 +200,8 @@ def run_local_ranks(argv: Sequence[str], n: int, log_dir: Path, poll: float = 0.
     share of the cores for its BLAS threads. The ranks ignore Ctrl-C: this process answers it (and
     SIGTERM) by ending them all at once, so that none reports the others as lost. When a rank other
     than 0 fails, the others are ended too (none waits for it at a collective until its timeout) and
-    its exit code is returned with its last line, the cause, even if rank 0 stopped first on losing it.
+    its exit code is returned with its last line, the cause, even if rank 0 stopped first on losing it
+    (a rank that only lost another exits with RankLost's code).
     """
     threads = str(max(1, local_cores() // n))
     ports = _free_ports(n)
@@ -230,14 +234,15 @@ def run_local_ranks(argv: Sequence[str], n: int, log_dir: Path, poll: float = 0.
             finally:
                 signal.signal(signal.SIGINT, ctrl_c)
             while True:
-                failed = [(r, p.returncode) for r, p in enumerate(procs) if r and p.poll() not in (None, 0)]
+                # A rank > 0 that failed on its own (not by losing another) is the cause: name it.
+                failed = [(r, p.returncode) for r, p in enumerate(procs) if r and _failed_itself(p.poll())]
                 if failed:
                     rank, code = failed[0]
                     _end(procs, grace=0.0)
                     log_path = log_dir / f"rank{rank}.log"
                     last = _last_line(log_path)
                     print(
-                        f"\nerror: rank {rank} stopped (exit code {code}){': ' + last if last else ''}; "
+                        f"\nerror: rank {rank} stopped (exit code {_exit_code(code)}){': ' + last if last else ''}; "
                         f"its output is in {log_path}",
                         file=sys.stderr,
                     )
@@ -245,7 +250,7 @@ def run_local_ranks(argv: Sequence[str], n: int, log_dir: Path, poll: float = 0.
                 if (code := procs[0].poll()) is not None:
                     if code != 0:  # it may have stopped on losing another rank: name that one if so
                         _end(procs[1:], grace=1.0, kill=False)
-                        if any(p.returncode not in (None, 0) for p in procs[1:]):
+                        if any(_failed_itself(p.returncode) for p in procs[1:]):
                             continue
                     _end(procs[1:], grace=10.0)
                     return _exit_code(code)
@@ -268,6 +273,11 @@ class _Terminated(Exception):
 
 def _terminate(signum, frame) -> None:
     raise _Terminated
+
+
+def _failed_itself(code: int | None) -> bool:
+    """A rank's exit code says it failed, and not because it lost another rank."""
+    return code not in (None, 0, RankLost.exit_code)
 
 
 def _exit_code(code: int) -> int:
