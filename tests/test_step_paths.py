@@ -129,6 +129,16 @@ def test_compiled_step_matches_uncompiled(arch_model, make_loop, tmp_path, scori
     assert mx.isfinite(loop.model(mx.array([[1, 2, 3]]))).all().item()
 
 
+def arrays_and_scores(model, batch, shared: bool, bucketed: bool) -> tuple[list[mx.array], mx.array]:
+    """The 2-D arrays a step would be traced on, and S computed from them (shared pass or naive batch)."""
+    if shared:
+        inputs = scoring.shared_inputs(batch, bucketed)
+        arrays = [inputs["prompts"], *(c["responses"] for c in inputs["chunks"])]
+        return arrays, scoring.shared_terms(model, inputs, 2)[0]
+    pairs = batch.pairs(bucketed).arrays()
+    return list(pairs.values()), scoring.score_pair_inputs(model, pairs, 2)
+
+
 def test_bucket_padding_does_not_change_scores(tiny_model):
     import mlx_lm
 
@@ -137,10 +147,8 @@ def test_bucket_padding_does_not_change_scores(tiny_model):
     prompts = [[[1] + [10 + q] * (4 + 3 * q + i) for i in range(2)] for q in range(2)]
     batch = scoring.ScoringBatch(prompts, [[g.tokens for g in group.generations] for group in groups])
     for shared in (True, False):
-        exact = scoring.scores_from_inputs(model, scoring.scoring_inputs(batch, shared), 2, shared)
-        inputs = scoring.scoring_inputs(batch, shared, bucketed=True)
-        padded = scoring.scores_from_inputs(model, inputs, 2, shared)
-        arrays = [inputs["prompts"], *(c["responses"] for c in inputs["chunks"])] if shared else inputs.values()
+        _, exact = arrays_and_scores(model, batch, shared, bucketed=False)
+        arrays, padded = arrays_and_scores(model, batch, shared, bucketed=True)
         assert max(a.shape[-1] for a in arrays if a.ndim == 2) >= 16  # really padded
         assert np.abs(np.array(exact) - np.array(padded)).max() < 1e-5
 
@@ -182,7 +190,7 @@ def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, make_loo
         rows[path] = np.abs(S[:, :, 0] - S[:, :, 1]).max()
         loop.model.eval()  # without dropout the two columns are the same response: equal
         batch = loop.scoring_batch(groups, random.Random(0))
-        S_eval = scoring.scores_from_inputs(loop.model, loop.step_inputs(batch)["scores"], 2, loop.shared)
+        S_eval = scoring.score_matrix(loop.model, batch, shared=loop.shared)
         assert np.abs(np.array(S_eval[:, :, 0] - S_eval[:, :, 1])).max() < 1e-6
     assert rows["shared"] < 1e-6  # one mask per prompt: a row's equal responses score equally
     assert rows["naive"] > 1e-3  # one mask per pair: they differ

@@ -7,9 +7,10 @@ Two ways to compute it, with the same values and gradients:
   The training step's KL terms come from the same pass (`shared_terms`).
 - `score_naive` runs all N² (prompt, response) sequences as one padded batch; it is the oracle.
 
-Both also take their inputs as a dict of padded arrays (`scoring_inputs`, then `scores_from_inputs`),
-which is what a compiled training step (`mx.compile`) is traced on; `bucket=True` pads lengths up to
-a few fixed sizes so that the traced shapes repeat. Padding is masked, so it never changes a score.
+Both also take their inputs as a dict of padded arrays (`shared_inputs` for `shared_terms`,
+`PairBatch.arrays` for `score_pair_inputs`), which is what a compiled training step (`mx.compile`) is
+traced on; `bucket=True` pads lengths up to a few fixed sizes so that the traced shapes repeat.
+Padding is masked, so it never changes a score.
 
 With LoRA dropout in training mode the two paths draw masks differently: the naive batch draws one
 mask per (prompt i, response j) sequence, the shared path one per prompt (its prompt tokens run once,
@@ -203,12 +204,7 @@ def shared_inputs(
 def score_shared(model: nn.Module, batch: ScoringBatch) -> mx.array:
     """S as [B, N, N]: all B·N prompts run once (left-padded, batched) into a KV cache, and each
     prompt scores its group's N responses against that cache, in batches of similar length."""
-    return score_shared_inputs(model, shared_inputs(batch), batch.shape[1])
-
-
-def score_shared_inputs(model: nn.Module, inputs: dict[str, Any], n: int) -> mx.array:
-    """`score_shared` on the arrays of `shared_inputs`, for groups of `n` variants."""
-    return shared_terms(model, inputs, n)[0]
+    return shared_terms(model, shared_inputs(batch), batch.shape[1])[0]
 
 
 @dataclass
@@ -293,15 +289,8 @@ def shared_scoring_supported(model: nn.Module) -> bool:
     return bool(caches) and all(type(c) is KVCache for c in caches)
 
 
-def scoring_inputs(batch: ScoringBatch, shared: bool, bucketed: bool = False) -> dict[str, Any]:
-    """The arrays `scores_from_inputs` takes: the shared pass's or the naive batch's."""
-    return shared_inputs(batch, bucketed) if shared else batch.pairs(bucketed).arrays()
-
-
-def scores_from_inputs(model: nn.Module, inputs: dict[str, Any], n: int, shared: bool) -> mx.array:
-    """S as [B, N, N] from `scoring_inputs`' arrays (`shared` as they were built)."""
-    if shared:
-        return score_shared_inputs(model, inputs, n)
+def score_pair_inputs(model: nn.Module, inputs: dict[str, mx.array], n: int) -> mx.array:
+    """S as [B, N, N] from the naive batch's arrays (`PairBatch.arrays`), for groups of `n` variants."""
     M = inputs["inputs"].shape[0]
     return score_pairs(model, PairBatch(**inputs, shape=(M // (n * n), n)))
 

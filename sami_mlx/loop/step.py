@@ -15,7 +15,7 @@ from sami_mlx.loop.scoring import (
     PairBatch,
     ScoringBatch,
     kl_to_base,
-    scores_from_inputs,
+    score_pair_inputs,
     shared_inputs,
     shared_terms,
     token_logprobs,
@@ -59,7 +59,7 @@ def step_loss(
         kl = zero if kl_total is None else kl_total / tokens
         anchor = zero if anchor_total is None else anchor_total / tokens
         return loss + settings.kl_beta * kl + settings.anchor_beta * anchor, S, kl, anchor
-    S = scores_from_inputs(model, inputs["scores"], n, shared=False)
+    S = score_pair_inputs(model, inputs["scores"], n)
     loss = sami_loss(S)
     kl = anchor = mx.array(0.0)
     if settings.kl_beta > 0:

@@ -87,13 +87,15 @@ class Measured:
     EXAMPLES = 4  # replies the report shows
 
     @classmethod
-    def share(cls, ranks: Ranks, mine: Measured | None, layout: Sequence[tuple[Constitution, int]]) -> Measured:
-        """The one rank's `mine` (None on the others) on every rank, through the ranks' collectives; `layout`
+    def share(
+        cls, ranks: Ranks, owner: int, mine: Measured | None, layout: Sequence[tuple[Constitution, int]]
+    ) -> Measured:
+        """Rank `owner`'s `mine` (None on the others) on every rank, through the ranks' collectives; `layout`
         is each evaluation's constitution and number of queries. Checker scores (0 or 1) travel exactly
         as float32 and the perplexity as two float32 parts (to about 14 digits), so the report is what one
         process computes."""
         evaluations = list(zip(("sampled", "greedy", "heldout"), layout))
-        row: list[float] = [0.0, 0.0] + [0.0] * sum(n * 2 ** len(c.principles) * len(c.principles) for c, n in layout)
+        row = [0.0] * (2 + sum(n * len(variants_of(c)) * len(c.principles) for c, n in layout))
         texts: list[list[int]] = []
         if mine is not None:
             high = float(np.float32(mine.ppl))
@@ -101,7 +103,6 @@ class Measured:
             for name, (c, _) in evaluations:
                 row += [s[p.name] for s in getattr(mine, name).scores for p in c.principles]
             texts = [list(t.encode()) for t in mine.sampled.texts[: cls.EXAMPLES]]
-        owner = next(r for r, flag in enumerate(ranks.gather([float(mine is not None)], "evaluating")) if flag[0])
         values = iter(ranks.gather(row, "evaluating")[owner])
         shown = [bytes(t).decode() for t in ranks.gather_lists(texts, "evaluating")[owner]]
         ppl = next(values) + next(values)
@@ -235,17 +236,17 @@ def run_demo(
     # Each evaluation seeds its own sampling, so who runs it does not change it: with several ranks
     # rank 1 measures the base model while rank 0 measures the trained one.
     layout = [(trained, len(eval_queries)), (trained, len(eval_queries)), (full, len(h_queries))]
-    base = None
-    if ranks.rank == min(1, ranks.size - 1):
+    measurer, base = min(1, ranks.size - 1), None
+    if ranks.rank == measurer:
         base = measure(*mlx_lm.load(str(model_dir))[:2])
         emit(ev.StageProgress("evaluating", 1, 2))
     if not ranks.primary:
-        Measured.share(ranks, base, layout)
+        Measured.share(ranks, measurer, base, layout)
         return None
     after = measure(result.model, result.tokenizer)
     if ranks.size > 1:
         emit(ev.StageProgress("evaluating", 1, 2))
-        base = Measured.share(ranks, None, layout)
+        base = Measured.share(ranks, measurer, None, layout)
     assert base is not None
     emit(ev.StageProgress("evaluating", 2, 2))
     before = base.sampled

@@ -144,7 +144,8 @@ def reply_loss(
     """Mean cross-entropy of the reply tokens: the constitution and query
     are given, not predicted, so the model spends its capacity on how replies depend on them (the
     latent link SAMI amplifies). Only the reply positions go through the output layer. `count`: the
-    number of reply tokens to divide by when these rows are one rank's share of a batch."""
+    number of reply tokens to divide by (these rows' own by default; a whole batch's when they are one
+    rank's share of it)."""
     hidden = mx.take_along_axis(model.model(ids[:, :-1]), positions[..., None], axis=1)
     logits = model.model.embed_tokens.as_linear(hidden)  # the toy model ties its embeddings
     targets = mx.take_along_axis(ids[:, 1:], positions, axis=1)
@@ -211,15 +212,13 @@ def build_toy_model(
     loss_and_grad = nn.value_and_grad(model, reply_loss)
     for n, (k, idx) in enumerate(plan, 1):
         rows = [data[k][i] for i in idx]
-        if ranks.size == 1:
-            loss, grads = loss_and_grad(model, *batch_arrays(rows))
-        else:  # this rank's rows, over the whole batch's reply tokens; the ranks' sums make the mean
-            count, share = sum(len(ids) - start for start, ids in rows), rows[ranks.rank :: ranks.size]
-            if share:
-                loss, grads = loss_and_grad(model, *batch_arrays(share), count)
-            else:  # more ranks than rows
-                loss, grads = mx.array(0.0), tree_map(mx.zeros_like, model.trainable_parameters())
-            grads = ranks.sum_gradients(grads, f"building the toy model (step {n})")
+        # This rank's rows, over the whole batch's reply tokens: the ranks' sums make the batch's mean.
+        count, share = sum(len(ids) - start for start, ids in rows), rows[ranks.rank :: ranks.size]
+        if share:
+            loss, grads = loss_and_grad(model, *batch_arrays(share), count)
+        else:  # more ranks than rows
+            loss, grads = mx.array(0.0), tree_map(mx.zeros_like, model.trainable_parameters())
+        grads = ranks.sum_gradients(grads, f"building the toy model (step {n})")
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
         if n % 20 == 0 or n == len(plan):
