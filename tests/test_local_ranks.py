@@ -187,6 +187,39 @@ def test_a_rank_lost_at_a_collective_is_not_blamed_for_the_rank_that_failed(tmp_
     assert RankLost.exit_code not in (0, 2)
 
 
+def test_a_late_start_is_waited_for_but_a_later_silence_is_not(tmp_path, capfd, monkeypatch):
+    """--rank-timeout is for a frozen peer: ranks starting seconds apart (a busy machine, a slow disk)
+    still meet; once they have, a rank silent for longer than the timeout ends the others."""
+    argv = script(
+        tmp_path,
+        """
+        import sys, time
+        from sami_mlx.cli.guard import guarded
+        from sami_mlx.loop.distributed import Ranks
+
+        def run():
+            import os
+            if os.environ["MLX_RANK"] == "1":
+                time.sleep(4)  # starts 4 s late: twice the timeout
+            ranks = Ranks.world(timeout=2)
+            ranks.barrier("starting")
+            print(f"rank {ranks.rank} met the other")
+            if ranks.rank == 1:
+                time.sleep(30)  # silent for far longer than the timeout
+            ranks.barrier("going on")
+            return 0
+
+        sys.exit(guarded(run))
+        """,
+    )
+    monkeypatch.setenv("PYTHONPATH", pythonpath())
+    start = time.monotonic()
+    assert run_local_ranks(argv, 2, tmp_path) == RankLost.exit_code and time.monotonic() - start < 25
+    out, err = capfd.readouterr()
+    assert "rank 0 met the other" in out and "rank 1 met the other" in (tmp_path / "rank1.log").read_text()
+    assert "error: rank 0: waited 2s for the other ranks while going on" in err
+
+
 TINY_RECIPE = {
     **small_preset()["recipe"],
     "documents": 1200,

@@ -36,6 +36,9 @@ from mlx.utils import tree_map
 from sami_mlx.errors import RunAborted, SamiError
 
 DEFAULT_TIMEOUT = 300.0
+# Until the ranks have met once, a rank waits at least this long: starting Python and loading a model
+# take seconds more on one rank than another (a busy machine, a slower disk), which is not a frozen peer.
+STARTUP_TIMEOUT = 60.0
 
 
 class RankLost(RunAborted):
@@ -55,6 +58,7 @@ class Ranks:
         self.timeout = timeout
         self.at = ""  # where the loop is, for messages: "iteration 2, step 3"
         self._since = time.monotonic()  # end of the last collective: the start of this rank's own work
+        self._met = False  # whether a collective has completed yet (before: STARTUP_TIMEOUT at least)
 
     @classmethod
     def world(cls, timeout: float = DEFAULT_TIMEOUT) -> Ranks:
@@ -64,7 +68,7 @@ class Ranks:
         # init blocks until every rank has connected: a rank that never starts would hang it.
         rank = os.environ.get("MLX_RANK", "?")
         with _watchdog(
-            timeout,
+            max(timeout, STARTUP_TIMEOUT),
             f"rank {rank}: the other ranks did not connect within {{:.0f}}s; check that every "
             "host runs the same command and that the hostfile's addresses reach each other",
         ):
@@ -98,7 +102,8 @@ class Ranks:
 
     def run(self, what: str, compute: Callable[[], mx.array | Sequence | dict]):
         """Build a collective with `compute`, evaluate it under the watchdog; a lost peer raises RankLost."""
-        budget = self.timeout + 2 * (time.monotonic() - self._since)
+        timeout = self.timeout if self._met else max(self.timeout, STARTUP_TIMEOUT)
+        budget = timeout + 2 * (time.monotonic() - self._since)
         what = f"{what} ({self.at})" if self.at else what
         message = (
             f"rank {self.rank}: waited {{:.0f}}s for the other ranks while {what}; one of them has "
@@ -115,7 +120,7 @@ class Ranks:
                 "or crashed, see its output. The run directory keeps the last completed step: "
                 "resume with the same launch command and --resume RUN"
             ) from None
-        self._since = time.monotonic()
+        self._since, self._met = time.monotonic(), True
         return result
 
     def barrier(self, what: str) -> None:
