@@ -36,12 +36,22 @@ def workdir(tmp_path, monkeypatch, constitution_file, past_run):
     return tmp_path
 
 
-async def steady(pilot) -> None:
-    """No blinking cursor in a screenshot."""
+async def steady(pilot, frames: int = 100) -> None:
+    """No blinking cursor in a screenshot, and the screen settled: a busy machine can take the
+    picture between a layout change and its last repaint (a scrollbar one frame behind failed CI),
+    so wait until two frames in a row agree."""
     await pilot.pause()
     for box in pilot.app.screen.query(Input):
         box.cursor_blink = False
-    await pilot.pause()
+    previous = None
+    for _ in range(frames):
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
+        frame = pilot.app.export_screenshot(simplify=True)
+        if frame == previous:
+            return
+        previous = frame
+    raise AssertionError(f"the screen still changed after {frames} frames")
 
 
 def test_constitution_screen(workdir, snap_compare):
