@@ -349,3 +349,65 @@ def test_demo_refuses_a_run_directory_before_writing_there(tmp_path, capsys):
         assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
     assert main(["demo", "--out", str(tmp_path / "new"), "--ranks", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --ranks 0: give 1 or more processes"
+
+
+def test_a_demo_rank_that_loses_the_other_says_what_to_do_without_resume_advice(tmp_path):
+    """The engine's lost-rank line ends with advice: the trainer's is to resume, which the demo cannot."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import sami_mlx.toy.demo as demo
+            from sami_mlx.errors import SamiError
+            build = demo.ensure_toy_model
+
+            def ensure_toy_model(*args, **kwargs):
+                if os.environ.get("MLX_RANK") == "0":
+                    raise SamiError("rank 0 could not build the model")
+                return build(*args, **kwargs)
+
+            demo.ensure_toy_model = ensure_toy_model
+            """
+        )
+    )
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": pythonpath(hook), "SAMI_MLX_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sami_mlx.cli.main", "demo", "--out", str(run), "--ranks", "2"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-2:] == [
+        "error: rank 0 could not build the model",
+        "(`sami-mlx demo --ranks 1` runs the demo in one process)",
+    ], proc.stderr[-2000:]
+    lost = (run / "rank1.log").read_text().strip().splitlines()[-1]
+    assert lost.startswith("error: rank 1: lost contact with the other ranks while")
+    assert lost.endswith("; start the demo again (it does not resume)") and "--resume" not in lost
+
+
+@pytest.mark.parametrize(
+    "files, cores",
+    [
+        ({"cpu.max": "100000 100000\n"}, 1),  # docker --cpus=1 (cgroup v2)
+        ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 cores' time: one whole core
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1, half a core
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+        ({}, None),  # no cgroup files at all (a Mac)
+    ],
+)
+def test_cores_are_capped_by_a_containers_cpu_quota(tmp_path, monkeypatch, files, cores):
+    import sami_mlx.loop.distributed as distributed
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(distributed, "CPU_QUOTA_FILES", (tmp_path / "cpu.max", tmp_path / "cpu/cpu.cfs_quota_us"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert local_cores() == (4 if cores is None else cores)

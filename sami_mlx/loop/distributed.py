@@ -39,6 +39,11 @@ DEFAULT_TIMEOUT = 300.0
 # Until the ranks have met once, a rank waits at least this long: starting Python and loading a model
 # take seconds more on one rank than another (a busy machine, a slower disk), which is not a frozen peer.
 STARTUP_TIMEOUT = 60.0
+# What a user does after a lost rank ended `sami-mlx train` (a command of its own may say otherwise).
+RESUME_ADVICE = (
+    "the run directory keeps the last completed step: resume with the same launch command and --resume RUN "
+    "(raise --rank-timeout if a rank is just slow)"
+)
 
 
 class RankLost(RunAborted):
@@ -51,20 +56,23 @@ class RankLost(RunAborted):
 class Ranks:
     """This process's place in the group (`rank` of `size`) and the collectives the loop uses."""
 
-    def __init__(self, group: mx.distributed.Group | None = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self, group: mx.distributed.Group | None = None, timeout: float = DEFAULT_TIMEOUT, advice: str = RESUME_ADVICE
+    ):
         self.group = group
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self.timeout = timeout
+        self.advice = advice  # the end of the line a lost rank ends this one with: what to do next
         self.at = ""  # where the loop is, for messages: "iteration 2, step 3"
         self._since = time.monotonic()  # end of the last collective: the start of this rank's own work
         self._met = False  # whether a collective has completed yet (before: STARTUP_TIMEOUT at least)
 
     @classmethod
-    def world(cls, timeout: float = DEFAULT_TIMEOUT) -> Ranks:
+    def world(cls, timeout: float = DEFAULT_TIMEOUT, advice: str = RESUME_ADVICE) -> Ranks:
         """The launcher's group (mx.distributed.init), or a single rank when started without one."""
         if not launched():
-            return cls(None, timeout)
+            return cls(None, timeout, advice)
         # init blocks until every rank has connected: a rank that never starts would hang it.
         rank = os.environ.get("MLX_RANK", "?")
         with _watchdog(
@@ -79,7 +87,7 @@ class Ranks:
                     f"rank {rank}: could not join the other ranks ({e}); check the hostfile and "
                     "the --backend given to mlx.launch"
                 ) from None
-        return cls(group if group.size() > 1 else None, timeout)
+        return cls(group if group.size() > 1 else None, timeout, advice)
 
     @property
     def primary(self) -> bool:
@@ -107,8 +115,7 @@ class Ranks:
         what = f"{what} ({self.at})" if self.at else what
         message = (
             f"rank {self.rank}: waited {{:.0f}}s for the other ranks while {what}; one of them has "
-            "stopped, frozen or lost its connection. Ending this rank; the run directory keeps the last "
-            "completed step (resume with --resume RUN); raise --rank-timeout if a rank is just slow"
+            f"stopped, frozen or lost its connection. Ending this rank; {self.advice}"
         )
         try:
             with _watchdog(budget, message):
@@ -117,8 +124,7 @@ class Ranks:
         except RuntimeError as e:
             raise RankLost(
                 f"rank {self.rank}: lost contact with the other ranks while {what} ({e}); another rank stopped "
-                "or crashed, see its output. The run directory keeps the last completed step: "
-                "resume with the same launch command and --resume RUN"
+                f"or crashed, see its output; {self.advice}"
             ) from None
         self._since, self._met = time.monotonic(), True
         return result
@@ -190,9 +196,30 @@ def launched() -> bool:
     return any(os.environ.get(k) for k in keys)
 
 
+# Where a container's CPU quota is read (cgroup v2, then v1): `docker --cpus=1` leaves every core
+# schedulable but grants one core's worth of time.
+CPU_QUOTA_FILES = (Path("/sys/fs/cgroup/cpu.max"), Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"))
+
+
 def local_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPU cores this process may use: those it may run on, capped by its container's CPU quota
+    (whole cores, at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota()
+    return max(1, min(cores, int(quota))) if quota is not None else cores
+
+
+def _cpu_quota() -> float | None:
+    """Cores' worth of CPU time the container grants per period, or None without a limit."""
+    v2, v1 = CPU_QUOTA_FILES
+    try:
+        if v2.exists():  # "max 100000" or "150000 100000"
+            quota, period = v2.read_text().split()[:2]
+        else:  # cpu.cfs_quota_us beside cpu.cfs_period_us; -1: no limit
+            quota, period = v1.read_text().strip(), v1.with_name("cpu.cfs_period_us").read_text().strip()
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def run_local_ranks(argv: Sequence[str], n: int, log_dir: Path, poll: float = 0.2) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import time
@@ -19,7 +18,7 @@ from sami_mlx import stats
 from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import atomic_write_json, atomic_write_text
 from sami_mlx.inputs.constitution import Constitution, Variant, save_constitution
-from sami_mlx.loop.distributed import RankLost, Ranks
+from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.prepare import refuse_existing_run
 from sami_mlx.loop.rollout import generate_batch
 from sami_mlx.loop.trainer import heldout_perplexity, load_heldout, train
@@ -158,20 +157,6 @@ def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworl
     return paths
 
 
-def _without_resume_advice(fn: Callable[..., dict | None]) -> Callable[..., dict | None]:
-    """A lost rank ends the demo with what happened; the engine's advice to resume does not apply."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs) -> dict | None:
-        try:
-            return fn(*args, **kwargs)
-        except RankLost as e:
-            raise RankLost(str(e).split(" The run directory keeps")[0]) from None
-
-    return run
-
-
-@_without_resume_advice
 def run_demo(
     out: str | Path,
     preset: dict | None = None,
@@ -189,7 +174,7 @@ def run_demo(
     import mlx_lm
 
     start = time.perf_counter()
-    ranks = ranks or Ranks.world()
+    ranks = ranks or Ranks.world(advice="start the demo again (it does not resume)")
     if not ranks.primary:
         emit = _quiet
     preset = preset or load_preset("toy-world")
