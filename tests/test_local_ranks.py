@@ -299,27 +299,28 @@ demo.heldout_perplexity = heldout_perplexity
 """
 
 
-def test_sami_mlx_demo_runs_on_two_local_ranks(tmp_path, monkeypatch):
-    from sami_mlx.toy.demo import run_demo
-
+def demo_on_two_ranks(tmp_path: Path, sitecustomize: str, **env: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """`sami-mlx demo --ranks 2` into TMP/run, as a user starts it, with `sitecustomize` loaded by every
+    process (the ranks too) and `env` added; (the run directory, the finished process)."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (hook / "sitecustomize.py").write_text(sitecustomize)
     run = tmp_path / "run"
-    env = {
-        **os.environ,
-        "PYTHONPATH": pythonpath(hook),
-        "TEST_DEMO_PRESET": json.dumps(tiny_demo_preset()),
-        "SAMI_MLX_CACHE": str(tmp_path / "cache"),
-    }
     proc = subprocess.run(
         [sys.executable, "-m", "sami_mlx.cli.main", "demo", "--out", str(run), "--ranks", "2"],
-        env=env,
+        env={**os.environ, "PYTHONPATH": pythonpath(hook), "SAMI_MLX_CACHE": str(tmp_path / "cache"), **env},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    return run, proc
+
+
+def test_sami_mlx_demo_runs_on_two_local_ranks(tmp_path, monkeypatch):
+    from sami_mlx.toy.demo import run_demo
+
+    run, proc = demo_on_two_ranks(tmp_path, SITECUSTOMIZE, TEST_DEMO_PRESET=json.dumps(tiny_demo_preset()))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SAMI on the toy principles world" in proc.stdout and "win rate vs base" in proc.stdout
     # Rank 1 measured the base model while rank 0 measured the trained one; only rank 0 printed the table.
@@ -353,35 +354,20 @@ def test_demo_refuses_a_run_directory_before_writing_there(tmp_path, capsys):
 
 def test_a_demo_rank_that_loses_the_other_says_what_to_do_without_resume_advice(tmp_path):
     """The engine's lost-rank line ends with advice: the trainer's is to resume, which the demo cannot."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            """
-            import os
-            import sami_mlx.toy.demo as demo
-            from sami_mlx.errors import SamiError
-            build = demo.ensure_toy_model
+    rank_0_fails = """
+import os
+import sami_mlx.toy.demo as demo
+from sami_mlx.errors import SamiError
+build = demo.ensure_toy_model
 
-            def ensure_toy_model(*args, **kwargs):
-                if os.environ.get("MLX_RANK") == "0":
-                    raise SamiError("rank 0 could not build the model")
-                return build(*args, **kwargs)
+def ensure_toy_model(*args, **kwargs):
+    if os.environ.get("MLX_RANK") == "0":
+        raise SamiError("rank 0 could not build the model")
+    return build(*args, **kwargs)
 
-            demo.ensure_toy_model = ensure_toy_model
-            """
-        )
-    )
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": pythonpath(hook), "SAMI_MLX_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sami_mlx.cli.main", "demo", "--out", str(run), "--ranks", "2"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+demo.ensure_toy_model = ensure_toy_model
+"""
+    run, proc = demo_on_two_ranks(tmp_path, rank_0_fails)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-2:] == [
         "error: rank 0 could not build the model",
         "(`sami-mlx demo --ranks 1` runs the demo in one process)",
