@@ -18,10 +18,12 @@ KINDS = ("base", "instruct")
 
 
 def _data_dir(package: str, fallback: str) -> Path:
-    try:
-        return Path(str(resources.files(package)))
-    except ModuleNotFoundError:  # a source checkout that was never pip-installed
-        return Path(__file__).resolve().parent / fallback
+    # A source checkout's own folder first: an editable install maps the package to the checkout
+    # it was installed from, which is not this one when several checkouts share an environment.
+    here = Path(__file__).resolve().parent / fallback
+    if here.is_dir():
+        return here.resolve()
+    return Path(str(resources.files(package)))
 
 
 def preset_dir() -> Path:
