@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from sami_mlx.errors import SamiError
 from sami_mlx.memory import GB, RunShape, fit, format_count, machine_memory
 from sami_mlx.presets import get_preset, list_presets, preset_estimate, preset_names, recipe_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", help="Show one preset in full, with its memory estimate broken down.")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        help="Show one preset in full, with its memory estimate broken down; or `import FILE.gguf`: convert a "
+        "GGUF file (llama, Mistral, SmolLM, qwen2) into an mlx-lm model directory and print its path.",
+    )
+    parser.add_argument("target", nargs="?", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--out", metavar="DIR", help="With import: write the model directory here (default: the sami-mlx cache)."
+    )
     parser.add_argument(
         "--memory-gb",
         type=float,
@@ -28,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """List the presets (or show one); returns the exit code."""
+    """List the presets (or show one, or import a GGUF file); returns the exit code."""
+    if args.name == "import":
+        return _import(args)
+    if args.target or args.out:
+        raise SamiError(f"models {args.name or ''}: unexpected {args.target or '--out'}; see sami-mlx models --help")
     machine = machine_memory(args.memory_gb)
     if args.name:
         print(_details(args.name, machine, args.groups, args.json))
@@ -67,6 +82,20 @@ def run(args: argparse.Namespace) -> int:
             rows, machine, args.groups, "this machine" if not args.memory_gb else f"a {args.memory_gb:g} GiB machine"
         )
     )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from sami_mlx.gguf import cached_gguf_model, import_gguf
+
+    if not args.target:
+        raise SamiError("models import: name the .gguf file to import, e.g. sami-mlx models import model.gguf")
+
+    def log(line: str) -> None:  # notes go to stderr: stdout is the path, for scripts
+        print(line, file=sys.stderr)
+
+    out = import_gguf(args.target, args.out, log) if args.out else cached_gguf_model(args.target, log)
+    print(out)
     return 0
 
 

@@ -16,20 +16,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from sami_mlx.cachedir import cache_dir
 from sami_mlx.loop.distributed import Ranks
 from sami_mlx.toy import world as toyworld
 from sami_mlx.toy.markerworld import MarkerWorld
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 BUILD = 2  # bump when the training changes: cached toy models are keyed on it
-
-
-def cache_dir() -> Path:
-    """Where built models live: $SAMI_MLX_CACHE, else ~/.cache/sami-mlx."""
-    root = os.environ.get("SAMI_MLX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sami-mlx"
-    )
-    return Path(root)
 
 
 def world_of(recipe: dict):
