@@ -272,7 +272,7 @@ def convert_tensors(path: Path, header: GGUFHeader, log: Log) -> tuple[dict, dic
     arch = meta["general.architecture"]
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    loaded = cast("dict[str, Any]", mx.load(str(path)))  # without metadata: a dict of arrays
+    loaded = cast("dict[str, Any]", mx.load(str(path), format="gguf"))  # without metadata: a dict of arrays
     weights: dict[str, Any] = {}
     bits: dict[str, int] = {}
     extras: dict[str, Any] = {}
@@ -340,8 +340,25 @@ def _llama3_rope(path: Path, factors: list[float], theta: float, head_dim: int) 
     raise SamiError(f"{path}: rope_freqs.weight does not match Llama 3's rotary scaling; this import cannot read it")
 
 
-def model_config(path: Path, header: GGUFHeader, weights: dict, bits: dict, extras: dict) -> dict:
-    """config.json for mlx-lm, from the metadata (and the shapes of the weights)."""
+TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 8, **dict.fromkeys(WIDENED, REQUANTIZE_BITS)}
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def header_config(path: Path) -> dict:
+    """config.json as the import would write it, from the header alone (for a plan's memory estimate)."""
+    header = read_header(path)
+    check_gguf(path, header)
+    bits = {}
+    for t in header.tensors:
+        if t.type_name in TYPE_BITS and len(t.shape) == 2 and t.name.endswith(".weight"):
+            module = mlx_name(path, t.name)
+            if module:
+                bits[module.rsplit(".", 1)[0]] = TYPE_BITS[t.type_name]
+    return model_config(path, header, bits)
+
+
+def model_config(path: Path, header: GGUFHeader, bits: dict, extras: dict | None = None) -> dict:
+    """config.json for mlx-lm, from the metadata and the tensor table; `bits` per quantized module."""
     import mlx.core as mx
 
     meta = header.metadata
@@ -355,11 +372,13 @@ def model_config(path: Path, header: GGUFHeader, weights: dict, bits: dict, extr
 
     hidden = int(field("embedding_length"))
     heads = int(field("attention.head_count"))
-    embed = weights["model.embed_tokens.weight"]
+    tensors = {t.name: t for t in header.tensors}
+    if "token_embd.weight" not in tensors:
+        raise SamiError(f"{path}: no token_embd.weight tensor; this is not a complete model file")
     head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
     theta = float(field("rope.freq_base", 10000.0))
-    floats = [str(v.dtype).rsplit(".", 1)[-1] for k, v in weights.items() if k.endswith("weight") and v.ndim == 2]
-    dtype = next((d for d in floats if d in ("float32", "float16", "bfloat16")), "float16")
+    floats = [FLOAT_DTYPES[t.type_name] for t in header.tensors if t.type_name in FLOAT_DTYPES and len(t.shape) == 2]
+    dtype = floats[0] if floats else "float16"  # a quantized model's scales are float16
     config: dict[str, Any] = {
         "model_type": arch,
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
@@ -372,16 +391,16 @@ def model_config(path: Path, header: GGUFHeader, weights: dict, bits: dict, extr
         # stored as float32: 1e-5 reads back as 9.999999747e-06
         "rms_norm_eps": float(f"{float(field('attention.layer_norm_rms_epsilon', 1e-6)):.7g}"),
         "rope_theta": theta,
-        "vocab_size": int(embed.shape[0]),
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
         "max_position_embeddings": int(field("context_length", 4096)),
-        "tie_word_embeddings": "lm_head.weight" not in weights,
+        "tie_word_embeddings": "output.weight" not in tensors,
         "torch_dtype": dtype,
     }
     if arch == "llama":
-        config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in weights
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(field("rope.scaling.factor"))}
-    if "rope_freqs.weight" in extras:
+    if extras and "rope_freqs.weight" in extras:
         factors = extras["rope_freqs.weight"].astype(mx.float32).tolist()
         config["rope_scaling"] = _llama3_rope(path, factors, theta, head_dim)
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
@@ -569,7 +588,7 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, log: Log | 
     header = read_header(src)
     check_gguf(src, header)
     weights, bits, extras = convert_tensors(src, header, log)
-    config = model_config(src, header, weights, bits, extras)
+    config = model_config(src, header, bits, extras)
     tokenizer = build_tokenizer(src, header.metadata, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -662,9 +681,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def gguf_model_dir(sha256: str) -> Path:
+    """Where `cached_gguf_model` keeps the import of a file whose content has this sha256."""
+    return cache_dir() / "models" / f"gguf-{sha256[:16]}-v{IMPORTER_VERSION}"
+
+
 def gguf_cache_dir(path: str | os.PathLike) -> Path:
     """Where `cached_gguf_model` keeps the import of the file at `path` (keyed by its content)."""
-    return cache_dir() / "models" / f"gguf-{file_sha256(Path(path).expanduser())[:16]}-v{IMPORTER_VERSION}"
+    return gguf_model_dir(file_sha256(Path(path).expanduser()))
 
 
 def cached_gguf_model(path: str | os.PathLike, log: Log | None = None) -> Path:

