@@ -21,34 +21,11 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_model_path(name: str) -> Path:
-    """A local model directory for `name` (a directory, a hub id, or a preset name from models/),
-    downloading a hub repo through huggingface-hub if needed."""
-    p = Path(name).expanduser()
-    if not p.exists():
-        from sami_mlx.presets import model_for_preset
+    """A local model directory for `name` (a directory, a .gguf file, a preset name from models/, or a
+    hub id), fetching, importing or building it first if needed (sami_mlx.sources)."""
+    from sami_mlx.sources import resolve_model
 
-        name = model_for_preset(name) or name
-        p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise SamiError(f"--model {name}: is a file; pass the model directory")
-        if not (p / "config.json").exists():
-            raise SamiError(f"--model {name}: no config.json there; is this a model directory?")
-        if not any(p.glob("*.safetensors")):
-            raise SamiError(f"--model {name}: no *.safetensors weights there; convert with mlx_lm.convert")
-        return p
-    if looks_like_path(name):
-        raise SamiError(f"--model {name}: directory not found; pass a model directory or a hub id like org/name")
-    from mlx_lm.utils import _download
-
-    try:
-        return Path(_download(name))
-    except Exception as e:  # network, auth, missing repo: all the user's to fix
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise SamiError(
-            f"--model {name}: could not download from the Hugging Face hub ({reason}); "
-            "check the id and the network, or pass a local directory"
-        ) from None
+    return resolve_model(name)
 
 
 def load_model(name: str, trust_remote_code: bool = False):

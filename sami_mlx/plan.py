@@ -72,7 +72,7 @@ def missing_model(model: str, shape: ModelShape | None) -> str | None:
     hub_id = get_preset(model).model if model in preset_names() else model
     if looks_like_path(hub_id):
         return None  # a local directory (or a path the run will refuse with its own message)
-    local = model_dir_at_hand(hub_id)
+    local = model_dir_at_hand(model)  # a preset's name finds its hub snapshot or its imported wheel
     if local is not None and any(local.glob("*.safetensors")):
         return None
     size = ""
@@ -85,7 +85,8 @@ def missing_model(model: str, shape: ModelShape | None) -> str | None:
             pass
     if not size and shape is not None:
         size = f"about {shape.weight_bytes / GiB:.1f} GiB of weights (estimated from its architecture)"
-    return f"model {hub_id}: {size or 'size unknown offline'}; `hf download {hub_id}` fetches it"
+    fetch = f"sami-mlx models pull {model}" if model in preset_names() else f"hf download {hub_id}"
+    return f"model {hub_id}: {size or 'size unknown offline'}; `{fetch}` fetches it"
 
 
 def missing_lines(cfg: Any, plan: Plan, shape: ModelShape | None) -> list[str]:
