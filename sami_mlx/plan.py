@@ -213,7 +213,7 @@ def prompt_preview(cfg: Any, inputs: Any, tokenizer: Any = None) -> list[str]:
 
 def _quoted(text: str) -> list[str]:
     # '| ' before each line keeps blank lines and leading spaces visible.
-    return ["| " + line for line in text.split("\n")]
+    return ["| " + line if line else "|" for line in text.split("\n")]
 
 
 def format_line(choice: Any) -> str:
