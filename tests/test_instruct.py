@@ -337,6 +337,17 @@ def test_eval_generates_with_the_runs_chat_template(instruct_run, monkeypatch):
     assert "Be brief." in text and "Be kind." in text and text.endswith("\n\nName a colour.</s><|assistant|>")
 
 
+def test_serve_says_which_endpoint_prompts_as_the_run_trained(instruct_run, tiny_model, tmp_path):
+    from sami_mlx.cli.serve import prompt_note
+
+    assert "through the chat template (template chat): /v1/chat/completions" in prompt_note(
+        load_run_config(instruct_run)
+    )
+    (tmp_path / "config.yaml").write_text(f"model: {tiny_model}\n")
+    plain = prompt_note(load_run_config(tmp_path))
+    assert "plain-text prompts (template dialogue, no chat template): send them to /v1/completions" in plain
+
+
 def test_the_chat_template_fixture_is_what_these_tests_assume(instruct_model):
     assert json.loads((instruct_model / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
     assert instruct.has_chat_template(None) is None
