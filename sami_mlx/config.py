@@ -46,7 +46,7 @@ class TrainConfig:
         (
             "Wrap prompts as a user turn in the tokenizer's chat template (default: auto, on for an instruct"
             " model whose tokenizer has one: a preset of kind instruct, or a model whose name has the word"
-            " instruct, chat or it; off for any other)."
+            " instruct, chat or it; off for any other; see docs/TRAINING.md)."
         ),
     )
     variants: str = _f(
