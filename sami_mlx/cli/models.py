@@ -185,7 +185,9 @@ def _details(name: str, machine, groups: int, as_json: bool) -> str:
         return json.dumps(out, indent=2, default=str)
     lines = [
         f"{p.name}: {p.description}" if p.description else p.name,
-        f"  kind: {p.kind} ({'use --chat-template' if p.prompt_style == 'chat' else 'plain-text prompts'})",
+        f"  kind: {p.kind} ("
+        + ("its chat template and the chat prompt by default" if p.kind == "instruct" else "plain-text prompts")
+        + ")",
         f"  weights: {p.hub_id or 'built locally from its recipe'}" + (f" ({p.shape.describe()})" if p.shape else ""),
         *(
             [

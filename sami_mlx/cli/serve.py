@@ -11,6 +11,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from sami_mlx.cli.flags import add_sampling_arguments
+from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 
 SYSTEM_PROMPTS = ("none", "constitution")
@@ -149,6 +150,20 @@ def stop_server(httpd, generator) -> None:
     mx.clear_cache()
 
 
+def prompt_note(cfg: TrainConfig) -> str:
+    """Which endpoint prompts the served model the way its run trained (the run's resolved config.yaml)."""
+    template = cfg.generation_template or cfg.template
+    if cfg.chat_template:
+        return (
+            f"the run trained through the chat template (template {template}): /v1/chat/completions "
+            "prompts the model as it trained"
+        )
+    return (
+        f"the run trained on plain-text prompts (template {template}, no chat template): send them to "
+        "/v1/completions; /v1/chat/completions applies the tokenizer's chat template, which training did not use"
+    )
+
+
 def _is_system(message) -> bool:
     return isinstance(message, dict) and message.get("role") == "system"
 
@@ -187,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    print(prompt_note(adapters.config), file=sys.stderr, flush=True)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

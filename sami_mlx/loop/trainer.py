@@ -27,6 +27,7 @@ from sami_mlx.config import TrainConfig, load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from sami_mlx.inputs.constitution import variant_strategy
+from sami_mlx.instruct import prompts_resolved, resolve_prompts
 from sami_mlx.loop.adapters import adapter_weights, attach_adapters, save_adapters, set_adapter_weights
 from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.faults import fault_point
@@ -40,6 +41,7 @@ from sami_mlx.loop.prepare import (
     check_memory,
     prepare_inputs,
     prepare_run_dir,
+    with_templates,
 )
 from sami_mlx.loop.rollout import StopRequested
 from sami_mlx.loop.runstate import RunLock, RunState, load_step_state, save_step_state
@@ -155,6 +157,9 @@ def _run(
     new run, whose directory rank 0 prepares (with its config.yaml); else the run directory to resume."""
     inputs = prepare_inputs(cfg)
     model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
+    if not prompts_resolved(cfg):  # chosen for the model now that its tokenizer is here; config.yaml records them
+        cfg = resolve_prompts(cfg, tokenizer)
+        inputs = with_templates(inputs, cfg)
     longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
     memory_gb = check_memory(cfg, inputs, model_config, longest, float_bytes(model))
     if not ranks.primary:
