@@ -163,9 +163,13 @@ def upcast_for_cpu(model) -> int:
 
 
 def quantized_bits(model: nn.Module) -> int | None:
-    """The widest bit width among the model's quantized layers; None for an unquantized model."""
-    bits = [int(m.bits) for _, m in model.named_modules() if "scales" in m and hasattr(m, "bits")]
-    return max(bits) if bits else None
+    """The bit width that holds most of the model's quantized weights (a GGUF Q4 file keeps its embedding
+    in 8 bits, say); None for an unquantized model."""
+    weights: dict[int, int] = {}
+    for _, m in model.named_modules():
+        if "scales" in m and hasattr(m, "bits"):
+            weights[int(m.bits)] = weights.get(int(m.bits), 0) + m.weight.size * 32 // int(m.bits)
+    return max(weights, key=lambda bits: weights[bits]) if weights else None
 
 
 def fp32_weight_bytes(model: nn.Module) -> int:
