@@ -169,7 +169,7 @@ class TrainConfig:
         "auto",
         (
             "Load a quantized model's weights as fp32: 'auto' where MLX computes on the CPU (its quantized"
-            " matmuls are 25-30x slower there) and the fp32 weights take at most a quarter of the memory;"
+            " matmuls are 10-30x slower there) and the fp32 weights take at most a quarter of the memory;"
             " 'yes' always; 'no' never (QLoRA). Adapters fit the quantized model either way."
         ),
     )

@@ -349,7 +349,7 @@ def choose_dequantize(
 ) -> Dequantize:
     """--dequantize `mode` (auto, yes, no) for a model with `bits`-bit weights (None: not quantized) whose
     fp32 weights take `fp32_bytes`, on MLX's CPU backend or not, on a machine with `total` bytes (None:
-    this one). MLX's quantized matmul is 25-30x slower than fp32 on the CPU (benchmarks/dequantize.py),
+    this one). MLX's quantized matmul is 10-30x slower than fp32 on the CPU (benchmarks/dequantize.py),
     so `auto` trains LoRA on fp32 weights there when they fit in a quarter of the memory."""
     if bits is None:
         return Dequantize(False)
@@ -368,7 +368,7 @@ def choose_dequantize(
         return Dequantize(
             True,
             f"dequantized the {bits}-bit weights to fp32 at load (--dequantize auto): MLX computes on the CPU, "
-            f"where quantized matmuls are 25-30x slower, and the fp32 weights ({size}) take at most a quarter "
+            f"where quantized matmuls are 10-30x slower, and the fp32 weights ({size}) take at most a quarter "
             f"of this machine's {_gb(total)}; --dequantize no keeps them quantized",
         )
     return Dequantize(

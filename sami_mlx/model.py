@@ -198,6 +198,8 @@ def dequantize_for_cpu(model: nn.Module, mode: str = "auto") -> Dequantize:
     if not choice.apply:
         upcast_for_cpu(model)
         return choice
+    if cpu:  # widen 16-bit scales first: weights dequantized in fp16 would carry its rounding (about 1e-3)
+        upcast_for_cpu(model)
     dequantize_model(model)
     if cpu:
         model.set_dtype(mx.float32)
