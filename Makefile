@@ -55,9 +55,10 @@ _demo:
 	$(RUN) $(VENV)/bin/sami-mlx demo
 
 # Ratio benchmarks against mlx-lm's own functions (see docs/PERFORMANCE.md).
-# `make bench` adds the CPU upcast and the 7B-width memory check (a few minutes more).
+# `make bench` adds the CPU upcast, the 7B-width memory check and SmolLM2 quantized vs dequantized on
+# the CPU (a few minutes more).
 bench: $(BASE)
-	$(MAKE) --no-print-directory _bench SIZES="tiny 100m" EXTRA="cpu_upcast memory"
+	$(MAKE) --no-print-directory _bench SIZES="tiny 100m" EXTRA="cpu_upcast memory dequantize"
 
 bench-quick: $(BASE)
 	$(MAKE) --no-print-directory _bench SIZES=tiny EXTRA=

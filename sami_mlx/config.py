@@ -13,6 +13,7 @@ from typing import Any
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_structured
 from sami_mlx.inputs.constitution import parse_variants
+from sami_mlx.memory import DEQUANTIZE_MODES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -171,6 +172,14 @@ class TrainConfig:
             "held-out MI bound) or 'last' (the last healthy one)."
         ),
     )
+    dequantize: str = _f(
+        "auto",
+        (
+            "Load a quantized model's weights as fp32: 'auto' where MLX computes on the CPU (its quantized"
+            " matmuls are 10-30x slower there) and the fp32 weights take at most a quarter of the memory;"
+            " 'yes' always; 'no' never (QLoRA). Adapters fit the quantized model either way."
+        ),
+    )
     force: bool = _f(False, "Start even when the memory estimate says the run cannot fit this machine.")
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
@@ -250,6 +259,8 @@ class TrainConfig:
             raise SamiError(f"--schedule {cfg.schedule!r}: use 'paper' or 'continue'")
         if cfg.scoring not in ("shared", "naive"):
             raise SamiError(f"--scoring {cfg.scoring!r}: use 'shared' or 'naive'")
+        if cfg.dequantize not in DEQUANTIZE_MODES:
+            raise SamiError(f"--dequantize {cfg.dequantize!r}: use 'auto', 'yes' or 'no'")
         if cfg.optimizer not in ("adamw", "rmsprop"):
             raise SamiError(f"--optimizer {cfg.optimizer!r}: use 'adamw' or 'rmsprop'")
         if cfg.anchor_template and not cfg.anchor_beta:
@@ -400,6 +411,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise SamiError(f"{where} must be true or false, got {value!r}")
+    if name == "dequantize" and isinstance(value, bool):
+        return "yes" if value else "no"  # YAML 1.1 reads a bare yes/no as a boolean
     if base == "str":
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             return str(value)

@@ -288,5 +288,5 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
         lines.append(f"model: {label}; memory: unknown offline (no preset and no cached config.json for it)")
     else:
         run = RunShape.from_config(cfg, inputs.num_variants, longest)
-        lines += dry_run_memory(shape, label, run, model_dir_at_hand(cfg.model), total_gb)
+        lines += dry_run_memory(shape, label, run, model_dir_at_hand(cfg.model), total_gb, cfg.dequantize)
     return "\n".join("# " + line for line in lines)

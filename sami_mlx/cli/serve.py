@@ -84,6 +84,7 @@ def make_server(settings: argparse.Namespace, system_prompt: str | None = None):
     from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator, get_system_fingerprint
 
     from sami_mlx.export import first_line
+    from sami_mlx.model import dequantize_for_cpu
 
     class Handler(APIHandler):
         """mlx-lm's handler; a chat request without a system message gets `system_prompt` as one."""
@@ -101,6 +102,12 @@ def make_server(settings: argparse.Namespace, system_prompt: str | None = None):
         def __init__(self, cli_args):
             super().__init__(cli_args)
             self.loaded, self.error = threading.Event(), None
+            self.note = ""  # how the weights were loaded when not as stored (--dequantize)
+
+        def _load(self, *args, **kwargs):
+            super()._load(*args, **kwargs)
+            assert self.model is not None  # _load sets it or raises
+            self.note = dequantize_for_cpu(self.model, getattr(self.cli_args, "dequantize", "auto")).reason
 
         def load_default(self):
             try:
@@ -190,12 +197,15 @@ def run(args: argparse.Namespace) -> int:
         temp=args.temperature,
         top_p=args.top_p,
         trust_remote_code=args.trust_remote_code or bool(adapters.config.trust_remote_code),
+        dequantize=adapters.config.dequantize,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
     httpd, generator = make_server(
         settings, system_prompt(adapters.constitution) if wants_constitution and adapters.constitution else None
     )
     host, port = httpd.server_address[:2]
+    if generator.model_provider.note:
+        print(generator.model_provider.note, file=sys.stderr)
     print(
         f"serving {adapters.model} + {adapters.name} at http://{host}:{port}/v1 (OpenAI API; system prompt: "
         f"{args.system_prompt}); Ctrl-C to stop",

@@ -156,7 +156,8 @@ def _run(
     """Load the inputs and the model, check that they fit, and run the loop from `state`. `out` None: a
     new run, whose directory rank 0 prepares (with its config.yaml); else the run directory to resume."""
     inputs = prepare_inputs(cfg)
-    model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
+    notes: list[str] = []  # how the weights were loaded (dequantized or not, and why), told at RunStarted
+    model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code, cfg.dequantize, notes.append)
     if not prompts_resolved(cfg):  # chosen for the model now that its tokenizer is here; config.yaml records them
         cfg = resolve_prompts(cfg, tokenizer)
         inputs = with_templates(inputs, cfg)
@@ -172,6 +173,7 @@ def _run(
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
         loop.memory_estimate_gb = memory_gb
+        loop.model_note = "; ".join(notes)
         return loop.run(state)
 
 
@@ -208,6 +210,7 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
     """
 
     memory_estimate_gb: float | None = None  # from check_memory, shown when the run starts
+    model_note: str = ""  # from load_model: how the weights were loaded, shown when the run starts
 
     def __init__(
         self,
@@ -307,6 +310,7 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                     state.base_ppl,
                     resumed_at_step=state.global_step,
                     memory_estimate_gb=self.memory_estimate_gb,
+                    model_note=self.model_note,
                     monitor_queries=len(probe.query_ids) if probe else 0,
                     base_heldout_mi=probe.base_mi if probe else None,
                 )
