@@ -5,6 +5,7 @@ folder), fixed numbers in the past run, no clock, no blinking cursors, and no sc
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -47,30 +48,31 @@ def workdir(tmp_path, monkeypatch, constitution_file, past_run):
     return tmp_path
 
 
-async def steady(pilot, frames: int = 100) -> None:
-    """No blinking cursor in a screenshot, and the screen settled: a busy machine can take the
-    picture between a layout change and its last repaint (a scrollbar one frame behind failed CI),
-    so wait until two frames in a row agree."""
+async def steady(pilot, seconds: float = 60) -> None:
+    """No blinking cursor in a screenshot, and the screen settled: wait until two frames in a row
+    agree, both in what they show and in every widget's scroll offset (a busy machine can take the
+    picture between a layout change and its repaint). Fails, naming what still changed, if the screen
+    has not settled within `seconds`."""
     await pilot.pause()
     for box in pilot.app.screen.query(Input):
         box.cursor_blink = False
-    previous = None
-    for _ in range(frames):
+    deadline = time.monotonic() + seconds
+    previous = last = None
+    while time.monotonic() < deadline:
         await pilot.wait_for_scheduled_animations()
         await pilot.pause()
-        frame = pilot.app.export_screenshot(simplify=True)
-        if frame == previous and not scrolling(pilot.app):
+        frame = (pilot.app.export_screenshot(simplify=True), scroll_offsets(pilot.app))
+        if frame == previous:
             return
-        previous = frame
-    raise AssertionError(f"the screen still changed after {frames} frames")
+        last, previous = previous, frame
+    assert previous is not None and last is not None
+    changed = [b for a, b in zip(last[0].splitlines(), previous[0].splitlines()) if a != b][:3]
+    raise AssertionError(f"the screen still changed after {seconds} s: {changed or (last[1], previous[1])}")
 
 
-def scrolling(app) -> bool:
-    """Whether any widget of the screen is still on its way to a scroll target."""
-    return any(
-        w.scroll_target_x != w.scroll_x or w.scroll_target_y != w.scroll_y
-        for w in (app.screen, *app.screen.walk_children())
-    )
+def scroll_offsets(app) -> list[tuple[float, float]]:
+    """Every widget's scroll offset on the screen, in DOM order."""
+    return [(w.scroll_x, w.scroll_y) for w in (app.screen, *app.screen.walk_children())]
 
 
 def test_constitution_screen(workdir, snap_compare):
