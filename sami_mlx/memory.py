@@ -162,7 +162,7 @@ class RunShape:
             variants=variants,
             prompt_tokens=prompt_tokens,
             response_tokens=cfg.max_tokens,
-            groups_per_micro_batch=math.ceil(cfg.queries_per_step / cfg.grad_accumulation),
+            groups_per_micro_batch=cfg.groups_per_micro_batch,
             gen_batch_size=cfg.gen_batch_size,
             lora_rank=cfg.lora_rank,
             lora_layers=cfg.lora_layers,
@@ -212,14 +212,19 @@ def lora_parameters(shape: ModelShape, run: RunShape) -> int:
     return adapted * per_block
 
 
-# Measured on the CPU backend (tests/test_memory.py): per logit, beyond the logits themselves, the
-# step holds about 16 bytes (an fp32 copy, log-softmax and its gradient); with --grad-checkpoint each
-# block keeps about 6 hidden-size vectors per token (its input and output, the checkpoint's saved
-# residuals and the cotangent), not the one a checkpoint needs in principle, and the backward pass
-# can hold two blocks' rebuilt activations at once.
-LOGIT_BYTES = 16
+# Measured on the CPU backend (tests/test_memory.py): with --grad-checkpoint each block keeps about 6
+# hidden-size vectors per token (its input and output, the checkpoint's saved residuals and the
+# cotangent), not the one a checkpoint needs in principle, and the backward pass can hold two blocks'
+# rebuilt activations at once.
 CHECKPOINT_KEPT = 6
 CHECKPOINT_REBUILT = 2
+# The output layer runs CHUNK_LOGITS logits at a time (sami_mlx.loop.logits.CHUNK_LOGITS; a test keeps
+# the two equal), so a scored token keeps only its final hidden state and the norm's input. MLX encodes
+# work ahead of the computation: measured, about CHUNKS_IN_FLIGHT chunks are alive at once, each logit
+# with CHUNK_LOGIT_BYTES (the fp32 logits, the exponentials and, in the backward pass, their gradient).
+CHUNK_LOGITS = 2**22
+CHUNKS_IN_FLIGHT = 10
+CHUNK_LOGIT_BYTES = 8
 
 
 def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
@@ -227,8 +232,10 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
 
     Parameters x bytes per weight, plus fp32 LoRA weights with gradients and optimizer state, plus
     the larger of: training activations for one micro-batch of N² (prompt, response) pairs, or the
-    sampling batch's KV cache. A model, not a measurement: each step logs `peak_memory_gb` (GiB), and
-    tests/test_memory.py and benchmarks/memory.py check the one against the other.
+    sampling batch's KV cache. The monitor's held-out MI and eval's intrinsic metric score the same
+    micro-batches without gradients (scoring.score_micro_batches), so the training term covers them.
+    A model, not a measurement: each step logs `peak_memory_gb` (GiB), and tests/test_memory.py and
+    benchmarks/memory.py check the one against the other.
     """
     a, N, P, R, g = (
         shape.activation_bytes,
@@ -248,15 +255,16 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     # sigmoid, the activation and the product (per active expert).
     per_token_layer = a * (6 * h + 3 * q + 3 * kv + 5 * shape.intermediate_size * shape.experts_per_token)
     kv_token = 2 * kv * a * shape.layers  # one token's keys and values over all layers
+    head_token = 2 * h * a  # what a scored token keeps for the output layer: the final norm's input and output
     if run.naive:
         tokens = N * N * (P + R)
         scores = N * N * heads * (P + R) ** 2 * 2 * a  # attention scores and probabilities
-        logits = N * N * (P + R) * V * (a + LOGIT_BYTES)
+        scored = N * N * (P + R)  # every position goes through the output layer
         caches = 0
     else:  # shared: N prompt passes, then N responses against each prompt's repeated KV cache
         tokens = N * P + N * N * R
         scores = N * heads * (P * P + N * R * (P + R)) * 2 * a
-        logits = N * N * R * V * (a + LOGIT_BYTES) + N * P * V * a
+        scored = N * N * R
         caches = N * N * (P + R) * kv_token
     score_layers = 1 if run.fused_attention else adapted
     if run.grad_checkpoint:  # a few vectors per block are kept; blocks are rebuilt one or two at a time
@@ -264,20 +272,26 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         kept = g * (tokens * adapted * CHECKPOINT_KEPT * h * a + rebuilt * (tokens * per_token_layer + scores))
     else:
         kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
-    training: float = kept + g * (logits + caches)
+    training: float = kept + g * (scored * head_token + caches)
     kl_kept = adapted * (CHECKPOINT_KEPT * h * a if run.grad_checkpoint else per_token_layer)
     if run.naive:
         # The KL terms run N sequences once more, with and without adapters (counted at full prompt
-        # length): the logits of both passes, and the activations the policy pass keeps for the backward.
+        # length): the features of both passes, and the activations the policy pass keeps for the backward.
         kl_tokens = (run.kl + run.anchor) * g * N * (P + R)
-        training += kl_tokens * (V * (a + LOGIT_BYTES) * 2 + kl_kept)
+        training += kl_tokens * (2 * head_token + kl_kept)
+        scored += (run.kl + run.anchor) * N * (P + R)
     else:
         # The shared pass takes the KL's policy side from its own diagonal; the base (adapters off) runs
         # the prompts once into caches and the N responses after them, and the anchor's N responses run
         # once more with adapters (their activations kept for the backward pass).
         base_rows = (run.kl + run.anchor) * g * N * R
-        training += base_rows * V * (a + LOGIT_BYTES) + (run.kl or run.anchor) * g * N * (P + R) * kv_token
-        training += run.anchor * g * N * R * (V * (a + LOGIT_BYTES) + kl_kept)
+        training += base_rows * head_token + (run.kl or run.anchor) * g * N * (P + R) * kv_token
+        training += run.anchor * g * N * R * (head_token + kl_kept)
+        scored += (run.kl + run.anchor) * N * R
+    # The output layer's chunks (a KL chunk holds the policy's and the base's logits): as many as MLX
+    # keeps in flight, or all of the micro-batch's scored tokens.
+    chunk_tokens = max(1, CHUNK_LOGITS // V)
+    training += min(g * scored, CHUNKS_IN_FLIGHT * chunk_tokens) * V * CHUNK_LOGIT_BYTES
     prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
     sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
     if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32
@@ -327,6 +341,43 @@ def fit(need: float, machine: MachineMemory) -> str:
     return "yes" if need <= machine.usable else "tight" if need <= machine.total else "no"
 
 
+# ---- --grad-accumulation auto ----------------------------------------------------------------
+
+HEADROOM = 0.8  # auto plans for this share of what MLX can use: the estimate is good to about 20%
+
+
+def auto_micro_batches(shape: ModelShape, run: RunShape, queries_per_step: int, machine: MachineMemory) -> int:
+    """--grad-accumulation auto: the fewest micro-batches (of `queries_per_step` query groups) whose
+    estimate fits `machine` with HEADROOM; one group per micro-batch when none does (the run's memory
+    check then says so), and 1 when the machine's memory is unknown."""
+    if not machine.total:
+        return 1
+    seen = set()
+    for n in range(1, queries_per_step + 1):
+        groups = math.ceil(queries_per_step / n)
+        if groups in seen:  # as many groups per micro-batch as with fewer micro-batches: no gain
+            continue
+        seen.add(groups)
+        if estimate_memory(shape, replace(run, groups_per_micro_batch=groups)).peak <= HEADROOM * machine.usable:
+            return n
+    return queries_per_step
+
+
+def resolve_micro_batches(
+    cfg: Any, shape: ModelShape | None, variants: int, prompt_tokens: int, machine: MachineMemory
+):
+    """`cfg` (a TrainConfig) with --grad-accumulation auto replaced by its choice for `shape` (as loaded)
+    on `machine`; a number is kept, and an unknown architecture (None) runs one micro-batch."""
+    from sami_mlx.config import AUTO
+
+    if cfg.grad_accumulation != AUTO:
+        return cfg
+    n = 1
+    if shape is not None:
+        n = auto_micro_batches(shape, RunShape.from_config(cfg, variants, prompt_tokens), cfg.queries_per_step, machine)
+    return replace(cfg, grad_accumulation=n)
+
+
 # ---- what --dry-run prints about memory ------------------------------------------------------
 
 
@@ -359,17 +410,22 @@ def _weights_float_bytes(path: Path) -> int | None:
     return None
 
 
+def shape_as_loaded(shape: ModelShape, weights: Path | None) -> ModelShape:
+    """`shape` with the float width its weights will have once loaded: read from the weights in
+    `weights` (a local model directory), and fp32 for a quantized model's scales on the CPU backend."""
+    wide = _weights_float_bytes(weights) if weights is not None else None
+    if _cpu_backend() and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
+        wide = 4
+    return shape.in_float_bytes(wide) if wide else shape
+
+
 def dry_run_memory(
     shape: ModelShape, label: str, run: RunShape, weights: Path | None, total_gb: float | None = None
 ) -> list[str]:
     """The model and memory lines of `--dry-run`: the model as it will be loaded (the float width of the
     weights in `weights`, a local model directory), its memory estimate for `run`, and whether that fits
     this machine (or one with `total_gb` GiB) with what to change when it does not."""
-    wide = _weights_float_bytes(weights) if weights is not None else None
-    if _cpu_backend() and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
-        wide = 4
-    if wide:
-        shape = shape.in_float_bytes(wide)
+    shape = shape_as_loaded(shape, weights)
     lines = [f"model: {label} ({shape.describe()})"]
     est = estimate_memory(shape, run)
     lines.append(f"memory (estimate): {est.summary()}")

@@ -20,7 +20,7 @@ same distribution either way; the shared path's entries of a row are correlated 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,11 @@ class ScoringBatch:
         assert self.anchors is not None, "a batch built without anchor prompts"
         seqs = [(self.anchors[b], self.responses[b][j]) for b in range(B) for j in range(N)]
         return _pad(seqs, (B * N, 1), bucketed)
+
+    def groups(self, start: int, stop: int) -> ScoringBatch:
+        """Groups `start` to `stop` (exclusive) of this batch."""
+        anchors = None if self.anchors is None else self.anchors[start:stop]
+        return ScoringBatch(self.prompts[start:stop], self.responses[start:stop], anchors)
 
     @property
     def num_tokens(self) -> int:
@@ -297,6 +302,27 @@ def score_matrix(model: nn.Module, batch: ScoringBatch, shared: bool = True) -> 
     if shared and shared_scoring_supported(model):
         return score_shared(model, batch)
     return score_naive(model, batch)
+
+
+def score_micro_batches(
+    model: nn.Module,
+    batch: ScoringBatch,
+    groups: int,
+    shared: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> mx.array:
+    """S as [B, N, N], scored `groups` query groups at a time and evaluated one part after another, as
+    training scores its micro-batches: a pass with no gradients (the monitor's held-out MI, eval's
+    intrinsic metric) holds no more than one training micro-batch. `on_progress(done, total)` after each."""
+    B, parts = batch.shape[0], []
+    for start in range(0, B, max(groups, 1)):
+        stop = min(start + max(groups, 1), B)
+        S = score_matrix(model, batch.groups(start, stop), shared)
+        mx.eval(S)
+        parts.append(S)
+        if on_progress is not None:
+            on_progress(stop, B)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
 def kl_to_base(
