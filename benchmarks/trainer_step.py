@@ -28,20 +28,16 @@ CONSTITUTION = "name: bench\nprinciples:\n" + "".join(
 )
 
 
-def make_loop(model_dir: Path, tmp: Path, **kw) -> SamiLoop:
+def make_loop(model_dir: Path, tmp: Path, note=None, **kw) -> SamiLoop:
     (tmp / "c.yaml").write_text(CONSTITUTION)
     (tmp / "q.txt").write_text("hello\n")
     cfg = TrainConfig(
         model=str(model_dir),
         constitution=str(tmp / "c.yaml"),
         queries=str(tmp / "q.txt"),
-        variants="4",
-        lora_layers=-1,
-        learning_rate=1e-5,
-        out=str(tmp),
-        **kw,
+        **{"variants": "4", "lora_layers": -1, "learning_rate": 1e-5, "out": str(tmp), **kw},
     ).resolved()
-    model, tokenizer, _ = load_model(cfg.model)
+    model, tokenizer, _ = load_model(cfg.model, dequantize=cfg.dequantize, note=note)
     loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, tmp, lambda e: None)
     model.train()
     return loop

@@ -201,10 +201,16 @@ class ChatSession:
     use_constitution: bool = True
     history: list[tuple[str, str]] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
+    dequantize: str = "auto"  # --dequantize for a quantized base (the run's setting)
+    load_note: str = ""  # how the last load left the weights when not as stored (dequantized, and why)
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Load the model with this checkpoint's adapters (or none for base)."""
-        self.model, self.tokenizer = load_checkpoint_model(self.model_name, checkpoint, self.trust_remote_code)
+        notes: list[str] = []
+        self.model, self.tokenizer = load_checkpoint_model(
+            self.model_name, checkpoint, self.trust_remote_code, self.dequantize, notes.append
+        )
+        self.load_note = "; ".join(notes)
         self.checkpoint = checkpoint
         self.format = PromptFormat.choose(self.tokenizer, self.style, self.template, self.chat_template)
         self.context = context_length(self.model_name)

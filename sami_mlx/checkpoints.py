@@ -7,6 +7,7 @@ schedule position; sami_mlx.loop.runstate) is the run's *step state*, not a chec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,22 +53,34 @@ def find_checkpoint(run_dir: str | Path | None, iteration: int | str | None) -> 
     raise SamiError(f"--iteration {iteration}: no such checkpoint in {run_dir}; choose one of {names}")
 
 
-def load_checkpoint_model(model: str, checkpoint: Checkpoint, trust_remote_code: bool = False):
-    """(model, tokenizer) with the checkpoint's adapters applied through mlx-lm."""
+def load_checkpoint_model(
+    model: str,
+    checkpoint: Checkpoint,
+    trust_remote_code: bool = False,
+    dequantize: str = "auto",
+    note: Callable[[str], None] | None = None,
+):
+    """(model, tokenizer) with the checkpoint's adapters applied through mlx-lm, a quantized base
+    dequantized as --dequantize `dequantize` decides (sami_mlx.model.dequantize_for_cpu; the adapters'
+    shapes are the same either way); `note` hears why in words."""
     import mlx_lm
 
-    from sami_mlx.model import resolve_model_path
+    from sami_mlx.model import dequantize_for_cpu, resolve_model_path
 
     path = resolve_model_path(model)
     try:
-        return mlx_lm.load(
+        loaded, tokenizer = mlx_lm.load(
             str(path),
             adapter_path=str(checkpoint.adapter_path) if checkpoint.adapter_path else None,
             tokenizer_config={"trust_remote_code": trust_remote_code},
             trust_remote_code=trust_remote_code,
-        )
+        )[:2]
     except Exception as e:
         raise SamiError(
             f"{checkpoint.adapter_path or model}: could not load ({str(e).splitlines()[0][:160]}); "
             "is the adapter from this model?"
         ) from None
+    reason = dequantize_for_cpu(loaded, dequantize).reason
+    if reason and note is not None:
+        note(reason)
+    return loaded, tokenizer

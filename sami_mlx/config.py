@@ -14,6 +14,7 @@ from typing import Any
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_structured
 from sami_mlx.inputs.constitution import parse_variants
+from sami_mlx.memory import DEQUANTIZE_MODES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -32,17 +33,24 @@ class TrainConfig:
         "dialogue",
         "Queries: a .jsonl file with a 'query' field, a text file, or a built-in set (dialogue, summarization).",
     )
-    template: str = _f(
-        "dialogue",
+    template: str | None = _f(
+        None,
         (
             "Prompt template file (or built-in: dialogue, summarization, chat) with {constitution} and"
-            " {query}; sets both"
-            " prompts."
+            " {query}; sets both prompts (default: auto, 'chat' when prompts go through the chat template,"
+            " else 'dialogue')."
         ),
     )
     generation_template: str | None = _f(None, "Template for sampling responses (overrides --template).")
     training_template: str | None = _f(None, "Template for scoring responses (overrides --template).")
-    chat_template: bool = _f(False, "Wrap prompts as a user turn in the tokenizer's chat template (instruct models).")
+    chat_template: bool | None = _f(
+        None,
+        (
+            "Wrap prompts as a user turn in the tokenizer's chat template (default: auto, on for an instruct"
+            " model whose tokenizer has one: a preset of kind instruct, or a model whose name has the word"
+            " instruct, chat or it; off for any other; see docs/TRAINING.md)."
+        ),
+    )
     variants: str = _f(
         "auto",
         (
@@ -171,6 +179,14 @@ class TrainConfig:
             "held-out MI bound) or 'last' (the last healthy one)."
         ),
     )
+    dequantize: str = _f(
+        "auto",
+        (
+            "Load a quantized model's weights as fp32: 'auto' where MLX computes on the CPU (its quantized"
+            " matmuls are 10-30x slower there) and the fp32 weights take at most a quarter of the memory;"
+            " 'yes' always; 'no' never (QLoRA). Adapters fit the quantized model either way."
+        ),
+    )
     force: bool = _f(False, "Start even when the memory estimate says the run cannot fit this machine.")
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
@@ -224,6 +240,9 @@ class TrainConfig:
             raise SamiError("--model is required: a hub id or a local model directory")
         if not cfg.constitution:
             raise SamiError("--constitution is required: a JSON or YAML constitution file")
+        if cfg.template == "auto":
+            cfg.template = None
+        # With the template left to auto, these follow once the model is known (sami_mlx.instruct).
         cfg.generation_template = cfg.generation_template or cfg.template
         cfg.training_template = cfg.training_template or cfg.template
         cfg.variants = str(parse_variants(cfg.variants))
@@ -248,6 +267,8 @@ class TrainConfig:
             raise SamiError(f"--schedule {cfg.schedule!r}: use 'paper' or 'continue'")
         if cfg.scoring not in ("shared", "naive"):
             raise SamiError(f"--scoring {cfg.scoring!r}: use 'shared' or 'naive'")
+        if cfg.dequantize not in DEQUANTIZE_MODES:
+            raise SamiError(f"--dequantize {cfg.dequantize!r}: use 'auto', 'yes' or 'no'")
         if cfg.optimizer not in ("adamw", "rmsprop"):
             raise SamiError(f"--optimizer {cfg.optimizer!r}: use 'adamw' or 'rmsprop'")
         if cfg.anchor_template and not cfg.anchor_beta:
@@ -331,12 +352,16 @@ def load_run_config(run_dir: str | Path, flag: str = "--run") -> TrainConfig:
     cfg = TrainConfig(**config_from_file(str(path)))
     if not cfg.model:
         raise SamiError(f"{path}: no 'model' setting; this file is damaged, restore it or start a new run")
-    return cfg
+    from sami_mlx.instruct import prompts_resolved, resolve_prompts
+
+    # A run records the prompt settings it chose; a config written by hand may leave them to auto.
+    return cfg if prompts_resolved(cfg) else resolve_prompts(cfg)
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 OFF = ("off", "none", "null")
 TRACKERS = ("wandb", "swanlab")  # --report-to (sami_mlx.tracking)
+AUTO_SETTINGS = ("chat_template", "template")  # None ('auto'): chosen once the model is known
 
 
 def parse_report_to(text: str) -> str:
@@ -403,6 +428,8 @@ def _kind(f: dataclasses.Field) -> tuple[str, bool]:
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     base, optional = _kind(FIELDS[name])
+    if name in AUTO_SETTINGS and str(value).lower() == "auto":
+        return None  # chosen for the model (sami_mlx.instruct)
     if optional and base in ("int", "float") and (value is False or str(value).lower() in OFF):
         return None  # `max_ppl_ratio: off` (YAML reads a bare off as false)
     if value is None:
@@ -419,6 +446,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise SamiError(f"{where} must be true or false, got {value!r}")
+    if name == "dequantize" and isinstance(value, bool):
+        return "yes" if value else "no"  # YAML 1.1 reads a bare yes/no as a boolean
     if base == "str":
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             return str(value)

@@ -27,6 +27,7 @@ class RunStarted(Event):
     memory_estimate_gb: float | None = None  # estimated peak, checked against the machine before starting
     monitor_queries: int = 0  # held-out queries the degeneration monitor watches (0: monitor off)
     base_heldout_mi: float | None = None  # MI bound of the base model's answers to them
+    model_note: str = ""  # how the weights were loaded when not as stored (--dequantize), and why
 
 
 @dataclass

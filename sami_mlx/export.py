@@ -177,7 +177,9 @@ def export_run(
     try:
         say(f"saving to {out}" + (" (dequantized)" if dequantize else ""))
         save(tmp, str(src), model, tokenizer, config, donate_model=False)
-        (tmp / "README.md").write_text(model_card(adapters, dequantized=dequantize, gguf=gguf), encoding="utf-8")
+        quant = base_config.get("quantization") or base_config.get("quantization_config") or {}
+        card = model_card(adapters, dequantized=dequantize, gguf=gguf, base_bits=quant.get("bits"))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if gguf:
             say(f"writing {GGUF_NAME}")
             weights = dict(tree_flatten(model.parameters()))
@@ -237,8 +239,11 @@ def first_line(e: Exception) -> str:
 # ---- the model card ------------------------------------------------------------------------
 
 
-def model_card(adapters: RunAdapters, dequantized: bool = False, gguf: bool = False) -> str:
-    """README.md for the export: Hub metadata, the constitution, the results and the settings."""
+def model_card(
+    adapters: RunAdapters, dequantized: bool = False, gguf: bool = False, base_bits: int | None = None
+) -> str:
+    """README.md for the export: Hub metadata, the constitution, the results and the settings; for a
+    quantized base (`base_bits`-bit), how the adapters were trained and what they were fused onto."""
     from huggingface_hub import ModelCardData
 
     from sami_mlx import __version__
@@ -271,6 +276,8 @@ def model_card(adapters: RunAdapters, dequantized: bool = False, gguf: bool = Fa
         lines.append(f"- Held-out perplexity: {_num(s['ppl_ratio'], '.2f')}x the base model's")
     if adapters.stopped:
         lines.append(f"- The run stopped early: {adapters.stopped}")
+    if base_bits:
+        lines += ["", *quantization_section(adapters, int(base_bits), dequantized)]
     lines += ["", f"## Constitution: {c.name}", "", f"From `{adapters.constitution_source}`.", ""]
     lines += ["| # | principle | positive | negative (antithesis) |", "|---|---|---|---|"]
     for n, p in enumerate(c.principles, start=1):
@@ -290,6 +297,36 @@ def model_card(adapters: RunAdapters, dequantized: bool = False, gguf: bool = Fa
     lines += ["", "## Use", "", "```sh", "mlx_lm.generate --model path/to/this/folder --prompt 'Hello'"]
     lines += ["mlx_lm.server --model path/to/this/folder  # an OpenAI-compatible API", "```", ""]
     return "\n".join(lines)
+
+
+def quantization_section(adapters: RunAdapters, bits: int, dequantized: bool) -> list[str]:
+    """The card's words on a quantized base: what the adapters trained on (the run's own note, from
+    RUN/metrics.jsonl), that they fit the quantized model, and what the export fused them onto."""
+    from sami_mlx.fileio import read_jsonl
+
+    started = [r for r in read_jsonl(adapters.run / "metrics.jsonl") if r.get("event") == "RunStarted"]
+    note = started[0].get("model_note", "") if started else ""
+    trained = (
+        f"The run trained its adapters on the base model's weights dequantized to full precision (it {note})."
+        if note.startswith("dequantized")
+        else f"The run trained its adapters on the {bits}-bit base model as it is (QLoRA)."
+    )
+    fused = (
+        "and saved the result in full precision (--dequantize)"
+        if dequantized
+        else f"and quantized the fused weights back to {bits} bits, so this model has the base model's size and format"
+    )
+    return [
+        "## Quantization",
+        "",
+        f"{trained} LoRA adds the same matrices either way (their shapes depend on the layers' sizes, not on "
+        f"how the weights are stored), so the run's adapters load onto the {bits}-bit model unchanged: "
+        f"`mlx_lm.load('{adapters.model}', adapter_path='{adapters.run}')`.",
+        "",
+        f"This export fused the adapters into the {bits}-bit base model, as the run names it (each layer "
+        f"dequantized, the adapters added) {fused}. Dequantizing is exact: the full-precision weights the run "
+        "trained on are the quantized values widened, so the adapters mean the same on either.",
+    ]
 
 
 def _hub_id(model: str) -> str | None:

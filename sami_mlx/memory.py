@@ -378,6 +378,57 @@ def resolve_micro_batches(
     return replace(cfg, grad_accumulation=n)
 
 
+# ---- dequantizing on the CPU -----------------------------------------------------------------
+
+DEQUANTIZE_MODES = ("auto", "yes", "no")
+# `--dequantize auto` dequantizes when the fp32 weights take at most this share of the machine's memory:
+# the rest stays free for the run's activations, the sampling's KV caches and the rest of the machine.
+DEQUANTIZE_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Dequantize:
+    """Whether to load a quantized model's weights as fp32, and why in words ('' when there is nothing to
+    say: an unquantized model, or a GPU under `auto`)."""
+
+    apply: bool
+    reason: str = ""
+
+
+def choose_dequantize(
+    mode: str, bits: int | None, fp32_bytes: float, cpu: bool, total: float | None = None
+) -> Dequantize:
+    """--dequantize `mode` (auto, yes, no) for a model with `bits`-bit weights (None: not quantized) whose
+    fp32 weights take `fp32_bytes`, on MLX's CPU backend or not, on a machine with `total` bytes (None:
+    this one). MLX's quantized matmul is 10-30x slower than fp32 on the CPU (benchmarks/dequantize.py),
+    so `auto` trains LoRA on fp32 weights there when they fit in a quarter of the memory."""
+    if bits is None:
+        return Dequantize(False)
+    size = _gb(fp32_bytes)
+    if mode == "yes":
+        width = f" to fp32 ({size})" if cpu else ""
+        return Dequantize(True, f"dequantized the {bits}-bit weights{width} at load (--dequantize yes)")
+    if not cpu:
+        return Dequantize(False)
+    if mode == "no":
+        return Dequantize(
+            False, f"kept the {bits}-bit weights quantized (--dequantize no): on the CPU their matmuls are slow"
+        )
+    total = machine_memory().total if total is None else total
+    if total and fp32_bytes <= DEQUANTIZE_SHARE * total:
+        return Dequantize(
+            True,
+            f"dequantized the {bits}-bit weights to fp32 at load (--dequantize auto): MLX computes on the CPU, "
+            f"where quantized matmuls are 10-30x slower, and the fp32 weights ({size}) take at most a quarter "
+            f"of this machine's {_gb(total)}; --dequantize no keeps them quantized",
+        )
+    return Dequantize(
+        False,
+        f"kept the {bits}-bit weights quantized (--dequantize auto): in fp32 they would take {size}, more than "
+        f"a quarter of this machine's {_gb(total)}; --dequantize yes dequantizes them anyway",
+    )
+
+
 # ---- what --dry-run prints about memory ------------------------------------------------------
 
 
@@ -410,23 +461,40 @@ def _weights_float_bytes(path: Path) -> int | None:
     return None
 
 
-def shape_as_loaded(shape: ModelShape, weights: Path | None) -> ModelShape:
-    """`shape` with the float width its weights will have once loaded: read from the weights in
-    `weights` (a local model directory), and fp32 for a quantized model's scales on the CPU backend."""
+def shape_as_loaded(
+    shape: ModelShape, weights: Path | None, dequantize: str = "auto", total_gb: float | None = None
+) -> tuple[ModelShape, str]:
+    """`shape` as the run will load it, and why in words ('' when there is nothing to say): the float
+    width read from the weights in `weights` (a local model directory), fp32 for a quantized model's
+    scales on the CPU backend, or fp32 weights where --dequantize (on a machine of `total_gb` GiB) says so."""
     wide = _weights_float_bytes(weights) if weights is not None else None
-    if _cpu_backend() and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
+    cpu = _cpu_backend()
+    if cpu and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
         wide = 4
-    return shape.in_float_bytes(wide) if wide else shape
+    quantized = shape.bits if shape.bits < 16 else None
+    total = total_gb * GiB if total_gb else None
+    choice = choose_dequantize(dequantize, quantized, shape.parameters * 4, cpu, total)
+    if choice.apply:  # sami_mlx.model.dequantize_for_cpu: fp32 weights on the CPU, the scales' width elsewhere
+        return replace(shape, bits=16).in_float_bytes(4 if cpu else wide or shape.scale_bytes), choice.reason
+    return (shape.in_float_bytes(wide) if wide else shape), choice.reason
 
 
 def dry_run_memory(
-    shape: ModelShape, label: str, run: RunShape, weights: Path | None, total_gb: float | None = None
+    shape: ModelShape,
+    label: str,
+    run: RunShape,
+    weights: Path | None,
+    total_gb: float | None = None,
+    dequantize: str = "auto",
 ) -> list[str]:
     """The model and memory lines of `--dry-run`: the model as it will be loaded (the float width of the
-    weights in `weights`, a local model directory), its memory estimate for `run`, and whether that fits
-    this machine (or one with `total_gb` GiB) with what to change when it does not."""
-    shape = shape_as_loaded(shape, weights)
+    weights in `weights`, a local model directory; dequantized as --dequantize decides), its memory
+    estimate for `run`, and whether that fits this machine (or one with `total_gb` GiB) with what to
+    change when it does not."""
+    shape, reason = shape_as_loaded(shape, weights, dequantize, total_gb)
     lines = [f"model: {label} ({shape.describe()})"]
+    if reason:
+        lines.append(reason)
     est = estimate_memory(shape, run)
     lines.append(f"memory (estimate): {est.summary()}")
     machine = machine_memory(total_gb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -11,6 +12,8 @@ from sami_mlx.errors import SamiError
 if TYPE_CHECKING:
     import mlx.core as mx
     import mlx.nn as nn
+
+    from sami_mlx.memory import Dequantize
 
 UPCAST_DTYPES = ("float16", "bfloat16")
 
@@ -21,38 +24,22 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_model_path(name: str) -> Path:
-    """A local model directory for `name` (a directory, a hub id, or a preset name from models/),
-    downloading a hub repo through huggingface-hub if needed."""
-    p = Path(name).expanduser()
-    if not p.exists():
-        from sami_mlx.presets import model_for_preset
+    """A local model directory for `name` (a directory, a .gguf file, a preset name from models/, or a
+    hub id), fetching, importing or building it first if needed (sami_mlx.sources)."""
+    from sami_mlx.sources import resolve_model
 
-        name = model_for_preset(name) or name
-        p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise SamiError(f"--model {name}: is a file; pass the model directory")
-        if not (p / "config.json").exists():
-            raise SamiError(f"--model {name}: no config.json there; is this a model directory?")
-        if not any(p.glob("*.safetensors")):
-            raise SamiError(f"--model {name}: no *.safetensors weights there; convert with mlx_lm.convert")
-        return p
-    if looks_like_path(name):
-        raise SamiError(f"--model {name}: directory not found; pass a model directory or a hub id like org/name")
-    from mlx_lm.utils import _download
-
-    try:
-        return Path(_download(name))
-    except Exception as e:  # network, auth, missing repo: all the user's to fix
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise SamiError(
-            f"--model {name}: could not download from the Hugging Face hub ({reason}); "
-            "check the id and the network, or pass a local directory"
-        ) from None
+    return resolve_model(name)
 
 
-def load_model(name: str, trust_remote_code: bool = False):
-    """Load (model, tokenizer, config) with mlx-lm; no remote code unless asked."""
+def load_model(
+    name: str,
+    trust_remote_code: bool = False,
+    dequantize: str = "auto",
+    note: Callable[[str], None] | None = None,
+):
+    """Load (model, tokenizer, config) with mlx-lm; no remote code unless asked. A quantized model is
+    dequantized as --dequantize `dequantize` decides (dequantize_for_cpu; `config` then describes the
+    weights as loaded, without its quantization), and `note` hears why in words."""
     import mlx_lm
 
     path = resolve_model_path(name)
@@ -71,7 +58,11 @@ def load_model(name: str, trust_remote_code: bool = False):
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise SamiError(f"--model {name}: mlx-lm could not load it ({first})") from None
-    upcast_for_cpu(model)
+    choice = dequantize_for_cpu(model, dequantize)
+    if choice.apply:
+        config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if choice.reason and note is not None:
+        note(choice.reason)
     check_vocabulary(model, tokenizer, config, name)
     return model, tokenizer, config
 
@@ -146,6 +137,51 @@ def upcast_for_cpu(model) -> int:
         model.update(tree_unflatten(wide))
         mx.eval(model.parameters())
     return len(wide)
+
+
+def quantized_bits(model: nn.Module) -> int | None:
+    """The bit width that holds most of the model's quantized weights (a GGUF Q4 file keeps its embedding
+    in 8 bits, say); None for an unquantized model."""
+    weights: dict[int, int] = {}
+    for _, m in model.named_modules():
+        if "scales" in m and hasattr(m, "bits"):
+            weights[int(m.bits)] = weights.get(int(m.bits), 0) + m.weight.size * 32 // int(m.bits)
+    return max(weights, key=lambda bits: weights[bits]) if weights else None
+
+
+def fp32_weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters take once dequantized to fp32."""
+    elements = sum(v.size for _, v in flat_parameters(model))
+    for _, m in model.named_modules():
+        if "scales" in m and hasattr(m, "bits"):  # weight packs 32 // bits values in each uint32
+            elements += (
+                m.weight.size * (32 // int(m.bits) - 1) - m.scales.size - (m["biases"].size if "biases" in m else 0)
+            )
+    return 4 * elements
+
+
+def dequantize_for_cpu(model: nn.Module, mode: str = "auto") -> Dequantize:
+    """Apply --dequantize `mode` to a loaded model (sami_mlx.memory.choose_dequantize decides): replace its
+    quantized layers by float ones with mlx-lm's dequantize_model, in fp32 on the CPU backend (where bf16
+    and fp16 matmuls are slow too). A quantized model kept as it is gets `upcast_for_cpu`. Returns the
+    choice and its reason."""
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    from sami_mlx.memory import choose_dequantize
+
+    cpu = mx.default_device() == mx.cpu
+    choice = choose_dequantize(mode, quantized_bits(model), fp32_weight_bytes(model), cpu)
+    if not choice.apply:
+        upcast_for_cpu(model)
+        return choice
+    if cpu:  # widen 16-bit scales first: weights dequantized in fp16 would carry its rounding (about 1e-3)
+        upcast_for_cpu(model)
+    dequantize_model(model)
+    if cpu:
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return choice
 
 
 def float_bytes(model) -> int:

@@ -37,6 +37,7 @@ class Plan:
     inputs: Any  # sami_mlx.loop.trainer.RunInputs; its queries are those at hand
     query_count: int | None  # the queries the run will have; None: unknown until the dataset is downloaded
     missing: list = field(default_factory=list)  # sami_mlx.inputs.datasets.Selection parts not in the cache
+    prompts: Any = None  # sami_mlx.instruct.PromptChoice: the prompt format and why it was chosen
 
 
 def plan_inputs(cfg: Any) -> Plan:
@@ -81,7 +82,7 @@ def missing_model(model: str, shape: ModelShape | None) -> str | None:
     hub_id = get_preset(model).model if model in preset_names() else model
     if looks_like_path(hub_id):
         return None  # a local directory (or a path the run will refuse with its own message)
-    local = model_dir_at_hand(hub_id)
+    local = model_dir_at_hand(model)  # a preset's name finds its hub snapshot or its imported wheel
     if local is not None and any(local.glob("*.safetensors")):
         return None
     size = ""
@@ -94,7 +95,8 @@ def missing_model(model: str, shape: ModelShape | None) -> str | None:
             pass
     if not size and shape is not None:
         size = f"about {shape.weight_bytes / GiB:.1f} GiB of weights (estimated from its architecture)"
-    return f"model {hub_id}: {size or 'size unknown offline'}; `hf download {hub_id}` fetches it"
+    fetch = f"sami-mlx models pull {model}" if model in preset_names() else f"hf download {hub_id}"
+    return f"model {hub_id}: {size or 'size unknown offline'}; `{fetch}` fetches it"
 
 
 def missing_lines(cfg: Any, plan: Plan, shape: ModelShape | None) -> list[str]:
@@ -168,11 +170,84 @@ def prompt_line(cfg: Any, plan: Plan, tokenizer: Any) -> tuple[str, int]:
     return line, longest
 
 
+PREVIEW_QUERY_CHARS = 320  # a longer query is shortened in the middle for the dry run's prompt preview
+
+
+def shorten(text: str, limit: int = PREVIEW_QUERY_CHARS) -> str:
+    """`text` whole when short, else its start and end around a marker that says how much is left out."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 2 // 3].rstrip(), text[-(limit // 4) :].lstrip()
+    return f"{head} [… {len(text) - len(head) - len(tail)} characters left out here …] {tail}"
+
+
+def prompt_preview(cfg: Any, inputs: Any, tokenizer: Any = None) -> list[str]:
+    """The first query's generation and training prompts under the all-positive variant, rendered by the
+    code the run uses (template, chat template, token ids, decoded back): exactly what the model reads,
+    except that a long query is shortened for display. Without the tokenizer, the templates' text."""
+    from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix
+
+    if not inputs.queries:
+        return ["first prompt: no query at hand yet (the dataset is not downloaded)"]
+    index = (inputs.train_ids or [0])[0]  # the first query of the first iteration's split
+    query = inputs.queries[index]
+    shown = shorten(query)
+    c = inputs.constitution
+    constitution = c.render(c.positive_variant)
+    generation = inputs.generation_template.fill(constitution, shown)
+    training = inputs.training_template.fill(constitution, shown)
+    if tokenizer is not None:
+        head, prefix = encode_with_prefix(tokenizer, generation, cfg.response_prefix, cfg.chat_template)
+        train_ids = encode_prompt(tokenizer, training, cfg.chat_template)
+        # No clean-up of spaces: the text of the tokens as they are.
+        generation = tokenizer.decode(head + prefix, clean_up_tokenization_spaces=False)
+        training = tokenizer.decode(train_ids, clean_up_tokenization_spaces=False)
+        sizes = [f" ({len(head) + len(prefix)} tokens)", f" ({len(train_ids)} tokens)"]
+        how = "as the model reads it" + (", through its chat template" if cfg.chat_template else "")
+    else:
+        generation += cfg.response_prefix
+        sizes = ["", ""]
+        how = "the template's text" + (
+            "; the tokenizer is not on this machine yet, so its chat template is not shown" if cfg.chat_template else ""
+        )
+    where = f"query {index + 1}" + (f", shortened from {len(query)} characters" if shown != query else "")
+    order = "principles in file order"
+    if cfg.shuffle_principles:
+        order += "; training shuffles their order in each prompt"
+    lines = [f"first prompt ({where}, all-positive variant, {order}; {how}):"]
+    if generation == training:
+        return lines + [f"generation and training alike{sizes[1]}:"] + _quoted(training)
+    lines += [f"generation{sizes[0]}:"] + _quoted(generation)
+    return lines + [f"training{sizes[1]}:"] + _quoted(training)
+
+
+def _quoted(text: str) -> list[str]:
+    # '| ' before each line keeps blank lines and leading spaces visible.
+    return ["| " + line if line else "|" for line in text.split("\n")]
+
+
+def format_line(choice: Any) -> str:
+    """The `prompt format:` line: the chat template and template the run uses, each as given or as chosen
+    for the model (sami_mlx.instruct), and the flags that override a choice."""
+    chat = "through the chat template" if choice.chat_template else "plain text (no chat template)"
+    chat += f" (auto: {choice.chat_template_why})" if choice.chat_template_why else " (as given)"
+    template = f"template {choice.template}"
+    template += f" (auto: {choice.template_why})" if choice.template_why else " (as given)"
+    flags = [
+        f
+        for f, auto in (("--[no-]chat-template", choice.chat_template_why), ("--template", choice.template_why))
+        if auto
+    ]
+    override = f"; {' and '.join(flags)} override{'s' if len(flags) == 1 else ''} it" if flags else ""
+    return f"prompt format: {chat}; {template}{override}"
+
+
 # ---- the report ------------------------------------------------------------------------------
 
 
-def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None) -> str:
-    """What a run would do and the memory it needs, as '# ' comment lines."""
+def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenizer: Any = None) -> str:
+    """What a run would do, its first prompts and the memory it needs, as '# ' comment lines; `tokenizer`:
+    the model's, where it is on this machine (`tokenizer_at_hand`)."""
     inputs, count = plan.inputs, plan.query_count
     steps = [cfg.steps_in_iteration(t) for t in range(cfg.iterations)]
     schedule = (
@@ -183,12 +258,12 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None) -> str:
     sampling = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
     halves = ", alternating two disjoint halves of them" if cfg.schedule == "paper" else ""
     shape, label = model_shape(cfg.model)
-    prompts, longest = prompt_line(cfg, plan, tokenizer_at_hand(cfg.model))
+    prompts, longest = prompt_line(cfg, plan, tokenizer)
     weights = model_dir_at_hand(cfg.model)
     auto = cfg.grad_accumulation == AUTO
     if auto and shape is not None:  # as the run will choose it (memory.auto_micro_batches)
-        machine = machine_memory(total_gb)
-        cfg = resolve_micro_batches(cfg, shape_as_loaded(shape, weights), inputs.num_variants, longest, machine)
+        loaded, _ = shape_as_loaded(shape, weights, cfg.dequantize, total_gb)
+        cfg = resolve_micro_batches(cfg, loaded, inputs.num_variants, longest, machine_memory(total_gb))
     micro = cfg.groups_per_micro_batch
     chosen = ""
     if auto:
@@ -228,10 +303,13 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None) -> str:
             f"so queries repeat across iterations; give at least {need} for none to repeat"
         )
     lines += missing_lines(cfg, plan, shape)
+    if plan.prompts is not None:
+        lines.append(format_line(plan.prompts))
+    lines += prompt_preview(cfg, inputs, tokenizer)
     lines.append(prompts)
     if shape is None:
         lines.append(f"model: {label}; memory: unknown offline (no preset and no cached config.json for it)")
     else:
         run = RunShape.from_config(cfg, inputs.num_variants, longest)
-        lines += dry_run_memory(shape, label, run, weights, total_gb)
+        lines += dry_run_memory(shape, label, run, weights, total_gb, cfg.dequantize)
     return "\n".join("# " + line for line in lines)

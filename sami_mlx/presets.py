@@ -90,6 +90,13 @@ def get_preset(name: str) -> Preset:
     hub_id = data.get("hub_id")
     if data["source"] == "hub" and not (isinstance(hub_id, str) and hub_id.count("/") == 1):
         raise SamiError(f"{where}: a hub preset needs hub_id: org/name")
+    wheel = data.get("wheel")
+    if wheel is not None:
+        from sami_mlx.sources import WHEEL_FIELDS
+
+        missing = [k for k in WHEEL_FIELDS if not isinstance(wheel, dict) or not wheel.get(k)]
+        if missing:
+            raise SamiError(f"{where}: wheel needs {', '.join(missing)}")
     return Preset(
         name=name,
         kind=data["kind"],
@@ -132,15 +139,16 @@ def _preset_shape(data: dict, where: Path) -> ModelShape | None:
 
 
 def model_for_preset(name: str) -> str | None:
-    """What `--model NAME` loads when NAME is a preset: its hub id, or the built toy model's directory."""
+    """What `--model NAME` names when NAME is a preset: its hub id, or (for a preset built locally, such
+    as the toy world's) the directory its registered source builds."""
     if name not in preset_names():
         return None
     preset = get_preset(name)
-    if preset.source == "local-recipe":
-        from sami_mlx.toy.pretrain import ensure_toy_model
+    if preset.hub_id:
+        return preset.hub_id
+    from sami_mlx.sources import from_preset
 
-        return str(ensure_toy_model(preset.data["recipe"]))
-    return preset.hub_id
+    return str(from_preset(name))
 
 
 def model_shape(model: str) -> tuple[ModelShape | None, str]:
@@ -152,6 +160,10 @@ def model_shape(model: str) -> tuple[ModelShape | None, str]:
     for p in list_presets():
         if p.hub_id and p.hub_id == model:
             return p.shape, f"{model} (preset {p.name})"
+    if model.lower().endswith(".gguf") and Path(model).expanduser().is_file():
+        from sami_mlx.gguf import header_config
+
+        return ModelShape.from_config(header_config(Path(model).expanduser())), model
     config_path = Path(model).expanduser() / "config.json"
     if not config_path.is_file() and model.count("/") == 1 and not Path(model).expanduser().exists():
         try:
@@ -212,33 +224,9 @@ def find_recipe(name: str) -> dict | None:
 
 
 def model_dir_at_hand(model: str) -> Path | None:
-    """A local directory with `model`'s files (a directory, a built toy model, a cached hub snapshot,
-    perhaps without its weights), found without downloading or building anything; None if there is none."""
-    if model in preset_names():
-        preset = get_preset(model)
-        if preset.source == "local-recipe":
-            from sami_mlx.toy.pretrain import toy_model_dir
+    """A local directory with `model`'s files (a directory, a built toy model, an imported GGUF file, a
+    cached hub snapshot, perhaps without its weights), found without downloading or building anything;
+    None if there is none."""
+    from sami_mlx.sources import model_at_hand
 
-            built = toy_model_dir(preset.data["recipe"])
-            return built if (built / "config.json").is_file() else None
-        model = preset.model
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if model.count("/") != 1:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        from sami_mlx.inputs.datasets import hub_cache_dir
-
-        return Path(
-            snapshot_download(
-                model,
-                cache_dir=hub_cache_dir(),
-                local_files_only=True,
-                allow_patterns=["*.json", "*.model", "*.txt"],
-            )
-        )
-    except Exception:  # not cached: the estimate falls back to characters
-        return None
+    return model_at_hand(model)

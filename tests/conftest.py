@@ -82,12 +82,14 @@ def build_tiny_model(
     kv_heads: int = 2,
     max_positions: int = 512,
     model_type: str = "llama",
+    tokenizer: Callable[[Path], dict] = build_tokenizer,
 ) -> Path:
-    """Write a random-weight fp32 model directory (llama or qwen2) to `out` and return it."""
+    """Write a random-weight fp32 model directory (llama or qwen2) to `out` and return it; `tokenizer(out)`
+    writes the tokenizer files and returns the bos/eos ids and vocab_size (default: build_tokenizer)."""
     arch = import_module(f"mlx_lm.models.{model_type}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ids = build_tokenizer(out)
+    ids = tokenizer(out)
     config = {
         "model_type": model_type,
         "hidden_size": hidden,

@@ -229,7 +229,9 @@ def test_qlora_on_a_quantized_model(tiny_model, tiny_flags, tmp_path):
     convert(str(tiny_model), mlx_path=str(qdir), quantize=True, q_group_size=32, q_bits=4)
     assert json.loads((qdir / "config.json").read_text())["quantization"]["bits"] == 4
     out = tmp_path / "run"
-    assert main(tiny_flags(TRAINED, model=qdir, iterations=1, learning_rate=5e-3, steps=2, out=out)) == 0
+    # --dequantize no: on the CPU `auto` would train this small model dequantized (tests/test_dequantize.py)
+    flags = tiny_flags(TRAINED, model=qdir, iterations=1, learning_rate=5e-3, steps=2, out=out, dequantize="no")
+    assert main(flags) == 0
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted"]
     assert all(math.isfinite(r["loss"]) for r in steps)
     adapted, tokenizer = mlx_lm.load(str(qdir), adapter_path=str(out))

@@ -24,6 +24,7 @@ from sami_mlx.cli.train import make_parser
 from sami_mlx.config import TrainConfig, build_config, config_from_file
 from sami_mlx.events import StepCompleted
 from sami_mlx.fileio import read_jsonl
+from sami_mlx.instruct import resolve_prompts
 from sami_mlx.loop import trainer
 from tui.app import SamiApp
 from tui.chat_screen import ChatScreen
@@ -479,6 +480,9 @@ async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(w
         await type_into(pilot, "#set-seed", "9")
         await type_into(pilot, "#set-sentence_end_marks", '[".", "…"]')
         assert form.query_one("#set-dora", Checkbox).value is True
+        assert form.values()["chat_template"] is None  # auto until the model is known
+        form.query_one("#set-chat_template", Select).value = "off"
+        await pilot.pause()
         settings = form.values()
         assert settings["stop"] == ["User:", "###"] and settings["max_ppl_ratio"] is None
         assert settings["schedule"] == "continue" and settings["seed"] == 9 and "out" not in settings
@@ -515,7 +519,9 @@ async def test_settings_save_then_load_round_trip_and_the_cli_accepts_the_file(w
     expected = TrainConfig(**absolute_paths(settings), out=cfg.out).resolved()
     assert cfg == expected
     assert (cfg.steps, cfg.kl_beta, cfg.dora, cfg.seed, cfg.schedule) == (5, 0.125, True, 9, "continue")
-    assert (cfg.generation_template, cfg.training_template) == ("chat", "dialogue")
+    # The template was left blank (auto): the training template follows once the model is known.
+    assert (cfg.generation_template, cfg.training_template, cfg.chat_template) == ("chat", None, False)
+    assert resolve_prompts(cfg).training_template == "dialogue"
     assert cfg.sentence_end_marks == [".", "…"] and cfg.max_ppl_ratio is None
 
 

@@ -21,7 +21,9 @@ CHOICES = {
     "scoring": ("shared", "naive"),
     "keep": ("best", "last"),
     "sentence_end": ("off", "positive", "all"),
+    "chat_template": ("auto", "on", "off"),  # a switch left to auto (None) until the model is known
 }
+SWITCH = {"auto": None, "on": True, "off": False}  # a three-way switch's choices and values
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class Setting:
         return CHOICES.get(self.field)
 
     @property
+    def switch(self) -> bool:
+        """A bool that may be left to auto (None): a choice of auto, on and off, not a checkbox."""
+        return self.kind == "bool" and self.optional
+
+    @property
     def input_type(self) -> Literal["integer", "number", "text"]:
         """The Input's `type`, which restricts what can be typed ('off' needs text)."""
         if self.optional or self.kind not in ("int", "float"):
@@ -68,7 +75,7 @@ MAIN = [
     Setting("model", "Model", "hub id or model directory"),
     Setting("constitution", "Constitution", "constitution file (.yaml/.json)"),
     Setting("queries", "Queries", "dialogue, summarization or a file"),
-    Setting("template", "Template", "dialogue, summarization, chat or a file"),
+    Setting("template", "Template", "blank: auto"),
     Setting("generation_template", "↳ generation", "blank: the template"),
     Setting("training_template", "↳ training", "blank: the template"),
     Setting("variants", "Variants", "auto, paper, grid or a number"),
@@ -99,6 +106,8 @@ def plural(n: int, noun: str) -> str:
 
 def setting_text(s: Setting, value: object) -> str:
     """A value as its Input shows it: lists as JSON, a guard turned off as 'off', None as blank."""
+    if s.switch:
+        return next(k for k, v in SWITCH.items() if v is value)
     if value is None:
         return "off" if s.optional and s.kind in ("int", "float") else ""
     if s.kind == "list[str]":
@@ -108,6 +117,8 @@ def setting_text(s: Setting, value: object) -> str:
 
 def parse_setting(s: Setting, raw: str | bool) -> Any:
     """A field's value from its widget (text, a choice or a checkbox); raises SamiError naming the field."""
+    if s.switch and isinstance(raw, str):
+        return SWITCH[raw]
     if s.kind == "bool" or isinstance(raw, bool):
         return bool(raw)
     text = raw.strip()
@@ -155,6 +166,8 @@ def config_yaml(values: Mapping[str, Any]) -> str:
 def check_choices(values: Mapping[str, Any], where: str) -> None:
     """Values a Select cannot show are refused with the choices."""
     for name, choices in CHOICES.items():
+        if name in values and BY_FIELD[name].switch:
+            continue  # any bool or None fits a switch
         if name in values and values[name] not in choices:
             raise SamiError(f"{where}: setting '{name}' is {values[name]!r}; use one of {', '.join(choices)}")
 

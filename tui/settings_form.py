@@ -42,11 +42,12 @@ def setting_widget(s: Setting) -> Widget:
     """A checkbox for a switch, a choice list for a fixed set of values, else a text field."""
     wid, tip = f"set-{s.field}", s.help
     widget: Widget
-    if s.kind == "bool":
+    if s.kind == "bool" and not s.switch:
         widget = Checkbox(s.label, bool(s.default), id=wid, classes="setting", compact=True)
     elif s.choices:
         options = [(c, c) for c in s.choices]
-        widget = Select(options, value=s.default, allow_blank=False, id=wid, classes="setting", compact=True)
+        value = setting_text(s, s.default) if s.switch else s.default
+        widget = Select(options, value=value, allow_blank=False, id=wid, classes="setting", compact=True)
     else:
         text = setting_text(s, s.default)
         widget = Input(text, placeholder=s.placeholder, type=s.input_type, id=wid, classes="setting", compact=True)
@@ -70,7 +71,7 @@ class SettingsForm(VerticalScroll):
 
     def _rows(self, settings: list[Setting]) -> ComposeResult:
         for s in settings:
-            if s.kind == "bool":
+            if s.kind == "bool" and not s.switch:
                 yield setting_widget(s)
                 continue
             with Horizontal(classes="setting-row"):
@@ -113,7 +114,7 @@ class SettingsForm(VerticalScroll):
             if isinstance(w, Checkbox):
                 w.value = bool(value)
             elif isinstance(w, Select):
-                w.value = value
+                w.value = setting_text(s, value) if s.switch else value
             else:
                 w.value = setting_text(s, value)  # type: ignore[attr-defined]
 

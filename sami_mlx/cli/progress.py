@@ -56,6 +56,8 @@ class ProgressBar:
                 )
                 + (f"; data-parallel over {self.ranks} ranks" if self.ranks > 1 else "")
             )
+            if event.model_note:
+                self.write(event.model_note)
         elif self.bar is None:
             return
         elif isinstance(event, ev.IterationStarted):

@@ -11,6 +11,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from sami_mlx.cli.flags import add_sampling_arguments
+from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 
 SYSTEM_PROMPTS = ("none", "constitution")
@@ -83,6 +84,7 @@ def make_server(settings: argparse.Namespace, system_prompt: str | None = None):
     from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator, get_system_fingerprint
 
     from sami_mlx.export import first_line
+    from sami_mlx.model import dequantize_for_cpu
 
     class Handler(APIHandler):
         """mlx-lm's handler; a chat request without a system message gets `system_prompt` as one."""
@@ -100,6 +102,12 @@ def make_server(settings: argparse.Namespace, system_prompt: str | None = None):
         def __init__(self, cli_args):
             super().__init__(cli_args)
             self.loaded, self.error = threading.Event(), None
+            self.note = ""  # how the weights were loaded when not as stored (--dequantize)
+
+        def _load(self, *args, **kwargs):
+            super()._load(*args, **kwargs)
+            assert self.model is not None  # _load sets it or raises
+            self.note = dequantize_for_cpu(self.model, getattr(self.cli_args, "dequantize", "auto")).reason
 
         def load_default(self):
             try:
@@ -149,6 +157,20 @@ def stop_server(httpd, generator) -> None:
     mx.clear_cache()
 
 
+def prompt_note(cfg: TrainConfig) -> str:
+    """Which endpoint prompts the served model the way its run trained (the run's resolved config.yaml)."""
+    template = cfg.generation_template or cfg.template
+    if cfg.chat_template:
+        return (
+            f"the run trained through the chat template (template {template}): /v1/chat/completions "
+            "prompts the model as it trained"
+        )
+    return (
+        f"the run trained on plain-text prompts (template {template}, no chat template): send them to "
+        "/v1/completions; /v1/chat/completions applies the tokenizer's chat template, which training did not use"
+    )
+
+
 def _is_system(message) -> bool:
     return isinstance(message, dict) and message.get("role") == "system"
 
@@ -175,18 +197,22 @@ def run(args: argparse.Namespace) -> int:
         temp=args.temperature,
         top_p=args.top_p,
         trust_remote_code=args.trust_remote_code or bool(adapters.config.trust_remote_code),
+        dequantize=adapters.config.dequantize,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
     httpd, generator = make_server(
         settings, system_prompt(adapters.constitution) if wants_constitution and adapters.constitution else None
     )
     host, port = httpd.server_address[:2]
+    if generator.model_provider.note:
+        print(generator.model_provider.note, file=sys.stderr)
     print(
         f"serving {adapters.model} + {adapters.name} at http://{host}:{port}/v1 (OpenAI API; system prompt: "
         f"{args.system_prompt}); Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
     )
+    print(prompt_note(adapters.config), file=sys.stderr, flush=True)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

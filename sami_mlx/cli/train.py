@@ -61,9 +61,14 @@ def run(args: argparse.Namespace) -> int:
 def dry_run(cfg: config.TrainConfig) -> int:
     """Print the resolved configuration, what it will train on and the memory it needs; reads only what is
     on this machine (sami_mlx.plan), so it works offline before anything is downloaded."""
-    from sami_mlx.plan import dry_run_report, plan_inputs
+    from sami_mlx.instruct import choose_prompts, resolve_prompts
+    from sami_mlx.plan import dry_run_report, plan_inputs, tokenizer_at_hand
 
+    tokenizer = tokenizer_at_hand(cfg.model)
+    choice = choose_prompts(cfg.model, cfg.chat_template, cfg.template, tokenizer)
+    cfg = resolve_prompts(cfg, tokenizer)  # printed as the run will record it
     plan = plan_inputs(cfg)
+    plan.prompts = choice
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     if plan.missing:
         count = "an unknown number of" if plan.query_count is None else f"up to {plan.query_count}"
@@ -74,7 +79,7 @@ def dry_run(cfg: config.TrainConfig) -> int:
         f"# {queries}, {len(plan.inputs.constitution.principles)} principles, "
         f"{plan.inputs.num_variants} variants per query"
     )
-    print(dry_run_report(cfg, plan))
+    print(dry_run_report(cfg, plan, tokenizer=tokenizer))
     return 0
 
 

@@ -214,7 +214,7 @@ def evaluate(
     trust = setup.config.trust_remote_code
     outputs: dict[str, ModelOutputs] = {}
     for ckpt in [Checkpoint("base", None), *checkpoints]:
-        policy, tokenizer = load_checkpoint_model(model or setup.config.model, ckpt, trust)
+        policy, tokenizer = load_checkpoint_model(model or setup.config.model, ckpt, trust, setup.config.dequantize)
         policy.eval()
         outputs[ckpt.name] = generate_outputs(policy, tokenizer, setup, settings, plan, ckpt.name, emit)
         del policy, tokenizer

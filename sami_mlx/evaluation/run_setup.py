@@ -63,8 +63,9 @@ def load_run_setup(run_dir: str | Path, constitution: str | None = None) -> RunS
     if not constitution and not Path(source).expanduser().exists():
         raise SamiError(f"{path}: the run's constitution {source} is not found; pass --constitution FILE")
     try:
-        generation = load_template(cfg.generation_template or cfg.template)
-        training = load_template(cfg.training_template or cfg.template)
+        # load_run_config resolves a template left to auto, so one of each pair is set
+        generation = load_template(cfg.generation_template or cfg.template or "")
+        training = load_template(cfg.training_template or cfg.template or "")
     except SamiError as e:
         raise SamiError(f"{path}: the run's template cannot be read ({e})") from None
     return RunSetup(run, cfg, load_constitution(source), generation, training)

@@ -90,8 +90,9 @@ def load_template(source: str, required: tuple[str, ...] = PLACEHOLDERS) -> Temp
     return Template(text, source)
 
 
-def encode_prompt(tokenizer, text: str, use_chat_template: bool) -> list[int]:
-    """Token ids of a prompt, optionally wrapped as a user turn in the tokenizer's chat template."""
+def encode_prompt(tokenizer, text: str, use_chat_template: bool | None) -> list[int]:
+    """Token ids of a prompt, optionally wrapped as a user turn in the tokenizer's chat template (None, a
+    setting left to auto and not resolved for the model, counts as off: sami_mlx.instruct resolves it)."""
     if use_chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise SamiError(
@@ -103,7 +104,9 @@ def encode_prompt(tokenizer, text: str, use_chat_template: bool) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def encode_with_prefix(tokenizer, text: str, prefix: str, use_chat_template: bool) -> tuple[list[int], list[int]]:
+def encode_with_prefix(
+    tokenizer, text: str, prefix: str, use_chat_template: bool | None
+) -> tuple[list[int], list[int]]:
     """A generation prompt followed by a forced start of the response (the paper's TL;DR 'The post'):
     the prompt's ids and the prefix's ids, which the sampled response then begins with.
 

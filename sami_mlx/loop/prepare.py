@@ -4,7 +4,7 @@ directory made (cheap mistakes fail fast)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sami_mlx.config import TrainConfig
@@ -12,6 +12,7 @@ from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution, Principle, load_constitution, num_variants, variant_strategy
 from sami_mlx.inputs.prompts import Template, encode_prompt, load_template
 from sami_mlx.inputs.queries import load_queries
+from sami_mlx.instruct import prompts_resolved, resolve_prompts
 from sami_mlx.loop.heldout import load_heldout
 
 HELDOUT_TEXTS = 32
@@ -33,7 +34,8 @@ class RunInputs:
 
 
 def prepare_inputs(cfg: TrainConfig) -> RunInputs:
-    """Load and validate the constitution, queries, templates and held-out text."""
+    """Load and validate the constitution, queries, templates and held-out text (prompt settings left to
+    auto are taken as the model's preset or name suggests; `with_templates` replaces them once it is loaded)."""
     constitution = load_constitution(cfg.constitution)
     n = num_variants(variant_strategy(cfg.variants), len(constitution.principles))
     queries = load_queries(cfg.queries)
@@ -43,21 +45,26 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     order = list(range(len(queries)))
     random.Random(f"splits-{cfg.seed}").shuffle(order)
     held = min(cfg.monitor_queries, len(queries) // 4)  # three in four queries at least stay for training
-    training = load_template(cfg.training_template or cfg.template)  # resolve() sets both templates
+    generation, training, anchor = prompt_templates(cfg if prompts_resolved(cfg) else resolve_prompts(cfg))
+    return RunInputs(
+        constitution, queries, generation, training, heldout[:HELDOUT_TEXTS], n, anchor, order[:held], order[held:]
+    )
+
+
+def prompt_templates(cfg: TrainConfig) -> tuple[Template, Template, Template | None]:
+    """The generation, training and anchor templates of `cfg` (its prompt settings resolved)."""
+    training = load_template(cfg.training_template or cfg.template or "")
     anchor = None
     if cfg.anchor_beta > 0:  # filled with an empty constitution, so the training template serves too
         anchor = load_template(cfg.anchor_template, required=("{query}",)) if cfg.anchor_template else training
-    return RunInputs(
-        constitution,
-        queries,
-        load_template(cfg.generation_template or cfg.template),
-        training,
-        heldout[:HELDOUT_TEXTS],
-        n,
-        anchor,
-        order[:held],
-        order[held:],
-    )
+    generation = load_template(cfg.generation_template or cfg.template or "")
+    return generation, training, anchor
+
+
+def with_templates(inputs: RunInputs, cfg: TrainConfig) -> RunInputs:
+    """`inputs` with the templates of `cfg`, once its prompt settings are resolved for the loaded model."""
+    generation, training, anchor = prompt_templates(cfg)
+    return replace(inputs, generation_template=generation, training_template=training, anchor_template=anchor)
 
 
 def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int | None) -> int:

@@ -27,6 +27,7 @@ from sami_mlx.config import TrainConfig, load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from sami_mlx.inputs.constitution import variant_strategy
+from sami_mlx.instruct import prompts_resolved, resolve_prompts
 from sami_mlx.loop.adapters import adapter_weights, attach_adapters, save_adapters, set_adapter_weights
 from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.faults import fault_point
@@ -41,6 +42,7 @@ from sami_mlx.loop.prepare import (
     choose_micro_batches,
     prepare_inputs,
     prepare_run_dir,
+    with_templates,
 )
 from sami_mlx.loop.rollout import StopRequested
 from sami_mlx.loop.runstate import RunLock, RunState, load_step_state, save_step_state
@@ -158,7 +160,11 @@ def _run(
     """Load the inputs and the model, check that they fit, and run the loop from `state`. `out` None: a
     new run, whose directory rank 0 prepares (with its config.yaml); else the run directory to resume."""
     inputs = prepare_inputs(cfg)
-    model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code)
+    notes: list[str] = []  # how the weights were loaded (dequantized or not, and why), told at RunStarted
+    model, tokenizer, model_config = load_model(cfg.model, cfg.trust_remote_code, cfg.dequantize, notes.append)
+    if not prompts_resolved(cfg):  # chosen for the model now that its tokenizer is here; config.yaml records them
+        cfg = resolve_prompts(cfg, tokenizer)
+        inputs = with_templates(inputs, cfg)
     longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
     cfg = choose_micro_batches(cfg, inputs, model_config, longest, float_bytes(model))
     if ranks.size > 1:  # every rank splits a step alike: the most micro-batches any rank's memory needs
@@ -175,6 +181,7 @@ def _run(
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
         loop.memory_estimate_gb = memory_gb
+        loop.model_note = "; ".join(notes)
         return loop.run(state)
 
 
@@ -211,6 +218,7 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
     """
 
     memory_estimate_gb: float | None = None  # from check_memory, shown when the run starts
+    model_note: str = ""  # from load_model: how the weights were loaded, shown when the run starts
 
     def __init__(
         self,
@@ -310,6 +318,7 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                     state.base_ppl,
                     resumed_at_step=state.global_step,
                     memory_estimate_gb=self.memory_estimate_gb,
+                    model_note=self.model_note,
                     monitor_queries=len(probe.query_ids) if probe else 0,
                     base_heldout_mi=probe.base_mi if probe else None,
                 )

@@ -16,20 +16,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from sami_mlx.cachedir import cache_dir
 from sami_mlx.loop.distributed import Ranks
 from sami_mlx.toy import world as toyworld
 from sami_mlx.toy.markerworld import MarkerWorld
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 BUILD = 2  # bump when the training changes: cached toy models are keyed on it
-
-
-def cache_dir() -> Path:
-    """Where built models live: $SAMI_MLX_CACHE, else ~/.cache/sami-mlx."""
-    root = os.environ.get("SAMI_MLX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sami-mlx"
-    )
-    return Path(root)
 
 
 def world_of(recipe: dict):
@@ -48,6 +41,19 @@ def recipe_key(recipe: dict) -> str:
 
 def toy_model_dir(recipe: dict) -> Path:
     return cache_dir() / "models" / f"{world_of(recipe).NAME}-{recipe_key(recipe)}"
+
+
+def recipe_source(preset: dict, build: bool = True, log: Callable[[str], None] | None = None) -> Path | None:
+    """The `local-recipe` model source (registered in pyproject.toml's sami_mlx.model_sources entry
+    points): the model of a preset's `recipe`, built first when `build` (else None if not built yet)."""
+    out = toy_model_dir(preset["recipe"])
+    if (out / "model.safetensors").exists():
+        return out
+    if not build:
+        return None
+    if log:
+        log(f"building the {preset.get('name', 'toy')} model from its recipe (a few minutes, once)")
+    return ensure_toy_model(preset["recipe"])
 
 
 def ensure_toy_model(
