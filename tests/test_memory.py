@@ -170,3 +170,32 @@ def test_auto_is_chosen_once_printed_by_the_dry_run_and_kept_in_the_run_config(t
     given = tiny_config(queries_per_step=2, grad_accumulation=1, out=str(Path(cfg.out).parent / "given"))
     train(given)
     assert yaml.safe_load((Path(given.out) / "config.yaml").read_text())["grad_accumulation"] == 1
+
+
+def test_grad_accumulation_takes_auto_or_a_number_from_flags_yaml_and_the_run_form(tmp_path):
+    import argparse
+
+    from sami_mlx.config import TrainConfig, add_arguments, build_config, config_from_file
+    from sami_mlx.errors import SamiError
+    from tui.run_settings import BY_FIELD, parse_setting
+
+    def resolved(value):
+        return TrainConfig(model="m", constitution="c.yaml", grad_accumulation=value).resolved().grad_accumulation
+
+    assert TrainConfig().grad_accumulation == "auto" and resolved("AUTO") == "auto"
+    assert resolved(4) == resolved("4") == 4
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag, want in (("auto", "auto"), ("2", 2)):
+        args = parser.parse_args(["--model", "m", "--constitution", "c.yaml", "--grad-accumulation", flag])
+        assert build_config(args).grad_accumulation == want
+    (tmp_path / "a.yaml").write_text("grad_accumulation: 2\n")
+    (tmp_path / "b.yaml").write_text("grad-accumulation: auto\n")
+    assert resolved(config_from_file(str(tmp_path / "a.yaml"))["grad_accumulation"]) == 2
+    assert resolved(config_from_file(str(tmp_path / "b.yaml"))["grad_accumulation"]) == "auto"
+    field = BY_FIELD["grad_accumulation"]
+    assert field.input_type == "text" and resolved(parse_setting(field, " auto ")) == "auto"
+    assert resolved(parse_setting(field, "3")) == 3 and resolved(parse_setting(field, "")) == "auto"
+    for bad in ("0", "lots", 9):
+        with pytest.raises(SamiError, match="^--grad-accumulation"):
+            TrainConfig(model="m", constitution="c.yaml", grad_accumulation=bad).resolved()
