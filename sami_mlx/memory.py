@@ -220,11 +220,13 @@ CHECKPOINT_KEPT = 6
 CHECKPOINT_REBUILT = 2
 # The output layer runs CHUNK_LOGITS logits at a time (sami_mlx.loop.logits.CHUNK_LOGITS; a test keeps
 # the two equal), so a scored token keeps only its final hidden state and the norm's input. MLX encodes
-# work ahead of the computation: measured, about CHUNKS_IN_FLIGHT chunks are alive at once, each logit
-# with CHUNK_LOGIT_BYTES (the fp32 logits, the exponentials and, in the backward pass, their gradient).
+# work ahead of the computation: measured on the CPU (benchmarks/memory.py), the chunks of a small step
+# are all alive at once (CHUNK_LOGIT_BYTES per logit: the fp32 logits, their exponentials and, in the
+# backward pass, the gradient), and no more than about CHUNKS_IN_FLIGHT chunks' worth however many
+# tokens a step scores (at 7B widths with a 128k vocabulary the chunks held about 0.3 GiB).
 CHUNK_LOGITS = 2**22
-CHUNKS_IN_FLIGHT = 10
-CHUNK_LOGIT_BYTES = 8
+CHUNKS_IN_FLIGHT = 6
+CHUNK_LOGIT_BYTES = 12
 
 
 def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
@@ -279,7 +281,7 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         # length): the features of both passes, and the activations the policy pass keeps for the backward.
         kl_tokens = (run.kl + run.anchor) * g * N * (P + R)
         training += kl_tokens * (2 * head_token + kl_kept)
-        scored += (run.kl + run.anchor) * N * (P + R)
+        scored += 2 * (run.kl + run.anchor) * N * (P + R)  # a KL token has the policy's and the base's logits
     else:
         # The shared pass takes the KL's policy side from its own diagonal; the base (adapters off) runs
         # the prompts once into caches and the N responses after them, and the anchor's N responses run
@@ -287,11 +289,9 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         base_rows = (run.kl + run.anchor) * g * N * R
         training += base_rows * head_token + (run.kl or run.anchor) * g * N * (P + R) * kv_token
         training += run.anchor * g * N * R * (head_token + kl_kept)
-        scored += (run.kl + run.anchor) * N * R
-    # The output layer's chunks (a KL chunk holds the policy's and the base's logits): as many as MLX
-    # keeps in flight, or all of the micro-batch's scored tokens.
-    chunk_tokens = max(1, CHUNK_LOGITS // V)
-    training += min(g * scored, CHUNKS_IN_FLIGHT * chunk_tokens) * V * CHUNK_LOGIT_BYTES
+        scored += 2 * (run.kl + run.anchor) * N * R  # a KL token has the policy's and the base's logits
+    # The output layer's chunks: all of the micro-batch's logits, or as many chunks as MLX keeps in flight.
+    training += min(g * scored * V, CHUNKS_IN_FLIGHT * CHUNK_LOGITS) * CHUNK_LOGIT_BYTES
     prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
     sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
     if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32
