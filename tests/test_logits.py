@@ -196,3 +196,17 @@ def test_chunks_lower_the_peak_memory_of_a_training_step(monkeypatch):
     assert chunked < 0.5 * full, (chunked / 2**20, full / 2**20)
     a, b = results["loss"]
     assert abs(a.item() - b.item()) < 1e-5
+
+
+def test_passes_without_gradients_score_in_training_micro_batches(tiny_model):
+    """The monitor's held-out MI and eval's intrinsic metric score a few groups at a time, as training
+    does: the same matrices as one batch, and each part evaluated before the next is built."""
+    from sami_mlx.loop.scoring import score_matrix, score_micro_batches
+
+    model = mlx_lm.load(str(tiny_model))[0]
+    batch = random_batch(3, model.args.vocab_size, groups=5, n=2)
+    done = []
+    S = score_micro_batches(model, batch, 2, on_progress=lambda d, t: done.append((d, t)))
+    assert done == [(2, 5), (4, 5), (5, 5)]
+    assert S.shape == (5, 2, 2)
+    assert np.abs(np.array(S) - np.array(score_matrix(model, batch))).max() < 1e-5
