@@ -1,124 +1,192 @@
-"""Benchmark: the memory estimate against the measured peak of a real run on a random-weight 4-bit
-model with Mistral-7B's widths (hidden 4096, MLP 14336, 32 heads, 8 KV heads, 32k vocabulary) and a
-few blocks, built here (no download). Each size runs one full SAMI loop (sampling, one training
-step, checkpoint) through `train()`; the per-block growth of the estimate and of the measured peak
-extrapolates both to the 32 blocks of the real model. Ends with a JSON line.
+"""Benchmark: a SAMI training step's memory at 7B widths with a real vocabulary, and the estimate.
+
+A random-weight fp32 model with Mistral-7B's widths (hidden 4096, MLP 14336, 32 heads, 8 KV heads,
+untied lm_head) and a 32k and a 128k vocabulary (Mistral, Llama 3), built in memory with a few blocks
+so that it runs on a CPU. One optimizer step of the trainer (`SamiLoop.train_step`, the shared scoring
+path with its KL and anchor terms, every block adapted) on hand-made groups of random response ids, run
+twice: the output layer a chunk of tokens at a time (sami_mlx.loop.logits, today), and with the full
+logits (the path before it). Prints, per vocabulary, the estimate (`estimate_memory`, what
+`--dry-run` and `--grad-accumulation auto` use) against the measured peak, and the chunked peak
+against the full-logits one; ends with a JSON line. `--shape smollm2` runs SmolLM2-135M's widths.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import gc
+import itertools
+import random
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from common import report
-from mlx.utils import tree_flatten
+from mlx_lm.models import llama
 
-from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
-from sami_mlx.loop.trainer import check_context, prepare_inputs, train
+from sami_mlx.inputs.constitution import Variant
+from sami_mlx.loop import logits
+from sami_mlx.loop.rollout import Generation, Group
+from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
 from sami_mlx.memory import GiB, ModelShape, RunShape, estimate_memory
 
-WIDTHS = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1e4,
-    "tie_word_embeddings": False,
-    "max_position_embeddings": 4096,
-    "model_type": "llama",
+SHAPES = {
+    "7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+        "rope_theta": 1e4,
+        "vocabularies": [32000, 128256],
+    },
+    "smollm2": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+        "rope_theta": 1e5,
+        "vocabularies": [49152],
+    },
 }
 
 
-def build(layers: int, root: Path) -> Path:
-    """A 4-bit model as mlx-community ships them (fp16 scales), random weights, `layers` blocks."""
-    from mlx_lm.models import llama
+def model_config(shape: str, vocab: int, layers: int) -> dict:
+    widths = {k: v for k, v in SHAPES[shape].items() if k != "vocabularies"}
+    return {
+        **widths,
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+    }
 
+
+def setup(root: Path, args) -> TrainConfig:
+    """A one-principle constitution (two variants), two queries and a tokenizer for the prompts; the
+    model itself is built in memory (its vocabulary may be larger than the tokenizer's)."""
     from sami_mlx.toy import world as toyworld
     from sami_mlx.toy.pretrain import train_tokenizer
 
-    out = root / f"mistral-widths-{layers}"
-    out.mkdir(parents=True)
-    tok = train_tokenizer([p + r for p, r in toyworld.corpus(500, 0)], 512, out)
-    # Fill the vocabulary to 32k with plain words, so that every sampled id decodes to text.
-    tok.add_tokens([f" w{i}" for i in range(tok.get_vocab_size(), WIDTHS["vocab_size"])])
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        **WIDTHS,
-        "num_hidden_layers": layers,
-        "bos_token_id": tok.token_to_id("<s>"),
-        "eos_token_id": tok.token_to_id("</s>"),
-        "torch_dtype": "float16",
-        "quantization": {"group_size": 64, "bits": 4},
-    }
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.set_dtype(mx.float16)
-    nn.quantize(model, group_size=64, bits=4)
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (out / "config.json").write_text(json.dumps(config))
-    del model
-    mx.clear_cache()
-    return out
-
-
-def run_once(layers: int, root: Path) -> tuple[float, float]:
-    """(measured peak of the training step, estimated training peak), bytes."""
-    from mlx_lm.utils import load_tokenizer
-
-    model_dir = build(layers, root)
-    (root / "c.yaml").write_text("name: m\nprinciples:\n  - {name: a, positive: Be kind., negative: Be rude.}\n")
+    (root / "tokenizer").mkdir()
+    train_tokenizer([p + r for p, r in toyworld.corpus(500, 0)], 512, root / "tokenizer")
+    principles = "".join(
+        f"  - {{name: p{i}, positive: Be kind {i}., negative: Be rude {i}.}}\n" for i in range(args.principles)
+    )
+    (root / "c.yaml").write_text("name: m\nprinciples:\n" + principles)
     (root / "q.txt").write_text("hi\nhello\n")
     (root / "t.txt").write_text("{constitution}\n{query}\n")
-    cfg = TrainConfig(
-        model=str(model_dir),
+    return TrainConfig(
+        model=str(root / "tokenizer"),
         constitution=str(root / "c.yaml"),
         queries=str(root / "q.txt"),
         template=str(root / "t.txt"),
-        iterations=1,
-        steps=1,
-        queries_per_step=1,
-        max_tokens=4,
+        queries_per_step=args.groups,
+        grad_accumulation=1,
+        max_tokens=args.response,
         lora_layers=-1,
         stop=[],
-        out=str(root / f"run-{layers}"),
+        out=str(root / "run"),
     ).resolved()
-    steps = []
-    train(cfg, callbacks=[lambda e: steps.append(e) if isinstance(e, ev.StepCompleted) else None])
-    inputs = prepare_inputs(cfg)
-    longest = check_context(cfg, inputs, load_tokenizer(model_dir), None)
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text())).in_float_bytes(4)
-    est = estimate_memory(shape, RunShape.from_config(cfg, inputs.num_variants, longest))
+
+
+def measure(cfg: TrainConfig, config: dict, args) -> dict:
+    """Measured step peaks (chunked, then full logits) and the estimate, in bytes."""
+    from mlx_lm.utils import load_tokenizer
+
+    gc.collect()
     mx.clear_cache()
-    return steps[-1].peak_memory_gb * GiB, est.training_peak
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    resident = mx.get_active_memory()
+    tokenizer = load_tokenizer(Path(cfg.model))
+    loop = SamiLoop(cfg, prepare_inputs(cfg), model, tokenizer, Path(cfg.out), lambda e: None)
+    rng = random.Random(0)
+    query = " ".join(["tell me about bread"] * args.prompt)
+
+    variants = [Variant(v) for v in itertools.product((True, False), repeat=args.principles)]
+
+    def group(q: int) -> Group:
+        answers = [
+            Generation([rng.randrange(5, config["vocab_size"]) for _ in range(args.response)], "", "length")
+            for _ in variants
+        ]
+        return Group(q, query, variants, answers)
+
+    groups = [group(q) for q in range(args.groups)]
+    longest = max(len(p) for g in loop.scoring_batch(groups, random.Random(0)).prompts for p in g)
+    model.train()
+    peaks = {}
+    for path in ("chunked", "full"):
+        saved = logits.SPLIT_ARCHITECTURES
+        if path == "full":
+            logits.SPLIT_ARCHITECTURES = frozenset()  # every model keeps its full logits, as before
+        gc.collect()
+        mx.clear_cache()
+        t0 = time.perf_counter()
+        result = loop.train_step(groups, random.Random(1))
+        assert result is not None
+        peaks[path] = (result.peak_memory_gb * GiB, time.perf_counter() - t0)
+        logits.SPLIT_ARCHITECTURES = saved
+    shape = ModelShape.from_config({**config, "torch_dtype": "float32"})
+    est = estimate_memory(shape, RunShape.from_config(cfg, len(variants), longest))
+    del loop, model
+    gc.collect()
+    mx.clear_cache()
+    return {"peaks": peaks, "estimate": est, "resident": resident, "prompt": longest}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", nargs=2, type=int, default=[1, 2], metavar=("A", "B"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--layers", type=int, default=1, help="blocks (default 1: a 7B block is 0.9 GB in fp32)")
+    parser.add_argument("--groups", type=int, default=1, help="query groups in the step")
+    parser.add_argument("--principles", type=int, default=1, help="principles: 2^k variants per group")
+    parser.add_argument("--prompt", type=int, default=6, help="the query repeats 'tell me about bread' this often")
+    parser.add_argument("--response", type=int, default=32, help="tokens per response")
     args = parser.parse_args()
-    a, b = args.layers
     root = Path(tempfile.mkdtemp(prefix="sami-bench-memory-"))
-    (ma, ea), (mb, eb) = run_once(a, root), run_once(b, root)
-    per_block_measured, per_block_estimated = (mb - ma) / (b - a), (eb - ea) / (b - a)
-    m32, e32 = mb + (32 - b) * per_block_measured, eb + (32 - b) * per_block_estimated
-    print("4-bit, Mistral-7B widths, random weights, fp32 scales on the CPU backend, every block adapted")
-    for n, m, e in ((a, ma, ea), (b, mb, eb)):
-        print(f"  {n} block(s): measured step peak {m / GiB:6.2f} GiB, estimated {e / GiB:6.2f} GiB ({e / m:.2f}x)")
-    print(f"  per block: measured {per_block_measured / GiB:.3f} GiB, estimated {per_block_estimated / GiB:.3f} GiB")
-    print(f"  extrapolated to 32 blocks: measured {m32 / GiB:.1f} GiB, estimated {e32 / GiB:.1f} GiB")
+    cfg = setup(root, args)
+    results = {}
+    for vocab in SHAPES[args.shape]["vocabularies"]:
+        config = model_config(args.shape, vocab, args.layers)
+        results[vocab] = r = measure(cfg, config, args)
+        if vocab == SHAPES[args.shape]["vocabularies"][0]:
+            widths = f"hidden {config['hidden_size']}, MLP {config['intermediate_size']}"
+            print(
+                f"{args.shape} widths ({widths}, {config['num_attention_heads']}/{config['num_key_value_heads']} "
+                f"heads), {args.layers} block(s), fp32, random weights, every block adapted; one step of "
+                f"{args.groups} query group(s) x {2**args.principles} variants, prompts {r['prompt']} tokens, "
+                f"responses {args.response}, KL and anchor on, on the {mx.default_device()} backend"
+            )
+        (chunked, t_chunked), (full, t_full) = r["peaks"]["chunked"], r["peaks"]["full"]
+        est, resident = r["estimate"], r["resident"]
+        print(
+            f"  vocab {vocab:>6}: step peak {chunked / GiB:6.2f} GiB chunked, {full / GiB:6.2f} GiB full logits "
+            f"({chunked / full:.2f}x; above the weights {(chunked - resident) / GiB:.2f} vs "
+            f"{(full - resident) / GiB:.2f} GiB, {(chunked - resident) / (full - resident):.2f}x); "
+            f"estimate {est.training_peak / GiB:6.2f} GiB ({est.training_peak / chunked:.2f}x the measured peak; "
+            f"above the weights {est.training / GiB:.2f} GiB, {est.training / (chunked - resident):.2f}x); "
+            f"{t_chunked:.0f} s vs {t_full:.0f} s"
+        )
     report(
-        "memory/mistral-7b-widths",
-        estimated_over_measured=eb / mb,
-        per_block_gib={"measured": per_block_measured / GiB, "estimated": per_block_estimated / GiB},
-        at_32_blocks_gib={"measured": m32 / GiB, "estimated": e32 / GiB},
-        peaks_gib={str(n): {"measured": m / GiB, "estimated": e / GiB} for n, m, e in ((a, ma, ea), (b, mb, eb))},
+        f"memory/{args.shape}",
+        layers=args.layers,
+        **{
+            f"vocab_{v}": {
+                "chunked_gib": r["peaks"]["chunked"][0] / GiB,
+                "full_logits_gib": r["peaks"]["full"][0] / GiB,
+                "chunked_over_full": r["peaks"]["chunked"][0] / r["peaks"]["full"][0],
+                "estimated_gib": r["estimate"].training_peak / GiB,
+                "estimated_over_measured": r["estimate"].training_peak / r["peaks"]["chunked"][0],
+                "resident_gib": r["resident"] / GiB,
+            }
+            for v, r in results.items()
+        },
     )
 
 

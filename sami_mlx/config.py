@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -69,7 +70,13 @@ class TrainConfig:
     )
     steps: int = _f(8, "Optimizer steps in the first iteration (the paper schedule grows from it).")
     queries_per_step: int = _f(8, "Query groups per optimizer step.")
-    grad_accumulation: int = _f(1, "Split each step's groups into this many micro-batches (less memory).")
+    grad_accumulation: str | int = _f(
+        "auto",
+        (
+            "Split each step's groups into this many micro-batches (less memory); 'auto': the fewest whose"
+            " memory estimate fits this machine, chosen when the run starts and kept in its config.yaml."
+        ),
+    )
     learning_rate: float = _f(
         3e-4, "Learning rate (the KL and anchor terms keep LoRA at this rate near the base model)."
     )
@@ -241,13 +248,14 @@ class TrainConfig:
         cfg.variants = str(parse_variants(cfg.variants))
         if not cfg.out:
             cfg.out = time.strftime("runs/%Y%m%d-%H%M%S")
-        for name in ("iterations", "steps", "queries_per_step", "grad_accumulation", "lora_rank"):
+        for name in ("iterations", "steps", "queries_per_step", "lora_rank"):
             if getattr(cfg, name) < 1:
                 raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+        cfg.grad_accumulation = parse_grad_accumulation(cfg.grad_accumulation)
         check_sampling(cfg.temperature, cfg.top_p, cfg.max_tokens)
         if cfg.gen_batch_size < 1:
             raise SamiError(f"--gen-batch-size {cfg.gen_batch_size}: must be at least 1")
-        if cfg.grad_accumulation > cfg.queries_per_step:
+        if cfg.grad_accumulation != AUTO and int(cfg.grad_accumulation) > cfg.queries_per_step:
             raise SamiError("--grad-accumulation: cannot exceed --queries-per-step (each micro-batch needs a query)")
         if not 0 < cfg.learning_rate < 1:
             raise SamiError(f"--learning-rate {cfg.learning_rate}: must be between 0 and 1")
@@ -280,12 +288,39 @@ class TrainConfig:
         cfg.report_to = parse_report_to(cfg.report_to)
         return cfg
 
+    @property
+    def micro_batches(self) -> int:
+        """--grad-accumulation as a number; 'auto' not yet chosen (a loop built without `train`) is 1."""
+        return 1 if self.grad_accumulation == AUTO else int(self.grad_accumulation)
+
+    @property
+    def groups_per_micro_batch(self) -> int:
+        """Query groups scored together: in a training micro-batch, and in the monitor's and eval's passes."""
+        return math.ceil(self.queries_per_step / self.micro_batches)
+
     def steps_in_iteration(self, iteration: int) -> int:
         """Optimizer steps in iteration `iteration` (0-based): s, 2s, 3s... for the paper schedule."""
         return self.steps * (iteration + 1) if self.schedule == "paper" else self.steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+AUTO = "auto"  # --grad-accumulation auto: chosen from the memory estimate when a run starts
+
+
+def parse_grad_accumulation(value: str | int) -> str | int:
+    """--grad-accumulation as 'auto' or a whole number of at least 1; raises SamiError naming the flag."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    try:
+        n = int(text)
+    except ValueError:
+        raise SamiError(f"--grad-accumulation {value}: use 'auto' or a whole number of micro-batches") from None
+    if n < 1:
+        raise SamiError(f"--grad-accumulation {value}: must be at least 1 (or auto)")
+    return n
 
 
 def check_sampling(

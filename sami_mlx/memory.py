@@ -162,7 +162,7 @@ class RunShape:
             variants=variants,
             prompt_tokens=prompt_tokens,
             response_tokens=cfg.max_tokens,
-            groups_per_micro_batch=math.ceil(cfg.queries_per_step / cfg.grad_accumulation),
+            groups_per_micro_batch=cfg.groups_per_micro_batch,
             gen_batch_size=cfg.gen_batch_size,
             lora_rank=cfg.lora_rank,
             lora_layers=cfg.lora_layers,
@@ -212,14 +212,21 @@ def lora_parameters(shape: ModelShape, run: RunShape) -> int:
     return adapted * per_block
 
 
-# Measured on the CPU backend (tests/test_memory.py): per logit, beyond the logits themselves, the
-# step holds about 16 bytes (an fp32 copy, log-softmax and its gradient); with --grad-checkpoint each
-# block keeps about 6 hidden-size vectors per token (its input and output, the checkpoint's saved
-# residuals and the cotangent), not the one a checkpoint needs in principle, and the backward pass
-# can hold two blocks' rebuilt activations at once.
-LOGIT_BYTES = 16
+# Measured on the CPU backend (tests/test_memory.py): with --grad-checkpoint each block keeps about 6
+# hidden-size vectors per token (its input and output, the checkpoint's saved residuals and the
+# cotangent), not the one a checkpoint needs in principle, and the backward pass can hold two blocks'
+# rebuilt activations at once.
 CHECKPOINT_KEPT = 6
 CHECKPOINT_REBUILT = 2
+# The output layer runs CHUNK_LOGITS logits at a time (sami_mlx.loop.logits.CHUNK_LOGITS; a test keeps
+# the two equal), so a scored token keeps only its final hidden state and the norm's input. MLX encodes
+# work ahead of the computation: measured on the CPU (benchmarks/memory.py), the chunks of a small step
+# are all alive at once (CHUNK_LOGIT_BYTES per logit: the fp32 logits, their exponentials and, in the
+# backward pass, the gradient), and no more than about CHUNKS_IN_FLIGHT chunks' worth however many
+# tokens a step scores (at 7B widths with a 128k vocabulary the chunks held about 0.3 GiB).
+CHUNK_LOGITS = 2**22
+CHUNKS_IN_FLIGHT = 6
+CHUNK_LOGIT_BYTES = 12
 
 
 def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
@@ -227,8 +234,10 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
 
     Parameters x bytes per weight, plus fp32 LoRA weights with gradients and optimizer state, plus
     the larger of: training activations for one micro-batch of N² (prompt, response) pairs, or the
-    sampling batch's KV cache. A model, not a measurement: each step logs `peak_memory_gb` (GiB), and
-    tests/test_memory.py and benchmarks/memory.py check the one against the other.
+    sampling batch's KV cache. The monitor's held-out MI and eval's intrinsic metric score the same
+    micro-batches without gradients (scoring.score_micro_batches), so the training term covers them.
+    A model, not a measurement: each step logs `peak_memory_gb` (GiB), and tests/test_memory.py and
+    benchmarks/memory.py check the one against the other.
     """
     a, N, P, R, g = (
         shape.activation_bytes,
@@ -248,15 +257,16 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     # sigmoid, the activation and the product (per active expert).
     per_token_layer = a * (6 * h + 3 * q + 3 * kv + 5 * shape.intermediate_size * shape.experts_per_token)
     kv_token = 2 * kv * a * shape.layers  # one token's keys and values over all layers
+    head_token = 2 * h * a  # what a scored token keeps for the output layer: the final norm's input and output
     if run.naive:
         tokens = N * N * (P + R)
         scores = N * N * heads * (P + R) ** 2 * 2 * a  # attention scores and probabilities
-        logits = N * N * (P + R) * V * (a + LOGIT_BYTES)
+        scored = N * N * (P + R)  # every position goes through the output layer
         caches = 0
     else:  # shared: N prompt passes, then N responses against each prompt's repeated KV cache
         tokens = N * P + N * N * R
         scores = N * heads * (P * P + N * R * (P + R)) * 2 * a
-        logits = N * N * R * V * (a + LOGIT_BYTES) + N * P * V * a
+        scored = N * N * R
         caches = N * N * (P + R) * kv_token
     score_layers = 1 if run.fused_attention else adapted
     if run.grad_checkpoint:  # a few vectors per block are kept; blocks are rebuilt one or two at a time
@@ -264,20 +274,24 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         kept = g * (tokens * adapted * CHECKPOINT_KEPT * h * a + rebuilt * (tokens * per_token_layer + scores))
     else:
         kept = g * (adapted * tokens * per_token_layer + score_layers * scores)
-    training: float = kept + g * (logits + caches)
+    training: float = kept + g * (scored * head_token + caches)
     kl_kept = adapted * (CHECKPOINT_KEPT * h * a if run.grad_checkpoint else per_token_layer)
     if run.naive:
         # The KL terms run N sequences once more, with and without adapters (counted at full prompt
-        # length): the logits of both passes, and the activations the policy pass keeps for the backward.
+        # length): the features of both passes, and the activations the policy pass keeps for the backward.
         kl_tokens = (run.kl + run.anchor) * g * N * (P + R)
-        training += kl_tokens * (V * (a + LOGIT_BYTES) * 2 + kl_kept)
+        training += kl_tokens * (2 * head_token + kl_kept)
+        scored += 2 * (run.kl + run.anchor) * N * (P + R)  # a KL token has the policy's and the base's logits
     else:
         # The shared pass takes the KL's policy side from its own diagonal; the base (adapters off) runs
         # the prompts once into caches and the N responses after them, and the anchor's N responses run
         # once more with adapters (their activations kept for the backward pass).
         base_rows = (run.kl + run.anchor) * g * N * R
-        training += base_rows * V * (a + LOGIT_BYTES) + (run.kl or run.anchor) * g * N * (P + R) * kv_token
-        training += run.anchor * g * N * R * (V * (a + LOGIT_BYTES) + kl_kept)
+        training += base_rows * head_token + (run.kl or run.anchor) * g * N * (P + R) * kv_token
+        training += run.anchor * g * N * R * (head_token + kl_kept)
+        scored += 2 * (run.kl + run.anchor) * N * R  # a KL token has the policy's and the base's logits
+    # The output layer's chunks: all of the micro-batch's logits, or as many chunks as MLX keeps in flight.
+    training += min(g * scored * V, CHUNKS_IN_FLIGHT * CHUNK_LOGITS) * CHUNK_LOGIT_BYTES
     prefill = min(run.gen_batch_size, 8) * heads * P * P * 2 * a
     sampling = run.gen_batch_size * (P + R) * kv_token + prefill + run.gen_batch_size * V * 4
     if a == 2:  # measured: LoRA's fp32 weights promote part of a 16-bit model's saved activations to fp32
@@ -325,6 +339,43 @@ def fit(need: float, machine: MachineMemory) -> str:
     if not machine.total:
         return "?"
     return "yes" if need <= machine.usable else "tight" if need <= machine.total else "no"
+
+
+# ---- --grad-accumulation auto ----------------------------------------------------------------
+
+HEADROOM = 0.8  # auto plans for this share of what MLX can use: the estimate is good to about 20%
+
+
+def auto_micro_batches(shape: ModelShape, run: RunShape, queries_per_step: int, machine: MachineMemory) -> int:
+    """--grad-accumulation auto: the fewest micro-batches (of `queries_per_step` query groups) whose
+    estimate fits `machine` with HEADROOM; one group per micro-batch when none does (the run's memory
+    check then says so), and 1 when the machine's memory is unknown."""
+    if not machine.total:
+        return 1
+    seen = set()
+    for n in range(1, queries_per_step + 1):
+        groups = math.ceil(queries_per_step / n)
+        if groups in seen:  # as many groups per micro-batch as with fewer micro-batches: no gain
+            continue
+        seen.add(groups)
+        if estimate_memory(shape, replace(run, groups_per_micro_batch=groups)).peak <= HEADROOM * machine.usable:
+            return n
+    return queries_per_step
+
+
+def resolve_micro_batches(
+    cfg: Any, shape: ModelShape | None, variants: int, prompt_tokens: int, machine: MachineMemory
+):
+    """`cfg` (a TrainConfig) with --grad-accumulation auto replaced by its choice for `shape` (as loaded)
+    on `machine`; a number is kept, and an unknown architecture (None) runs one micro-batch."""
+    from sami_mlx.config import AUTO
+
+    if cfg.grad_accumulation != AUTO:
+        return cfg
+    n = 1
+    if shape is not None:
+        n = auto_micro_batches(shape, RunShape.from_config(cfg, variants, prompt_tokens), cfg.queries_per_step, machine)
+    return replace(cfg, grad_accumulation=n)
 
 
 # ---- dequantizing on the CPU -----------------------------------------------------------------
@@ -410,6 +461,24 @@ def _weights_float_bytes(path: Path) -> int | None:
     return None
 
 
+def shape_as_loaded(
+    shape: ModelShape, weights: Path | None, dequantize: str = "auto", total_gb: float | None = None
+) -> tuple[ModelShape, str]:
+    """`shape` as the run will load it, and why in words ('' when there is nothing to say): the float
+    width read from the weights in `weights` (a local model directory), fp32 for a quantized model's
+    scales on the CPU backend, or fp32 weights where --dequantize (on a machine of `total_gb` GiB) says so."""
+    wide = _weights_float_bytes(weights) if weights is not None else None
+    cpu = _cpu_backend()
+    if cpu and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
+        wide = 4
+    quantized = shape.bits if shape.bits < 16 else None
+    total = total_gb * GiB if total_gb else None
+    choice = choose_dequantize(dequantize, quantized, shape.parameters * 4, cpu, total)
+    if choice.apply:  # sami_mlx.model.dequantize_for_cpu: fp32 weights on the CPU, the scales' width elsewhere
+        return replace(shape, bits=16).in_float_bytes(4 if cpu else wide or shape.scale_bytes), choice.reason
+    return (shape.in_float_bytes(wide) if wide else shape), choice.reason
+
+
 def dry_run_memory(
     shape: ModelShape,
     label: str,
@@ -422,20 +491,10 @@ def dry_run_memory(
     weights in `weights`, a local model directory; dequantized as --dequantize decides), its memory
     estimate for `run`, and whether that fits this machine (or one with `total_gb` GiB) with what to
     change when it does not."""
-    wide = _weights_float_bytes(weights) if weights is not None else None
-    cpu = _cpu_backend()
-    if cpu and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
-        wide = 4
-    quantized = shape.bits if shape.bits < 16 else None
-    total = total_gb * GiB if total_gb else None
-    choice = choose_dequantize(dequantize, quantized, shape.parameters * 4, cpu, total)
-    if choice.apply:  # sami_mlx.model.dequantize_for_cpu: fp32 weights on the CPU, the scales' width elsewhere
-        shape = replace(shape, bits=16).in_float_bytes(4 if cpu else wide or shape.scale_bytes)
-    elif wide:
-        shape = shape.in_float_bytes(wide)
+    shape, reason = shape_as_loaded(shape, weights, dequantize, total_gb)
     lines = [f"model: {label} ({shape.describe()})"]
-    if choice.reason:
-        lines.append(choice.reason)
+    if reason:
+        lines.append(reason)
     est = estimate_memory(shape, run)
     lines.append(f"memory (estimate): {est.summary()}")
     machine = machine_memory(total_gb)

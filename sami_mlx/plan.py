@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sami_mlx.memory import GiB, ModelShape, RunShape, dry_run_memory
+from sami_mlx.config import AUTO
+from sami_mlx.memory import (
+    GiB,
+    ModelShape,
+    RunShape,
+    dry_run_memory,
+    machine_memory,
+    resolve_micro_batches,
+    shape_as_loaded,
+)
 from sami_mlx.model import looks_like_path
 from sami_mlx.presets import get_preset, model_dir_at_hand, model_shape, preset_names
 
@@ -248,11 +257,26 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
     )
     sampling = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
     halves = ", alternating two disjoint halves of them" if cfg.schedule == "paper" else ""
-    micro = math.ceil(cfg.queries_per_step / cfg.grad_accumulation)
+    shape, label = model_shape(cfg.model)
+    prompts, longest = prompt_line(cfg, plan, tokenizer)
+    weights = model_dir_at_hand(cfg.model)
+    auto = cfg.grad_accumulation == AUTO
+    if auto and shape is not None:  # as the run will choose it (memory.auto_micro_batches)
+        loaded, _ = shape_as_loaded(shape, weights, cfg.dequantize, total_gb)
+        cfg = resolve_micro_batches(cfg, loaded, inputs.num_variants, longest, machine_memory(total_gb))
+    micro = cfg.groups_per_micro_batch
+    chosen = ""
+    if auto:
+        chosen = (
+            " (--grad-accumulation auto: the fewest whose estimate fits "
+            + (f"a {total_gb:g} GiB machine" if total_gb else "this machine")
+            + ")"
+            if shape is not None
+            else " (--grad-accumulation auto: chosen when the run starts, from the model's config)"
+        )
     source = f"{count} queries" if count is not None else f"the queries of {cfg.queries}"
     if count is not None and plan.missing:
         source = f"up to {count} queries"
-    shape, label = model_shape(cfg.model)
     if shape is not None:
         adapted = shape.layers if cfg.lora_layers <= 0 else min(cfg.lora_layers, shape.layers)
         blocks = f"{adapted} of the model's {shape.layers} blocks"
@@ -263,7 +287,7 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
         f"sampling: {' / '.join(str(s * cfg.queries_per_step) for s in steps)} queries per iteration × "
         f"{inputs.num_variants} variants ({sampling}, up to {cfg.max_tokens} new tokens) from {source}{halves}",
         f"training: {cfg.queries_per_step} query groups per step ({inputs.num_variants}×{inputs.num_variants} "
-        f"score matrices) in {cfg.grad_accumulation} micro-batch(es) of {micro}; {cfg.optimizer}, "
+        f"score matrices) in {cfg.micro_batches} micro-batch(es) of {micro}{chosen}; {cfg.optimizer}, "
         f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on {blocks}",
     ]
     # Each iteration goes on where the last one of its half stopped (Sampling.query_split and the split
@@ -282,11 +306,10 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
     if plan.prompts is not None:
         lines.append(format_line(plan.prompts))
     lines += prompt_preview(cfg, inputs, tokenizer)
-    prompts, longest = prompt_line(cfg, plan, tokenizer)
     lines.append(prompts)
     if shape is None:
         lines.append(f"model: {label}; memory: unknown offline (no preset and no cached config.json for it)")
     else:
         run = RunShape.from_config(cfg, inputs.num_variants, longest)
-        lines += dry_run_memory(shape, label, run, model_dir_at_hand(cfg.model), total_gb, cfg.dequantize)
+        lines += dry_run_memory(shape, label, run, weights, total_gb, cfg.dequantize)
     return "\n".join("# " + line for line in lines)

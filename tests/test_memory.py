@@ -100,3 +100,102 @@ def test_cpu_load_widens_quantized_scales_to_fp32(tiny_model):
     assert widened.dtype == mx.float32
     assert np.abs(np.array(widened) - shipped).max() < 0.02 * np.abs(shipped).max()
     assert float_bytes(model) == 4
+
+
+# ---- --grad-accumulation auto ------------------------------------------------------------------
+
+SMOLLM2 = {  # SmolLM2-135M's architecture, as its config.json gives it
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
+
+
+def test_the_estimate_chunks_the_output_layer_as_scoring_does():
+    from sami_mlx.loop import logits
+    from sami_mlx.memory import CHUNK_LOGITS
+
+    assert CHUNK_LOGITS == logits.CHUNK_LOGITS
+
+
+def test_auto_picks_the_fewest_micro_batches_whose_estimate_fits_with_headroom():
+    from sami_mlx.memory import HEADROOM, GiB, MachineMemory, auto_micro_batches
+
+    shape = ModelShape.from_config(SMOLLM2).in_float_bytes(4)
+    run = RunShape(variants=4, prompt_tokens=64, response_tokens=128, kl=True, anchor=True)
+    peak = {
+        g: estimate_memory(shape, RunShape(**{**run.__dict__, "groups_per_micro_batch": g})).peak for g in (8, 4, 3)
+    }
+    assert peak[8] > peak[4] > peak[3]  # fewer groups at a time, less memory
+    between = (peak[4] + peak[3]) / 2 / HEADROOM  # 4 groups at a time do not fit with headroom, 3 do
+    assert auto_micro_batches(shape, run, 8, MachineMemory(between, between)) == 3  # 3 micro-batches of 3, 3, 2
+    roomy = peak[8] / HEADROOM
+    assert auto_micro_batches(shape, run, 8, MachineMemory(roomy, roomy)) == 1
+    assert auto_micro_batches(shape, run, 8, MachineMemory(GiB, GiB)) == 8  # nothing fits: one group at a time
+    assert auto_micro_batches(shape, run, 8, MachineMemory(0, 0)) == 1  # memory unknown
+
+
+def test_auto_is_chosen_once_printed_by_the_dry_run_and_kept_in_the_run_config(tiny_config, monkeypatch, capsys):
+    """The number `auto` chooses is the one the run's config.yaml records (so a resume repeats it) and
+    the one the dry run prints; a number given stays as it is."""
+    import yaml
+
+    from sami_mlx import memory
+    from sami_mlx.cli.train import dry_run
+    from sami_mlx.config import load_run_config
+    from sami_mlx.loop.trainer import train
+
+    asked = []
+
+    def two(shape, run, queries_per_step, machine):
+        asked.append((run.groups_per_micro_batch, queries_per_step))
+        return 2
+
+    monkeypatch.setattr(memory, "auto_micro_batches", two)
+    cfg = tiny_config(queries_per_step=2)
+    assert cfg.grad_accumulation == "auto"
+    assert dry_run(cfg.resolved()) == 0
+    assert (
+        "in 2 micro-batch(es) of 1 (--grad-accumulation auto: the fewest whose estimate fits" in capsys.readouterr().out
+    )
+    train(cfg)
+    assert asked[-1] == (2, 2)  # asked with the run's own step: 2 groups, 1 micro-batch
+    saved = yaml.safe_load((Path(cfg.out) / "config.yaml").read_text())
+    assert saved["grad_accumulation"] == 2
+    assert load_run_config(cfg.out).resolved().micro_batches == 2
+    given = tiny_config(queries_per_step=2, grad_accumulation=1, out=str(Path(cfg.out).parent / "given"))
+    train(given)
+    assert yaml.safe_load((Path(given.out) / "config.yaml").read_text())["grad_accumulation"] == 1
+
+
+def test_grad_accumulation_takes_auto_or_a_number_from_flags_yaml_and_the_run_form(tmp_path):
+    import argparse
+
+    from sami_mlx.config import TrainConfig, add_arguments, build_config, config_from_file
+    from sami_mlx.errors import SamiError
+    from tui.run_settings import BY_FIELD, parse_setting
+
+    def resolved(value):
+        return TrainConfig(model="m", constitution="c.yaml", grad_accumulation=value).resolved().grad_accumulation
+
+    assert TrainConfig().grad_accumulation == "auto" and resolved("AUTO") == "auto"
+    assert resolved(4) == resolved("4") == 4
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag, want in (("auto", "auto"), ("2", 2)):
+        args = parser.parse_args(["--model", "m", "--constitution", "c.yaml", "--grad-accumulation", flag])
+        assert build_config(args).grad_accumulation == want
+    (tmp_path / "a.yaml").write_text("grad_accumulation: 2\n")
+    (tmp_path / "b.yaml").write_text("grad-accumulation: auto\n")
+    assert resolved(config_from_file(str(tmp_path / "a.yaml"))["grad_accumulation"]) == 2
+    assert resolved(config_from_file(str(tmp_path / "b.yaml"))["grad_accumulation"]) == "auto"
+    field = BY_FIELD["grad_accumulation"]
+    assert field.input_type == "text" and resolved(parse_setting(field, " auto ")) == "auto"
+    assert resolved(parse_setting(field, "3")) == 3 and resolved(parse_setting(field, "")) == "auto"
+    for bad in ("0", "lots", 9):
+        with pytest.raises(SamiError, match="^--grad-accumulation"):
+            TrainConfig(model="m", constitution="c.yaml", grad_accumulation=bad).resolved()

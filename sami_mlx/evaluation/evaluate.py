@@ -36,11 +36,10 @@ from sami_mlx.inputs.constitution import (
 )
 from sami_mlx.inputs.prompts import encode_with_prefix
 from sami_mlx.loop.rollout import Generation, generate_batch
-from sami_mlx.loop.scoring import ScoringBatch, score_matrix
+from sami_mlx.loop.scoring import ScoringBatch, score_micro_batches
 from sami_mlx.objective import accuracies, mi_lower_bound, sami_loss
 
 Emit = Callable[[ev.Event], None]
-SCORING_BATCH = 8
 
 
 # ---- generation and the intrinsic metric -------------------------------------------------------
@@ -155,17 +154,11 @@ def intrinsic_metric(
     if not prompts:
         return result
     progress = _Stage(emit or (lambda e: None), f"score {name}".strip(), len(prompts))
-    scores = []
-    for i in range(0, len(prompts), SCORING_BATCH):
-        S = score_matrix(
-            model,
-            ScoringBatch(prompts[i : i + SCORING_BATCH], responses[i : i + SCORING_BATCH]),
-            shared=cfg.scoring == "shared",
-        )
-        mx.eval(S)
-        scores.append(S)
-        progress(min(i + SCORING_BATCH, len(prompts)), len(prompts))
-    S = mx.concatenate(scores, axis=0)
+    # The run's micro-batches (its config.yaml holds the number --grad-accumulation auto chose), so that
+    # the memory estimate that chose them covers this pass too.
+    S = score_micro_batches(
+        model, ScoringBatch(prompts, responses), cfg.groups_per_micro_batch, cfg.scoring == "shared", progress
+    )
     loss = float(sami_loss(S))
     row, col = accuracies(S)
     result.update(mi_bound=mi_lower_bound(loss, n), loss=loss, row_accuracy=row, column_accuracy=col)

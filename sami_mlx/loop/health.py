@@ -32,7 +32,7 @@ from sami_mlx.loop.parts import LoopParts
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.runstate import RunState
 from sami_mlx.loop.sampling import derived_seed, variant_from_label
-from sami_mlx.loop.scoring import score_matrix
+from sami_mlx.loop.scoring import score_micro_batches
 from sami_mlx.objective import mi_lower_bound, sami_loss
 
 HEALTHY = "healthy"  # RUN/healthy/: the adapters of the last step the monitor passed inside an iteration
@@ -156,7 +156,8 @@ class HealthChecks(LoopParts):
         order = list(range(len(c.principles)))  # file order, as at evaluation
         per_variant = training_orders(groups, self.cfg, len(c.principles), orders=[order] * len(groups))
         batch = scoring_batch(self.tokenizer, self.cfg, c, self.inputs.training_template, groups, per_variant)
-        S = score_matrix(self.model, batch, shared=self.cfg.scoring == "shared")
+        # One training micro-batch's worth of groups at a time: the estimate that chose it covers this pass.
+        S = score_micro_batches(self.model, batch, self.cfg.groups_per_micro_batch, self.cfg.scoring == "shared")
         return mi_lower_bound(float(sami_loss(S)), n)
 
     def verdict(self, drifts: dict[str, float], ppl_ratio: float | None) -> str:

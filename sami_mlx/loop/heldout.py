@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import json_lines, read_text
+from sami_mlx.loop.logits import token_logprobs
 
 
 def load_heldout(path: str) -> list[tuple[str, str]]:
@@ -54,7 +55,6 @@ def heldout_nll(
         mask = (pos >= mx.array([s for _, s in chunk])[:, None]) & (
             pos < mx.array([len(ids) for ids, _ in chunk])[:, None]
         )
-        ce = nn.losses.cross_entropy(model(arr[:, :-1]).astype(mx.float32), arr[:, 1:]) * mask
-        nll += float(ce.sum())
+        nll -= float((token_logprobs(model, arr[:, :-1], arr[:, 1:]) * mask).sum())
         count += int(mask.sum())
     return nll, count

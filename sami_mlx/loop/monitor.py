@@ -22,8 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from sami_mlx.fileio import atomic_write_json
+from sami_mlx.loop.logits import token_logprobs
 from sami_mlx.loop.rollout import Generation, generation_stats
-from sami_mlx.loop.scoring import build_pairs, token_logprobs
+from sami_mlx.loop.scoring import build_pairs
 
 KINDS = ("prompted", "plain")
 
@@ -72,7 +73,7 @@ def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16) -> fl
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         pairs = build_pairs([[a.prompt] for a in chunk], [[a.answer] for a in chunk])
-        logp, _ = token_logprobs(model, pairs.inputs, pairs.targets)
+        logp = token_logprobs(model, pairs.inputs, pairs.targets)
         nll = -(logp * pairs.mask).sum()
         mx.eval(nll)
         total += float(nll)

@@ -89,6 +89,29 @@ def check_context(cfg: TrainConfig, inputs: RunInputs, tokenizer, context: int |
     return biggest
 
 
+def model_memory_shape(model_config: dict, float_bytes: int | None = None):
+    """The memory estimate's ModelShape of a loaded model (its float width as loaded: fp32 on the CPU
+    backend after `upcast_for_cpu`); None for an architecture the estimate does not know."""
+    from sami_mlx.memory import ModelShape
+
+    try:
+        shape = ModelShape.from_config(model_config)
+    except Exception:  # an architecture the estimate does not know: no estimate, no refusal
+        return None
+    return shape.in_float_bytes(float_bytes) if float_bytes else shape
+
+
+def choose_micro_batches(
+    cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int, float_bytes: int | None = None
+) -> TrainConfig:
+    """`cfg` with --grad-accumulation auto resolved for this machine (sami_mlx.memory.auto_micro_batches):
+    chosen once, before training, and written to the run's config.yaml so that a resume repeats it."""
+    from sami_mlx.memory import machine_memory, resolve_micro_batches
+
+    shape = model_memory_shape(model_config, float_bytes)
+    return resolve_micro_batches(cfg, shape, inputs.num_variants, prompt_tokens, machine_memory())
+
+
 def check_memory(
     cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int, float_bytes: int | None = None
 ) -> float | None:
@@ -96,23 +119,23 @@ def check_memory(
 
     `float_bytes`: the loaded model's float width (fp32 on the CPU backend after `upcast_for_cpu`).
     """
-    from sami_mlx.memory import GiB, ModelShape, RunShape, estimate_memory, fit, machine_memory
+    from sami_mlx.memory import GiB, RunShape, estimate_memory, fit, machine_memory
 
-    try:
-        shape = ModelShape.from_config(model_config)
-    except Exception:  # an architecture the estimate does not know: no estimate, no refusal
-        return None
+    shape = model_memory_shape(model_config, float_bytes)
     if shape is None:
         return None
-    if float_bytes:
-        shape = shape.in_float_bytes(float_bytes)
     est = estimate_memory(shape, RunShape.from_config(cfg, inputs.num_variants, prompt_tokens))
     machine = machine_memory()
     if fit(est.peak, machine) == "no" and not cfg.force:
+        fix = (
+            "even one query group per micro-batch does not fit; lower --max-tokens or --lora-layers, add "
+            "--grad-checkpoint, choose a smaller model"
+            if cfg.micro_batches >= cfg.queries_per_step
+            else "lower --queries-per-step or --max-tokens, raise --grad-accumulation (or leave it auto)"
+        )
         raise SamiError(
             f"--model {cfg.model}: this run needs about {est.peak / GiB:.1f} GiB ({est.summary()}) but this machine "
-            f"has {machine.total / GiB:.1f} GiB; lower --queries-per-step or --max-tokens, add --grad-accumulation, "
-            "or pass --force to try anyway"
+            f"has {machine.total / GiB:.1f} GiB; {fix}, or pass --force to try anyway"
         )
     return est.peak / GiB
 

@@ -20,7 +20,7 @@ same distribution either way; the shared path's entries of a row are correlated 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from sami_mlx.loop.adapters import adapters_disabled
+from sami_mlx.loop.logits import OutputLayer, output_layer, token_logprobs
 
 Ids = list[int]
 
@@ -72,6 +73,11 @@ class ScoringBatch:
         seqs = [(self.anchors[b], self.responses[b][j]) for b in range(B) for j in range(N)]
         return _pad(seqs, (B * N, 1), bucketed)
 
+    def groups(self, start: int, stop: int) -> ScoringBatch:
+        """Groups `start` to `stop` (exclusive) of this batch."""
+        anchors = None if self.anchors is None else self.anchors[start:stop]
+        return ScoringBatch(self.prompts[start:stop], self.responses[start:stop], anchors)
+
     @property
     def num_tokens(self) -> int:
         """Tokens a naive N x N pass would process (the unit of tokens/s)."""
@@ -113,12 +119,6 @@ def _pad(seqs: list[tuple[Ids, Ids]], shape: tuple[int, int], bucketed: bool = F
     return PairBatch(padded[:, :-1], padded[:, 1:], mask.astype(mx.float32), shape)
 
 
-def token_logprobs(model: nn.Module, inputs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-    """Log-prob of each target token, and the logits that produced them."""
-    logits = model(inputs).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, targets), logits
-
-
 def scores_from_logprobs(logp: mx.array, batch: PairBatch) -> mx.array:
     """Masked mean of per-token log-probs, folded into [B, N, N]."""
     B, N = batch.shape
@@ -133,8 +133,7 @@ def score_naive(model: nn.Module, batch: ScoringBatch) -> mx.array:
 
 def score_pairs(model: nn.Module, pairs: PairBatch) -> mx.array:
     """S as [B, N, N] from the padded N² (prompt, response) sequences."""
-    logp, _ = token_logprobs(model, pairs.inputs, pairs.targets)
-    return scores_from_logprobs(logp, pairs)
+    return scores_from_logprobs(token_logprobs(model, pairs.inputs, pairs.targets), pairs)
 
 
 CHUNKS = 4  # the shared pass scores responses in at most this many groups of similar length
@@ -209,29 +208,30 @@ def score_shared(model: nn.Module, batch: ScoringBatch) -> mx.array:
 
 @dataclass
 class Prefill:
-    """Prompts run once: the logits at their last position and each layer's keys and values."""
+    """Prompts run once: the features (hidden states, or the logits of a model not cut at its output
+    layer) at their last position and each layer's keys and values."""
 
-    last: mx.array  # [P, 1, V]
+    last: mx.array  # [P, 1, H]
     kv: list[tuple[mx.array, mx.array]]
     left_padding: mx.array  # [P]
 
     @classmethod
-    def run(cls, model: nn.Module, tokens: mx.array, left_padding: mx.array) -> Prefill:
+    def run(cls, model: nn.Module, layer: OutputLayer, tokens: mx.array, left_padding: mx.array) -> Prefill:
         P, Lp = tokens.shape
         # Any: mlx-lm's caches declare keys and values as None until their first update.
         cache: list[Any] = [BatchKVCache([0] * P) for _ in make_prompt_cache(model)]
         for c in cache:  # allocate exactly what is needed, not generation's 256-token blocks
             c.step = Lp
             c.left_padding, c.offset = left_padding, -left_padding
-        # Left padding: every prompt ends at the last position, whose logits predict response token 0.
-        last = model(tokens, cache=cache)[:, -1:, :]
+        # Left padding: every prompt ends at the last position, whose features predict response token 0.
+        last = layer.body(tokens, cache=cache)[:, -1:, :]
         return cls(last, [(c.keys[..., : c._idx, :], c.values[..., : c._idx, :]) for c in cache], left_padding)
 
-    def continue_with(self, model: nn.Module, rows: mx.array, responses: mx.array) -> mx.array:
-        """Float32 logits [R, L, V] predicting each of `responses` (right-padded [R, L]) after prompt
+    def continue_with(self, layer: OutputLayer, rows: mx.array, responses: mx.array) -> mx.array:
+        """Features [R, L, H] predicting each of `responses` (right-padded [R, L]) after prompt
         `rows[r]`; right padding at the end of a response is harmless under the causal mask."""
         L, Lp = responses.shape[1], self.kv[0][0].shape[2]
-        logits = mx.take(self.last, rows, axis=0)
+        features = mx.take(self.last, rows, axis=0)
         if L > 1:
             cache: list[Any] = []
             for keys, values in self.kv:
@@ -241,21 +241,22 @@ class Prefill:
                 c.left_padding = mx.take(self.left_padding, rows)
                 c.offset = Lp - c.left_padding
                 cache.append(c)
-            logits = mx.concatenate([logits, model(responses[:, :-1], cache=cache)], axis=1)
-        return logits.astype(mx.float32)
+            features = mx.concatenate([features, layer.body(responses[:, :-1], cache=cache)], axis=1)
+        return features
 
 
 def shared_terms(model: nn.Module, inputs: dict[str, Any], n: int) -> tuple[mx.array, mx.array | None, mx.array | None]:
     """(S [B, N, N], KL sum, anchor KL sum) from `shared_inputs`' arrays: each KL term is summed over
     the response tokens (None when the inputs were built without it). The KL's policy side is the
-    scoring pass's own diagonal; the base (adapters off) runs the same prompts and responses."""
-    chunks = inputs["chunks"]
-    policy = Prefill.run(model, inputs["prompts"], inputs["left_padding"])
+    scoring pass's own diagonal; the base (adapters off) runs the same prompts and responses. The
+    output layer runs a chunk of tokens at a time (sami_mlx.loop.logits): no full logits are held."""
+    chunks, layer = inputs["chunks"], output_layer(model)
+    policy = Prefill.run(model, layer, inputs["prompts"], inputs["left_padding"])
     kl_on, anchor_on = "diagonal" in chunks[0], "anchors" in chunks[0]
     base = None
     if kl_on or anchor_on:
         with adapters_disabled(model):
-            base = Prefill.run(model, inputs["prompts"], inputs["left_padding"])
+            base = Prefill.run(model, layer, inputs["prompts"], inputs["left_padding"])
     scores, kl, anchor = [], mx.array(0.0), mx.array(0.0)
     for chunk in chunks:
         resp, m = chunk["responses"], chunk["responses"].shape[0]
@@ -263,20 +264,21 @@ def shared_terms(model: nn.Module, inputs: dict[str, Any], n: int) -> tuple[mx.a
         rows, repeated = chunk["rows"], mx.repeat(resp, n, axis=0)  # row k·N + i: response k under prompt i
         if anchor_on:
             rows, repeated = mx.concatenate([rows, chunk["anchors"]]), mx.concatenate([repeated, resp])
-        logits = policy.continue_with(model, rows, repeated)
-        logp = -nn.losses.cross_entropy(logits[: m * n], repeated[: m * n])
+        features = policy.continue_with(layer, rows, repeated)
+        logp = layer.logprobs(features[: m * n], repeated[: m * n])
         row_mask = mx.repeat(mask, n, axis=0)
         scores.append((logp * row_mask).sum(axis=1) / mx.maximum(row_mask.sum(axis=1), 1))
         if base is None:
             continue
-        base_rows = [chunk[k] for k, on in (("diagonal", kl_on), ("anchors", anchor_on)) if on]
+        wanted = [chunk[k] for k, on in (("diagonal", kl_on), ("anchors", anchor_on)) if on]
+        base_rows, base_responses = mx.concatenate(wanted), mx.concatenate([resp] * len(wanted))
         with adapters_disabled(model):
-            base_logits = base.continue_with(model, mx.concatenate(base_rows), mx.concatenate([resp] * len(base_rows)))
-        base_logits = mx.stop_gradient(base_logits)
+            base_features = mx.stop_gradient(base.continue_with(layer, base_rows, base_responses))
         if kl_on:
-            kl = kl + kl_sum(mx.take(logits, chunk["diagonal_rows"], axis=0), base_logits[:m], mask)
+            diagonal = mx.take(features, chunk["diagonal_rows"], axis=0)
+            kl = kl + (layer.kl(diagonal, base_features[:m]) * mask).sum()
         if anchor_on:
-            anchor = anchor + kl_sum(logits[m * n :], base_logits[-m:], mask)
+            anchor = anchor + (layer.kl(features[m * n :], base_features[-m:]) * mask).sum()
     S = mx.take(mx.concatenate(scores), inputs["order"]).reshape(-1, n, n)
     return S, kl if kl_on else None, anchor if anchor_on else None
 
@@ -300,6 +302,27 @@ def score_matrix(model: nn.Module, batch: ScoringBatch, shared: bool = True) -> 
     if shared and shared_scoring_supported(model):
         return score_shared(model, batch)
     return score_naive(model, batch)
+
+
+def score_micro_batches(
+    model: nn.Module,
+    batch: ScoringBatch,
+    groups: int,
+    shared: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> mx.array:
+    """S as [B, N, N], scored `groups` query groups at a time and evaluated one part after another, as
+    training scores its micro-batches: a pass with no gradients (the monitor's held-out MI, eval's
+    intrinsic metric) holds no more than one training micro-batch. `on_progress(done, total)` after each."""
+    B, parts = batch.shape[0], []
+    for start in range(0, B, max(groups, 1)):
+        stop = min(start + max(groups, 1), B)
+        S = score_matrix(model, batch.groups(start, stop), shared)
+        mx.eval(S)
+        parts.append(S)
+        if on_progress is not None:
+            on_progress(stop, B)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
 def kl_to_base(

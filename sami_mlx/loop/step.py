@@ -11,15 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from sami_mlx.loop.adapters import adapters_disabled
-from sami_mlx.loop.scoring import (
-    PairBatch,
-    ScoringBatch,
-    kl_to_base,
-    score_pair_inputs,
-    shared_inputs,
-    shared_terms,
-    token_logprobs,
-)
+from sami_mlx.loop.logits import output_layer
+from sami_mlx.loop.scoring import PairBatch, ScoringBatch, score_pair_inputs, shared_inputs, shared_terms
 from sami_mlx.objective import sami_loss
 
 StepInputs = dict[str, dict[str, Any]]
@@ -92,8 +85,11 @@ def step_function(model: nn.Module, settings: StepSettings, compiled: bool) -> C
 
 def kl_on(model: nn.Module, pairs, tokens: float | mx.array | None = None) -> mx.array:
     """Per-token KL(policy || base) over the response tokens of `pairs`, summed and divided by
-    `tokens` (default: their count); the base is the model with its adapters switched off."""
-    _, logits = token_logprobs(model, pairs.inputs, pairs.targets)
+    `tokens` (default: their count); the base is the model with its adapters switched off. The
+    output layer runs a chunk of tokens at a time (sami_mlx.loop.logits)."""
+    layer = output_layer(model)
+    features = layer.body(pairs.inputs)
     with adapters_disabled(model):
-        base_logits = mx.stop_gradient(model(pairs.inputs).astype(mx.float32))
-    return kl_to_base(logits, base_logits, pairs.mask, tokens)
+        base = mx.stop_gradient(layer.body(pairs.inputs))
+    total = (layer.kl(features, base) * pairs.mask).sum()
+    return total / (mx.maximum(pairs.mask.sum(), 1) if tokens is None else mx.maximum(tokens, 1))

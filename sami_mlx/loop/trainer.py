@@ -39,6 +39,7 @@ from sami_mlx.loop.prepare import (
     RunInputs,
     check_context,
     check_memory,
+    choose_micro_batches,
     prepare_inputs,
     prepare_run_dir,
     with_templates,
@@ -60,6 +61,7 @@ __all__ = [
     "TrainResult",
     "check_context",
     "check_memory",
+    "choose_micro_batches",
     "describe_kept",
     "gradient_checkpointing",
     "heldout_nll",
@@ -128,6 +130,8 @@ def resume(
         raise SamiError(f"--resume {out}: no config.yaml there{where}")
     cfg = load_run_config(out, "--resume").resolved()
     for key, value in (overrides or {}).items():
+        if key == "grad_accumulation" and str(value).lower() == "auto":
+            continue  # the run chose its number when it started; resuming repeats it
         if key != "out" and getattr(cfg, key) != value:
             raise SamiError(
                 f"--resume {out}: --{key.replace('_', '-')} {value} differs from the run's "
@@ -162,6 +166,10 @@ def _run(
         cfg = resolve_prompts(cfg, tokenizer)
         inputs = with_templates(inputs, cfg)
     longest = check_context(cfg, inputs, tokenizer, model_config.get("max_position_embeddings"))
+    cfg = choose_micro_batches(cfg, inputs, model_config, longest, float_bytes(model))
+    if ranks.size > 1:  # every rank splits a step alike: the most micro-batches any rank's memory needs
+        chosen = ranks.gather([cfg.micro_batches], "choosing --grad-accumulation")
+        cfg = dataclasses.replace(cfg, grad_accumulation=int(max(r[0] for r in chosen)))
     memory_gb = check_memory(cfg, inputs, model_config, longest, float_bytes(model))
     if not ranks.primary:
         where = out or Path(cfg.out).expanduser()

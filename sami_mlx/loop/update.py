@@ -144,7 +144,7 @@ class Stepping(LoopParts):
         mx.random.seed(ranks.seed(seed))  # dropout draws, so that a resumed run repeats them
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        ga, k = cfg.grad_accumulation, len(self.inputs.constitution.principles)
+        ga, k = cfg.micro_batches, len(self.inputs.constitution.principles)
         parts = [list(range(len(groups)))[i::ga] for i in range(ga)]
         # Principle orders are drawn for every group, in one process's order, before taking a share.
         orders = {n: principle_order(k, rng, cfg.shuffle_principles) for part in parts for n in part}
