@@ -156,6 +156,10 @@ def model_shape(model: str) -> tuple[ModelShape | None, str]:
     cached), read offline; with a label saying where it came from."""
     if model in preset_names():
         p = get_preset(model)
+        local = model_dir_at_hand(model)  # what a run will load (the hub's snapshot or the imported wheel)
+        if local is not None and (local / "config.json").is_file():
+            config = read_structured(local / "config.json", "model config")
+            return ModelShape.from_config(config if isinstance(config, dict) else {}), f"{model} = {local}"
         return p.shape, f"{model} = {p.model}" if p.hub_id else model
     for p in list_presets():
         if p.hub_id and p.hub_id == model:
