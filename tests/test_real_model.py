@@ -172,7 +172,8 @@ def test_a_default_run_prompts_through_the_chat_template(real_run, pulled):
 
 def test_a_killed_run_resumes_bit_identical(real_run, workdir):
     part = workdir / "killed"
-    killed = sami(*train_args(workdir, part), env={"SAMI_MLX_KILL_AT": "checkpoint-saved:1"})
+    # Killed right after the second saved step state (the first is the iteration's start): after step 1.
+    killed = sami(*train_args(workdir, part), env={"SAMI_MLX_KILL_AT": "checkpoint-saved:2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert json.loads((part / "state.json").read_text())["global_step"] == 1
     resumed = sami("train", "--resume", str(part))
