@@ -212,22 +212,38 @@ BAD = [
     ("missing.yaml", "name: x\n", "principles"),
     ("empty_list.json", '{"name": "x", "principles": []}', "principles"),
     ("principles_str.json", '{"name": "x", "principles": "be nice"}', "principles"),
-    ("principle_str.yaml", "principles:\n  - be nice\n", "principles[0]"),
+    ("principle_str.yaml", "principles:\n  - be nice\n", "principle 1 must be a mapping"),
     ("no_negative.yaml", "principles:\n  - {name: a, positive: A}\n", "negative"),
-    ("empty_positive.yaml", "principles:\n  - {name: a, positive: '  ', negative: B}\n", "principles[0].positive"),
+    (
+        "empty_positive.yaml",
+        "principles:\n  - {name: a, positive: '  ', negative: B}\n",
+        "principle 1 (a): field 'positive' is empty",
+    ),
     (
         "empty_negative.json",
         '{"principles": [{"name": "a", "positive": "A", "negative": ""}]}',
-        "principles[0].negative",
+        "principle 1 (a): field 'negative' is empty",
     ),
     (
         "duplicate.yaml",
         "principles:\n  - {name: a, positive: A, negative: B}\n  - {name: a , positive: C, negative: D}\n",
-        "principles[1].name",
+        "principle 2 (a): the name is taken by principle 1",
     ),
-    ("int_wording.yaml", "principles:\n  - {name: a, positive: 42, negative: B}\n", "principles[0].positive"),
-    ("bool_wording.yaml", "principles:\n  - {name: a, positive: A, negative: no}\n", "principles[0].negative"),
-    ("list_name.json", '{"principles": [{"name": ["a"], "positive": "A", "negative": "B"}]}', "principles[0].name"),
+    (
+        "int_wording.yaml",
+        "principles:\n  - {name: a, positive: 42, negative: B}\n",
+        "principle 1 (a): field 'positive' must be a string, got int",
+    ),
+    (
+        "bool_wording.yaml",
+        "principles:\n  - {name: a, positive: A, negative: no}\n",
+        "principle 1 (a): field 'negative' must be a string, got bool",
+    ),
+    (
+        "list_name.json",
+        '{"principles": [{"name": ["a"], "positive": "A", "negative": "B"}]}',
+        "principle 1: field 'name' must be a string, got list",
+    ),
     ("int_name.yaml", "name: 5\nprinciples:\n  - {name: a, positive: A, negative: B}\n", "'name'"),
     ("bad.json", '{"name": "x", "principles": [', "invalid JSON"),
     ("bad.yaml", "name: x\nprinciples: [\n", "invalid YAML"),
@@ -249,10 +265,10 @@ def test_problems_list_every_mistake_for_the_editor_and_the_first_is_the_loaders
     )
     problems = constitution_problems(doc, "c.yaml")
     assert [p.message for p in problems] == [
-        "c.yaml: principles[0].negative is empty; write its wording",
-        "c.yaml: principles[1].positive is empty; write its wording",
-        "c.yaml: principles[1].name 'kind' is a duplicate; give each principle its own name",
-        "c.yaml: principles[3].name 'kind' is a duplicate; give each principle its own name",
+        "c.yaml: principle 1 (kind): field 'negative' is empty; write its wording",
+        "c.yaml: principle 2 (kind): field 'positive' is empty; write its wording",
+        "c.yaml: principle 2 (kind): the name is taken by principle 1; give each principle its own name",
+        "c.yaml: principle 4 (kind): the name is taken by principle 1; give each principle its own name",
     ]
     with pytest.raises(SamiError) as info:
         constitution_from_dict(doc, "c.yaml")

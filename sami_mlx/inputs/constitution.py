@@ -95,7 +95,7 @@ def constitution_problems(data: object, source: str = "constitution") -> list[Pr
         return [*out, Problem(f"{source}: field 'principles' must be a non-empty list")]
     names = [_name(p) for p in principles]
     for i, p in enumerate(principles):
-        where = f"{source}: principles[{i}]"
+        where = f"{source}: {principle_label(i, names[i])}"
         if not isinstance(p, dict):
             out.append(Problem(f"{where} must be a mapping with name, positive and negative", {i: "not a mapping"}))
             continue
@@ -104,14 +104,22 @@ def constitution_problems(data: object, source: str = "constitution") -> list[Pr
                 out.append(Problem(f"{where}: missing field '{key}'", {i: f"{label} is missing"}))
             elif not isinstance(p[key], str):
                 got = type(p[key]).__name__
-                out.append(Problem(f"{where}.{key} must be a string, got {got}", {i: f"{label} must be text"}))
+                out.append(Problem(f"{where}: field '{key}' must be a string, got {got}", {i: f"{label} must be text"}))
             elif not p[key].strip():
-                out.append(Problem(f"{where}.{key} is empty; write its wording", {i: f"{label} is empty"}))
+                fix = "give it a name" if key == "name" else "write its wording"
+                out.append(Problem(f"{where}: field '{key}' is empty; {fix}", {i: f"{label} is empty"}))
         twins = [j for j, other in enumerate(names) if names[i] and other == names[i]]
         if len(twins) > 1 and i != twins[0]:  # a repeat: flagged here, and on the first one at the first repeat
             notes = {j: _twin_note(names[i], j, twins) for j in ([twins[0], i] if i == twins[1] else [i])}
-            out.append(Problem(f"{where}.name '{names[i]}' is a duplicate; give each principle its own name", notes))
+            taken = f"the name is taken by principle {twins[0] + 1}"
+            out.append(Problem(f"{where}: {taken}; give each principle its own name", notes))
     return out
+
+
+def principle_label(i: int, name: str = "") -> str:
+    """How errors name the principle at index `i`: counted from 1 as the editor numbers its cards, with
+    its name when it has one ("principle 2 (kind)")."""
+    return f"principle {i + 1} ({name})" if name else f"principle {i + 1}"
 
 
 def _name(p: object) -> str:
