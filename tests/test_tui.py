@@ -120,7 +120,7 @@ async def test_edit_validate_reorder_delete_and_save(workdir, constitution_file)
         await pilot.press("alt+down")
         assert [p["name"] for p in card_values(app)] == ["brief", "kind", "honest"]
         await pilot.click(".principle-name")
-        await pilot.press("ctrl+d")
+        await pilot.press("f8")
         assert [p["name"] for p in card_values(app)] == ["kind", "honest"]
         assert screen.dirty and "modified" in screen.sub_title
 
