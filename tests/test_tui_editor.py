@@ -11,6 +11,7 @@ from textual.widgets import Input
 from sami_mlx.inputs.constitution import load_constitution
 from tui.app import SamiApp
 from tui.constitution_screen import ConstitutionScreen
+from tui.modals import HelpModal
 from tui.widgets import PrincipleCard
 
 SIZE = (160, 50)
@@ -180,3 +181,51 @@ async def test_a_yaml_word_the_engine_would_misread_is_quoted(workdir):
         assert not app.screen.dirty
     assert "    negative: 'no'" in path.read_text()
     assert load_constitution(path).principles[1].negative == "no"
+
+
+# ---- help -------------------------------------------------------------------------------------
+
+
+def help_keys(app) -> dict[str, str]:
+    """The help modal's rows as key → description."""
+    modal = app.screen
+    assert isinstance(modal, HelpModal)
+    return dict(modal.rows)
+
+
+async def test_question_mark_shows_the_keys_of_the_screen_it_is_pressed_on(workdir, constitution_file):
+    app = SamiApp(constitution=str(constitution_file))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")  # the run screen: focus is not in a text field
+        app.screen.set_focus(None)
+        await pilot.press("question_mark")
+        keys = help_keys(app)
+        assert keys["ctrl+r"] == "Start run" and keys["ctrl+o"] == "Open run" and keys["f1"] == "Constitution"
+        assert "ctrl+t" not in keys  # Stop run: no run to stop, so not listed (the screen's own check)
+        assert "f8" not in keys  # the editor's keys belong to the editor
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpModal)
+
+        await pilot.press("f1")
+        await pilot.press("question_mark")  # in a text field, `?` is typed
+        assert not isinstance(app.screen, HelpModal)
+        assert "?" in app.focused.value
+        await pilot.press("backspace")
+        palette_help = next(c for c in app.get_system_commands(app.screen) if c.title == "Help")
+        await palette_help.callback()  # the palette's Help works from a text field
+        await pilot.pause()
+        keys = help_keys(app)
+        assert keys["f8"] == "Delete" and keys["ctrl+s"] == "Save" and "ctrl+d" not in keys
+        shown = app.screen.query_one("#help-keys Static").content.plain
+        assert "Keys of the Constitution screen" in str(app.screen.query_one(".dialog-title").content)
+        assert "f8" in shown and "Delete the focused principle (ctrl+z brings it back)" in shown
+        await pilot.press("question_mark")  # `?` closes it too
+        assert isinstance(app.screen, ConstitutionScreen)
+
+
+async def test_the_palette_lists_quit_once_and_help(workdir, constitution_file):
+    app = SamiApp(constitution=str(constitution_file))
+    async with app.run_test(size=SIZE):
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert titles.count("Quit") == 1 and titles.count("Help") == 1
+        assert len(titles) == len(set(titles))
