@@ -24,6 +24,7 @@ from sami_mlx.inputs.constitution import (
     constitution_problems,
     load_constitution,
     num_variants,
+    read_constitution_file,
     sample_variants,
     save_constitution,
 )
@@ -205,6 +206,73 @@ def test_save_overwrites_and_leaves_no_temp_files(tmp_path, three):
     assert sorted(p.name for p in out.iterdir()) == ["c.yaml"]
 
 
+# --- saving a file that was edited: only what changed is rewritten ---------------------------
+
+
+def edited(path: Path, change) -> str:
+    """Save `change(constitution)` over the file it was loaded from, as the editor does; the new text."""
+    original = read_constitution_file(path)
+    c = load_constitution(path)
+    new, origins = change(c)
+    save_constitution(new, path, original, origins)
+    return path.read_text(encoding="utf-8")
+
+
+def reword(c: Constitution, i: int, **fields: str) -> tuple[Constitution, list[int]]:
+    ps = list(c.principles)
+    ps[i] = Principle(**{"name": ps[i].name, "positive": ps[i].positive, "negative": ps[i].negative, **fields})
+    return Constitution(c.name, tuple(ps)), list(range(len(ps)))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "principles:\n  - name: a\n    positive: A a.\n    negative: B b.\n",  # the project's own
+        "principles:\n- name: a\n  positive: A a.\n  negative: B b.\n",  # the list flush with its key
+        "principles:\n    -   name: a\n        positive: A a.\n        negative: B b.\n",  # wide
+        "principles: [{name: a, positive: A a., negative: B b.}]\n",  # flow
+    ],
+)
+def test_an_edited_yaml_file_keeps_its_layout(tmp_path, layout):
+    text = f"# notes\nname: x  # short\n{layout}extra:\n  keep: 1\n"
+    after = edited(write(tmp_path / "c.yaml", text), lambda c: reword(c, 0, negative="B c."))
+    assert after == text.replace("B b.", "B c.")
+
+
+def test_added_and_renamed_entries_follow_the_file_and_read_back(tmp_path):
+    path = write(
+        tmp_path / "c.yaml",
+        "principles:\n  - {name: a, positive: A., negative: B.}\n  - {name: b, positive: C., negative: D.}\n",
+    )
+    new = Constitution("renamed", (Principle("n", "no", "1e5"), Principle("b", "C.", "D.")))
+    after = edited(path, lambda c: (new, [None, 1]))  # a new first principle; a replaced by it
+    assert after.startswith("name: renamed\n")  # the name key, absent before, comes first
+    assert "  - {name: n, positive: 'no', negative: '1e5'}\n" in after  # flow, as its siblings; quoted
+    assert load_constitution(path) == new
+
+
+def test_the_default_name_adds_no_key_and_unchanged_text_stays_as_written(tmp_path):
+    text = "principles:\n  - name: a\n    positive: |\n      Be   kind\n      and brief.\n    negative: B.\n"
+    path = write(tmp_path / "c.yaml", text)
+    assert edited(path, lambda c: (c, [0])) == text  # the block wording reads as "Be kind and brief."
+
+
+@pytest.mark.parametrize(("source", "target"), [(".json", ".yaml"), (".yaml", ".json"), (".json", ".json")])
+def test_unknown_keys_survive_json_and_a_change_of_format(tmp_path, source, target):
+    data = {"name": "x", "v": 2, "principles": [{"name": "a", "positive": "A.", "negative": "B.", "w": 1}]}
+    path = tmp_path / f"c{source}"
+    path.write_text(json.dumps(data, indent=4) if source == ".json" else yaml.safe_dump(data, sort_keys=False))
+    original = read_constitution_file(path)
+    new = Constitution("x", (Principle("a", "A.", "C."),))
+    out = tmp_path / f"out{target}"
+    save_constitution(new, out, original, [0])
+    data["principles"][0]["negative"] = "C."
+    text = out.read_text()
+    assert (json.loads(text) if target == ".json" else yaml.safe_load(text)) == data
+    if (source, target) == (".json", ".json"):
+        assert text == json.dumps(data, indent=4) + "\n"  # its indentation too
+
+
 # --- validation ---------------------------------------------------------------------------
 
 BAD = [
@@ -373,3 +441,18 @@ def test_property_render_lines(c, data):
         p = c.principles[i]
         assert line == f"{n}. {p.positive if signs[i] else p.negative}"
     assert c.render(Variant(signs)) == c.render(Variant(signs), list(range(k)))
+
+
+@PROPERTY
+@given(before=constitutions(), after=constitutions(), data=st.data())
+def test_property_an_edited_file_reads_back_as_edited(before, after, data):
+    """Whatever the wordings (`no`, `1e5`, `#`, `: `), a file updated in place loads as the editor's."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.yaml"
+        save_constitution(before, path)
+        k = len(before.principles)
+        origins = data.draw(st.lists(st.one_of(st.none(), st.integers(0, k - 1)), min_size=len(after.principles)))
+        origins = list(dict.fromkeys(origins))  # an entry is used at most once
+        origins += [None] * (len(after.principles) - len(origins))
+        save_constitution(after, path, read_constitution_file(path), origins[: len(after.principles)])
+        assert load_constitution(path) == after
