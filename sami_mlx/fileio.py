@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,92 @@ _FLOAT = (
 )
 _Loader.add_implicit_resolver(*_FLOAT)
 _Dumper.add_implicit_resolver(*_FLOAT)
+
+
+@dataclass
+class EditableFile:
+    """A JSON or YAML file read to be changed and written back: `data` keeps the file's key order and
+    unknown keys, and for YAML its comments and quoting too (ruamel.yaml's round-trip types, which are
+    dicts, lists and strs); `indent` is the layout to write it back in."""
+
+    data: Any
+    is_json: bool
+    indent: tuple[int, int, int]  # JSON: (indent, 0, 0); YAML: ruamel's (mapping, sequence, offset)
+
+
+def read_editable(path: str | os.PathLike, what: str = "file") -> EditableFile:
+    """Read a user's JSON or YAML file for editing in place (see EditableFile), with clear errors."""
+    text = read_text(path, what)
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SamiError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        step = re.search(r"^( +)\S", text, re.M)
+        return EditableFile(data, True, (len(step.group(1)) if step else 2, 0, 0))
+    from ruamel.yaml.error import YAMLError
+
+    indent = _yaml_indent(text)
+    try:
+        data = _round_trip(indent).load(text)
+    except YAMLError as e:
+        raise SamiError(f"{p}: invalid YAML: {getattr(e, 'problem', None) or 'could not parse'}") from None
+    return EditableFile(data, False, indent)
+
+
+def dump_editable(file: EditableFile, as_json: bool | None = None) -> str:
+    """The text of an EditableFile: unchanged parts as they were read. `as_json` converts (JSON holds
+    no comments, so YAML written as JSON loses them; JSON written as YAML uses dump_yaml)."""
+    as_json = file.is_json if as_json is None else as_json
+    if as_json:
+        step = file.indent[0] if file.is_json else 2
+        return json.dumps(file.data, indent=step, ensure_ascii=False) + "\n"
+    if file.is_json:
+        return dump_yaml(file.data)
+    out = io.StringIO()
+    _round_trip(file.indent).dump(file.data, out)
+    return out.getvalue()
+
+
+def yaml_scalar(value: str, like: object = None) -> str:
+    """`value` as a YAML string to put into an EditableFile: in the quoting style of `like` (the value
+    it replaces), and quoted wherever read_structured would read it as something else (`no`, `1e5`)."""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, ScalarString, SingleQuotedScalarString
+
+    if isinstance(like, ScalarString):
+        return type(like)(value)
+    plain = dump_yaml(value)
+    if plain.startswith("'"):
+        return SingleQuotedScalarString(value)
+    if plain.startswith('"'):
+        return DoubleQuotedScalarString(value)
+    return value
+
+
+def _round_trip(indent: tuple[int, int, int]) -> Any:
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round-trip: comments, key order, flow style and (with preserve_quotes) quoting kept
+    rt.preserve_quotes = True
+    rt.allow_duplicate_keys = True  # as PyYAML, which the engine reads with, allows them
+    rt.width = 4096  # long wordings stay on one line, as they were written
+    rt.indent(mapping=indent[0], sequence=indent[1], offset=indent[2])
+    return rt
+
+
+def _yaml_indent(text: str) -> tuple[int, int, int]:
+    """The indentation a YAML file uses, from its first block list item and the key below it: `key:` /
+    `  - a: 1` / `    b: 2` is (2, 4, 2); ruamel.yaml writes with the defaults unless told."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    for above, line in zip(lines, lines[1:]):
+        item = re.match(r"^( *)- +(\S)", line)
+        parent = re.match(r"^( *)\S.*:\s*(#.*)?$", above)  # the key that holds the list
+        if item and parent:
+            offset = len(item.group(1)) - len(parent.group(1))
+            sequence = item.start(2) - len(parent.group(1))
+            return (2, max(sequence, offset + 2), max(offset, 0))
+    return (2, 4, 2)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

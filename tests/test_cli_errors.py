@@ -77,14 +77,14 @@ CASES = [
         "constitution-empty-wording",
         "--constitution c.yaml",
         "principles:\n  - {name: a, positive: Be kind., negative: ''}\n",
-        "principles[0].negative",
+        "principle 1 (a): field 'negative' is empty",
     ),
     bad_file(
         "constitution-duplicate-names",
         "--constitution c.yaml",
         "principles:\n  - {name: brief, positive: Be brief., negative: Be long.}\n"
         "  - {name: brief, positive: Be kind., negative: Be rude.}\n",
-        "principles[1].name",
+        "principle 2 (brief): the name is taken by principle 1",
         "brief",
     ),
     bad_file(

@@ -24,6 +24,7 @@ from sami_mlx.inputs.constitution import (
     constitution_problems,
     load_constitution,
     num_variants,
+    read_constitution_file,
     sample_variants,
     save_constitution,
 )
@@ -205,6 +206,73 @@ def test_save_overwrites_and_leaves_no_temp_files(tmp_path, three):
     assert sorted(p.name for p in out.iterdir()) == ["c.yaml"]
 
 
+# --- saving a file that was edited: only what changed is rewritten ---------------------------
+
+
+def edited(path: Path, change) -> str:
+    """Save `change(constitution)` over the file it was loaded from, as the editor does; the new text."""
+    original = read_constitution_file(path)
+    c = load_constitution(path)
+    new, origins = change(c)
+    save_constitution(new, path, original, origins)
+    return path.read_text(encoding="utf-8")
+
+
+def reword(c: Constitution, i: int, **fields: str) -> tuple[Constitution, list[int]]:
+    ps = list(c.principles)
+    ps[i] = Principle(**{"name": ps[i].name, "positive": ps[i].positive, "negative": ps[i].negative, **fields})
+    return Constitution(c.name, tuple(ps)), list(range(len(ps)))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "principles:\n  - name: a\n    positive: A a.\n    negative: B b.\n",  # the project's own
+        "principles:\n- name: a\n  positive: A a.\n  negative: B b.\n",  # the list flush with its key
+        "principles:\n    -   name: a\n        positive: A a.\n        negative: B b.\n",  # wide
+        "principles: [{name: a, positive: A a., negative: B b.}]\n",  # flow
+    ],
+)
+def test_an_edited_yaml_file_keeps_its_layout(tmp_path, layout):
+    text = f"# notes\nname: x  # short\n{layout}extra:\n  keep: 1\n"
+    after = edited(write(tmp_path / "c.yaml", text), lambda c: reword(c, 0, negative="B c."))
+    assert after == text.replace("B b.", "B c.")
+
+
+def test_added_and_renamed_entries_follow_the_file_and_read_back(tmp_path):
+    path = write(
+        tmp_path / "c.yaml",
+        "principles:\n  - {name: a, positive: A., negative: B.}\n  - {name: b, positive: C., negative: D.}\n",
+    )
+    new = Constitution("renamed", (Principle("n", "no", "1e5"), Principle("b", "C.", "D.")))
+    after = edited(path, lambda c: (new, [None, 1]))  # a new first principle; a replaced by it
+    assert after.startswith("name: renamed\n")  # the name key, absent before, comes first
+    assert "  - {name: n, positive: 'no', negative: '1e5'}\n" in after  # flow, as its siblings; quoted
+    assert load_constitution(path) == new
+
+
+def test_the_default_name_adds_no_key_and_unchanged_text_stays_as_written(tmp_path):
+    text = "principles:\n  - name: a\n    positive: |\n      Be   kind\n      and brief.\n    negative: B.\n"
+    path = write(tmp_path / "c.yaml", text)
+    assert edited(path, lambda c: (c, [0])) == text  # the block wording reads as "Be kind and brief."
+
+
+@pytest.mark.parametrize(("source", "target"), [(".json", ".yaml"), (".yaml", ".json"), (".json", ".json")])
+def test_unknown_keys_survive_json_and_a_change_of_format(tmp_path, source, target):
+    data = {"name": "x", "v": 2, "principles": [{"name": "a", "positive": "A.", "negative": "B.", "w": 1}]}
+    path = tmp_path / f"c{source}"
+    path.write_text(json.dumps(data, indent=4) if source == ".json" else yaml.safe_dump(data, sort_keys=False))
+    original = read_constitution_file(path)
+    new = Constitution("x", (Principle("a", "A.", "C."),))
+    out = tmp_path / f"out{target}"
+    save_constitution(new, out, original, [0])
+    data["principles"][0]["negative"] = "C."
+    text = out.read_text()
+    assert (json.loads(text) if target == ".json" else yaml.safe_load(text)) == data
+    if (source, target) == (".json", ".json"):
+        assert text == json.dumps(data, indent=4) + "\n"  # its indentation too
+
+
 # --- validation ---------------------------------------------------------------------------
 
 BAD = [
@@ -212,22 +280,38 @@ BAD = [
     ("missing.yaml", "name: x\n", "principles"),
     ("empty_list.json", '{"name": "x", "principles": []}', "principles"),
     ("principles_str.json", '{"name": "x", "principles": "be nice"}', "principles"),
-    ("principle_str.yaml", "principles:\n  - be nice\n", "principles[0]"),
+    ("principle_str.yaml", "principles:\n  - be nice\n", "principle 1 must be a mapping"),
     ("no_negative.yaml", "principles:\n  - {name: a, positive: A}\n", "negative"),
-    ("empty_positive.yaml", "principles:\n  - {name: a, positive: '  ', negative: B}\n", "principles[0].positive"),
+    (
+        "empty_positive.yaml",
+        "principles:\n  - {name: a, positive: '  ', negative: B}\n",
+        "principle 1 (a): field 'positive' is empty",
+    ),
     (
         "empty_negative.json",
         '{"principles": [{"name": "a", "positive": "A", "negative": ""}]}',
-        "principles[0].negative",
+        "principle 1 (a): field 'negative' is empty",
     ),
     (
         "duplicate.yaml",
         "principles:\n  - {name: a, positive: A, negative: B}\n  - {name: a , positive: C, negative: D}\n",
-        "principles[1].name",
+        "principle 2 (a): the name is taken by principle 1",
     ),
-    ("int_wording.yaml", "principles:\n  - {name: a, positive: 42, negative: B}\n", "principles[0].positive"),
-    ("bool_wording.yaml", "principles:\n  - {name: a, positive: A, negative: no}\n", "principles[0].negative"),
-    ("list_name.json", '{"principles": [{"name": ["a"], "positive": "A", "negative": "B"}]}', "principles[0].name"),
+    (
+        "int_wording.yaml",
+        "principles:\n  - {name: a, positive: 42, negative: B}\n",
+        "principle 1 (a): field 'positive' must be a string, got int",
+    ),
+    (
+        "bool_wording.yaml",
+        "principles:\n  - {name: a, positive: A, negative: no}\n",
+        "principle 1 (a): field 'negative' must be a string, got bool",
+    ),
+    (
+        "list_name.json",
+        '{"principles": [{"name": ["a"], "positive": "A", "negative": "B"}]}',
+        "principle 1: field 'name' must be a string, got list",
+    ),
     ("int_name.yaml", "name: 5\nprinciples:\n  - {name: a, positive: A, negative: B}\n", "'name'"),
     ("bad.json", '{"name": "x", "principles": [', "invalid JSON"),
     ("bad.yaml", "name: x\nprinciples: [\n", "invalid YAML"),
@@ -249,10 +333,10 @@ def test_problems_list_every_mistake_for_the_editor_and_the_first_is_the_loaders
     )
     problems = constitution_problems(doc, "c.yaml")
     assert [p.message for p in problems] == [
-        "c.yaml: principles[0].negative is empty; write its wording",
-        "c.yaml: principles[1].positive is empty; write its wording",
-        "c.yaml: principles[1].name 'kind' is a duplicate; give each principle its own name",
-        "c.yaml: principles[3].name 'kind' is a duplicate; give each principle its own name",
+        "c.yaml: principle 1 (kind): field 'negative' is empty; write its wording",
+        "c.yaml: principle 2 (kind): field 'positive' is empty; write its wording",
+        "c.yaml: principle 2 (kind): the name is taken by principle 1; give each principle its own name",
+        "c.yaml: principle 4 (kind): the name is taken by principle 1; give each principle its own name",
     ]
     with pytest.raises(SamiError) as info:
         constitution_from_dict(doc, "c.yaml")
@@ -357,3 +441,18 @@ def test_property_render_lines(c, data):
         p = c.principles[i]
         assert line == f"{n}. {p.positive if signs[i] else p.negative}"
     assert c.render(Variant(signs)) == c.render(Variant(signs), list(range(k)))
+
+
+@PROPERTY
+@given(before=constitutions(), after=constitutions(), data=st.data())
+def test_property_an_edited_file_reads_back_as_edited(before, after, data):
+    """Whatever the wordings (`no`, `1e5`, `#`, `: `), a file updated in place loads as the editor's."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.yaml"
+        save_constitution(before, path)
+        k = len(before.principles)
+        origins = data.draw(st.lists(st.one_of(st.none(), st.integers(0, k - 1)), min_size=len(after.principles)))
+        origins = list(dict.fromkeys(origins))  # an entry is used at most once
+        origins += [None] * (len(after.principles) - len(origins))
+        save_constitution(after, path, read_constitution_file(path), origins[: len(after.principles)])
+        assert load_constitution(path) == after

@@ -104,7 +104,7 @@ async def test_edit_validate_reorder_delete_and_save(workdir, constitution_file)
         problems = shown(cards[1].query_one(".principle-problems"))
         assert "name is empty" in problems and "positive wording is empty" in problems
         status = shown(screen.query_one("#constitution-status"))
-        assert "principles[1].name is empty" in status
+        assert "principle 2: field 'name' is empty; give it a name" in status
 
         # A duplicate name is flagged on both cards.
         await pilot.press(*"kind")
@@ -120,7 +120,7 @@ async def test_edit_validate_reorder_delete_and_save(workdir, constitution_file)
         await pilot.press("alt+down")
         assert [p["name"] for p in card_values(app)] == ["brief", "kind", "honest"]
         await pilot.click(".principle-name")
-        await pilot.press("ctrl+d")
+        await pilot.press("f8")
         assert [p["name"] for p in card_values(app)] == ["kind", "honest"]
         assert screen.dirty and "modified" in screen.sub_title
 
@@ -151,7 +151,7 @@ async def test_a_file_with_mistakes_opens_flagged_and_is_saved_only_once_fixed(w
         assert "negative wording is empty" in shown(cards[0].query_one(".principle-problems"))
         await pilot.press("ctrl+s")
         assert isinstance(app.screen, ErrorModal)
-        assert "principles[0].negative is empty" in app.screen.message
+        assert "principle 1 (kind): field 'negative' is empty" in app.screen.message
         await pilot.press("enter")
         assert isinstance(app.screen, ConstitutionScreen) and broken.read_text() == before
 

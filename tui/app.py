@@ -15,7 +15,7 @@ from sami_mlx.inputs.constitution import Constitution, load_constitution
 from tui.chat_screen import ChatScreen
 from tui.chatting import ChatModels
 from tui.constitution_screen import ConstitutionScreen
-from tui.modals import ChoiceModal, ErrorModal
+from tui.modals import ChoiceModal, ErrorModal, HelpModal, key_name
 from tui.run_screen import RunScreen
 from tui.runlog import short_path
 
@@ -42,6 +42,9 @@ class SamiApp(App[None]):
         Binding("f2", "switch_mode('run')", "Run", tooltip="Start, watch, stop or browse runs"),
         Binding("f3", "switch_mode('chat')", "Chat", tooltip="Chat with the base model or a checkpoint"),
         Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (asks about unsaved changes or a run)"),
+        # Not priority: in a text field `?` is typed (the palette's Help works there). Off the footer, which
+        # is full at 100 columns; `?` is where users look for help.
+        Binding("question_mark", "help", "Help", show=False, tooltip="The keys of this screen"),
     ]
 
     def __init__(
@@ -95,15 +98,29 @@ class SamiApp(App[None]):
     # ---- command palette: the bindings, declared once -------------------------------------
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
+        ours = list(self.binding_commands(screen))
+        titles = {command.title for command in ours}
+        for command in super().get_system_commands(screen):
+            # Textual's Quit and Keys are ours already: Quit from the bindings, Keys as Help (?).
+            if command.title not in titles and command.title != "Keys":
+                yield command
+        yield from ours
+
+    def binding_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The screen's and the app's bindings as palette commands, each once."""
         for owner in (screen, self):
             for binding in owner.BINDINGS:
                 if not isinstance(binding, Binding) or not binding.description:
                     continue
                 if owner.check_action(binding.action.split("(")[0], ()) is False:
                     continue
-                help_text = f"{binding.tooltip or binding.description} ({binding.key.split(',')[0]})"
+                help_text = f"{binding.tooltip or binding.description} ({key_name(binding.key.split(',')[0])})"
                 yield SystemCommand(binding.description, help_text, partial(owner.run_action, binding.action))
+
+    def action_help(self) -> None:
+        """Show the keys of the screen in front (not of the help itself)."""
+        if not isinstance(self.screen, HelpModal):
+            self.push_screen(HelpModal(self.screen))
 
     # ---- quitting -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Static
 
 from sami_mlx.errors import SamiError
-from sami_mlx.fileio import read_structured
+from sami_mlx.fileio import EditableFile, read_structured
 from sami_mlx.inputs.constitution import (
     Constitution,
     Problem,
@@ -27,6 +27,8 @@ from sami_mlx.inputs.constitution import (
     load_constitution,
     num_variants,
     parse_variants,
+    principle_label,
+    read_constitution_file,
     sample_variants,
     save_constitution,
     variant_strategy,
@@ -64,7 +66,9 @@ class ConstitutionScreen(Screen):
         Binding("f4", "save_as", "Save as"),
         Binding("ctrl+o", "open", "Open", tooltip="Open a constitution file"),
         Binding("ctrl+n", "add", "Add", tooltip="Add a principle after the focused one"),
-        Binding("ctrl+d", "delete", "Delete", tooltip="Delete the focused principle", priority=True),
+        # Not ctrl+d: in a text field that deletes a character, and the fields are the field's own.
+        Binding("f8", "delete", "Delete", tooltip="Delete the focused principle (ctrl+z brings it back)"),
+        Binding("ctrl+z", "undo", "Undo", tooltip="Bring back the last deleted principle where it was"),
         Binding("alt+up", "move(-1)", "Up", tooltip="Move the focused principle up"),
         Binding("alt+down", "move(1)", "Down", tooltip="Move the focused principle down"),
         Binding("ctrl+r", "reroll", "Preview", tooltip="Draw another set of variants for the preview"),
@@ -89,8 +93,10 @@ class ConstitutionScreen(Screen):
         super().__init__(id="constitution-screen")
         self.path: Path | None = None
         self.saved: dict | None = None  # the document as last loaded or saved
+        self.source: EditableFile | None = None  # the file as read, for saving to update in place
         self.preview_seed = 0
         self._loading = False
+        self.deleted: list[tuple[int, dict[str, str], int | None]] = []  # (position, values, origin), for undo
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -151,18 +157,33 @@ class ConstitutionScreen(Screen):
             if doc is None:
                 raise
             self.notify(str(e), title="Opened with errors to fix", severity="warning", timeout=8)
-        await self.show_document(doc, path)
+        try:
+            self.source = read_constitution_file(path)
+        except SamiError:  # read by the loader but not by ruamel.yaml: saved afresh, without its comments
+            self.source = None
+        entries = self.source.data.get("principles") if self.source and isinstance(self.source.data, dict) else None
+        same = isinstance(entries, list) and len(entries) == len(doc["principles"])
+        await self.show_document(doc, path, origins=list(range(len(doc["principles"]))) if same else None)
 
-    async def show_document(self, doc: dict, path: Path | None, saved: bool = True) -> None:
-        """Replace the editor's content; what is shown counts as saved unless `saved` is False."""
+    async def show_document(
+        self, doc: dict, path: Path | None, saved: bool = True, origins: list[int | None] | None = None
+    ) -> None:
+        """Replace the editor's content; what is shown counts as saved unless `saved` is False. `origins`
+        are the principles' indices in the file (PrincipleCard.origin); missing ones are new."""
         self._loading = True
         self.path = path
         self.app.constitution_path = str(path) if path else None
         self.query_one("#constitution-name", Input).value = doc.get("name", "")
         box = self.query_one("#principles", VerticalScroll)
         await box.remove_children()
-        await box.mount_all([PrincipleCard(p["name"], p["positive"], p["negative"]) for p in doc["principles"]])
+        origins = list(origins or [])
+        origins += [None] * (len(doc["principles"]) - len(origins))
+        await box.mount_all(
+            [PrincipleCard(p["name"], p["positive"], p["negative"], o) for p, o in zip(doc["principles"], origins)]
+        )
         self._loading = False
+        self.deleted.clear()
+        self.refresh_bindings()
         if saved:
             self.saved = self.document()
         self.validate()
@@ -250,11 +271,31 @@ class ConstitutionScreen(Screen):
             return
         cards = list(self.query(PrincipleCard))
         i = cards.index(card)
+        values = card.values()
+        self.deleted.append((i, values, card.origin))
         await card.remove()
         rest = cards[:i] + cards[i + 1 :]
         if rest:
             rest[min(i, len(rest) - 1)].focus_field("name")
         self.validate()
+        self.refresh_bindings()
+        label = principle_label(i, values["name"].strip())
+        self.notify(f"deleted {label}; ctrl+z brings it back", title="Principle deleted")
+
+    async def action_undo(self) -> None:
+        """Bring back the last deleted principle, at its place and with its file entry (comments kept)."""
+        if not self.deleted:
+            return
+        i, values, origin = self.deleted.pop()
+        box = self.query_one("#principles", VerticalScroll)
+        cards = list(self.query(PrincipleCard))
+        card = PrincipleCard(values["name"], values["positive"], values["negative"], origin)
+        await box.mount(card, before=cards[i]) if i < len(cards) else await box.mount(card)
+        card.focus_field("name")
+        card.scroll_visible()
+        self.validate()
+        self.refresh_bindings()
+        self.notify(f"restored {principle_label(i, values['name'].strip())}")
 
     def action_move(self, offset: int) -> None:
         card = self.focused_card()
@@ -285,8 +326,9 @@ class ConstitutionScreen(Screen):
         return self.save_to(self.path)
 
     def save_to(self, path: Path) -> bool:
+        cards = list(self.query(PrincipleCard))
         try:
-            save_constitution(self.constitution(), path)
+            source = save_constitution(self.constitution(), path, self.source, [c.origin for c in cards])
         except SamiError as e:
             self.app.report_error(e, "Not saved")
             return False
@@ -296,6 +338,11 @@ class ConstitutionScreen(Screen):
         self.path = path
         self.app.constitution_path = str(path)
         self.saved = self.document()
+        if source is not None:  # the file now holds the cards in their order; a deleted one is gone
+            self.source = source
+            for i, card in enumerate(cards):
+                card.origin = i
+            self.deleted = [(i, values, None) for i, values, _ in self.deleted]
         self.validate()
         self.notify(f"saved {short_path(path)}")
         return True
@@ -343,6 +390,8 @@ class ConstitutionScreen(Screen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "draft":
             return writer_available()
+        if action == "undo":
+            return bool(self.deleted)  # shown only when there is a deletion to undo
         return True
 
     def action_draft(self) -> None:
@@ -401,14 +450,16 @@ class ConstitutionScreen(Screen):
         drafted = [
             {"name": p.name, "positive": p.positive, "negative": p.negative} for p in message.constitution.principles
         ]
-        current = [p for p in self.document()["principles"] if any(v.strip() for v in p.values())]
+        cards = [c for c in self.query(PrincipleCard) if any(v.strip() for v in c.values().values())]
+        current = [c.values() for c in cards]
 
         async def apply(choice: str | None = "replace") -> None:
             if choice not in ("replace", "append"):
                 return
             doc = self.document()
             doc["principles"] = drafted if choice == "replace" else current + drafted
-            await self.show_document(doc, self.path, saved=False)
+            origins = [c.origin for c in cards] if choice == "append" else None
+            await self.show_document(doc, self.path, saved=False, origins=origins)
             self.notify(f"{len(drafted)} drafted principles added; review them and save (ctrl+s)")
 
         if current:

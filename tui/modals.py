@@ -1,4 +1,5 @@
-"""Modal dialogs: an error, a choice (the unsaved-changes guard), a path, a run from the runs folder."""
+"""Modal dialogs: an error, a choice (the unsaved-changes guard), a path, a run from the runs folder, the
+keys of a screen."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.keys import format_key
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
@@ -159,3 +161,72 @@ class DraftModal(ModalScreen["dict | None"]):
     def submit(self) -> None:
         values = {i.id: i.value.strip() for i in self.query(Input)}
         self.dismiss({"writer": values["writer"], "task": values["task"], "principles": int(values["principles"] or 0)})
+
+
+class HelpModal(ModalScreen[None]):
+    """The keys of the screen it was opened on, read from that screen's live bindings (see screen_keys),
+    so that it shows what the keys do there and then; escape or ? closes it."""
+
+    BINDINGS = [Binding("escape,question_mark,enter", "dismiss", "Close")]
+
+    def __init__(self, screen: Screen) -> None:
+        super().__init__(classes="dialog-screen")
+        name = type(screen).__name__.removesuffix("Screen").removesuffix("Modal") or "this"
+        self.title_text = f"Keys of the {name} screen"
+        self.sections = screen_keys(screen)
+
+    @property
+    def rows(self) -> list[tuple[str, str]]:
+        """(keys, what they do) for every row shown."""
+        return [(keys, description) for _, rows in self.sections for keys, description, _ in rows]
+
+    def compose(self) -> ComposeResult:
+        text = Text()
+        for heading, rows in self.sections:
+            text.append(f"{heading}\n", style="bold")
+            width = max(len(keys) for keys, _, _ in rows)
+            what = max(len(description) for _, description, _ in rows)
+            for keys, description, tooltip in rows:
+                text.append(f"  {keys:<{width}}  ", style="bold")
+                text.append(f"{description:<{what}}")
+                if tooltip and tooltip != description:
+                    text.append(f"  {tooltip}", style="dim")
+                text.append("\n")
+            text.append("\n")
+        text.rstrip()
+        with Vertical(classes="dialog wide help"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield VerticalScroll(
+                Static(text if text.plain else Text("no keys here"), classes="dialog-body"), id="help-keys"
+            )
+            yield Static("escape or ? closes; ctrl+p searches every command", classes="dialog-hint")
+
+
+def screen_keys(screen: Screen) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """The keys that act on `screen` now, from its active bindings (a key a focused field takes for itself
+    is the field's): (heading, [(keys, description, tooltip)]) for the screen, then for every screen.
+    A focused widget's own keys are listed where it shows them in the footer."""
+    here: dict[tuple[int, str], list] = {}
+    everywhere: dict[tuple[int, str], list] = {}
+    for key, active in screen.active_bindings.items():
+        binding, node = active.binding, active.node
+        widget_hidden = node is not screen and node is not screen.app and not binding.show
+        if not binding.description or binding.system or widget_hidden:
+            continue
+        rows = everywhere if node is screen.app else here
+        row = rows.setdefault((id(node), binding.action), [[], binding.description, binding.tooltip, active.enabled])
+        row[0].append(key_name(key))
+    sections = []
+    for heading, rows in (("This screen", here), ("Every screen", everywhere)):
+        if rows:
+            shown = [
+                (", ".join(keys), description if enabled else f"{description} (not now)", tooltip or "")
+                for keys, description, tooltip, enabled in rows.values()
+            ]
+            sections.append((heading, shown))
+    return sections
+
+
+def key_name(key: str) -> str:
+    """A key as a user types it: ctrl+s, f8, ?, alt+↑."""
+    return "+".join(format_key(part) for part in key.split("+"))

@@ -16,11 +16,14 @@ _card_ids = itertools.count(1)
 
 
 class PrincipleCard(Vertical):
-    """One principle edited in place: its name, positive wording and negative wording."""
+    """One principle edited in place: its name, positive wording and negative wording. `origin` is its
+    index in the file it was opened from (None for a new one), so that saving updates that entry in
+    place and keeps its comments and unknown keys."""
 
-    def __init__(self, name: str = "", positive: str = "", negative: str = "") -> None:
+    def __init__(self, name: str = "", positive: str = "", negative: str = "", origin: int | None = None) -> None:
         super().__init__(id=f"principle-{next(_card_ids)}", classes="principle")
         self._initial = (name, positive, negative)
+        self.origin = origin
         self._shown: tuple = (None, None)  # (number, problems) on screen: redraw only on change
 
     def compose(self) -> ComposeResult:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sami_mlx.errors import SamiError
-from sami_mlx.fileio import atomic_write_text, dump_yaml, read_structured
+from sami_mlx.fileio import (
+    EditableFile,
+    atomic_write_text,
+    dump_editable,
+    dump_yaml,
+    read_editable,
+    read_structured,
+    yaml_scalar,
+)
 
 MAX_GRID_PRINCIPLES = 6  # 2**6 = 64 variants, 4096 scored pairs per query
 
@@ -95,7 +105,7 @@ def constitution_problems(data: object, source: str = "constitution") -> list[Pr
         return [*out, Problem(f"{source}: field 'principles' must be a non-empty list")]
     names = [_name(p) for p in principles]
     for i, p in enumerate(principles):
-        where = f"{source}: principles[{i}]"
+        where = f"{source}: {principle_label(i, names[i])}"
         if not isinstance(p, dict):
             out.append(Problem(f"{where} must be a mapping with name, positive and negative", {i: "not a mapping"}))
             continue
@@ -104,14 +114,22 @@ def constitution_problems(data: object, source: str = "constitution") -> list[Pr
                 out.append(Problem(f"{where}: missing field '{key}'", {i: f"{label} is missing"}))
             elif not isinstance(p[key], str):
                 got = type(p[key]).__name__
-                out.append(Problem(f"{where}.{key} must be a string, got {got}", {i: f"{label} must be text"}))
+                out.append(Problem(f"{where}: field '{key}' must be a string, got {got}", {i: f"{label} must be text"}))
             elif not p[key].strip():
-                out.append(Problem(f"{where}.{key} is empty; write its wording", {i: f"{label} is empty"}))
+                fix = "give it a name" if key == "name" else "write its wording"
+                out.append(Problem(f"{where}: field '{key}' is empty; {fix}", {i: f"{label} is empty"}))
         twins = [j for j, other in enumerate(names) if names[i] and other == names[i]]
         if len(twins) > 1 and i != twins[0]:  # a repeat: flagged here, and on the first one at the first repeat
             notes = {j: _twin_note(names[i], j, twins) for j in ([twins[0], i] if i == twins[1] else [i])}
-            out.append(Problem(f"{where}.name '{names[i]}' is a duplicate; give each principle its own name", notes))
+            taken = f"the name is taken by principle {twins[0] + 1}"
+            out.append(Problem(f"{where}: {taken}; give each principle its own name", notes))
     return out
+
+
+def principle_label(i: int, name: str = "") -> str:
+    """How errors name the principle at index `i`: counted from 1 as the editor numbers its cards, with
+    its name when it has one ("principle 2 (kind)")."""
+    return f"principle {i + 1} ({name})" if name else f"principle {i + 1}"
 
 
 def _name(p: object) -> str:
@@ -141,14 +159,76 @@ def load_constitution(path: str | Path) -> Constitution:
     return constitution_from_dict(read_structured(path, "constitution file"), str(path))
 
 
-def save_constitution(constitution: Constitution, path: str | Path) -> None:
-    """Save atomically as JSON (.json) or YAML (anything else)."""
-    data = constitution.to_dict()
-    if Path(path).suffix.lower() == ".json":
-        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    else:
-        text = dump_yaml(data)
-    atomic_write_text(path, text)
+def save_constitution(
+    constitution: Constitution,
+    path: str | Path,
+    original: EditableFile | None = None,
+    origins: Sequence[int | None] = (),
+) -> EditableFile | None:
+    """Save atomically as JSON (.json) or YAML (anything else). Given the file it was edited from
+    (read_constitution_file), only what changed is rewritten: comments, key order, quoting and unknown
+    keys stay. `origins[i]` is the index in that file of principle i (None or missing: a new one).
+    Returns the file as now saved, to edit further (None without `original`)."""
+    as_json = Path(path).suffix.lower() == ".json"
+    if original is None:
+        data = constitution.to_dict()
+        atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n" if as_json else dump_yaml(data))
+        return None
+    updated = EditableFile(update_document(original.data, constitution, origins), original.is_json, original.indent)
+    atomic_write_text(path, dump_editable(updated, as_json))
+    return updated
+
+
+def read_constitution_file(path: str | Path) -> EditableFile:
+    """A constitution file read for save_constitution to update in place (it need not be valid)."""
+    return read_editable(path, "constitution file")
+
+
+def update_document(data: Any, constitution: Constitution, origins: Sequence[int | None] = ()) -> Any:
+    """A copy of a parsed constitution file (`data`) holding `constitution`: each principle updates the
+    entry it came from (`origins`, see save_constitution), so that the entry's other keys and comments
+    stay, and a value that did not change keeps its exact text (a wording is compared as the loader
+    reads it, whitespace collapsed)."""
+    data = copy.deepcopy(data) if isinstance(data, dict) else {}
+    old = data.get("principles")
+    old = old if isinstance(old, list) else []
+    entries = []
+    for i, p in enumerate(constitution.principles):
+        k = origins[i] if i < len(origins) else None
+        entry = old[k] if k is not None and 0 <= k < len(old) and isinstance(old[k], dict) else _new_entry(old)
+        for key, value in (("name", p.name), ("positive", p.positive), ("negative", p.negative)):
+            _set_text(entry, key, value, wording=key != "name")
+        entries.append(entry)
+    if "name" in data or constitution.name != "constitution":  # the loader's default needs no key
+        if "name" not in data:  # first, as a new file has it
+            data.insert(0, "name", constitution.name) if hasattr(data, "insert") else data.update(
+                {"name": constitution.name, **data}
+            )
+        _set_text(data, "name", constitution.name, wording=False)
+    if [id(e) for e in entries] != [id(e) for e in old]:
+        if isinstance(data.get("principles"), list):
+            data["principles"][:] = entries  # the list itself keeps its comments and style
+        else:
+            data["principles"] = entries
+    return data
+
+
+def _new_entry(siblings: list) -> dict:
+    """An empty entry for a new principle, in the style of the file's others (flow or block)."""
+    proto = next((e for e in siblings if isinstance(e, dict)), None)
+    entry = type(proto)() if proto is not None else {}
+    style = getattr(proto, "fa", None)  # ruamel.yaml's format attribute: {a: 1} or a block
+    if style is not None and style.flow_style():
+        entry.fa.set_flow_style()  # type: ignore[attr-defined]
+    return entry
+
+
+def _set_text(entry: dict, key: str, value: str, wording: bool) -> None:
+    """Put `value` under `key`, leaving the old text alone when it reads as the same value."""
+    before = entry.get(key)
+    if isinstance(before, str) and (" ".join(before.split()) if wording else before.strip()) == value:
+        return
+    entry[key] = yaml_scalar(value, before) if hasattr(entry, "ca") else value  # `ca`: read by ruamel.yaml
 
 
 AUTO_VARIANTS = 8  # 'auto': every variant up to this many (3 principles), else this many random ones
