@@ -113,6 +113,7 @@ class ChatScreen(Screen):
             yield Input("0", type="number", id="chat-temperature", compact=True)
             yield Label("max tokens", classes="field-label")
             yield Input("128", type="integer", id="chat-max-tokens", compact=True)
+        yield Static("", id="chat-prompt")
         with Horizontal(id="transcripts"):
             with Vertical(id="column-base", classes="column"):
                 yield Static("base", classes="column-title")
@@ -175,13 +176,27 @@ class ChatScreen(Screen):
         parts = [f"model {model_name(model)}" if model else "no model: start with --model or open a run"]
         if app.run_dir:
             parts.append(f"run {short_path(app.run_dir)}")
-            parts.append(
-                f"its constitution {constitution.name or 'unnamed'} ({len(constitution.principles)} principles)"
-                if constitution
-                else problem
-            )
         self.query_one("#chat-source", Static).update(Text("  ·  ".join(parts), style="bold"))
         self.update_titles()
+        self.show_prompt()
+
+    @on(Checkbox.Changed, "#use-constitution")
+    def show_prompt(self) -> None:
+        """Say how the prompt is written: as the run trained (its constitution, template, chat template)."""
+        on = self.query_one("#use-constitution", Checkbox).value
+        style, c, out = self.prompt_style, self.constitution, Text(style="dim")
+        if not self.app.run_dir:
+            out.append("prompt: " + ("the editor's constitution (F1)" if on else "no constitution"))
+        elif c is None:
+            out.append(f"prompt: {self.constitution_problem or 'no constitution'}", style="red")
+        elif on:
+            out.append("prompt as the run trained: its constitution ")
+            out.append(f"{c.name or 'unnamed'} ({len(c.principles)} principles)", style="bold")
+            out.append(f" in template {Path(style.template).name if style.template else 'the built-in one'}")
+            out.append(", through the chat template" if style.chat_template else ", plain text (no chat template)")
+        else:
+            out.append("prompt: no constitution, unlike training (ctrl+t puts the run's back)")
+        self.query_one("#chat-prompt", Static).update(out)
 
     def run_constitution(self, path: str) -> tuple[Constitution | None, str]:
         """The run's own constitution file (read-only here: chat never writes it), or what is wrong with it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from rich.table import Table
 from rich.text import Text
 
 from sami_mlx.rates import format_rate
@@ -123,7 +124,7 @@ def principle_rows(result: RunResult) -> Text:
     out = Text()
     width = max(len(p.name) + (11 if p.held_out else 0) for p in result.principles)
     for p in result.principles:
-        out.append("\n" + " " * 9)
+        out.append("\n")
         out.append((p.name + (" (held out)" if p.held_out else "")).ljust(width + 2))
         if result.metric == "adherence":
             out.append("base ", style="dim").append_text(bar(p.before, "blue"))
@@ -140,11 +141,11 @@ def _better(p: PrincipleResult) -> str:
 
 def result_text(v: RunView, result: RunResult | None) -> Text:
     """Before/after adherence and the win rate against the base model, or how to measure them."""
-    out = Text("result   ", style="bold")
+    out = Text()
     if result is None:
         out.append("not measured yet (no demo.json or eval/*.json in the run); ", style="dim")
         out.append("F5", style="bold")
-        out.append(" copies the command:\n" + " " * 9, style="dim")
+        out.append(" copies the command:\n", style="dim")
         out.append(eval_command(v.run_dir, v.kept_name))
         return out
     if result.adherence:
@@ -162,7 +163,7 @@ def result_text(v: RunView, result: RunResult | None) -> Text:
     if result.mi_bound:
         b, a = result.mi_bound
         out.append("held-out MI bound ", style="dim").append(f"{b:+.3f} → {a:+.3f} nats   ")
-    out.append(f"\n{' ' * 9}{result.checkpoint} against base, n {result.n}, judged by {result.judge}", style="dim")
+    out.append(f"\n{result.checkpoint} against base, n {result.n}, judged by {result.judge}", style="dim")
     out.append(f" ({result.source})", style="dim")
     if result.principles:
         out.append_text(principle_rows(result))
@@ -172,7 +173,7 @@ def result_text(v: RunView, result: RunResult | None) -> Text:
 def kept_text(v: RunView, kept: tuple[str, str]) -> Text:
     """Which adapters RUN/adapters.safetensors holds, and why (state.json; the run's last event)."""
     name, why = kept
-    out = Text("kept     ", style="bold")
+    out = Text()
     if name:
         out.append(name, style="bold").append(f": {why}" if why else "")
     elif v.kept:
@@ -185,7 +186,7 @@ def kept_text(v: RunView, kept: tuple[str, str]) -> Text:
 def health_text(v: RunView) -> Text:
     """The monitor's last reading, each drift next to its own limit and coloured by it; the held-out
     MI bound per iteration (the one MI number docs/MONITOR.md ranks iterations by)."""
-    out = Text("health   ", style="bold")
+    out = Text()
     m = v.monitor
     plain_limit, prompted_limit = v.drift_limits()
     if m is None or m.get("drift_plain") is None:
@@ -198,31 +199,37 @@ def health_text(v: RunView) -> Text:
         if m.get("mean_length") is not None:
             out.append("   answers ", style="dim").append(f"{m['mean_length']:.1f} tok")
             out.append(f", {m['limit_rate']:.0%} at the limit, repetition {m['repetition']:.2f}", style="dim")
-        out.append("\n" + " " * 9 + "drift without constitution ", style="dim")
+        out.append("\ndrift without constitution ", style="dim")
         out.append_text(ratio_text(m["drift_plain"], plain_limit))
         out.append(f" (limit {plain_limit:g}×)" if plain_limit else " (guard off)", style="dim")
         out.append("   with constitution ", style="dim").append_text(ratio_text(m["drift_prompted"], prompted_limit))
         out.append(f" (limit {prompted_limit:g}×)" if prompted_limit else " (guard off)", style="dim")
     mis = [(it, r["heldout_mi"]) for it, r in sorted(v.per_iteration.items()) if r.get("heldout_mi") is not None]
     if mis:
-        out.append("\n" + " " * 9 + "held-out MI bound ", style="dim")
+        out.append("\nheld-out MI bound ", style="dim")
         if v.base_heldout_mi is not None:
             out.append("base ", style="dim").append(f"{v.base_heldout_mi:+.3f}").append(" → ", style="dim")
         out.append("  ".join(f"it{it} {mi:+.3f}" for it, mi in mis)).append(" nats", style="dim")
     return out
 
 
-def verdict_text(v: RunView, result: RunResult | None, kept: tuple[str, str]) -> Text:
-    """The card at the top of a run's dashboard: did it work (the measured result), what it kept and
-    why, and how healthy it stayed; a finished run's warnings as notes."""
-    out = Text()
-    out.append_text(result_text(v, result)).append("\n")
-    out.append_text(kept_text(v, kept)).append("\n")
-    out.append_text(health_text(v))
+def verdict_rows(v: RunView, result: RunResult | None, kept: tuple[str, str]) -> list[tuple[str, Text]]:
+    """The card at the top of a run's dashboard, as (heading, text) rows: did it work (the measured
+    result), what it kept and why, how healthy it stayed; a finished run's warnings as notes."""
+    rows = [("result", result_text(v, result)), ("kept", kept_text(v, kept)), ("health", health_text(v))]
     if not v.live:
-        for w in v.warnings:
-            out.append("\nnote     ", style="bold").append(w, style="dim")
-    return out
+        rows += [("note", Text(w, style="dim")) for w in v.warnings]
+    return rows
+
+
+def verdict_table(rows: list[tuple[str, Text]]) -> Table:
+    """The card's rows as a grid: headings on the left, wrapped text indented under its own column."""
+    grid = Table.grid(padding=(0, 1), expand=True)
+    grid.add_column(style="bold", width=8, no_wrap=True)
+    grid.add_column(ratio=1)
+    for heading, text in rows:
+        grid.add_row(heading, text)
+    return grid
 
 
 def drops_text(row: dict) -> str:

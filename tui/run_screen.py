@@ -24,7 +24,7 @@ from sami_mlx.inputs.constitution import load_constitution
 from tui.constitution_screen import ConstitutionScreen
 from tui.eta import Eta, eta_text
 from tui.heatmap import ScoreHeatmap, variant_labels
-from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text, verdict_text
+from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text, verdict_rows, verdict_table
 from tui.run_settings import plan_text
 from tui.runlog import (
     RunResult,
@@ -399,7 +399,7 @@ class RunScreen(Screen[None]):
             kept = read_kept(run)
             self._verdict = (key, read_result(run, kept[0] or v.kept_name), kept)
         _, result, kept = self._verdict
-        box.update(verdict_text(v, result, kept))
+        box.update(verdict_table(verdict_rows(v, result, kept)))
         box.border_title = "Verdict"
 
     def action_eval_command(self) -> None:
