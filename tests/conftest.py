@@ -491,7 +491,7 @@ def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Pat
                 "iteration": 2,
                 "step": 2,
                 "drift_prompted": 1.87,
-                "drift_plain": 1.12,
+                "drift_plain": 1.62,
                 "healthy": False,
                 "limit": 1.5,
                 "heldout_mi": 0.31,
@@ -510,7 +510,7 @@ def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Pat
                 "row_accuracy": 1.0,
                 "column_accuracy": 1.0,
                 "drift_prompted": 1.87,
-                "drift_plain": 1.12,
+                "drift_plain": 1.62,
                 "heldout_mi": 0.31,
                 "healthy": False,
                 "adapter_dir": str(run / "iter-02"),
@@ -541,4 +541,40 @@ def write_past_run(root: Path, name: str = "demo", finished: bool = True) -> Pat
         (run / it).mkdir(exist_ok=True)
         (run / it / "adapters.safetensors").write_bytes(b"")
         (run / it / "adapter_config.json").write_text("{}")
+    return run
+
+
+def write_demo_result(run: Path) -> Path:
+    """Make a past run (write_past_run) look like a finished `sami-mlx demo`: its demo.json (adherence per
+    principle before and after, a held-out principle, the win rate), state.json naming the kept adapters
+    and why, and the demo's repeated-slots warning in metrics.jsonl."""
+    demo = {
+        "base_adherence": {"kind": 0.55, "brief": 0.61, "overall": 0.58},
+        "sami_adherence": {"kind": 0.86, "brief": 0.82, "overall": 0.84},
+        "greedy_adherence": {"base": 0.5, "sami": 0.9},
+        "kept": {"name": "iter-01", "rule": "best", "iteration": 1, "step": 1, "heldout_mi": 0.021},
+        "stopped": "",
+        "win_rate": 0.74,
+        "win_rate_ci": [0.66, 0.81],
+        "mi_bound": [0.003, 0.28],
+        "ppl_base": 3.1,
+        "ppl_sami": 3.4,
+        "ppl_ratio": 1.1,
+        "heldout": {"principle": "polite", "base_adherence": 0.49, "sami_adherence": 0.45},
+        "n_eval": 96,
+        "examples": [],
+        "model": "models/tiny",
+        "run": str(run),
+        "seconds": 60.0,
+    }
+    (run / "demo.json").write_text(json.dumps(demo))
+    kept = {"name": "iter-01", "rule": "best", "iteration": 1, "step": 1, "adapters": "iter-01", "heldout_mi": 0.021}
+    (run / "state.json").write_text(json.dumps({"iteration": 2, "global_step": 3, "finished": True, "kept": kept}))
+    warning = {
+        "event": "RunWarning",
+        "message": "iteration 2: the query split has 3 queries and 3 usable groups for 4 step slots, so 1 slots "
+        "repeat a group; give more queries or fewer --steps",
+    }
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(warning) + "\n")
     return run

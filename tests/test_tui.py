@@ -285,11 +285,9 @@ async def test_real_run_to_completion_then_chat_with_its_checkpoint(
         assert run.query_one("#iterations-table", DataTable).row_count == 1
         # The score matrix's rows and columns: the variants of the group it scored (2 principles, all 4).
         assert [r.label.plain for r in run.query_one(HeatTable).ordered_rows] == ["++", "+−", "−+", "−−"]
-        # The monitor's drift at the iteration's end, in the table and the stats.
-        assert re.fullmatch(
-            r"\d+\.\d\d/\d+\.\d\d( ✗)?", str(run.query_one("#iterations-table", DataTable).get_row_at(0)[5])
-        )
-        assert re.search(r"drift \d+\.\d\d× / \d+\.\d\d×", shown(run.query_one("#run-stats")))
+        # The monitor's drift at the iteration's end, in the table and the verdict card (the guard is off).
+        assert re.fullmatch(r"\d+\.\d\d/\d+\.\d\d", str(run.query_one("#iterations-table", DataTable).get_row_at(0)[2]))
+        assert re.search(r"drift without constitution \d+\.\d\d× \(guard off\)", shown(run.query_one("#verdict")))
         assert "Q: " in shown(run.query_one("#samples"))
         assert app.run_dir == "runs/tiny"
 
@@ -436,13 +434,14 @@ async def test_browse_past_runs_from_metrics_and_samples(workdir, past_run):
         assert "runs/a-finished  finished" in shown(run.query_one("#run-title"))
         assert run.query_one("#iterations-table", DataTable).row_count == 2
         assert "loss  0.3100" in shown(run.query_one("#loss-plot .plot-title"))
-        # The degeneration monitor: its last reading against the limit, per-iteration drift, what was kept.
-        stats = shown(run.query_one("#run-stats"))
-        assert "drift 1.87× / 1.12×" in stats and "limit 1.5×" in stats and "held-out MI +0.310" in stats
-        assert "kept iter-01" in stats
+        # The degeneration monitor: its last reading against each limit, per-iteration drift, what was kept.
+        verdict = shown(run.query_one("#verdict"))
+        assert "drift without constitution 1.62× ✗ (limit 1.5×)   with constitution 1.87× (limit 10×)" in verdict
+        assert "held-out MI bound it1 +0.021  it2 +0.310 nats" in verdict
+        assert "kept     iter-01 (no later iteration was healthy)" in verdict
         table = run.query_one("#iterations-table", DataTable)
-        assert [str(c) for c in table.get_row_at(0)][5:7] == ["1.04/1.01", "+0.021"]
-        assert str(table.get_row_at(1)[5]) == "1.87/1.12 ✗"
+        assert [str(c) for c in table.get_row_at(0)][1:3] == ["+0.021", "1.01/1.04"]
+        assert str(table.get_row_at(1)[2]) == "1.62 ✗/1.87"
         assert run.query_one("#set-model", Input).value == "models/tiny"  # the form shows its settings
         samples = shown(run.query_one("#samples"))
         assert "Mix flour, water and yeast." in samples and "(dropped: degenerate group)" in samples

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_textual_snapshot
+from conftest import write_demo_result
 from textual.widgets import Input
 
 import tui.app
@@ -100,6 +101,14 @@ def test_run_screen_with_a_past_run(workdir, snap_compare):
     assert snap_compare(app, terminal_size=SIZE, run_before=steady)
 
 
+def test_run_screen_with_a_verdict(workdir, snap_compare):
+    """A finished demo run: the verdict card with adherence before/after per principle, the win rate,
+    the kept adapters and why, each drift against its own limit, the run's warning as a note."""
+    write_demo_result(workdir / "runs" / "demo")
+    app = SamiApp(model="models/tiny", constitution="constitution.yaml", run="runs/demo")
+    assert snap_compare(app, terminal_size=SIZE, run_before=steady)
+
+
 def test_run_picker(workdir, snap_compare, past_run):
     past_run(workdir / "runs", "older", finished=False)
 
@@ -112,7 +121,7 @@ def test_run_picker(workdir, snap_compare, past_run):
 
 def test_chat_screen_side_by_side(workdir, snap_compare):
     async def chat(pilot):
-        await pilot.press("f3", "ctrl+b", "ctrl+t")
+        await pilot.press("f3", "ctrl+b")  # the run's constitution is in the prompt by default
         await steady(pilot)
 
     app = SamiApp(constitution="constitution.yaml", run="runs/demo")

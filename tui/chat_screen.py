@@ -23,8 +23,9 @@ from sami_mlx.chat import PromptFormat, PromptStyle, constitution_text, context_
 from sami_mlx.checkpoints import Checkpoint, list_checkpoints
 from sami_mlx.config import check_sampling, load_run_config
 from sami_mlx.errors import SamiError
-from tui.chatting import checkpoint_label, model_name
-from tui.runlog import short_path
+from sami_mlx.inputs.constitution import Constitution, load_constitution
+from tui.chatting import checkpoint_label, model_name, run_checkpoints
+from tui.runlog import kept_name, short_path
 from tui.threads import in_fresh_thread
 from tui.widgets import ChatBubble, NavTabs
 
@@ -91,6 +92,9 @@ class ChatScreen(Screen):
         super().__init__(id="chat-screen")
         self.model = ""
         self.checkpoints: list[Checkpoint] = []
+        self.kept = ""  # the run's kept checkpoint, marked "(kept)" and chosen first
+        self.constitution: Constitution | None = None  # the run's, from its config.yaml
+        self.constitution_problem = ""
         self.history: dict[str, list[dict]] = {"base": [], "main": []}
         self.pending: dict[str, ChatBubble] = {}
         self.generating = False
@@ -109,9 +113,10 @@ class ChatScreen(Screen):
             yield Input("0", type="number", id="chat-temperature", compact=True)
             yield Label("max tokens", classes="field-label")
             yield Input("128", type="integer", id="chat-max-tokens", compact=True)
+        yield Static("", id="chat-prompt")
         with Horizontal(id="transcripts"):
             with Vertical(id="column-base", classes="column"):
-                yield Static("base model", classes="column-title")
+                yield Static("base", classes="column-title")
                 yield VerticalScroll(id="transcript-base", classes="transcript")
             with Vertical(id="column-main", classes="column"):
                 yield Static("", classes="column-title", id="main-title")
@@ -130,32 +135,90 @@ class ChatScreen(Screen):
     # ---- which model and checkpoints ------------------------------------------------------
 
     def refresh_source(self) -> None:
-        """The model and checkpoints to offer: the current run's (new iterations too), else --model's base."""
+        """The model, checkpoints and constitution to offer: the current run's as it trained (new
+        iterations too), else --model's base with the editor's constitution. A switch to another run
+        (one started on the Run screen, say) clears the transcripts and says so, so no reply stays under
+        a label that no longer names its model."""
         app = self.app
-        model, checkpoints, style = app.model or "", list_checkpoints(None), PromptStyle()
+        model, checkpoints, style, kept = app.model or "", list_checkpoints(None), PromptStyle(), ""
+        constitution: Constitution | None = None
+        problem = ""
         if app.run_dir:
             try:
                 cfg = load_run_config(app.run_dir, flag="")
-                model, checkpoints, style = cfg.model, list_checkpoints(app.run_dir), PromptStyle.of_config(cfg)
+                kept = kept_name(app.run_dir)
+                model, checkpoints, style = cfg.model, run_checkpoints(app.run_dir, kept), PromptStyle.of_config(cfg)
+                constitution, problem = self.run_constitution(cfg.constitution)
             except SamiError as e:
                 if (app.run_dir, app.model) != self._source:
                     app.report_error(e, "Cannot chat with this run")
-        source, changed = (app.run_dir, app.model), checkpoints != self.checkpoints
-        self.model, self.prompt_style = model, style
+        source, changed = (app.run_dir, app.model), (checkpoints, kept) != (self.checkpoints, self.kept)
+        if self._source is not None and source != self._source:
+            self.source_switched(app.run_dir)
+        self.model, self.prompt_style, self.constitution, self.constitution_problem = (
+            model,
+            style,
+            constitution,
+            problem,
+        )
         if changed or source != self._source:
             select = self.query_one("#checkpoint", Select)
             keep = select.value if source == self._source else None
-            self.checkpoints = checkpoints
-            select.set_options([(checkpoint_label(c), c.name) for c in checkpoints])
+            self.checkpoints, self.kept = checkpoints, kept
+            with select.prevent(Select.Changed):
+                select.set_options([(checkpoint_label(c, kept), c.name) for c in checkpoints])
             names = [c.name for c in checkpoints]
-            if names:
-                select.value = keep if keep in names else names[-1]
+            if names:  # the user's pick, else the adapters the run kept, else the newest
+                select.value = keep if keep in names else kept if kept in names else names[-1]
+        if source != self._source:  # a run's chat starts as it trained: with its constitution
+            self.query_one("#use-constitution", Checkbox).value = bool(app.run_dir and constitution)
         self._source = source
         parts = [f"model {model_name(model)}" if model else "no model: start with --model or open a run"]
         if app.run_dir:
             parts.append(f"run {short_path(app.run_dir)}")
         self.query_one("#chat-source", Static).update(Text("  ·  ".join(parts), style="bold"))
         self.update_titles()
+        self.show_prompt()
+
+    @on(Checkbox.Changed, "#use-constitution")
+    def show_prompt(self) -> None:
+        """Say how the prompt is written: as the run trained (its constitution, template, chat template)."""
+        on = self.query_one("#use-constitution", Checkbox).value
+        style, c, out = self.prompt_style, self.constitution, Text(style="dim")
+        if not self.app.run_dir:
+            out.append("prompt: " + ("the editor's constitution (F1)" if on else "no constitution"))
+        elif c is None:
+            out.append(f"prompt: {self.constitution_problem or 'no constitution'}", style="red")
+        elif on:
+            out.append("prompt as the run trained: its constitution ")
+            out.append(f"{c.name or 'unnamed'} ({len(c.principles)} principles)", style="bold")
+            out.append(f" in template {Path(style.template).name if style.template else 'the built-in one'}")
+            out.append(", through the chat template" if style.chat_template else ", plain text (no chat template)")
+        else:
+            out.append("prompt: no constitution, unlike training (ctrl+t puts the run's back)")
+        self.query_one("#chat-prompt", Static).update(out)
+
+    def run_constitution(self, path: str) -> tuple[Constitution | None, str]:
+        """The run's own constitution file (read-only here: chat never writes it), or what is wrong with it."""
+        try:
+            return load_constitution(path), ""
+        except SamiError as e:
+            return None, f"its constitution cannot be read ({e})"
+
+    def source_switched(self, run_dir: str | None) -> None:
+        """Another run (or none) is now the one to chat with: start the transcripts afresh and tell the user."""
+        had = any(self.history.values()) or bool(self.query(ChatBubble))
+        if self.generating:
+            self.workers.cancel_group(self, "chat")
+        self.history = {"base": [], "main": []}
+        for box in self.query(".transcript"):
+            box.remove_children()
+        where = f"run {short_path(run_dir)}" if run_dir else "the base model"
+        self.notify(
+            f"chat now talks to {where}" + ("; the earlier replies were cleared" if had else ""),
+            title="Chat switched",
+            severity="warning" if had else "information",
+        )
 
     def checkpoint(self) -> Checkpoint | None:
         value = self.query_one("#checkpoint", Select).value
@@ -167,7 +230,7 @@ class ChatScreen(Screen):
 
     def update_titles(self) -> None:
         c = self.checkpoint()
-        self.query_one("#main-title", Static).update(checkpoint_label(c) if c else "no checkpoint")
+        self.query_one("#main-title", Static).update(checkpoint_label(c, self.kept) if c else "no checkpoint")
         self.sub_title = f"{model_name(self.model)} · {c.name}" if c and self.model else ""
 
     # ---- actions --------------------------------------------------------------------------
@@ -255,11 +318,16 @@ class ChatScreen(Screen):
             raise SamiError("side by side compares the base model with an iteration; pick one in the checkpoint list")
         constitution = None
         if self.query_one("#use-constitution", Checkbox).value:
-            try:
-                c = self.app.current_constitution()
-            except SamiError as e:
-                raise SamiError(f"the constitution has an error ({e}); fix it on F1 or untick it") from None
-            constitution = constitution_text(c)
+            if self.app.run_dir:  # the run's own, as it trained, whatever the editor holds
+                if self.constitution is None:
+                    raise SamiError(f"{self.constitution_problem or 'the run has no constitution'}; untick it")
+                constitution = constitution_text(self.constitution)
+            else:
+                try:
+                    c = self.app.current_constitution()
+                except SamiError as e:
+                    raise SamiError(f"the constitution has an error ({e}); fix it on F1 or untick it") from None
+                constitution = constitution_text(c)
         try:
             temperature = float(self.query_one("#chat-temperature", Input).value or 0)
             max_tokens = int(self.query_one("#chat-max-tokens", Input).value or 0)
@@ -291,7 +359,7 @@ class ChatScreen(Screen):
             context = context_length(self.model)
             limit = context - max_tokens if context else None
             for side in sides:
-                who = checkpoint_label(checkpoint) if side == "main" else "base model"
+                who = checkpoint_label(checkpoint, self.kept) if side == "main" else "base"
                 self.post_message(self.Status(f"{who} is replying… (escape stops)"))
                 with models.base_of(checkpoint) if side == "base" else nullcontext():
                     ids = fmt.encode(tokenizer, history[side], request.constitution, limit)
@@ -333,7 +401,8 @@ class ChatScreen(Screen):
         """The worker is done: close replies that never started (stopped or failed)."""
         for side, widget in list(self.pending.items()):
             widget.show(widget.text or "(no reply)")
-            self.history[side].pop()  # drop the unanswered user turn
+            if self.history[side] and self.history[side][-1]["role"] == "user":
+                self.history[side].pop()  # drop the unanswered user turn (gone already if chat switched)
         self.pending.clear()
         self.generating = False
         self.refresh_bindings()

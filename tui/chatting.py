@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
+from sami_mlx.checkpoints import Checkpoint, list_checkpoints, load_checkpoint_model
 from sami_mlx.loop.adapters import adapters_disabled
 
 if TYPE_CHECKING:
@@ -47,8 +47,23 @@ class ChatModels:
         return adapters_disabled(self.model)
 
 
-def checkpoint_label(checkpoint: Checkpoint) -> str:
-    return "base model" if checkpoint.adapter_path is None else f"{checkpoint.name} (aligned)"
+def checkpoint_label(checkpoint: Checkpoint, kept: str = "") -> str:
+    """What a checkpoint is called on screen: "base", "iter-02", or "iter-01 (kept)" for the adapters
+    the run kept (what RUN/adapters.safetensors holds)."""
+    if checkpoint.adapter_path is None:
+        return "base"
+    return f"{checkpoint.name} (kept)" if kept and checkpoint.name == kept else checkpoint.name
+
+
+def run_checkpoints(run_dir: str | Path | None, kept: str = "") -> list[Checkpoint]:
+    """'base', then every finished iteration (sami_mlx.checkpoints), then the kept adapters when they are
+    no iteration's own (a healthy step inside an iteration the monitor rolled back to: RUN's adapters)."""
+    checkpoints = list_checkpoints(run_dir)
+    if run_dir and kept and kept != "base" and kept not in {c.name for c in checkpoints}:
+        run = Path(run_dir).expanduser()
+        if (run / "adapters.safetensors").is_file() and (run / "adapter_config.json").is_file():
+            checkpoints.append(Checkpoint(kept, run))
+    return checkpoints
 
 
 def model_name(model: str) -> str:

@@ -24,12 +24,16 @@ from sami_mlx.inputs.constitution import load_constitution
 from tui.constitution_screen import ConstitutionScreen
 from tui.eta import Eta, eta_text
 from tui.heatmap import ScoreHeatmap, variant_labels
-from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text
+from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text, verdict_rows, verdict_table
 from tui.run_settings import plan_text
 from tui.runlog import (
+    RunResult,
     RunView,
+    eval_command,
     is_resumable,
     load_run,
+    read_kept,
+    read_result,
     read_samples,
     sample_iterations,
     short_path,
@@ -59,6 +63,7 @@ class RunScreen(Screen[None]):
         Binding("ctrl+o", "open_run", "Open run", tooltip="Browse a past run from the runs folder"),
         Binding("ctrl+l", "load_settings", "Load settings", tooltip="Read the settings from a YAML config file"),
         Binding("ctrl+s", "save_settings", "Save settings", tooltip="Write the settings to a YAML config file"),
+        Binding("f5", "eval_command", "Eval", tooltip="Copy the command that measures the run against its base"),
     ]
 
     class RunEvent(Message, bubble=False):
@@ -88,14 +93,16 @@ class RunScreen(Screen[None]):
         self._samples_key: tuple | None = None
         self._principles: dict[str | None, list[str]] = {}
         self._synced: str | None = None  # the editor's file, as last copied into the form
+        self._verdict: tuple[tuple, RunResult | None, tuple[str, str]] | None = None  # files' key, what they say
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield NavTabs("run")
         with Horizontal(id="run-body"):
             yield SettingsForm(id="settings")
-            with Vertical(id="dashboard"):
+            with VerticalScroll(id="dashboard"):  # the verdict card and samples outgrow a small terminal
                 yield Static("", id="run-title")
+                yield Static("", id="verdict")
                 with Horizontal(id="progress-row"):
                     with Vertical(classes="progress-box"):
                         yield Label("iterations", id="iterations-label")
@@ -103,14 +110,14 @@ class RunScreen(Screen[None]):
                     with Vertical(classes="progress-box"):
                         yield Label("steps", id="steps-label")
                         yield ProgressBar(show_eta=False, id="steps-progress")
-                    with Vertical(classes="progress-box"):
+                    with Vertical(classes="progress-box", id="sampling-box"):
                         yield Label("sampling", id="sampling-label")
                         yield ProgressBar(show_eta=False, id="sampling-progress")
                 yield Static("", id="run-eta")
                 yield Static("", id="run-stats")
                 with Horizontal(id="plots"):
                     yield MetricPlot("loss", id="loss-plot")
-                    yield MetricPlot("MI bound", id="mi-plot")
+                    yield MetricPlot("train MI bound", id="mi-plot")
                 with Horizontal(id="tables"):
                     yield DataTable(id="iterations-table", cursor_type="row", zebra_stripes=True)
                     yield ScoreHeatmap(id="heatmap")
@@ -199,6 +206,8 @@ class RunScreen(Screen[None]):
             return not self.running
         if action == "stop":
             return self.running and not self.stop_requested.is_set()
+        if action == "eval_command":
+            return bool(self.view.run_dir) and not self.view.live
         if action == "resume":
             return not self.running and bool(self.view.run_dir) and is_resumable(self.view.run_dir)
         return True
@@ -358,6 +367,8 @@ class RunScreen(Screen[None]):
         self.query_one("#sampling-label", Label).update(
             f"sampling {done}/{total} responses" if v.sampling else "sampling: idle"
         )
+        self.query_one("#sampling-box").display = v.live  # a past run samples nothing: no idle 0% bar
+        self.render_verdict()
         self.query_one("#run-stats", Static).update(stats_text(v))
         per_it = [v.per_iteration[i] for i in sorted(v.per_iteration)]
         self.query_one("#loss-plot", MetricPlot).show(v.series("loss"), [r["loss"] for r in per_it if "loss" in r])
@@ -374,6 +385,28 @@ class RunScreen(Screen[None]):
         stopping = self.running and self.stop_requested.is_set()
         self.query_one("#run-title", Static).update(title_text(v, stopping))
         self.sub_title = short_path(v.run_dir) if v.run_dir else ""
+
+    def render_verdict(self) -> None:
+        """The verdict card, from the run's result files and state.json (re-read when they change)."""
+        v, box = self.view, self.query_one("#verdict", Static)
+        box.display = bool(v.run_dir)
+        if not v.run_dir:
+            return
+        run = Path(v.run_dir)
+        files = [run / "demo.json", run / "state.json", *sorted((run / "eval").glob("*.json"))]
+        key = (v.run_dir, v.kept_name, tuple((f.name, f.stat().st_mtime_ns) for f in files if f.is_file()))
+        if self._verdict is None or self._verdict[0] != key:
+            kept = read_kept(run)
+            self._verdict = (key, read_result(run, kept[0] or v.kept_name), kept)
+        _, result, kept = self._verdict
+        box.update(verdict_table(verdict_rows(v, result, kept)))
+        box.border_title = "Verdict"
+
+    def action_eval_command(self) -> None:
+        """Copy `sami-mlx eval` for the shown run (its kept adapters against the base) and show it."""
+        command = eval_command(self.view.run_dir, read_kept(self.view.run_dir)[0] or self.view.kept_name)
+        self.app.copy_to_clipboard(command)
+        self.notify(f"{command}\n(copied; name held-out queries and a judge model)", title="Measure the run")
 
     def render_eta(self) -> None:
         box = self.query_one("#run-eta", Static)

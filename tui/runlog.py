@@ -7,6 +7,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop.runstate import RunState
@@ -36,7 +37,9 @@ class RunView:
     reason: str = ""
     monitor: dict | None = None  # the degeneration monitor's last reading (MonitorChecked)
     monitor_queries: int = 0
+    base_heldout_mi: float | None = None  # the base model's held-out MI bound, measured at the start
     kept: str = ""  # which adapters RUN/adapters.safetensors holds at the end, and why
+    kept_name: str = ""  # the same adapters' checkpoint name alone ("iter-02", "iter-03 step 8", "base")
 
     def apply(self, event: dict) -> None:
         """Fold one event (an `Event.to_dict()` or a metrics.jsonl row) into the view."""
@@ -50,6 +53,7 @@ class RunView:
         self.num_variants, self.base_ppl = e["num_variants"], e.get("base_ppl")
         self.global_step = e.get("resumed_at_step", 0)
         self.monitor_queries = e.get("monitor_queries", 0)
+        self.base_heldout_mi = e.get("base_heldout_mi")
         self.status, self.reason = "running", ""
 
     def _on_MonitorChecked(self, e: dict) -> None:
@@ -123,6 +127,7 @@ class RunView:
         self.reason = e.get("reason", "")
         if e.get("adapters"):
             self.kept = e["adapters"] + (f" ({e['kept']})" if e.get("kept") else "")
+            self.kept_name = e["adapters"]
 
     # ---- what the screen reads ------------------------------------------------------------
 
@@ -138,6 +143,23 @@ class RunView:
     @property
     def completed_iterations(self) -> int:
         return sum(1 for row in self.per_iteration.values() if "loss" in row)
+
+    @property
+    def live(self) -> bool:
+        """Whether the run is going on in this app (its sampling and warnings are news, not history)."""
+        return self.status in ("running", "starting", "resuming")
+
+    def drift_limits(self) -> tuple[float | None, float | None]:
+        """The degeneration guard's limits as (without, with the constitution): --max-ppl-ratio and
+        --max-prompted-ratio from the run's config (the engine's defaults where it names none); both None
+        when the guard is off."""
+        defaults = TrainConfig()
+        plain = self.config.get("max_ppl_ratio", defaults.max_ppl_ratio)
+        if self.monitor is not None and "limit" in self.monitor:
+            plain = self.monitor["limit"]  # what the run measured against
+        if plain is None:
+            return None, None
+        return plain, self.config.get("max_prompted_ratio", defaults.max_prompted_ratio)
 
 
 def load_run(run_dir: str | Path) -> RunView:
@@ -229,3 +251,137 @@ def short_path(path: str | Path) -> str:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(p)
+
+
+# ---- the run's verdict: its result files and the adapters it kept ---------------------------------
+
+
+@dataclass(frozen=True)
+class PrincipleResult:
+    """One principle's result: adherence before and after (a demo), or the win rate alone (an eval)."""
+
+    name: str
+    before: float | None
+    after: float | None
+    held_out: bool = False  # never in a training prompt (the demo's held-out principle)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What an evaluation of the run measured against the base model (RUN/demo.json or RUN/eval/*.json)."""
+
+    source: str  # the file, relative to the run
+    checkpoint: str  # the adapters measured
+    judge: str  # who judged the pairs
+    n: int
+    win_rate: float | None
+    win_rate_ci: tuple[float, float] | None
+    adherence: tuple[float, float] | None = None  # overall, base and SAMI (a demo)
+    mi_bound: tuple[float, float] | None = None  # held-out MI bound, base and checkpoint (an eval)
+    principles: tuple[PrincipleResult, ...] = ()
+    metric: str = "adherence"  # what PrincipleResult holds: "adherence" (before/after) or "win rate"
+
+
+def _pair(d: dict | None, a: str, b: str) -> tuple[float, float] | None:
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), (int, float)) for k in (a, b)):
+        return None
+    return float(d[a]), float(d[b])
+
+
+def _ci(value) -> tuple[float, float] | None:
+    return (float(value[0]), float(value[1])) if isinstance(value, (list, tuple)) and len(value) == 2 else None
+
+
+def demo_result(data: dict) -> RunResult:
+    """RUN/demo.json (sami_mlx.toy.demo): adherence per principle, base vs SAMI, and the win rate."""
+    base, sami = data.get("base_adherence") or {}, data.get("sami_adherence") or {}
+    principles = [PrincipleResult(k, base[k], sami.get(k)) for k in base if k != "overall"]
+    h = data.get("heldout") or {}
+    if h.get("principle"):
+        principles.append(PrincipleResult(h["principle"], h.get("base_adherence"), h.get("sami_adherence"), True))
+    kept = (data.get("kept") or {}).get("name", "")
+    return RunResult(
+        source="demo.json",
+        checkpoint=kept or "the run's adapters",
+        judge="the world's checker",
+        n=int(data.get("n_eval") or 0),
+        win_rate=data.get("win_rate"),
+        win_rate_ci=_ci(data.get("win_rate_ci")),
+        adherence=_pair({"b": base.get("overall"), "a": sami.get("overall")}, "b", "a"),
+        principles=tuple(principles),
+    )
+
+
+def eval_result(run: Path, path: Path, data: dict) -> RunResult:
+    """RUN/eval/<checkpoint>.json (sami_mlx.evaluation.report): the win rate, per principle when judged so."""
+    judge, per, intrinsic = data.get("judge") or {}, data.get("per_principle") or {}, data.get("intrinsic") or {}
+
+    def mi(side: str):
+        return (intrinsic.get(side) or {}).get("mi_bound")
+
+    return RunResult(
+        source=str(path.relative_to(run)),
+        checkpoint=str(data.get("checkpoint", path.stem)),
+        judge=str(judge.get("model") or judge.get("kind") or "a judge"),
+        n=int(data.get("n") or 0),
+        win_rate=data.get("win_rate"),
+        win_rate_ci=_ci(data.get("win_rate_ci")),
+        mi_bound=_pair({"b": mi("base"), "a": mi("checkpoint")}, "b", "a"),
+        principles=tuple(PrincipleResult(k, None, v.get("win_rate")) for k, v in per.items() if isinstance(v, dict)),
+        metric="win rate",
+    )
+
+
+def read_result(run_dir: str | Path, kept: str = "") -> RunResult | None:
+    """The run's measured result: demo.json, else the eval file of the kept checkpoint (else the newest);
+    None when the run has none (or only unreadable ones)."""
+    import json
+
+    run = Path(run_dir).expanduser()
+    demo = run / "demo.json"
+    try:
+        if demo.is_file():
+            return demo_result(json.loads(demo.read_text(encoding="utf-8")))
+        files = sorted(p for p in (run / "eval").glob("*.json") if p.name != "summary.json")
+        if not files:
+            return None
+        chosen = next((p for p in files if p.stem == kept), files[-1])
+        return eval_result(run, chosen, json.loads(chosen.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return None  # a torn or foreign file: no verdict rather than a crash
+
+
+def read_kept(run_dir: str | Path) -> tuple[str, str]:
+    """(name, why) of the adapters RUN/adapters.safetensors holds, from state.json; ("", "") before the
+    run kept any."""
+    from sami_mlx.loop.health import describe_kept
+
+    state = Path(run_dir).expanduser() / "state.json"
+    if not state.is_file():
+        return "", ""
+    try:
+        kept = RunState.load(state).kept
+    except SamiError:
+        return "", ""
+    return (kept["name"], describe_kept(kept)) if kept else ("", "")
+
+
+def eval_command(run_dir: str | Path, checkpoint: str = "") -> str:
+    """The command that measures the run against its base model (a judge and held-out queries to fill in)."""
+    which = f" --iterations {checkpoint}" if checkpoint.startswith("iter-") and " " not in checkpoint else ""
+    return f"sami-mlx eval --run {short_path(run_dir)}{which} --queries HELDOUT --judge JUDGE"
+
+
+def kept_name(run_dir: str | Path) -> str:
+    """The checkpoint name of the adapters the run kept (state.json, else its RunCompleted event); ""
+    while it has kept none."""
+    name = read_kept(run_dir)[0]
+    if name:
+        return name
+    metrics = Path(run_dir).expanduser() / "metrics.jsonl"
+    try:
+        rows = read_jsonl(metrics) if metrics.is_file() else []
+    except SamiError:
+        return ""
+    done = [r for r in rows if r.get("event") == "RunCompleted" and r.get("adapters")]
+    return str(done[-1]["adapters"]) if done else ""
