@@ -99,6 +99,7 @@ class StepCompleted(Event):
     scores: list  # the first group's N x N score matrix
     anchor_kl: float = 0.0  # KL to the base after prompts with no constitution (--anchor-beta)
     variants: list = field(default_factory=list)  # that group's variant labels ("+-"): the rows and columns of scores
+    query: str = ""  # that group's query text (runs before this field: absent)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class StepResult:
     peak_memory_gb: float
     scores: list  # the first group's N x N score matrix
     variants: list = field(default_factory=list)  # that group's variant labels, e.g. "+-"
+    query: str = ""  # that group's query, so a dashboard can say which one the matrix is
 
 
 @dataclass
@@ -190,6 +191,7 @@ class Stepping(LoopParts):
             # a 2-D array's tolist() is a list of lists (mlx annotates any tolist() as list or scalar)
             scores=cast(list, totals.scores[0][0].tolist()) if totals.scores else [],
             variants=[v.label for v in groups[first].variants] if totals.scores and first is not None else [],
+            query=groups[first].query if totals.scores and first is not None else "",
         )
 
     def micro_batch(self, groups: list[Group], orders: list[list[int]], w: float, step_tokens: int) -> StepTotals:
