@@ -563,6 +563,7 @@ class ScriptedTrainer:
         time.sleep(0.2)
         metrics = dict(loss=0.6, mi_bound=0.1, row_accuracy=0.5, column_accuracy=0.5, kl=0.0, learning_rate=1e-3)
         metrics.update(grad_norm=1.0, tokens_per_sec=10.0, peak_memory_gb=0.1, scores=SCORES, variants=LABELS)
+        metrics.update(query="How do I bake bread?\nQuickly, please.")
         emit(ev.StepCompleted(iteration=1, step=1, steps=2, global_step=1, **metrics))
         self.reached.set()
         self.release.wait(30)
@@ -596,6 +597,8 @@ async def test_live_run_shows_eta_drops_and_a_labelled_heat_map(workdir, constit
         await pilot.press("down", "right", "right")
         assert "c +− × y −+  -2.250" in shown(value)
         assert "-4.00" in shown(run.query_one("#heatmap .heat-title"))  # the colour scale's range
+        # which query group the matrix is, on one line
+        assert "step 1, query: How do I bake bread? Quickly, please." in shown(run.query_one("#heatmap .heat-query"))
         await pilot.hover(HeatTable, offset=(2 + 3 * 3 + 1, 1 + 3))  # past the row labels and the header
         assert "c −− × y −−  -1.250" in shown(value)
 
@@ -650,6 +653,29 @@ async def test_heat_map_of_a_run_logged_without_variant_labels(workdir, past_run
         table = app.screen.query_one(HeatTable)
         assert [r.label.plain for r in table.ordered_rows] == ["v1", "v2"]
         assert "c v1 × y v1  -2.000  (own response)" in shown(app.screen.query_one("#heatmap .heat-value"))
+        # no query in the log: say which step the group is from, and no more
+        assert shown(app.screen.query_one("#heatmap .heat-query")).strip() == "first query group of step 3"
+
+
+async def test_path_fields_show_the_end_of_a_long_path(workdir, constitution_file):
+    """Paths under one folder differ at their end: a narrow field not being edited shows that end."""
+    app = SamiApp(constitution=constitution_file.name)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f2")
+        form = app.screen.query_one(SettingsForm)
+        long = "/home/someone/projects/alignment/experiments/queries-for-the-second-study.txt"
+        form.show({"queries": long})
+        await pilot.pause()
+        box = form.query_one("#set-queries", Input)
+        assert box.scroll_x > 0
+        assert "".join(segment.text for segment in box.render_line(0)).rstrip().endswith("-study.txt")
+        box.focus()
+        await pilot.press("home")  # editing: the field scrolls where the cursor goes, as any field does
+        await pilot.pause()
+        assert box.scroll_x == 0
+        app.screen.query_one("#set-model", Input).focus()  # left again: the end shows again
+        await pilot.pause()
+        assert box.scroll_x > 0
 
 
 def test_heat_map_labels_of_runs_logged_without_them():

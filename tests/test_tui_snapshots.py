@@ -17,6 +17,9 @@ import tui.app
 from tui.app import SamiApp as _SamiApp
 
 SIZE = (150, 45)
+# The small terminals every screen must work at: nothing cut off that cannot be scrolled to, no labels
+# run together, and the footer still showing F1/F2/F3.
+SMALL = [pytest.param((80, 24), id="80x24"), pytest.param((100, 30), id="100x30")]
 
 
 class SamiApp(_SamiApp):
@@ -80,6 +83,11 @@ def test_constitution_screen(workdir, snap_compare):
     assert snap_compare(SamiApp(constitution="constitution.yaml"), terminal_size=SIZE, run_before=steady)
 
 
+@pytest.mark.parametrize("size", SMALL)
+def test_constitution_screen_small(workdir, snap_compare, size):
+    assert snap_compare(SamiApp(constitution="constitution.yaml"), terminal_size=size, run_before=steady)
+
+
 def test_constitution_screen_inline_errors(workdir, snap_compare):
     async def add_duplicate(pilot):
         await pilot.press("ctrl+n", *"kind")
@@ -109,6 +117,14 @@ def test_run_screen_with_a_verdict(workdir, snap_compare):
     assert snap_compare(app, terminal_size=SIZE, run_before=steady)
 
 
+@pytest.mark.parametrize("size", SMALL)
+def test_run_screen_with_a_verdict_small(workdir, snap_compare, size):
+    """The dashboard scrolls under the settings form; the verdict card comes first."""
+    write_demo_result(workdir / "runs" / "demo")
+    app = SamiApp(model="models/tiny", constitution="constitution.yaml", run="runs/demo")
+    assert snap_compare(app, terminal_size=size, run_before=steady)
+
+
 def test_run_picker(workdir, snap_compare, past_run):
     past_run(workdir / "runs", "older", finished=False)
 
@@ -126,6 +142,18 @@ def test_chat_screen_side_by_side(workdir, snap_compare):
 
     app = SamiApp(constitution="constitution.yaml", run="runs/demo")
     assert snap_compare(app, terminal_size=SIZE, run_before=chat)
+
+
+@pytest.mark.parametrize("size", SMALL)
+def test_chat_screen_side_by_side_small(workdir, snap_compare, size):
+    """The run, the checkpoint and max tokens stay on screen; the controls wrap rather than clip."""
+
+    async def chat(pilot):
+        await pilot.press("f3", "ctrl+b")
+        await steady(pilot)
+
+    app = SamiApp(constitution="constitution.yaml", run="runs/demo")
+    assert snap_compare(app, terminal_size=size, run_before=chat)
 
 
 def test_run_screen_at_120_columns_heat_map_and_drops(workdir, snap_compare):

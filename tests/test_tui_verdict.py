@@ -93,8 +93,13 @@ async def test_a_finished_demo_shows_its_verdict_kept_adapters_and_health(demo_r
         # The result, before/after, and a bar per principle (the held-out one marked).
         assert "adherence 0.58 → 0.84   win rate vs base 74% (95% CI 66%–81%)" in text
         assert "iter-01 against base, n 96, judged by the world's checker (demo.json)" in text
-        assert "kind               base ██████░░░░ 0.55  SAMI █████████░ 0.86" in text
-        assert "polite (held out)  base █████░░░░░ 0.49  SAMI ████░░░░░░ 0.45" in text
+        chart = [line.strip() for line in text.splitlines()]  # the card's lines, less its heading column
+        assert "kind" in chart and chart[chart.index("kind") + 1 :][:2] == [
+            "base ██████░░░░ 0.55",
+            "SAMI █████████░ 0.86",
+        ]
+        held_out = chart.index("polite (held out)")
+        assert chart[held_out + 1 : held_out + 3] == ["base █████░░░░░ 0.49", "SAMI ████░░░░░░ 0.45"]
         assert "red" in style_of(card, "████░░░░░░ 0.45")  # the held-out principle got worse
         # The kept adapters and why (state.json), and each drift against its own limit.
         assert "kept     iter-01: best held-out MI bound, +0.021 nats" in text
@@ -143,7 +148,7 @@ def test_an_eval_result_gives_the_kept_checkpoints_win_rate_per_principle(workdi
     )
     assert "win rate vs base 62% (95% CI 52%–71%)   held-out MI bound +0.010 → +0.200 nats" in text
     assert "iter-01 against base, n 100, judged by judge-7b (eval/iter-01.json)" in text
-    assert "kind   win rate ███████░░░ 0.70" in text and "brief  win rate ████░░░░░░ 0.40" in text
+    assert "kind\n  win rate ███████░░░ 0.70" in text and "brief\n  win rate ████░░░░░░ 0.40" in text
     (run / "eval" / "iter-01.json").write_text("{torn")
     assert read_result(run, "iter-01") is None  # a torn file: no verdict, no crash
 

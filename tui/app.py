@@ -37,6 +37,9 @@ class SamiApp(App[None]):
     TITLE = "sami-mlx"
     SCREENS = {"constitution": ConstitutionScreen, "run": RunScreen, "chat": ChatScreen}
     MODES = {"constitution": "constitution", "run": "run", "chat": "chat"}
+    # Screen classes by terminal width, for sami.tcss: under 100 columns (80x24 included) and under 120
+    # the screens stack or wrap what sits side by side on a wide terminal.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-medium"), (120, "-wide")]
     BINDINGS = [
         Binding("f1", "switch_mode('constitution')", "Constitution", tooltip="Edit the constitution"),
         Binding("f2", "switch_mode('run')", "Run", tooltip="Start, watch, stop or browse runs"),

@@ -16,7 +16,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
+from textual.widgets import Checkbox, Header, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
 from sami_mlx.chat import PromptFormat, PromptStyle, constitution_text, context_length, stream_reply
@@ -27,7 +27,7 @@ from sami_mlx.inputs.constitution import Constitution, load_constitution
 from tui.chatting import checkpoint_label, model_name, run_checkpoints
 from tui.runlog import kept_name, short_path
 from tui.threads import in_fresh_thread
-from tui.widgets import ChatBubble, NavTabs
+from tui.widgets import ChatBubble, KeysFooter, NavTabs
 
 if TYPE_CHECKING:
     from tui.app import SamiApp
@@ -104,15 +104,16 @@ class ChatScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield NavTabs("chat")
-        with Horizontal(id="chat-controls"):
+        with Horizontal(id="chat-controls"):  # one row when wide; sami.tcss makes it a grid on small terminals
             yield Static("", id="chat-source")
             yield Select([], prompt="checkpoint", id="checkpoint", allow_blank=True, compact=True)
             yield Checkbox("constitution in prompt", id="use-constitution")
             yield Checkbox("side by side with base", id="side-by-side")
-            yield Label("temp", classes="field-label")
-            yield Input("0", type="number", id="chat-temperature", compact=True)
-            yield Label("max tokens", classes="field-label")
-            yield Input("128", type="integer", id="chat-max-tokens", compact=True)
+            with Horizontal(id="chat-numbers"):
+                yield Label("temp", classes="field-label")
+                yield Input("0", type="number", id="chat-temperature", compact=True)
+                yield Label("max tokens", classes="field-label")
+                yield Input("128", type="integer", id="chat-max-tokens", compact=True)
         yield Static("", id="chat-prompt")
         with Horizontal(id="transcripts"):
             with Vertical(id="column-base", classes="column"):
@@ -123,7 +124,7 @@ class ChatScreen(Screen):
                 yield VerticalScroll(id="transcript-main", classes="transcript")
         yield Static("", id="chat-status")
         yield Input(placeholder="Message (enter sends)", id="message")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.query_one("#column-base").display = False

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.dom import DOMNode
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, Static
+from textual.widgets import Header, Input, Label, Static
 
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import EditableFile, read_structured
@@ -36,7 +36,7 @@ from sami_mlx.inputs.constitution import (
 from tui.modals import ChoiceModal, PathModal
 from tui.runlog import short_path
 from tui.threads import in_fresh_thread
-from tui.widgets import NavTabs, PrincipleCard
+from tui.widgets import KeysFooter, NavTabs, PrincipleCard
 
 if TYPE_CHECKING:
     from tui.app import SamiApp
@@ -115,7 +115,7 @@ class ConstitutionScreen(Screen):
                         "auto", placeholder="auto, paper, grid or a number", id="preview-variants", compact=True
                     )
                 yield VerticalScroll(Static("", id="preview"), id="preview-scroll")
-        yield Footer()
+        yield KeysFooter()
 
     async def on_mount(self) -> None:
         path = self.app.constitution_path

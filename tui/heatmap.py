@@ -70,20 +70,24 @@ class ScoreHeatmap(Vertical):
         self.scores: list[list[float]] = []
         self.labels: list[str] = []
         self.range = (0.0, 1.0)
-        self._drawn: tuple | None = None  # (scores, labels) on screen
+        self._drawn: tuple | None = None  # (scores, labels, group) on screen
 
     def compose(self) -> ComposeResult:
         yield Static("", classes="heat-title")
+        yield Static("", classes="heat-query")
         yield HeatTable(cursor_type="cell", cell_padding=0, show_cursor=True, zebra_stripes=False)
         yield Static("", classes="heat-value")
 
-    def show(self, scores: Sequence[Sequence[float]] | None, labels: Sequence[str] = ()) -> None:
-        """Draw a matrix (only when it changed), labelled by its variants' signs."""
+    def show(self, scores: Sequence[Sequence[float]] | None, labels: Sequence[str] = (), group: str = "") -> None:
+        """Draw a matrix (only when it changed), labelled by its variants' signs; `group` says which
+        query group it is (one line, cut with an ellipsis where it does not fit)."""
         matrix = [[float(v) for v in row] for row in scores or []]
         names = list(labels) if len(labels) == len(matrix) else [f"v{j + 1}" for j in range(len(matrix))]
-        if (matrix, names) == self._drawn:
+        if (matrix, names, group) == self._drawn:
             return
-        self._drawn = (matrix, names)
+        self._drawn = (matrix, names, group)
+        line = " ".join(group.split())  # a query's newlines would break the one-line caption
+        self.query_one(".heat-query", Static).update(Text(line, style="dim", no_wrap=True, overflow="ellipsis"))
         self.scores, self.labels = matrix, names
         scores, labels = matrix, names
         table = self.query_one(HeatTable)

@@ -120,17 +120,16 @@ def bar(value: float | None, style: str) -> Text:
 
 
 def principle_rows(result: RunResult) -> Text:
-    """The small before/after chart: one line per principle (the held-out one marked)."""
+    """The small before/after chart: each principle's name (the held-out one marked) over its bars, so
+    that a narrow card wraps no bar (a line is at most 24 cells)."""
     out = Text()
-    width = max(len(p.name) + (11 if p.held_out else 0) for p in result.principles)
     for p in result.principles:
-        out.append("\n")
-        out.append((p.name + (" (held out)" if p.held_out else "")).ljust(width + 2))
+        out.append("\n" + p.name + (" (held out)" if p.held_out else ""))
         if result.metric == "adherence":
-            out.append("base ", style="dim").append_text(bar(p.before, "blue"))
-            out.append("  SAMI ", style="dim").append_text(bar(p.after, _better(p)))
+            out.append("\n  base ", style="dim").append_text(bar(p.before, "blue"))
+            out.append("\n  SAMI ", style="dim").append_text(bar(p.after, _better(p)))
         else:
-            out.append("win rate ", style="dim").append_text(bar(p.after, _better(p)))
+            out.append("\n  win rate ", style="dim").append_text(bar(p.after, _better(p)))
     return out
 
 

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
+from textual.widgets import Checkbox, DataTable, Header, Input, Label, ProgressBar, Select, Static
 
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
@@ -40,7 +40,7 @@ from tui.runlog import (
 )
 from tui.settings_form import SettingsForm
 from tui.threads import in_fresh_thread
-from tui.widgets import MetricPlot, NavTabs, samples_text
+from tui.widgets import KeysFooter, MetricPlot, NavTabs, samples_text
 
 if TYPE_CHECKING:
     from tui.app import SamiApp
@@ -125,7 +125,7 @@ class RunScreen(Screen[None]):
                     yield Label("Samples of iteration", classes="field-label")
                     yield Select([], prompt="none yet", id="samples-iteration", allow_blank=True, compact=True)
                 yield VerticalScroll(Static("", id="samples"), id="samples-scroll")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         table = self.query_one("#iterations-table", DataTable)
@@ -416,13 +416,20 @@ class RunScreen(Screen[None]):
         box.display = bool(text)
 
     def render_heatmap(self) -> None:
-        """The last step's score matrix, rows and columns labelled by its variants' signs."""
+        """The last step's score matrix (its first query group's), rows and columns labelled by its
+        variants' signs, captioned with that group's query where the run recorded it."""
         step = self.view.last_step
         scores = step["scores"] if step else []
         labels = step.get("variants") if step else None
         if not labels:
             labels = variant_labels(len(scores), self.view.config, len(self.principle_names()))
-        self.query_one("#heatmap", ScoreHeatmap).show(scores, labels)
+        group = ""
+        if step and scores:
+            where = f"step {step.get('global_step', step.get('step', '?'))}"
+            query = step.get("query") or ""
+            # runs from before StepCompleted carried the query say only which step the group is from
+            group = f"{where}, query: {query}" if query else f"first query group of {where}"
+        self.query_one("#heatmap", ScoreHeatmap).show(scores, labels, group)
 
     def render_table(self) -> None:
         table = self.query_one("#iterations-table", DataTable)

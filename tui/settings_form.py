@@ -8,8 +8,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.cells import cell_len
 from rich.text import Text
-from textual import getters
+from textual import events, getters, on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
@@ -38,6 +39,37 @@ if TYPE_CHECKING:
 _FLAG = re.compile(r"--([a-z0-9-]+)")
 
 
+# The settings that name a file or folder: a long path's end is what tells two apart.
+PATH_FIELDS = {*PATH_SETTINGS, "out"}
+
+
+class PathInput(Input):
+    """A text field for a path that, while not being edited, shows the path's end (a narrow field
+    otherwise shows the same first characters for every path under one folder)."""
+
+    def on_mount(self) -> None:
+        self.call_after_refresh(self.show_tail)
+
+    def on_resize(self) -> None:
+        self.show_tail()
+
+    def _on_blur(self, event: events.Blur) -> None:
+        super()._on_blur(event)
+        self.call_after_refresh(self.show_tail)
+
+    @on(Input.Changed)
+    def _changed(self, event: Input.Changed) -> None:
+        if event.input is self:
+            self.call_after_refresh(self.show_tail)
+
+    def show_tail(self) -> None:
+        """Scroll to the end of the path unless the user is editing it."""
+        if self.has_focus or not self.is_mounted:
+            return
+        self.cursor_position = len(self.value)  # where a click or a key resumes editing: the end shown
+        self.scroll_to(x=max(0, cell_len(self.value) - self.content_size.width), animate=False, immediate=True)
+
+
 def setting_widget(s: Setting) -> Widget:
     """A checkbox for a switch, a choice list for a fixed set of values, else a text field."""
     wid, tip = f"set-{s.field}", s.help
@@ -50,7 +82,8 @@ def setting_widget(s: Setting) -> Widget:
         widget = Select(options, value=value, allow_blank=False, id=wid, classes="setting", compact=True)
     else:
         text = setting_text(s, s.default)
-        widget = Input(text, placeholder=s.placeholder, type=s.input_type, id=wid, classes="setting", compact=True)
+        kind = PathInput if s.field in PATH_FIELDS else Input
+        widget = kind(text, placeholder=s.placeholder, type=s.input_type, id=wid, classes="setting", compact=True)
     widget.tooltip = tip
     return widget
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Input, Label, Sparkline, Static, Tab, Tabs
+from textual.widgets import Footer, Input, Label, Sparkline, Static, Tab, Tabs
+from textual.widgets._footer import FooterKey
 
 from tui.runlog import printable
 
@@ -158,3 +159,21 @@ class NavTabs(Tabs, can_focus=False):
         if mode != self.mode:
             self.active = f"tab-{self.mode}"  # this screen stays this tab; the app switches screens
             self.app.switch_mode(mode)
+
+
+class KeysFooter(Footer):
+    """The footer with the screen switches (F1/F2/F3) first, so that a narrow terminal, where the
+    footer drops whatever does not fit at its right end, cuts a screen's own keys rather than the
+    ways to the other screens (`?` and the palette list every key)."""
+
+    def __init__(self) -> None:
+        super().__init__(compact=True)
+
+    def compose(self) -> ComposeResult:
+        keys = list(super().compose())  # no binding has a group, so compose only yields keys
+
+        def switches_screen(widget: object) -> bool:
+            return isinstance(widget, FooterKey) and "switch_mode(" in widget.action
+
+        yield from (k for k in keys if switches_screen(k))
+        yield from (k for k in keys if not switches_screen(k))
