@@ -322,6 +322,9 @@ async def test_real_run_to_completion_then_chat_with_its_checkpoint(
     out = workdir / "runs" / "tiny"
     assert (out / "iter-01" / "adapters.safetensors").is_file()
     assert json.loads((out / "state.json").read_text())["finished"] is True
+    # the step's score matrix is named by its group's query (the heat map's caption)
+    step = next(r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "StepCompleted")
+    assert step["query"] in queries_file.read_text().splitlines() and step["scores"]
 
 
 class GatedTrainer:
