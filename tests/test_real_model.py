@@ -47,8 +47,9 @@ BUDGET = [
 ]  # fmt: skip
 
 
-def sami(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 300):
-    """Run `sami-mlx ARGS` as a user would, in a fresh process."""
+def sami(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 1800):
+    """Run `sami-mlx ARGS` as a user would, in a fresh process. The timeout only catches a hang: on
+    MLX's reference CPU BLAS (no OpenBLAS preloaded) the tiny run takes several minutes, not ~90 s."""
     return subprocess.run(
         [sys.executable, "-m", "sami_mlx.cli.main", *args],
         capture_output=True,
