@@ -20,7 +20,8 @@ from sami_mlx.checkpoints import (
     list_checkpoints,
     load_checkpoint_model,
 )
-from sami_mlx.config import TrainConfig, load_run_config
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution
 from sami_mlx.inputs.prompts import Template, load_template

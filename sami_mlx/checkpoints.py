@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sami_mlx.config import load_run_config
+from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 
 

@@ -1,20 +1,17 @@
-"""The training configuration: one dataclass, a YAML file with the same keys, flags on top."""
+"""The training configuration: one dataclass with a default and a help string per field, and the checks
+that make it a runnable one. The YAML file with the same keys is read in sami_mlx.config_file, and the
+flags on top of it in sami_mlx.cli.train_flags."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from sami_mlx.errors import SamiError
-from sami_mlx.fileio import read_structured
 from sami_mlx.inputs.constitution import parse_variants
-from sami_mlx.memory import DEQUANTIZE_MODES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -339,29 +336,10 @@ def check_sampling(
         raise SamiError(f"{names[2]} {max_tokens}: must be at least 1")
 
 
-def load_run_config(run_dir: str | Path, flag: str = "--run") -> TrainConfig:
-    """The configuration a run ran with, from RUN/config.yaml; a one-line SamiError naming the file and
-    the fix when it is missing or damaged. `flag` names where the run directory came from ('' for none)."""
-    run = Path(run_dir).expanduser()
-    path = run / "config.yaml"
-    if not path.is_file():
-        fix = "pass" if flag else "choose"
-        raise SamiError(
-            f"{flag + ' ' if flag else ''}{run}: no config.yaml there; {fix} a run directory made by `sami-mlx train`"
-        )
-    cfg = TrainConfig(**config_from_file(str(path)))
-    if not cfg.model:
-        raise SamiError(f"{path}: no 'model' setting; this file is damaged, restore it or start a new run")
-    from sami_mlx.instruct import prompts_resolved, resolve_prompts
-
-    # A run records the prompt settings it chose; a config written by hand may leave them to auto.
-    return cfg if prompts_resolved(cfg) else resolve_prompts(cfg)
-
-
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 OFF = ("off", "none", "null")
 TRACKERS = ("wandb", "swanlab")  # --report-to (sami_mlx.tracking)
-AUTO_SETTINGS = ("chat_template", "template")  # None ('auto'): chosen once the model is known
+DEQUANTIZE_MODES = ("auto", "yes", "no")  # --dequantize (sami_mlx.machine.choose_dequantize)
 
 
 def parse_report_to(text: str) -> str:
@@ -375,125 +353,7 @@ def parse_report_to(text: str) -> str:
     return ",".join(dict.fromkeys(trackers))
 
 
-# Settings that may name a file (or, for `model`, a directory) relative to the config that sets them.
-PATH_SETTINGS = "model constitution queries template generation_template training_template anchor_template".split()
-PATH_SETTINGS += ["judge_template", "heldout"]
-
-
-def resolve_paths(values: dict, folder: Path, data_dir: Path | None = None) -> dict:
-    """`values` with each relative path in PATH_SETTINGS made absolute where it exists next to the config
-    (`folder`), else in the package's data folder (`data_dir`); any other value (a built-in name, a hub
-    id or dataset, a path from the working directory) is left as written. A run's config.yaml keeps the
-    absolute paths, so the run resumes from any directory."""
-    out = dict(values)
-    for key in PATH_SETTINGS:
-        value = out.get(key)
-        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
-            continue
-        for base in (folder, data_dir):
-            candidate = base / value if base is not None else None
-            if candidate is not None and (candidate.is_dir() if key == "model" else candidate.is_file()):
-                out[key] = str(candidate.absolute())
-                break
-    return out
-
-
-def config_from_file(path: str) -> dict:
-    """Read a YAML config whose keys are TrainConfig fields (dashes or underscores), or a recipe
-    shipped with the package by name (sami_mlx/data/recipes; see sami_mlx.presets.find_recipe).
-    Relative paths in it are found next to the file first, then in the package's data folder."""
-    from sami_mlx.presets import find_recipe, recipe_dir
-
-    recipe = find_recipe(path)
-    data = recipe if recipe is not None else read_structured(path, "config file")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SamiError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            raise SamiError(f"{path}: unknown setting '{key}'; see `sami-mlx train --help` for the names")
-        out[name] = _coerce(name, value, f"{path}: setting '{key}'")
-    folder = recipe_dir() if recipe is not None else Path(path).expanduser().absolute().parent
-    return resolve_paths(out, folder, recipe_dir().parent)
-
-
-def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+def field_kind(f: dataclasses.Field) -> tuple[str, bool]:
     """A field's base type name ('str', 'int', 'float', 'bool', 'list[str]') and whether None is allowed."""
     parts = [p.strip() for p in str(f.type).split("|")]
     return parts[0], "None" in parts
-
-
-def _coerce(name: str, value: Any, where: str) -> Any:
-    base, optional = _kind(FIELDS[name])
-    if name in AUTO_SETTINGS and str(value).lower() == "auto":
-        return None  # chosen for the model (sami_mlx.instruct)
-    if optional and base in ("int", "float") and (value is False or str(value).lower() in OFF):
-        return None  # `max_ppl_ratio: off` (YAML reads a bare off as false)
-    if value is None:
-        if optional:
-            return None
-        raise SamiError(f"{where} cannot be empty")
-    if base == "list[str]":
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise SamiError(f"{where} must be a list of strings")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise SamiError(f"{where} must be true or false, got {value!r}")
-    if name == "dequantize" and isinstance(value, bool):
-        return "yes" if value else "no"  # YAML 1.1 reads a bare yes/no as a boolean
-    if base == "str":
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            return str(value)
-        raise SamiError(f"{where} must be a string, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SamiError(f"{where} must be a number, got {value!r}")
-    if base == "int":
-        if isinstance(value, float) and not value.is_integer():
-            raise SamiError(f"{where} must be a whole number, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, defaults suppressed so that only given flags override."""
-    parser.add_argument("-c", "--config", help="YAML config file; flags override its settings.")
-    parser.add_argument("--dry-run", action="store_true", help="Print the resolved configuration and exit.")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        base, optional = _kind(f)
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        help_text = f.metadata["help"] + (f" (default: {default})" if default not in ("", None, []) else "")
-        if base == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif base == "list[str]":
-            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
-        else:
-            convert: type = {"int": int, "float": float}.get(base, str)
-            kind = _or_off(convert) if optional and base in ("int", "float") else convert
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
-
-
-def _or_off(kind: type) -> Callable[[str], Any]:
-    """A number, or 'off' for None (a guard turned off)."""
-
-    def parse(text: str) -> Any:
-        return None if text.lower() in OFF else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
-
-
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Dataclass defaults, then the YAML file, then the flags that were given."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(config_from_file(args.config))
-    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
-    return TrainConfig(**values).resolved()

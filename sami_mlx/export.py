@@ -51,7 +51,7 @@ def find_run_adapters(
     """The kept adapters of RUN (RUN/adapters.safetensors), or iteration N's, and the run's (or the
     given) constitution; raises SamiError."""
     from sami_mlx.checkpoints import find_checkpoint
-    from sami_mlx.config import load_run_config
+    from sami_mlx.config_file import load_run_config
     from sami_mlx.inputs.constitution import load_constitution
     from sami_mlx.loop.runstate import RunState
     from sami_mlx.loop.trainer import describe_kept

@@ -1,42 +1,23 @@
-"""Model presets (models/*.yaml) and the recipes shipped in sami_mlx/data/recipes; what `--dry-run`
-prints is in sami_mlx.plan, the memory estimate behind both in sami_mlx.memory."""
+"""Model presets (models/*.yaml): which weights, what kind of model, how to prompt and train it. What
+`--dry-run` prints is in sami_mlx.plan, the memory estimate behind both in sami_mlx.memory."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
+from sami_mlx.data import data_dir
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_structured
 from sami_mlx.memory import MemoryEstimate, ModelShape, RunShape, estimate_memory
 
 PRESET_PACKAGE = "sami_mlx.data.models"  # models/ installs here (pyproject's package-dir)
-RECIPE_PACKAGE = "sami_mlx.data.recipes"
 KINDS = ("base", "instruct")
-
-
-def _data_dir(package: str, fallback: str) -> Path:
-    # A source checkout's own folder first: an editable install maps the package to the checkout
-    # it was installed from, which is not this one when several checkouts share an environment.
-    here = Path(__file__).resolve().parent / fallback
-    if here.is_dir():
-        return here.resolve()
-    return Path(str(resources.files(package)))
 
 
 def preset_dir() -> Path:
     """Where the preset YAML files are."""
-    return _data_dir(PRESET_PACKAGE, "../models")
-
-
-def recipe_dir() -> Path:
-    """Where the shipped recipe YAML files are."""
-    return _data_dir(RECIPE_PACKAGE, "data/recipes")
-
-
-# ---- presets ---------------------------------------------------------------------------------
+    return data_dir(PRESET_PACKAGE, "../models")
 
 
 @dataclass(frozen=True)
@@ -192,39 +173,6 @@ def preset_estimate(preset: Preset, run: RunShape | None = None) -> MemoryEstima
         return None
     run = run or RunShape(lora_rank=int(preset.lora.get("rank", 8)), lora_layers=int(preset.lora.get("layers", 16)))
     return estimate_memory(preset.shape, run)
-
-
-# ---- recipes ---------------------------------------------------------------------------------
-
-
-def recipe_names() -> list[str]:
-    """The shipped recipes, runnable as `sami-mlx train -c NAME`."""
-    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
-
-
-def find_recipe(name: str) -> dict | None:
-    """The settings of shipped recipe `name`, with its data files resolved; None if `name` is a file.
-
-    Paths in a shipped recipe are relative to the package's data folder (sami_mlx/data), so a
-    recipe runs from any working directory (and so does a copy of it: see config.resolve_paths).
-    """
-    if Path(name).expanduser().exists():
-        return None
-    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
-    if stem not in recipe_names():
-        if "/" not in name and os.sep not in name and not Path(name).suffix:
-            raise SamiError(
-                f"-c {name}: config file not found, and no shipped recipe has that name; "
-                f"recipes: {', '.join(recipe_names())}"
-            )
-        return None
-    path = recipe_dir() / f"{stem}.yaml"
-    data = read_structured(path, "recipe")
-    if not isinstance(data, dict):
-        raise SamiError(f"{path}: a recipe must be a mapping of settings")
-    from sami_mlx.config import resolve_paths
-
-    return resolve_paths(data, recipe_dir(), recipe_dir().parent)
 
 
 def model_dir_at_hand(model: str) -> Path | None:

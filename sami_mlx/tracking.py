@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig, config_from_file, parse_report_to
+from sami_mlx.config import TrainConfig, parse_report_to
+from sami_mlx.config_file import config_from_file
 from sami_mlx.errors import SamiError
 
 PROJECT = "sami-mlx"

@@ -165,7 +165,7 @@ def test_chat_user_errors(tiny_model, capsys):
 
 
 def test_a_run_without_a_readable_config_is_refused_naming_the_file(tmp_path, capsys):
-    from sami_mlx.config import load_run_config
+    from sami_mlx.config_file import load_run_config
 
     assert main(["chat", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err

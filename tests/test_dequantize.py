@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten
 from sami_mlx import memory
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.cli.main import main
-from sami_mlx.config import TrainConfig, config_from_file
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.memory import GiB, MachineMemory, ModelShape, RunShape, dry_run_memory

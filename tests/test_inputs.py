@@ -10,7 +10,9 @@ import pytest
 from conftest import user_file_error
 
 from sami_mlx.cli.train import make_parser
-from sami_mlx.config import TrainConfig, build_config, config_from_file
+from sami_mlx.cli.train_flags import build_config
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.prompts import BUILTIN_TEMPLATES, Template, load_template
 from sami_mlx.inputs.queries import BUILTIN_QUERY_SETS, builtin_queries, load_queries

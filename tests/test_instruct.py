@@ -16,7 +16,8 @@ from sami_mlx import instruct
 from sami_mlx.chat import ChatSession, PromptStyle
 from sami_mlx.checkpoints import find_checkpoint
 from sami_mlx.cli.main import main as cli
-from sami_mlx.config import TrainConfig, load_run_config
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import load_run_config
 from sami_mlx.instruct import choose_prompts, model_kind, name_says_instruct
 from sami_mlx.loop import batches, sampling
 from sami_mlx.loop.trainer import resume, train
@@ -117,7 +118,7 @@ def test_given_settings_win_and_the_template_follows_the_chat_template():
 
 
 def test_auto_in_a_config_file_and_the_defaults(tmp_path):
-    from sami_mlx.config import config_from_file
+    from sami_mlx.config_file import config_from_file
 
     assert (TrainConfig().chat_template, TrainConfig().template) == (None, None)
     path = tmp_path / "c.yaml"

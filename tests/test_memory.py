@@ -146,7 +146,7 @@ def test_auto_is_chosen_once_printed_by_the_dry_run_and_kept_in_the_run_config(t
 
     from sami_mlx import memory
     from sami_mlx.cli.train import dry_run
-    from sami_mlx.config import load_run_config
+    from sami_mlx.config_file import load_run_config
     from sami_mlx.loop.trainer import train
 
     asked = []
@@ -175,7 +175,9 @@ def test_auto_is_chosen_once_printed_by_the_dry_run_and_kept_in_the_run_config(t
 def test_grad_accumulation_takes_auto_or_a_number_from_flags_yaml_and_the_run_form(tmp_path):
     import argparse
 
-    from sami_mlx.config import TrainConfig, add_arguments, build_config, config_from_file
+    from sami_mlx.cli.train_flags import add_arguments, build_config
+    from sami_mlx.config import TrainConfig
+    from sami_mlx.config_file import config_from_file
     from sami_mlx.errors import SamiError
     from tui.run_settings import BY_FIELD, parse_setting
 

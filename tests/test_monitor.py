@@ -177,7 +177,7 @@ def test_dropped_groups_are_replaced_by_fresh_queries(monitored, tmp_path, monke
 
 
 def test_guard_can_be_turned_off_from_flags_and_yaml(tmp_path):
-    from sami_mlx.config import config_from_file
+    from sami_mlx.config_file import config_from_file
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"max_ppl_ratio": "off"}) + "keep: last\n")
     assert config_from_file(str(tmp_path / "c.yaml"))["max_ppl_ratio"] is None

@@ -20,10 +20,9 @@ from mlx.utils import tree_flatten
 from sami_mlx import events as ev
 from sami_mlx.cli.main import main as cli
 from sami_mlx.cli.progress import ProgressBar
-from sami_mlx.config import load_run_config
+from sami_mlx.config_file import load_run_config, recipe_dir
 from sami_mlx.errors import SamiError
 from sami_mlx.model import check_vocabulary, load_model
-from sami_mlx.presets import recipe_dir
 from sami_mlx.rates import format_rate
 
 TLDR = "openai/summarize_from_feedback comparisons/train/0000.parquet"

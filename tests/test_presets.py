@@ -13,22 +13,14 @@ import pytest
 
 from sami_mlx.cli.main import main as cli
 from sami_mlx.cli.train import make_parser
-from sami_mlx.config import build_config, config_from_file
+from sami_mlx.cli.train_flags import build_config
+from sami_mlx.config_file import config_from_file, find_recipe, recipe_names
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
 from sami_mlx.inputs.datasets import parse_spec
 from sami_mlx.memory import GB, MachineMemory, ModelShape, RunShape, estimate_memory, fit, machine_memory
 from sami_mlx.model import resolve_model_path
-from sami_mlx.presets import (
-    find_recipe,
-    get_preset,
-    list_presets,
-    load_preset,
-    model_for_preset,
-    model_shape,
-    preset_names,
-    recipe_names,
-)
+from sami_mlx.presets import get_preset, list_presets, load_preset, model_for_preset, model_shape, preset_names
 
 # Published parameter counts, to check each preset's architecture block against.
 PUBLISHED = {

@@ -12,7 +12,8 @@ import mlx.core as mx
 import pytest
 
 import sami_mlx.loop.sampling as sampling
-from sami_mlx.config import TrainConfig, config_from_file
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import config_from_file
 from sami_mlx.evaluation.comparisons import Outcome
 from sami_mlx.evaluation.judge import BUILTIN_JUDGE_TEMPLATES, load_judge_template
 from sami_mlx.evaluation.win_rates import length_controlled_interval, length_controlled_win_rate, summarize

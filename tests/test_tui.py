@@ -21,7 +21,9 @@ from textual.widgets import Checkbox, DataTable, Input, OptionList, Select
 
 from sami_mlx import events as ev
 from sami_mlx.cli.train import make_parser
-from sami_mlx.config import TrainConfig, build_config, config_from_file
+from sami_mlx.cli.train_flags import build_config
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import config_from_file
 from sami_mlx.events import StepCompleted
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.instruct import resolve_prompts

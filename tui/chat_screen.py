@@ -21,7 +21,8 @@ from textual.worker import get_current_worker
 
 from sami_mlx.chat import PromptFormat, PromptStyle, constitution_text, context_length, stream_reply
 from sami_mlx.checkpoints import Checkpoint, list_checkpoints
-from sami_mlx.config import check_sampling, load_run_config
+from sami_mlx.config import check_sampling
+from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution, load_constitution
 from tui.chatting import checkpoint_label, model_name, run_checkpoints

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.run and not (Path(args.run).expanduser() / "metrics.jsonl").is_file():
         raise SamiError(f"--run {args.run}: no metrics.jsonl there; pass a run directory made by `sami-mlx train`")
-    from sami_mlx.config import config_from_file
+    from sami_mlx.config_file import config_from_file
     from tui.app import SamiApp
 
     config = config_from_file(args.config) if args.config else None

@@ -16,7 +16,8 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Input, Label, Select, Static
 
-from sami_mlx.config import FIELDS, PATH_SETTINGS, TrainConfig, config_from_file
+from sami_mlx.config import FIELDS, TrainConfig
+from sami_mlx.config_file import PATH_SETTINGS, config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import atomic_write_text
 from tui.run_settings import (

@@ -9,7 +9,8 @@ from pathlib import Path
 from sami_mlx.chat import ChatSession, PromptStyle
 from sami_mlx.checkpoints import Checkpoint, find_checkpoint
 from sami_mlx.cli.flags import add_sampling_arguments
-from sami_mlx.config import check_sampling, load_run_config
+from sami_mlx.config import check_sampling
+from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
 from sami_mlx.inputs.prompts import load_template

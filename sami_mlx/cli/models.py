@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
+from sami_mlx.config_file import recipe_names
 from sami_mlx.errors import SamiError
 from sami_mlx.memory import GB, RunShape, fit, format_count, machine_memory
-from sami_mlx.presets import get_preset, list_presets, preset_estimate, preset_names, recipe_names
+from sami_mlx.presets import get_preset, list_presets, preset_estimate, preset_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,11 @@ import argparse
 
 import yaml
 
-from sami_mlx import config
+from sami_mlx.cli import train_flags
 from sami_mlx.cli.guard import guarded, on_interrupt
+from sami_mlx.cli.train_flags import build_config
+from sami_mlx.config import FIELDS, TrainConfig
+from sami_mlx.config_file import config_from_file
 from sami_mlx.errors import RunAborted, SamiError
 from sami_mlx.tracking import Tracker, check_installed, resumed_report_to
 
@@ -16,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training flags (one per TrainConfig field) plus --resume and --rank-timeout."""
     from sami_mlx.loop.distributed import DEFAULT_TIMEOUT
 
-    config.add_arguments(parser)
+    train_flags.add_arguments(parser)
     parser.add_argument("--resume", metavar="RUN", help="Continue a stopped or killed run from its last step.")
     parser.add_argument(
         "--rank-timeout",
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if timeout <= 0:
         raise SamiError(f"--rank-timeout {timeout}: must be above 0 seconds")
     if args.dry_run and not args.resume:
-        cfg = config.build_config(args)
+        cfg = build_config(args)
         check_installed(cfg.report_to)
         return dry_run(cfg)
     # Join the launcher's group first, so that a rank failing later is seen by the others at once.
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
-def dry_run(cfg: config.TrainConfig) -> int:
+def dry_run(cfg: TrainConfig) -> int:
     """Print the resolved configuration, what it will train on and the memory it needs; reads only what is
     on this machine (sami_mlx.plan), so it works offline before anything is downloaded."""
     from sami_mlx.instruct import choose_prompts, resolve_prompts
@@ -88,13 +91,13 @@ def _train(args: argparse.Namespace, ranks) -> int:
     from sami_mlx.loop.trainer import Callback, resume, train
 
     if args.resume:
-        given = {k: v for k, v in vars(args).items() if k in config.FIELDS}
+        given = {k: v for k, v in vars(args).items() if k in FIELDS}
         if args.config:
-            given = {**config.config_from_file(args.config), **given}
+            given = {**config_from_file(args.config), **given}
         # Where a resumed run reports to may change (say, on a machine without wandb): the flag, else the run's.
         report_to = resumed_report_to(args.resume, given.pop("report_to", None))
     else:
-        cfg = config.build_config(args)
+        cfg = build_config(args)
         report_to = cfg.report_to
     # Rank 0 alone reports; the tracker starts its runs at RunStarted, before the bar is drawn.
     tracker = Tracker(report_to) if report_to and ranks.primary else None

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sami_mlx.checkpoints import Checkpoint, find_checkpoint, list_checkpoints
-from sami_mlx.config import TrainConfig, load_run_config
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution, load_constitution
 from sami_mlx.inputs.prompts import Template, load_template

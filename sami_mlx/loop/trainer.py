@@ -23,7 +23,8 @@ import yaml
 from mlx.utils import tree_flatten
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig, load_run_config
+from sami_mlx.config import TrainConfig
+from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from sami_mlx.inputs.constitution import variant_strategy
