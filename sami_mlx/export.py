@@ -330,8 +330,7 @@ def quantization_section(adapters: RunAdapters, bits: int, dequantized: bool) ->
 
 
 def _hub_id(model: str) -> str | None:
-    from sami_mlx.model import looks_like_path
-    from sami_mlx.presets import model_for_preset
+    from sami_mlx.sources import looks_like_path, model_for_preset
 
     name = model_for_preset(model) or model
     return None if looks_like_path(name) else name

@@ -1,13 +1,11 @@
-"""An estimate of the memory a SAMI run needs, from a model's architecture and the run's settings, and
-this machine's memory to hold it against: so a user can tell before downloading 4 GB whether it fits."""
+"""An estimate of the memory a SAMI run needs, from a model's architecture and the run's settings: so a
+user can tell before downloading 4 GB whether it fits. What this machine has to hold it is measured in
+sami_mlx.machine; what `--dry-run` says about both is written in sami_mlx.plan."""
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from sami_mlx.errors import SamiError
@@ -15,7 +13,6 @@ from sami_mlx.errors import SamiError
 # Every memory figure sami-mlx shows or logs is in GiB (2**30 bytes), labelled "GiB": what macOS sells
 # as a "16 GB" Mac has 16 GiB. Keys ending in _gb (peak_memory_gb, --memory-gb, ...) hold GiB too.
 GiB = 2**30
-GB = GiB  # the older name, kept for callers
 
 
 # ---- model shapes ----------------------------------------------------------------------------
@@ -183,7 +180,7 @@ class MemoryEstimate:
     adapters: float  # LoRA weights, gradients and optimizer state (fp32)
     training: float  # activations kept for the backward pass of one micro-batch, logits, KV caches
     sampling: float  # the generation batch's KV cache and prefill
-    overhead: float = 0.5 * GB
+    overhead: float = 0.5 * GiB
 
     @property
     def peak(self) -> float:
@@ -195,13 +192,15 @@ class MemoryEstimate:
         return self.weights + self.adapters + self.training
 
     def summary(self) -> str:
+        g = format_gib
         return (
-            f"weights {_gb(self.weights)} + adapters {_gb(self.adapters)} + training {_gb(self.training)} "
-            f"(sampling {_gb(self.sampling)}) + overhead {_gb(self.overhead)} = about {_gb(self.peak)} peak"
+            f"weights {g(self.weights)} + adapters {g(self.adapters)} + training {g(self.training)} "
+            f"(sampling {g(self.sampling)}) + overhead {g(self.overhead)} = about {g(self.peak)} peak"
         )
 
 
-def _gb(n: float) -> str:
+def format_gib(n: float) -> str:
+    """Bytes as GiB for people: '4.2 GiB'."""
     return f"{n / GiB:.1f} GiB"
 
 
@@ -298,216 +297,3 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         training *= 1.3
     slack = 1.1  # the allocator's cache and fragmentation
     return MemoryEstimate(shape.weight_bytes, adapters, training * slack, sampling * slack)
-
-
-# ---- this machine ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MachineMemory:
-    total: float
-    usable: float  # what MLX can use without swapping (Metal's working-set limit on macOS)
-
-
-def machine_memory(total_gb: float | None = None) -> MachineMemory:
-    """This machine's memory, or `total_gb` to plan for another one."""
-    if total_gb:
-        total = total_gb * GB
-    else:
-        try:
-            total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):
-            total = 0.0
-    if sys.platform != "darwin":
-        return MachineMemory(total, total)
-    if not total_gb:
-        try:
-            import mlx.core as mx
-
-            info = mx.device_info()
-            total = float(info.get("memory_size", total))
-            if info.get("max_recommended_working_set_size"):
-                return MachineMemory(total, float(info["max_recommended_working_set_size"]))
-        except Exception:  # an mlx without device_info: fall back to Metal's usual share
-            pass
-    # Metal lets the GPU wire about two thirds of a small Mac's memory and three quarters of a large one's.
-    return MachineMemory(total, total * (0.75 if total >= 36 * GB else 0.67))
-
-
-def fit(need: float, machine: MachineMemory) -> str:
-    """'yes', 'tight' (over what MLX may use but under the memory: swapping, slow) or 'no'."""
-    if not machine.total:
-        return "?"
-    return "yes" if need <= machine.usable else "tight" if need <= machine.total else "no"
-
-
-# ---- --grad-accumulation auto ----------------------------------------------------------------
-
-HEADROOM = 0.8  # auto plans for this share of what MLX can use: the estimate is good to about 20%
-
-
-def auto_micro_batches(shape: ModelShape, run: RunShape, queries_per_step: int, machine: MachineMemory) -> int:
-    """--grad-accumulation auto: the fewest micro-batches (of `queries_per_step` query groups) whose
-    estimate fits `machine` with HEADROOM; one group per micro-batch when none does (the run's memory
-    check then says so), and 1 when the machine's memory is unknown."""
-    if not machine.total:
-        return 1
-    seen = set()
-    for n in range(1, queries_per_step + 1):
-        groups = math.ceil(queries_per_step / n)
-        if groups in seen:  # as many groups per micro-batch as with fewer micro-batches: no gain
-            continue
-        seen.add(groups)
-        if estimate_memory(shape, replace(run, groups_per_micro_batch=groups)).peak <= HEADROOM * machine.usable:
-            return n
-    return queries_per_step
-
-
-def resolve_micro_batches(
-    cfg: Any, shape: ModelShape | None, variants: int, prompt_tokens: int, machine: MachineMemory
-):
-    """`cfg` (a TrainConfig) with --grad-accumulation auto replaced by its choice for `shape` (as loaded)
-    on `machine`; a number is kept, and an unknown architecture (None) runs one micro-batch."""
-    from sami_mlx.config import AUTO
-
-    if cfg.grad_accumulation != AUTO:
-        return cfg
-    n = 1
-    if shape is not None:
-        n = auto_micro_batches(shape, RunShape.from_config(cfg, variants, prompt_tokens), cfg.queries_per_step, machine)
-    return replace(cfg, grad_accumulation=n)
-
-
-# ---- dequantizing on the CPU -----------------------------------------------------------------
-
-DEQUANTIZE_MODES = ("auto", "yes", "no")
-# `--dequantize auto` dequantizes when the fp32 weights take at most this share of the machine's memory:
-# the rest stays free for the run's activations, the sampling's KV caches and the rest of the machine.
-DEQUANTIZE_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class Dequantize:
-    """Whether to load a quantized model's weights as fp32, and why in words ('' when there is nothing to
-    say: an unquantized model, or a GPU under `auto`)."""
-
-    apply: bool
-    reason: str = ""
-
-
-def choose_dequantize(
-    mode: str, bits: int | None, fp32_bytes: float, cpu: bool, total: float | None = None
-) -> Dequantize:
-    """--dequantize `mode` (auto, yes, no) for a model with `bits`-bit weights (None: not quantized) whose
-    fp32 weights take `fp32_bytes`, on MLX's CPU backend or not, on a machine with `total` bytes (None:
-    this one). MLX's quantized matmul is 10-30x slower than fp32 on the CPU (benchmarks/dequantize.py),
-    so `auto` trains LoRA on fp32 weights there when they fit in a quarter of the memory."""
-    if bits is None:
-        return Dequantize(False)
-    size = _gb(fp32_bytes)
-    if mode == "yes":
-        width = f" to fp32 ({size})" if cpu else ""
-        return Dequantize(True, f"dequantized the {bits}-bit weights{width} at load (--dequantize yes)")
-    if not cpu:
-        return Dequantize(False)
-    if mode == "no":
-        return Dequantize(
-            False, f"kept the {bits}-bit weights quantized (--dequantize no): on the CPU their matmuls are slow"
-        )
-    total = machine_memory().total if total is None else total
-    if total and fp32_bytes <= DEQUANTIZE_SHARE * total:
-        return Dequantize(
-            True,
-            f"dequantized the {bits}-bit weights to fp32 at load (--dequantize auto): MLX computes on the CPU, "
-            f"where quantized matmuls are 10-30x slower, and the fp32 weights ({size}) take at most a quarter "
-            f"of this machine's {_gb(total)}; --dequantize no keeps them quantized",
-        )
-    return Dequantize(
-        False,
-        f"kept the {bits}-bit weights quantized (--dequantize auto): in fp32 they would take {size}, more than "
-        f"a quarter of this machine's {_gb(total)}; --dequantize yes dequantizes them anyway",
-    )
-
-
-# ---- what --dry-run prints about memory ------------------------------------------------------
-
-
-def _cpu_backend() -> bool:
-    try:
-        import mlx.core as mx
-
-        return mx.default_device() == mx.cpu
-    except Exception:  # no MLX backend at all: plan as for a GPU
-        return False
-
-
-def _weights_float_bytes(path: Path) -> int | None:
-    """The float width of a local model's weights, read from a safetensors header (its scales' for a
-    quantized model): a config.json often leaves torch_dtype out."""
-    import json
-    import struct
-
-    widths = {"F32": 4, "F16": 2, "BF16": 2}
-    for file in sorted(path.glob("*.safetensors"))[:1]:
-        try:
-            with open(file, "rb") as f:
-                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        except (OSError, ValueError, struct.error):
-            return None
-        tensors = {k: v for k, v in header.items() if isinstance(v, dict) and "dtype" in v}
-        scales = [v["dtype"] for k, v in tensors.items() if k.endswith(".scales")]
-        floats = scales or [v["dtype"] for v in tensors.values() if v["dtype"] in widths]
-        return widths.get(floats[0]) if floats else None
-    return None
-
-
-def shape_as_loaded(
-    shape: ModelShape, weights: Path | None, dequantize: str = "auto", total_gb: float | None = None
-) -> tuple[ModelShape, str]:
-    """`shape` as the run will load it, and why in words ('' when there is nothing to say): the float
-    width read from the weights in `weights` (a local model directory), fp32 for a quantized model's
-    scales on the CPU backend, or fp32 weights where --dequantize (on a machine of `total_gb` GiB) says so."""
-    wide = _weights_float_bytes(weights) if weights is not None else None
-    cpu = _cpu_backend()
-    if cpu and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
-        wide = 4
-    quantized = shape.bits if shape.bits < 16 else None
-    total = total_gb * GiB if total_gb else None
-    choice = choose_dequantize(dequantize, quantized, shape.parameters * 4, cpu, total)
-    if choice.apply:  # sami_mlx.model.dequantize_for_cpu: fp32 weights on the CPU, the scales' width elsewhere
-        return replace(shape, bits=16).in_float_bytes(4 if cpu else wide or shape.scale_bytes), choice.reason
-    return (shape.in_float_bytes(wide) if wide else shape), choice.reason
-
-
-def dry_run_memory(
-    shape: ModelShape,
-    label: str,
-    run: RunShape,
-    weights: Path | None,
-    total_gb: float | None = None,
-    dequantize: str = "auto",
-) -> list[str]:
-    """The model and memory lines of `--dry-run`: the model as it will be loaded (the float width of the
-    weights in `weights`, a local model directory; dequantized as --dequantize decides), its memory
-    estimate for `run`, and whether that fits this machine (or one with `total_gb` GiB) with what to
-    change when it does not."""
-    shape, reason = shape_as_loaded(shape, weights, dequantize, total_gb)
-    lines = [f"model: {label} ({shape.describe()})"]
-    if reason:
-        lines.append(reason)
-    est = estimate_memory(shape, run)
-    lines.append(f"memory (estimate): {est.summary()}")
-    machine = machine_memory(total_gb)
-    if machine.total:
-        verdict = {
-            "yes": "fits",
-            "tight": "over what MLX can use without swapping: expect it to be slow",
-            "no": "does not fit",
-        }[fit(est.peak, machine)]
-        lines.append(f"this machine: {_gb(machine.total)} (MLX can use about {_gb(machine.usable)}): {verdict}")
-        if fit(est.peak, machine) != "yes":
-            lines.append(
-                "to need less: --grad-accumulation (fewer query groups per micro-batch), --grad-checkpoint, "
-                "fewer --lora-layers, a lower --max-tokens or --gen-batch-size, or a smaller model"
-            )
-    return lines

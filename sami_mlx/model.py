@@ -13,14 +13,9 @@ if TYPE_CHECKING:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from sami_mlx.memory import Dequantize
+    from sami_mlx.machine import Dequantize
 
 UPCAST_DTYPES = ("float16", "bfloat16")
-
-
-def looks_like_path(name: str) -> bool:
-    """A name the user meant as a local path rather than a hub id ('org/name')."""
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
 def resolve_model_path(name: str) -> Path:
@@ -168,7 +163,7 @@ def dequantize_for_cpu(model: nn.Module, mode: str = "auto") -> Dequantize:
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model
 
-    from sami_mlx.memory import choose_dequantize
+    from sami_mlx.machine import choose_dequantize
 
     cpu = mx.default_device() == mx.cpu
     choice = choose_dequantize(mode, quantized_bits(model), fp32_weight_bytes(model), cpu)
@@ -190,3 +185,22 @@ def float_bytes(model) -> int:
     scales = [v for k, v in params if k.endswith(".scales")]
     weights = scales or [v for k, v in params if k.endswith(".weight") and v.ndim == 2]
     return weights[0].dtype.size if weights else 4
+
+
+def weights_float_bytes(path: Path) -> int | None:
+    """The float width of a local model's weights, read from a safetensors header (its scales' for a
+    quantized model): a config.json often leaves torch_dtype out."""
+    import struct
+
+    widths = {"F32": 4, "F16": 2, "BF16": 2}
+    for file in sorted(path.glob("*.safetensors"))[:1]:
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return None
+        tensors = {k: v for k, v in header.items() if isinstance(v, dict) and "dtype" in v}
+        scales = [v["dtype"] for k, v in tensors.items() if k.endswith(".scales")]
+        floats = scales or [v["dtype"] for v in tensors.values() if v["dtype"] in widths]
+        return widths.get(floats[0]) if floats else None
+    return None

@@ -11,18 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sami_mlx import machine
 from sami_mlx.config import AUTO
-from sami_mlx.memory import (
-    GiB,
-    ModelShape,
-    RunShape,
-    dry_run_memory,
-    machine_memory,
-    resolve_micro_batches,
-    shape_as_loaded,
-)
-from sami_mlx.model import looks_like_path
-from sami_mlx.presets import get_preset, model_dir_at_hand, model_shape, preset_names
+from sami_mlx.memory import GiB, ModelShape, RunShape, estimate_memory, format_gib
+from sami_mlx.model import weights_float_bytes
+from sami_mlx.presets import get_preset, preset_names
+from sami_mlx.sources import looks_like_path, model_at_hand, model_shape
 
 CHARS_PER_TOKEN = 3.5  # English with a 32k-150k BPE vocabulary is 3.5-4.5; the low end overestimates tokens
 # The longest query assumed while a hub dataset is not downloaded: summarize-from-feedback's posts were
@@ -61,7 +55,7 @@ def plan_inputs(cfg: Any) -> Plan:
 
 def tokenizer_at_hand(model: str):
     """`model`'s tokenizer if its files are on this machine, else None (never downloads)."""
-    path = model_dir_at_hand(model)
+    path = model_at_hand(model)
     if path is None or not any(path.glob("tokenizer*")):
         return None
     try:
@@ -76,13 +70,13 @@ def missing_model(model: str, shape: ModelShape | None) -> str | None:
     """What the run will fetch or build for `model` before it starts, with the download's size where the
     cache (or the architecture) tells it; None when the weights are here."""
     if model in preset_names() and get_preset(model).source == "local-recipe":
-        if model_dir_at_hand(model) is None:
+        if model_at_hand(model) is None:
             return f"model {model}: built from its recipe on the first run (nothing to download)"
         return None
     hub_id = get_preset(model).model if model in preset_names() else model
     if looks_like_path(hub_id):
         return None  # a local directory (or a path the run will refuse with its own message)
-    local = model_dir_at_hand(model)  # a preset's name finds its hub snapshot or its imported wheel
+    local = model_at_hand(model)  # a preset's name finds its hub snapshot or its imported wheel
     if local is not None and any(local.glob("*.safetensors")):
         return None
     size = ""
@@ -259,11 +253,11 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
     halves = ", alternating two disjoint halves of them" if cfg.schedule == "paper" else ""
     shape, label = model_shape(cfg.model)
     prompts, longest = prompt_line(cfg, plan, tokenizer)
-    weights = model_dir_at_hand(cfg.model)
+    weights = model_at_hand(cfg.model)
     auto = cfg.grad_accumulation == AUTO
-    if auto and shape is not None:  # as the run will choose it (memory.auto_micro_batches)
+    if auto and shape is not None:  # as the run will choose it (machine.auto_micro_batches)
         loaded, _ = shape_as_loaded(shape, weights, cfg.dequantize, total_gb)
-        cfg = resolve_micro_batches(cfg, loaded, inputs.num_variants, longest, machine_memory(total_gb))
+        cfg = machine.resolve_micro_batches(cfg, loaded, inputs.num_variants, longest, machine.machine_memory(total_gb))
     micro = cfg.groups_per_micro_batch
     chosen = ""
     if auto:
@@ -313,3 +307,60 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
         run = RunShape.from_config(cfg, inputs.num_variants, longest)
         lines += dry_run_memory(shape, label, run, weights, total_gb, cfg.dequantize)
     return "\n".join("# " + line for line in lines)
+
+
+# ---- what --dry-run says about memory ---------------------------------------------------------
+
+
+def shape_as_loaded(
+    shape: ModelShape, weights: Path | None, dequantize: str = "auto", total_gb: float | None = None
+) -> tuple[ModelShape, str]:
+    """`shape` as the run will load it, and why in words ('' when there is nothing to say): the float
+    width read from the weights in `weights` (a local model directory), fp32 for a quantized model's
+    scales on the CPU backend, or fp32 weights where --dequantize (on a machine of `total_gb` GiB) says so."""
+    wide = weights_float_bytes(weights) if weights is not None else None
+    cpu = machine.cpu_backend()
+    if cpu and shape.bits < 16:  # sami_mlx.model.upcast_for_cpu widens the scales at load
+        wide = 4
+    quantized = shape.bits if shape.bits < 16 else None
+    total = total_gb * GiB if total_gb else None
+    choice = machine.choose_dequantize(dequantize, quantized, shape.parameters * 4, cpu, total)
+    if choice.apply:  # sami_mlx.model.dequantize_for_cpu: fp32 weights on the CPU, the scales' width elsewhere
+        return dataclasses.replace(shape, bits=16).in_float_bytes(
+            4 if cpu else wide or shape.scale_bytes
+        ), choice.reason
+    return (shape.in_float_bytes(wide) if wide else shape), choice.reason
+
+
+def dry_run_memory(
+    shape: ModelShape,
+    label: str,
+    run: RunShape,
+    weights: Path | None,
+    total_gb: float | None = None,
+    dequantize: str = "auto",
+) -> list[str]:
+    """The model and memory lines of `--dry-run`: the model as it will be loaded (the float width of the
+    weights in `weights`, a local model directory; dequantized as --dequantize decides), its memory
+    estimate for `run`, and whether that fits this machine (or one with `total_gb` GiB) with what to
+    change when it does not."""
+    shape, reason = shape_as_loaded(shape, weights, dequantize, total_gb)
+    lines = [f"model: {label} ({shape.describe()})"]
+    if reason:
+        lines.append(reason)
+    est = estimate_memory(shape, run)
+    lines.append(f"memory (estimate): {est.summary()}")
+    host = machine.machine_memory(total_gb)
+    if host.total:
+        verdict = {
+            "yes": "fits",
+            "tight": "over what MLX can use without swapping: expect it to be slow",
+            "no": "does not fit",
+        }[machine.fit(est.peak, host)]
+        lines.append(f"this machine: {format_gib(host.total)} (MLX can use about {format_gib(host.usable)}): {verdict}")
+        if machine.fit(est.peak, host) != "yes":
+            lines.append(
+                "to need less: --grad-accumulation (fewer query groups per micro-batch), --grad-checkpoint, "
+                "fewer --lora-layers, a lower --max-tokens or --gen-batch-size, or a smaller model"
+            )
+    return lines

@@ -13,6 +13,7 @@ from sami_mlx.memory import MemoryEstimate, ModelShape, RunShape, estimate_memor
 
 PRESET_PACKAGE = "sami_mlx.data.models"  # models/ installs here (pyproject's package-dir)
 KINDS = ("base", "instruct")
+WHEEL_FIELDS = ("package", "version", "sha256", "file", "file_sha256")  # a preset's `wheel:` (sami_mlx.sources)
 
 
 def preset_dir() -> Path:
@@ -73,8 +74,6 @@ def get_preset(name: str) -> Preset:
         raise SamiError(f"{where}: a hub preset needs hub_id: org/name")
     wheel = data.get("wheel")
     if wheel is not None:
-        from sami_mlx.sources import WHEEL_FIELDS
-
         missing = [k for k in WHEEL_FIELDS if not isinstance(wheel, dict) or not wheel.get(k)]
         if missing:
             raise SamiError(f"{where}: wheel needs {', '.join(missing)}")
@@ -119,53 +118,6 @@ def _preset_shape(data: dict, where: Path) -> ModelShape | None:
     return None
 
 
-def model_for_preset(name: str) -> str | None:
-    """What `--model NAME` names when NAME is a preset: its hub id, or (for a preset built locally, such
-    as the toy world's) the directory its registered source builds."""
-    if name not in preset_names():
-        return None
-    preset = get_preset(name)
-    if preset.hub_id:
-        return preset.hub_id
-    from sami_mlx.sources import from_preset
-
-    return str(from_preset(name))
-
-
-def model_shape(model: str) -> tuple[ModelShape | None, str]:
-    """The architecture of `--model` (a preset, a local directory, or a hub id whose config.json is
-    cached), read offline; with a label saying where it came from."""
-    if model in preset_names():
-        p = get_preset(model)
-        local = model_dir_at_hand(model)  # what a run will load (the hub's snapshot or the imported wheel)
-        if local is not None and (local / "config.json").is_file():
-            config = read_structured(local / "config.json", "model config")
-            return ModelShape.from_config(config if isinstance(config, dict) else {}), f"{model} = {local}"
-        return p.shape, f"{model} = {p.model}" if p.hub_id else model
-    for p in list_presets():
-        if p.hub_id and p.hub_id == model:
-            return p.shape, f"{model} (preset {p.name})"
-    if model.lower().endswith(".gguf") and Path(model).expanduser().is_file():
-        from sami_mlx.gguf import header_config
-
-        return ModelShape.from_config(header_config(Path(model).expanduser())), model
-    config_path = Path(model).expanduser() / "config.json"
-    if not config_path.is_file() and model.count("/") == 1 and not Path(model).expanduser().exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            from sami_mlx.inputs.datasets import hub_cache_dir
-
-            cached = try_to_load_from_cache(model, "config.json", cache_dir=hub_cache_dir())
-            config_path = Path(cached) if isinstance(cached, str) else config_path
-        except Exception:  # an id the cache cannot even look up: no estimate, not an error
-            pass
-    if config_path.is_file():
-        config = read_structured(config_path, "model config")
-        return ModelShape.from_config(config if isinstance(config, dict) else {}), model
-    return None, model
-
-
 def preset_estimate(preset: Preset, run: RunShape | None = None) -> MemoryEstimate | None:
     """The memory estimate for a preset with its recommended LoRA settings and the recipes' shape
     (2 variants, 350-token responses, 512-token prompts, one query group per micro-batch)."""
@@ -173,12 +125,3 @@ def preset_estimate(preset: Preset, run: RunShape | None = None) -> MemoryEstima
         return None
     run = run or RunShape(lora_rank=int(preset.lora.get("rank", 8)), lora_layers=int(preset.lora.get("layers", 16)))
     return estimate_memory(preset.shape, run)
-
-
-def model_dir_at_hand(model: str) -> Path | None:
-    """A local directory with `model`'s files (a directory, a built toy model, an imported GGUF file, a
-    cached hub snapshot, perhaps without its weights), found without downloading or building anything;
-    None if there is none."""
-    from sami_mlx.sources import model_at_hand
-
-    return model_at_hand(model)

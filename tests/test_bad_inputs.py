@@ -139,10 +139,10 @@ def test_out_is_a_file(tiny_flags, tmp_path, capsys):
 
 
 def test_run_that_cannot_fit_the_machine_is_refused_unless_forced(tiny_flags, tmp_path, capsys, monkeypatch):
-    from sami_mlx import memory
+    from sami_mlx import machine
 
-    tiny_machine = memory.MachineMemory(total=2**20, usable=2**20)  # a 1 MB machine
-    monkeypatch.setattr(memory, "machine_memory", lambda total_gb=None: tiny_machine)
+    tiny_machine = machine.MachineMemory(total=2**20, usable=2**20)  # a 1 MB machine
+    monkeypatch.setattr(machine, "machine_memory", lambda total_gb=None: tiny_machine)
     flags = tiny_flags(out=tmp_path / "run")
     assert main(flags) == 2
     assert_one_line_error(capsys, "needs about", "--force")

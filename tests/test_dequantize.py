@@ -14,15 +14,17 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from sami_mlx import memory
+from sami_mlx import machine
 from sami_mlx.checkpoints import Checkpoint, load_checkpoint_model
 from sami_mlx.cli.main import main
 from sami_mlx.config import TrainConfig
 from sami_mlx.config_file import config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import read_jsonl
-from sami_mlx.memory import GiB, MachineMemory, ModelShape, RunShape, dry_run_memory
+from sami_mlx.machine import MachineMemory
+from sami_mlx.memory import GiB, ModelShape, RunShape
 from sami_mlx.model import dequantize_for_cpu, fp32_weight_bytes, load_model
+from sami_mlx.plan import dry_run_memory
 
 TEXT = "Human: How do I bake bread? Assistant:"
 CPU = mx.default_device() == mx.cpu
@@ -54,7 +56,7 @@ def params(model) -> dict:
 
 
 def machine_of(monkeypatch, total: float) -> None:
-    monkeypatch.setattr(memory, "machine_memory", lambda total_gb=None: MachineMemory(total, total))
+    monkeypatch.setattr(machine, "machine_memory", lambda total_gb=None: MachineMemory(total, total))
 
 
 @pytest.mark.parametrize("scales", ["fp32", "fp16"])
@@ -157,7 +159,7 @@ def test_dry_run_estimates_the_dequantized_weights(monkeypatch):
     }
     shape = ModelShape.from_config(config)
     fp32 = shape.parameters * 4
-    monkeypatch.setattr(memory, "_cpu_backend", lambda: True)
+    monkeypatch.setattr(machine, "cpu_backend", lambda: True)
     run = RunShape(prompt_tokens=64, response_tokens=32)
     wide = dry_run_memory(shape, "smol", run, None, total_gb=24)
     assert "fp32" in wide[0] and "4-bit" not in wide[0]
@@ -169,7 +171,7 @@ def test_dry_run_estimates_the_dequantized_weights(monkeypatch):
     kept = dry_run_memory(shape, "smol", run, None, total_gb=24, dequantize="no")
     assert "4-bit" in kept[0] and f"weights {fp32 / GiB:.1f} GiB" not in kept[2]
 
-    monkeypatch.setattr(memory, "_cpu_backend", lambda: False)  # a GPU: auto keeps the quantized weights
+    monkeypatch.setattr(machine, "cpu_backend", lambda: False)  # a GPU: auto keeps the quantized weights
     gpu = dry_run_memory(shape, "smol", run, None, total_gb=24)
     assert "4-bit" in gpu[0] and not gpu[1].startswith(("dequantized", "kept"))
 

@@ -15,8 +15,10 @@ import mlx.core as mx
 import pytest
 from test_demo import small_preset
 
+from sami_mlx.cli.local_ranks import run_local_ranks
 from sami_mlx.cli.main import main
-from sami_mlx.loop.distributed import RankLost, local_cores, run_local_ranks
+from sami_mlx.loop.distributed import RankLost
+from sami_mlx.machine import local_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +109,7 @@ def sleeping_ranks(tmp_path: Path) -> subprocess.Popen:
     )
     supervisor = tmp_path / "supervise.py"
     supervisor.write_text(
-        f"import sys; from pathlib import Path; from sami_mlx.loop.distributed import run_local_ranks\n"
+        f"import sys; from pathlib import Path; from sami_mlx.cli.local_ranks import run_local_ranks\n"
         f"sys.exit(run_local_ranks({ranks!r}, 2, Path({str(tmp_path)!r})))\n"
     )
     env = {**os.environ, "PYTHONPATH": pythonpath(), "TMPDIR": str(tmp_path)}
@@ -389,11 +391,11 @@ demo.ensure_toy_model = ensure_toy_model
     ],
 )
 def test_cores_are_capped_by_a_containers_cpu_quota(tmp_path, monkeypatch, files, cores):
-    import sami_mlx.loop.distributed as distributed
+    import sami_mlx.machine as machine
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    monkeypatch.setattr(distributed, "CPU_QUOTA_FILES", (tmp_path / "cpu.max", tmp_path / "cpu/cpu.cfs_quota_us"))
+    monkeypatch.setattr(machine, "CPU_QUOTA_FILES", (tmp_path / "cpu.max", tmp_path / "cpu/cpu.cfs_quota_us"))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert local_cores() == (4 if cores is None else cores)

@@ -123,7 +123,8 @@ def test_the_estimate_chunks_the_output_layer_as_scoring_does():
 
 
 def test_auto_picks_the_fewest_micro_batches_whose_estimate_fits_with_headroom():
-    from sami_mlx.memory import HEADROOM, GiB, MachineMemory, auto_micro_batches
+    from sami_mlx.machine import HEADROOM, MachineMemory, auto_micro_batches
+    from sami_mlx.memory import GiB
 
     shape = ModelShape.from_config(SMOLLM2).in_float_bytes(4)
     run = RunShape(variants=4, prompt_tokens=64, response_tokens=128, kl=True, anchor=True)
@@ -144,7 +145,7 @@ def test_auto_is_chosen_once_printed_by_the_dry_run_and_kept_in_the_run_config(t
     the one the dry run prints; a number given stays as it is."""
     import yaml
 
-    from sami_mlx import memory
+    from sami_mlx import machine
     from sami_mlx.cli.train import dry_run
     from sami_mlx.config_file import load_run_config
     from sami_mlx.loop.trainer import train
@@ -155,7 +156,7 @@ def test_auto_is_chosen_once_printed_by_the_dry_run_and_kept_in_the_run_config(t
         asked.append((run.groups_per_micro_batch, queries_per_step))
         return 2
 
-    monkeypatch.setattr(memory, "auto_micro_batches", two)
+    monkeypatch.setattr(machine, "auto_micro_batches", two)
     cfg = tiny_config(queries_per_step=2)
     assert cfg.grad_accumulation == "auto"
     assert dry_run(cfg.resolved()) == 0

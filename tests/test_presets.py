@@ -18,9 +18,11 @@ from sami_mlx.config_file import config_from_file, find_recipe, recipe_names
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
 from sami_mlx.inputs.datasets import parse_spec
-from sami_mlx.memory import GB, MachineMemory, ModelShape, RunShape, estimate_memory, fit, machine_memory
+from sami_mlx.machine import MachineMemory, fit, machine_memory
+from sami_mlx.memory import GiB, ModelShape, RunShape, estimate_memory
 from sami_mlx.model import resolve_model_path
-from sami_mlx.presets import get_preset, list_presets, load_preset, model_for_preset, model_shape, preset_names
+from sami_mlx.presets import get_preset, list_presets, load_preset, preset_names
+from sami_mlx.sources import model_for_preset, model_shape
 
 # Published parameter counts, to check each preset's architecture block against.
 PUBLISHED = {
@@ -55,7 +57,7 @@ def test_preset_architecture_matches_the_published_size_and_memory(name):
     assert p.hub_id and p.hub_id.count("/") == 1
     assert abs(p.shape.parameters - PUBLISHED[name]) / PUBLISHED[name] < 0.02
     # memory_gb, shown before any download, agrees with what the weights take.
-    assert abs(p.shape.weight_bytes / GB - p.memory_gb) / p.memory_gb < 0.1
+    assert abs(p.shape.weight_bytes / GiB - p.memory_gb) / p.memory_gb < 0.1
     assert p.lora["rank"] > 0 and 0 < p.lora["learning_rate"] < 1e-3
 
 
@@ -143,7 +145,7 @@ def test_estimate_responds_to_the_settings_a_user_can_change():
     shape = get_preset("mistral-7b").shape
     base = RunShape(fused_attention=True)
     est = estimate_memory(shape, base)
-    assert 3.5 * GB < est.weights < 4.0 * GB and est.adapters < 0.5 * GB
+    assert 3.5 * GiB < est.weights < 4.0 * GiB and est.adapters < 0.5 * GiB
     more = estimate_memory(shape, RunShape(groups_per_micro_batch=4, fused_attention=True))
     assert more.training > 3.5 * est.training
     checkpointed = estimate_memory(shape, RunShape(grad_checkpoint=True, naive=True, fused_attention=True))
@@ -164,9 +166,9 @@ def test_machine_memory_and_fit():
     here = machine_memory()
     assert here.total > 0 and 0 < here.usable <= here.total
     planned = machine_memory(16)
-    assert planned.total == 16 * GB
-    m = MachineMemory(total=16 * GB, usable=12 * GB)
-    assert (fit(10 * GB, m), fit(14 * GB, m), fit(20 * GB, m)) == ("yes", "tight", "no")
+    assert planned.total == 16 * GiB
+    m = MachineMemory(total=16 * GiB, usable=12 * GiB)
+    assert (fit(10 * GiB, m), fit(14 * GiB, m), fit(20 * GiB, m)) == ("yes", "tight", "no")
 
 
 # ---- `sami-mlx models` -----------------------------------------------------------------------

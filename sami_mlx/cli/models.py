@@ -8,7 +8,8 @@ import sys
 
 from sami_mlx.config_file import recipe_names
 from sami_mlx.errors import SamiError
-from sami_mlx.memory import GB, RunShape, fit, format_count, machine_memory
+from sami_mlx.machine import fit, machine_memory
+from sami_mlx.memory import GiB, RunShape, format_count
 from sami_mlx.presets import get_preset, list_presets, preset_estimate, preset_names
 
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                 "parameters": p.shape.parameters if p.shape else None,
                 "quantization": p.quantization,
                 "weights_gb": round(p.memory_gb, 2),
-                "train_gb": round(est.peak / GB, 1) if est else None,
+                "train_gb": round(est.peak / GiB, 1) if est else None,
                 "fits": fit(est.peak, machine) if est else "?",
             }
         )
@@ -78,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "machine_gb": round(machine.total / GB, 1),
-                    "usable_gb": round(machine.usable / GB, 1),
+                    "machine_gb": round(machine.total / GiB, 1),
+                    "usable_gb": round(machine.usable / GiB, 1),
                     "presets": rows,
                     "recipes": recipe_names(),
                 },
@@ -149,7 +150,9 @@ def _table(rows: list[dict], machine, groups: int, where: str) -> str:
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     usable = (
-        f"{machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB" if machine.total else "unknown"
+        f"{machine.total / GiB:.1f} GiB, MLX can use about {machine.usable / GiB:.1f} GiB"
+        if machine.total
+        else "unknown"
     )
     return "\n".join(
         [
@@ -175,12 +178,12 @@ def _details(name: str, machine, groups: int, as_json: bool) -> str:
             "estimate_gb": None
             if est is None
             else {
-                "weights": est.weights / GB,
-                "adapters": est.adapters / GB,
-                "training": est.training / GB,
-                "sampling": est.sampling / GB,
-                "overhead": est.overhead / GB,
-                "peak": est.peak / GB,
+                "weights": est.weights / GiB,
+                "adapters": est.adapters / GiB,
+                "training": est.training / GiB,
+                "sampling": est.sampling / GiB,
+                "overhead": est.overhead / GiB,
+                "peak": est.peak / GiB,
             },
         }
         return json.dumps(out, indent=2, default=str)
@@ -204,7 +207,7 @@ def _details(name: str, machine, groups: int, as_json: bool) -> str:
     if est is not None:
         lines += [
             f"  memory (estimate, {groups} query group(s) per micro-batch): {est.summary()}",
-            f"  this machine: {machine.total / GB:.1f} GiB, MLX can use about {machine.usable / GB:.1f} GiB: "
+            f"  this machine: {machine.total / GiB:.1f} GiB, MLX can use about {machine.usable / GiB:.1f} GiB: "
             f"{fit(est.peak, machine)}",
         ]
     lines.append(

@@ -104,9 +104,9 @@ def model_memory_shape(model_config: dict, float_bytes: int | None = None):
 def choose_micro_batches(
     cfg: TrainConfig, inputs: RunInputs, model_config: dict, prompt_tokens: int, float_bytes: int | None = None
 ) -> TrainConfig:
-    """`cfg` with --grad-accumulation auto resolved for this machine (sami_mlx.memory.auto_micro_batches):
+    """`cfg` with --grad-accumulation auto resolved for this machine (sami_mlx.machine.auto_micro_batches):
     chosen once, before training, and written to the run's config.yaml so that a resume repeats it."""
-    from sami_mlx.memory import machine_memory, resolve_micro_batches
+    from sami_mlx.machine import machine_memory, resolve_micro_batches
 
     shape = model_memory_shape(model_config, float_bytes)
     return resolve_micro_batches(cfg, shape, inputs.num_variants, prompt_tokens, machine_memory())
@@ -119,7 +119,8 @@ def check_memory(
 
     `float_bytes`: the loaded model's float width (fp32 on the CPU backend after `upcast_for_cpu`).
     """
-    from sami_mlx.memory import GiB, RunShape, estimate_memory, fit, machine_memory
+    from sami_mlx.machine import fit, machine_memory
+    from sami_mlx.memory import GiB, RunShape, estimate_memory
 
     shape = model_memory_shape(model_config, float_bytes)
     if shape is None:
