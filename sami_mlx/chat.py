@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sami_mlx.checkpoints import (
     Checkpoint,
@@ -21,7 +20,6 @@ from sami_mlx.checkpoints import (
     load_checkpoint_model,
 )
 from sami_mlx.config import TrainConfig
-from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution
 from sami_mlx.inputs.prompts import Template, load_template
@@ -75,11 +73,6 @@ class PromptStyle:
     @classmethod
     def of_config(cls, cfg: TrainConfig) -> PromptStyle:
         return cls(cfg.generation_template or cfg.template, bool(cfg.chat_template), tuple(cfg.stop))
-
-    @classmethod
-    def of_run(cls, run_dir: str | Path | None, flag: str = "--run") -> PromptStyle:
-        """The style of the run in `run_dir` (from its config.yaml), or the defaults without one; raises SamiError."""
-        return cls.of_config(load_run_config(run_dir, flag)) if run_dir else cls()
 
 
 @dataclass(frozen=True)

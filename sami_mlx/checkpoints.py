@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 
 
@@ -21,11 +20,6 @@ class Checkpoint:
 
     name: str
     adapter_path: Path | None
-
-
-def run_model(run_dir: str | Path, flag: str = "--run") -> str:
-    """The model a run trained (from its config.yaml); raises SamiError."""
-    return load_run_config(run_dir, flag).model
 
 
 def list_checkpoints(run_dir: str | Path | None) -> list[Checkpoint]:

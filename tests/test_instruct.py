@@ -290,7 +290,7 @@ def instruct_run(instruct_model, tiny_config) -> Path:
 
 
 def test_chat_with_an_instruct_run_uses_its_chat_template_and_prompt(instruct_run):
-    style = PromptStyle.of_run(instruct_run)
+    style = PromptStyle.of_config(load_run_config(instruct_run))
     assert style.chat_template is True and style.template == "chat"
     from sami_mlx.inputs.constitution import load_constitution
 
@@ -311,7 +311,7 @@ def test_a_hand_written_run_config_is_resolved_as_the_run_would(tmp_path, instru
     cfg = load_run_config(tmp_path)
     assert (cfg.chat_template, cfg.template, cfg.generation_template) == (True, "chat", "chat")
     (tmp_path / "config.yaml").write_text(f"model: {tiny_model}\n")
-    assert PromptStyle.of_run(tmp_path) == PromptStyle("dialogue", False)
+    assert PromptStyle.of_config(load_run_config(tmp_path)) == PromptStyle("dialogue", False)
 
 
 def test_eval_generates_with_the_runs_chat_template(instruct_run, monkeypatch):

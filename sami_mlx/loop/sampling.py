@@ -275,7 +275,7 @@ class Sampling(LoopParts):
         groups = []
         for row in read_jsonl(path):
             if row.get("kept"):
-                variants = [Variant(tuple(c == "+" for c in label)) for label in row["variants"]]
+                variants = [variant_from_label(label) for label in row["variants"]]
                 gens = [Generation(t, text, f) for t, text, f in zip(row["tokens"], row["responses"], row["finish"])]
                 groups.append(Group(row["query_index"], row["query"], variants, gens))
         if not groups:

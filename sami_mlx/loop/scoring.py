@@ -325,15 +325,6 @@ def score_micro_batches(
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
-def kl_to_base(
-    logits: mx.array, base_logits: mx.array, mask: mx.array, tokens: float | mx.array | None = None
-) -> mx.array:
-    """Per-token KL(pi || pi_base) summed over masked positions and divided by `tokens` (default:
-    their count, the mean); a part of a bigger batch passes the whole batch's count."""
-    total = kl_sum(logits, base_logits, mask)
-    return total / (mx.maximum(mask.sum(), 1) if tokens is None else mx.maximum(tokens, 1))
-
-
 def kl_sum(logits: mx.array, base_logits: mx.array, mask: mx.array) -> mx.array:
     """Per-token KL(pi || pi_base) summed over the positions where `mask` is 1."""
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -79,7 +79,6 @@ StopCheck = Callable[[], bool]
 
 
 @dataclass
-@dataclass
 class TrainResult:
     run_dir: Path
     model: nn.Module
