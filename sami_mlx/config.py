@@ -51,9 +51,8 @@ class TrainConfig:
     variants: str = _f(
         "auto",
         (
-            "Variants per query: 'auto' (all 2^k up to 8, i.e. 3 principles, else 8 random ones), 'paper'"
-            " (all-positive +"
-            " one with a negative), 'grid' (all 2^k), or an integer N."
+            "Variants per query: 'auto' (all 2^k up to 8, i.e. 3 principles, else 8 random ones),"
+            " 'paper' (all-positive + one with a negative), 'grid' (all 2^k), or an integer N."
         ),
     )
     shuffle_principles: bool = _f(True, "Shuffle the order of principles in training prompts.")
@@ -61,8 +60,8 @@ class TrainConfig:
     schedule: str = _f(
         "paper",
         (
-            "'paper': re-initialise adapters each iteration, steps grow (s, 2s, 3s), alternating query splits; "
-            "'continue': keep training the same adapters."
+            "'paper': re-initialise adapters each iteration, steps grow (s, 2s, 3s), alternating query splits;"
+            " 'continue': keep training the same adapters."
         ),
     )
     steps: int = _f(8, "Optimizer steps in the first iteration (the paper schedule grows from it).")
@@ -95,10 +94,9 @@ class TrainConfig:
     anchor_beta: float = _f(
         1.0,
         (
-            "Weight of KL(policy || base) on the same sampled responses after a prompt with no constitution "
-            "(--anchor-template): holds the model's default behaviour in place while SAMI sharpens how it"
-            " follows stated "
-            "principles."
+            "Weight of KL(policy || base) on the same sampled responses after a prompt with no constitution"
+            " (--anchor-template): holds the model's default behaviour in place while SAMI sharpens how it"
+            " follows stated principles."
         ),
     )
     anchor_template: str | None = _f(
@@ -112,40 +110,38 @@ class TrainConfig:
     scoring: str = _f(
         "shared",
         (
-            "'shared': run each prompt once and score its N responses against a repeated KV cache; 'naive': all N² "
-            "sequences in one batch (used with --grad-checkpoint)."
+            "'shared': run each prompt once and score its N responses against a repeated KV cache;"
+            " 'naive': all N² sequences in one batch (used with --grad-checkpoint)."
         ),
     )
     compile: bool = _f(
         False,
         (
-            "Compile the training step with mx.compile, lengths padded to a few sizes so traced shapes repeat (see the "
-            "README's performance table for what it gains)."
+            "Compile the training step with mx.compile, lengths padded to a few sizes so traced shapes repeat"
+            " (see the README's performance table for what it gains)."
         ),
     )
     count_eos: bool = _f(
         True,
         (
-            "Count the EOS token in a response's mean log-prob when it ended with one (where a response stops is "
-            "behaviour too)."
+            "Count the EOS token in a response's mean log-prob when it ended with one"
+            " (where a response stops is behaviour too)."
         ),
     )
     gen_batch_size: int = _f(32, "Sequences decoded together during sampling.")
     heldout: str | None = _f(
         None,
         (
-            "Extra held-out text (paragraphs, or .jsonl with 'text' or 'prompt'+'completion') whose perplexity"
-            " is logged "
-            "and guarded like the drift."
+            "Extra held-out text (paragraphs, or .jsonl with 'text' or 'prompt'+'completion')"
+            " whose perplexity is logged and guarded like the drift."
         ),
     )
     monitor_queries: int = _f(
         16,
         (
             "Queries held out of training for the degeneration monitor: the base model answers them with and"
-            " without the "
-            "constitution, and every check measures how far the model drifted from those answers (0 turns the monitor "
-            "off)."
+            " without the constitution, and every check measures how far the model drifted from those answers"
+            " (0 turns the monitor off)."
         ),
     )
     monitor_every: int = _f(
@@ -155,25 +151,23 @@ class TrainConfig:
         1.5,
         (
             "Stop the run, and keep the last healthy adapters, when the model's perplexity on the base model's"
-            " held-out "
-            "answers without a constitution (or on --heldout text) exceeds this multiple of the base model's;"
-            " 'off' turns"
-            " the guards off."
+            " held-out answers without a constitution (or on --heldout text) exceeds this multiple of the base"
+            " model's; 'off' turns the guards off."
         ),
     )
     max_prompted_ratio: float | None = _f(
         10.0,
         (
-            "The same guard on the base model's answers with the constitution, where SAMI is meant to move the model "
-            "(answers that ignored a principle become less likely: up to 5.8x in healthy runs on two synthetic worlds, "
-            "100x and more in a collapse); 'off' turns it off."
+            "The same guard on the base model's answers with the constitution, where SAMI is meant to move"
+            " the model (answers that ignored a principle become less likely: up to 5.8x in healthy runs on two"
+            " synthetic worlds, 100x and more in a collapse); 'off' turns it off."
         ),
     )
     keep: str = _f(
         "best",
         (
-            "Which adapters RUN/adapters.safetensors holds at the end: 'best' (the healthy iteration with the highest "
-            "held-out MI bound) or 'last' (the last healthy one)."
+            "Which adapters RUN/adapters.safetensors holds at the end: 'best' (the healthy iteration with the"
+            " highest held-out MI bound) or 'last' (the last healthy one)."
         ),
     )
     dequantize: str = _f(
@@ -188,30 +182,28 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow a model's own Python code to run when loading it.")
     seed: int = _f(0, "Random seed for variants, splits, sampling and adapter initialisation.")
     out: str = _f("", "Run directory (default: runs/<date-time>).")
-    # ---- the reference implementation's generation settings and filters (issue 15) ----
+    # ---- the reference implementation's generation settings and filters ----
     shuffle_generation: bool = _f(
         False,
         (
             "Also shuffle the principles' order in generation prompts: one order per query group, shared by"
-            " its variants "
-            "(as the reference, whose constitution files list the principles in either order)."
+            " its variants (as the reference, whose constitution files list the principles in either order)."
         ),
     )
     response_prefix: str = _f(
         "",
         (
-            "Text every response starts with: appended to the generation prompt and kept at the start of the response "
-            "that is scored and judged (the paper's TL;DR uses ' The post')."
+            "Text every response starts with: appended to the generation prompt and kept at the start of the"
+            " response that is scored and judged (the paper's TL;DR uses ' The post')."
         ),
     )
     drop_truncated: bool = _f(False, "Drop a query group if any response hit --max-tokens before EOS or a stop string.")
     sentence_end: str = _f(
         "off",
         (
-            "Drop a query group unless responses end a sentence (a --sentence-end-marks character): 'positive'"
-            " checks the"
-            " all-positive variant's response (the reference's filter; every response when the group has none), 'all' "
-            "every response, 'off' none."
+            "Drop a query group unless responses end a sentence (a --sentence-end-marks character):"
+            " 'positive' checks the all-positive variant's response (the reference's filter; every response"
+            " when the group has none), 'all' every response, 'off' none."
         ),
     )
     sentence_end_marks: list[str] = _f(
@@ -225,8 +217,8 @@ class TrainConfig:
     judge_template: str | None = _f(
         None,
         (
-            "Judge prompt `sami-mlx eval` uses for this run unless --judge-template is given (built-in: default, "
-            "dialogue, summarization; or a file)."
+            "Judge prompt `sami-mlx eval` uses for this run unless --judge-template is given"
+            " (built-in: default, dialogue, summarization; or a file)."
         ),
     )
 
