@@ -156,7 +156,7 @@ def fp32_weight_bytes(model: nn.Module) -> int:
 
 
 def dequantize_for_cpu(model: nn.Module, mode: str = "auto") -> Dequantize:
-    """Apply --dequantize `mode` to a loaded model (sami_mlx.memory.choose_dequantize decides): replace its
+    """Apply --dequantize `mode` to a loaded model (sami_mlx.machine.choose_dequantize decides): replace its
     quantized layers by float ones with mlx-lm's dequantize_model, in fp32 on the CPU backend (where bf16
     and fp16 matmuls are slow too). A quantized model kept as it is gets `upcast_for_cpu`. Returns the
     choice and its reason."""
