@@ -34,7 +34,7 @@ ASSUMED_QUERY_TOKENS = 512
 class Plan:
     """A run's inputs as far as this machine holds them."""
 
-    inputs: Any  # sami_mlx.loop.trainer.RunInputs; its queries are those at hand
+    inputs: Any  # sami_mlx.loop.prepare.RunInputs; its queries are those at hand
     query_count: int | None  # the queries the run will have; None: unknown until the dataset is downloaded
     missing: list = field(default_factory=list)  # sami_mlx.inputs.datasets.Selection parts not in the cache
     prompts: Any = None  # sami_mlx.instruct.PromptChoice: the prompt format and why it was chosen
@@ -43,7 +43,7 @@ class Plan:
 def plan_inputs(cfg: Any) -> Plan:
     """The run's inputs, checked as the run checks them, with hub datasets read from the cache only."""
     from sami_mlx.inputs.datasets import cached_dataset_queries, cached_file, is_dataset_spec, parse_spec
-    from sami_mlx.loop.trainer import prepare_inputs
+    from sami_mlx.loop.prepare import prepare_inputs
 
     local = not is_dataset_spec(cfg.queries) or Path(cfg.queries).exists()
     if local or all(cached_file(sel.source, sel.split) for sel in parse_spec(cfg.queries)):
