@@ -290,7 +290,7 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
         f"score matrices) in {cfg.micro_batches} micro-batch(es) of {micro}{chosen}; {cfg.optimizer}, "
         f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on {blocks}",
     ]
-    # Each iteration goes on where the last one of its half stopped (Sampling.query_split and the split
+    # Each iteration goes on where the last one of its half stopped (Sampler.query_split and the split
     # offsets); the monitor's queries are held out of both halves (prepare.prepare_inputs).
     counts = [s * cfg.queries_per_step for s in steps]
     per_half = [sum(counts[h::2]) for h in range(2)]
