@@ -20,6 +20,7 @@ from trainer_step import make_groups, make_loop
 from sami_mlx.errors import SamiError
 from sami_mlx.loop.adapters import adapter_weights, set_adapter_weights
 from sami_mlx.loop.rollout import Group
+from sami_mlx.loop.train_step import train_step
 from sami_mlx.model import resolve_model_path
 
 MODEL = "smollm2-135m-instruct"
@@ -61,8 +62,8 @@ def measure(path: Path, mode: str, args, start: dict | None) -> tuple[float, flo
     n = args.variants  # make_groups draws four; the first n keep the quantized step short
     s = dict(groups=args.groups, prompt=args.prompt, response=args.response)
     groups = [Group(g.query_index, g.query, g.variants[:n], g.generations[:n]) for g in make_groups(loop, s)]
-    train, _ = timed(lambda: loop.train_step(groups, random.Random(0)), reps, warmup)
-    args.prompt_tokens = max(len(p) for g in loop.scoring_batch(groups, random.Random(0)).prompts for p in g)
+    train, _ = timed(lambda: train_step(loop.step_parts, groups, random.Random(0)), reps, warmup)
+    args.prompt_tokens = max(len(p) for g in loop.step_parts.scoring_batch(groups, random.Random(0)).prompts for p in g)
     return decode, train, "; ".join(notes), start
 
 

@@ -2,7 +2,7 @@
 
 A random-weight fp32 model with Mistral-7B's widths (hidden 4096, MLP 14336, 32 heads, 8 KV heads,
 untied lm_head) and a 32k and a 128k vocabulary (Mistral, Llama 3), built in memory with a few blocks
-so that it runs on a CPU. One optimizer step of the trainer (`SamiLoop.train_step`, the shared scoring
+so that it runs on a CPU. One optimizer step of the trainer (`train_step`, the shared scoring
 path with its KL and anchor terms, every block adapted) on hand-made groups of random response ids, run
 twice: the output layer a chunk of tokens at a time (sami_mlx.loop.logits, today), and with the full
 logits (the path before it). Prints, per vocabulary, the estimate (`estimate_memory`, what
@@ -27,8 +27,10 @@ from mlx_lm.models import llama
 from sami_mlx.config import TrainConfig
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.loop import logits
+from sami_mlx.loop.prepare import prepare_inputs
 from sami_mlx.loop.rollout import Generation, Group
-from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
+from sami_mlx.loop.train_step import train_step
+from sami_mlx.loop.trainer import SamiLoop
 from sami_mlx.memory import GiB, ModelShape, RunShape, estimate_memory
 
 SHAPES = {
@@ -118,7 +120,7 @@ def measure(cfg: TrainConfig, config: dict, args) -> dict:
         return Group(q, query, variants, answers)
 
     groups = [group(q) for q in range(args.groups)]
-    longest = max(len(p) for g in loop.scoring_batch(groups, random.Random(0)).prompts for p in g)
+    longest = max(len(p) for g in loop.step_parts.scoring_batch(groups, random.Random(0)).prompts for p in g)
     model.train()
     peaks = {}
     for path in ("chunked", "full"):
@@ -128,7 +130,7 @@ def measure(cfg: TrainConfig, config: dict, args) -> dict:
         gc.collect()
         mx.clear_cache()
         t0 = time.perf_counter()
-        result = loop.train_step(groups, random.Random(1))
+        result = train_step(loop.step_parts, groups, random.Random(1))
         assert result is not None
         peaks[path] = (result.peak_memory_gb * GiB, time.perf_counter() - t0)
         logits.SPLIT_ARCHITECTURES = saved

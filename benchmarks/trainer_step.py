@@ -1,4 +1,4 @@
-"""Benchmark: the trainer's own step (`SamiLoop.train_step`: batching, dispatch, loss, gradients,
+"""Benchmark: the trainer's own step (`train_step`: batching, dispatch, loss, gradients,
 update), prefix-shared vs the naive N² batch, and compiled (`--compile`) vs not, on llama and qwen2.
 
 N=4 variants, prompt:response about 4:1, the same groups and starting adapters for every variant
@@ -18,9 +18,11 @@ from common import SIZES, STEP_SETTINGS, build_model, parameters, randomise_lora
 from sami_mlx.config import TrainConfig
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.loop.adapters import adapter_weights, set_adapter_weights
+from sami_mlx.loop.prepare import prepare_inputs
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.scoring import score_naive, score_shared
-from sami_mlx.loop.trainer import SamiLoop, prepare_inputs
+from sami_mlx.loop.train_step import train_step
+from sami_mlx.loop.trainer import SamiLoop
 from sami_mlx.model import load_model
 
 CONSTITUTION = "name: bench\nprinciples:\n" + "".join(
@@ -79,11 +81,11 @@ def run(size: str, arch: str) -> dict:
         groups = make_groups(loop, s)
 
         def step(loop=loop, groups=groups):
-            return loop.train_step(groups, random.Random(0))
+            return train_step(loop.step_parts, groups, random.Random(0))
 
         results[name] = timed(step, s["reps"], warmup=2 if "compiled" in name else 1)
         if name == "shared":
-            batch = loop.scoring_batch(groups, random.Random(0))
+            batch = loop.step_parts.scoring_batch(groups, random.Random(0))
             prompt = max(len(p) for g in batch.prompts for p in g)
             set_adapter_weights(loop.model, start)
             diff = mx.abs(score_naive(loop.model, batch) - score_shared(loop.model, batch)).max().item()

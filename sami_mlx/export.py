@@ -53,8 +53,8 @@ def find_run_adapters(
     from sami_mlx.checkpoints import find_checkpoint
     from sami_mlx.config_file import load_run_config
     from sami_mlx.inputs.constitution import load_constitution
+    from sami_mlx.loop.kept import describe_kept
     from sami_mlx.loop.runstate import RunState
-    from sami_mlx.loop.trainer import describe_kept
 
     run = Path(run).expanduser()
     if not run.is_dir():

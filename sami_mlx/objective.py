@@ -1,8 +1,10 @@
-"""The SAMI objective: a symmetric InfoNCE over the constitution x response log-prob matrix."""
+"""The SAMI objective: a symmetric InfoNCE over the constitution x response log-prob matrix, the KL
+terms that regularise it, and the figures a step reports (MI bound, accuracies)."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -24,18 +26,42 @@ def sami_loss(S: mx.array) -> mx.array:
     return 0.5 * (row_ce.mean() + col_ce.mean())
 
 
+class LossTerms(NamedTuple):
+    """A step's loss and its parts: total = sami + kl_beta * kl + anchor_beta * anchor."""
+
+    total: mx.array  # what the gradient is taken of
+    sami: mx.array  # sami_loss(scores)
+    scores: mx.array  # the score matrices S, [B, N, N]
+    kl: mx.array  # per-token KL to the base after the constitution's prompts (0 when off)
+    anchor: mx.array  # per-token KL to the base after prompts with no constitution (0 when off)
+
+
+def regularised_loss(S: mx.array, kl: mx.array, anchor: mx.array, kl_beta: float, anchor_beta: float) -> LossTerms:
+    """The SAMI loss of S plus the weighted KL terms, with each part kept for reporting."""
+    sami = sami_loss(S)
+    return LossTerms(sami + kl_beta * kl + anchor_beta * anchor, sami, S, kl, anchor)
+
+
 def mi_lower_bound(loss: float, n: int) -> float:
     """log N - loss: the InfoNCE lower bound on I(Y; C | X), in nats."""
     return math.log(n) - loss
 
 
-def accuracies(S: mx.array) -> tuple[float, float]:
-    """(row accuracy, column accuracy). Row accuracy: how often each constitution picks its own
-    response (S[i, i] is the largest of row i, a softmax over responses j); column accuracy: how
-    often each response picks its own constitution (S[j, j] is the largest of column j)."""
+def diagonal_wins(S: mx.array) -> tuple[int, int]:
+    """(row wins, column wins) over the matrices S ([N, N] or [B, N, N]): how many constitutions pick
+    their own response (S[i, i] is the largest of row i) and how many responses pick their own
+    constitution (S[j, j] is the largest of column j). Counts, so that ranks can add them up."""
     if S.ndim == 2:
         S = S[None]
     idx = mx.arange(S.shape[1])
-    row = (mx.argmax(S, axis=2) == idx).astype(mx.float32).mean()
-    col = (mx.argmax(S, axis=1) == idx).astype(mx.float32).mean()
-    return float(row), float(col)
+    return int((mx.argmax(S, axis=2) == idx).sum()), int((mx.argmax(S, axis=1) == idx).sum())
+
+
+def accuracies(S: mx.array) -> tuple[float, float]:
+    """(row accuracy, column accuracy), the diagonal_wins of S as shares of its B x N rows. Row
+    accuracy: how often each constitution picks its own response (S[i, i] is the largest of row i, a
+    softmax over responses j); column accuracy: how often each response picks its own constitution
+    (S[j, j] is the largest of column j)."""
+    rows, cols = diagonal_wins(S)
+    pairs = S.shape[-1] * (S.shape[0] if S.ndim == 3 else 1)
+    return rows / pairs, cols / pairs

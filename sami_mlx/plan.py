@@ -28,7 +28,7 @@ ASSUMED_QUERY_TOKENS = 512
 class Plan:
     """A run's inputs as far as this machine holds them."""
 
-    inputs: Any  # sami_mlx.loop.trainer.RunInputs; its queries are those at hand
+    inputs: Any  # sami_mlx.loop.prepare.RunInputs; its queries are those at hand
     query_count: int | None  # the queries the run will have; None: unknown until the dataset is downloaded
     missing: list = field(default_factory=list)  # sami_mlx.inputs.datasets.Selection parts not in the cache
     prompts: Any = None  # sami_mlx.instruct.PromptChoice: the prompt format and why it was chosen
@@ -37,7 +37,7 @@ class Plan:
 def plan_inputs(cfg: Any) -> Plan:
     """The run's inputs, checked as the run checks them, with hub datasets read from the cache only."""
     from sami_mlx.inputs.datasets import cached_dataset_queries, cached_file, is_dataset_spec, parse_spec
-    from sami_mlx.loop.trainer import prepare_inputs
+    from sami_mlx.loop.prepare import prepare_inputs
 
     local = not is_dataset_spec(cfg.queries) or Path(cfg.queries).exists()
     if local or all(cached_file(sel.source, sel.split) for sel in parse_spec(cfg.queries)):
@@ -284,7 +284,7 @@ def dry_run_report(cfg: Any, plan: Plan, total_gb: float | None = None, tokenize
         f"score matrices) in {cfg.micro_batches} micro-batch(es) of {micro}{chosen}; {cfg.optimizer}, "
         f"learning rate {cfg.learning_rate:g}, LoRA rank {cfg.lora_rank} on {blocks}",
     ]
-    # Each iteration goes on where the last one of its half stopped (Sampling.query_split and the split
+    # Each iteration goes on where the last one of its half stopped (Sampler.query_split and the split
     # offsets); the monitor's queries are held out of both halves (prepare.prepare_inputs).
     counts = [s * cfg.queries_per_step for s in steps]
     per_half = [sum(counts[h::2]) for h in range(2)]

@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
-from sami_mlx.loop.trainer import SamiLoop, prepare_inputs, train
+from sami_mlx.loop.prepare import prepare_inputs
+from sami_mlx.loop.trainer import SamiLoop, train
 from sami_mlx.model import load_model
 from sami_mlx.toy.pretrain import SPECIALS, train_tokenizer
 

@@ -2,7 +2,9 @@
 a rank with nothing to score still takes part, and a dead or frozen rank ends the other one."""
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -17,7 +19,7 @@ import pytest
 from conftest import WATCHED
 
 from sami_mlx.fileio import read_jsonl
-from sami_mlx.loop.distributed import RankLost
+from sami_mlx.loop.distributed import RankLost, run_local_ranks
 
 # The random tiny model repeats one token under greedy decoding; with the wording at the very end
 # of the prompt that token differs between variants often enough (not always: some groups are
@@ -279,3 +281,38 @@ def test_all_groups_degenerate_stops_every_rank_alike(tiny_flags, tmp_path):
         assert re.search(r"all \d+ sampled groups were degenerate", output(tmp_path, rank))
     assert "error: rank 1: iteration 1: all" in output(tmp_path, 1)
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+SUMMARY_RANK = """
+import json, os, sys
+from pathlib import Path
+from sami_mlx.config import TrainConfig
+from sami_mlx.loop.trainer import train
+
+result = train(TrainConfig(**json.loads(Path(sys.argv[1]).read_text())))
+Path(sys.argv[2]).joinpath(f"summary{os.environ['MLX_RANK']}.json").write_text(json.dumps(result.iterations))
+"""
+
+
+def test_every_rank_returns_the_same_iteration_summaries(tiny_config, tmp_path, monkeypatch):
+    """Rank 1 writes no metrics.jsonl, yet it averages the iteration's steps as rank 0 does: the
+    means come from the steps themselves, not from the log."""
+    template = tmp_path / "t.txt"
+    template.write_text(TEMPLATE)
+    cfg = tiny_config(DISTRIBUTED, REGULARISED, constitution_text=CONSTITUTION, template=template, out=tmp_path / "run")
+    (tmp_path / "cfg.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (tmp_path / "rank.py").write_text(SUMMARY_RANK)
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    argv = [sys.executable, str(tmp_path / "rank.py"), str(tmp_path / "cfg.json"), str(tmp_path)]
+    assert run_local_ranks(argv, 2, tmp_path) == 0, (tmp_path / "rank1.log").read_text()[-2000:]
+    first, second = (json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1))
+    assert [s["iteration"] for s in first] == [1, 2]
+    assert all(math.isfinite(s[k]) for s in first for k in ("loss", "mi_bound", "row_accuracy", "column_accuracy"))
+    assert second == first
+    # And they are the means of the steps rank 0 logged.
+    steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "StepCompleted"]
+    for summary in first:
+        losses = [r["loss"] for r in steps if r["iteration"] == summary["iteration"]]
+        assert summary["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-12)

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from sami_mlx.cli.main import main
 from sami_mlx.cli.serve import make_server, server_args, stop_server
 from sami_mlx.export import GGUF_NAME
-from sami_mlx.loop.trainer import describe_kept
+from sami_mlx.loop.kept import describe_kept
 
 TEXT = "Human: How do I bake bread? Assistant:"
 

@@ -6,8 +6,8 @@ import json
 import mlx.core as mx
 import pytest
 
-import sami_mlx.loop.step as step
 import sami_mlx.loop.trainer as trainer
+import sami_mlx.objective as objective
 from sami_mlx import events as ev
 from sami_mlx.cli.train import main
 from sami_mlx.errors import RunAborted
@@ -20,14 +20,14 @@ NAN_RUN = dict(learning_rate=1e-3, monitor_queries=0)
 def poison(monkeypatch, bad_calls):
     """Make the SAMI loss NaN on the given (1-based) calls."""
     calls = []
-    real = step.sami_loss
+    real = objective.sami_loss
 
     def loss(S):
         calls.append(1)
         value = real(S)
         return value * mx.array(float("nan")) if len(calls) in bad_calls else value
 
-    monkeypatch.setattr(step, "sami_loss", loss)
+    monkeypatch.setattr(objective, "sami_loss", loss)
 
 
 def test_nan_step_is_skipped_counted_and_warned_once(tiny_config, tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ from mlx_lm.models import llama
 
 from sami_mlx.loop import logits
 from sami_mlx.loop.adapters import adapters_disabled, attach_adapters
+from sami_mlx.loop.loss import StepSettings, step_function, step_inputs
 from sami_mlx.loop.scoring import ScoringBatch, kl_sum, scores_from_logprobs
-from sami_mlx.loop.step import StepSettings, step_function, step_inputs
 from sami_mlx.objective import sami_loss
 
 KL_BETA, ANCHOR_BETA = 0.3, 1.0
@@ -76,8 +76,8 @@ def full_logits_step(model, batch: ScoringBatch, kl_tokens: float):
 def chunked_step(model, batch: ScoringBatch, kl_tokens: float, shared: bool, compiled: bool = False):
     settings = StepSettings(KL_BETA, ANCHOR_BETA, shared, bucketed=compiled)
     step = step_function(model, settings, compiled)
-    (loss, S, k, a), grads = step(step_inputs(batch, settings), batch.shape[1], mx.array(kl_tokens), True)
-    return loss, S, k, a, grads
+    terms, grads = step(step_inputs(batch, settings), batch.shape[1], mx.array(kl_tokens), True)
+    return terms.total, terms.scores, terms.kl, terms.anchor, grads
 
 
 def assert_same(got, want, tol=1e-5):

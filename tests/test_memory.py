@@ -9,8 +9,10 @@ import mlx.core as mx
 import pytest
 
 from sami_mlx.inputs.constitution import Variant
+from sami_mlx.loop.prepare import prepare_inputs
 from sami_mlx.loop.rollout import Generation, Group
-from sami_mlx.loop.trainer import SamiLoop, gradient_checkpointing, prepare_inputs
+from sami_mlx.loop.train_step import train_step
+from sami_mlx.loop.trainer import SamiLoop, gradient_checkpointing
 from sami_mlx.memory import ModelShape, RunShape, estimate_memory
 from sami_mlx.model import float_bytes, load_model
 
@@ -44,11 +46,11 @@ def measured_and_estimated(cfg):
         )
         for q in range(2)
     ]
-    longest = max(len(p) for g in loop.scoring_batch(groups, random.Random(0)).prompts for p in g)
+    longest = max(len(p) for g in loop.step_parts.scoring_batch(groups, random.Random(0)).prompts for p in g)
     model.train()
     with gradient_checkpointing(model, cfg.grad_checkpoint):
-        loop.train_step(groups, random.Random(0))  # the optimizer's state exists from here on
-        peak = loop.train_step(groups, random.Random(1)).peak_memory_gb * 2**30 - elsewhere
+        train_step(loop.step_parts, groups, random.Random(0))  # the optimizer's state exists from here on
+        peak = train_step(loop.step_parts, groups, random.Random(1)).peak_memory_gb * 2**30 - elsewhere
     shape = ModelShape.from_config(config).in_float_bytes(float_bytes(model))
     est = estimate_memory(shape, RunShape.from_config(cfg, 2, longest))
     return peak, est.training_peak

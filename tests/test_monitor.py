@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import WATCHED
 
-import sami_mlx.loop.health as health
+import sami_mlx.loop.monitor as monitor
 import sami_mlx.loop.sampling as sampling
 import sami_mlx.loop.trainer as trainer
 from sami_mlx import events as ev
@@ -19,7 +19,7 @@ from sami_mlx.cli.train import main
 from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop.adapters import adapter_weights
-from sami_mlx.loop.monitor import Probe, drift
+from sami_mlx.loop.drift import Probe, drift
 
 QUERIES = [f"Tell me about topic number {n}, please." for n in range(120)]
 
@@ -73,7 +73,7 @@ def test_rollback_restores_exactly_the_last_healthy_step(monitored, tmp_path, mo
     """Force the drift past the limit at the third check: RUN/adapters.safetensors then holds, bit
     for bit, the adapters the run had at the second check (step 2 of iteration 1)."""
     snapshots, checks = {}, []
-    real_drift, real_checkpoint = health.drift, trainer.SamiLoop.save_step_state
+    real_drift, real_checkpoint = monitor.drift, trainer.SamiLoop.save_step_state
 
     def forced(model, probe):
         checks.append(1)
@@ -84,7 +84,7 @@ def test_rollback_restores_exactly_the_last_healthy_step(monitored, tmp_path, mo
         snapshots[(state.iteration, state.step)] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
         real_checkpoint(self, state)
 
-    monkeypatch.setattr(health, "drift", forced)
+    monkeypatch.setattr(monitor, "drift", forced)
     monkeypatch.setattr(trainer.SamiLoop, "save_step_state", checkpoint)
     out = tmp_path / "run"
     result, seen = monitored(out, WATCHED, steps=6, learning_rate=1e-3)

@@ -324,7 +324,7 @@ def test_dry_run_with_an_unknown_model_says_the_estimate_is_unavailable(capsys, 
 
 def test_dry_run_counts_prompt_tokens_with_the_tokenizer_at_hand(tiny_config, tiny_flags, capsys, tmp_path):
     """A local model's tokenizer counts the prompts, as the run itself does before its memory check."""
-    from sami_mlx.loop.trainer import check_context, prepare_inputs
+    from sami_mlx.loop.prepare import check_context, prepare_inputs
     from sami_mlx.model import load_model
 
     assert cli(["train", *tiny_flags(root=tmp_path), "--dry-run"]) == 0

@@ -113,7 +113,7 @@ def test_samples_ready_counts_each_filter(loop_for, monkeypatch):
     fake_sampler(
         monkeypatch, lambda i, text: (plan[i // 2][i % 2], "length" if plan[i // 2][i % 2] == "Cut" else "eos")
     )
-    kept = loop.sample(0, 6, split=list(range(6)))
+    kept = loop.sampler.sample(0, 6, split=list(range(6)))
     ready = [e for e in events if type(e).__name__ == "SamplesReady"][0]
     counts = (
         ready.groups,
@@ -137,26 +137,26 @@ def constitution_lines(prompt: str) -> tuple[str, ...]:
 def test_generation_prompts_keep_file_order_unless_shuffled(loop_for, monkeypatch):
     loop, _ = loop_for()
     seen = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
-    loop.sample(0, 8, split=list(range(8)))
+    loop.sampler.sample(0, 8, split=list(range(8)))
     firsts = {constitution_lines(p)[0] for p in seen}
     assert firsts <= {"Be brief.", "Be long."}  # file order: the brevity principle first, in either wording
 
     loop, _ = loop_for(shuffle_generation=True)
     seen = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
-    loop.sample(0, 8, split=list(range(8)))
+    loop.sampler.sample(0, 8, split=list(range(8)))
     brief_first = [constitution_lines(p)[0] in ("Be brief.", "Be long.") for p in seen]
     assert 0 < sum(brief_first) < len(brief_first)  # both orders occur
     # As in the reference, a group's variants share one order: they differ only in wording.
     assert all(brief_first[i] == brief_first[i + 1] for i in range(0, len(seen), 2))
     again = fake_sampler(monkeypatch, lambda i, text: (f"Reply {i}.", "eos"))
-    loop.sample(0, 8, split=list(range(8)))
+    loop.sampler.sample(0, 8, split=list(range(8)))
     assert again == seen  # drawn from the seed: a resumed run samples the same prompts
 
 
 def test_response_prefix_is_in_the_prompt_and_starts_every_response(loop_for, monkeypatch):
     loop, events = loop_for(response_prefix=" The post")
     seen = fake_sampler(monkeypatch, lambda i, text: ("" if i == 0 else f" says {i}.", "eos"))
-    kept = loop.sample(0, 4, split=list(range(4)))
+    kept = loop.sampler.sample(0, 4, split=list(range(4)))
     assert all(p.endswith("Assistant: The post") for p in seen)
     ready = [e for e in events if type(e).__name__ == "SamplesReady"][0]
     assert ready.dropped_empty == 1  # a response that is only the forced start is empty
@@ -190,7 +190,7 @@ def test_each_constitution_of_a_group_gets_its_own_training_order(loop_for):
         )
         for q in range(24)
     ]
-    batch = loop.scoring_batch(groups, random.Random(0))
+    batch = loop.step_parts.scoring_batch(groups, random.Random(0))
     decode = loop.tokenizer.decode
     # Principle names, not wordings: (brief, kind) or (kind, brief) for each row of S.
     orders = [
@@ -202,7 +202,7 @@ def test_each_constitution_of_a_group_gets_its_own_training_order(loop_for):
     ]
     assert sum(a != b for a, b in orders) > 3  # rows differ in order as well as wording, as in the reference
     assert sum(a == b for a, b in orders) > 3
-    assert loop.scoring_batch(groups, random.Random(0)).prompts == batch.prompts  # reproducible (resume)
+    assert loop.step_parts.scoring_batch(groups, random.Random(0)).prompts == batch.prompts  # reproducible (resume)
     off, _ = loop_for(shuffle_principles=False)
     assert all(
         a == b == ("brief", "kind")
@@ -211,7 +211,7 @@ def test_each_constitution_of_a_group_gets_its_own_training_order(loop_for):
                 tuple("brief" if w in ("Be brief.", "Be long.") else "kind" for w in constitution_lines(decode(p)))
                 for p in rows
             ]
-            for rows in off.scoring_batch(groups, random.Random(0)).prompts
+            for rows in off.step_parts.scoring_batch(groups, random.Random(0)).prompts
         )
     )
 

@@ -10,8 +10,10 @@ from conftest import randomise_lora_b
 from mlx.utils import tree_flatten
 
 from sami_mlx.inputs.constitution import Variant
-from sami_mlx.loop import scoring, step
+from sami_mlx.loop import loss, scoring
+from sami_mlx.loop.loss import step_inputs
 from sami_mlx.loop.rollout import Generation, Group
+from sami_mlx.loop.train_step import train_step
 
 
 @pytest.fixture(params=["llama", "qwen2"])
@@ -48,17 +50,19 @@ def make_groups(seed=0, lengths=(3, 7, 1)):
 
 def step_outputs(loop, groups, **kw):
     """(loss, S, gradients) of the trainer's step function on `groups`, in training mode."""
-    batch = loop.scoring_batch(groups, random.Random(0))
+    batch = loop.step_parts.scoring_batch(groups, random.Random(0))
     loop.model.train()
-    (loss, S, _, _), grads = loop.step_fn(loop.step_inputs(batch), batch.shape[1], mx.array(100.0), True)
-    mx.eval(loss, S, grads)
-    return loss.item(), np.array(S), {k: np.array(v) for k, v in tree_flatten(grads)}
+    terms, grads = loop.step_parts.loss_and_grad(
+        step_inputs(batch, loop.step_parts.settings), batch.shape[1], mx.array(100.0), True
+    )
+    mx.eval(terms.total, terms.scores, grads)
+    return terms.total.item(), np.array(terms.scores), {k: np.array(v) for k, v in tree_flatten(grads)}
 
 
 def spy(monkeypatch):
     """Count calls of the two scoring paths the trainer's step takes."""
     calls = {"shared": 0, "naive": 0}
-    shared, naive = step.shared_terms, scoring.score_pairs
+    shared, naive = loss.shared_terms, scoring.score_pairs
 
     def count_shared(*a, **k):
         calls["shared"] += 1
@@ -68,7 +72,7 @@ def spy(monkeypatch):
         calls["naive"] += 1
         return naive(*a, **k)
 
-    monkeypatch.setattr(step, "shared_terms", count_shared)
+    monkeypatch.setattr(loss, "shared_terms", count_shared)
     monkeypatch.setattr(scoring, "score_pairs", count_naive)
     return calls
 
@@ -97,8 +101,8 @@ def test_trainer_step_shares_prefixes_and_matches_the_naive_oracle(arch_model, m
     assert calls == {"shared": 1, "naive": 1}
 
     # And through train_step itself: the logged scores and loss agree.
-    a = shared.train_step(make_groups(), random.Random(1))
-    b = naive.train_step(make_groups(), random.Random(1))
+    a = train_step(shared.step_parts, make_groups(), random.Random(1))
+    b = train_step(naive.step_parts, make_groups(), random.Random(1))
     assert a.loss == pytest.approx(b.loss, abs=1e-5)
     assert np.abs(np.array(a.scores) - np.array(b.scores)).max() < 1e-4
     # The shared pass's KL terms (its own diagonal against the base's) equal the naive full-sequence ones.
@@ -189,7 +193,7 @@ def test_lora_dropout_shared_path_draws_one_mask_per_prompt(tiny_model, make_loo
         _, S, _ = step_outputs(loop, groups)
         rows[path] = np.abs(S[:, :, 0] - S[:, :, 1]).max()
         loop.model.eval()  # without dropout the two columns are the same response: equal
-        batch = loop.scoring_batch(groups, random.Random(0))
+        batch = loop.step_parts.scoring_batch(groups, random.Random(0))
         S_eval = scoring.score_matrix(loop.model, batch, shared=loop.shared)
         assert np.abs(np.array(S_eval[:, :, 0] - S_eval[:, :, 1])).max() < 1e-6
     assert rows["shared"] < 1e-6  # one mask per prompt: a row's equal responses score equally

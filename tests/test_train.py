@@ -14,9 +14,10 @@ from sami_mlx.cli.train import main
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.inputs.constitution import Variant
 from sami_mlx.inputs.prompts import encode_prompt, load_template
+from sami_mlx.loop.loss import kl_on
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.scoring import ScoringBatch
-from sami_mlx.loop.step import kl_on
+from sami_mlx.loop.train_step import train_step
 from sami_mlx.loop.trainer import train
 
 PROMPT = "System: follow the principles.\nHuman: How do I bake bread?\nAssistant:"
@@ -51,10 +52,10 @@ def test_fixed_batch_is_driven_toward_zero_loss(tiny_loop, tmp_path):
     model = loop.model
     groups = random_groups(0)
     model.train()
-    losses = [loop.train_step(groups, random.Random(k)).loss for k in range(25)]
+    losses = [train_step(loop.step_parts, groups, random.Random(k)).loss for k in range(25)]
     assert losses[0] > 0.3  # the random base model barely tells the variants apart
     assert losses[-1] < 0.02
-    last = loop.train_step(groups, random.Random(99))
+    last = train_step(loop.step_parts, groups, random.Random(99))
     assert last.row_accuracy == 1.0 and last.column_accuracy == 1.0
     assert last.mi_bound == pytest.approx(math.log(2), abs=0.02)
 
@@ -74,10 +75,10 @@ def test_anchor_holds_the_unprompted_behaviour_while_sami_trains(tiny_loop, tmp_
         )
         model, tokenizer = loop.model, loop.tokenizer
         model.train()
-        steps = [loop.train_step(groups, random.Random(k)) for k in range(20)]
+        steps = [train_step(loop.step_parts, groups, random.Random(k)) for k in range(20)]
         # The responses after the dialogue template with an empty constitution, as the anchor sees them.
         plain = [encode_prompt(tokenizer, load_template("dialogue").fill("", g.query), False) for g in groups]
-        batch = loop.scoring_batch(groups, random.Random(0))
+        batch = loop.step_parts.scoring_batch(groups, random.Random(0))
         drift = kl_on(model, ScoringBatch(batch.prompts, batch.responses, plain).anchored()).item()
         return steps, drift
 
@@ -111,7 +112,7 @@ def test_micro_batches_add_up_to_one_batch_with_both_kl_terms(tiny_loop, tmp_pat
             out=tmp_path / f"ga-{ga}",
         )
         loop.model.train()
-        return [loop.train_step(groups, random.Random(k)) for k in range(3)]
+        return [train_step(loop.step_parts, groups, random.Random(k)) for k in range(3)]
 
     one, three = steps(1), steps(3)
     assert one[-1].kl > 1e-4 and one[-1].anchor_kl > 1e-4  # the adapters moved: both terms count

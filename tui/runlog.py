@@ -354,7 +354,7 @@ def read_result(run_dir: str | Path, kept: str = "") -> RunResult | None:
 def read_kept(run_dir: str | Path) -> tuple[str, str]:
     """(name, why) of the adapters RUN/adapters.safetensors holds, from state.json; ("", "") before the
     run kept any."""
-    from sami_mlx.loop.health import describe_kept
+    from sami_mlx.loop.kept import describe_kept
 
     state = Path(run_dir).expanduser() / "state.json"
     if not state.is_file():

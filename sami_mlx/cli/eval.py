@@ -175,8 +175,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def kept_adapters(run_dir: Path) -> str:
     """Which checkpoint RUN/adapters.safetensors holds and why, from state.json ('' if unknown)."""
+    from sami_mlx.loop.kept import describe_kept
     from sami_mlx.loop.runstate import RunState
-    from sami_mlx.loop.trainer import describe_kept
 
     path = run_dir / "state.json"
     try:

@@ -1,102 +1,253 @@
-"""The degeneration monitor: how far the model drifted from what the base model writes.
-
-SAMI's objective rewards any tell that separates the variants, gibberish included, and its loss
-keeps falling while the model collapses. The monitor needs no data: at the start of a run the
-base model answers a few held-out queries (never trained on) under each variant's prompt and
-under the plain prompt with no constitution. Every check then measures the current model's
-per-token NLL of those answers; exp(NLL now - NLL base) is the perplexity ratio ("drift"). A
-healthy run moves it a little; a collapsing one (marker words, loops, replies that never end)
-makes the base model's own answers hundreds of times less likely. Text the base never writes
-(the raw queries, say) is no guide: a collapsing model can make it *more* likely.
-"""
+"""The degeneration monitor: checks inside an iteration (drift only) and at its end (drift, the model's
+own held-out answers and their MI bound, the --heldout text's perplexity), each returned as a Check
+that says whether the run is healthy and, if not, why. What the loop does about it (keep, roll back)
+is the loop's; how drift is measured is drift.py's."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from sami_mlx.fileio import atomic_write_json
-from sami_mlx.loop.logits import token_logprobs
-from sami_mlx.loop.rollout import Generation, generation_stats
-from sami_mlx.loop.scoring import build_pairs
+from sami_mlx import events as ev
+from sami_mlx.config import TrainConfig
+from sami_mlx.inputs.constitution import sample_variants
+from sami_mlx.loop.adapters import adapters_disabled
+from sami_mlx.loop.batches import scoring_batch, training_orders
+from sami_mlx.loop.distributed import Ranks
+from sami_mlx.loop.drift import KINDS, Answer, Probe, answer_of, answer_stats, drift, mean_nll
+from sami_mlx.loop.heldout import heldout_nll, heldout_perplexity
+from sami_mlx.loop.prepare import RunInputs
+from sami_mlx.loop.rollout import Generation, Group
+from sami_mlx.loop.sampling import Sampler, derived_seed, variant_from_label
+from sami_mlx.loop.scoring import score_micro_batches
+from sami_mlx.objective import mi_lower_bound, sami_loss
 
-KINDS = ("prompted", "plain")
+MONITOR_EXTRA = ("heldout_mi", "mean_length", "limit_rate", "distinct_2", "repetition", "ppl_ratio")
 
 
 @dataclass
-class Answer:
-    """One base-model answer: the prompt's token ids and the answer's (with its EOS, if it had one)."""
+class Check:
+    """One reading of the monitor: whether the run is healthy and, if not, the `problem` in words.
+    The --heldout text's figures are None without --heldout; drift and the model's own held-out
+    answers None (empty) with the monitor off or inside an iteration, where only drift is measured."""
 
-    prompt: list[int]
-    answer: list[int]
+    healthy: bool = True
+    problem: str = ""
+    heldout_ppl: float | None = None
+    ppl_ratio: float | None = None
+    drift_prompted: float | None = None
+    drift_plain: float | None = None
+    heldout_mi: float | None = None
+    answers: dict[str, float] = field(default_factory=dict)  # answer_stats of the model's own answers
 
-
-@dataclass
-class Probe:
-    """The held-out queries, the variants shown with them, and what the base model answered."""
-
-    query_ids: list[int]
-    variants: list[list[str]]  # per query, the labels of the N variants (e.g. "+-")
-    prompted: list[Answer]  # K*N: query q, variant j at q*N + j
-    plain: list[Answer]  # K: each query under the prompt with no constitution
-    base_nll: dict[str, float]  # per-token NLL of the answers under the base model, per kind
-    base_mi: float | None = None  # held-out MI bound of the base model's answers
-
-    def save(self, path: Path) -> None:
-        atomic_write_json(path, asdict(self))
-
-    @classmethod
-    def load(cls, path: Path) -> Probe:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["prompted"] = [Answer(**a) for a in data["prompted"]]
-        data["plain"] = [Answer(**a) for a in data["plain"]]
-        return cls(**data)
-
-
-def answer_of(gen: Generation, eos: int) -> list[int]:
-    """The ids the monitor scores: the response, and its EOS when it ended with one (where the base
-    stops is behaviour too: a collapse often shows first as replies that never end)."""
-    return gen.tokens + ([eos] if gen.finish == "eos" else [])
+    def to_dict(self) -> dict:
+        """What was measured, as an iteration's summary in RUN/state.json holds it."""
+        out: dict = {}
+        if self.heldout_ppl is not None:
+            out.update(heldout_ppl=self.heldout_ppl, ppl_ratio=self.ppl_ratio)
+        if self.drift_prompted is not None:
+            out.update(
+                drift_prompted=self.drift_prompted,
+                drift_plain=self.drift_plain,
+                heldout_mi=self.heldout_mi,
+                **self.answers,
+            )
+        out["healthy"] = self.healthy
+        return out
 
 
-def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16) -> float:
-    """Per-token negative log-likelihood of the answers after their prompts (prompt tokens excluded)."""
-    total, count = 0.0, 0
-    # By length, so that a batch pads its rows to about the same length (the sum does not care).
-    rows = sorted((a for a in answers if a.answer), key=lambda a: len(a.prompt) + len(a.answer))
-    for i in range(0, len(rows), batch):
-        chunk = rows[i : i + batch]
-        pairs = build_pairs([[a.prompt] for a in chunk], [[a.answer] for a in chunk])
-        logp = token_logprobs(model, pairs.inputs, pairs.targets)
-        nll = -(logp * pairs.mask).sum()
-        mx.eval(nll)
-        total += float(nll)
-        count += int(pairs.mask.sum())
-    return total / max(count, 1)
+def find_problem(
+    drifts: dict[str, float], ppl_ratio: float | None, max_ppl_ratio: float | None, max_prompted_ratio: float | None
+) -> str:
+    """What went past the limits, in words ('' when nothing did): drift without the constitution and
+    the --heldout perplexity ratio against --max-ppl-ratio, drift with it against --max-prompted-ratio."""
+    problem = ""
+    # With the constitution SAMI is meant to move the model, so that drift has a looser limit;
+    # --max-ppl-ratio off turns both guards off.
+    limits = {"plain": max_ppl_ratio, "prompted": max_prompted_ratio if max_ppl_ratio is not None else None}
+    for kind, value in drifts.items():
+        bound = limits[kind]
+        if bound is not None and not (math.isfinite(value) and value <= bound):
+            where = "with the constitution" if kind == "prompted" else "without a constitution"
+            problem = problem or (
+                f"the base model's held-out answers ({where}) became {value:.2f}x less "
+                f"likely (perplexity ratio; limit {bound:g}x)"
+            )
+    if (
+        max_ppl_ratio is not None
+        and ppl_ratio is not None
+        and not (math.isfinite(ppl_ratio) and ppl_ratio <= max_ppl_ratio)
+    ):
+        problem = problem or f"--heldout text perplexity reached {ppl_ratio:.2f}x the base's (limit {max_ppl_ratio:g}x)"
+    return problem
 
 
-def drift(model: nn.Module, probe: Probe) -> dict[str, float]:
-    """Perplexity of the base model's held-out answers under `model`, as a multiple of the base's."""
-    out = {}
-    for kind in KINDS:
-        answers = getattr(probe, kind)
-        out[kind] = math.exp(mean_nll(model, answers) - probe.base_nll[kind]) if answers else 1.0
-    return out
+class Monitor:
+    """Watches a run for degeneration. `start()` takes the base model's answers to the held-out
+    queries (the probe; None with the monitor off); `check_drift` and `check_in_full` then measure
+    the model as it stands and emit MonitorChecked. Every rank measures and they agree on the verdict."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        inputs: RunInputs,
+        model: nn.Module,
+        tokenizer: Any,
+        out: Path,
+        emit: Callable[[ev.Event], None],
+        ranks: Ranks,
+        sampler: Sampler,
+    ):
+        self.cfg, self.inputs, self.model, self.tokenizer = cfg, inputs, model, tokenizer
+        self.out, self.emit, self.ranks, self.sampler = out, emit, ranks, sampler
+        self.probe: Probe | None = None  # the base model's held-out answers (None: monitor off)
+
+    def heldout_ppl(self) -> float:
+        """Perplexity of the --heldout text as the model stands; ranks split the texts and add up the losses."""
+        ranks = self.ranks
+        if ranks.size == 1:
+            return heldout_perplexity(self.model, self.tokenizer, self.inputs.heldout)
+        nll, count = heldout_nll(self.model, self.tokenizer, self.inputs.heldout[ranks.rank :: ranks.size])
+        total_nll, total_count = ranks.sum([nll, count], "measuring held-out perplexity")
+        return math.exp(total_nll / max(total_count, 1))
+
+    def start(self) -> Probe | None:
+        """The base model's answers to the held-out queries: read back from RUN/monitor.json on
+        resume, else sampled now with the adapters off and a seed every rank shares."""
+        self.probe = self._probe()
+        return self.probe
+
+    def _probe(self) -> Probe | None:
+        cfg, inputs, sampler = self.cfg, self.inputs, self.sampler
+        if not inputs.monitor_ids:
+            if cfg.monitor_queries:
+                self.emit(
+                    ev.RunWarning(
+                        f"{cfg.queries}: too few queries to hold {cfg.monitor_queries} out for "
+                        "the degeneration monitor (it needs 4 or more); the monitor is off"
+                    )
+                )
+            return None
+        path = self.out / "monitor.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                return Probe.load(path)  # else torn by a kill: sampled again below, identically
+        self.emit(ev.StageProgress("monitor: base answers", 0, 1))
+        rng = random.Random(f"monitor-variants-{cfg.seed}")
+        k = len(inputs.constitution.principles)
+        variants = [sample_variants(sampler.strategy, k, rng) for _ in inputs.monitor_ids]
+        prompted = [
+            sampler.generation_prompt(v, inputs.queries[qi]) for qi, vs in zip(inputs.monitor_ids, variants) for v in vs
+        ]
+        plain = [sampler.plain_prompt(inputs.queries[qi]) for qi in inputs.monitor_ids]
+        eos = self.tokenizer.eos_token_id
+        with adapters_disabled(self.model):
+            gens = self.generate(prompted + plain, derived_seed(cfg.seed, 7))
+            probe = Probe(
+                list(inputs.monitor_ids),
+                [[v.label for v in vs] for vs in variants],
+                [Answer(p, answer_of(g, eos)) for p, g in zip(prompted, gens)],
+                [Answer(p, answer_of(g, eos)) for p, g in zip(plain, gens[len(prompted) :])],
+                {},
+            )
+            probe.base_nll = {kind: mean_nll(self.model, getattr(probe, kind)) for kind in KINDS}
+            probe.base_mi = self.heldout_mi(probe, gens[: len(prompted)])
+        if self.ranks.primary:
+            probe.save(path)
+        self.emit(ev.StageProgress("monitor: base answers", 1, 1))
+        return probe
+
+    def generate(self, prompts: list[list[int]], seed: int) -> list[Generation]:
+        """The monitor's sampling: the run's settings, and a seed that is the same on every rank."""
+        mx.random.seed(seed)
+        return self.sampler.generate(prompts)
+
+    def heldout_mi(self, probe: Probe, gens: list[Generation]) -> float | None:
+        """log N - SAMI loss of the model's own answers to the held-out queries (groups with an empty
+        answer left out): what training raises, measured on queries it never saw."""
+        n, c = self.inputs.num_variants, self.inputs.constitution
+        groups = [
+            Group(qi, self.inputs.queries[qi], [variant_from_label(v) for v in labels], gens[i * n : (i + 1) * n])
+            for i, (qi, labels) in enumerate(zip(probe.query_ids, probe.variants))
+        ]
+        groups = [g for g in groups if all(gen.tokens for gen in g.generations)]
+        if not groups:
+            return None
+        order = list(range(len(c.principles)))  # file order, as at evaluation
+        per_variant = training_orders(groups, self.cfg, len(c.principles), orders=[order] * len(groups))
+        batch = scoring_batch(self.tokenizer, self.cfg, c, self.inputs.training_template, groups, per_variant)
+        # One training micro-batch's worth of groups at a time: the estimate that chose it covers this pass.
+        S = score_micro_batches(self.model, batch, self.cfg.groups_per_micro_batch, self.cfg.scoring == "shared")
+        return mi_lower_bound(float(sami_loss(S)), n)
+
+    def agreed_problem(self, drifts: dict[str, float], ppl_ratio: float | None) -> str:
+        """find_problem with the run's limits, agreed by every rank: '' when every rank is healthy."""
+        problem = find_problem(drifts, ppl_ratio, self.cfg.max_ppl_ratio, self.cfg.max_prompted_ratio)
+        tripped = self.ranks.any(bool(problem), "agreeing on the drift check")
+        return (problem or "another rank's drift check failed") if tripped else ""
+
+    def check_drift(self, iteration: int, step: int) -> Check:
+        """Drift only (forward passes, no sampling), as inside an iteration; needs the probe."""
+        assert self.probe is not None  # the loop checks only with the monitor on
+        drifts = drift(self.model, self.probe)
+        problem = self.agreed_problem(drifts, None)
+        check = Check(not problem, problem, drift_prompted=drifts["prompted"], drift_plain=drifts["plain"])
+        self.emit(
+            ev.MonitorChecked(
+                iteration=iteration,
+                step=step,
+                drift_prompted=check.drift_prompted,
+                drift_plain=check.drift_plain,
+                healthy=check.healthy,
+                limit=self.cfg.max_ppl_ratio,
+            )
+        )
+        return check
+
+    def check_in_full(self, iteration: int, step: int, base_ppl: float | None) -> Check:
+        """The check at an iteration's end: drift, the model's own held-out answers (length, token
+        limit, distinct-2, repetition) and their MI bound, and the --heldout text's perplexity as a
+        multiple of `base_ppl` (the base model's)."""
+        check = Check()
+        if self.inputs.heldout:
+            check.heldout_ppl = ppl = self.heldout_ppl()
+            assert base_ppl is not None  # measured when the run started
+            check.ppl_ratio = ppl / base_ppl
+        drifts: dict[str, float] = {}
+        if self.probe:
+            probe = self.probe
+            prompts = [a.prompt for a in probe.prompted] + [a.prompt for a in probe.plain]
+            gens = self.generate(prompts, derived_seed(self.cfg.seed, 11, iteration, step))
+            drifts = drift(self.model, probe)
+            check.drift_prompted, check.drift_plain = drifts["prompted"], drifts["plain"]
+            check.heldout_mi = self.heldout_mi(probe, gens[: len(probe.prompted)])
+            check.answers = answer_stats(gens)
+        check.problem = self.agreed_problem(drifts, check.ppl_ratio)
+        check.healthy = not check.problem
+        self.emit(
+            ev.MonitorChecked(
+                iteration=iteration,
+                step=step,
+                drift_prompted=check.drift_prompted,
+                drift_plain=check.drift_plain,
+                healthy=check.healthy,
+                limit=self.cfg.max_ppl_ratio,
+                **fields_of(ev.MonitorChecked, check.to_dict(), MONITOR_EXTRA),
+            )
+        )
+        return check
 
 
-def answer_stats(gens: Sequence[Generation]) -> dict[str, float]:
-    """What the model's own answers look like: mean length in tokens, the share that hit the token
-    limit, distinct bigrams, and repetition (the share of a reply's trigrams that repeat an earlier one)."""
-    st = generation_stats(gens)
-    return {
-        "mean_length": st.mean_length,
-        "limit_rate": st.no_eos_rate,
-        "distinct_2": st.distinct_2,
-        "repetition": st.repetition,
-    }
+def fields_of(cls: type, values: dict, keys: Sequence[str] | None = None) -> dict:
+    """The entries of `values` that are fields of the event class `cls` (and among `keys`, if given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names and (keys is None or k in keys)}

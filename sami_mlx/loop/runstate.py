@@ -40,6 +40,9 @@ class RunState:
     saves: int = 0
     skipped_steps: int = 0
     iterations: list = field(default_factory=list)  # summaries of completed iterations
+    # The figures of this iteration's trained steps, which its summary averages (so that a resumed
+    # run, and every rank, averages the same steps).
+    step_scores: list = field(default_factory=list)
     finished: bool = False
     split_offsets: list = field(default_factory=lambda: [0, 0])  # queries used so far, per query split
     healthy: dict | None = None  # the last check the monitor passed: {"iteration", "step"}

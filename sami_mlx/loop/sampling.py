@@ -1,4 +1,4 @@
-"""SamiLoop's sampling: an iteration's query split, a response per (query, variant) shared across
+"""The loop's sampling: an iteration's query split, a response per (query, variant) shared across
 ranks, degenerate groups dropped and replaced, and the groups written to (and read back from)
 RUN/iter-NN/samples.jsonl."""
 
@@ -10,16 +10,21 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from sami_mlx import events as ev
+from sami_mlx.config import TrainConfig
 from sami_mlx.errors import RunAborted, SamiError
 from sami_mlx.fileio import append_jsonl, atomic_write_text, read_jsonl
-from sami_mlx.inputs.constitution import Variant, principle_order, sample_variants
+from sami_mlx.inputs.constitution import Variant, principle_order, sample_variants, variant_strategy
 from sami_mlx.inputs.prompts import encode_prompt, encode_with_prefix
-from sami_mlx.loop.parts import LoopParts
+from sami_mlx.loop.distributed import Ranks
+from sami_mlx.loop.prepare import RunInputs
 from sami_mlx.loop.rollout import DropCounts, Generation, Group, filter_groups, generate_batch, sample_stats
 from sami_mlx.loop.runstate import RunState
 
@@ -29,8 +34,25 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
-class Sampling(LoopParts):
-    """SamiLoop's sampling (a mixin: SamiLoop sets the attributes of LoopParts)."""
+class Sampler:
+    """Prompts and responses for a run: the model answers each query under its variants' prompts,
+    with the run's sampling settings. With several ranks each samples a share and all end with every
+    group. Only rank 0 writes RUN/iter-NN/samples*.jsonl; events go to `emit`."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        inputs: RunInputs,
+        model: nn.Module,
+        tokenizer: Any,
+        out: Path,
+        emit: Callable[[ev.Event], None],
+        should_stop: Callable[[], bool],
+        ranks: Ranks,
+    ):
+        self.cfg, self.inputs, self.model, self.tokenizer = cfg, inputs, model, tokenizer
+        self.out, self.emit, self.should_stop, self.ranks = out, emit, should_stop, ranks
+        self.strategy = variant_strategy(cfg.variants)
 
     def generation_ids(self, variant: Variant, query: str, order: list[int] | None = None) -> tuple[list, list]:
         """The generation prompt's ids and the --response-prefix ids that follow it."""
@@ -331,7 +353,7 @@ class GroupReporter:
     """A wave's groups as they complete: each is saved to the partial samples file (unless it came
     from there) and reported as GroupSampled, once, when the last of its responses is in."""
 
-    def __init__(self, loop: Sampling, it: int, specs: list, prefixes: dict, done: int, target: int, partial):
+    def __init__(self, loop: Sampler, it: int, specs: list, prefixes: dict, done: int, target: int, partial):
         self.loop, self.it, self.specs, self.prefixes = loop, it, specs, prefixes
         self.done, self.target, self.partial = done, target, partial
         self.groups: dict[int, list[Generation]] = {}

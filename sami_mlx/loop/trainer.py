@@ -1,8 +1,10 @@
 """The SAMI loop: sample -> score -> train -> save the step state, reporting only through events.
 
-This module holds the entry points (train, resume) and the schedule; SamiLoop's other parts live
-beside it: sampling.py (the groups), update.py (one optimizer step, whose maths is step.py) and
-health.py (the degeneration monitor, keeping and rolling back adapters).
+One iteration, as SamiLoop.run_iteration walks it: the Sampler (sampling.py) draws the iteration's
+groups with the previous iteration's adapters; train_step (train_step.py, whose loss is loss.py) takes
+the optimizer steps, each saved as the step state (runstate.py); the Monitor (monitor.py) checks for
+degeneration inside the iteration and at its end; the loop then keeps the adapters choose_kept
+(kept.py) picks, or rolls back to the last healthy ones and ends the run.
 """
 
 from __future__ import annotations
@@ -13,30 +15,33 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import yaml
 from mlx.utils import tree_flatten
 
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
 from sami_mlx.config_file import load_run_config
-from sami_mlx.errors import SamiError
-from sami_mlx.fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from sami_mlx.inputs.constitution import variant_strategy
+from sami_mlx.errors import RunAborted, SamiError
+from sami_mlx.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text
 from sami_mlx.instruct import prompts_resolved, resolve_prompts
-from sami_mlx.loop.adapters import adapter_weights, attach_adapters, save_adapters, set_adapter_weights
+from sami_mlx.loop.adapters import (
+    adapter_weights,
+    attach_adapters,
+    save_adapter_weights,
+    save_adapters,
+    set_adapter_weights,
+)
 from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.faults import fault_point
-from sami_mlx.loop.health import HEALTHY, HealthChecks, describe_kept, fields_of
-from sami_mlx.loop.heldout import heldout_nll, heldout_perplexity, load_heldout
-from sami_mlx.loop.monitor import Probe
+from sami_mlx.loop.kept import choose_kept, describe_kept, kept_record
+from sami_mlx.loop.monitor import Check, Monitor, fields_of
 from sami_mlx.loop.prepare import (
-    HELDOUT_TEXTS,
     RunInputs,
     check_context,
     check_memory,
@@ -47,35 +52,23 @@ from sami_mlx.loop.prepare import (
 )
 from sami_mlx.loop.rollout import StopRequested
 from sami_mlx.loop.runstate import RunLock, RunState, load_step_state, save_step_state
-from sami_mlx.loop.sampling import PARTIAL, Sampling, derived_seed
+from sami_mlx.loop.sampling import PARTIAL, Sampler, derived_seed
 from sami_mlx.loop.scoring import shared_scoring_supported
-from sami_mlx.loop.step import StepSettings, step_function
-from sami_mlx.loop.update import MAX_BAD_STEPS, Stepping
+from sami_mlx.loop.train_step import NonFiniteStep, StepParts, StepResult, make_optimizer, train_step
 from sami_mlx.model import float_bytes, load_model
-
-__all__ = [
-    "HEALTHY",
-    "HELDOUT_TEXTS",
-    "MAX_BAD_STEPS",
-    "RunInputs",
-    "SamiLoop",
-    "TrainResult",
-    "check_context",
-    "check_memory",
-    "choose_micro_batches",
-    "describe_kept",
-    "gradient_checkpointing",
-    "heldout_nll",
-    "heldout_perplexity",
-    "load_heldout",
-    "prepare_inputs",
-    "prepare_run_dir",
-    "resume",
-    "train",
-]
 
 Callback = Callable[[ev.Event], None]
 StopCheck = Callable[[], bool]
+HEALTHY = "healthy"  # RUN/healthy/: the adapters of the last step the monitor passed inside an iteration
+MAX_BAD_STEPS = 3  # non-finite steps in a row that end the run
+
+
+class Outcome(Enum):
+    """How an iteration (or the schedule) ended."""
+
+    DONE = "done"  # it ran to its end, healthy
+    CANCELLED = "cancelled"  # should_stop asked for a stop: saved and resumable
+    DEGENERATED = "degenerated"  # the monitor tripped: the run ended with the last healthy adapters kept
 
 
 @dataclass
@@ -103,7 +96,7 @@ def train(
     Started by mlx.launch, each process is one rank of a data-parallel run (`ranks`, by default the
     launcher's group): only rank 0 writes the run directory and calls the callbacks.
     """
-    return _run(cfg.resolved(), RunState(), None, callbacks, should_stop, ranks or Ranks.world())
+    return _load_and_run(cfg.resolved(), RunState(), None, callbacks, should_stop, ranks or Ranks.world())
 
 
 def resume(
@@ -146,10 +139,10 @@ def resume(
         )
     if state.finished:
         raise SamiError(f"--resume {out}: the run already finished all {cfg.iterations} iterations")
-    return _run(cfg, state, out, callbacks, should_stop, ranks)
+    return _load_and_run(cfg, state, out, callbacks, should_stop, ranks)
 
 
-def _run(
+def _load_and_run(
     cfg: TrainConfig,
     state: RunState,
     out: Path | None,
@@ -179,9 +172,8 @@ def _run(
     with RunLock(out):
         if new:
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        loop = SamiLoop(cfg, inputs, model, tokenizer, out, _emitter(out, callbacks), should_stop, ranks)
-        loop.memory_estimate_gb = memory_gb
-        loop.model_note = "; ".join(notes)
+        emit = _emitter(out, callbacks)
+        loop = SamiLoop(cfg, inputs, model, tokenizer, out, emit, should_stop, ranks, memory_gb, "; ".join(notes))
         return loop.run(state)
 
 
@@ -202,34 +194,46 @@ def _silent(event: ev.Event) -> None:
 
 @dataclass
 class IterationScores:
-    """Means over an iteration's logged steps (nan when none was logged)."""
+    """Means over an iteration's trained steps (nan when none was trained)."""
 
     loss: float
     mi_bound: float
     row_accuracy: float
     column_accuracy: float
 
+    @classmethod
+    def of(cls, step_scores: Sequence[dict]) -> IterationScores:
+        """The means of the steps' scores (as RunState.step_scores holds them, from the StepResults)."""
+        keys = [f.name for f in dataclasses.fields(cls)]
+        n = len(step_scores)
+        return cls(**{k: sum(s[k] for s in step_scores) / n if n else float("nan") for k in keys})
 
-class SamiLoop(Sampling, Stepping, HealthChecks):
-    """State of one run: the model with its adapters, the optimizer, the schedule position.
+
+def step_scores(result: StepResult) -> dict:
+    """The figures of a step that its iteration's summary averages."""
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(IterationScores)}
+
+
+class SamiLoop:
+    """One run: the model with its adapters, and the parts that work on it (the Sampler, the step's
+    parts for train_step, the Monitor), walked through the schedule from a RunState.
 
     With several ranks every rank holds the same adapters and optimizer state and walks the same
     schedule; they split each iteration's sampling and each step's groups, and sum gradients.
     """
 
-    memory_estimate_gb: float | None = None  # from check_memory, shown when the run starts
-    model_note: str = ""  # from load_model: how the weights were loaded, shown when the run starts
-
     def __init__(
         self,
         cfg: TrainConfig,
         inputs: RunInputs,
-        model,
+        model: nn.Module,
         tokenizer,
         out: Path,
         emit: Callback,
         should_stop: StopCheck | None = None,
         ranks: Ranks | None = None,
+        memory_estimate_gb: float | None = None,
+        model_note: str = "",
     ):
         self.cfg, self.inputs, self.model, self.tokenizer, self.out, self.emit = (
             cfg,
@@ -241,7 +245,8 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
         )
         self.should_stop = should_stop or (lambda: False)
         self.ranks = ranks or Ranks()
-        self.strategy = variant_strategy(cfg.variants)
+        self.memory_estimate_gb = memory_estimate_gb  # from check_memory, shown when the run starts
+        self.model_note = model_note  # from load_model: how the weights were loaded, shown when the run starts
         mx.random.seed(cfg.seed)
         self.adapter_config = attach_adapters(
             model, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout, cfg.lora_layers, cfg.lora_keys, cfg.dora
@@ -249,63 +254,59 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
         self.initial_adapters = adapter_weights(model)
         # Checkpointed layers re-run their forward pass, which would grow a KV cache twice.
         self.shared = cfg.scoring == "shared" and not cfg.grad_checkpoint and shared_scoring_supported(model)
-        self.settings = StepSettings(cfg.kl_beta, cfg.anchor_beta, self.shared, bucketed=cfg.compile)
-        self.step_fn = step_function(model, self.settings, cfg.compile)
-        self.optimizer = self._make_optimizer()
-        self.bad_steps = 0
-        self.probe: Probe | None = None  # the monitor's held-out answers (None: monitor off)
-        self.problem = ""  # what the last monitor check found wrong
+        self.sampler = Sampler(cfg, inputs, model, tokenizer, out, emit, self.should_stop, self.ranks)
+        self.step_parts = StepParts.build(cfg, inputs, model, tokenizer, self.shared, self.ranks)
+        self.monitor = Monitor(cfg, inputs, model, tokenizer, out, emit, self.ranks, self.sampler)
+        self.bad_steps = 0  # non-finite steps in a row
         self.snapshots: dict[str, dict] = {}  # adapters this process saved, by folder (iter-NN, healthy)
 
     # ---- schedule -------------------------------------------------------------------------
 
     def run(self, state: RunState) -> TrainResult:
+        """Walk the schedule from `state` to its end (or a stop, or the monitor's verdict)."""
         with gradient_checkpointing(self.model, self.cfg.grad_checkpoint):
-            return self._run(state)
-
-    def _run(self, state: RunState) -> TrainResult:
-        cfg, start = self.cfg, time.perf_counter()
-        model = self.model
-        model.eval()
-        total_steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
-        trainable = sum(v.size for _, v in cast(list, tree_flatten(model.trainable_parameters())))
-        if state.checkpoint:
-            load_step_state(self.out, state, model, self.optimizer)
-        # Every rank has read the run directory before rank 0 writes to it again.
-        self.ranks.barrier("starting the run")
-        result = TrainResult(self.out, model, self.tokenizer)
-        outcome = self.schedule(state, total_steps, trainable)
-        if outcome != "done":
-            result.stopped_early = True
-            result.reason = "cancelled" if outcome == "cancelled" else state.stopped
-        else:
-            state.finished = True
-            self.keep_adapters(state)
-            if self.ranks.primary:
-                atomic_write_json(self.out / "state.json", state.to_dict())
-        if state.finished:
-            self.load_kept(state)
-        result.iterations, result.kept = list(state.iterations), state.kept
-        self.emit(
-            ev.RunCompleted(
-                str(self.out),
-                time.perf_counter() - start,
-                result.stopped_early,
-                result.reason,
-                adapters=(state.kept or {}).get("name", ""),
-                kept=describe_kept(state.kept),
+            cfg, start = self.cfg, time.perf_counter()
+            model = self.model
+            model.eval()
+            total_steps = sum(cfg.steps_in_iteration(t) for t in range(cfg.iterations))
+            trainable = sum(v.size for _, v in cast(list, tree_flatten(model.trainable_parameters())))
+            if state.checkpoint:
+                load_step_state(self.out, state, model, self.step_parts.optimizer)
+            # Every rank has read the run directory before rank 0 writes to it again.
+            self.ranks.barrier("starting the run")
+            result = TrainResult(self.out, model, self.tokenizer)
+            outcome = self.schedule(state, total_steps, trainable)
+            if outcome is not Outcome.DONE:
+                result.stopped_early = True
+                result.reason = "cancelled" if outcome is Outcome.CANCELLED else state.stopped
+            else:
+                state.finished = True
+                self.keep_adapters(state)
+                if self.ranks.primary:
+                    atomic_write_json(self.out / "state.json", state.to_dict())
+            if state.finished:
+                self.load_kept(state)
+            result.iterations, result.kept = list(state.iterations), state.kept
+            self.emit(
+                ev.RunCompleted(
+                    str(self.out),
+                    time.perf_counter() - start,
+                    result.stopped_early,
+                    result.reason,
+                    adapters=(state.kept or {}).get("name", ""),
+                    kept=describe_kept(state.kept),
+                )
             )
-        )
-        return result
+            return result
 
-    def schedule(self, state: RunState, total_steps: int, trainable: int) -> str:
-        """The monitor's start, then the iterations: 'done', 'cancelled' or 'degenerated'."""
+    def schedule(self, state: RunState, total_steps: int, trainable: int) -> Outcome:
+        """The monitor's start, then the iterations until one does not end DONE."""
         cfg = self.cfg
         try:
-            self.probe = probe = self.start_monitor()
+            probe = self.monitor.start()
             if self.inputs.heldout and state.base_ppl is None:
                 self.emit(ev.StageProgress("base model: held-out perplexity", 0, 1))
-                state.base_ppl = self.heldout_ppl()
+                state.base_ppl = self.monitor.heldout_ppl()
                 self.emit(ev.StageProgress("base model: held-out perplexity", 1, 1))
             self.emit(
                 ev.RunStarted(
@@ -324,20 +325,20 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
                 )
             )
             while state.iteration < cfg.iterations:
-                outcome = self.iteration(state)
-                if outcome != "done":
+                outcome = self.run_iteration(state)
+                if outcome is not Outcome.DONE:
                     return outcome
         except StopRequested:
             # Stopped inside the sampling or the monitor's generation: the last saved state stands (the
             # groups sampled so far are in samples.partial.jsonl); a run stopped before it saved one gets one.
             if self.ranks.primary and not (self.out / "state.json").exists():
                 atomic_write_json(self.out / "state.json", state.to_dict())
-            return "cancelled"
-        return "done"
+            return Outcome.CANCELLED
+        return Outcome.DONE
 
-    def iteration(self, state: RunState) -> str:
-        """Run (or finish) iteration `state.iteration`: 'done', 'cancelled' (should_stop), or
-        'degenerated' (the monitor tripped: the run ended with the last healthy adapters kept)."""
+    def run_iteration(self, state: RunState) -> Outcome:
+        """Run (or finish) iteration `state.iteration`: sample its groups, take its steps (with the
+        monitor's drift checks), then check it in full and keep its adapters or roll back."""
         cfg, it = self.cfg, state.iteration
         steps = cfg.steps_in_iteration(it)
         if state.phase == "sampling":
@@ -345,16 +346,16 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
             self.ranks.at = f"iteration {it + 1}, sampling"
             # Data comes from the previous iteration's model (adapters as they stand now).
             self.model.eval()
-            groups = self.sample(it, steps * cfg.queries_per_step, state)
+            groups = self.sampler.sample(it, steps * cfg.queries_per_step, state)
             if cfg.schedule == "paper":  # the paper re-initialises from the base model every iteration
                 set_adapter_weights(self.model, self.initial_adapters)
-                self.optimizer = self._make_optimizer()
-            state.phase, state.step = "training", 0
+                self.step_parts.optimizer = make_optimizer(cfg)
+            state.phase, state.step, state.step_scores = "training", 0, []
             self.save_step_state(state)
             if self.ranks.primary:  # samples.jsonl holds them all now
                 (self.out / f"iter-{it + 1:02d}" / PARTIAL).unlink(missing_ok=True)
         else:
-            groups = self.load_samples(it)
+            groups = self.sampler.load_samples(it)
         random.Random(f"train-{cfg.seed}-{it}").shuffle(groups)
 
         self.model.train()
@@ -364,83 +365,167 @@ class SamiLoop(Sampling, Stepping, HealthChecks):
             self.ranks.at = f"iteration {it + 1}, step {step + 1}"
             # Groups repeat only when the query split ran out (sample() warned).
             batch = [groups[(step * q + n) % len(groups)] for n in range(q)]
-            metrics = self.train_step(
-                batch, random.Random(f"step-{cfg.seed}-{it}-{step}"), seed=derived_seed(cfg.seed, it, step)
+            result = self.guarded_step(
+                batch, random.Random(f"step-{cfg.seed}-{it}-{step}"), derived_seed(cfg.seed, it, step)
             )
             state.step += 1
             state.global_step += 1
-            if metrics is None:
+            completed = None
+            if result is None:
                 state.skipped_steps += 1
-            completed = (
-                None
-                if metrics is None
-                else ev.StepCompleted(
+            else:
+                state.step_scores.append(step_scores(result))
+                completed = ev.StepCompleted(
                     iteration=it + 1,
                     step=step + 1,
                     steps=steps,
                     global_step=state.global_step,
-                    **dataclasses.asdict(metrics),
+                    **dataclasses.asdict(result),
                 )
-            )
-            if self.probe and cfg.monitor_every and state.step % cfg.monitor_every == 0 and state.step < steps:
+            if self.monitor.probe and cfg.monitor_every and state.step % cfg.monitor_every == 0 and state.step < steps:
                 # Checked before the step state is saved, so that a resumed run repeats the check.
-                if not self.mid_iteration_check(state):
+                check = self.check_mid_iteration(state)
+                if not check.healthy:
                     if completed is not None:
                         self.emit(completed)
-                    self.roll_back(state, it + 1, state.step)
-                    return "degenerated"
+                    self.roll_back(state, it + 1, state.step, check.problem)
+                    return Outcome.DEGENERATED
             self.save_step_state(state)
             if completed is not None:
                 self.emit(completed)
             if self.stop_requested() and state.step < steps:
-                return "cancelled"
+                return Outcome.CANCELLED
+        return self.end_iteration(state, steps)
+
+    def end_iteration(self, state: RunState, steps: int) -> Outcome:
+        """Save the iteration's adapters, check them in full, and keep them (or roll back)."""
+        it = state.iteration
         self.model.eval()
         self.ranks.at = f"iteration {it + 1}, end"
         summary = {
             "iteration": it + 1,
             "step": steps,
             "adapters": f"iter-{it + 1:02d}",
-            **dataclasses.asdict(self.iteration_summary(it)),
+            **dataclasses.asdict(IterationScores.of(state.step_scores)),
         }
         it_dir = self.out / summary["adapters"]
         self.snapshots[summary["adapters"]] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
         if self.ranks.primary:
             save_adapters(self.model, it_dir, self.adapter_config)
         fault_point("iteration-adapters")
-        summary.update(self.full_check(state, it + 1, steps).to_dict())
+        check = self.monitor.check_in_full(it + 1, steps, state.base_ppl)
+        summary.update(check.to_dict())
         state.iterations.append(summary)
-        state.iteration, state.phase, state.step = it + 1, "sampling", 0
+        state.iteration, state.phase, state.step, state.step_scores = it + 1, "sampling", 0, []
         event = ev.IterationCompleted(adapter_dir=str(it_dir), **fields_of(ev.IterationCompleted, summary))
-        if not summary["healthy"]:
+        if not check.healthy:
             self.emit(event)
-            self.roll_back(state, it + 1, steps)
-            return "degenerated"
+            self.roll_back(state, it + 1, steps, check.problem)
+            return Outcome.DEGENERATED
         state.healthy = {"iteration": it + 1, "step": steps}
         self.keep_adapters(state)  # the best so far, so that a kill leaves it in place
         self.save_step_state(state)
         self.emit(event)
-        return "done" if not self.stop_requested() or state.iteration == cfg.iterations else "cancelled"
+        return (
+            Outcome.DONE if not self.stop_requested() or state.iteration == self.cfg.iterations else Outcome.CANCELLED
+        )
+
+    def guarded_step(self, groups, rng: random.Random, seed: int) -> StepResult | None:
+        """train_step, or None when it was not finite (warned once; MAX_BAD_STEPS in a row end the run)."""
+        try:
+            result = train_step(self.step_parts, groups, rng, seed)
+        except NonFiniteStep as e:
+            self.bad_steps += 1
+            if self.bad_steps == 1:
+                self.emit(ev.RunWarning(f"{e}: step skipped (counted as skipped_steps)"))
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise RunAborted(
+                    f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; the last good step state is kept "
+                    f"in {self.out}; lower --learning-rate and resume, or start again"
+                ) from None
+            return None
+        self.bad_steps = 0
+        return result
 
     def save_step_state(self, state: RunState) -> None:
         """Rank 0 saves adapters, optimizer state and the schedule position; the others hold the same."""
         if self.ranks.primary:
-            save_step_state(self.out, state, self.model, self.optimizer)
+            save_step_state(self.out, state, self.model, self.step_parts.optimizer)
 
     def stop_requested(self) -> bool:
         """Poll should_stop; with several ranks, a stop seen by any rank stops them all at the same step."""
         return self.ranks.any(self.should_stop(), "agreeing whether to stop")
 
-    def iteration_summary(self, it: int) -> IterationScores:
-        """Mean loss, MI bound and accuracies over the iteration's logged steps (rank 0 keeps the log)."""
-        log = read_jsonl(self.out / "metrics.jsonl") if self.ranks.primary else []
-        rows = [r for r in log if r.get("event") == "StepCompleted" and r.get("iteration") == it + 1]
-        keys = [f.name for f in dataclasses.fields(IterationScores)]
-        return IterationScores(**{k: sum(r[k] for r in rows) / len(rows) if rows else float("nan") for k in keys})
+    # ---- keeping and rolling back -----------------------------------------------------------
 
-    def _make_optimizer(self) -> optim.Optimizer:
-        if self.cfg.optimizer == "rmsprop":
-            return optim.RMSprop(learning_rate=self.cfg.learning_rate)
-        return optim.AdamW(learning_rate=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+    def check_mid_iteration(self, state: RunState) -> Check:
+        """The monitor's drift check inside an iteration; a healthy step becomes the one to roll back to."""
+        self.model.eval()
+        check = self.monitor.check_drift(state.iteration + 1, state.step)
+        self.model.train()
+        if check.healthy:
+            # Every rank keeps the step in memory (rank 0 alone writes RUN/healthy/, maybe on another Mac).
+            self.snapshots[HEALTHY] = {k: mx.array(v) for k, v in adapter_weights(self.model).items()}
+            if self.ranks.primary:
+                save_adapters(self.model, self.out / HEALTHY, self.adapter_config)
+            state.healthy = {"iteration": state.iteration + 1, "step": state.step}
+        return check
+
+    def keep_adapters(self, state: RunState) -> None:
+        """Put in RUN/adapters.safetensors the healthy iteration --keep chooses (choose_kept); the
+        initial (identity) adapters, i.e. the base model, if none was healthy."""
+        chosen = choose_kept(state.iterations, self.cfg.keep)
+        state.kept = kept_record(chosen, self.cfg.keep)
+        if not self.ranks.primary:
+            return
+        if chosen is None:
+            save_adapter_weights(self.initial_adapters, self.out, self.adapter_config)
+            return
+        for name in ("adapters.safetensors", "adapter_config.json"):
+            atomic_write_bytes(self.out / name, (self.out / chosen["adapters"] / name).read_bytes())
+
+    def load_kept(self, state: RunState) -> None:
+        """The model a finished run returns holds the kept adapters, as RUN/adapters.safetensors does."""
+        source = (state.kept or {}).get("adapters")
+        weights = self.initial_adapters if source is None else self.snapshot(source)
+        if weights is not None:  # else a rank on another Mac, resumed: its returned model is not the kept one
+            set_adapter_weights(self.model, weights)
+
+    def snapshot(self, source: str) -> dict[str, mx.array] | None:
+        """Adapters saved in RUN/<source>, from memory (this process saved them) or from disk."""
+        if source in self.snapshots:
+            return self.snapshots[source]
+        path = self.out / source / "adapters.safetensors"
+        # a .safetensors file loads as a dict (mlx annotates mx.load with every format's result)
+        return dict(cast(dict, mx.load(str(path)))) if path.is_file() else None
+
+    def roll_back(self, state: RunState, iteration: int, step: int, problem: str) -> None:
+        """The monitor found `problem` at `step` of `iteration`: end the run with the best healthy
+        adapters, a healthy step of this iteration among them (measured in full first, as an iteration's end)."""
+        self.model.eval()
+        h = state.healthy or {}
+        weights = self.snapshot(HEALTHY) if h and h["iteration"] == iteration and h["step"] < step else None
+        # The full check talks to the other ranks: all of them measure the healthy step, or none does.
+        missing = self.ranks.any(weights is None, "agreeing on the step to roll back to")
+        if weights is not None and not missing:
+            set_adapter_weights(self.model, weights)
+            check = self.monitor.check_in_full(iteration, h["step"], state.base_ppl)
+            state.iterations.append(
+                {"iteration": iteration, "step": h["step"], "adapters": HEALTHY, "partial": True, **check.to_dict()}
+            )
+        self.keep_adapters(state)
+        kept = state.kept
+        assert kept is not None  # keep_adapters() set it
+        state.stopped = (
+            f"stopped at iteration {iteration}, step {step}: {problem}; RUN/adapters.safetensors "
+            f"holds {kept['name']}{describe_kept(kept, ' (', ')')}. Lower --learning-rate "
+            "or raise --kl-beta / --anchor-beta"
+        )
+        state.finished = True
+        self.emit(ev.RunWarning(state.stopped))
+        if self.ranks.primary:
+            atomic_write_json(self.out / "state.json", state.to_dict())
+        self.load_kept(state)
 
 
 @contextlib.contextmanager

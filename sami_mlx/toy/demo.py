@@ -19,9 +19,10 @@ from sami_mlx.config import TrainConfig
 from sami_mlx.fileio import atomic_write_json, atomic_write_text
 from sami_mlx.inputs.constitution import Constitution, Variant, save_constitution
 from sami_mlx.loop.distributed import Ranks
+from sami_mlx.loop.heldout import heldout_perplexity, load_heldout
 from sami_mlx.loop.prepare import refuse_existing_run
 from sami_mlx.loop.rollout import generate_batch
-from sami_mlx.loop.trainer import heldout_perplexity, load_heldout, train
+from sami_mlx.loop.trainer import train
 from sami_mlx.presets import load_preset
 from sami_mlx.toy import world as toyworld
 from sami_mlx.toy.pretrain import ensure_toy_model, world_of

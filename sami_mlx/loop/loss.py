@@ -1,5 +1,6 @@
-"""The maths of one optimizer step: the SAMI loss of an encoded micro-batch (with its KL terms) and its
-gradient, as plain functions of the model and arrays; accumulation, ranks and guards live in update.py."""
+"""The loss of one micro-batch through the model: its score matrices and KL terms, combined by
+objective.regularised_loss, and the compiled loss-and-gradient function. Plain functions of the model
+and arrays; train_step.py adds the micro-batches up over ranks and applies the update."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import mlx.nn as nn
 from sami_mlx.loop.adapters import adapters_disabled
 from sami_mlx.loop.logits import output_layer
 from sami_mlx.loop.scoring import PairBatch, ScoringBatch, score_pair_inputs, shared_inputs, shared_terms
-from sami_mlx.objective import sami_loss
+from sami_mlx.objective import LossTerms, regularised_loss
 
 StepInputs = dict[str, dict[str, Any]]
 
@@ -41,46 +42,47 @@ def step_inputs(batch: ScoringBatch, settings: StepSettings) -> StepInputs:
     return inputs
 
 
-def step_loss(
-    model: nn.Module, inputs: StepInputs, n: int, kl_tokens: mx.array, settings: StepSettings
-) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """(loss, S, kl, anchor kl): the SAMI loss of the score matrices S plus the weighted KL terms, each
-    KL summed over the response tokens and divided by `kl_tokens`."""
+def step_loss(model: nn.Module, inputs: StepInputs, n: int, kl_tokens: mx.array, settings: StepSettings) -> LossTerms:
+    """The loss of one micro-batch and its parts: the SAMI loss of the score matrices S plus the
+    weighted KL terms, each KL summed over the response tokens and divided by `kl_tokens`."""
+    zero = mx.array(0.0)
     if settings.shared:
         S, kl_total, anchor_total = shared_terms(model, inputs["scores"], n)
-        loss, zero, tokens = sami_loss(S), mx.array(0.0), mx.maximum(kl_tokens, 1)
+        tokens = mx.maximum(kl_tokens, 1)
         kl = zero if kl_total is None else kl_total / tokens
         anchor = zero if anchor_total is None else anchor_total / tokens
-        return loss + settings.kl_beta * kl + settings.anchor_beta * anchor, S, kl, anchor
+        return regularised_loss(S, kl, anchor, settings.kl_beta, settings.anchor_beta)
     S = score_pair_inputs(model, inputs["scores"], n)
-    loss = sami_loss(S)
-    kl = anchor = mx.array(0.0)
+    kl = anchor = zero
     if settings.kl_beta > 0:
         kl = kl_on(model, PairBatch(**inputs["diagonal"], shape=(0, n)), kl_tokens)
-        loss = loss + settings.kl_beta * kl
     if settings.anchor_beta > 0:
         anchor = kl_on(model, PairBatch(**inputs["anchored"], shape=(0, n)), kl_tokens)
-        loss = loss + settings.anchor_beta * anchor
-    return loss, S, kl, anchor
+    return regularised_loss(S, kl, anchor, settings.kl_beta, settings.anchor_beta)
 
 
 def step_function(model: nn.Module, settings: StepSettings, compiled: bool) -> Callable:
-    """(inputs, n, kl_tokens, training) -> ((loss, S, kl, anchor), gradients), compiled with
+    """(inputs, n, kl_tokens, training) -> (LossTerms, gradients of its total), compiled with
     --compile as mlx-lm compiles its SFT step: the model's arrays and the random state (dropout)
     are the traced state, and `training` is a constant so that train/eval mode retraces."""
 
     def loss(model, inputs, n, kl_tokens):
-        return step_loss(model, inputs, n, kl_tokens, settings)
+        return tuple(step_loss(model, inputs, n, kl_tokens, settings))  # the total first: its gradient
 
     loss_and_grad = nn.value_and_grad(model, loss)
 
     def step(inputs: StepInputs, n: int, kl_tokens: mx.array, training: bool):
         return loss_and_grad(model, inputs, n, kl_tokens)
 
-    if not compiled:
-        return step
-    state = [model.state, mx.random.state]
-    return mx.compile(step, inputs=state, outputs=state)
+    if compiled:
+        state = [model.state, mx.random.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+
+    def terms_and_grad(inputs: StepInputs, n: int, kl_tokens: mx.array, training: bool):
+        values, grads = step(inputs, n, kl_tokens, training)
+        return LossTerms(*values), grads
+
+    return terms_and_grad
 
 
 def kl_on(model: nn.Module, pairs, tokens: float | mx.array | None = None) -> mx.array:
