@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import WATCHED
+from helpers import WATCHED
 
 from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop.distributed import RankLost
