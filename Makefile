@@ -1,4 +1,4 @@
-# `make test` and `make demo` set themselves up: a virtual environment in .venv with the
+# `make test`, `make test-fast` and `make demo` set themselves up: a virtual environment in .venv with the
 # project installed, and (on Debian/Ubuntu Linux) OpenBLAS preloaded under MLX's CPU
 # backend, which makes CPU runs 5-10x faster.
 PYTHON ?= python3
@@ -11,7 +11,7 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 PRELOAD := $(shell [ -f $(OPENBLAS) ] && echo LD_PRELOAD=$(OPENBLAS))
 RUN := $(PRELOAD) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2}
 
-.PHONY: test _test _checks demo bench bench-quick lint setup clean
+.PHONY: test test-fast _test _checks demo bench bench-quick lint setup clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,14 @@ $(PULLED): $(STAMP)
 test: $(STAMP) $(PULLED)
 	$(MAKE) --no-print-directory _test
 
-# Everything CI checks: formatting, lint, types, the import contracts (pyproject.toml), then pytest.
+# Everything CI checks: formatting, lint, types, the import contracts (pyproject.toml), then pytest: every
+# tier (tests/unit, tests/integration, tests/system, tests/real_model).
 _test: _checks
 	$(RUN) $(PY) -m pytest tests
+
+# The unit tier alone (tests/unit): pure, in-process tests, well under two minutes, for the edit-test loop.
+test-fast: $(STAMP)
+	$(RUN) $(PY) -m pytest tests/unit
 
 _checks:
 	$(VENV)/bin/ruff format --check sami_mlx tui tests benchmarks

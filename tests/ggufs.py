@@ -12,8 +12,8 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import numpy as np
-from conftest import CORPUS
 from gguf import GGMLQuantizationType as Q
+from helpers import CORPUS
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"

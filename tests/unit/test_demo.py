@@ -1,6 +1,6 @@
-"""The toy principles world and `sami-mlx demo`: the checker, the corpus, and SAMI raising adherence."""
+"""The toy principles world: the checker, the corpus, the win rate and the pretraining loss (the demo run
+itself, SAMI raising adherence, is tests/integration/test_demo_run.py)."""
 
-import json
 import random
 
 import pytest
@@ -65,53 +65,6 @@ def test_unmarked_replies_show_no_register_and_leave_the_link_as_it_was():
         assert sum(b is False for b in marked) / len(marked) == pytest.approx(p_casual, abs=0.04)
 
 
-def small_preset():
-    return {
-        "recipe": {
-            "seed": 0,
-            "documents": 9000,
-            "vocab_size": 700,
-            "hidden_size": 64,
-            "layers": 3,
-            "heads": 4,
-            "intermediate_size": 128,
-            "batch_size": 32,
-            "steps": 400,
-            "learning_rate": 3e-3,
-            "warmup": 30,
-            "world": {"p_default_if_stated": 0.9, "p_default_if_opposed": 0.55, "p_default_if_absent": 0.7},
-            "curriculum": {
-                "steps": 250,
-                "world": {"p_default_if_stated": 0.95, "p_default_if_opposed": 0.1, "p_default_if_absent": 0.7},
-            },
-        },
-        "demo": {
-            "train_principles": ["register", "format"],
-            "heldout_principle": "length",
-            "train_queries": 120,
-            "heldout_documents": 32,
-            "eval_queries": 16,
-            "heldout_eval_queries": 4,
-            "sami": {
-                "variants": "grid",
-                "iterations": 3,
-                "steps": 10,
-                "queries_per_step": 4,
-                "learning_rate": 3e-4,
-                "kl_beta": 0.3,
-                "anchor_beta": 1.0,
-                "count_eos": True,
-                "schedule": "continue",
-                "lora_rank": 16,
-                "lora_layers": -1,
-                "temperature": 1.0,
-                "max_tokens": 24,
-                "stop": ["Human:"],
-            },
-        },
-    }
-
-
 def test_win_rate_counts_ties_half_with_the_wilson_interval_eval_uses():
     from sami_mlx import stats
     from sami_mlx.inputs.constitution import Constitution, Principle
@@ -127,26 +80,6 @@ def test_win_rate_counts_ties_half_with_the_wilson_interval_eval_uses():
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     assert stats.wilson_interval(1.0, 5)[1] == pytest.approx(1.0) and stats.wilson_interval(1.0, 5)[0] < 0.6
     assert stats.win_rate([]) == (None, None)
-
-
-def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
-    from sami_mlx.toy.demo import run_demo
-
-    monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
-    report = run_demo(tmp_path / "run", small_preset())
-    print({k: report[k] for k in ("base_adherence", "sami_adherence", "win_rate", "ppl_ratio", "seconds")})
-    saved = json.loads((tmp_path / "run" / "demo.json").read_text())
-    for key in ("base_adherence", "sami_adherence", "win_rate", "win_rate_ci", "ppl_ratio", "heldout", "seconds"):
-        assert key in saved
-    base, sami = report["base_adherence"]["overall"], report["sami_adherence"]["overall"]
-    assert sami >= base + 0.12, (base, sami)
-    assert report["win_rate"] > 0.6
-    lo, hi = report["win_rate_ci"]
-    assert lo <= report["win_rate"] <= hi
-    assert report["ppl_ratio"] < 1.3  # the anchor holds plain dialogue near the base (measured 1.00)
-    # The run went through the engine: the usual run directory, loadable by mlx-lm.
-    assert (tmp_path / "run" / "iter-03" / "adapters.safetensors").exists()
-    assert list((tmp_path / "cache" / "models").glob("toy-world-*/model.safetensors"))
 
 
 def test_pretraining_loss_reads_only_the_reply_and_matches_mlx_lm():

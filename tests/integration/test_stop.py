@@ -22,7 +22,7 @@ from tui.app import SamiApp
 from tui.run_screen import RunScreen
 from tui.runlog import RunView
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Greedy sampling of many short groups, decoded one group at a time so that groups finish one by one;
 # the monitor off (its base answers would only add time).

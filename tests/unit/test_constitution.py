@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import user_file_error
+from helpers import user_file_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CHAT_TEMPLATE
+from helpers import CHAT_TEMPLATE
 
 from sami_mlx import instruct
 from sami_mlx.chat import ChatSession, PromptStyle

@@ -3,7 +3,7 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-from conftest import randomise_lora_b
+from helpers import randomise_lora_b
 from mlx.utils import tree_flatten
 
 from sami_mlx.loop.adapters import adapters_disabled, attach_adapters

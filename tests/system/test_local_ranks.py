@@ -13,14 +13,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from test_demo import small_preset
+from helpers import small_preset
 
 from sami_mlx.cli.local_ranks import run_local_ranks
 from sami_mlx.cli.main import main
 from sami_mlx.loop.distributed import RankLost
 from sami_mlx.machine import local_cores
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pythonpath(*folders: Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import RESUMABLE
+from helpers import RESUMABLE
 
 from sami_mlx.cli.train import main
 

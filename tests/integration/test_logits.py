@@ -6,7 +6,7 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-from conftest import randomise_lora_b
+from helpers import randomise_lora_b
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 

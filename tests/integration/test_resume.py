@@ -2,7 +2,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import RESUMABLE
+from helpers import RESUMABLE
 
 from sami_mlx import events as ev
 from sami_mlx.cli.train import main

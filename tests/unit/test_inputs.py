@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import user_file_error
+from helpers import user_file_error
 
 from sami_mlx.cli.train import make_parser
 from sami_mlx.cli.train_flags import build_config

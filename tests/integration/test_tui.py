@@ -40,7 +40,7 @@ from tui.settings_form import SettingsForm, absolute_paths
 from tui.widgets import PrincipleCard
 
 SIZE = (160, 50)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 import yaml
-from conftest import WATCHED
+from helpers import WATCHED
 
 import sami_mlx.loop.monitor as monitor
 import sami_mlx.loop.sampling as sampling

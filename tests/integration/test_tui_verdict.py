@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx_lm
 import pytest
 import yaml
-from conftest import randomise_lora_b, write_demo_result
+from helpers import randomise_lora_b, write_demo_result
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text

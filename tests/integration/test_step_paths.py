@@ -6,7 +6,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import randomise_lora_b
+from helpers import randomise_lora_b
 from mlx.utils import tree_flatten
 
 from sami_mlx.inputs.constitution import Variant

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_textual_snapshot
-from conftest import write_demo_result
+from helpers import write_demo_result
 from textual.widgets import Input
 
 import tui.app
