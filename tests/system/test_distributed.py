@@ -18,8 +18,8 @@ import mlx.core as mx
 import pytest
 from helpers import WATCHED
 
-from sami_mlx.fileio import read_jsonl
 from sami_mlx.cli.local_ranks import run_local_ranks
+from sami_mlx.fileio import read_jsonl
 from sami_mlx.loop.distributed import RankLost
 
 # The random tiny model repeats one token under greedy decoding; with the wording at the very end
