@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sami_mlx.rates import format_rate
-from tui.runlog import PrincipleResult, RunResult, RunView, eval_command, short_path
+from tui.state.runlog import PrincipleResult, RunResult, RunView, eval_command, short_path
 
 STATUS_STYLES = {
     "running": "bold yellow",
@@ -144,7 +144,7 @@ def result_text(v: RunView, result: RunResult | None) -> Text:
     if result is None:
         out.append("not measured yet (no demo.json or eval/*.json in the run); ", style="dim")
         out.append("F5", style="bold")
-        out.append(" copies the command:\n", style="dim")
+        out.append(" measures it here, as this command does:\n", style="dim")
         out.append(eval_command(v.run_dir, v.kept_name))
         return out
     if result.adherence:
