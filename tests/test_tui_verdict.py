@@ -22,7 +22,7 @@ from tui.app import SamiApp
 from tui.chat_screen import ChatScreen
 from tui.constitution_screen import ConstitutionScreen
 from tui.modals import ErrorModal, EvalModal, HelpModal, PathModal
-from tui.run_screen import RunScreen
+from tui.run_screen import PAIRS, RunScreen
 from tui.state.run_dashboard import verdict_rows
 from tui.state.runlog import load_run, read_result
 from tui.widgets import PrincipleCard
@@ -322,3 +322,25 @@ async def test_question_mark_opens_help_from_an_empty_field_and_types_into_a_fil
         field.value = "model"
         await pilot.press("end", "question_mark")
         assert app.screen is run and field.value == "model?"
+
+
+async def test_samples_show_base_and_aligned_replies_to_the_same_query_side_by_side(workdir, past_run):
+    run = past_run(workdir / "runs", "judged")
+    (run / "eval").mkdir()
+    items = [{"query": "Name a colour.", "base": "blue blue blue", "checkpoint": "Blue, kindly.", "verdict": "B"}]
+    result = {"checkpoint": "iter-01", "win_rate": 1.0, "win_rate_ci": [0.2, 1.0], "n": 1, "items": items}
+    (run / "eval" / "iter-01.json").write_text(json.dumps({**result, "judge": {"kind": "local", "model": "j"}}))
+    app = SamiApp(run="runs/judged")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        select = app.screen.query_one("#samples-iteration", Select)
+        assert [str(label) for label, _ in select._options[1:]] == ["iter-01", "base vs aligned"]
+        assert "Q: " in shown(app.screen.query_one("#samples", Static))  # the newest iteration's, as before
+        select.value = PAIRS
+        await pilot.pause()
+        lines = shown(app.screen.query_one("#samples", Static)).splitlines()
+        assert "iter-01 against base (eval/iter-01.json)" in lines[0]
+        assert re.match(r"\s*base\s+aligned", lines[1])
+        row = next(line for line in lines if "blue blue blue" in line)
+        assert "Blue, kindly." in row  # the same query's replies on one row
+        assert any("Q: Name a colour." in line for line in lines)

@@ -30,6 +30,7 @@ from tui.state.evaluating import EvalRequest, default_request, failure_line, las
 from tui.state.run_dashboard import (
     ITERATION_COLUMNS,
     iteration_rows,
+    pairs_table,
     stats_text,
     title_text,
     verdict_rows,
@@ -37,11 +38,13 @@ from tui.state.run_dashboard import (
 )
 from tui.state.run_settings import plan_text
 from tui.state.runlog import (
+    ReplyPair,
     RunResult,
     RunView,
     is_resumable,
     load_run,
     read_kept,
+    read_pairs,
     read_result,
     read_samples,
     sample_iterations,
@@ -51,6 +54,7 @@ from tui.state.session import Session
 from tui.state.threads import in_fresh_thread
 from tui.widgets import KeysFooter, MetricPlot, NavTabs, samples_text
 
+PAIRS = -1  # the samples list's entry for base-vs-aligned replies (iterations count from 1)
 FRAME = 1 / 15  # the dashboard redraws at most 15 times a second
 
 
@@ -112,6 +116,7 @@ class RunScreen(Screen[None]):
         self._principles: dict[str | None, list[str]] = {}
         self._synced: str | None = None  # the editor's file, as last copied into the form
         self._verdict: tuple[tuple, RunResult | None, tuple[str, str]] | None = None  # files' key, what they say
+        self._pairs: tuple[str, list[ReplyPair]] = ("", [])  # base and aligned replies the run has
         self.measuring: str | None = None  # the run `sami-mlx eval` is measuring now
 
     def compose(self) -> ComposeResult:
@@ -416,6 +421,7 @@ class RunScreen(Screen[None]):
         v, box = self.view, self.query_one("#verdict", Static)
         box.display = bool(v.run_dir)
         if not v.run_dir:
+            self._pairs = ("", [])
             return
         run = Path(v.run_dir)
         files = [run / "demo.json", run / "state.json", *sorted((run / "eval").glob("*.json"))]
@@ -423,6 +429,7 @@ class RunScreen(Screen[None]):
         if self._verdict is None or self._verdict[0] != key:
             kept = read_kept(run)
             self._verdict = (key, read_result(run, kept[0] or v.kept_name), kept)
+            self._pairs = read_pairs(run, kept[0] or v.kept_name)
         _, result, kept = self._verdict
         box.update(verdict_table(verdict_rows(v, result, kept)))
         box.border_title = "Verdict"
@@ -537,10 +544,20 @@ class RunScreen(Screen[None]):
         v = self.view
         found = sorted(set(sample_iterations(v.run_dir) if v.run_dir else []) | set(v.examples))
         select = self.query_one("#samples-iteration", Select)
-        if found != self._sample_options:
-            self._sample_options = found
+        source, pairs = self._pairs
+        options = [*found, PAIRS] if pairs else found
+        if options != self._sample_options:
+            self._sample_options = options
             with select.prevent(Select.Changed):
-                select.set_options([(f"iter-{i:02d}", i) for i in found])
+                select.set_options([(f"iter-{i:02d}" if i != PAIRS else "base vs aligned", i) for i in options])
+        if pairs and self._samples_iteration == PAIRS:  # the same queries, base and aligned side by side
+            if select.value != PAIRS:
+                with select.prevent(Select.Changed):
+                    select.value = PAIRS
+            if self._samples_key != (v.run_dir, PAIRS, source, len(pairs)):
+                self._samples_key = (v.run_dir, PAIRS, source, len(pairs))
+                self.query_one("#samples", Static).update(pairs_table(source, pairs))
+            return
         # Follow the newest iteration unless the user picked one.
         it = self._samples_iteration if self._samples_iteration in found else (found[-1] if found else None)
         if it is not None and select.value != it:
@@ -570,4 +587,5 @@ class RunScreen(Screen[None]):
     @on(Select.Changed, "#samples-iteration")
     def samples_iteration_chosen(self, event: Select.Changed) -> None:
         self._samples_iteration = event.value if isinstance(event.value, int) else None
+        self._samples_key = None
         self.render_samples()
