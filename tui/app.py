@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
-from typing import Protocol
 
+from textual import events, on
 from textual.app import App, SystemCommand
 from textual.binding import Binding
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Input
 
 from sami_mlx.errors import RunAborted, SamiError
-from sami_mlx.inputs.constitution import Constitution, load_constitution
 from tui.chat_screen import ChatScreen
-from tui.chatting import ChatModels
 from tui.constitution_screen import ConstitutionScreen
+from tui.messages import ConstitutionOpened, ConstitutionSaved, ErrorRaised, RunChosen
 from tui.modals import ChoiceModal, ErrorModal, HelpModal, key_name
 from tui.run_screen import RunScreen
-from tui.runlog import short_path
-
-
-class Trainer(Protocol):
-    """What the Run screen runs: the engine's sami_mlx.loop.trainer, or a stand-in with its train() and resume()."""
-
-    @property
-    def train(self) -> Callable[..., object]: ...
-
-    @property
-    def resume(self) -> Callable[..., object]: ...
+from tui.state.runlog import short_path
+from tui.state.session import Session, Trainer
 
 
 class SamiApp(App[None]):
@@ -35,7 +26,7 @@ class SamiApp(App[None]):
 
     CSS_PATH = "sami.tcss"
     TITLE = "sami-mlx"
-    SCREENS = {"constitution": ConstitutionScreen, "run": RunScreen, "chat": ChatScreen}
+    # The screens are installed in __init__, each given the Session it shares with the others.
     MODES = {"constitution": "constitution", "run": "run", "chat": "chat"}
     # Screen classes by terminal width, for sami.tcss: under 100 columns (80x24 included) and under 120
     # the screens stack or wrap what sits side by side on a wide terminal.
@@ -45,8 +36,8 @@ class SamiApp(App[None]):
         Binding("f2", "switch_mode('run')", "Run", tooltip="Start, watch, stop or browse runs"),
         Binding("f3", "switch_mode('chat')", "Chat", tooltip="Chat with the base model or a checkpoint"),
         Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (asks about unsaved changes or a run)"),
-        # Not priority: in a text field `?` is typed (the palette's Help works there). Off the footer, which
-        # is full at 100 columns; `?` is where users look for help.
+        # Off the footer, which is full at 100 columns; `?` is where users look for help. In a text field
+        # `?` is typed unless the field is empty (on_event); the palette's Help works everywhere.
         Binding("question_mark", "help", "Help", show=False, tooltip="The keys of this screen"),
     ]
 
@@ -60,21 +51,52 @@ class SamiApp(App[None]):
         trainer: Trainer | None = None,
     ) -> None:
         super().__init__()
-        self.model = model or (config or {}).get("model", "")
-        self.config = config or {}  # run settings (TrainConfig fields), as `sami-mlx train -c` reads them
-        self.constitution_path = constitution or self.config.get("constitution")
-        self.run_dir = run
-        self.runs_dir = runs_dir
+        config = config or {}
         if trainer is None:
             from sami_mlx.loop import trainer as engine
 
             trainer = engine
-        self.trainer: Trainer = trainer
-        self.chat_models = ChatModels()
+        self.session = Session(
+            trainer=trainer,
+            model=model or config.get("model", ""),
+            config=config,
+            constitution_path=constitution or config.get("constitution"),
+            run_dir=run,
+            runs_dir=runs_dir,
+        )
+        self.install_screen(ConstitutionScreen(self.session), "constitution")
+        self.install_screen(RunScreen(self.session), "run")
+        self.install_screen(ChatScreen(self.session), "chat")
         self.start_mode = "run" if run else "constitution"
 
     def on_mount(self) -> None:
         self.switch_mode(self.start_mode)
+
+    @property
+    def run_dir(self) -> str | None:
+        """The run the app is about (the Session's)."""
+        return self.session.run_dir
+
+    # ---- what the screens say -------------------------------------------------------------
+
+    @on(ErrorRaised)
+    def error_raised(self, message: ErrorRaised) -> None:
+        message.stop()
+        self.report_error(message.error, message.title)
+
+    @on(RunChosen)
+    def run_chosen(self, message: RunChosen) -> None:
+        message.stop()
+        self.session.run_dir = message.run_dir
+        chat = self.get_screen("chat", ChatScreen)
+        if chat.is_current:  # chat opened it: show it now (the other screens catch up when shown)
+            chat.refresh_source()
+
+    @on(ConstitutionOpened)
+    @on(ConstitutionSaved)
+    def constitution_chosen(self, message: ConstitutionOpened | ConstitutionSaved) -> None:
+        message.stop()
+        self.session.constitution_path = message.path
 
     # ---- one place for errors -------------------------------------------------------------
 
@@ -86,17 +108,6 @@ class SamiApp(App[None]):
             self.log.error(error)
             message = f"{type(error).__name__}: {error}"
         self.push_screen(ErrorModal(title, message))
-
-    # ---- shared state ---------------------------------------------------------------------
-
-    def current_constitution(self) -> Constitution:
-        """The constitution in the editor (validated), or the file given at start."""
-        editor = self.get_screen("constitution", ConstitutionScreen)
-        if editor.is_mounted:
-            return editor.constitution()
-        if self.constitution_path:
-            return load_constitution(self.constitution_path)
-        raise SamiError("no constitution yet; write one on the Constitution screen (F1)")
 
     # ---- command palette: the bindings, declared once -------------------------------------
 
@@ -119,6 +130,21 @@ class SamiApp(App[None]):
                     continue
                 help_text = f"{binding.tooltip or binding.description} ({key_name(binding.key.split(',')[0])})"
                 yield SystemCommand(binding.description, help_text, partial(owner.run_action, binding.action))
+
+    async def on_event(self, event: events.Event) -> None:
+        # A focused text field takes `?` before any binding sees it (Textual leaves out the bindings a field
+        # would consume), and the Run and Chat screens open with the cursor in one. An empty field gives
+        # `?` to help, which is what a user pressing it there means; after other text it is the field's.
+        if isinstance(event, events.Key) and event.key == "question_mark" and self.empty_field_focused():
+            event.stop()
+            event.prevent_default()
+            self.action_help()
+            return
+        await super().on_event(event)
+
+    def empty_field_focused(self) -> bool:
+        focused = self.screen.focused
+        return not isinstance(self.screen, ModalScreen) and isinstance(focused, Input) and not focused.value
 
     def action_help(self) -> None:
         """Show the keys of the screen in front (not of the help itself)."""

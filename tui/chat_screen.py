@@ -6,10 +6,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import getters, on, work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -25,13 +24,13 @@ from sami_mlx.config import check_sampling
 from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import Constitution, load_constitution
-from tui.chatting import checkpoint_label, model_name, run_checkpoints
-from tui.runlog import kept_name, short_path
-from tui.threads import in_fresh_thread
+from tui.constitution_screen import ConstitutionScreen
+from tui.messages import ErrorRaised, RunChosen
+from tui.state.chatting import checkpoint_label, model_name, run_checkpoints
+from tui.state.runlog import kept_name, short_path
+from tui.state.session import Session
+from tui.state.threads import in_fresh_thread
 from tui.widgets import ChatBubble, KeysFooter, NavTabs
-
-if TYPE_CHECKING:
-    from tui.app import SamiApp
 
 FRAME = 1 / 15  # streamed text is redrawn at most 15 times a second
 
@@ -49,9 +48,6 @@ class ChatRequest:
 
 class ChatScreen(Screen):
     """A transcript per model (one, or base and checkpoint side by side) and a message box."""
-
-    if TYPE_CHECKING:
-        app = getters.app(SamiApp)
 
     AUTO_FOCUS = "#message"
 
@@ -89,8 +85,9 @@ class ChatScreen(Screen):
             super().__init__()
             self.error = error
 
-    def __init__(self) -> None:
+    def __init__(self, session: Session) -> None:
         super().__init__(id="chat-screen")
+        self.session = session
         self.model = ""
         self.checkpoints: list[Checkpoint] = []
         self.kept = ""  # the run's kept checkpoint, marked "(kept)" and chosen first
@@ -141,7 +138,7 @@ class ChatScreen(Screen):
         iterations too), else --model's base with the editor's constitution. A switch to another run
         (one started on the Run screen, say) clears the transcripts and says so, so no reply stays under
         a label that no longer names its model."""
-        app = self.app
+        app = self.session  # what the app is about: its run, or --model
         model, checkpoints, style, kept = app.model or "", list_checkpoints(None), PromptStyle(), ""
         constitution: Constitution | None = None
         problem = ""
@@ -153,7 +150,7 @@ class ChatScreen(Screen):
                 constitution, problem = self.run_constitution(cfg.constitution)
             except SamiError as e:
                 if (app.run_dir, app.model) != self._source:
-                    app.report_error(e, "Cannot chat with this run")
+                    self.post_message(ErrorRaised(e, "Cannot chat with this run"))
         source, changed = (app.run_dir, app.model), (checkpoints, kept) != (self.checkpoints, self.kept)
         if self._source is not None and source != self._source:
             self.source_switched(app.run_dir)
@@ -187,7 +184,7 @@ class ChatScreen(Screen):
         """Say how the prompt is written: as the run trained (its constitution, template, chat template)."""
         on = self.query_one("#use-constitution", Checkbox).value
         style, c, out = self.prompt_style, self.constitution, Text(style="dim")
-        if not self.app.run_dir:
+        if not self.session.run_dir:
             out.append("prompt: " + ("the editor's constitution (F1)" if on else "no constitution"))
         elif c is None:
             out.append(f"prompt: {self.constitution_problem or 'no constitution'}", style="red")
@@ -273,12 +270,11 @@ class ChatScreen(Screen):
                 try:
                     load_run_config(path, flag="")
                 except SamiError as e:
-                    self.app.report_error(e, "Cannot chat with this run")
+                    self.post_message(ErrorRaised(e, "Cannot chat with this run"))
                     return
-                self.app.run_dir = str(path)
-                self.refresh_source()
+                self.post_message(RunChosen(path))  # the app makes it the session's run and refreshes this
 
-        self.app.push_screen(RunPicker(self.app.runs_dir), chosen)
+        self.app.push_screen(RunPicker(self.session.runs_dir), chosen)
 
     @on(Input.Submitted, "#chat-temperature, #chat-max-tokens")
     def setting_entered(self) -> None:
@@ -295,7 +291,7 @@ class ChatScreen(Screen):
         try:
             request = self.request()
         except SamiError as e:
-            self.app.report_error(e, "Cannot send")
+            self.post_message(ErrorRaised(e, "Cannot send"))
             return
         event.input.value = ""
         sides = ["base", "main"] if self.query_one("#side-by-side", Checkbox).value else ["main"]
@@ -320,13 +316,13 @@ class ChatScreen(Screen):
             raise SamiError("side by side compares the base model with an iteration; pick one in the checkpoint list")
         constitution = None
         if self.query_one("#use-constitution", Checkbox).value:
-            if self.app.run_dir:  # the run's own, as it trained, whatever the editor holds
+            if self.session.run_dir:  # the run's own, as it trained, whatever the editor holds
                 if self.constitution is None:
                     raise SamiError(f"{self.constitution_problem or 'the run has no constitution'}; untick it")
                 constitution = constitution_text(self.constitution)
             else:
                 try:
-                    c = self.app.current_constitution()
+                    c = self.app.get_screen("constitution", ConstitutionScreen).current()
                 except SamiError as e:
                     raise SamiError(f"the constitution has an error ({e}); fix it on F1 or untick it") from None
                 constitution = constitution_text(c)
@@ -353,7 +349,7 @@ class ChatScreen(Screen):
 
     def _generate(self, worker, sides: list[str], history: dict[str, list[dict]], request: ChatRequest) -> None:
         checkpoint, max_tokens, temperature = request.checkpoint, request.max_tokens, request.temperature
-        models = self.app.chat_models
+        models = self.session.chat_models
         with models.lock:
             self.post_message(self.Status(f"loading {checkpoint.name}…"))
             model, tokenizer = models.load(self.model, checkpoint)
@@ -397,7 +393,7 @@ class ChatScreen(Screen):
 
     @on(ChatFailed)
     def failed(self, message: ChatFailed) -> None:
-        self.app.report_error(message.error, "The model could not reply")
+        self.post_message(ErrorRaised(message.error, "The model could not reply"))
 
     def finish(self) -> None:
         """The worker is done: close replies that never started (stopped or failed)."""

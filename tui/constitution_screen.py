@@ -5,10 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import getters, on, work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -33,13 +32,12 @@ from sami_mlx.inputs.constitution import (
     save_constitution,
     variant_strategy,
 )
+from tui.messages import ConstitutionOpened, ConstitutionSaved, ErrorRaised
 from tui.modals import ChoiceModal, PathModal
-from tui.runlog import short_path
-from tui.threads import in_fresh_thread
+from tui.state.runlog import short_path
+from tui.state.session import Session
+from tui.state.threads import in_fresh_thread
 from tui.widgets import KeysFooter, NavTabs, PrincipleCard
-
-if TYPE_CHECKING:
-    from tui.app import SamiApp
 
 PREVIEW_LIMIT = 8
 
@@ -55,9 +53,6 @@ def principle_notes(problems: list[Problem], count: int) -> list[list[str]]:
 
 class ConstitutionScreen(Screen):
     """The principles as cards (name, + wording, − wording); save writes the file atomically."""
-
-    if TYPE_CHECKING:
-        app = getters.app(SamiApp)
 
     AUTO_FOCUS = ".principle-name"
 
@@ -89,9 +84,12 @@ class ConstitutionScreen(Screen):
             super().__init__()
             self.constitution, self.error = constitution, error
 
-    def __init__(self) -> None:
+    def __init__(self, session: Session) -> None:
         super().__init__(id="constitution-screen")
+        self.session = session
         self.path: Path | None = None
+        self.read_only: Path | None = None  # the run's own constitution, shown here: saved only elsewhere
+        self._run_tried: str | None = None
         self.saved: dict | None = None  # the document as last loaded or saved
         self.source: EditableFile | None = None  # the file as read, for saving to update in place
         self.preview_seed = 0
@@ -118,17 +116,53 @@ class ConstitutionScreen(Screen):
         yield KeysFooter()
 
     async def on_mount(self) -> None:
-        path = self.app.constitution_path
+        path = self.session.constitution_path
+        if not path and await self.open_run_constitution():
+            return
         if path and Path(path).exists():
             try:
                 await self.load(Path(path))
                 return
             except SamiError as e:
-                self.app.report_error(e, "Could not open the constitution")
+                self.post_message(ErrorRaised(e, "Could not open the constitution"))
         await self.show_document(
             {"name": "my-constitution", "principles": [{"name": "", "positive": "", "negative": ""}]},
             Path(path) if path else None,
         )
+
+    async def on_screen_resume(self) -> None:
+        if self.path is None and not self.dirty:  # nothing typed yet: a run opened since brings its own
+            await self.open_run_constitution()
+
+    async def open_run_constitution(self) -> bool:
+        """Show the constitution the app's run trained with (its config.yaml's), read-only: saving asks
+        for another file, so the run's record never changes. False when there is no run or it has none."""
+        from sami_mlx.config import load_run_config
+
+        if not self.session.run_dir or self._run_tried == self.session.run_dir:
+            return False
+        self._run_tried = self.session.run_dir  # once per run: a broken one reports once
+        try:
+            name = load_run_config(self.session.run_dir, flag="").constitution
+            if not name:
+                return False
+            path = Path(name).expanduser()
+            await self.load(path)
+        except SamiError as e:
+            self.post_message(ErrorRaised(e, "Could not open the run's constitution"))
+            return False
+        self.read_only = path
+        self.validate()
+        return True
+
+    def current(self) -> Constitution:
+        """The constitution in the editor (validated), or the file the app was given while the editor
+        has not been opened yet; raises SamiError naming what to fix."""
+        if self.is_mounted:
+            return self.constitution()
+        if self.session.constitution_path:
+            return load_constitution(self.session.constitution_path)
+        raise SamiError("no constitution yet; write one on the Constitution screen (F1)")
 
     # ---- the document ---------------------------------------------------------------------
 
@@ -171,8 +205,8 @@ class ConstitutionScreen(Screen):
         """Replace the editor's content; what is shown counts as saved unless `saved` is False. `origins`
         are the principles' indices in the file (PrincipleCard.origin); missing ones are new."""
         self._loading = True
-        self.path = path
-        self.app.constitution_path = str(path) if path else None
+        self.path, self.read_only = path, None
+        self.post_message(ConstitutionOpened(path))
         self.query_one("#constitution-name", Input).value = doc.get("name", "")
         box = self.query_one("#principles", VerticalScroll)
         await box.remove_children()
@@ -208,6 +242,8 @@ class ConstitutionScreen(Screen):
         status = self.query_one("#constitution-status", Static)
         where = short_path(self.path) if self.path else "unsaved file"
         mark = " · modified" if self.dirty else ""
+        if self.read_only:
+            mark += " · the run's: read-only, saved elsewhere"
         if problems:
             text = Text.assemble(("✗ ", "bold red"), problems[0].message, (f"   [{where}{mark}]", "dim"))
         else:
@@ -319,24 +355,30 @@ class ConstitutionScreen(Screen):
         self.update_preview()
 
     def action_save(self) -> bool:
-        """Save to the current file (asking for one the first time); True when saved."""
-        if self.path is None:
+        """Save to the current file (asking for one the first time, or when it is a run's); True when saved."""
+        if self.path is None or self.read_only:
             self.action_save_as()
             return False
         return self.save_to(self.path)
 
     def save_to(self, path: Path) -> bool:
         cards = list(self.query(PrincipleCard))
+        if self.read_only and path.expanduser().resolve() == self.read_only.resolve():
+            error = SamiError(
+                f"{short_path(path)} is the run's own constitution (what it trained with); save elsewhere"
+            )
+            self.post_message(ErrorRaised(error, "Not saved"))
+            return False
         try:
             source = save_constitution(self.constitution(), path, self.source, [c.origin for c in cards])
         except SamiError as e:
-            self.app.report_error(e, "Not saved")
+            self.report(e, "Not saved")
             return False
         except OSError as e:
-            self.app.report_error(SamiError(f"{short_path(path)}: cannot write ({e.strerror})"), "Not saved")
+            self.report(SamiError(f"{short_path(path)}: cannot write ({e.strerror})"), "Not saved")
             return False
-        self.path = path
-        self.app.constitution_path = str(path)
+        self.path, self.read_only = path, None
+        self.post_message(ConstitutionSaved(path))
         self.saved = self.document()
         if source is not None:  # the file now holds the cards in their order; a deleted one is gone
             self.source = source
@@ -352,7 +394,7 @@ class ConstitutionScreen(Screen):
             if value:
                 self.save_to(Path(value).expanduser())
 
-        default = str(short_path(self.path)) if self.path else "constitution.yaml"
+        default = str(short_path(self.path)) if self.path and not self.read_only else "constitution.yaml"
         self.app.push_screen(PathModal("Save constitution as (.yaml or .json)", default), chosen)
 
     def action_open(self) -> None:
@@ -362,7 +404,7 @@ class ConstitutionScreen(Screen):
             try:
                 await self.load(Path(value).expanduser())
             except SamiError as e:
-                self.app.report_error(e, "Could not open the constitution")
+                self.report(e, "Could not open the constitution")
 
         def ask_path() -> None:
             default = str(short_path(self.path)) if self.path else ""
@@ -385,6 +427,9 @@ class ConstitutionScreen(Screen):
         choices = [("save", "Save"), ("discard", "Discard"), ("cancel", "Cancel")]
         self.app.push_screen(ChoiceModal("Unsaved changes", question, choices), answered)
 
+    def report(self, error: BaseException, title: str) -> None:
+        self.post_message(ErrorRaised(error, title))
+
     # ---- the principle writer -------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -401,9 +446,7 @@ class ConstitutionScreen(Screen):
             if not request:
                 return
             if not request["writer"]:
-                self.app.report_error(
-                    SamiError("give the writer model: an instruct model's hub id or directory"), "Cannot draft"
-                )
+                self.report(SamiError("give the writer model: an instruct model's hub id or directory"), "Cannot draft")
                 return
             self.notify(f"drafting {request['principles']} principles with {request['writer']}…")
             self.draft(
@@ -413,7 +456,7 @@ class ConstitutionScreen(Screen):
                 self.query_one("#constitution-name", Input).value.strip() or "constitution",
             )
 
-        self.app.push_screen(DraftModal(self.app.model), chosen)
+        self.app.push_screen(DraftModal(self.session.model), chosen)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="draft")
     def draft(self, writer: str, task: str, k: int, name: str) -> None:
@@ -444,7 +487,7 @@ class ConstitutionScreen(Screen):
     @on(Drafted)
     def drafted(self, message: Drafted) -> None:
         if message.error is not None:
-            self.app.report_error(message.error, "The writer could not draft principles")
+            self.report(message.error, "The writer could not draft principles")
             return
         assert message.constitution is not None  # Drafted carries the principles or the error
         drafted = [

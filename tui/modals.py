@@ -15,7 +15,8 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from tui.runlog import list_runs, short_path
+from tui.state.evaluating import EvalRequest
+from tui.state.runlog import list_runs, short_path
 
 
 class ErrorModal(ModalScreen[None]):
@@ -161,6 +162,50 @@ class DraftModal(ModalScreen["dict | None"]):
     def submit(self) -> None:
         values = {i.id: i.value.strip() for i in self.query(Input)}
         self.dismiss({"writer": values["writer"], "task": values["task"], "principles": int(values["principles"] or 0)})
+
+
+class EvalModal(ModalScreen["EvalRequest | None"]):
+    """Measure a run against its base model: held-out queries, a judge model, how many queries. Enter
+    runs `sami-mlx eval` on the Run screen; the command is shown (and copied) for running it elsewhere."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, request: EvalRequest) -> None:
+        super().__init__(classes="dialog-screen")
+        self.request = request
+
+    def compose(self) -> ComposeResult:
+        r = self.request
+        with Vertical(classes="dialog wide"):
+            yield Label(
+                f"Measure {r.checkpoint or 'the newest checkpoint'} against the base model", classes="dialog-title"
+            )
+            yield Label("Held-out queries (.jsonl, text file or built-in set)", classes="field-label")
+            yield Input(short_path(r.queries) if r.queries else "", id="eval-queries")
+            yield Label("Judge model (hub id or directory; a local mlx-lm model)", classes="field-label")
+            yield Input(short_path(r.judge) if r.judge else "", id="eval-judge")
+            yield Label("Queries to judge (empty: all)", classes="field-label")
+            yield Input(str(r.limit or ""), type="integer", id="eval-limit")
+            yield Static("", id="eval-command", classes="dialog-hint")
+            yield Static("enter measures here, escape cancels; the command above is copied", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.show_command()
+
+    def read(self) -> EvalRequest:
+        values = {str(i.id).removeprefix("eval-"): i.value.strip() for i in self.query(Input)}
+        limit = int(values["limit"]) if values["limit"].lstrip("-").isdigit() else None
+        return EvalRequest(self.request.run_dir, self.request.checkpoint, values["queries"], values["judge"], limit)
+
+    @on(Input.Changed)
+    def show_command(self) -> None:
+        command = self.read().command()
+        self.query_one("#eval-command", Static).update(Text(command))
+        self.app.copy_to_clipboard(command)
+
+    @on(Input.Submitted)
+    def submit(self) -> None:
+        self.dismiss(self.read())
 
 
 class HelpModal(ModalScreen[None]):

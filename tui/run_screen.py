@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import getters, on, work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -16,43 +15,51 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Checkbox, DataTable, Header, Input, Label, ProgressBar, Select, Static
+from textual.worker import get_current_worker
 
 from sami_mlx import events as ev
 from sami_mlx.config import TrainConfig
 from sami_mlx.errors import SamiError
 from sami_mlx.inputs.constitution import load_constitution
 from tui.constitution_screen import ConstitutionScreen
-from tui.eta import Eta, eta_text
 from tui.heatmap import ScoreHeatmap, variant_labels
-from tui.run_dashboard import ITERATION_COLUMNS, iteration_rows, stats_text, title_text, verdict_rows, verdict_table
-from tui.run_settings import plan_text
-from tui.runlog import (
+from tui.messages import ErrorRaised, RunChosen
+from tui.settings_form import SettingsForm
+from tui.state.eta import Eta, eta_text
+from tui.state.evaluating import EvalRequest, default_request, failure_line, last_progress
+from tui.state.run_dashboard import (
+    ITERATION_COLUMNS,
+    iteration_rows,
+    pairs_table,
+    stats_text,
+    title_text,
+    verdict_rows,
+    verdict_table,
+)
+from tui.state.run_settings import plan_text
+from tui.state.runlog import (
+    ReplyPair,
     RunResult,
     RunView,
-    eval_command,
     is_resumable,
     load_run,
     read_kept,
+    read_pairs,
     read_result,
     read_samples,
     sample_iterations,
     short_path,
 )
-from tui.settings_form import SettingsForm
-from tui.threads import in_fresh_thread
+from tui.state.session import Session
+from tui.state.threads import in_fresh_thread
 from tui.widgets import KeysFooter, MetricPlot, NavTabs, samples_text
 
-if TYPE_CHECKING:
-    from tui.app import SamiApp
-
+PAIRS = -1  # the samples list's entry for base-vs-aligned replies (iterations count from 1)
 FRAME = 1 / 15  # the dashboard redraws at most 15 times a second
 
 
 class RunScreen(Screen[None]):
     """Settings on the left; progress, plots, score matrix and samples of the shown run on the right."""
-
-    if TYPE_CHECKING:
-        app = getters.app(SamiApp)
 
     AUTO_FOCUS = "#set-model"
 
@@ -63,7 +70,7 @@ class RunScreen(Screen[None]):
         Binding("ctrl+o", "open_run", "Open run", tooltip="Browse a past run from the runs folder"),
         Binding("ctrl+l", "load_settings", "Load settings", tooltip="Read the settings from a YAML config file"),
         Binding("ctrl+s", "save_settings", "Save settings", tooltip="Write the settings to a YAML config file"),
-        Binding("f5", "eval_command", "Eval", tooltip="Copy the command that measures the run against its base"),
+        Binding("f5", "measure", "Eval", tooltip="Measure the run against its base model (sami-mlx eval)"),
     ]
 
     class RunEvent(Message, bubble=False):
@@ -80,8 +87,23 @@ class RunScreen(Screen[None]):
             super().__init__()
             self.run_dir, self.error = run_dir, error
 
-    def __init__(self) -> None:
+    class EvalProgress(Message, bubble=False):
+        """What `sami-mlx eval` reported last: its stage and how far it got."""
+
+        def __init__(self, stage: str, done: int, total: int) -> None:
+            super().__init__()
+            self.stage, self.done, self.total = stage, done, total
+
+    class EvalEnded(Message, bubble=False):
+        """`sami-mlx eval` exited with `code`; `message` says why when it failed."""
+
+        def __init__(self, code: int, message: str = "") -> None:
+            super().__init__()
+            self.code, self.message = code, message
+
+    def __init__(self, session: Session) -> None:
         super().__init__(id="run-screen")
+        self.session = session
         self.view = RunView()
         self.eta = Eta()
         self.running = False
@@ -94,6 +116,8 @@ class RunScreen(Screen[None]):
         self._principles: dict[str | None, list[str]] = {}
         self._synced: str | None = None  # the editor's file, as last copied into the form
         self._verdict: tuple[tuple, RunResult | None, tuple[str, str]] | None = None  # files' key, what they say
+        self._pairs: tuple[str, list[ReplyPair]] = ("", [])  # base and aligned replies the run has
+        self.measuring: str | None = None  # the run `sami-mlx eval` is measuring now
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -103,6 +127,9 @@ class RunScreen(Screen[None]):
             with VerticalScroll(id="dashboard"):  # the verdict card and samples outgrow a small terminal
                 yield Static("", id="run-title")
                 yield Static("", id="verdict")
+                with Horizontal(id="eval-row"):
+                    yield Label("", id="eval-label")
+                    yield ProgressBar(show_eta=False, id="eval-progress")
                 with Horizontal(id="progress-row"):
                     with Vertical(classes="progress-box"):
                         yield Label("iterations", id="iterations-label")
@@ -130,17 +157,17 @@ class RunScreen(Screen[None]):
     def on_mount(self) -> None:
         table = self.query_one("#iterations-table", DataTable)
         table.add_columns(*ITERATION_COLUMNS)
-        app = self.app
-        if app.config:
+        session = self.session
+        if session.config:
             try:
-                self.use_config(app.config, keep_out=True)
+                self.use_config(session.config, keep_out=True)
             except SamiError as e:
-                app.report_error(e, "Cannot use the settings")
-        if app.model:
-            self.query_one("#set-model", Input).value = app.model
+                self.report(e, "Cannot use the settings")
+        if session.model:
+            self.query_one("#set-model", Input).value = session.model
         self.sync_constitution(force=True)
         self.set_interval(1, self.render_eta)  # the ETA counts down between events
-        run = app.run_dir
+        run = session.run_dir
         if run:
             self.open_run(Path(run))
         else:
@@ -152,9 +179,12 @@ class RunScreen(Screen[None]):
     def sync_constitution(self, force: bool = False) -> None:
         """Follow the file open in the constitution editor until the user types another here."""
         box = self.query_one("#set-constitution", Input)
-        path = self.app.constitution_path
+        path = self.session.constitution_path
         if path and (force or not box.value or box.value == self._synced):
             box.value = self._synced = str(short_path(path))
+
+    def report(self, error: BaseException, title: str) -> None:
+        self.post_message(ErrorRaised(error, title))
 
     # ---- settings -------------------------------------------------------------------------
 
@@ -171,7 +201,7 @@ class RunScreen(Screen[None]):
         self.form.show({k: v for k, v in config.items() if keep_out or k != "out"})
 
     def new_run_dir(self) -> Path:
-        root = Path(self.app.runs_dir)
+        root = Path(self.session.runs_dir)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out, n = root / stamp, 1
         while out.exists():
@@ -206,8 +236,8 @@ class RunScreen(Screen[None]):
             return not self.running
         if action == "stop":
             return self.running and not self.stop_requested.is_set()
-        if action == "eval_command":
-            return bool(self.view.run_dir) and not self.view.live
+        if action == "measure":
+            return bool(self.view.run_dir) and not self.view.live and self.measuring is None
         if action == "resume":
             return not self.running and bool(self.view.run_dir) and is_resumable(self.view.run_dir)
         return True
@@ -216,11 +246,11 @@ class RunScreen(Screen[None]):
         try:
             cfg = self.settings()
         except SamiError as e:
-            self.app.report_error(e, "Cannot start the run")
+            self.report(e, "Cannot start the run")
             return
         editor = self.app.get_screen("constitution", ConstitutionScreen)
         if editor.dirty and editor.path and Path(cfg.constitution).resolve() == editor.path.resolve():
-            self.app.report_error(
+            self.report(
                 SamiError(
                     f"{short_path(editor.path)} has unsaved changes; save it on the "
                     "Constitution screen (F1, ctrl+s) first"
@@ -236,7 +266,7 @@ class RunScreen(Screen[None]):
         try:
             view = load_run(run_dir)
         except SamiError as e:
-            self.app.report_error(e, "Cannot resume the run")
+            self.report(e, "Cannot resume the run")
             return
         self.begin(view)
         self.view.status = "resuming"
@@ -255,22 +285,22 @@ class RunScreen(Screen[None]):
             if path is not None:
                 self.open_run(path)
 
-        self.app.push_screen(RunPicker(self.app.runs_dir), chosen)
+        self.app.push_screen(RunPicker(self.session.runs_dir), chosen)
 
     def open_run(self, path: Path) -> None:
         """Show a past run from its metrics.jsonl and samples."""
         try:
             self.view = load_run(path)
         except SamiError as e:
-            self.app.report_error(e, "Cannot open the run")
+            self.report(e, "Cannot open the run")
             return
         self.view.run_dir = str(path)
         self._samples_iteration = None
-        self.app.run_dir = str(path)
+        self.post_message(RunChosen(path))
         try:
             self.use_config(self.view.config)
         except SamiError as e:
-            self.app.report_error(e, "Cannot show the run's settings")
+            self.report(e, "Cannot show the run's settings")
         self.refresh_bindings()
         self.render_view()
 
@@ -297,7 +327,7 @@ class RunScreen(Screen[None]):
                 last_progress = now
             self.post_message(self.RunEvent(event.to_dict()))
 
-        trainer = self.app.trainer
+        trainer = self.session.trainer
         run_dir = resume_dir or (cfg.out if cfg else "")
         try:
             if resume_dir:
@@ -328,13 +358,13 @@ class RunScreen(Screen[None]):
             return
         if message.error is not None:
             self.view.status, self.view.reason = "failed", str(message.error)
-            self.app.report_error(message.error, "The run failed")
+            self.report(message.error, "The run failed")
         elif self.view.status == "finished":
             self.notify(f"run finished: {short_path(message.run_dir)}; chat with it on F3")
         elif self.view.status == "stopped":
             self.notify(f"run stopped at step {self.view.global_step}; ctrl+y resumes it")
         if message.run_dir and (Path(message.run_dir) / "config.yaml").exists():
-            self.app.run_dir = message.run_dir
+            self.post_message(RunChosen(message.run_dir))
         self.refresh_bindings()
         self.render_view()
 
@@ -391,6 +421,7 @@ class RunScreen(Screen[None]):
         v, box = self.view, self.query_one("#verdict", Static)
         box.display = bool(v.run_dir)
         if not v.run_dir:
+            self._pairs = ("", [])
             return
         run = Path(v.run_dir)
         files = [run / "demo.json", run / "state.json", *sorted((run / "eval").glob("*.json"))]
@@ -398,15 +429,87 @@ class RunScreen(Screen[None]):
         if self._verdict is None or self._verdict[0] != key:
             kept = read_kept(run)
             self._verdict = (key, read_result(run, kept[0] or v.kept_name), kept)
+            self._pairs = read_pairs(run, kept[0] or v.kept_name)
         _, result, kept = self._verdict
         box.update(verdict_table(verdict_rows(v, result, kept)))
         box.border_title = "Verdict"
 
-    def action_eval_command(self) -> None:
-        """Copy `sami-mlx eval` for the shown run (its kept adapters against the base) and show it."""
-        command = eval_command(self.view.run_dir, read_kept(self.view.run_dir)[0] or self.view.kept_name)
-        self.app.copy_to_clipboard(command)
-        self.notify(f"{command}\n(copied; name held-out queries and a judge model)", title="Measure the run")
+    # ---- measuring the run: `sami-mlx eval` against the base ------------------------------
+
+    def action_measure(self) -> None:
+        """Ask for held-out queries and a judge, then run `sami-mlx eval` on the run's kept adapters (the
+        dialog copies the command too); the verdict card reads the result file when it is written."""
+        from tui.modals import EvalModal
+
+        run_dir = self.view.run_dir
+        if (Path(run_dir) / "demo.json").is_file():  # a toy world's run: its own checker is the judge
+            self.notify("the world's checker measured this run already (demo.json, in the verdict card)")
+            return
+        request = default_request(run_dir, read_kept(run_dir)[0] or self.view.kept_name)
+
+        def chosen(request: EvalRequest | None) -> None:
+            if request is None:
+                return
+            try:
+                request.check()
+            except SamiError as e:
+                self.report(e, "Cannot measure the run")
+                return
+            self.measuring = request.run_dir
+            self.show_eval("starting sami-mlx eval…", 0, 0)
+            self.refresh_bindings()
+            self.measure(request)
+
+        self.app.push_screen(EvalModal(request), chosen)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="eval")
+    def measure(self, request: EvalRequest) -> None:
+        """Run `sami-mlx eval` in a process of its own (its MLX memory goes with it); its progress bars come
+        back as EvalProgress messages, its exit as EvalEnded. Cancelling the worker ends the process."""
+        import os
+        import subprocess
+
+        worker = get_current_worker()
+        process = subprocess.Popen(
+            request.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        assert process.stderr is not None
+        printed, shown = "", None
+        while True:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            printed = (printed + chunk.decode(errors="replace"))[-20000:]
+            progress = last_progress(printed)
+            if progress and progress != shown:
+                shown = progress
+                self.post_message(self.EvalProgress(*progress))
+            if worker.is_cancelled:
+                process.terminate()
+                break
+        code = process.wait()
+        self.post_message(self.EvalEnded(code, "" if code == 0 else failure_line(printed)))
+
+    def show_eval(self, text: str, done: int, total: int) -> None:
+        self.query_one("#eval-row").display = bool(text)
+        self.query_one("#eval-label", Label).update(text)
+        self.query_one("#eval-progress", ProgressBar).update(total=max(total, 1), progress=done)
+
+    @on(EvalProgress)
+    def eval_progress(self, message: EvalProgress) -> None:
+        self.show_eval(f"measuring: {message.stage} {message.done}/{message.total}", message.done, message.total)
+
+    @on(EvalEnded)
+    def eval_ended(self, message: EvalEnded) -> None:
+        run_dir, self.measuring = self.measuring, None
+        self.show_eval("", 0, 0)
+        self.refresh_bindings()
+        if message.code != 0:
+            self.report(SamiError(f"sami-mlx eval: {message.message}"), "The run could not be measured")
+            return
+        self.notify(f"measured {short_path(run_dir or '')}: the verdict card shows the result", title="Measured")
+        self._verdict = None  # read the new eval file now
+        self.render_verdict()
 
     def render_eta(self) -> None:
         box = self.query_one("#run-eta", Static)
@@ -441,10 +544,20 @@ class RunScreen(Screen[None]):
         v = self.view
         found = sorted(set(sample_iterations(v.run_dir) if v.run_dir else []) | set(v.examples))
         select = self.query_one("#samples-iteration", Select)
-        if found != self._sample_options:
-            self._sample_options = found
+        source, pairs = self._pairs
+        options = [*found, PAIRS] if pairs else found
+        if options != self._sample_options:
+            self._sample_options = options
             with select.prevent(Select.Changed):
-                select.set_options([(f"iter-{i:02d}", i) for i in found])
+                select.set_options([(f"iter-{i:02d}" if i != PAIRS else "base vs aligned", i) for i in options])
+        if pairs and self._samples_iteration == PAIRS:  # the same queries, base and aligned side by side
+            if select.value != PAIRS:
+                with select.prevent(Select.Changed):
+                    select.value = PAIRS
+            if self._samples_key != (v.run_dir, PAIRS, source, len(pairs)):
+                self._samples_key = (v.run_dir, PAIRS, source, len(pairs))
+                self.query_one("#samples", Static).update(pairs_table(source, pairs))
+            return
         # Follow the newest iteration unless the user picked one.
         it = self._samples_iteration if self._samples_iteration in found else (found[-1] if found else None)
         if it is not None and select.value != it:
@@ -474,4 +587,5 @@ class RunScreen(Screen[None]):
     @on(Select.Changed, "#samples-iteration")
     def samples_iteration_chosen(self, event: Select.Changed) -> None:
         self._samples_iteration = event.value if isinstance(event.value, int) else None
+        self._samples_key = None
         self.render_samples()

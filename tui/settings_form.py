@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.cells import cell_len
 from rich.text import Text
-from textual import events, getters, on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
@@ -20,7 +20,8 @@ from sami_mlx.config import FIELDS, TrainConfig
 from sami_mlx.config_file import PATH_SETTINGS, config_from_file
 from sami_mlx.errors import SamiError
 from sami_mlx.fileio import atomic_write_text
-from tui.run_settings import (
+from tui.messages import ErrorRaised
+from tui.state.run_settings import (
     BY_FIELD,
     DEFAULTS,
     MAIN,
@@ -32,10 +33,7 @@ from tui.run_settings import (
     form_values,
     setting_text,
 )
-from tui.runlog import short_path
-
-if TYPE_CHECKING:
-    from tui.app import SamiApp
+from tui.state.runlog import short_path
 
 _FLAG = re.compile(r"--([a-z0-9-]+)")
 
@@ -91,9 +89,6 @@ def setting_widget(s: Setting) -> Widget:
 
 class SettingsForm(VerticalScroll):
     """Every setting of a run, by TrainConfig field name; `#set-<field>` is each field's widget."""
-
-    if TYPE_CHECKING:
-        app = getters.app(SamiApp)
 
     file = "sami.yaml"  # where ctrl+s saves and ctrl+l loads, as last chosen
 
@@ -217,7 +212,7 @@ class SettingsForm(VerticalScroll):
                 done = act(path)
             except (SamiError, OSError) as e:
                 error = e if isinstance(e, SamiError) else SamiError(f"{path}: {e.strerror or e}")
-                self.app.report_error(error, failure)
+                self.post_message(ErrorRaised(error, failure))
                 return
             self.file = path
             self.notify(done)

@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Label, Sparkline, Static, Tab, Tabs
 from textual.widgets._footer import FooterKey
 
-from tui.runlog import printable
+from tui.state.runlog import printable
 
 _card_ids = itertools.count(1)
 

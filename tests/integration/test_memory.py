@@ -182,7 +182,7 @@ def test_grad_accumulation_takes_auto_or_a_number_from_flags_yaml_and_the_run_fo
     from sami_mlx.config import TrainConfig
     from sami_mlx.config_file import config_from_file
     from sami_mlx.errors import SamiError
-    from tui.run_settings import BY_FIELD, parse_setting
+    from tui.state.run_settings import BY_FIELD, parse_setting
 
     def resolved(value):
         return TrainConfig(model="m", constitution="c.yaml", grad_accumulation=value).resolved().grad_accumulation

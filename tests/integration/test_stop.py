@@ -20,7 +20,7 @@ from sami_mlx.loop import sampling, trainer
 from sami_mlx.loop.trainer import resume, train
 from tui.app import SamiApp
 from tui.run_screen import RunScreen
-from tui.runlog import RunView
+from tui.state.runlog import RunView
 
 ROOT = Path(__file__).resolve().parents[2]
 

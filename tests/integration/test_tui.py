@@ -31,12 +31,12 @@ from sami_mlx.loop import trainer
 from tui.app import SamiApp
 from tui.chat_screen import ChatScreen
 from tui.constitution_screen import ConstitutionScreen
-from tui.eta import Eta, eta_text
 from tui.heatmap import HeatTable, variant_labels
 from tui.modals import ChoiceModal, ErrorModal, RunPicker
 from tui.run_screen import RunScreen
-from tui.runlog import RunView, load_run, printable
 from tui.settings_form import SettingsForm, absolute_paths
+from tui.state.eta import Eta, eta_text
+from tui.state.runlog import RunView, load_run, printable
 from tui.widgets import PrincipleCard
 
 SIZE = (160, 50)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 from pathlib import Path
 
 import mlx_lm
@@ -11,7 +12,7 @@ from helpers import randomise_lora_b, write_demo_result
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from textual.widgets import Checkbox, Select, Static
+from textual.widgets import Checkbox, Input, Select, Static
 
 import tui.chat_screen
 from sami_mlx.inputs.constitution import load_constitution
@@ -19,9 +20,12 @@ from sami_mlx.inputs.prompts import load_template
 from sami_mlx.loop.adapters import attach_adapters, save_adapters
 from tui.app import SamiApp
 from tui.chat_screen import ChatScreen
-from tui.run_dashboard import verdict_rows
-from tui.run_screen import RunScreen
-from tui.runlog import load_run, read_result
+from tui.constitution_screen import ConstitutionScreen
+from tui.modals import ErrorModal, EvalModal, HelpModal, PathModal
+from tui.run_screen import PAIRS, RunScreen
+from tui.state.run_dashboard import verdict_rows
+from tui.state.runlog import load_run, read_result
+from tui.widgets import PrincipleCard
 
 SIZE = (160, 50)
 PRINCIPLES = [
@@ -122,8 +126,9 @@ async def test_a_run_without_a_result_names_the_command_that_measures_it(workdir
         text = shown(app.screen.query_one("#verdict", Static))
         command = "sami-mlx eval --run runs/plain --iterations iter-01 --queries HELDOUT --judge JUDGE"
         assert "result   not measured yet" in text and command in text
-        await pilot.press("f5")
-        assert app.clipboard == command
+        await pilot.press("f5")  # the dialog that measures it, with the command copied for elsewhere
+        assert isinstance(app.screen, EvalModal)
+        assert app.clipboard.startswith("sami-mlx eval --run runs/plain --iterations iter-01 --queries")
 
 
 def test_an_eval_result_gives_the_kept_checkpoints_win_rate_per_principle(workdir, past_run):
@@ -220,6 +225,8 @@ async def test_a_new_run_retargets_chat_only_with_a_notice_and_true_labels(demo_
         await pilot.press("f2")
         app.screen.post_message(RunScreen.RunEnded(str(other)))
         await pilot.pause()
+        await pilot.pause()  # the screen's RunChosen reaches the app (it bubbles), which records the run
+        assert app.session.run_dir == str(other)
         await pilot.press("f3")
         await pilot.pause()
         notes = [n.message for n in app._notifications]
@@ -228,3 +235,112 @@ async def test_a_new_run_retargets_chat_only_with_a_notice_and_true_labels(demo_
         assert [c.name for c in chat.checkpoints] == ["base", "iter-01"]
         assert shown(chat.query_one("#main-title", Static)).strip() == "iter-01"  # not kept: that run kept nothing yet
         assert "run runs/fresh" in shown(chat.query_one("#chat-source", Static))
+
+
+# ---- measuring a run from its dashboard -------------------------------------------------------------
+
+
+async def test_f5_measures_the_run_with_sami_mlx_eval_and_the_card_shows_it(trained_run, tiny_model, workdir):
+    run = trained_run(iterations=1) / "run"
+    (workdir / "held.txt").write_text("Name a colour.\nGive me a tip for sleeping well.\n")
+    seen: list = []
+    app = SamiApp(run=str(run))
+    async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        assert "not measured yet" in shown(screen.query_one("#verdict", Static))
+        await pilot.press("f5")
+        modal = app.screen
+        assert isinstance(modal, EvalModal)
+        # A first guess to edit: the run's base model judges; the command is shown and copied.
+        assert modal.query_one("#eval-judge", Input).value == str(tiny_model)
+        modal.query_one("#eval-queries", Input).value = "held.txt"
+        modal.query_one("#eval-limit", Input).value = "2"
+        await pilot.pause()
+        assert app.clipboard.startswith(f"sami-mlx eval --run {run}") and "--queries held.txt" in app.clipboard
+        await pilot.press("enter")
+        await pilot.pause()
+        assert screen.query_one("#eval-row").display  # progress shows while it runs
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        ended = [m for m in seen if isinstance(m, RunScreen.EvalEnded)]
+        assert [m.code for m in ended] == [0], ended[0].message if ended else seen
+        assert any(isinstance(m, RunScreen.EvalProgress) and m.total for m in seen)
+        assert not screen.query_one("#eval-row").display
+        # The verdict card now reads the result file `sami-mlx eval` wrote.
+        results = list((run / "eval").glob("iter-*.json"))
+        assert len(results) == 1 and json.loads(results[0].read_text())["n"] == 2
+        text = shown(screen.query_one("#verdict", Static))
+        assert "not measured yet" not in text
+        assert re.search(r"result   win rate vs base \d+% \(95% CI \d+%–\d+%\)", text), text
+
+
+# ---- the run's constitution in the editor, and help from a text field ------------------------------
+
+
+async def test_f1_with_a_run_opens_its_constitution_read_only_until_saved_elsewhere(demo_run, workdir):
+    own = demo_run / "constitution.yaml"
+    before = own.read_text()
+    app = SamiApp(run="runs/demo")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        await pilot.pause()
+        editor = app.screen
+        assert isinstance(editor, ConstitutionScreen)
+        assert [c.values()["name"] for c in editor.query(PrincipleCard)] == ["kind", "brief"]  # not a blank one
+        assert "the run's: read-only" in shown(editor.query_one("#constitution-status", Static))
+        editor.query(PrincipleCard).first().query_one(".principle-name", Input).value = "kindly"
+        await pilot.press("ctrl+s")  # asks where instead of writing the run's record
+        assert isinstance(app.screen, PathModal)
+        app.screen.query_one(Input).value = "runs/demo/constitution.yaml"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ErrorModal) and own.read_text() == before
+        await pilot.press("escape")
+        await pilot.press("f4")
+        app.screen.query_one(Input).value = "mine.yaml"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert own.read_text() == before and "kindly" in (workdir / "mine.yaml").read_text()
+        assert app.session.constitution_path == "mine.yaml"  # told to the app by ConstitutionSaved
+        assert "read-only" not in shown(editor.query_one("#constitution-status", Static))
+
+
+async def test_question_mark_opens_help_from_an_empty_field_and_types_into_a_filled_one(demo_run):
+    app = SamiApp(run="runs/demo")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        run = app.screen
+        field = run.query_one("#set-model", Input)  # where the Run screen puts the cursor
+        field.focus()
+        field.value = ""
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert field.value == "", field.value
+        assert isinstance(app.screen, HelpModal) and "Keys of the Run screen" in app.screen.title_text
+        await pilot.press("escape")
+        field.value = "model"
+        await pilot.press("end", "question_mark")
+        assert app.screen is run and field.value == "model?"
+
+
+async def test_samples_show_base_and_aligned_replies_to_the_same_query_side_by_side(workdir, past_run):
+    run = past_run(workdir / "runs", "judged")
+    (run / "eval").mkdir()
+    items = [{"query": "Name a colour.", "base": "blue blue blue", "checkpoint": "Blue, kindly.", "verdict": "B"}]
+    result = {"checkpoint": "iter-01", "win_rate": 1.0, "win_rate_ci": [0.2, 1.0], "n": 1, "items": items}
+    (run / "eval" / "iter-01.json").write_text(json.dumps({**result, "judge": {"kind": "local", "model": "j"}}))
+    app = SamiApp(run="runs/judged")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        select = app.screen.query_one("#samples-iteration", Select)
+        assert [str(label) for label, _ in select._options[1:]] == ["iter-01", "base vs aligned"]
+        assert "Q: " in shown(app.screen.query_one("#samples", Static))  # the newest iteration's, as before
+        select.value = PAIRS
+        await pilot.pause()
+        lines = shown(app.screen.query_one("#samples", Static)).splitlines()
+        assert "iter-01 against base (eval/iter-01.json)" in lines[0]
+        assert re.match(r"\s*base\s+aligned", lines[1])
+        row = next(line for line in lines if "blue blue blue" in line)
+        assert "Blue, kindly." in row  # the same query's replies on one row
+        assert any("Q: Name a colour." in line for line in lines)

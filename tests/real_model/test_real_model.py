@@ -225,3 +225,38 @@ async def test_the_tui_opens_the_run_and_offers_its_checkpoints(real_run):
         assert app.screen.query_one("#iterations-table", DataTable).row_count == 1
         await pilot.press("f3")
         assert [c.name for c in app.screen.checkpoints] == ["base", "iter-01"]
+
+
+async def test_chat_with_the_aligned_model_prompts_as_training_rendered_it(real_run, monkeypatch):
+    """The path after the real-text demo: open the run, chat with its kept adapters; the first prompt is the
+    run's template around its constitution, through the chat template, token for token as training's."""
+    import tui.chat_screen
+    from sami_mlx.config import load_run_config
+    from sami_mlx.inputs.constitution import load_constitution
+    from sami_mlx.inputs.prompts import encode_prompt, load_template
+    from tui.app import SamiApp
+
+    prompts: list[tuple[object, list[int]]] = []
+    real = tui.chat_screen.stream_reply
+
+    def recording(model, tokenizer, ids, *args, **kwargs):
+        prompts.append((tokenizer, list(ids)))
+        return real(model, tokenizer, ids, *args, **kwargs)
+
+    monkeypatch.setattr(tui.chat_screen, "stream_reply", recording)
+    app = SamiApp(run=str(real_run))
+    async with app.run_test(size=(150, 45)) as pilot:
+        await pilot.press("f3")
+        chat = app.screen
+        assert chat.checkpoint().name == "iter-01" and chat.query_one("#use-constitution").value
+        chat.query_one("#chat-max-tokens").value = "4"
+        await pilot.click("#message")
+        await pilot.press(*QUESTION, "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    cfg = load_run_config(real_run)
+    constitution = load_constitution(cfg.constitution)
+    text = load_template(cfg.training_template).fill(constitution.render(constitution.positive_variant), QUESTION)
+    [(tokenizer, ids)] = prompts
+    assert ids == encode_prompt(tokenizer, text, cfg.chat_template)
+    assert "1. Answer in one short sentence.\n2. Give the answer as a numbered list." in tokenizer.decode(ids)

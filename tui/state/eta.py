@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from tui.runlog import RunView
+from tui.state.runlog import RunView
 
 
 def duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sami_mlx.rates import format_rate
-from tui.runlog import PrincipleResult, RunResult, RunView, eval_command, short_path
+from tui.state.runlog import PrincipleResult, ReplyPair, RunResult, RunView, eval_command, printable, short_path
 
 STATUS_STYLES = {
     "running": "bold yellow",
@@ -144,7 +144,7 @@ def result_text(v: RunView, result: RunResult | None) -> Text:
     if result is None:
         out.append("not measured yet (no demo.json or eval/*.json in the run); ", style="dim")
         out.append("F5", style="bold")
-        out.append(" copies the command:\n", style="dim")
+        out.append(" measures it here, as this command does:\n", style="dim")
         out.append(eval_command(v.run_dir, v.kept_name))
         return out
     if result.adherence:
@@ -274,3 +274,18 @@ def iteration_rows(v: RunView) -> list[tuple[str | Text, ...]]:
             )
         )
     return rows
+
+
+def pairs_table(source: str, pairs: list[ReplyPair], limit: int = 30) -> Table:
+    """Base and aligned replies side by side, one row per query: what SAMI changed, at a glance."""
+    table = Table(
+        title=Text(source, style="dim"), expand=True, show_lines=True, box=None, padding=(0, 1), title_justify="left"
+    )
+    table.add_column("base", ratio=1)
+    table.add_column("aligned", ratio=1)
+    for pair in pairs[:limit]:
+        table.add_row(Text("Q: " + printable(pair.query), style="bold"), "")
+        table.add_row(Text(printable(pair.base)), Text(printable(pair.aligned)))
+    if len(pairs) > limit:
+        table.add_row(Text(f"… and {len(pairs) - limit} more", style="dim"), "")
+    return table

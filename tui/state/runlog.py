@@ -385,3 +385,42 @@ def kept_name(run_dir: str | Path) -> str:
         return ""
     done = [r for r in rows if r.get("event") == "RunCompleted" and r.get("adapters")]
     return str(done[-1]["adapters"]) if done else ""
+
+
+# ---- base against aligned: the same query answered by both -----------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplyPair:
+    """One query (or the variant it was asked under) answered by the base model and by the aligned one."""
+
+    query: str
+    base: str
+    aligned: str
+
+
+def read_pairs(run_dir: str | Path, kept: str = "") -> tuple[str, list[ReplyPair]]:
+    """(where from, pairs) of base and aligned replies to the same prompts: the kept checkpoint's eval result
+    (else the newest), else demo.json's examples; ("", []) when the run has neither."""
+    import json
+
+    run = Path(run_dir).expanduser()
+    try:
+        files = sorted(p for p in (run / "eval").glob("*.json") if p.name != "summary.json")
+        if files:
+            chosen = next((p for p in files if p.stem == kept), files[-1])
+            data = json.loads(chosen.read_text(encoding="utf-8"))
+            items = [i for i in data.get("items", []) if isinstance(i, dict)]
+            pairs = [ReplyPair(str(i["query"]), str(i["base"]), str(i["checkpoint"])) for i in items]
+            if pairs:
+                return f"{data.get('checkpoint', chosen.stem)} against base (eval/{chosen.name})", pairs
+        demo = run / "demo.json"
+        if demo.is_file():
+            data = json.loads(demo.read_text(encoding="utf-8"))
+            examples = [e for e in data.get("examples", []) if isinstance(e, dict)]
+            pairs = [ReplyPair(f"variant {e.get('variant', '?')}", str(e["base"]), str(e["sami"])) for e in examples]
+            if pairs:
+                return "SAMI against base (demo.json)", pairs
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        pass  # a torn or foreign file: no comparison rather than a crash
+    return "", []
