@@ -137,7 +137,7 @@ class ConstitutionScreen(Screen):
     async def open_run_constitution(self) -> bool:
         """Show the constitution the app's run trained with (its config.yaml's), read-only: saving asks
         for another file, so the run's record never changes. False when there is no run or it has none."""
-        from sami_mlx.config import load_run_config
+        from sami_mlx.config_file import load_run_config
 
         if not self.session.run_dir or self._run_tried == self.session.run_dir:
             return False

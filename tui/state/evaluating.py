@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sami_mlx.config import load_run_config
+from sami_mlx.config_file import load_run_config
 from sami_mlx.errors import SamiError
 from tui.state.runlog import short_path
 
