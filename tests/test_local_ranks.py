@@ -267,6 +267,13 @@ def test_ranks_build_the_toy_model_one_process_builds(tmp_path, monkeypatch, ran
     assert a.keys() == b.keys()
     for k in a:
         assert mx.allclose(a[k], b[k], rtol=1e-3, atol=1e-4).item(), k
+    if ranks == 2:
+        # Two shares of every batch, summed in either order: one process with the BLAS threads each rank
+        # had (OpenBLAS rounds differently with more threads) builds the very same bytes.
+        env = {**os.environ, "SAMI_MLX_CACHE": str(tmp_path / "one-thread"), "OPENBLAS_NUM_THREADS": "1"}
+        subprocess.run(argv, env={**env, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=120)
+        same = (tmp_path / "one-thread" / "models" / one.name / "model.safetensors").read_bytes()
+        assert same == (two / "model.safetensors").read_bytes()
     assert (one / "tokenizer.json").read_text() == (two / "tokenizer.json").read_text()
 
 
