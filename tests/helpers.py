@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 from collections.abc import Callable
 from importlib import import_module
 from pathlib import Path
@@ -335,3 +336,20 @@ def small_preset() -> dict:
     """The toy world's preset at a size that trains in minutes on a CPU (tests/data/small_world.json):
     its `recipe` (the pretraining) and its `demo` (the SAMI run and the evaluation)."""
     return json.loads((DATA / "small_world.json").read_text())
+
+
+def pythonpath(*folders: Path) -> str:
+    """PYTHONPATH with `folders` (and this checkout) in front of what it already holds."""
+    root = Path(__file__).resolve().parents[1]
+    return os.pathsep.join([*map(str, folders), str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+# A toy recipe small enough to build in seconds, on one process or several ranks.
+TINY_RECIPE = {
+    **small_preset()["recipe"],
+    "documents": 1200,
+    "steps": 30,
+    "warmup": 5,
+    "batch_size": 16,
+    "curriculum": {**small_preset()["recipe"]["curriculum"], "steps": 10},
+}

@@ -29,6 +29,13 @@ from sami_mlx.loop.rollout import DropCounts, Generation, Group, filter_groups, 
 from sami_mlx.loop.runstate import RunState
 
 
+def queries_needed(groups: int, usable: float, splits: int, monitor: int) -> int:
+    """Queries a file needs so that an iteration finds `groups` usable groups in its split, when a share
+    `usable` of the sampled groups is kept: `splits` splits of that many (a tenth more, as the dropped
+    share varies between iterations) beside the `monitor` queries held out."""
+    return splits * math.ceil(1.1 * groups / max(usable, 0.1)) + monitor
+
+
 def derived_seed(*parts: int) -> int:
     """A 32-bit seed drawn from the run's seed and a position in its schedule."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
@@ -168,10 +175,13 @@ class Sampler:
                 f"{drops.truncated} truncated, {drops.unfinished} without a sentence end); {why}"
             )
         if repeated:
+            splits = 2 if cfg.schedule == "paper" else 1
+            enough = queries_needed(count, len(kept) / len(groups), splits, len(self.inputs.monitor_ids))
             self.emit(
                 ev.RunWarning(
                     f"iteration {it + 1}: the query split has {len(split)} queries and {len(kept)} usable groups for "
-                    f"{count} step slots, so {repeated} slots repeat a group; give more queries or fewer --steps"
+                    f"{count} step slots, so {repeated} slots repeat a group; give about {enough} queries in "
+                    f"{cfg.queries} (it has {len(self.inputs.queries)}), or lower --steps or --queries-per-step"
                 )
             )
         return kept

@@ -22,6 +22,7 @@ from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.heldout import heldout_perplexity, load_heldout
 from sami_mlx.loop.prepare import refuse_existing_run
 from sami_mlx.loop.rollout import generate_batch
+from sami_mlx.loop.sampling import queries_needed
 from sami_mlx.loop.trainer import train
 from sami_mlx.presets import load_preset
 from sami_mlx.toy import world as toyworld
@@ -129,6 +130,19 @@ def win_rate(aligned: Evaluation, base: Evaluation) -> tuple[float | None, list[
     return stats.win_rate(outcomes)
 
 
+# The share of sampled groups the demo's worlds keep (measured: 190 of 192 in the toy world); planning
+# for fewer leaves room, so that no iteration runs out of queries and repeats a group.
+USABLE = 0.9
+
+
+def enough_queries(sami: dict) -> int:
+    """Training queries for SAMI `sami` (TrainConfig's fields) that no iteration runs out of: its
+    largest iteration's groups in each query split, with room for dropped groups, and the monitor's."""
+    cfg = TrainConfig(**sami)
+    groups = max(cfg.steps_in_iteration(i) for i in range(cfg.iterations)) * cfg.queries_per_step
+    return queries_needed(groups, USABLE, 2 if cfg.schedule == "paper" else 1, cfg.monitor_queries)
+
+
 def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworld) -> dict[str, str]:
     """Write the demo's constitution, queries, template and held-out text as the user's files would be;
     the held-out plain dialogue comes from the world `spec` the base model was trained on."""
@@ -144,10 +158,8 @@ def prepare_world(out: Path, settings: dict, seed: int, spec=None, world=toyworl
         ]
     }
     save_constitution(world.sub_constitution(settings["train_principles"]), paths["constitution"])
-    atomic_write_text(
-        paths["queries"],
-        "".join(json.dumps({"query": q}) + "\n" for q in world.queries(settings["train_queries"], seed)),
-    )
+    count = settings.get("train_queries") or enough_queries(settings["sami"])
+    atomic_write_text(paths["queries"], "".join(json.dumps({"query": q}) + "\n" for q in world.queries(count, seed)))
     atomic_write_text(paths["template"], world.TEMPLATE.text + "\n")
     if settings["sami"].get("anchor_beta", TrainConfig.anchor_beta):
         atomic_write_text(paths["anchor_template"], world.PLAIN + "\n")
@@ -167,7 +179,8 @@ def run_demo(
     ranks: Ranks | None = None,
 ) -> dict | None:
     """Build or load the world's base model, run SAMI with the engine (`overrides` on top of the preset's
-    settings), evaluate before/after; returns demo.json's content.
+    settings), evaluate before/after; returns demo.json's content with where the model and the run lie
+    (`model`, `run`) and the `seconds` it took.
 
     Started as one of several ranks (`ranks`, by default the launcher's group), the ranks build the
     model and train together, then rank 1 measures the base model while rank 0 measures the trained
@@ -262,12 +275,12 @@ def run_demo(
             {"variant": v.label, "base": b, "sami": a}
             for v, b, a in list(zip(after.sampled.variants, before.texts, after.sampled.texts))[: Measured.EXAMPLES]
         ],
-        "model": str(model_dir),
-        "run": str(out),
-        "seconds": time.perf_counter() - start,
+        "base_model": model_dir.name,  # the recipe's cache key: two demos on one base model name the same
     }
+    # demo.json holds what the seed determines, so that two runs with one seed write the same bytes;
+    # where the model and the run lie and how long it took are returned (and printed) only.
     atomic_write_json(out / "demo.json", report)
-    return report
+    return {**report, "model": str(model_dir), "run": str(out), "seconds": time.perf_counter() - start}
 
 
 def _quiet(event: ev.Event) -> None:

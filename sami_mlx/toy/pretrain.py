@@ -10,6 +10,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +23,7 @@ from sami_mlx.toy import world as toyworld
 from sami_mlx.toy.markerworld import MarkerWorld
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
-BUILD = 2  # bump when the training changes: cached toy models are keyed on it
+BUILD = 3  # bump when the training changes: cached toy models are keyed on it
 
 
 def world_of(recipe: dict):
@@ -112,6 +113,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path, specials: list
     return tok
 
 
+# Every batch's gradient is the sum of this many shares' gradients, computed by as many ranks or one
+# after another: float addition is commutative, so one process and two ranks build the same bytes.
+SHARES = 2
 GROUP = 8  # batches drawn together and sorted by length, so that a batch pads little
 
 
@@ -163,8 +167,9 @@ def build_toy_model(
 ) -> Path:
     """Generate the corpus, train tokenizer and model, and write an mlx_lm.load-able directory.
 
-    With several `ranks` (data parallel) each computes the gradient of its share of every batch's
-    rows and the shares are summed: the same update as one process, up to floating-point rounding."""
+    Every batch's gradient is the sum of SHARES shares' gradients. With several `ranks` (data parallel)
+    each computes its shares and the ranks' sums are summed: with one or two ranks, bit for bit the
+    update one process computes (with more, up to floating-point rounding)."""
     from mlx_lm.models import llama
 
     ranks = ranks or Ranks()
@@ -216,19 +221,21 @@ def build_toy_model(
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     loss_and_grad = nn.value_and_grad(model, reply_loss)
+    shares = max(SHARES, ranks.size)
     for n, (k, idx) in enumerate(plan, 1):
         rows = [data[k][i] for i in idx]
-        # This rank's rows, over the whole batch's reply tokens: the ranks' sums make the batch's mean.
-        count, share = sum(len(ids) - start for start, ids in rows), rows[ranks.rank :: ranks.size]
-        if share:
-            loss, grads = loss_and_grad(model, *batch_arrays(share), count)
-        else:  # more ranks than rows
-            loss, grads = mx.array(0.0), tree_map(mx.zeros_like, model.trainable_parameters())
+        # Each share's rows, over the whole batch's reply tokens: the shares' sums make the batch's mean.
+        count = sum(len(ids) - start for start, ids in rows)
+        loss, grads = mx.array(0.0), tree_map(mx.zeros_like, model.trainable_parameters())
+        for s in range(ranks.rank, shares, ranks.size):
+            if share := rows[s::shares]:  # else more shares than rows
+                share_loss, share_grads = loss_and_grad(model, *batch_arrays(share), count)
+                loss, grads = loss + share_loss, tree_map(mx.add, grads, share_grads)
         grads = ranks.sum_gradients(grads, f"building the toy model (step {n})")
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
         if n % 20 == 0 or n == len(plan):
-            shown = ranks.sum([loss.item()], "summing the toy model's loss")[0]
+            shown = ranks.sum([cast(float, loss.item())], "summing the toy model's loss")[0]
             if on_progress:
                 on_progress(n, len(plan), shown)
     if not math.isfinite(shown):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from helpers import small_preset
+from helpers import TINY_RECIPE, pythonpath, small_preset
 
 from sami_mlx.cli.local_ranks import run_local_ranks
 from sami_mlx.cli.main import main
@@ -21,11 +21,6 @@ from sami_mlx.loop.distributed import RankLost
 from sami_mlx.machine import local_cores
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def pythonpath(*folders: Path) -> str:
-    """PYTHONPATH with `folders` (and this checkout) in front of what it already holds."""
-    return os.pathsep.join([*map(str, folders), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def script(tmp_path: Path, body: str) -> list[str]:
@@ -222,16 +217,6 @@ def test_a_late_start_is_waited_for_but_a_later_silence_is_not(tmp_path, capfd, 
     assert "error: rank 0: waited 2s for the other ranks while going on" in err
 
 
-TINY_RECIPE = {
-    **small_preset()["recipe"],
-    "documents": 1200,
-    "steps": 30,
-    "warmup": 5,
-    "batch_size": 16,
-    "curriculum": {**small_preset()["recipe"]["curriculum"], "steps": 10},
-}
-
-
 @pytest.mark.parametrize("ranks, batch_size", [(2, 16), (3, 2)])  # (3, 2): one rank has no rows to add
 def test_ranks_build_the_toy_model_one_process_builds(tmp_path, monkeypatch, ranks, batch_size):
     from sami_mlx.toy.pretrain import ensure_toy_model, toy_model_dir
@@ -269,6 +254,13 @@ def test_ranks_build_the_toy_model_one_process_builds(tmp_path, monkeypatch, ran
     assert a.keys() == b.keys()
     for k in a:
         assert mx.allclose(a[k], b[k], rtol=1e-3, atol=1e-4).item(), k
+    if ranks == 2:
+        # Two shares of every batch, summed in either order: one process with the BLAS threads each rank
+        # had (OpenBLAS rounds differently with more threads) builds the very same bytes.
+        env = {**os.environ, "SAMI_MLX_CACHE": str(tmp_path / "one-thread"), "OPENBLAS_NUM_THREADS": "1"}
+        subprocess.run(argv, env={**env, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=120)
+        same = (tmp_path / "one-thread" / "models" / one.name / "model.safetensors").read_bytes()
+        assert same == (two / "model.safetensors").read_bytes()
     assert (one / "tokenizer.json").read_text() == (two / "tokenizer.json").read_text()
 
 
