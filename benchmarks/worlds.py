@@ -37,6 +37,11 @@ def one(job: tuple[str, int, str, dict]) -> dict:
     tag = "".join(f"-{k}={v}" for k, v in extra.items())
     r = run_demo(Path(out) / f"{world}{tag}-{seed}", load_preset(world), seed=seed, overrides=extra)
     assert r is not None  # one process: it is rank 0
+    return {**row(r, world, seed), "with": extra, "seconds": r["seconds"]}
+
+
+def row(r: dict, world: str, seed: int) -> dict:
+    """What the table shows of one demo report (demo.json's content)."""
     trained = [k for k in r["base_adherence"] if k != "overall"]
     return {
         "world": world,
@@ -51,9 +56,21 @@ def one(job: tuple[str, int, str, dict]) -> dict:
         "kept": (r.get("kept") or {}).get("name"),
         "stopped": r.get("stopped") or "",
         "budget": r.get("budget"),
-        "with": extra,
-        "seconds": r["seconds"],
     }
+
+
+def from_runs(runs: list[str]) -> list[dict]:
+    """Rows of demos a user ran (`sami-mlx demo --model PRESET --seed S --out RUN`): each RUN's demo.json
+    and config.yaml (its seed); the world is the preset the report names."""
+    import yaml
+
+    rows = []
+    for run in runs:
+        report = json.loads((Path(run) / "demo.json").read_text())
+        seed = yaml.safe_load((Path(run) / "config.yaml").read_text())["seed"]
+        world = report.get("preset") or report.get("world", "toy-world")
+        rows.append({**row(report, world, seed), "with": {}, "seconds": report.get("seconds")})
+    return rows
 
 
 def misses(row: dict) -> list[str]:
@@ -115,7 +132,9 @@ def table(rows: list[dict]) -> str:
         reasons = "; ".join(f"seed {r['seed']}: " + r["stopped"].split(": ", 1)[-1].split("; RUN/")[0] for r in stops)
         out.append(f"| stopped by the guard | | {len(stops)}/{len(rs)}" + (f" ({reasons})" if reasons else "") + " |")
         out.append(f"| kept adapters | | {', '.join(str(r['kept']) for r in rs)} |")
-        out.append(f"| minutes per run | | {mean_span([r['seconds'] / 60 for r in rs], '.1f')} |")
+        timed = [r["seconds"] / 60 for r in rs if r.get("seconds")]
+        if timed:
+            out.append(f"| minutes per run | | {mean_span(timed, '.1f')} |")
         out.append("")
     out.append("Goal per run: trained adherence +0.2 or to 0.85; win rate ≥ 75% (synthetic worlds); perplexity")
     out.append("≤ 1.3×; not stopped; held-out principle not below base.")
@@ -151,6 +170,13 @@ def main() -> None:
     p.add_argument("--out", default="runs/worlds")
     p.add_argument("--rows", help="Print the table of a JSON-lines file of earlier rows instead of running.")
     p.add_argument(
+        "--runs",
+        nargs="*",
+        default=[],
+        help="Also add demo runs a user made with `sami-mlx demo --model PRESET` (their demo.json); their"
+        " worlds are then not run here.",
+    )
+    p.add_argument(
         "--with",
         dest="extra",
         nargs="*",
@@ -165,11 +191,14 @@ def main() -> None:
     import yaml
 
     extra = {k.replace("-", "_"): yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.extra)}
-    jobs = [(w, seed, args.out, extra) for w in args.worlds for seed in args.seeds]
-    rows = []
+    rows = from_runs(args.runs)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    done = {r["world"] for r in rows}
+    jobs = [(w, seed, args.out, extra) for w in args.worlds if w not in done for seed in args.seeds]
     # spawn: each run gets a fresh MLX (forking a process that already loaded MLX is unsafe)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(prepare, args.worlds))
+        list(pool.map(prepare, sorted({w for w, *_ in jobs})))
         for row in pool.map(one, jobs):
             rows.append(row)
             print(json.dumps(row), flush=True)

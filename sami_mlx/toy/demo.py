@@ -314,6 +314,7 @@ def run_demo(
         "llm_judge": judged,
         "budget": {"name": budget.name, "why": budget.why, "settings": budget.settings},
         "world": world.NAME,
+        "preset": preset.get("name"),
         "model": str(model_dir),
         "run": str(out),
         "seconds": time.perf_counter() - start,
