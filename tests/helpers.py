@@ -104,6 +104,17 @@ def user_file_error(load: Callable[[str], object], path: Path, text: str) -> str
     return message
 
 
+def bad_file_test(load: Callable[[str], object], cases: list[tuple[str, str, str]]) -> Callable:
+    """A test of `load` over `cases`, one per file: (file name, its text, what the one-line error
+    must hold). Assign it to a `test_...` name in a test module for pytest to collect it."""
+
+    @pytest.mark.parametrize(("filename", "text", "expected"), cases, ids=[case[0] for case in cases])
+    def test(tmp_path: Path, filename: str, text: str, expected: str) -> None:
+        assert expected in user_file_error(load, tmp_path / filename, text)
+
+    return test
+
+
 # A short run of the tiny model: one step of two query groups, six tokens sampled at temperature 1
 # (the random model's greedy answers repeat one token), the perplexity guard off.
 TINY_RUN = dict(iterations=1, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0, max_ppl_ratio=None)
@@ -335,3 +346,16 @@ def small_preset() -> dict:
     """The toy world's preset at a size that trains in minutes on a CPU (tests/data/small_world.json):
     its `recipe` (the pretraining) and its `demo` (the SAMI run and the evaluation)."""
     return json.loads((DATA / "small_world.json").read_text())
+
+
+class PromptRecorder:
+    """Stands in for tui.chat_screen.stream_reply: keeps each (tokenizer, prompt ids) in `prompts`,
+    then streams the reply as `real` does."""
+
+    def __init__(self, real: Callable) -> None:
+        self.real = real
+        self.prompts: list[tuple[object, list[int]]] = []
+
+    def __call__(self, model, tokenizer, ids, *args, **kwargs):
+        self.prompts.append((tokenizer, list(ids)))
+        return self.real(model, tokenizer, ids, *args, **kwargs)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import user_file_error
+from helpers import bad_file_test, user_file_error
 
 from sami_mlx.cli.train import make_parser
 from sami_mlx.cli.train_flags import build_config
@@ -70,10 +70,7 @@ BAD_QUERIES = [
     ("blank.txt", "\n  \n\n", "no queries"),
 ]
 
-
-@pytest.mark.parametrize(("filename", "text", "where"), BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
-def test_bad_queries_name_file_and_line(tmp_path, filename, text, where):
-    assert where in user_file_error(load_queries, tmp_path / filename, text)
+test_bad_queries_name_file_and_line = bad_file_test(load_queries, BAD_QUERIES)
 
 
 def test_missing_queries_file(tmp_path):
@@ -205,23 +202,20 @@ def test_the_tests_flags_make_the_tests_config(tiny_config, tiny_flags, tmp_path
 
 
 BAD_CONFIG = [
-    ("unknown", "learnin_rate: 0.1\n", "'learnin_rate'"),
-    ("unknown_dash", "lora-ranks: 4\n", "'lora-ranks'"),
-    ("string_for_int", "steps: four\n", "'steps'"),
-    ("fraction_for_int", "steps: 2.5\n", "'steps'"),
-    ("bool_for_int", "max-tokens: true\n", "'max-tokens'"),
-    ("string_for_bool", "chat_template: 'yes'\n", "'chat_template'"),
-    ("list_for_str", "model: [a, b]\n", "'model'"),
-    ("ints_for_list", "stop: [1, 2]\n", "'stop'"),
-    ("null_for_int", "steps:\n", "'steps'"),
-    ("not_mapping", "- steps\n- 4\n", "mapping"),
-    ("bad_yaml", "steps: [\n", "invalid YAML"),
+    ("unknown.yaml", "learnin_rate: 0.1\n", "'learnin_rate'"),
+    ("unknown_dash.yaml", "lora-ranks: 4\n", "'lora-ranks'"),
+    ("string_for_int.yaml", "steps: four\n", "'steps'"),
+    ("fraction_for_int.yaml", "steps: 2.5\n", "'steps'"),
+    ("bool_for_int.yaml", "max-tokens: true\n", "'max-tokens'"),
+    ("string_for_bool.yaml", "chat_template: 'yes'\n", "'chat_template'"),
+    ("list_for_str.yaml", "model: [a, b]\n", "'model'"),
+    ("ints_for_list.yaml", "stop: [1, 2]\n", "'stop'"),
+    ("null_for_int.yaml", "steps:\n", "'steps'"),
+    ("not_mapping.yaml", "- steps\n- 4\n", "mapping"),
+    ("bad_yaml.yaml", "steps: [\n", "invalid YAML"),
 ]
 
-
-@pytest.mark.parametrize(("case", "text", "key"), BAD_CONFIG, ids=[b[0] for b in BAD_CONFIG])
-def test_bad_config_file_names_file_and_key(tmp_path, case, text, key):
-    assert key in user_file_error(config_from_file, tmp_path / f"{case}.yaml", text)
+test_bad_config_file_names_file_and_key = bad_file_test(config_from_file, BAD_CONFIG)
 
 
 def valid(**kw) -> TrainConfig:
