@@ -104,12 +104,12 @@ def user_file_error(load: Callable[[str], object], path: Path, text: str) -> str
     return message
 
 
-def bad_file_test(load: Callable[[str], object], cases: list[tuple[str, str, str]]) -> Callable:
-    """A test of `load` over `cases`, one per file: (file name, its text, what the one-line error
-    must hold). Assign it to a `test_...` name in a test module for pytest to collect it."""
+def bad_file_test(cases: list[tuple[Callable[[str], object], str, str, str]]) -> Callable:
+    """A test over `cases`, one per file: (the loader, the file's name, its text, what the loader's
+    one-line error must hold). Assign it to a `test_...` name in a test module for pytest to collect it."""
 
-    @pytest.mark.parametrize(("filename", "text", "expected"), cases, ids=[case[0] for case in cases])
-    def test(tmp_path: Path, filename: str, text: str, expected: str) -> None:
+    @pytest.mark.parametrize(("load", "filename", "text", "expected"), cases, ids=[case[1] for case in cases])
+    def test(tmp_path: Path, load: Callable[[str], object], filename: str, text: str, expected: str) -> None:
         assert expected in user_file_error(load, tmp_path / filename, text)
 
     return test

@@ -317,7 +317,7 @@ BAD = [
     ("bad.yaml", "name: x\nprinciples: [\n", "invalid YAML"),
 ]
 
-test_validation_errors_name_file_and_field = bad_file_test(load_constitution, BAD)
+test_validation_errors_name_file_and_field = bad_file_test([(load_constitution, *case) for case in BAD])
 
 
 def test_problems_list_every_mistake_for_the_editor_and_the_first_is_the_loaders_error():
