@@ -155,21 +155,23 @@ class RunShape:
 
     @classmethod
     def from_config(cls, cfg: Any, variants: int, prompt_tokens: int) -> RunShape:
+        """The shape of the run `cfg` describes, with `variants` per query and prompts `prompt_tokens` long."""
+        same = {name: getattr(cfg, name) for name in SAME_IN_CONFIG}
         return cls(
             variants=variants,
             prompt_tokens=prompt_tokens,
             response_tokens=cfg.max_tokens,
-            groups_per_micro_batch=cfg.groups_per_micro_batch,
-            gen_batch_size=cfg.gen_batch_size,
-            lora_rank=cfg.lora_rank,
-            lora_layers=cfg.lora_layers,
-            lora_keys=cfg.lora_keys,
-            optimizer=cfg.optimizer,
             naive=cfg.scoring == "naive" or cfg.grad_checkpoint,
-            grad_checkpoint=cfg.grad_checkpoint,
             kl=cfg.kl_beta > 0,
             anchor=cfg.anchor_beta > 0,
+            **same,
         )
+
+
+# The RunShape fields that TrainConfig holds under the same name and meaning.
+SAME_IN_CONFIG = (
+    "groups_per_micro_batch gen_batch_size lora_rank lora_layers lora_keys optimizer grad_checkpoint".split()
+)
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,17 @@ def user_file_error(load: Callable[[str], object], path: Path, text: str) -> str
     return message
 
 
+def bad_file_test(cases: list[tuple[Callable[[str], object], str, str, str]]) -> Callable:
+    """A test over `cases`, one per file: (the loader, the file's name, its text, what the loader's
+    one-line error must hold). Assign it to a `test_...` name in a test module for pytest to collect it."""
+
+    @pytest.mark.parametrize(("load", "filename", "text", "expected"), cases, ids=[case[1] for case in cases])
+    def test(tmp_path: Path, load: Callable[[str], object], filename: str, text: str, expected: str) -> None:
+        assert expected in user_file_error(load, tmp_path / filename, text)
+
+    return test
+
+
 # A short run of the tiny model: one step of two query groups, six tokens sampled at temperature 1
 # (the random model's greedy answers repeat one token), the perplexity guard off.
 TINY_RUN = dict(iterations=1, steps=1, queries_per_step=2, max_tokens=6, temperature=1.0, max_ppl_ratio=None)
@@ -353,3 +364,16 @@ TINY_RECIPE = {
     "batch_size": 16,
     "curriculum": {**small_preset()["recipe"]["curriculum"], "steps": 10},
 }
+
+
+class PromptRecorder:
+    """Stands in for tui.chat_screen.stream_reply: keeps each (tokenizer, prompt ids) in `prompts`,
+    then streams the reply as `real` does."""
+
+    def __init__(self, real: Callable) -> None:
+        self.real = real
+        self.prompts: list[tuple[object, list[int]]] = []
+
+    def __call__(self, model, tokenizer, ids, *args, **kwargs):
+        self.prompts.append((tokenizer, list(ids)))
+        return self.real(model, tokenizer, ids, *args, **kwargs)

@@ -9,23 +9,18 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from sami_mlx import events as ev
-from sami_mlx.config import TrainConfig
 from sami_mlx.inputs.constitution import sample_variants
 from sami_mlx.loop.adapters import adapters_disabled
 from sami_mlx.loop.batches import scoring_batch, training_orders
-from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.drift import KINDS, Answer, Probe, answer_of, answer_stats, drift, mean_nll
 from sami_mlx.loop.heldout import heldout_nll, heldout_perplexity
-from sami_mlx.loop.prepare import RunInputs
 from sami_mlx.loop.rollout import Generation, Group
 from sami_mlx.loop.sampling import Sampler, derived_seed, variant_from_label
 from sami_mlx.loop.scoring import score_micro_batches
@@ -96,19 +91,11 @@ class Monitor:
     queries (the probe; None with the monitor off); `check_drift` and `check_in_full` then measure
     the model as it stands and emit MonitorChecked. Every rank measures and they agree on the verdict."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        inputs: RunInputs,
-        model: nn.Module,
-        tokenizer: Any,
-        out: Path,
-        emit: Callable[[ev.Event], None],
-        ranks: Ranks,
-        sampler: Sampler,
-    ):
-        self.cfg, self.inputs, self.model, self.tokenizer = cfg, inputs, model, tokenizer
-        self.out, self.emit, self.ranks, self.sampler = out, emit, ranks, sampler
+    def __init__(self, sampler: Sampler):
+        # The monitor measures the model the sampler samples, with the same run, ranks and events.
+        self.sampler = sampler
+        self.cfg, self.inputs, self.out, self.emit = sampler.cfg, sampler.inputs, sampler.out, sampler.emit
+        self.model, self.tokenizer, self.ranks = sampler.model, sampler.tokenizer, sampler.ranks
         self.probe: Probe | None = None  # the base model's held-out answers (None: monitor off)
 
     def heldout_ppl(self) -> float:
@@ -201,17 +188,7 @@ class Monitor:
         drifts = drift(self.model, self.probe)
         problem = self.agreed_problem(drifts, None)
         check = Check(not problem, problem, drift_prompted=drifts["prompted"], drift_plain=drifts["plain"])
-        self.emit(
-            ev.MonitorChecked(
-                iteration=iteration,
-                step=step,
-                drift_prompted=check.drift_prompted,
-                drift_plain=check.drift_plain,
-                healthy=check.healthy,
-                limit=self.cfg.max_ppl_ratio,
-            )
-        )
-        return check
+        return self.report(iteration, step, check)
 
     def check_in_full(self, iteration: int, step: int, base_ppl: float | None) -> Check:
         """The check at an iteration's end: drift, the model's own held-out answers (length, token
@@ -233,6 +210,10 @@ class Monitor:
             check.answers = answer_stats(gens)
         check.problem = self.agreed_problem(drifts, check.ppl_ratio)
         check.healthy = not check.problem
+        return self.report(iteration, step, check, **fields_of(ev.MonitorChecked, check.to_dict(), MONITOR_EXTRA))
+
+    def report(self, iteration: int, step: int, check: Check, **extra: Any) -> Check:
+        """Emit `check` as MonitorChecked (with `extra` fields, measured only at an iteration's end); return it."""
         self.emit(
             ev.MonitorChecked(
                 iteration=iteration,
@@ -241,7 +222,7 @@ class Monitor:
                 drift_plain=check.drift_plain,
                 healthy=check.healthy,
                 limit=self.cfg.max_ppl_ratio,
-                **fields_of(ev.MonitorChecked, check.to_dict(), MONITOR_EXTRA),
+                **extra,
             )
         )
         return check

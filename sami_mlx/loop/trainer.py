@@ -256,7 +256,7 @@ class SamiLoop:
         self.shared = cfg.scoring == "shared" and not cfg.grad_checkpoint and shared_scoring_supported(model)
         self.sampler = Sampler(cfg, inputs, model, tokenizer, out, emit, self.should_stop, self.ranks)
         self.step_parts = StepParts.build(cfg, inputs, model, tokenizer, self.shared, self.ranks)
-        self.monitor = Monitor(cfg, inputs, model, tokenizer, out, emit, self.ranks, self.sampler)
+        self.monitor = Monitor(self.sampler)
         self.bad_steps = 0  # non-finite steps in a row
         self.snapshots: dict[str, dict] = {}  # adapters this process saved, by folder (iter-NN, healthy)
 

@@ -40,6 +40,20 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def house(workdir):
+    """house.yaml in the working folder, holding COMMENTED."""
+    path = workdir / "house.yaml"
+    path.write_text(COMMENTED)
+    return path
+
+
+async def edit(pilot, card: int, field: str, *keys: str) -> None:
+    """Click principle `card`'s `field` (name, positive or negative) and press `keys` there."""
+    await pilot.click(f"#{cards(pilot.app)[card].id} .principle-{field}")
+    await pilot.press(*keys)
+
+
 def diff(before: str, after: str) -> list[str]:
     """The changed lines of a unified diff, without its headers."""
     lines = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
@@ -54,33 +68,27 @@ def names(app) -> list[str]:
     return [c.values()["name"] for c in cards(app)]
 
 
-async def test_one_word_edited_and_saved_changes_only_that_word(workdir):
-    path = workdir / "house.yaml"
-    path.write_text(COMMENTED)
+async def test_one_word_edited_and_saved_changes_only_that_word(house):
     app = SamiApp(constitution="house.yaml")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.click(f"#{cards(app)[1].id} .principle-positive")  # "Be kind to the person asking."
-        await pilot.press("end", "ctrl+left", "ctrl+w", *"user ")  # "person" → "user"
+        # "Be kind to the person asking.": "person" → "user"
+        await edit(pilot, 1, "positive", "end", "ctrl+left", "ctrl+w", *"user ")
         assert cards(app)[1].values()["positive"] == "Be kind to the user asking."
         await pilot.press("ctrl+s")
         assert not app.screen.dirty
-    assert diff(COMMENTED, path.read_text()) == [
+    assert diff(COMMENTED, house.read_text()) == [
         "-    positive: Be kind to the person asking.",
         "+    positive: Be kind to the user asking.",
     ]
 
 
-async def test_a_quoted_wording_keeps_its_quotes_and_comment_when_edited(workdir):
-    path = workdir / "house.yaml"
-    path.write_text(COMMENTED)
+async def test_a_quoted_wording_keeps_its_quotes_and_comment_when_edited(house):
     app = SamiApp(constitution="house.yaml")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.click(f"#{cards(app)[0].id} .principle-positive")
-        await pilot.press("end", "backspace", *"!")  # "Be brief." → "Be brief!"
-        await pilot.click(f"#{cards(app)[2].id} .principle-negative")
-        await pilot.press("end", "ctrl+w", *"stuff.")  # "Make things up." → "Make things stuff."
+        await edit(pilot, 0, "positive", "end", "backspace", *"!")  # "Be brief." → "Be brief!"
+        await edit(pilot, 2, "negative", "end", "ctrl+w", *"stuff.")  # "Make things up." → "Make things stuff."
         await pilot.press("ctrl+s")
-    assert diff(COMMENTED, path.read_text()) == [
+    assert diff(COMMENTED, house.read_text()) == [
         '-    positive: "Be brief."   # quoted on purpose',
         '+    positive: "Be brief!"   # quoted on purpose',
         "-  - {name: honest, positive: Say what you know., negative: Make things up.}",
@@ -88,31 +96,24 @@ async def test_a_quoted_wording_keeps_its_quotes_and_comment_when_edited(workdir
     ]
 
 
-async def test_ctrl_d_in_a_field_deletes_a_character_not_the_principle(workdir):
-    path = workdir / "house.yaml"
-    path.write_text(COMMENTED)
+async def test_ctrl_d_in_a_field_deletes_a_character_not_the_principle(house):
     app = SamiApp(constitution="house.yaml")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.click(f"#{cards(app)[1].id} .principle-name")
-        await pilot.press("home", "ctrl+d")
+        await edit(pilot, 1, "name", "home", "ctrl+d")
         assert names(app) == ["brief", "ind", "honest"]  # one character gone, all three principles there
         assert isinstance(app.focused, Input) and app.focused.value == "ind"
 
 
-async def test_a_deleted_principle_comes_back_with_ctrl_z_where_it_was(workdir):
-    path = workdir / "house.yaml"
-    path.write_text(COMMENTED)
+async def test_a_deleted_principle_comes_back_with_ctrl_z_where_it_was(house):
     app = SamiApp(constitution="house.yaml")
     async with app.run_test(size=SIZE) as pilot:
         screen = app.screen
         assert isinstance(screen, ConstitutionScreen)
         assert not [b for b in screen.active_bindings.values() if b.binding.action == "undo"]  # nothing to undo
-        await pilot.click(f"#{cards(app)[0].id} .principle-name")
-        await pilot.press("f8")
+        await edit(pilot, 0, "name", "f8")
         assert names(app) == ["kind", "honest"] and screen.dirty
         assert [b for b in screen.active_bindings.values() if b.binding.action == "undo"]  # Undo in the footer
-        await pilot.click(f"#{cards(app)[1].id} .principle-name")
-        await pilot.press("f8")
+        await edit(pilot, 1, "name", "f8")
         assert names(app) == ["kind"]
 
         await pilot.press("ctrl+z")  # the last deletion first
@@ -126,28 +127,24 @@ async def test_a_deleted_principle_comes_back_with_ctrl_z_where_it_was(workdir):
 
         # Restored entries keep their place in the file: saving changes nothing.
         await pilot.press("ctrl+s")
-    assert path.read_text() == COMMENTED
+    assert house.read_text() == COMMENTED
 
 
-async def test_deleting_adding_and_moving_keep_the_files_other_content(workdir):
-    path = workdir / "house.yaml"
-    path.write_text(COMMENTED)
+async def test_deleting_adding_and_moving_keep_the_files_other_content(house):
     app = SamiApp(constitution="house.yaml")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.click(f"#{cards(app)[2].id} .principle-name")
-        await pilot.press("alt+up")  # honest before kind
+        await edit(pilot, 2, "name", "alt+up")  # honest before kind
         await pilot.press("ctrl+n", *"calm", "tab")  # a new principle after honest
         await pilot.press(*"Stay calm.", "tab", *"Panic.")
-        await pilot.click(f"#{cards(app)[0].id} .principle-name")
-        await pilot.press("f8")  # brief goes
+        await edit(pilot, 0, "name", "f8")  # brief goes
         assert names(app) == ["honest", "calm", "kind"]
         await pilot.press("ctrl+s")
         assert not app.screen.dirty
-    text = path.read_text()
+    text = house.read_text()
     for kept in COMMENTED.splitlines()[:4] + ["reviewers: [ana, ben]", "  - {name: honest, positive: Say what"]:
         assert kept.split("  #")[0] in text
     assert "source: style guide" not in text  # it belonged to the deleted principle
-    c = load_constitution(path)
+    c = load_constitution(house)
     assert [p.name for p in c.principles] == ["honest", "calm", "kind"]
     assert c.principles[1].positive == "Stay calm." and c.principles[1].negative == "Panic."
 
@@ -170,17 +167,14 @@ async def test_a_json_constitution_keeps_its_unknown_keys(workdir):
     assert path.read_text() == json.dumps(data, indent=2) + "\n"
 
 
-async def test_a_yaml_word_the_engine_would_misread_is_quoted(workdir):
-    path = workdir / "house.yaml"
-    path.write_text(COMMENTED)
+async def test_a_yaml_word_the_engine_would_misread_is_quoted(house):
     app = SamiApp(constitution="house.yaml")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.click(f"#{cards(app)[1].id} .principle-negative")
-        await pilot.press("end", "ctrl+u", *"no")  # plain `no` is a boolean to YAML 1.1 readers
+        await edit(pilot, 1, "negative", "end", "ctrl+u", *"no")  # plain `no` is a boolean to YAML 1.1 readers
         await pilot.press("ctrl+s")
         assert not app.screen.dirty
-    assert "    negative: 'no'" in path.read_text()
-    assert load_constitution(path).principles[1].negative == "no"
+    assert "    negative: 'no'" in house.read_text()
+    assert load_constitution(house).principles[1].negative == "no"
 
 
 # ---- help -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx_lm
 import pytest
 import yaml
-from helpers import randomise_lora_b, write_demo_result
+from helpers import PromptRecorder, randomise_lora_b, write_demo_result
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -162,14 +162,8 @@ def test_an_eval_result_gives_the_kept_checkpoints_win_rate_per_principle(workdi
 
 
 async def test_chat_on_a_run_prompts_as_training_did_and_labels_the_kept_checkpoint(demo_run, monkeypatch):
-    prompts: list[tuple[str, list[int]]] = []
-    real = tui.chat_screen.stream_reply
-
-    def recording(model, tokenizer, ids, *args, **kwargs):
-        prompts.append((tokenizer, list(ids)))
-        return real(model, tokenizer, ids, *args, **kwargs)
-
-    monkeypatch.setattr(tui.chat_screen, "stream_reply", recording)
+    recorder = PromptRecorder(tui.chat_screen.stream_reply)
+    monkeypatch.setattr(tui.chat_screen, "stream_reply", recorder)
     app = SamiApp(run="runs/demo")
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
@@ -201,8 +195,8 @@ async def test_chat_on_a_run_prompts_as_training_did_and_labels_the_kept_checkpo
         constitution.render(constitution.positive_variant), "Hello"
     )
     assert "1. Answer kindly.\n2. Keep it short." in expected
-    assert len(prompts) == 2
-    for tokenizer, ids in prompts:
+    assert len(recorder.prompts) == 2
+    for tokenizer, ids in recorder.prompts:
         assert ids == list(tokenizer.encode(expected))
         assert "Rules of the house:\n1. Answer kindly.\n2. Keep it short.\n\nHuman: Hello" in tokenizer.decode(ids)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import user_file_error
+from helpers import bad_file_test
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -317,10 +317,7 @@ BAD = [
     ("bad.yaml", "name: x\nprinciples: [\n", "invalid YAML"),
 ]
 
-
-@pytest.mark.parametrize(("filename", "text", "field"), BAD, ids=[b[0] for b in BAD])
-def test_validation_errors_name_file_and_field(tmp_path, filename, text, field):
-    assert field in user_file_error(load_constitution, tmp_path / filename, text)
+test_validation_errors_name_file_and_field = bad_file_test([(load_constitution, *case) for case in BAD])
 
 
 def test_problems_list_every_mistake_for_the_editor_and_the_first_is_the_loaders_error():

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import user_file_error
+from helpers import bad_file_test, user_file_error
 
 from sami_mlx.cli.train import make_parser
 from sami_mlx.cli.train_flags import build_config
@@ -60,20 +60,29 @@ def test_unknown_builtin_set():
         builtin_queries("chitchat")
 
 
-BAD_QUERIES = [
-    ("bad_line.jsonl", '{"query": "ok"}\n{"query": broken}\n', "line 2"),
-    ("no_field.jsonl", '{"query": "ok"}\n\n{"prompt": "x"}\n', "line 3"),
-    ("not_object.jsonl", '["query"]\n', "line 1"),
-    ("empty_query.jsonl", '{"query": "ok"}\n{"query": "   "}\n', "line 2"),
-    ("number_query.jsonl", '{"query": 5}\n', "line 1"),
-    ("empty.jsonl", "", "no queries"),
-    ("blank.txt", "\n  \n\n", "no queries"),
+# Bad queries and config files: (loader, file name, its text, what the error names besides the file).
+BAD_FILES = [
+    (load_queries, "bad_line.jsonl", '{"query": "ok"}\n{"query": broken}\n', "line 2"),
+    (load_queries, "no_field.jsonl", '{"query": "ok"}\n\n{"prompt": "x"}\n', "line 3"),
+    (load_queries, "not_object.jsonl", '["query"]\n', "line 1"),
+    (load_queries, "empty_query.jsonl", '{"query": "ok"}\n{"query": "   "}\n', "line 2"),
+    (load_queries, "number_query.jsonl", '{"query": 5}\n', "line 1"),
+    (load_queries, "empty.jsonl", "", "no queries"),
+    (load_queries, "blank.txt", "\n  \n\n", "no queries"),
+    (config_from_file, "unknown.yaml", "learnin_rate: 0.1\n", "'learnin_rate'"),
+    (config_from_file, "unknown_dash.yaml", "lora-ranks: 4\n", "'lora-ranks'"),
+    (config_from_file, "string_for_int.yaml", "steps: four\n", "'steps'"),
+    (config_from_file, "fraction_for_int.yaml", "steps: 2.5\n", "'steps'"),
+    (config_from_file, "bool_for_int.yaml", "max-tokens: true\n", "'max-tokens'"),
+    (config_from_file, "string_for_bool.yaml", "chat_template: 'yes'\n", "'chat_template'"),
+    (config_from_file, "list_for_str.yaml", "model: [a, b]\n", "'model'"),
+    (config_from_file, "ints_for_list.yaml", "stop: [1, 2]\n", "'stop'"),
+    (config_from_file, "null_for_int.yaml", "steps:\n", "'steps'"),
+    (config_from_file, "not_mapping.yaml", "- steps\n- 4\n", "mapping"),
+    (config_from_file, "bad_yaml.yaml", "steps: [\n", "invalid YAML"),
 ]
 
-
-@pytest.mark.parametrize(("filename", "text", "where"), BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
-def test_bad_queries_name_file_and_line(tmp_path, filename, text, where):
-    assert where in user_file_error(load_queries, tmp_path / filename, text)
+test_bad_input_files_name_file_and_where = bad_file_test(BAD_FILES)
 
 
 def test_missing_queries_file(tmp_path):
@@ -202,26 +211,6 @@ def test_the_tests_flags_make_the_tests_config(tiny_config, tiny_flags, tmp_path
     """tiny_flags (the argv many tests run) gives what tiny_config gives, through the real parser."""
     settings = dict(root=tmp_path, max_ppl_ratio=None, shuffle_principles=False, banned=["x y", "z"], seed=7)
     assert parse(*tiny_flags(**settings)) == tiny_config(**settings).resolved()
-
-
-BAD_CONFIG = [
-    ("unknown", "learnin_rate: 0.1\n", "'learnin_rate'"),
-    ("unknown_dash", "lora-ranks: 4\n", "'lora-ranks'"),
-    ("string_for_int", "steps: four\n", "'steps'"),
-    ("fraction_for_int", "steps: 2.5\n", "'steps'"),
-    ("bool_for_int", "max-tokens: true\n", "'max-tokens'"),
-    ("string_for_bool", "chat_template: 'yes'\n", "'chat_template'"),
-    ("list_for_str", "model: [a, b]\n", "'model'"),
-    ("ints_for_list", "stop: [1, 2]\n", "'stop'"),
-    ("null_for_int", "steps:\n", "'steps'"),
-    ("not_mapping", "- steps\n- 4\n", "mapping"),
-    ("bad_yaml", "steps: [\n", "invalid YAML"),
-]
-
-
-@pytest.mark.parametrize(("case", "text", "key"), BAD_CONFIG, ids=[b[0] for b in BAD_CONFIG])
-def test_bad_config_file_names_file_and_key(tmp_path, case, text, key):
-    assert key in user_file_error(config_from_file, tmp_path / f"{case}.yaml", text)
 
 
 def valid(**kw) -> TrainConfig:
