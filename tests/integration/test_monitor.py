@@ -174,7 +174,7 @@ def test_dropped_groups_are_replaced_by_fresh_queries(monitored, tmp_path, monke
     ready = [e for e in seen if isinstance(e, ev.SamplesReady)][0]
     assert ready.queries_sampled == 3 and ready.repeated == 6 - ready.groups
     warning = next(e.message for e in seen if isinstance(e, ev.RunWarning) and "repeat" in e.message)
-    # It says what to change: how many queries the file needs (3 splits' worth kept at this rate, 2 held out).
+    # It says what to change: how many queries the file needs (two splits of 6 groups at this rate, 2 held out).
     enough = sampling.queries_needed(6, ready.groups / 3, 2, 2)
     assert f"{ready.repeated} slots repeat" in warning and enough > 8
     assert f"give about {enough} queries in " in warning and "(it has 8)" in warning
