@@ -25,7 +25,7 @@ from pathlib import Path
 
 WORLDS = ("toy-world", "marker-world", "smollm2-135m-instruct")
 SYNTHETIC = ("toy-world", "marker-world")
-# The goal every run of every world should meet (issue: efficacy at defaults, measured across worlds).
+# What every run of every world should reach at train's defaults (docs/TRAINING.md has the table).
 GOAL = {"gain": 0.2, "or_reach": 0.85, "win_rate": 0.75, "ppl_ratio": 1.3}
 
 

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from sami_mlx.cli.progress import ProgressBar
     from sami_mlx.loop.distributed import launched
     from sami_mlx.loop.prepare import refuse_existing_run
-    from sami_mlx.toy.demo import format_report, run_demo
+    from sami_mlx.toy.demo import demo_budget, format_report, run_demo
 
     out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     preset = demo_preset(args.model)
@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
             from sami_mlx.sources import resolve_model
 
             resolve_model(args.model)
+        budget = demo_budget(preset)
+        if budget.settings:  # say up front what it trains, and why
+            shown = ", ".join(f"{k} {v}" for k, v in budget.settings.items())
+            print(f"{budget.why}: train's defaults with the {budget.name} ({shown})", file=sys.stderr)
         ranks = default_ranks() if args.ranks is None else args.ranks
         if ranks < 1:
             raise SamiError(f"--ranks {ranks}: give 1 or more processes")
