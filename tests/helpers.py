@@ -377,3 +377,13 @@ class PromptRecorder:
     def __call__(self, model, tokenizer, ids, *args, **kwargs):
         self.prompts.append((tokenizer, list(ids)))
         return self.real(model, tokenizer, ids, *args, **kwargs)
+
+
+def tiny_demo_preset() -> dict:
+    """The small world's preset with a tiny recipe and the smallest demo: seconds, not minutes."""
+    preset = small_preset()
+    preset["recipe"] = TINY_RECIPE
+    preset["demo"].update(train_queries=24, heldout_documents=8, eval_queries=2, heldout_eval_queries=1)
+    preset["demo"]["sami"].update(iterations=1, steps=2, queries_per_step=2, max_tokens=8)
+    preset["demo"]["sami"]["monitor_queries"] = 4
+    return preset

@@ -39,12 +39,13 @@ def default_ranks() -> int:
 
 def demo_preset(name: str) -> dict:
     """The preset `--model name` names, if it has a demo."""
-    from sami_mlx.presets import load_preset, preset_names
+    from sami_mlx.presets import preset_names
+    from sami_mlx.toy import demo  # its load_preset: what the demo reads (tests swap in a tiny world)
 
-    with_demo = [n for n in preset_names() if "demo" in load_preset(n)]
+    with_demo = [n for n in preset_names() if "demo" in demo.load_preset(n)]
     if name not in with_demo:
         raise SamiError(f"--model {name}: no demo for it; choose one of {', '.join(with_demo)}")
-    return load_preset(name)
+    return demo.load_preset(name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 
 import json
 
-from helpers import small_preset
+from helpers import small_preset, tiny_demo_preset
 
 
 def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
@@ -28,3 +28,24 @@ def test_demo_raises_adherence_on_a_small_world(tmp_path, monkeypatch):
     # The run went through the engine: the usual run directory, loadable by mlx-lm.
     assert (tmp_path / "run" / "iter-03" / "adapters.safetensors").exists()
     assert list((tmp_path / "cache" / "models").glob("toy-world-*/model.safetensors"))
+
+
+def test_the_demo_on_its_default_inputs_warns_of_nothing(tmp_path, monkeypatch):
+    """Left to choose its training queries (as the shipped presets do), the demo gives every step slot a
+    group of its own under train's paper schedule: no repeated groups, no warning."""
+    from sami_mlx import events as ev
+    from sami_mlx.toy.demo import run_demo
+
+    monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
+    preset = tiny_demo_preset()
+    del preset["demo"]["train_queries"]
+    del preset["demo"]["sami"]["schedule"]  # train's default: the paper's, alternating two query splits
+    preset["demo"]["sami"].update(iterations=3, steps=2, queries_per_step=4, monitor_queries=16)
+    seen: list[ev.Event] = []
+    run_demo(tmp_path / "run", preset, emit=seen.append)
+    assert [e.message for e in seen if isinstance(e, ev.RunWarning)] == []
+    ready = [e for e in seen if isinstance(e, ev.SamplesReady)]
+    assert [(e.groups, e.repeated) for e in ready] == [(8, 0), (16, 0), (24, 0)]
+    queries = (tmp_path / "run" / "inputs" / "queries.jsonl").read_text().splitlines()
+    # 24 groups in each of two splits with room for dropped ones, and the monitor's 16.
+    assert len(queries) == 2 * 30 + 16

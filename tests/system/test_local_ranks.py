@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from helpers import TINY_RECIPE, pythonpath, small_preset
+from helpers import TINY_RECIPE, pythonpath, tiny_demo_preset
 
 from sami_mlx.cli.local_ranks import run_local_ranks
 from sami_mlx.cli.main import main
@@ -262,15 +262,6 @@ def test_ranks_build_the_toy_model_one_process_builds(tmp_path, monkeypatch, ran
         same = (tmp_path / "one-thread" / "models" / one.name / "model.safetensors").read_bytes()
         assert same == (two / "model.safetensors").read_bytes()
     assert (one / "tokenizer.json").read_text() == (two / "tokenizer.json").read_text()
-
-
-def tiny_demo_preset() -> dict:
-    preset = small_preset()
-    preset["recipe"] = TINY_RECIPE
-    preset["demo"].update(train_queries=24, heldout_documents=8, eval_queries=2, heldout_eval_queries=1)
-    preset["demo"]["sami"].update(iterations=1, steps=2, queries_per_step=2, max_tokens=8)
-    preset["demo"]["sami"]["monitor_queries"] = 4
-    return preset
 
 
 # Loaded by every Python process started with this folder on PYTHONPATH: the demo's ranks then run

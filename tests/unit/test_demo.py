@@ -118,26 +118,3 @@ def test_pretraining_batches_group_lengths_and_cover_every_document_once_an_epoc
     assert sorted(i for batch in plan for i in batch) == list(range(len(docs)))  # one epoch, each once
     spread = [max(len(docs[i][1]) for i in b) - min(len(docs[i][1]) for i in b) for b in plan]
     assert max(spread) < 20  # random batches of 32 from 10..80 would spread over ~60
-
-
-def test_the_demo_on_its_default_inputs_warns_of_nothing(tmp_path, monkeypatch):
-    """Left to choose its training queries (as the shipped presets do), the demo gives every step slot a
-    group of its own under train's paper schedule: no repeated groups, no warning."""
-    from test_local_ranks import tiny_demo_preset
-
-    from sami_mlx import events as ev
-    from sami_mlx.toy.demo import run_demo
-
-    monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
-    preset = tiny_demo_preset()
-    del preset["demo"]["train_queries"]
-    del preset["demo"]["sami"]["schedule"]  # train's default: the paper's, alternating two query splits
-    preset["demo"]["sami"].update(iterations=3, steps=2, queries_per_step=4, monitor_queries=16)
-    seen: list[ev.Event] = []
-    run_demo(tmp_path / "run", preset, emit=seen.append)
-    assert [e.message for e in seen if isinstance(e, ev.RunWarning)] == []
-    ready = [e for e in seen if isinstance(e, ev.SamplesReady)]
-    assert [(e.groups, e.repeated) for e in ready] == [(8, 0), (16, 0), (24, 0)]
-    queries = (tmp_path / "run" / "inputs" / "queries.jsonl").read_text().splitlines()
-    # 24 groups in each of two splits with room for dropped ones, and the monitor's 16.
-    assert len(queries) == 2 * 30 + 16
