@@ -107,6 +107,11 @@ class TrainConfig:
     max_tokens: int = _f(128, "Maximum new tokens per response.")
     stop: list[str] = _f(["Human:", "###"], "Stop strings: a response is cut before the first one.")
     banned: list[str] = _f([], "Drop a query group if any response contains one of these substrings.")
+    echo_words: int = _f(
+        6,
+        "Drop a query group if any response repeats this many words in a row of a principle's wording (0: off):"
+        " a model that copies its constitution tells the variants apart without following them.",
+    )
     scoring: str = _f(
         "shared",
         (
@@ -267,7 +272,7 @@ class TrainConfig:
                 raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be above 1 (or 'off')")
         if cfg.keep not in ("best", "last"):
             raise SamiError(f"--keep {cfg.keep!r}: use 'best' or 'last'")
-        for name in ("monitor_queries", "monitor_every"):
+        for name in ("monitor_queries", "monitor_every", "echo_words"):
             if getattr(cfg, name) < 0:
                 raise SamiError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
         if cfg.sentence_end not in ("off", "positive", "all"):

@@ -79,6 +79,7 @@ class SamplesReady(Event):
     repetition: float = 0.0  # share of trigrams repeating an earlier one in the same response
     dropped_truncated: int = 0  # --drop-truncated: a response hit --max-tokens
     dropped_unfinished: int = 0  # --sentence-end: a checked response does not end a sentence
+    dropped_echoed: int = 0  # --echo-words: a response copies a principle's wording
 
 
 @dataclass

@@ -106,14 +106,9 @@ def _words(text: str) -> list[str]:
 
 def parrots(reply: str, constitution: Constitution = WORLD) -> bool:
     """Whether the reply restates a principle instead of answering: six words in a row of any wording
-    of any principle. Small models often do; such a reply follows no principle."""
-    said = " ".join(_words(reply))
-    for p in constitution.principles:
-        for wording in (p.positive, p.negative):
-            w = _words(wording)
-            if any(" ".join(w[i : i + 6]) in said for i in range(max(1, len(w) - 5))):
-                return True
-    return False
+    of any principle (train's --echo-words filter, the same test). Small models often do; such a reply
+    follows no principle."""
+    return constitution.echoes(reply, 6)
 
 
 def behaviour_of(reply: str) -> dict[str, bool]:

@@ -115,7 +115,7 @@ class Tracker:
     def samples(self, event: ev.SamplesReady) -> None:
         """The sampling numbers, and the iteration's example responses as rows of the samples table."""
         names: tuple[str, ...] = ("groups", "dropped_empty", "dropped_identical", "dropped_banned")
-        names += ("dropped_truncated",)
+        names += ("dropped_echoed", "dropped_truncated")
         names += ("dropped_unfinished", "mean_length", "no_eos_rate", "distinct_2", "repetition", "tokens_per_sec")
         self.callback.on_train_loss_report({"iteration": self.step, **_numbers("sampling", event, names)})
         new = [

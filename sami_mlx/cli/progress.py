@@ -69,12 +69,14 @@ class ProgressBar:
                 event.dropped_empty
                 + event.dropped_identical
                 + event.dropped_banned
+                + event.dropped_echoed
                 + event.dropped_truncated
                 + event.dropped_unfinished
             )
             self.write(
                 f"iter {event.iteration}: {event.groups} groups kept, {dropped} dropped "
                 f"(empty {event.dropped_empty}, identical {event.dropped_identical}, banned {event.dropped_banned}, "
+                f"echoing the constitution {event.dropped_echoed}, "
                 f"truncated {event.dropped_truncated}, no sentence end {event.dropped_unfinished}); "
                 f"mean length {event.mean_length:.1f} tokens, {format_rate(event.tokens_per_sec)}" + _why_empty(event)
             )

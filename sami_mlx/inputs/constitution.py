@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,10 @@ from sami_mlx.fileio import (
 )
 
 MAX_GRID_PRINCIPLES = 6  # 2**6 = 64 variants, 4096 scored pairs per query
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,17 @@ class Constitution:
     @property
     def positive_variant(self) -> Variant:
         return Variant((True,) * len(self.principles))
+
+    def echoes(self, text: str, words: int = 6) -> bool:
+        """Whether `text` repeats `words` words in a row of any principle's wording (either sign): a
+        response that copies its constitution, which tells the variants apart without following them."""
+        said = " " + " ".join(_words(text)) + " "
+        for p in self.principles:
+            for wording in (p.positive, p.negative):
+                w = _words(wording)
+                if any(f" {' '.join(w[i : i + words])} " in said for i in range(len(w) - words + 1)):
+                    return True
+        return False
 
     def to_dict(self) -> dict:
         return {

@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
+from sami_mlx.inputs.constitution import Constitution
 from sami_mlx.loop.faults import fault_point
 
 
@@ -39,12 +40,13 @@ class DropCounts:
     empty: int = 0
     identical: int = 0
     banned: int = 0
+    echoed: int = 0  # --echo-words: a response copies a principle's wording
     truncated: int = 0  # --drop-truncated: a response ran into --max-tokens
     unfinished: int = 0  # --sentence-end: a checked response does not end a sentence
 
     @property
     def total(self) -> int:
-        return self.empty + self.identical + self.banned + self.truncated + self.unfinished
+        return self.empty + self.identical + self.banned + self.echoed + self.truncated + self.unfinished
 
     def as_event_fields(self) -> dict[str, int]:
         """The counts as SamplesReady's `dropped_<filter>` fields."""
@@ -182,9 +184,11 @@ def filter_groups(
     drop_truncated: bool = False,
     sentence_end: str = "off",
     sentence_end_marks: Sequence[str] = (".", "!", "?"),
+    echo: tuple[Constitution, int] | None = None,
 ) -> tuple[list[Group], DropCounts]:
     """Drop groups a contrastive loss cannot (or should not) learn from, counting each under the first
-    filter it fails: an empty response, two identical ones, a banned substring, a response cut off at
+    filter it fails: an empty response, two identical ones, a banned substring, a response that copies
+    `echo`'s constitution (that many words in a row of a principle's wording), a response cut off at
     the token limit (`drop_truncated`), a response that does not end a sentence (`sentence_end`:
     'positive' checks the all-positive variant's response as the reference does, 'all' every one)."""
     marks = tuple(m for m in sentence_end_marks if m)
@@ -197,6 +201,8 @@ def filter_groups(
             drops.identical += 1
         elif banned and any(b in t for t in texts for b in banned):
             drops.banned += 1
+        elif echo and echo[1] and any(echo[0].echoes(t, echo[1]) for t in texts):
+            drops.echoed += 1
         elif drop_truncated and any(gen.finish == "length" for gen in g.generations):
             drops.truncated += 1
         elif sentence_end != "off" and not all(t.endswith(marks) for t in _sentence_checked(g, texts, sentence_end)):

@@ -131,7 +131,12 @@ class Sampler:
             ids = [split[(offset + len(groups) + n) % len(split)] for n in range(wave)]
             new, prefixes = self.sample_groups(it, ids, rng, order_rng, len(groups), count, partial)
             new_kept, new_drops = filter_groups(
-                new, cfg.banned, cfg.drop_truncated, cfg.sentence_end, cfg.sentence_end_marks
+                new,
+                cfg.banned,
+                cfg.drop_truncated,
+                cfg.sentence_end,
+                cfg.sentence_end_marks,
+                (self.inputs.constitution, cfg.echo_words),
             )
             if cfg.response_prefix:  # filtered on what the model wrote; scored and judged with the forced start
                 for slot, g in enumerate(new):
@@ -172,6 +177,7 @@ class Sampler:
             raise RunAborted(
                 f"iteration {it + 1}: all {len(groups)} sampled groups were degenerate "
                 f"({drops.empty} empty, {drops.identical} identical, {drops.banned} banned, "
+                f"{drops.echoed} echoing the constitution, "
                 f"{drops.truncated} truncated, {drops.unfinished} without a sentence end); {why}"
             )
         if repeated:

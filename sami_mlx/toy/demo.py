@@ -266,6 +266,8 @@ def run_demo(
     eval_queries = pick_queries(world, settings["eval_queries"], seed + 104729, "eval")
     h_queries = pick_queries(world, settings["heldout_eval_queries"], seed + 1299709, "eval")
     max_tokens, stop = cfg.max_tokens, cfg.stop  # as training sampled
+    # Greedy replies as well (demo.json's greedy_adherence), unless the preset skips them to save time.
+    greedy_queries = eval_queries if settings.get("greedy_eval", True) else []
     texts = load_heldout(paths["heldout"])
 
     def measure(model, tokenizer) -> Measured:
@@ -276,14 +278,16 @@ def run_demo(
 
         return Measured(
             sample(trained, eval_queries, seed),
-            sample(trained, eval_queries, seed, temperature=0.0),
+            sample(trained, greedy_queries, seed, temperature=0.0)
+            if greedy_queries
+            else Evaluation(trained, [], [], []),
             sample(full, h_queries, seed + 1),
             heldout_perplexity(model, tokenizer, texts),
         )
 
     # Each evaluation seeds its own sampling, so who runs it does not change it: with several ranks
     # rank 1 measures the base model while rank 0 measures the trained one.
-    layout = [(trained, len(eval_queries)), (trained, len(eval_queries)), (full, len(h_queries))]
+    layout = [(trained, len(eval_queries)), (trained, len(greedy_queries)), (full, len(h_queries))]
     measurer, base = min(1, ranks.size - 1), None
     if ranks.rank == measurer:
         base = measure(*load_model(str(model_dir), dequantize=cfg.dequantize)[:2])
@@ -310,7 +314,9 @@ def run_demo(
         "greedy_adherence": {
             "base": base.greedy.adherence()["overall"],
             "sami": after.greedy.adherence()["overall"],
-        },
+        }
+        if greedy_queries
+        else None,
         "kept": result.kept,
         "stopped": result.reason if result.stopped_early else "",
         "win_rate": wr,

@@ -189,3 +189,32 @@ def test_guard_can_be_turned_off_from_flags_and_yaml(tmp_path):
     assert config_from_file(str(tmp_path / "d.yaml"))["max_ppl_ratio"] is None
     assert TrainConfig().max_ppl_ratio == 1.5 and TrainConfig().max_prompted_ratio == 10.0
     assert TrainConfig().kl_beta > 0 and TrainConfig().anchor_beta > 0
+
+
+def test_groups_whose_responses_copy_the_constitution_are_dropped_and_counted(monitored, tmp_path, monkeypatch):
+    """A response that repeats a principle's wording tells the variants apart without following them
+    (SmolLM2 does this): the sampler's filter gets the run's constitution, drops such groups under their
+    own count, and samples fresh queries in their place."""
+    real = sampling.filter_groups
+    seen_constitutions = []
+
+    def echo_even(groups, *filters):
+        constitution, words = filters[-1]
+        seen_constitutions.append(constitution)
+        for g in groups:
+            texts = [f"answer {g.query_index} {n}" for n in range(len(g.generations))]
+            if g.query_index % 2 == 0:  # one response says the first principle back: "Be brief."
+                texts[0] = f"Sure. I will {constitution.principles[0].positive.lower()}"
+            g.generations = [dataclasses.replace(gen, text=t) for gen, t in zip(g.generations, texts)]
+        return real(groups, *filters)
+
+    monkeypatch.setattr(sampling, "filter_groups", echo_even)
+    out = tmp_path / "run"
+    _, seen = monitored(out, iterations=1, steps=2, echo_words=2, max_ppl_ratio=None)
+    assert {c.principles[0].positive for c in seen_constitutions} == {"Be brief."}
+    ready = [e for e in seen if isinstance(e, ev.SamplesReady)]
+    assert ready[0].groups == 4 and ready[0].dropped_echoed >= 4 and ready[0].dropped_banned == 0
+    kept = [s["query_index"] for s in read_jsonl(out / "iter-01" / "samples.jsonl") if s["kept"]]
+    assert len(kept) == 4 and all(i % 2 == 1 for i in kept)
+    row = next(json.loads(line) for line in (out / "metrics.jsonl").open() if '"SamplesReady"' in line)
+    assert row["dropped_echoed"] == ready[0].dropped_echoed

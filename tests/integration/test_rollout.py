@@ -3,7 +3,7 @@ import mlx_lm
 import pytest
 from mlx_lm.generate import generate_step
 
-from sami_mlx.inputs.constitution import Variant
+from sami_mlx.inputs.constitution import Constitution, Principle, Variant
 from sami_mlx.loop.rollout import (
     Generation,
     Group,
@@ -89,6 +89,18 @@ def test_filter_groups_drops_and_counts_degenerate_groups():
     assert (drops.empty, drops.identical, drops.banned, drops.total) == (2, 1, 1, 4)
     kept, drops = filter_groups(groups)
     assert len(kept) == 2 and drops.banned == 0
+
+
+def test_filter_groups_drops_a_group_whose_response_copies_a_principle():
+    constitution = Constitution(
+        "c", (Principle("brief", "The assistant answers in two short sentences.", "The assistant rambles on."),)
+    )
+    copied = group(([1], "1. The assistant answers in two short sentences, always."), ([2], "Paris."))
+    answered = group(([1], "The assistant answers in two sentences: here."), ([2], "Paris."))  # 5 words in a row
+    kept, drops = filter_groups([copied, answered], echo=(constitution, 6))
+    assert kept == [answered] and (drops.echoed, drops.total) == (1, 1)
+    assert filter_groups([copied], echo=(constitution, 0))[1].total == 0  # --echo-words 0: off
+    assert filter_groups([copied, copied], banned=["Paris"], echo=(constitution, 6))[1].banned == 2  # first filter
 
 
 def test_sample_stats_report_length_truncation_and_repetition():

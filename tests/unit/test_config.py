@@ -50,6 +50,7 @@ def test_resolved_fills_the_defaults_that_depend_on_other_fields():
         ({"anchor_beta": 0.0, "anchor_template": "a.txt"}, "--anchor-template: has no effect"),
         ({"max_ppl_ratio": 1.0}, "--max-ppl-ratio 1.0: must be above 1"),
         ({"monitor_every": -1}, "--monitor-every -1: must be 0 or more"),
+        ({"echo_words": -2}, "--echo-words -2: must be 0 or more"),
         ({"sentence_end": "all", "sentence_end_marks": [" "]}, "--sentence-end-marks: empty"),
         ({"report_to": "tensorboard"}, "unknown tracker 'tensorboard'"),
         ({"variants": "1"}, "--variants"),

@@ -115,6 +115,15 @@ def test_render_in_given_order(three):
     assert text == "1. Tell the truth.\n2. Be long-winded.\n3. Be kind."
 
 
+def test_a_response_echoes_the_constitution_when_it_repeats_words_in_a_row_of_a_wording():
+    c = Constitution("c", (Principle("list", "The assistant answers with a numbered list.", "It never lists."),))
+    assert c.echoes("1. THE ASSISTANT answers with a numbered list!\n2. Bread.")  # case and punctuation aside
+    assert c.echoes("sure: the assistant answers with a numbered, list", words=6)
+    assert not c.echoes("The assistant answers with a list.")  # 4 words in a row
+    assert not c.echoes("the assistant answers withal a numbered list")  # whole words only
+    assert c.echoes("It never lists.", words=3) and not c.echoes("It never lists.", words=4)  # shorter than 4
+
+
 def test_variant_label_and_positive(three):
     assert three.positive_variant == Variant((True, True, True))
     assert three.positive_variant.is_positive

@@ -42,6 +42,7 @@ DROPS = (
     ("dropped_empty", "empty"),
     ("dropped_identical", "identical"),
     ("dropped_banned", "banned"),
+    ("dropped_echoed", "echoing the constitution"),
     ("dropped_truncated", "truncated"),
     ("dropped_unfinished", "no sentence end"),
 )

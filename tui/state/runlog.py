@@ -85,6 +85,7 @@ class RunView:
             "dropped_empty",
             "dropped_identical",
             "dropped_banned",
+            "dropped_echoed",
             "dropped_truncated",
             "dropped_unfinished",
         ):
