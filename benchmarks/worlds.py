@@ -107,7 +107,7 @@ def table(rows: list[dict]) -> str:
         budget = rs[0].get("budget") or {}
         shown = ", ".join(f"{k} {v}" for k, v in (budget.get("settings") or {}).items())
         out += [
-            f"**{world}** — {len(rs)} seeds, train's defaults"
+            f"**{world}** — {len(rs)} seed{'s' if len(rs) > 1 else ''}, train's defaults"
             + (f" with the {budget['name']}: {shown}" if shown else ""),
             "",
             "| | base | SAMI |",
