@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from sami_mlx.fileio import atomic_write_json
+from sami_mlx.loop.distributed import Ranks
 from sami_mlx.loop.logits import token_logprobs
 from sami_mlx.loop.rollout import Generation, generation_stats
 from sami_mlx.loop.scoring import build_pairs
@@ -65,11 +66,14 @@ def answer_of(gen: Generation, eos: int) -> list[int]:
     return gen.tokens + ([eos] if gen.finish == "eos" else [])
 
 
-def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16) -> float:
-    """Per-token negative log-likelihood of the answers after their prompts (prompt tokens excluded)."""
+def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16, ranks: Ranks | None = None) -> float:
+    """Per-token negative log-likelihood of the answers after their prompts (prompt tokens excluded).
+    With `ranks`, each rank scores every size-th answer (by length) and the sums are added up."""
     total, count = 0.0, 0
     # By length, so that a batch pads its rows to about the same length (the sum does not care).
     rows = sorted((a for a in answers if a.answer), key=lambda a: len(a.prompt) + len(a.answer))
+    if ranks is not None:
+        rows = rows[ranks.rank :: ranks.size]
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         pairs = build_pairs([[a.prompt] for a in chunk], [[a.answer] for a in chunk])
@@ -78,15 +82,19 @@ def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16) -> fl
         mx.eval(nll)
         total += float(nll)
         count += int(pairs.mask.sum())
+    if ranks is not None and ranks.size > 1:
+        total, tokens = ranks.sum([total, count], "measuring drift")
+        return total / max(tokens, 1)
     return total / max(count, 1)
 
 
-def drift(model: nn.Module, probe: Probe) -> dict[str, float]:
-    """Perplexity of the base model's held-out answers under `model`, as a multiple of the base's."""
+def drift(model: nn.Module, probe: Probe, ranks: Ranks | None = None) -> dict[str, float]:
+    """Perplexity of the base model's held-out answers under `model`, as a multiple of the base's;
+    with `ranks`, the ranks split the answers (mean_nll)."""
     out = {}
     for kind in KINDS:
         answers = getattr(probe, kind)
-        out[kind] = math.exp(mean_nll(model, answers) - probe.base_nll[kind]) if answers else 1.0
+        out[kind] = math.exp(mean_nll(model, answers, ranks=ranks) - probe.base_nll[kind]) if answers else 1.0
     return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from sami_mlx import events as ev
 from sami_mlx.inputs.constitution import sample_variants
@@ -89,7 +90,8 @@ def find_problem(
 class Monitor:
     """Watches a run for degeneration. `start()` takes the base model's answers to the held-out
     queries (the probe; None with the monitor off); `check_drift` and `check_in_full` then measure
-    the model as it stands and emit MonitorChecked. Every rank measures and they agree on the verdict."""
+    the model as it stands and emit MonitorChecked. The ranks split the measuring (the forward passes
+    always, the answers when they are greedy) and agree on the verdict."""
 
     def __init__(self, sampler: Sampler):
         # The monitor measures the model the sampler samples, with the same run, ranks and events.
@@ -146,7 +148,7 @@ class Monitor:
                 [Answer(p, answer_of(g, eos)) for p, g in zip(plain, gens[len(prompted) :])],
                 {},
             )
-            probe.base_nll = {kind: mean_nll(self.model, getattr(probe, kind)) for kind in KINDS}
+            probe.base_nll = {kind: mean_nll(self.model, getattr(probe, kind), ranks=self.ranks) for kind in KINDS}
             probe.base_mi = self.heldout_mi(probe, gens[: len(prompted)])
         if self.ranks.primary:
             probe.save(path)
@@ -154,14 +156,21 @@ class Monitor:
         return probe
 
     def generate(self, prompts: list[list[int]], seed: int) -> list[Generation]:
-        """The monitor's sampling: the run's settings, and a seed that is the same on every rank."""
+        """The monitor's answers, with the run's settings. A greedy answer depends on its prompt alone,
+        so the ranks split the prompts and share what they wrote; sampled answers are drawn from a seed
+        every rank shares, each rank drawing them all (a split would draw other tokens)."""
         mx.random.seed(seed)
-        return self.sampler.generate(prompts)
+        ranks = self.ranks
+        if ranks.size == 1 or self.cfg.temperature > 0:
+            return self.sampler.generate(prompts)
+        mine = self.sampler.generate([prompts[i] for i in ranks.shard(len(prompts))])
+        return self.sampler.gather_generations(mine, len(prompts), per=1)
 
     def heldout_mi(self, probe: Probe, gens: list[Generation]) -> float | None:
         """log N - SAMI loss of the model's own answers to the held-out queries (groups with an empty
-        answer left out): what training raises, measured on queries it never saw."""
-        n, c = self.inputs.num_variants, self.inputs.constitution
+        answer left out): what training raises, measured on queries it never saw. The ranks split the
+        groups and share their rows of S."""
+        n = self.inputs.num_variants
         groups = [
             Group(qi, self.inputs.queries[qi], [variant_from_label(v) for v in labels], gens[i * n : (i + 1) * n])
             for i, (qi, labels) in enumerate(zip(probe.query_ids, probe.variants))
@@ -169,12 +178,28 @@ class Monitor:
         groups = [g for g in groups if all(gen.tokens for gen in g.generations)]
         if not groups:
             return None
+        ranks = self.ranks
+        mine = [groups[i] for i in ranks.shard(len(groups))]
+        S = self.score(mine)
+        if ranks.size > 1:
+            # Rank r scored groups r, r + size, ...; its rows are padded to the longest share for the wire.
+            width = -(-len(groups) // ranks.size) * n * n
+            flat: list[float] = np.asarray(S.astype(mx.float32)).reshape(-1).tolist()
+            per_rank = ranks.gather(flat + [0.0] * (width - len(flat)), "measuring the held-out MI")
+            rows = [mx.array(per_rank[i % ranks.size]).reshape(-1, n, n)[i // ranks.size] for i in range(len(groups))]
+            S = mx.stack(rows)
+        return mi_lower_bound(float(sami_loss(S)), n)
+
+    def score(self, groups: list[Group]) -> mx.array:
+        """S of `groups` ([B, N, N]; empty for none), each scored under the constitution in file order."""
+        n, c = self.inputs.num_variants, self.inputs.constitution
+        if not groups:
+            return mx.zeros((0, n, n))
         order = list(range(len(c.principles)))  # file order, as at evaluation
         per_variant = training_orders(groups, self.cfg, len(c.principles), orders=[order] * len(groups))
         batch = scoring_batch(self.tokenizer, self.cfg, c, self.inputs.training_template, groups, per_variant)
         # One training micro-batch's worth of groups at a time: the estimate that chose it covers this pass.
-        S = score_micro_batches(self.model, batch, self.cfg.groups_per_micro_batch, self.cfg.scoring == "shared")
-        return mi_lower_bound(float(sami_loss(S)), n)
+        return score_micro_batches(self.model, batch, self.cfg.groups_per_micro_batch, self.cfg.scoring == "shared")
 
     def agreed_problem(self, drifts: dict[str, float], ppl_ratio: float | None) -> str:
         """find_problem with the run's limits, agreed by every rank: '' when every rank is healthy."""
@@ -185,7 +210,7 @@ class Monitor:
     def check_drift(self, iteration: int, step: int) -> Check:
         """Drift only (forward passes, no sampling), as inside an iteration; needs the probe."""
         assert self.probe is not None  # the loop checks only with the monitor on
-        drifts = drift(self.model, self.probe)
+        drifts = drift(self.model, self.probe, self.ranks)
         problem = self.agreed_problem(drifts, None)
         check = Check(not problem, problem, drift_prompted=drifts["prompted"], drift_plain=drifts["plain"])
         return self.report(iteration, step, check)
@@ -204,7 +229,7 @@ class Monitor:
             probe = self.probe
             prompts = [a.prompt for a in probe.prompted] + [a.prompt for a in probe.plain]
             gens = self.generate(prompts, derived_seed(self.cfg.seed, 11, iteration, step))
-            drifts = drift(self.model, probe)
+            drifts = drift(self.model, probe, self.ranks)
             check.drift_prompted, check.drift_plain = drifts["prompted"], drifts["plain"]
             check.heldout_mi = self.heldout_mi(probe, gens[: len(probe.prompted)])
             check.answers = answer_stats(gens)

@@ -268,24 +268,26 @@ class Sampler:
             ),
             on_finished=finished,
         )
-        gens = self.gather_generations(gens, todo)
+        gens = self.gather_generations(gens, len(todo))
         for pos, slot in enumerate(todo):  # every rank's groups (and any not reported yet), in slot order
             report.complete(slot, gens[pos * n : (pos + 1) * n])
         groups = [Group(qi, inputs.queries[qi], vs, report.groups[g]) for g, (qi, vs) in enumerate(specs)]
         return groups, prefixes
 
-    def gather_generations(self, gens: list[Generation], todo: list[int]) -> list[Generation]:
-        """Every rank's generations (its shard of the `todo` slots, N each) in `todo` order, on every rank."""
+    def gather_generations(self, gens: list[Generation], slots: int, per: int | None = None) -> list[Generation]:
+        """Every rank's generations, in slot order, on every rank: each rank generated its shard of the
+        `slots` slots (Ranks.shard), `per` generations a slot (N, a group's, unless told)."""
         ranks = self.ranks
         if ranks.size == 1:
             return gens
+        per = self.inputs.num_variants if per is None else per
         finish_codes = ("eos", "stop", "length")
         rows = [[finish_codes.index(g.finish), *g.tokens] for g in gens]
         per_rank = ranks.gather_lists(rows, "sharing the sampled responses")
-        n, out = self.inputs.num_variants, []
-        for pos in range(len(todo)):
+        out = []
+        for pos in range(slots):
             rank, local = pos % ranks.size, pos // ranks.size
-            for code, *tokens in per_rank[rank][local * n : (local + 1) * n]:
+            for code, *tokens in per_rank[rank][local * per : (local + 1) * per]:
                 out.append(Generation(tokens, self.tokenizer.decode(tokens), finish_codes[code]))
         return out
 

@@ -357,7 +357,9 @@ def demo_budget(preset: dict) -> Budget:
     """Train's defaults, except on a CPU for a preset that names a `cpu_budget` (a real model there
     trains at tens of tokens a second, so the defaults would take hours)."""
     cpu = preset["demo"].get("cpu_budget")
-    if cpu and mx.default_device().type == mx.cpu:
+    if not cpu:
+        return Budget("train's defaults", "this world's model is small enough for them on any machine", {})
+    if mx.default_device().type == mx.cpu:
         return Budget("CPU budget", "MLX computes on the CPU here, so the demo trains less", dict(cpu))
     return Budget("train's defaults", "MLX computes on the GPU here", {})
 

@@ -75,9 +75,9 @@ def test_rollback_restores_exactly_the_last_healthy_step(monitored, tmp_path, mo
     snapshots, checks = {}, []
     real_drift, real_checkpoint = monitor.drift, trainer.SamiLoop.save_step_state
 
-    def forced(model, probe):
+    def forced(model, probe, ranks=None):
         checks.append(1)
-        reading = real_drift(model, probe)
+        reading = real_drift(model, probe, ranks)
         return {k: 5000.0 for k in reading} if len(checks) == 3 else reading
 
     def checkpoint(self, state):

@@ -1,5 +1,5 @@
-"""Data-parallel SAMI: two local ranks (mlx.launch, ring backend) train what one process trains,
-a rank with nothing to score still takes part, and a dead or frozen rank ends the other one."""
+"""Data-parallel SAMI: two local ranks (mlx.launch, ring backend) train (and monitor) what one process
+trains, a rank with nothing to score still takes part, and a dead or frozen rank ends the other one."""
 
 import contextlib
 import dataclasses
@@ -205,6 +205,20 @@ def test_two_ranks_train_the_adapters_one_process_trains(reference):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
         assert sum(b["scores"], []) == pytest.approx(sum(a["scores"], []), abs=1e-5)  # rank 0's first group
     assert steps[single][-1]["kl"] > 0 and steps[single][-1]["anchor_kl"] > 0
+    # The ranks split the degeneration monitor's work (greedy answers, drift, held-out MI) and
+    # measure what one process measures.
+    probes = [json.loads((run / "monitor.json").read_text()) for run in (single, dist)]
+    assert probes[0]["prompted"] == probes[1]["prompted"] and probes[0]["plain"] == probes[1]["plain"]
+    assert probes[1]["base_nll"] == pytest.approx(probes[0]["base_nll"], rel=1e-5)
+    assert probes[1]["base_mi"] == pytest.approx(probes[0]["base_mi"], abs=1e-5)
+    checks = {
+        run: [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "MonitorChecked"] for run in (single, dist)
+    }
+    assert len(checks[dist]) == len(checks[single]) >= 4
+    for a, b in zip(checks[single], checks[dist]):
+        for key in ("drift_prompted", "drift_plain", "heldout_mi", "mean_length", "distinct_2", "healthy"):
+            assert b.get(key) == pytest.approx(a.get(key), rel=1e-5, abs=1e-5), key
+    assert any(r.get("heldout_mi") is not None for r in checks[single])
     a, b = adapters(single), adapters(dist)
     assert max_diff(a, b) < TOLERANCE
     assert max(mx.abs(v).max().item() for k, v in a.items() if "lora_b" in k) > 20 * TOLERANCE  # it trained

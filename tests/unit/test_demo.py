@@ -118,3 +118,23 @@ def test_pretraining_batches_group_lengths_and_cover_every_document_once_an_epoc
     assert sorted(i for batch in plan for i in batch) == list(range(len(docs)))  # one epoch, each once
     spread = [max(len(docs[i][1]) for i in b) - min(len(docs[i][1]) for i in b) for b in plan]
     assert max(spread) < 20  # random batches of 32 from 10..80 would spread over ~60
+
+
+def test_the_demo_budget_says_why_it_chose_it(monkeypatch):
+    import mlx.core as mx
+
+    from sami_mlx.presets import load_preset
+    from sami_mlx.toy.demo import demo_budget
+
+    toy, real = load_preset("toy-world"), load_preset("smollm2-135m-instruct")
+    assert "cpu_budget" not in toy["demo"] and real["demo"]["cpu_budget"]
+    for device in (mx.cpu, mx.gpu):
+        monkeypatch.setattr(mx, "default_device", lambda d=device: mx.Device(d))
+        toy_budget, real_budget = demo_budget(toy), demo_budget(real)
+        # A synthetic world trains at train's defaults everywhere, and does not claim a GPU for it.
+        assert toy_budget.settings == {} and "GPU" not in toy_budget.why
+        if device == mx.cpu:
+            assert real_budget.name == "CPU budget" and real_budget.settings == real["demo"]["cpu_budget"]
+            assert "CPU" in real_budget.why
+        else:
+            assert real_budget.settings == {} and "GPU" in real_budget.why
