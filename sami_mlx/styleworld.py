@@ -18,10 +18,14 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sami_mlx.inputs.constitution import Constitution, Principle, Variant
 from sami_mlx.inputs.prompts import encode_prompt, load_template
 from sami_mlx.inputs.queries import builtin_queries
+
+if TYPE_CHECKING:
+    from sami_mlx.loop.distributed import Ranks
 
 NAME = "style-world"
 VERSION = 1
@@ -134,14 +138,25 @@ def adherence(reply: str, constitution: Constitution, variant: Variant) -> dict[
 SPLITS = True  # queries(n, seed, split): training and evaluation questions never meet
 
 
-def plain_answers(model, tokenizer, n: int, seed: int, max_tokens: int) -> list[tuple[str, str]]:
+def plain_answers(
+    model, tokenizer, n: int, seed: int, max_tokens: int, ranks: Ranks | None = None
+) -> list[tuple[str, str]]:
     """The model's own greedy answers to `n` evaluation questions in a plain chat turn (no
-    constitution): held-out text whose perplexity tells how far SAMI moved the model's plain manner."""
+    constitution): held-out text whose perplexity tells how far SAMI moved the model's plain manner.
+    A greedy answer depends on its prompt alone, so `ranks` split the questions and share the answers."""
     from sami_mlx.loop.rollout import generate_batch
 
     asked = queries(n, seed, split="eval")
     prompts = [plain_prompt(tokenizer, q) for q in asked]
+    mine = range(len(prompts)) if ranks is None else ranks.shard(len(prompts))
     gens = generate_batch(
-        model, tokenizer, [tokenizer.encode(p, add_special_tokens=False) for p in prompts], max_tokens, temperature=0.0
+        model,
+        tokenizer,
+        [tokenizer.encode(prompts[i], add_special_tokens=False) for i in mine],
+        max_tokens,
+        temperature=0.0,
     )
-    return [(p, g.text) for p, g in zip(prompts, gens)]
+    texts = [g.text for g in gens]
+    if ranks is not None:
+        texts = ranks.gather_texts(texts, len(prompts), "writing the base model's plain answers")
+    return list(zip(prompts, texts))

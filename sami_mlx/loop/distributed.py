@@ -178,6 +178,12 @@ class Ranks:
         table = table.reshape(self.size, max(count, 1), width + 1)
         return [[table[k, i, 1 : 1 + table[k, i, 0]].tolist() for i in range(n)] for k, (n, _) in enumerate(shape)]
 
+    def gather_texts(self, mine: Sequence[str], n: int, what: str) -> list[str]:
+        """The texts of all `n` slots, in slot order, on every rank: each rank holds those of its
+        shard (`shard(n)`), in order."""
+        per_rank = self.gather_lists([list(t.encode()) for t in mine], what)
+        return [bytes(per_rank[pos % self.size][pos // self.size]).decode() for pos in range(n)]
+
 
 def launched() -> bool:
     """Whether a launcher (mlx.launch, mpirun) started this process as one rank of several."""

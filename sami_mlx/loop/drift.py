@@ -69,7 +69,7 @@ def answer_of(gen: Generation, eos: int) -> list[int]:
 def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16, ranks: Ranks | None = None) -> float:
     """Per-token negative log-likelihood of the answers after their prompts (prompt tokens excluded).
     With `ranks`, each rank scores every size-th answer (by length) and the sums are added up."""
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     # By length, so that a batch pads its rows to about the same length (the sum does not care).
     rows = sorted((a for a in answers if a.answer), key=lambda a: len(a.prompt) + len(a.answer))
     if ranks is not None:
@@ -81,11 +81,10 @@ def mean_nll(model: nn.Module, answers: Sequence[Answer], batch: int = 16, ranks
         nll = -(logp * pairs.mask).sum()
         mx.eval(nll)
         total += float(nll)
-        count += int(pairs.mask.sum())
-    if ranks is not None and ranks.size > 1:
-        total, tokens = ranks.sum([total, count], "measuring drift")
-        return total / max(tokens, 1)
-    return total / max(count, 1)
+        count += float(pairs.mask.sum())
+    if ranks is not None:
+        total, count = ranks.sum([total, count], "measuring drift")
+    return total / max(count, 1.0)
 
 
 def drift(model: nn.Module, probe: Probe, ranks: Ranks | None = None) -> dict[str, float]:

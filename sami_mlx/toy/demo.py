@@ -245,7 +245,7 @@ def run_demo(
         emit(ev.StageProgress("writing the base model's plain answers", 0, 1))
         base_model, base_tokenizer = load_model(str(model_dir), dequantize=sami.get("dequantize", "auto"))[:2]
         heldout = styleworld.plain_answers(
-            base_model, base_tokenizer, settings["heldout_documents"], seed + 7919, sami.get("max_tokens", 128)
+            base_model, base_tokenizer, settings["heldout_documents"], seed + 7919, sami.get("max_tokens", 128), ranks
         )
         del base_model
     paths: dict[str, Any] = prepare_world(  # TrainConfig's file fields
@@ -293,7 +293,11 @@ def run_demo(
         base = measure(*load_model(str(model_dir), dequantize=cfg.dequantize)[:2])
         emit(ev.StageProgress("evaluating", 1, 2))
     if not ranks.primary:
-        Measured.share(ranks, measurer, base, layout)
+        base = Measured.share(ranks, measurer, base, layout)
+        if settings.get("llm_judge"):  # this rank judges its share of the pairs rank 0 sends
+            sami_texts = [bytes(t).decode() for t in ranks.gather_lists([], "sharing the SAMI replies")[0]]
+            pairs = list(zip(eval_queries, base.positive_texts(), sami_texts))
+            llm_judge(str(model_dir), trained, pairs, seed, settings["llm_judge"]["max_tokens"], ranks)
         return None
     after = measure(result.model, result.tokenizer)
     if ranks.size > 1:
@@ -307,7 +311,9 @@ def run_demo(
     judged = None
     if settings.get("llm_judge"):  # the model itself as eval's local judge, on the same replies
         emit(ev.StageProgress("judging with the model itself", 0, 1))
-        judged = llm_judge(str(model_dir), trained, pairs, seed, settings["llm_judge"]["max_tokens"])
+        if ranks.size > 1:
+            ranks.gather_lists([list(t.encode()) for t in after.positive_texts()], "sharing the SAMI replies")
+        judged = llm_judge(str(model_dir), trained, pairs, seed, settings["llm_judge"]["max_tokens"], ranks)
     report = {
         "base_adherence": before.adherence(),
         "sami_adherence": after.sampled.adherence(),
@@ -365,11 +371,18 @@ def demo_budget(preset: dict) -> Budget:
 
 
 def llm_judge(
-    model: str, constitution: Constitution, pairs: Sequence[tuple[str, str, str]], seed: int, max_tokens: int
+    model: str,
+    constitution: Constitution,
+    pairs: Sequence[tuple[str, str, str]],
+    seed: int,
+    max_tokens: int,
+    ranks: Ranks | None = None,
 ) -> dict:
     """Win rate of the SAMI replies over the base replies in `pairs` (query, base, SAMI), judged by
     `sami-mlx eval`'s local judge with its default prompt; each pair's sides drawn with `seed`, an
-    unparsable verdict counts 0.5 as in eval, and the parse rate says how often the judge answered."""
+    unparsable verdict counts 0.5 as in eval, and the parse rate says how often the judge answered.
+    The judge answers greedily, so each of `ranks` judges its share of the pairs and they share the
+    verdicts' texts."""
     from sami_mlx.evaluation.judge import load_judge_template
     from sami_mlx.evaluation.judge_backends import LocalJudge
     from sami_mlx.evaluation.verdicts import parse_verdict
@@ -381,9 +394,11 @@ def llm_judge(
     prompts = [
         template.fill(principles, q, *((a, b) if side == "A" else (b, a))) for (q, b, a), side in zip(pairs, sides)
     ]
+    ranks = ranks or Ranks()
     judge = LocalJudge(model, max_tokens=max_tokens)
-    verdicts = [parse_verdict(r.text) for r in judge(prompts)]
+    mine = [r.text for r in judge([prompts[i] for i in ranks.shard(len(prompts))])]
     judge.close()
+    verdicts = [parse_verdict(text) for text in ranks.gather_texts(mine, len(prompts), "judging")]
     scores = [0.5 if v is None else float(v == side) for v, side in zip(verdicts, sides)]
     wr, ci = stats.win_rate(scores)
     parsed = sum(v is not None for v in verdicts)

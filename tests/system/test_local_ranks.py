@@ -325,6 +325,49 @@ def test_sami_mlx_demo_runs_on_two_local_ranks(tmp_path, monkeypatch):
     assert [e["base"] for e in report["examples"]] == [e["base"] for e in one["examples"]]
 
 
+# The real demo's greedy passes outside training, on `Ranks.world()` (or one process with an argument):
+# the plain answers and the judge's replies, with the number of prompts each call to generate got.
+SPLIT = """
+import json, sys
+import sami_mlx.evaluation.verdicts as verdicts
+import sami_mlx.loop.rollout as rollout
+from sami_mlx import styleworld
+from sami_mlx.loop.distributed import Ranks
+from sami_mlx.model import load_model
+from sami_mlx.toy.demo import llm_judge
+
+model_dir, out = sys.argv[1], sys.argv[2]
+ranks = Ranks() if len(sys.argv) > 3 else Ranks.world()
+prompts, replies = [], []
+generate, parse = rollout.generate_batch, verdicts.parse_verdict
+rollout.generate_batch = lambda model, tok, ids, *a, **k: prompts.append(len(ids)) or generate(model, tok, ids, *a, **k)
+verdicts.parse_verdict = lambda text: replies.append(text) or parse(text)
+model, tokenizer = load_model(model_dir)[:2]
+plain = styleworld.plain_answers(model, tokenizer, 5, 7, 6, ranks)
+pairs = [(q, a, a[::-1]) for q, a in plain]
+judged = llm_judge(model_dir, styleworld.sub_constitution(["brief", "list"]), pairs, 3, 6, ranks)
+with open(f"{out}/rank{ranks.rank}.json", "w") as f:
+    json.dump({"plain": plain, "replies": replies, "judged": judged, "prompts": prompts}, f)
+"""
+
+
+def test_two_ranks_split_the_plain_answers_and_the_judge_and_share_what_one_process_writes(tiny_model, tmp_path):
+    argv = [*script(tmp_path, SPLIT), str(tiny_model), str(tmp_path)]
+    assert run_local_ranks(argv, 2, tmp_path) == 0, (tmp_path / "rank1.log").read_text()[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    threads = str(max(1, local_cores() // 2))  # the BLAS threads each rank had
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    subprocess.run([*argv[:-1], str(alone), "one"], env=env, check=True, capture_output=True, timeout=120)
+    one = json.loads((alone / "rank0.json").read_text())
+    # Five plain questions and five pairs: rank 0 wrote and judged three of each, rank 1 two.
+    assert one["prompts"] == [5, 5] and ranks[0]["prompts"] == [3, 3] and ranks[1]["prompts"] == [2, 2]
+    for rank in ranks:  # every rank holds all of it, in the one process's order
+        assert rank["plain"] == one["plain"] and len({a for _, a in one["plain"]}) > 1
+        assert rank["replies"] == one["replies"] and rank["judged"] == one["judged"]
+
+
 def test_demo_refuses_a_run_directory_before_writing_there(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
