@@ -181,6 +181,7 @@ class Ranks:
     def gather_texts(self, mine: Sequence[str], n: int, what: str) -> list[str]:
         """The texts of all `n` slots, in slot order, on every rank: each rank holds those of its
         shard (`shard(n)`), in order."""
+        assert len(mine) == len(self.shard(n)), f"{len(mine)} texts for a shard of {len(self.shard(n))} slots"
         per_rank = self.gather_lists([list(t.encode()) for t in mine], what)
         return [bytes(per_rank[pos % self.size][pos // self.size]).decode() for pos in range(n)]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from helpers import WATCHED
+from helpers import WATCHED, pythonpath
 
 from sami_mlx.cli.local_ranks import run_local_ranks
 from sami_mlx.fileio import read_jsonl
@@ -84,22 +84,23 @@ def rank_env(**extra) -> dict:
     return {**os.environ, "OPENBLAS_NUM_THREADS": "1", **extra}
 
 
-def one_process(argv, log: Path, timeout=120) -> None:
-    """`python -m sami_mlx.train ARGV` with the ranks' environment (same BLAS threads, same rounding)."""
+def one_process(argv, log: Path, timeout=120, **env: str) -> None:
+    """`python -m sami_mlx.train ARGV` with the ranks' environment (same BLAS threads, same rounding)
+    and `env` added."""
     with open(log, "w") as out:
         subprocess.run(
             [sys.executable, "-m", "sami_mlx.train", *argv],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=rank_env(),
+            env=rank_env(**env),
             timeout=timeout,
             check=True,
         )
 
 
-def launch(argv, log: Path, timeout=120) -> str:
-    """`mlx.launch -n 2 --backend ring -- python -m sami_mlx.train ARGV`; returns its output.
+def launch(argv, log: Path, timeout=120, **env: str) -> str:
+    """`mlx.launch -n 2 --backend ring -- python -m sami_mlx.train ARGV` (`env` added); returns its output.
 
     (mlx.launch exits 0 even when a rank fails: callers check the run directory.)
     """
@@ -120,7 +121,12 @@ def launch(argv, log: Path, timeout=120) -> str:
     with open(log, "w") as out:
         # A session of its own, so that a timeout ends the launcher's ranks too.
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=rank_env(), start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=rank_env(**env),
+            start_new_session=True,
         )
         try:
             proc.wait(timeout=timeout)
@@ -176,13 +182,58 @@ def run_files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
 
 
+# Loaded by every process of the reference runs: each process (by rank) writes down how many held-out
+# groups the monitor scored and how many answers' log-probabilities it computed, call by call.
+SHARES = """
+import json, os
+import sami_mlx.loop.drift as drift
+import sami_mlx.loop.monitor as monitor
+
+log = os.path.join(os.environ["TEST_SHARES"], f"rank{os.environ.get('MLX_RANK', '-')}.jsonl")
+score, token_logprobs = monitor.Monitor.score, drift.token_logprobs
+
+def record(kind, n):
+    with open(log, "a") as f:
+        f.write(json.dumps([kind, n]) + "\\n")
+
+def scored(self, groups):
+    record("groups", len(groups))
+    return score(self, groups)
+
+def logprobs(model, inputs, targets):
+    record("answers", inputs.shape[0])
+    return token_logprobs(model, inputs, targets)
+
+monitor.Monitor.score, drift.token_logprobs = scored, logprobs
+"""
+
+
 @pytest.fixture(scope="module")
 def reference(flags, tmp_path_factory):
-    """The same run in one process and on two ranks."""
+    """The same run in one process and on two ranks; ROOT/shares holds what each process's monitor did."""
     root = tmp_path_factory.mktemp("dist")
-    one_process(flags(REGULARISED, out=root / "single"), root / "single.log")
-    log = launch(flags(REGULARISED, out=root / "dist"), root / "launch.log")
+    hook = root / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SHARES)
+    for run in ("single", "dist"):
+        (root / "shares" / run).mkdir(parents=True)
+    env = {"PYTHONPATH": pythonpath(hook)}
+    one_process(
+        flags(REGULARISED, out=root / "single"), root / "single.log", **env, TEST_SHARES=str(root / "shares" / "single")
+    )
+    log = launch(
+        flags(REGULARISED, out=root / "dist"), root / "launch.log", **env, TEST_SHARES=str(root / "shares" / "dist")
+    )
     return root, log
+
+
+def monitor_work(root: Path, run: str, who: str) -> dict[str, int]:
+    """How many held-out groups and answers the monitor of `run`'s process `who` ('-' alone, else a
+    rank) scored."""
+    work = {"groups": 0, "answers": 0}
+    for kind, n in read_jsonl(root / "shares" / run / f"rank{who}.jsonl"):
+        work[kind] += n
+    return work
 
 
 def test_two_ranks_train_the_adapters_one_process_trains(reference):
@@ -219,6 +270,9 @@ def test_two_ranks_train_the_adapters_one_process_trains(reference):
         for key in ("drift_prompted", "drift_plain", "heldout_mi", "mean_length", "distinct_2", "healthy"):
             assert b.get(key) == pytest.approx(a.get(key), rel=1e-5, abs=1e-5), key
     assert any(r.get("heldout_mi") is not None for r in checks[single])
+    alone, ranks = monitor_work(root, "single", "-"), [monitor_work(root, "dist", r) for r in ("0", "1")]
+    for kind in ("groups", "answers"):  # each rank did a part of the work, and together all of it
+        assert ranks[0][kind] + ranks[1][kind] == alone[kind] and 0 < ranks[1][kind] <= ranks[0][kind] < alone[kind]
     a, b = adapters(single), adapters(dist)
     assert max_diff(a, b) < TOLERANCE
     assert max(mx.abs(v).max().item() for k, v in a.items() if "lora_b" in k) > 20 * TOLERANCE  # it trained

@@ -305,7 +305,9 @@ def demo_on_two_ranks(tmp_path: Path, sitecustomize: str, **env: str) -> tuple[P
 def test_sami_mlx_demo_runs_on_two_local_ranks(tmp_path, monkeypatch):
     from sami_mlx.toy.demo import run_demo
 
-    run, proc = demo_on_two_ranks(tmp_path, SITECUSTOMIZE, TEST_DEMO_PRESET=json.dumps(tiny_demo_preset()))
+    preset = tiny_demo_preset()
+    preset["demo"]["llm_judge"] = {"max_tokens": 4}  # the model as judge: each rank judges half the pairs
+    run, proc = demo_on_two_ranks(tmp_path, SITECUSTOMIZE, TEST_DEMO_PRESET=json.dumps(preset))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SAMI on the toy principles world" in proc.stdout and "win rate vs base" in proc.stdout
     # Rank 1 measured the base model while rank 0 measured the trained one; only rank 0 printed the table.
@@ -317,12 +319,15 @@ def test_sami_mlx_demo_runs_on_two_local_ranks(tmp_path, monkeypatch):
     # What reached rank 0 is exactly what one process measures of the same base model (each
     # evaluation seeds its own sampling).
     monkeypatch.setenv("SAMI_MLX_CACHE", str(tmp_path / "cache"))
-    one = run_demo(tmp_path / "one", tiny_demo_preset())
+    one = run_demo(tmp_path / "one", preset)
     assert report["base_adherence"] == one["base_adherence"]
     assert report["ppl_base"] == pytest.approx(one["ppl_base"], rel=1e-12)
     assert report["greedy_adherence"]["base"] == one["greedy_adherence"]["base"]
     assert report["heldout"]["base_adherence"] == one["heldout"]["base_adherence"]
     assert [e["base"] for e in report["examples"]] == [e["base"] for e in one["examples"]]
+    # Both ranks took part in the judge (rank 1 judged its share of the pairs, or neither rank would
+    # have finished); its verdicts on the trained model's replies are not one process's to compare.
+    assert report["llm_judge"]["n"] == 2 and 0 <= report["llm_judge"]["parsed"] <= 2
 
 
 # The real demo's greedy passes outside training, on `Ranks.world()` (or one process with an argument):
@@ -359,7 +364,8 @@ def test_two_ranks_split_the_plain_answers_and_the_judge_and_share_what_one_proc
     alone.mkdir()
     threads = str(max(1, local_cores() // 2))  # the BLAS threads each rank had
     env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
-    subprocess.run([*argv[:-1], str(alone), "one"], env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([*argv[:-1], str(alone), "one"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     one = json.loads((alone / "rank0.json").read_text())
     # Five plain questions and five pairs: rank 0 wrote and judged three of each, rank 1 two.
     assert one["prompts"] == [5, 5] and ranks[0]["prompts"] == [3, 3] and ranks[1]["prompts"] == [2, 2]
